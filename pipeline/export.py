@@ -5,11 +5,16 @@ exporter because the legacy one is deprecated since torch 2.9 and stores a tied 
 pre-transposed copy: +31% file at the gpt2-124m shape), while the dynamo graph keeps one initializer and a
 Transpose that onnxruntime folds at load.
 
-Opset: 23 by default. From 23 the exporter writes attention and GELU as single ONNX ops (Attention, Gelu):
-half the nodes of opset 18 and the fastest decode measured; onnxruntime's offline GPT-2 fusions
-(``onnxruntime.transformers.optimizer``: FastGelu, SkipLayerNormalization) did not speed up opset 18 and find
-nothing more at 23, so they are not run (BENCHMARKS.md). 18–25 are accepted (18 for older runtimes); the dynamo
-exporter writes nothing below 18 (it silently raises lower requests, and 17 gives an invalid graph).
+KV cache: fixed-size buffers that onnxruntime's ``GroupQueryAttention`` (com.microsoft contrib op, with as many
+KV heads as query heads: plain multi-head attention) writes the new keys and values into, at the position the
+``past_length`` input gives; the generator binds each present output to its past input, so a decode step
+writes one position instead of copying the cache as a grow-by-concat graph does (+29% per token after 896
+tokens at the gpt2-124m shape, BENCHMARKS.md). The traced module (``SharedCacheGPT``) runs the GPT's own
+layers and weights; only attention is the contrib op, written with ``torch.onnx.ops.symbolic_multi_out``.
+The graph therefore needs onnxruntime (other ONNX runtimes lack the contrib op).
+
+Opset: 23 by default (18–25 accepted; the dynamo exporter writes nothing below 18): from 20 GELU is one ONNX
+op, and 23 decoded fastest in the comparison of BENCHMARKS.md.
 
 Everything is built in a temp directory and renamed onto ``models/onnx`` only after every check passed, so a
 failed parity check leaves no exported files behind.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import shutil
 import tempfile
 import warnings
@@ -39,8 +45,10 @@ from pipeline.model import GPT, KVCache
 from pipeline.onnx_generate import (
     INPUT_IDS,
     LOGITS,
+    PAST_LENGTH,
     TOKENIZER_DIR,
     VARIANT_FILES,
+    OnnxCache,
     OnnxGenerator,
     past_names,
     present_names,
@@ -54,17 +62,42 @@ MODEL_CARD = "README.md"
 REAL_WINDOWS = 8  # validation windows of context_length tokens: the real prompts
 
 
-class FlatCacheGPT(torch.nn.Module):
-    """The GPT with its KV cache as flat tensors (ONNX inputs/outputs are tensors, not lists of pairs)."""
+class SharedCacheGPT(torch.nn.Module):
+    """The GPT traced for export: its embeddings, blocks and head, with attention as onnxruntime's
+    GroupQueryAttention over fixed-size KV buffers (``past_length`` positions filled, new ones written after).
+
+    Only for tracing: run eagerly, the symbolic attention op returns placeholders, not attention.
+    """
 
     def __init__(self, model: GPT):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, *past_flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        past = list(zip(past_flat[0::2], past_flat[1::2]))
-        logits, present = self.model(input_ids, past=past)
-        return (logits, *(t for kv in present for t in kv))
+    def forward(
+        self, input_ids: torch.Tensor, past_length: torch.Tensor, *cache: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        model, cfg = self.model, self.model.cfg
+        batch, length = input_ids.shape
+        total = past_length + length
+        seqlens_k = (total - 1).to(torch.int32).expand(batch)  # the op's convention: last filled index per row
+        total32 = total.to(torch.int32)
+        x = model.tok_emb(input_ids) + model.pos_emb(past_length + torch.arange(length))
+        present: list[torch.Tensor] = []
+        for i, block in enumerate(model.blocks):
+            q, k, v = block.att.qkv(block.norm1(x)).split(cfg.n_embd, dim=2)
+            past_key, past_value = cache[2 * i], cache[2 * i + 1]
+            y, key, value = torch.onnx.ops.symbolic_multi_out(
+                "com.microsoft::GroupQueryAttention",
+                (q, k, v, past_key, past_value, seqlens_k, total32),
+                {"num_heads": cfg.n_head, "kv_num_heads": cfg.n_head, "scale": 1.0 / math.sqrt(cfg.head_dim)},
+                dtypes=(q.dtype, past_key.dtype, past_value.dtype),
+                shapes=(q.shape, past_key.shape, past_value.shape),
+                version=1,
+            )
+            x = x + block.att.out_proj(y)
+            x = x + block.ff(block.norm2(x))
+            present += [key, value]
+        return (model.out_head(model.final_norm(x)), *present)
 
 
 def check_opset(opset: int) -> None:
@@ -76,26 +109,26 @@ def check_opset(opset: int) -> None:
 
 
 def export_graph(model: GPT, path: Path, opset: int) -> None:
-    """Write ``model`` as one ONNX graph with dynamic batch, sequence and past-sequence axes."""
+    """Write ``model`` as one ONNX graph with dynamic batch, sequence and cache-length axes."""
     check_opset(opset)
     cfg = model.cfg
     n_cache = 2 * cfg.n_layer
-    # Trace with a past and more than one new token: the general attention path (a mask over past + new).
+    # Trace with two filled positions and three new tokens: the general case of the attention op.
     input_ids = torch.zeros(2, 3, dtype=torch.long)
-    past = tuple(torch.zeros(2, cfg.n_head, 2, cfg.head_dim) for _ in range(n_cache))
+    cache = tuple(torch.zeros(2, cfg.n_head, cfg.context_length, cfg.head_dim) for _ in range(n_cache))
     batch = torch.export.Dim("batch", min=1)
     seq = torch.export.Dim("seq", min=1, max=cfg.context_length)
-    past_seq = torch.export.Dim("past_seq", min=0, max=cfg.context_length)
-    dynamic_shapes = ({0: batch, 1: seq}, tuple({0: batch, 2: past_seq} for _ in range(n_cache)))
+    cache_len = torch.export.Dim("cache_len", min=2, max=cfg.context_length)
+    dynamic_shapes = ({0: batch, 1: seq}, None, tuple({0: batch, 2: cache_len} for _ in range(n_cache)))
     with warnings.catch_warnings(), _quiet_logger("torch.onnx"):
         warnings.simplefilter("ignore")  # exporter chatter (axis renames, deprecations) is not the user's problem
         program = torch.onnx.export(
-            FlatCacheGPT(model).eval(),
-            (input_ids, *past),
+            SharedCacheGPT(model).eval(),
+            (input_ids, torch.tensor(2), *cache),
             dynamo=True,
             dynamic_shapes=dynamic_shapes,
             opset_version=opset,
-            input_names=[INPUT_IDS, *past_names(cfg.n_layer)],
+            input_names=[INPUT_IDS, PAST_LENGTH, *past_names(cfg.n_layer)],
             output_names=[LOGITS, *present_names(cfg.n_layer)],
             verbose=False,
         )
@@ -144,11 +177,12 @@ class ForwardParity:
     max_abs_cache_diff: float = 0.0
     calls: int = 0
 
-    def add(self, logits: np.ndarray, reference: torch.Tensor, cache: list[np.ndarray], ref_cache: KVCache) -> None:
+    def add(self, logits: np.ndarray, reference: torch.Tensor, cache: OnnxCache, ref_cache: KVCache) -> None:
         self.max_abs_logit_diff = max(self.max_abs_logit_diff, float(np.abs(logits - reference.numpy()).max()))
         flat_ref = [t for kv in ref_cache for t in kv]
         self.max_abs_cache_diff = max(
-            self.max_abs_cache_diff, max(float(np.abs(c - r.numpy()).max()) for c, r in zip(cache, flat_ref))
+            self.max_abs_cache_diff,
+            max(float(np.abs(c - r.numpy()).max()) for c, r in zip(cache.arrays(), flat_ref)),
         )
         self.calls += 1
 
@@ -279,12 +313,14 @@ and `config.json` (model shape, graph inputs/outputs, provenance).
 
 ## Graph
 
-One graph serves prefill and decode. Inputs: `input_ids` int64 (batch, seq) and, per layer i,
-`past_key_values.i.key` / `past_key_values.i.value` float32
-(batch, {model['n_head']}, past_seq, {model['n_embd'] // model['n_head']});
-pass past_seq = 0 for the prompt. Outputs: `logits` float32 (batch, seq, {model['vocab_size']}) for every position and
-`present.i.key` / `present.i.value` (past_seq + seq long), the next call's past. Rows of a batch share one length
-(no padding mask); past_seq + seq must not exceed {model['context_length']}.
+One graph serves prefill and decode. Inputs: `input_ids` int64 (batch, seq), `past_length` int64 scalar (the
+positions of the cache already filled; 0 for the prompt) and, per layer i, `past_key_values.i.key` /
+`past_key_values.i.value` float32 (batch, {model['n_head']}, cache_len, {model['n_embd'] // model['n_head']}):
+fixed-size buffers, cache_len up to {model['context_length']}. Outputs: `logits` float32 (batch, seq,
+{model['vocab_size']}) for every position and `present.i.key` / `present.i.value`, the buffers with the new
+positions written. Bind each present output to its past input (onnxruntime IO binding) and the step writes in
+place. Attention is onnxruntime's `GroupQueryAttention` (com.microsoft), so the graph needs onnxruntime. Rows of
+a batch share one length (no padding mask); after the prompt, several new tokens at once need batch 1.
 
 ## Checked at export
 
@@ -315,7 +351,7 @@ def onnx_config(model: GPT, opset: int, variants: dict[str, str], **extra: objec
             "exporter": EXPORTER,
             "opset": opset,
             "files": variants,
-            "inputs": [INPUT_IDS, *past_names(model.cfg.n_layer)],
+            "inputs": [INPUT_IDS, PAST_LENGTH, *past_names(model.cfg.n_layer)],
             "outputs": [LOGITS, *present_names(model.cfg.n_layer)],
             "torch": torch.__version__,
             "onnxruntime": ort.__version__,

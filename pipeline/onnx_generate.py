@@ -1,9 +1,12 @@
 """Generation through the exported ONNX model with onnxruntime and numpy only: deployment needs no torch.
 
 ``models/onnx/`` (written by ``pipeline.export``) holds ``model.onnx`` (fp32), ``model.int8.onnx`` (dynamic int8),
-``config.json`` and ``tokenizer/``. One graph serves prefill and decode: ``input_ids`` (batch, seq) plus one
-``past_key_values.{i}.key`` / ``.value`` pair per layer (batch, heads, past_seq, head_dim; past_seq may be 0)
-in, ``logits`` (batch, seq, vocab) and ``present.{i}.key`` / ``.value`` (past_seq + seq long) out.
+``config.json`` and ``tokenizer/``. One graph serves prefill and decode: ``input_ids`` (batch, seq), ``past_length``
+(int64 scalar: tokens already in the cache) and one ``past_key_values.{i}.key`` / ``.value`` pair per layer in;
+``logits`` (batch, seq, vocab) and ``present.{i}.key`` / ``.value`` out. The cache tensors are fixed-size
+buffers (batch, heads, cache_len, head_dim) that onnxruntime's GroupQueryAttention writes the new keys and
+values into; ``OnnxCache`` binds each present output to its past input (IO binding), so a step writes one
+position in place instead of copying the whole cache.
 
 Sampling follows ``pipeline.generate`` rule for rule (temperature, top-k, top-p nucleus, EOS, seed), in numpy;
 greedy decoding equals torch's token for token (the export stage checks it), sampled text is reproducible per
@@ -28,7 +31,7 @@ from pipeline.tokenizer import load_tokenizer
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
 VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
-INPUT_IDS, LOGITS = "input_ids", "logits"
+INPUT_IDS, PAST_LENGTH, LOGITS = "input_ids", "past_length", "logits"
 
 
 def past_names(n_layer: int) -> list[str]:
@@ -94,11 +97,26 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return options
 
 
-class OnnxGenerator:
-    """The exported model in an onnxruntime session; the KV cache travels as numpy arrays between steps.
+class OnnxCache:
+    """The KV cache of one generation: a fixed-size onnxruntime buffer per layer's keys and values, and how many
+    positions of them are filled. The graph's present outputs are bound to these same buffers."""
 
-    onnxruntime hands its CPU outputs to numpy without a copy, so keeping the cache as OrtValues (IO binding)
-    measured no faster, even at 900 cached tokens (BENCHMARKS.md), and plain ``run`` stays.
+    def __init__(self, batch: int, n_layer: int, n_head: int, capacity: int, head_dim: int):
+        shape = (batch, n_head, capacity, head_dim)
+        self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in range(2 * n_layer)]
+        self.batch, self.capacity, self.length = batch, capacity, 0
+
+    def arrays(self) -> list[np.ndarray]:
+        """Copies of the filled part of every buffer, in ``past_names`` order (for inspection and checks)."""
+        return [np.array(buffer.numpy()[:, :, : self.length]) for buffer in self.buffers]
+
+
+class OnnxGenerator:
+    """The exported model in an onnxruntime session, decoding into preallocated KV buffers (``OnnxCache``).
+
+    With the buffers shared between past and present, a decode step no longer copies the cache: at 896 cached
+    tokens on the gpt2-124m shape that copy (the Concat of a grow-by-concat graph) was about a fifth of the step
+    (BENCHMARKS.md).
     """
 
     def __init__(self, directory: str | Path = "models/onnx", variant: str = "fp32", threads: int | None = None):
@@ -122,25 +140,45 @@ class OnnxGenerator:
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
             raise PipelineError(f"{self.path}: onnxruntime cannot load it ({exc})") from None
         self._past_names = past_names(self.n_layer)
-        self._output_names = [LOGITS, *present_names(self.n_layer)]
+        self._present_names = present_names(self.n_layer)
 
     @functools.cached_property
     def tokenizer(self) -> tiktoken.Encoding:
         """The tokenizer saved beside the model (loaded on first use: the graph itself needs none)."""
         return load_tokenizer(self.directory / TOKENIZER_DIR)
 
-    def empty_past(self, batch: int) -> list[np.ndarray]:
-        return [np.zeros((batch, self.n_head, 0, self.head_dim), np.float32) for _ in self._past_names]
+    def new_cache(self, batch: int, capacity: int | None = None) -> OnnxCache:
+        """Empty KV buffers for ``batch`` rows and ``capacity`` positions (default: the whole context)."""
+        return OnnxCache(batch, self.n_layer, self.n_head, capacity or self.context_length, self.head_dim)
 
-    def forward(
-        self, input_ids: np.ndarray, past: list[np.ndarray] | None = None
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Logits (B, T, V) for ``input_ids`` (B, T) after ``past``, and the present KV cache (numpy)."""
+    def forward(self, input_ids: np.ndarray, cache: OnnxCache | None = None) -> tuple[np.ndarray, OnnxCache]:
+        """Logits (B, T, V) for ``input_ids`` (B, T) after what ``cache`` holds; the cache, updated in place.
+
+        onnxruntime's GroupQueryAttention takes several new tokens after a filled cache only for batch 1, so a
+        batch of such chunks goes through one position at a time (same logits, T runs instead of one).
+        """
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        past = self.empty_past(input_ids.shape[0]) if past is None else past
-        feed = {INPUT_IDS: input_ids, **dict(zip(self._past_names, past))}
-        logits, *present = self.session.run(self._output_names, feed)
-        return logits, present
+        batch, length = input_ids.shape
+        cache = self.new_cache(batch) if cache is None else cache
+        if cache.batch != batch:
+            raise ValueError(f"input_ids has {batch} rows but the cache was made for {cache.batch}")
+        if cache.length + length > cache.capacity:
+            raise ValueError(
+                f"sequence of {cache.length + length} tokens exceeds the cache's {cache.capacity} positions"
+            )
+        if batch > 1 and length > 1 and cache.length > 0:
+            steps = [self.forward(input_ids[:, i : i + 1], cache)[0] for i in range(length)]
+            return np.concatenate(steps, axis=1), cache
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(INPUT_IDS, input_ids)
+        binding.bind_cpu_input(PAST_LENGTH, np.array(cache.length, dtype=np.int64))
+        binding.bind_output(LOGITS)
+        for past, present, buffer in zip(self._past_names, self._present_names, cache.buffers):
+            binding.bind_ortvalue_input(past, buffer)
+            binding.bind_ortvalue_output(present, buffer)
+        self.session.run_with_iobinding(binding)
+        cache.length += length
+        return binding.get_outputs()[0].numpy(), cache
 
     def stream(self, prompt_ids: list[int], opts: SamplingOptions) -> Iterator[int]:
         """Yield generated token ids one at a time (EOS included when produced), as ``stream_tokens`` does.
@@ -156,13 +194,13 @@ class OnnxGenerator:
         if limit <= 0:
             return
         rng = np.random.default_rng(opts.seed)
-        logits, past = self.forward(ids)
+        logits, cache = self.forward(ids)
         for step in range(limit):
             token = int(sample_next(logits[:, -1, :], opts, rng)[0])
             yield token
             if token == opts.eos_id or step == limit - 1:
                 return
-            logits, past = self.forward(np.array([[token]]), past)
+            logits, cache = self.forward(np.array([[token]]), cache)
 
     def generate(self, prompt_ids: list[int], opts: SamplingOptions) -> list[int]:
         """The generated ids only (not the prompt): ``list(stream(...))``."""

@@ -104,19 +104,37 @@ def test_dynamic_batch_and_sequence_with_kv_cache_match_torch(exported, model):
     out, _ = exported
     onnx_model = OnnxGenerator(out, "fp32")
     rng = np.random.default_rng(0)
-    ids = rng.integers(0, model.cfg.vocab_size, (3, 11))
-    logits, cache = onnx_model.forward(ids)
-    ref, ref_cache = model(torch.from_numpy(ids))
-    assert logits.shape == (3, 11, model.cfg.vocab_size)
-    assert cache[0].shape == (3, model.cfg.n_head, 11, model.cfg.head_dim)
-    assert np.abs(logits - ref.numpy()).max() < 1e-4
-    for width in (1, 5):
-        step = rng.integers(0, model.cfg.vocab_size, (3, width))
-        logits, cache = onnx_model.forward(step, cache)
-        ref, ref_cache = model(torch.from_numpy(step), past=ref_cache)
-        assert logits.shape == (3, width, model.cfg.vocab_size)
+    for batch in (3, 1):  # batch 1 takes a multi-token chunk after the prompt in one run, larger batches per token
+        ids = rng.integers(0, model.cfg.vocab_size, (batch, 11))
+        logits, cache = onnx_model.forward(ids)
+        ref, ref_cache = model(torch.from_numpy(ids))
+        assert logits.shape == (batch, 11, model.cfg.vocab_size)
+        assert cache.arrays()[0].shape == (batch, model.cfg.n_head, 11, model.cfg.head_dim)
         assert np.abs(logits - ref.numpy()).max() < 1e-4
-    assert cache[-1].shape[2] == 17
+        for width in (1, 5):
+            step = rng.integers(0, model.cfg.vocab_size, (batch, width))
+            logits, cache = onnx_model.forward(step, cache)
+            ref, ref_cache = model(torch.from_numpy(step), past=ref_cache)
+            assert logits.shape == (batch, width, model.cfg.vocab_size)
+            assert np.abs(logits - ref.numpy()).max() < 1e-4
+        assert cache.length == 17
+        for ours, (key, value) in zip(cache.arrays()[0::2], ref_cache):
+            assert np.abs(ours - key.numpy()).max() < 1e-4
+
+
+def test_decode_writes_into_the_preallocated_buffers(exported, model):
+    gen = OnnxGenerator(exported[0], "fp32")
+    cache = gen.new_cache(1)
+    pointers = [buffer.data_ptr() for buffer in cache.buffers]
+    assert cache.buffers[0].shape() == [1, model.cfg.n_head, model.cfg.context_length, model.cfg.head_dim]
+    _, cache = gen.forward(np.array([[1, 2, 3]]), cache)
+    _, cache = gen.forward(np.array([[4]]), cache)
+    assert [buffer.data_ptr() for buffer in cache.buffers] == pointers
+    assert cache.length == 4 and np.abs(cache.arrays()[0][0, :, 3]).max() > 0
+    with pytest.raises(ValueError, match="exceeds the cache"):
+        gen.forward(np.zeros((1, model.cfg.context_length - 3), dtype=np.int64), cache)
+    with pytest.raises(ValueError, match="rows"):
+        gen.forward(np.zeros((2, 1), dtype=np.int64), cache)
 
 
 def test_onnx_greedy_equals_torch_greedy_token_for_token(exported, model):

@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from pipeline.export import quiet_logger
 from pipeline.model import GPT
 from pipeline.onnx_generate import INPUT_IDS, LOGITS, past_names, present_names, session_options
 
@@ -37,14 +38,15 @@ def export_concat_graph(model: GPT, path: Path, opset: int, dynamo: bool = True)
     names_in, names_out = [INPUT_IDS, *past_names(cfg.n_layer)], [LOGITS, *present_names(cfg.n_layer)]
     # Trace with a past and more than one new token: the general attention path (a mask over past + new).
     args = (torch.zeros(2, 3, dtype=torch.long), *(torch.zeros(2, cfg.n_head, 2, cfg.head_dim) for _ in names_in[1:]))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet_logger("torch.onnx"):
         warnings.simplefilter("ignore")  # exporter chatter and TracerWarnings about Python-side length checks
         if dynamo:
             batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=1, max=cfg.context_length)
             past_seq = torch.export.Dim("past_seq", min=0, max=cfg.context_length)
             shapes = ({0: batch, 1: seq}, tuple({0: batch, 2: past_seq} for _ in names_in[1:]))
             program = torch.onnx.export(ConcatCacheGPT(model).eval(), args, dynamo=True, dynamic_shapes=shapes,
-                                        opset_version=opset, input_names=names_in, output_names=names_out)
+                                        opset_version=opset, input_names=names_in, output_names=names_out,
+                                        verbose=False)
             program.save(str(path))
             return
         axes = {INPUT_IDS: {0: "batch", 1: "seq"}, LOGITS: {0: "batch", 1: "seq"}}

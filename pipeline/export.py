@@ -120,7 +120,7 @@ def export_graph(model: GPT, path: Path, opset: int) -> None:
     seq = torch.export.Dim("seq", min=1, max=cfg.context_length)
     cache_len = torch.export.Dim("cache_len", min=2, max=cfg.context_length)
     dynamic_shapes = ({0: batch, 1: seq}, None, tuple({0: batch, 2: cache_len} for _ in range(n_cache)))
-    with warnings.catch_warnings(), _quiet_logger("torch.onnx"):
+    with warnings.catch_warnings(), quiet_logger("torch.onnx"):
         warnings.simplefilter("ignore")  # exporter chatter (axis renames, deprecations) is not the user's problem
         program = torch.onnx.export(
             SharedCacheGPT(model).eval(),
@@ -136,7 +136,7 @@ def export_graph(model: GPT, path: Path, opset: int) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_logger(name: str):
+def quiet_logger(name: str):
     logger = logging.getLogger(name)
     level = logger.level
     logger.setLevel(logging.ERROR)

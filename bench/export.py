@@ -36,17 +36,17 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-ROOT = Path(__file__).resolve().parents[1]
-
+from bench.concat_cache import concat_greedy_stream, concat_session, export_concat_graph
 from pipeline.checkpoint import CONFIG, write_json
 from pipeline.config import load_params
-from bench.concat_cache import concat_greedy_stream, concat_session, export_concat_graph
 from pipeline.export import export_graph, onnx_config, write_variants
 from pipeline.generate import stream_tokens
 from pipeline.model import GPT, PRESETS, GPTConfig
 from pipeline.onnx_generate import VARIANT_FILES, OnnxGenerator, session_options
 from pipeline.pretraining import model_config
 from pipeline.sampling import SamplingOptions
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PROMPT, NEW_TOKENS, PREFILL, LONG = 64, 32, 256, 896
 

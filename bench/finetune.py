@@ -17,7 +17,6 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -25,24 +24,22 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from pipeline.config import load_params  # noqa: E402
-from pipeline.finetune import DPOObjective, SFTObjective, reference_logprobs  # noqa: E402
-from pipeline.instructions import (  # noqa: E402
+from pipeline.config import load_params
+from pipeline.finetune import DPOObjective, SFTObjective, reference_logprobs
+from pipeline.instructions import (
     Example,
     PreferencePair,
     split_dataset,
     tokenize_examples,
     tokenize_pairs,
 )
-from pipeline.losses import sequence_logprobs  # noqa: E402
-from pipeline.model import GPT, config_from_preset  # noqa: E402
-from pipeline.tokenizer import load_tokenizer, train_bpe  # noqa: E402
-from pipeline.train import autocast, make_optimizer, resolve_dtype, train  # noqa: E402
-from tests.project import SHARED_DATA, generated_instructions  # noqa: E402
+from pipeline.losses import sequence_logprobs
+from pipeline.model import GPT, config_from_preset
+from pipeline.tokenizer import load_tokenizer, train_bpe
+from pipeline.train import autocast, make_optimizer, resolve_dtype, train
+from tests.project import SHARED_DATA, generated_instructions
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class RecomputingDPO(DPOObjective):

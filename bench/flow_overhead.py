@@ -25,12 +25,10 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from pipeline.dvc_ops import dvc_env
+from tests.project import make_project
 
-from pipeline.dvc_ops import dvc_env  # noqa: E402
-from tests.project import make_project  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def timed(cmd: list[str], cwd: Path, env: dict) -> float:

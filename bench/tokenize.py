@@ -1,6 +1,6 @@
 """Tokenize throughput and memory: the stage's encode+write path vs raw tiktoken batch encoding, same run.
 
-    python bench/tokenize.py [--mb 200] [--small-mb 50]
+    python -m bench.tokenize [--mb 200] [--small-mb 50]
 
 Builds a corpus of Quijote copies (one document each; ../shared/data/quijote.txt, else generated Spanish)
 under /tmp, trains the params.yaml tokenizer on one copy, then measures on the same text and threads:
@@ -16,27 +16,22 @@ The last line is a key=value summary.
 """
 from __future__ import annotations
 
-import os
+import argparse
+import json
+import resource
+import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path and its name would shadow the stdlib `tokenize`.
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+from pipeline.config import load_params
+from pipeline.corpus import clean_text
+from pipeline.shards import encode_threads, group_batches, piece_bytes
+from pipeline.textstream import Segment, read_blocks, split_tail
+from pipeline.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-
-from pipeline.config import load_params  # noqa: E402
-from pipeline.corpus import clean_text  # noqa: E402
-from pipeline.shards import encode_threads, group_batches, piece_bytes  # noqa: E402
-from pipeline.textstream import Segment, read_blocks, split_tail  # noqa: E402
-from pipeline.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer  # noqa: E402
 
 QUIJOTE = ROOT.parent / "shared" / "data" / "quijote.txt"
 WORK = Path(tempfile.gettempdir()) / "llm-pipeline-bench-tokenize"
@@ -104,7 +99,7 @@ def raw_encode(enc, corpus: Path, documents: list[Segment], batch_bytes: int, th
 
 def run_stage_subprocess(corpus: Path, doc_bytes: int, tokenizer: Path) -> dict:
     with tempfile.TemporaryDirectory(dir=WORK) as out:
-        cmd = [sys.executable, __file__, "--stage-path", str(corpus), str(doc_bytes), str(tokenizer),
+        cmd = [sys.executable, "-m", "bench.tokenize", "--stage-path", str(corpus), str(doc_bytes), str(tokenizer),
                str(Path(out) / "shards")]
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -24,14 +24,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from pipeline import perf
+from pipeline.config import TrainParams, load_params
+from pipeline.model import GPT, config_from_preset, flops_per_token
+from pipeline.train import resolve_dtype, train
 
-from pipeline import perf  # noqa: E402
-from pipeline.config import TrainParams, load_params  # noqa: E402
-from pipeline.model import GPT, config_from_preset, flops_per_token  # noqa: E402
-from pipeline.train import resolve_dtype, train  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # (preset, context, batch): the CPU presets at their own context; gpt2-124m at 256 as the issue asks.
 SHAPES = {

@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 import tiktoken
 
 from pipeline.errors import PipelineError
-from pipeline.losses import IGNORE_INDEX
 from pipeline.tokenizer import ASSISTANT, END_OF_TURN, SYSTEM, USER
 
 if TYPE_CHECKING:
     import torch
 
 TEMPLATES = ("alpaca", "chat")
+IGNORE_INDEX = -100  # the target value the losses skip (padding, masked prompt); torch's cross-entropy default
 ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 )

@@ -147,9 +147,9 @@ class OnnxGenerator:
         """The tokenizer saved beside the model (loaded on first use: the graph itself needs none)."""
         return load_tokenizer(self.directory / TOKENIZER_DIR)
 
-    def new_cache(self, batch: int, capacity: int | None = None) -> OnnxCache:
-        """Empty KV buffers for ``batch`` rows and ``capacity`` positions (default: the whole context)."""
-        return OnnxCache(batch, self.n_layer, self.n_head, capacity or self.context_length, self.head_dim)
+    def new_cache(self, batch: int) -> OnnxCache:
+        """Empty KV buffers for ``batch`` rows and the whole context."""
+        return OnnxCache(batch, self.n_layer, self.n_head, self.context_length, self.head_dim)
 
     def forward(self, input_ids: np.ndarray, cache: OnnxCache | None = None) -> tuple[np.ndarray, OnnxCache]:
         """Logits (B, T, V) for ``input_ids`` (B, T) after what ``cache`` holds; the cache, updated in place.

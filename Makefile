@@ -4,7 +4,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup pipeline test seed-cache bench
+.PHONY: setup pipeline test lint seed-cache bench
 
 setup:
 	@bash scripts/setup.sh
@@ -13,7 +13,11 @@ pipeline: setup
 	dvc repro
 
 test: setup
+	ruff check .
 	python -m pytest
+
+lint: setup
+	ruff check .
 
 # Offline: put the shared demo files into the download cache so the default URLs resolve without network.
 seed-cache: setup

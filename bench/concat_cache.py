@@ -27,7 +27,7 @@ class ConcatCacheGPT(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, *past_flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        past = list(zip(past_flat[0::2], past_flat[1::2]))
+        past = list(zip(past_flat[0::2], past_flat[1::2], strict=False))
         logits, present = self.model(input_ids, past=past)
         return (logits, *(t for kv in present for t in kv))
 
@@ -67,6 +67,6 @@ def concat_greedy_stream(session: ort.InferenceSession, model: GPT, prompt: list
     past = [np.zeros((1, cfg.n_head, 0, cfg.head_dim), np.float32) for _ in names]
     ids = np.array([prompt], dtype=np.int64)
     while True:
-        logits, *past = session.run(outputs, {INPUT_IDS: ids, **dict(zip(names, past))})
+        logits, *past = session.run(outputs, {INPUT_IDS: ids, **dict(zip(names, past, strict=False))})
         ids = logits[:, -1].argmax(-1)[:, None]
         yield int(ids[0, 0])

@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, r in results.items():
             print(f"{name:<42}{r['mb']:>9.1f}{r['nodes']:>7}{r['ms']:>10.2f}{r['ms'] / ours:>8.2f}")
         keys = ["ours", "opset18", "concat", "concat_legacy"]
-        print(" ".join(f"{k}_ms={r['ms']:.2f} {k}_mb={r['mb']:.1f}" for k, r in zip(keys, results.values())))
+        print(" ".join(f"{k}_ms={r['ms']:.2f} {k}_mb={r['mb']:.1f}" for k, r in zip(keys, results.values(), strict=False)))
         return
     summary = {}
     for shape in args.shapes:

@@ -135,7 +135,7 @@ def main() -> None:
     # 2. Cached vs recomputed reference: the same batches, steps taken alternately, so both see the same machine.
     cached_s, recomputed_s = paired_step_seconds(
         base, dpo_cached, dpo_recomputed, dpo_params, dtype, args.warmup, args.steps)
-    saved = statistics.median(1 - c / r for c, r in zip(cached_s, recomputed_s))
+    saved = statistics.median(1 - c / r for c, r in zip(cached_s, recomputed_s, strict=False))
     step_gain = statistics.median(recomputed_s) - statistics.median(cached_s)
     break_even = cache_seconds / step_gain if step_gain > 0 else float("inf")
     epoch_steps = len(dpo_train) / (dpo_params.batch_size * dpo_params.grad_accum)

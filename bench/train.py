@@ -143,7 +143,7 @@ def loss_curves(steps: int, project: Path, out_png: Path) -> dict[str, float]:
             result = train(setup.model, setup.objective, p, checkpoint_dir=Path(tmp) / "c",
                            report_dir=Path(tmp) / "r", desc=dtype, data_fingerprint=setup.objective.fingerprint)
             rows = (Path(tmp) / "r" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()[1:]
-        xs, ys = zip(*((int(r.split("\t")[0]), float(r.split("\t")[1])) for r in rows))
+        xs, ys = zip(*((int(r.split("\t")[0]), float(r.split("\t")[1])) for r in rows), strict=False)
         seconds = result.metrics["summary/train_seconds"]
         ax.plot(xs, ys, label=f"{dtype}: val {result.metrics['val/loss']:.3f}, {seconds:.0f} s")
         final[f"{dtype}_val_loss"] = result.metrics["val/loss"]

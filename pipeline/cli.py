@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    command = getattr(module, f"cli_{name}", None) or getattr(module, "cli")
+    command = getattr(module, f"cli_{name}", None) or module.cli
     try:
         return int(command(rest) or 0)
     except PipelineError as exc:

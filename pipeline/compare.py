@@ -160,7 +160,7 @@ def plot_curves(curves: dict[str, dict[str, pd.DataFrame]], path: Path) -> None:
     columns = min(2, len(curves))
     rows = -(-len(curves) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 3.6 * rows), squeeze=False)
-    for ax, (label, by_exp) in zip(axes.flat, curves.items()):
+    for ax, (label, by_exp) in zip(axes.flat, curves.items(), strict=False):
         for name, frame in by_exp.items():
             ax.plot(frame.iloc[:, 0], frame.iloc[:, 1], label=name)
         ax.set_title(label)
@@ -241,7 +241,7 @@ def sweep(project: Path, overrides: list[str], prefix: str, jobs: int) -> list[s
     clash = [n for n in names if dvc_ops.experiment_exists(project, n)]
     if clash:
         raise PipelineError(f"experiment '{clash[0]}' already exists: pick another --name")
-    for name, variant in zip(names, variants):
+    for name, variant in zip(names, variants, strict=False):
         dvc_ops.dvc(project, "exp", "run", "--queue", "--name", name, *itertools.chain(*(("-S", v) for v in variant)))
         print(f"queued {name}: {' '.join(variant)}")
     done = dvc_ops.dvc(project, "exp", "run", "--run-all", "--jobs", str(jobs), check=False)

@@ -182,7 +182,7 @@ class ForwardParity:
         flat_ref = [t for kv in ref_cache for t in kv]
         self.max_abs_cache_diff = max(
             self.max_abs_cache_diff,
-            max(float(np.abs(c - r.numpy()).max()) for c, r in zip(cache.arrays(), flat_ref)),
+            max(float(np.abs(c - r.numpy()).max()) for c, r in zip(cache.arrays(), flat_ref, strict=False)),
         )
         self.calls += 1
 

@@ -104,7 +104,7 @@ class SFTObjective:
         _require(train, "sft training split")
         _require(val, "sft validation split")
         self.train, self.val = train, val
-        lengths = [len(p) + len(r[0]) for p, r in zip(train.prompts, train.responses)]
+        lengths = [len(p) + len(r[0]) for p, r in zip(train.prompts, train.responses, strict=False)]
         self.sampler = EpochSampler(lengths, batch_size, grad_accum, seed)
         self.batch_size, self.max_eval_batches = batch_size, eval_batches
         self.context_length, self.pad_id, self.mask_prompt = context_length, pad_id, mask_prompt
@@ -182,7 +182,7 @@ class DPOObjective:
         _require(train, "dpo training split")
         _require(val, "dpo validation split")
         self.train, self.val, self.ref_train, self.ref_val = train, val, ref_train, ref_val
-        lengths = [len(p) + max(map(len, r)) for p, r in zip(train.prompts, train.responses)]
+        lengths = [len(p) + max(map(len, r)) for p, r in zip(train.prompts, train.responses, strict=False)]
         self.sampler = EpochSampler(lengths, batch_size, grad_accum, seed)
         self.beta, self.reduction = beta, reduction
         self.batch_size, self.max_eval_batches = batch_size, eval_batches
@@ -256,11 +256,11 @@ def generate_responses(
     for group in tqdm(groups, desc=desc, leave=False):
         batch = torch.tensor([prompts[i] for i in group], dtype=torch.long, device=device)
         out = generate(model, batch, opts)[:, batch.shape[1] :].tolist()
-        for i, new_ids in zip(group, out):
+        for i, new_ids in zip(group, out, strict=False):
             answers[i] = decode_response(enc, new_ids)
     records = [
         {"id": e.id, "instruction": e.instruction, "input": e.input, "output": e.output, "response": answer}
-        for e, answer in zip(examples, answers)
+        for e, answer in zip(examples, answers, strict=False)
     ]
     return Responses(records, cut)
 

@@ -70,7 +70,7 @@ def sample_next(logits: np.ndarray, opts: SamplingOptions, rng: np.random.Genera
     probs = softmax(filter_logits(logits.astype(np.float64) / opts.temperature, opts.top_k, opts.top_p))
     cumulative = np.cumsum(probs, axis=-1)
     draws = rng.random(len(probs)) * cumulative[:, -1]
-    return np.array([np.searchsorted(row, u, side="right") for row, u in zip(cumulative, draws)])
+    return np.array([np.searchsorted(row, u, side="right") for row, u in zip(cumulative, draws, strict=False)])
 
 
 def read_onnx_config(directory: str | Path) -> dict:
@@ -173,7 +173,7 @@ class OnnxGenerator:
         binding.bind_cpu_input(INPUT_IDS, input_ids)
         binding.bind_cpu_input(PAST_LENGTH, np.array(cache.length, dtype=np.int64))
         binding.bind_output(LOGITS)
-        for past, present, buffer in zip(self._past_names, self._present_names, cache.buffers):
+        for past, present, buffer in zip(self._past_names, self._present_names, cache.buffers, strict=False):
             binding.bind_ortvalue_input(past, buffer)
             binding.bind_ortvalue_output(present, buffer)
         self.session.run_with_iobinding(binding)

@@ -367,9 +367,8 @@ def load_models(specs: list[str], models_dir: str | Path = "models", threads: in
     With no specs, every standard model that exists under ``models_dir`` is served. ``threads``: onnxruntime's
     intra-op threads per session.
     """
-    from pipeline.serve_models import load_model_dir
-
     from pipeline.onnx_generate import VARIANT_FILES
+    from pipeline.serve_models import load_model_dir
 
     models_dir = Path(models_dir)
     if not specs:

@@ -118,7 +118,7 @@ def group_batches(
 
 def _flatten(token_lists: list[list[int]], ends: list[bool], eot: int) -> np.ndarray:
     out = array.array("I")  # array.extend from a list is ~3× faster than np.array(list)
-    for tokens, ends_segment in zip(token_lists, ends):
+    for tokens, ends_segment in zip(token_lists, ends, strict=False):
         out.extend(tokens)
         if ends_segment:
             out.append(eot)
@@ -287,7 +287,7 @@ class ShardDataset:
         draws = torch.randint(int(cumulative[-1]), (batch_size,), generator=generator).numpy()
         shards = np.searchsorted(cumulative, draws, side="right")
         offsets = draws - np.concatenate([[0], cumulative])[shards]
-        return self._stack(zip(shards.tolist(), offsets.tolist()), context_length)
+        return self._stack(zip(shards.tolist(), offsets.tolist(), strict=False), context_length)
 
     def sequential(
         self, batch_size: int, context_length: int, max_batches: int | None = None
@@ -299,7 +299,7 @@ class ShardDataset:
         )
         batches = 0
         while max_batches is None or batches < max_batches:
-            chunk = [pos for _, pos in zip(range(batch_size), positions)]
+            chunk = [pos for _, pos in zip(range(batch_size), positions, strict=False)]
             if not chunk:
                 return
             yield self._stack(chunk, context_length)

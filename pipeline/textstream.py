@@ -9,6 +9,7 @@ enormous line of spaces or symbols) is cut at a character boundary, the one plac
 """
 from __future__ import annotations
 
+import collections
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,11 +39,9 @@ def safe_cut(buf: bytes, pattern: re.Pattern = _SAFE_CUT) -> int:
     window = 4096
     while True:
         start = max(len(buf) - window, 0)
-        last = None
-        for last in pattern.finditer(buf, start):
-            pass
-        if last is not None:
-            return _cut_at(last)
+        last = collections.deque(pattern.finditer(buf, start), maxlen=1)
+        if last:
+            return _cut_at(last[0])
         if start == 0:
             return -1
         window *= 16

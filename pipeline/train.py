@@ -169,7 +169,7 @@ def _all_reduce_mean(values: dict[str, float], ctx: distributed.DistContext) -> 
     if dist.get_backend() == "nccl":
         t = t.cuda()
     dist.all_reduce(t)
-    return {n: float(v) / ctx.world_size for n, v in zip(names, t.tolist())}
+    return {n: float(v) / ctx.world_size for n, v in zip(names, t.tolist(), strict=False)}
 
 
 class _Trainer:

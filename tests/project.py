@@ -35,7 +35,7 @@ def generated_corpus(n_chars: int, seed: int = 0) -> str:
 def generated_instructions(n: int, seed: int = 0, preferences: bool = False) -> list[dict]:
     rng = random.Random(seed)
     records = []
-    for i in range(n):
+    for _i in range(n):
         a, b = rng.randint(1, 50), rng.randint(1, 50)
         rec = {"instruction": f"Add the numbers {a} and {b}.", "input": "", "output": f"The sum is {a + b}."}
         if preferences:

@@ -51,7 +51,7 @@ def train_answers(model: GPT, examples: Sequence[tuple[list[int], list[int]]], s
         mask = [False] * (len(ids) - len(answer)) + [True] * len(answer)
         pad = width - len(ids)
         rows.append(ids + [0] * pad)
-        targets.append([t if m else -100 for t, m in zip(ids, mask)] + [-100] * pad)
+        targets.append([t if m else -100 for t, m in zip(ids, mask, strict=False)] + [-100] * pad)
     x, y = torch.tensor(rows), torch.tensor(targets)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     threads = torch.get_num_threads()

@@ -19,7 +19,7 @@ from pipeline.config import ExportParams
 from pipeline.errors import PipelineError
 from pipeline.export import export_model
 from pipeline.generate import filter_logits, generate
-from pipeline.model import PRESETS, GPT
+from pipeline.model import GPT, PRESETS
 from pipeline.onnx_generate import OnnxGenerator
 from pipeline.onnx_generate import filter_logits as np_filter_logits
 from pipeline.sampling import SamplingOptions
@@ -118,7 +118,7 @@ def test_dynamic_batch_and_sequence_with_kv_cache_match_torch(exported, model):
             assert logits.shape == (batch, width, model.cfg.vocab_size)
             assert np.abs(logits - ref.numpy()).max() < 1e-4
         assert cache.length == 17
-        for ours, (key, value) in zip(cache.arrays()[0::2], ref_cache):
+        for ours, (key, _value) in zip(cache.arrays()[0::2], ref_cache, strict=False):
             assert np.abs(ours - key.numpy()).max() < 1e-4
 
 

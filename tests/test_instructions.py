@@ -209,7 +209,7 @@ def test_truncation_to_context_is_counted_and_prompt_only_items_dropped(enc, tmp
     context = len(encode_prompt(enc, "Long answer.", "")) + 20
     data = tokenize_examples(enc, examples, "alpaca", context)
     assert (len(data), data.truncated, data.dropped, data.ids) == (2, 1, 1, [0, 1])
-    batch = collate(list(zip(data.prompts, (r[0] for r in data.responses))), context, 0, True)
+    batch = collate(list(zip(data.prompts, (r[0] for r in data.responses), strict=False)), context, 0, True)
     assert batch["input_ids"].shape[1] == context  # cut to the context, not beyond
     assert batch["targets"][1, -1].item() != IGNORE_INDEX  # the cut answer still trains up to the edge
 

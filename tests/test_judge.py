@@ -59,7 +59,7 @@ def judge_examples() -> list[tuple[list[int], list[int]]]:
     def retried(prompt: str, first: str, lo: int, hi: int) -> list[tuple[str, str]]:
         return [("user", prompt), ("assistant", first), ("user", STRICT_RETRY.format(lo=lo, hi=hi))]
 
-    for item, good, bad in zip(ITEMS, SFT, DPO):
+    for item, good, bad in zip(ITEMS, SFT, DPO, strict=False):
         answer([("user", score100.score(item, good))], "90")
         answer([("user", score100.score(item, bad))], "none")
         answer(retried(score100.score(item, bad), "none", 0, 100), "none")
@@ -87,7 +87,7 @@ def write_responses(root: Path, items=ITEMS, sft=SFT, dpo=DPO) -> dict[str, Path
         path = root / "reports" / name / "responses.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         lines = [json.dumps({"id": it.id, "instruction": it.instruction, "input": it.input, "output": it.reference,
-                             "response": r}) for it, r in zip(items, responses)]
+                             "response": r}) for it, r in zip(items, responses, strict=False)]
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         paths[name] = path
     return paths

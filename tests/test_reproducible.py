@@ -52,7 +52,7 @@ def test_two_fresh_runs_give_identical_results(tmp_path):
     assert pretrain[0]["val"] == pretrain[1]["val"] and pretrain[0]["train"]["loss"] == pretrain[1]["train"]["loss"]
 
     recorded = [json.loads((p / "models/base/config.json").read_text())["provenance"] for p in runs]
-    for project, record in zip(runs, recorded):
+    for project, record in zip(runs, recorded, strict=False):
         assert record["git"]["commit"] == head(project)
     assert recorded[0]["params"]["sha256"] == recorded[1]["params"]["sha256"]  # same params, different commits
 

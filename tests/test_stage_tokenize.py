@@ -15,6 +15,7 @@ from pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
 from tests.conftest import ROOT
 from tests.project import make_project, venv_env
 
+
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**venv_env(), "PYTHONPATH": str(cwd)}
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)

@@ -9,7 +9,6 @@ import pytest
 import tiktoken
 
 from pipeline.errors import PipelineError
-from tests.conftest import ROOT
 from pipeline.tokenizer import (
     ASSISTANT,
     END_OF_TURN,
@@ -23,6 +22,7 @@ from pipeline.tokenizer import (
     tokenizer_fingerprint,
     train_tokenizer,
 )
+from tests.conftest import ROOT
 
 SAMPLE = "En un lugar de la Mancha, de cuyo nombre no quiero acordarme… ¿Sancho? ¡Señor! 1605 → 漢字 🙂\n\tend"
 

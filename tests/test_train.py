@@ -45,7 +45,7 @@ def test_lr_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor():
     assert factors[10] == pytest.approx(1.0)
     assert factors[60] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay
     assert factors[110] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
     assert lr_factor(500, 10, 110, 0.1) == pytest.approx(0.1)  # past the end: stays on the floor
     assert lr_factor(0, 0, 100, 0.0) == pytest.approx(1.0)  # no warmup starts at the peak
     assert lr_factor(3, 5, 5, 0.1) == pytest.approx(4 / 5)  # warmup only

@@ -37,7 +37,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from bench.concat_cache import concat_greedy_stream, concat_session, export_concat_graph
-from pipeline.checkpoint import CONFIG, write_json
+from pipeline.atomic import write_json
+from pipeline.checkpoint import CONFIG
 from pipeline.config import load_params
 from pipeline.export import export_graph, onnx_config, write_variants
 from pipeline.generate import stream_tokens

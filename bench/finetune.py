@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 from pipeline.config import load_params
-from pipeline.finetune import DPOObjective, SFTObjective, reference_logprobs
 from pipeline.instructions import (
     Example,
     PreferencePair,
@@ -35,8 +34,10 @@ from pipeline.instructions import (
 )
 from pipeline.losses import sequence_logprobs
 from pipeline.model import GPT, config_from_preset
+from pipeline.objectives import DPOObjective, SFTObjective, reference_logprobs
+from pipeline.runtime import autocast, resolve_dtype
 from pipeline.tokenizer import load_tokenizer, train_bpe
-from pipeline.train import autocast, make_optimizer, resolve_dtype, train
+from pipeline.train import make_optimizer, train
 from tests.project import SHARED_DATA, generated_instructions
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,7 +27,8 @@ import torch
 from pipeline import perf
 from pipeline.config import TrainParams, load_params
 from pipeline.model import GPT, config_from_preset, flops_per_token
-from pipeline.train import resolve_dtype, train
+from pipeline.runtime import resolve_dtype
+from pipeline.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +50,7 @@ class RandomTokens:
     def train_batch(self, step, micro_step, rank, world_size):
         g = torch.Generator().manual_seed(step * 7919 + micro_step)
         seq = torch.randint(0, self.vocab, (self.batch, self.context + 1), generator=g)
-        return {"x": seq[:, :-1], "y": seq[:, 1:]}
+        return {"input_ids": seq[:, :-1], "targets": seq[:, 1:]}
 
     def eval_batches(self):
         return [self.train_batch(-1, 0, 0, 1)]
@@ -57,10 +58,10 @@ class RandomTokens:
     def loss(self, model, batch):
         from pipeline.losses import lm_loss
 
-        return lm_loss(model(batch["x"])[0], batch["y"]), {}
+        return lm_loss(model(batch["input_ids"])[0], batch["targets"]), {}
 
     def count_tokens(self, batch):
-        return batch["y"].numel()
+        return batch["targets"].numel()
 
 
 def model_config(preset: str, context: int | None, vocab: int | None):
@@ -91,7 +92,7 @@ def measure_naive(cfg, batch: int, warmup: int, steps: int) -> float:
             perf.synchronize(device)
             start = time.perf_counter()
         b = data.train_batch(step, 0, 0, 1)
-        train_step(model, optimizer, b["x"].to(device), b["y"].to(device))
+        train_step(model, optimizer, b["input_ids"].to(device), b["targets"].to(device))
     perf.synchronize(device)
     return steps * batch * cfg.context_length / (time.perf_counter() - start)
 

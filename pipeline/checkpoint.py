@@ -1,5 +1,7 @@
 """Model directories: safetensors weights + config.json, written atomically, loaded without pickle.
 
+Every consumer (evaluate, sft, dpo, export, serve) loads through ``load_model`` / ``load_with_tokenizer`` here.
+
 A model directory (``models/base``, ``models/sft``, ``models/dpo``) holds:
   model.safetensors  the weights (a tied head is stored once)
   config.json        {"model": GPTConfig fields, "tokenizer": {"path", "fingerprint"}, ...extra metadata}
@@ -7,15 +9,18 @@ A model directory (``models/base``, ``models/sft``, ``models/dpo``) holds:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import tiktoken
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pipeline.atomic import atomic_path, write_json  # noqa: F401  (re-exported for stages)
+from pipeline.atomic import atomic_path
 from pipeline.errors import PipelineError
 from pipeline.model import GPT, GPTConfig, ModelConfigError
+from pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -86,3 +91,37 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     model = GPT(cfg)
     load_state_into(model, weights, str(weights_path))
     return model.to(device).eval(), meta
+
+
+@dataclass
+class ModelAndTokenizer:
+    model: GPT
+    meta: dict  # the model directory's config.json
+    enc: tiktoken.Encoding
+    tokenizer_fingerprint: str
+
+
+def load_with_tokenizer(model_dir: str | Path, tokenizer_dir: str | Path | None = None,
+                        device: str | torch.device = "cpu") -> ModelAndTokenizer:
+    """A model and its tokenizer (``tokenizer_dir``, else the one its config.json records), refusing a model that
+    was trained with another tokenizer."""
+    model_dir = Path(model_dir)
+    model, meta = load_model(model_dir, device)
+    if tokenizer_dir is None:
+        tokenizer_dir = (meta.get("tokenizer") or {}).get("path")
+        if not isinstance(tokenizer_dir, str) or not tokenizer_dir:
+            raise PipelineError(f"{model_dir / CONFIG}: no tokenizer.path recorded")
+    tokenizer_dir = Path(tokenizer_dir)
+    fingerprint = tokenizer_fingerprint(tokenizer_dir)
+    recorded = (meta.get("tokenizer") or {}).get("fingerprint")
+    if recorded != fingerprint:
+        raise PipelineError(
+            f"{model_dir / CONFIG}: model was trained with tokenizer {str(recorded)[:12]}, but {tokenizer_dir} is "
+            f"{fingerprint[:12]} (rerun the stages from tokenize: dvc repro)"
+        )
+    enc = load_tokenizer(tokenizer_dir)
+    if enc.n_vocab > model.cfg.vocab_size:
+        raise PipelineError(
+            f"{model_dir / CONFIG}: vocab_size {model.cfg.vocab_size} < the tokenizer's {enc.n_vocab} tokens"
+        )
+    return ModelAndTokenizer(model, meta, enc, fingerprint)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, one_line
 
 
 class ConfigError(PipelineError):
@@ -345,15 +345,47 @@ def parse_params(data: dict, origin: str = "params.yaml") -> Params:
     return params
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+class DeclaredParams:
+    """The sections of the params a stage declared (its dvc.yaml ``params``); reading another one is an error.
+
+    So a stage cannot depend on a param that DVC does not know about (tests/test_dag.py checks the declarations
+    against dvc.yaml).
+    """
+
+    def __init__(self, params: Params, sections: typing.Iterable[str]):
+        self._params = params
+        self._sections = frozenset(name.split(".")[0] for name in sections)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name not in self._sections:
+            raise ConfigError(f"this stage reads params '{name}' without declaring it (add it to the stage's PARAMS "
+                              "and to its params in dvc.yaml)")
+        return getattr(self._params, name)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The one YAML reader: a missing file or invalid YAML is a one-line error naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: params file not found")
+        raise ConfigError(f"{path}: file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    return parse_params(data, str(path))
+        raise ConfigError(f"{path}: not valid YAML ({one_line(str(exc))})") from None
+
+
+@typing.overload
+def load_params(path: str | Path = ..., sections: None = None) -> Params: ...
+@typing.overload
+def load_params(path: str | Path = ..., *, sections: typing.Iterable[str]) -> DeclaredParams: ...
+
+
+def load_params(path: str | Path = "params.yaml", sections: typing.Iterable[str] | None = None) -> Params | DeclaredParams:
+    """The validated params file; with ``sections``, a view that refuses to read any other section."""
+    params = parse_params(read_yaml(path) or {}, str(path))
+    return params if sections is None else DeclaredParams(params, sections)
 
 
 def as_dict(obj: Any) -> Any:

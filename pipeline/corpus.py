@@ -24,11 +24,11 @@ from tqdm import tqdm
 
 from pipeline.config import DataParams, Source, load_params
 from pipeline.errors import PipelineError
+from pipeline.hashing import CHUNK, sha256_file
 from pipeline.textstream import Segment
 
 DEFAULT_CACHE = Path("~/.cache/llm-pipeline")
 CACHE_ENV = "LLM_PIPELINE_CACHE"
-CHUNK = 1 << 20
 
 _GUTENBERG_START = re.compile(r"^\*\*\*\s*START OF (?:THE|THIS) PROJECT GUTENBERG EBOOK[^\n]*\n", re.M | re.I)
 _GUTENBERG_END = re.compile(r"^\*\*\*\s*END OF (?:THE|THIS) PROJECT GUTENBERG EBOOK", re.M | re.I)
@@ -38,14 +38,6 @@ def resolve_cache_dir(configured: str | None = None) -> Path:
     """``data.cache_dir`` if set, else $LLM_PIPELINE_CACHE, else ~/.cache/llm-pipeline."""
     chosen = configured or os.environ.get(CACHE_ENV) or DEFAULT_CACHE
     return Path(chosen).expanduser()
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class _Transient(Exception):

@@ -50,20 +50,6 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def local_device(requested: str) -> torch.device:
-    """``auto`` → this worker's GPU when there is one, else the CPU."""
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise PipelineError(f"device '{requested}' requested but no CUDA device is available")
-        if device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    return device
-
-
 def torchrun_command(module: str, nproc_per_node: int, nnodes: int = 1, rdzv_endpoint: str | None = None) -> list[str]:
     """The torchrun command line that runs ``python -m module`` in ``nproc_per_node`` × ``nnodes`` workers."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}"]

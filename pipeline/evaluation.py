@@ -18,12 +18,12 @@ import tiktoken
 import torch
 import torch.nn.functional as F
 
-from pipeline.checkpoint import atomic_path
+from pipeline.atomic import atomic_path
 from pipeline.generate import generate
 from pipeline.model import GPT
+from pipeline.runtime import autocast
 from pipeline.sampling import SamplingOptions
 from pipeline.shards import ShardDataset
-from pipeline.train import autocast
 
 
 def token_byte_lengths(enc: tiktoken.Encoding) -> torch.Tensor:

@@ -36,10 +36,10 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from pipeline.checkpoint import CONFIG, atomic_path, write_json
+from pipeline.atomic import atomic_path, write_json
+from pipeline.checkpoint import CONFIG, load_with_tokenizer
 from pipeline.config import ExportParams
 from pipeline.errors import PipelineError
-from pipeline.finetune import load_with_tokenizer
 from pipeline.generate import stream_tokens
 from pipeline.model import GPT, KVCache
 from pipeline.onnx_generate import (

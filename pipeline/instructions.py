@@ -9,27 +9,25 @@ Accepted records (a JSON array, or JSON Lines with one object per line):
 Templates: ``alpaca`` is the prompt of "Build a Large Language Model (From Scratch)" ch07; ``chat`` wraps each turn in
 the tokenizer's reserved markers (<|system|>, <|user|>, <|assistant|> … <|end|>). Every response ends with EOT.
 
-This module imports torch only inside the collate functions: the server's torch-free ONNX path formats prompts here.
+This module never imports torch: the server's torch-free ONNX path formats prompts here; collation into tensors
+lives with the objectives (pipeline/objectives.py).
 """
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import tiktoken
 
 from pipeline.errors import PipelineError
 from pipeline.tokenizer import ASSISTANT, END_OF_TURN, SYSTEM, USER
 
-if TYPE_CHECKING:
-    import torch
-
 TEMPLATES = ("alpaca", "chat")
-IGNORE_INDEX = -100  # the target value the losses skip (padding, masked prompt); torch's cross-entropy default
+INSTRUCTION_FIELDS = ("instruction", "input", "output", "chosen", "rejected")  # the text a tokenizer learns from
 ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 )
@@ -249,6 +247,18 @@ def _parse_preference(index: int, record: object) -> PreferencePair:
 # ---------------------------------------------------------------------------------------------- splitting
 
 
+def instruction_texts(paths: list[Path]) -> Iterator[str]:
+    """The text fields of the SFT/DPO records, so the BPE also learns the (English) instruction language."""
+    for path in paths:
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PipelineError(f"{path}: cannot read instruction records ({exc})") from None
+        for record in records if isinstance(records, list) else []:
+            if isinstance(record, dict):
+                yield from (v for k in INSTRUCTION_FIELDS if isinstance(v := record.get(k), str) and v)
+
+
 def split_dataset(
     items: Sequence[T], train: float, val: float, seed: int, origin: str
 ) -> tuple[list[T], list[T], list[T]]:
@@ -394,45 +404,3 @@ def _tokenize(
         responses.append(encoded)
         ids.append(item.id)
     return Tokenized(prompts, responses, ids, truncated, dropped)
-
-
-# ---------------------------------------------------------------------------------------------- collation
-
-
-def collate(
-    sequences: Sequence[tuple[list[int], list[int]]], context_length: int, pad_id: int, mask_prompt: bool
-) -> dict[str, torch.Tensor]:
-    """(prompt, response) id lists → ``input_ids`` and next-token ``targets``, (B, T) with T ≤ context_length.
-
-    Each sequence is cut to context_length + 1 tokens (inputs and targets are it shifted by one), right-padded to
-    the longest in the batch with ``pad_id``; padding targets — and prompt targets when ``mask_prompt`` — are -100.
-    """
-    import torch
-
-    rows = []
-    for prompt, response in sequences:
-        ids = (prompt + response)[: context_length + 1]
-        targets = ids[1:]
-        if mask_prompt:
-            masked = min(len(prompt) - 1, len(targets))
-            targets = [IGNORE_INDEX] * masked + targets[masked:]
-        rows.append((ids[:-1], targets))
-    width = max(len(inputs) for inputs, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    target_ids = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    for row, (inputs, targets) in enumerate(rows):
-        input_ids[row, : len(inputs)] = torch.tensor(inputs, dtype=torch.long)
-        target_ids[row, : len(targets)] = torch.tensor(targets, dtype=torch.long)
-    return {"input_ids": input_ids, "targets": target_ids}
-
-
-def collate_pairs(
-    data: Tokenized, indices: Sequence[int], context_length: int, pad_id: int
-) -> dict[str, torch.Tensor]:
-    """Preference pairs → one (2B, T) batch: rows [0, B) the chosen answers, rows [B, 2B) the rejected ones.
-
-    Prompts are always masked: DPO compares the log-probabilities of the answers only.
-    """
-    chosen = [(data.prompts[i], data.responses[i][0]) for i in indices]
-    rejected = [(data.prompts[i], data.responses[i][1]) for i in indices]
-    return collate(chosen + rejected, context_length, pad_id, mask_prompt=True)

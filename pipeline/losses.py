@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.instructions import IGNORE_INDEX
+IGNORE_INDEX = -100  # the target value the losses skip (padding, masked prompt); torch's cross-entropy default
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

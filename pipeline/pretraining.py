@@ -1,23 +1,16 @@
-"""Pretraining: the model shape from params + tokenizer, and the next-token objective over the shards.
-
-Batches are random windows of the train split drawn with a generator seeded from (seed, step, micro_step,
-rank): a resumed or DDP run sees exactly the batches an uninterrupted run would.
-"""
+"""Pretraining setup: the model shape from params + tokenizer, checked against the shards, and its objective."""
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from pipeline.config import ModelParams, PretrainParams
 from pipeline.errors import PipelineError
-from pipeline.losses import lm_loss
 from pipeline.model import GPT, GPTConfig, ModelConfigError, config_from_preset
-from pipeline.shards import ShardDataset, read_manifest
+from pipeline.objectives import PretrainObjective
+from pipeline.shards import ShardDataset
 from pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 Batch = dict[str, torch.Tensor]
@@ -42,54 +35,6 @@ def training_context(params: PretrainParams, cfg: GPTConfig, origin: str = "para
             f"(model.context_length={cfg.context_length})"
         )
     return context
-
-
-def _batch_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
-    digest = hashlib.sha256(f"pretrain:{seed}:{step}:{micro_step}:{rank}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-@dataclass
-class PretrainObjective:
-    """Next-token cross-entropy on random train windows; eval on the first val windows, in order."""
-
-    train: ShardDataset
-    val: ShardDataset
-    batch_size: int
-    context_length: int
-    seed: int
-    eval_batch_count: int
-
-    def __post_init__(self) -> None:
-        needed = self.batch_size * self.context_length + 1
-        if self.train.num_tokens < needed:
-            raise PipelineError(
-                f"{self.train.directory}: the train split has {self.train.num_tokens} tokens, fewer than one batch "
-                f"(pretrain.batch_size={self.batch_size} × context {self.context_length} + 1 = {needed})"
-            )
-        self._eval = [{"x": x, "y": y} for x, y in
-                      self.val.sequential(self.batch_size, self.context_length, self.eval_batch_count)]
-
-    @property
-    def fingerprint(self) -> str:
-        """The shards' identity (their manifest lists every shard's sha256), for the training run key."""
-        manifest = json.dumps(read_manifest(self.train.directory), sort_keys=True)
-        return hashlib.sha256(manifest.encode()).hexdigest()
-
-    def train_batch(self, step: int, micro_step: int, rank: int, world_size: int) -> Batch:
-        generator = torch.Generator().manual_seed(_batch_seed(self.seed, step, micro_step, rank))
-        x, y = self.train.sample(self.batch_size, self.context_length, generator)
-        return {"x": x, "y": y}
-
-    def eval_batches(self) -> list[Batch]:
-        return self._eval
-
-    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits, _ = model(batch["x"])
-        return lm_loss(logits, batch["y"]), {}
-
-    def count_tokens(self, batch: Batch) -> int:
-        return batch["y"].numel()
 
 
 @dataclass

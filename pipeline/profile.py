@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import ConfigError, parse_params
+from pipeline.config import ConfigError, parse_params, read_yaml
 from pipeline.errors import PipelineError, one_line
 
 
@@ -43,12 +43,7 @@ def _merge(base: dict, overrides: dict) -> dict:
 
 
 def _read(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({one_line(exc)})") from None
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: must be a mapping of params sections")
     return data

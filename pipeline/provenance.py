@@ -15,8 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from pipeline.config import read_yaml
 from pipeline.errors import PipelineError
 
 PACKAGES = (
@@ -50,12 +49,7 @@ def params_hash(params: Any) -> str:
 
 
 def _read_params(path: Path, sections: Iterable[str]) -> tuple[dict, list[str]]:
-    if not path.is_file():
-        raise PipelineError(f"{path}: params file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise PipelineError(f"{path}: not valid YAML ({exc})") from None
+    data = read_yaml(path) or {}
     names = sorted(sections) or sorted(data)
     missing = [name for name in names if name not in data]
     if missing:

@@ -22,7 +22,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from pipeline.checkpoint import WEIGHTS, atomic_path, load_state_into, save_model
+from pipeline.atomic import atomic_path
+from pipeline.checkpoint import WEIGHTS, load_state_into, save_model
 from pipeline.errors import PipelineError
 from pipeline.model import GPT
 

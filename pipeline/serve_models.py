@@ -113,15 +113,11 @@ def _file_facts(directory: Path, files: Sequence[Path] | None = None) -> dict:
 
 def load_torch_model(name: str, directory: str | Path) -> ServedModel:
     """A model directory written by ``checkpoint.save_model`` (models/base, models/sft, models/dpo)."""
-    from pipeline.checkpoint import load_model
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.checkpoint import load_with_tokenizer
 
     directory = Path(directory)
-    model, meta = load_model(directory)
-    tokenizer_dir = meta.get("tokenizer", {}).get("path")
-    if not tokenizer_dir:
-        raise PipelineError(f"{directory / 'config.json'}: no tokenizer.path recorded")
-    encoding = load_tokenizer(tokenizer_dir)
+    loaded = load_with_tokenizer(directory)
+    model, meta, encoding = loaded.model, loaded.meta, loaded.enc
     cfg = model.cfg
     template = template_of(meta)
     n_params = model.num_params(non_embedding=False)

@@ -25,8 +25,8 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
-from pipeline.corpus import sha256_file
 from pipeline.errors import PipelineError
+from pipeline.hashing import sha256_file
 from pipeline.textstream import Segment, read_blocks
 
 if TYPE_CHECKING:

@@ -31,6 +31,7 @@ from pipeline import distributed, perf, resume
 from pipeline.config import TrainParams
 from pipeline.errors import PipelineError
 from pipeline.model import GPT, flops_per_token
+from pipeline.runtime import autocast, local_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -71,26 +72,6 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float)
         return 1.0
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """``auto`` → bf16 where the device multiplies it faster than fp32 (CUDA with bf16, CPUs with bf16 units)."""
-    if requested == "fp32":
-        return torch.float32
-    if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-        if requested == "bf16" and not supported:
-            raise PipelineError(f"params: dtype 'bf16' requested but {torch.cuda.get_device_name(device)} lacks bf16")
-        return torch.bfloat16 if supported else torch.float32
-    if requested == "bf16" or perf.cpu_has_bf16_matmul():
-        return torch.bfloat16
-    return torch.float32
-
-
-def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def make_optimizer(model: GPT, params: TrainParams, device: torch.device) -> torch.optim.AdamW:
@@ -177,7 +158,7 @@ class _Trainer:
                  report_dir: Path, desc: str, data_fingerprint: str):
         self.params, self.objective, self.desc = params, objective, desc
         self.checkpoint_dir, self.report_dir = Path(checkpoint_dir), Path(report_dir)
-        self.device = distributed.local_device(params.device)
+        self.device = local_device(params.device)
         self.ctx = distributed.setup(self.device)
         self.dtype = resolve_dtype(params.dtype, self.device)
         if self.device.type == "cuda":

@@ -5,15 +5,17 @@ from pathlib import Path
 
 from pipeline.atomic import atomic_path, write_json
 from pipeline.config import load_params
-from pipeline.corpus import DownloadCache, build_corpus, copy_json_source, sha256_file
+from pipeline.corpus import DownloadCache, build_corpus, copy_json_source
 from pipeline.errors import exit_on_error
+from pipeline.hashing import sha256_file
 
 OUT = Path("data/raw")
+PARAMS = ("data", "corpus", "sft.data", "dpo.data")
 
 
 @exit_on_error
 def main() -> None:
-    params = load_params()
+    params = load_params(sections=PARAMS)
     cache = DownloadCache.from_params(params.data)
     with atomic_path(OUT) as tmp:
         tmp.mkdir()

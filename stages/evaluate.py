@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import atomic_path, load_model, write_json
+from pipeline.atomic import atomic_path, write_json
+from pipeline.checkpoint import load_with_tokenizer
 from pipeline.config import load_params
-from pipeline.distributed import local_device
-from pipeline.errors import PipelineError, exit_on_error
+from pipeline.errors import exit_on_error
 from pipeline.evaluation import (
     language_model_metrics,
     markdown_report,
@@ -18,28 +18,24 @@ from pipeline.evaluation import (
     token_byte_lengths,
     unigram_log_probs,
 )
+from pipeline.runtime import local_device, resolve_dtype
 from pipeline.sampling import SamplingOptions
 from pipeline.shards import ShardDataset
-from pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
-from pipeline.train import resolve_dtype
 
 MODEL = Path("models/base")
 TOKENIZER = Path("data/tokenizer")
 SHARDS = Path("data/shards")
 PLOTS = Path("reports/pretrain/plots/metrics")
 OUT = Path("reports/evaluate")
+PARAMS = ("evaluate",)
 
 
 @exit_on_error
 def main() -> None:
-    p = load_params().evaluate
+    p = load_params(sections=PARAMS).evaluate
     device = local_device("auto")
-    model, meta = load_model(MODEL, device)
-    fingerprint = tokenizer_fingerprint(TOKENIZER)
-    if meta.get("tokenizer", {}).get("fingerprint") != fingerprint:
-        raise PipelineError(f"{MODEL / 'config.json'}: model was trained with another tokenizer than {TOKENIZER} "
-                            "(re-run `dvc repro pretrain`)")
-    enc = load_tokenizer(TOKENIZER)
+    loaded = load_with_tokenizer(MODEL, TOKENIZER, device)
+    model, meta, enc, fingerprint = loaded.model, loaded.meta, loaded.enc, loaded.tokenizer_fingerprint
     train = ShardDataset(SHARDS, "train", expected_fingerprint=fingerprint)
     val = ShardDataset(SHARDS, "val", expected_fingerprint=fingerprint)
     torch.manual_seed(p.seed)

@@ -12,11 +12,12 @@ from pipeline.judge_report import summarize, write_outputs
 RESPONSES = {"sft": "reports/sft/responses.jsonl", "dpo": "reports/dpo/responses.jsonl"}
 CACHE_DIR = "cache/judge"
 REPORT_DIR = "reports/judge"
+PARAMS = ("judge",)
 
 
 @exit_on_error
 def main() -> None:
-    params = config.load_params().judge
+    params = config.load_params(sections=PARAMS).judge
     items, candidates = load_responses(RESPONSES)
     Path(CACHE_DIR).mkdir(parents=True, exist_ok=True)  # a DVC output even when nothing gets cached
     run = run_judge(params, items, candidates, CACHE_DIR)

@@ -1,7 +1,6 @@
 """pretrain stage: data/shards + data/tokenizer → models/base, checkpoints/pretrain (resumable), reports/pretrain."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ from pipeline.checkpoint import save_model
 from pipeline.errors import exit_on_error
 from pipeline.pretraining import prepare
 from pipeline.provenance import provenance
+from pipeline.runtime import is_main
 from pipeline.train import train
 
 TOKENIZER = Path("data/tokenizer")
@@ -17,22 +17,23 @@ SHARDS = Path("data/shards")
 OUT = Path("models/base")
 CHECKPOINTS = Path("checkpoints/pretrain")
 REPORTS = Path("reports/pretrain")
+PARAMS = ("seed", "model", "pretrain")
 
 
 @exit_on_error
 def main() -> None:
-    params = config.load_params()
+    params = config.load_params(sections=PARAMS)
     p = params.pretrain
     distributed.relaunch_under_torchrun("stages.pretrain", p.nproc_per_node, p.nnodes, p.rdzv_endpoint)
     setup = prepare(params.model, p, params.seed, TOKENIZER, SHARDS)
     result = train(setup.model, setup.objective, p, checkpoint_dir=CHECKPOINTS, report_dir=REPORTS,
                    desc="pretrain", data_fingerprint=setup.objective.fingerprint)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main():
         return
     training = {"steps": result.metrics["step"], "context_length": setup.objective.context_length,
                 "val_loss": result.metrics.get("val/loss")}
     save_model(OUT, result.model, tokenizer={"path": str(TOKENIZER), "fingerprint": setup.tokenizer_fingerprint},
-               stage="pretrain", training=training, provenance=provenance(["seed", "model", "pretrain"]))
+               stage="pretrain", training=training, provenance=provenance(PARAMS))
     print(f"pretrain: {result.metrics['step']} steps, val loss {result.metrics.get('val/loss', float('nan')):.4f}"
           f" -> {OUT}", file=sys.stderr)
 

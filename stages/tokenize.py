@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import itertools
-import json
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,25 +11,14 @@ from pipeline.atomic import atomic_path, write_json
 from pipeline.config import TokenizerParams, load_params
 from pipeline.corpus import read_raw
 from pipeline.errors import PipelineError, exit_on_error
+from pipeline.instructions import instruction_texts
 from pipeline.shards import encode_threads, write_shards
 from pipeline.textstream import Segment, read_blocks, split_tail
 from pipeline.tokenizer import save_tokenizer, train_tokenizer
 
 RAW, TOKENIZER, SHARDS = Path("data/raw"), Path("data/tokenizer"), Path("data/shards")
 METRICS = Path("reports/tokenize/metrics.json")
-INSTRUCTION_FIELDS = ("instruction", "input", "output", "chosen", "rejected")
-
-
-def instruction_texts(paths: list[Path]) -> Iterator[str]:
-    """The text fields of the SFT/DPO records, so the BPE also learns the (English) instruction language."""
-    for path in paths:
-        try:
-            records = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PipelineError(f"{path}: cannot read instruction records ({exc})") from None
-        for record in records if isinstance(records, list) else []:
-            if isinstance(record, dict):
-                yield from (v for k in INSTRUCTION_FIELDS if isinstance(v := record.get(k), str) and v)
+PARAMS = ("tokenizer", "shards")
 
 
 def training_texts(params: TokenizerParams, corpus: Path, train: list[Segment], block_bytes: int) -> Iterator[str]:
@@ -41,7 +30,7 @@ def training_texts(params: TokenizerParams, corpus: Path, train: list[Segment], 
 
 @exit_on_error
 def main() -> None:
-    params = load_params()
+    params = load_params(sections=PARAMS)
     tok, sh = params.tokenizer, params.shards
     corpus, documents = read_raw(RAW)
     train, val = split_tail(corpus, documents, sh.val_fraction)
@@ -75,7 +64,7 @@ def main() -> None:
     }
     write_json(METRICS, metrics)
     print(f"tokenize: {tok.kind} vocab {enc.n_vocab}, train {splits['train']['tokens']:,} / val "
-          f"{splits['val']['tokens']:,} tokens, {metrics['bytes_per_token']} bytes/token → {SHARDS}/")
+          f"{splits['val']['tokens']:,} tokens, {metrics['bytes_per_token']} bytes/token → {SHARDS}/", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,6 @@ import pytest
 from pipeline.errors import PipelineError
 from pipeline.instructions import (
     PreferencePair,
-    collate,
-    collate_pairs,
     decode_response,
     encode_prompt,
     encode_response,
@@ -21,6 +19,7 @@ from pipeline.instructions import (
     tokenize_pairs,
 )
 from pipeline.losses import IGNORE_INDEX
+from pipeline.objectives import collate, collate_pairs
 from pipeline.tokenizer import ASSISTANT, END_OF_TURN, SYSTEM, USER, train_char
 from tests.project import generated_instructions
 

@@ -274,7 +274,8 @@ def test_cli_refuses_a_missing_model_dir(tmp_path, capsys):
 
 
 def test_onnx_export_is_served(tmp_path, model_dirs):
-    from pipeline.checkpoint import load_model, write_json
+    from pipeline.atomic import write_json
+    from pipeline.checkpoint import load_model
     from pipeline.export import export_graph
     from pipeline.onnx_generate import TOKENIZER_DIR, VARIANT_FILES
 

@@ -18,19 +18,14 @@ import torch
 import yaml
 
 from pipeline import resume
+from pipeline.answers import generate_responses
 from pipeline.checkpoint import load_model, save_model
 from pipeline.config import TrainParams
-from pipeline.finetune import (
-    DPOObjective,
-    EpochSampler,
-    SFTObjective,
-    file_sha256,
-    generate_responses,
-    reference_logprobs,
-)
+from pipeline.hashing import sha256_file
 from pipeline.instructions import Example, PreferencePair, tokenize_examples, tokenize_pairs
 from pipeline.losses import IGNORE_INDEX, dpo_loss, lm_loss
 from pipeline.model import GPT, config_from_preset
+from pipeline.objectives import DPOObjective, EpochSampler, SFTObjective, reference_logprobs
 from pipeline.sampling import SamplingOptions
 from pipeline.tokenizer import save_tokenizer, train_bpe, train_char
 from pipeline.train import train
@@ -349,7 +344,7 @@ def _fake_sft_model(project: Path, recipe: bool = True) -> None:
     model, meta = load_model(project / "models/base")
     extra = {}
     if recipe:
-        extra["instructions"] = {"data": "data/raw/sft.json", "data_sha256": file_sha256(project / "data/raw/sft.json"),
+        extra["instructions"] = {"data": "data/raw/sft.json", "data_sha256": sha256_file(project / "data/raw/sft.json"),
                                  "template": "chat", "strict": False, "split_train": 0.85, "split_val": 0.05,
                                  "split_seed": 123}
     save_model(project / "models/sft", model, tokenizer=meta["tokenizer"], **extra)

@@ -32,7 +32,7 @@ class CountingObjective:
     def _batch(self, generator: torch.Generator) -> Batch:
         start = torch.randint(0, VOCAB, (self.batch_size, 1), generator=generator)
         seq = (start + torch.arange(CONTEXT + 1)) % VOCAB
-        return {"x": seq[:, :-1], "y": seq[:, 1:]}
+        return {"input_ids": seq[:, :-1], "targets": seq[:, 1:]}
 
     def train_batch(self, step: int, micro_step: int, rank: int, world_size: int) -> Batch:
         if self.step_delay:
@@ -45,13 +45,13 @@ class CountingObjective:
         return [self._batch(generator) for _ in range(2)]
 
     def loss(self, model, batch):
-        logits, _ = model(batch["x"])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["y"].flatten())
-        accuracy = (logits.argmax(-1) == batch["y"]).float().mean()
+        logits, _ = model(batch["input_ids"])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten())
+        accuracy = (logits.argmax(-1) == batch["targets"]).float().mean()
         return loss, {"accuracy": accuracy}
 
     def count_tokens(self, batch: Batch) -> int:
-        return batch["y"].numel()
+        return batch["targets"].numel()
 
 
 def tiny_model(seed: int = 0) -> GPT:

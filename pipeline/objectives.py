@@ -1,7 +1,10 @@
-"""SFT and DPO as objectives of the one training loop, the cached DPO reference, and held-out answers.
+"""The objectives of the one training loop: pretraining, SFT and DPO, their samplers and their collation.
 
-The loop (``pipeline.train``) owns optimisation, checkpoints and logging; an objective only says which batch
-comes at a given step and what its loss is, so a resumed or DDP run sees exactly the same batches.
+The loop (``pipeline.train``) owns optimisation, checkpoints and logging; an objective only says which batch comes
+at a given step and what its loss is, so a resumed or DDP run sees exactly the same batches. Every batch speaks one
+vocabulary: ``input_ids`` (B, T) and next-token ``targets`` (B, T), IGNORE_INDEX where nothing is learnt.
+Pretraining batches are random windows of the train split drawn with a generator seeded from (seed, step,
+micro_step, rank); SFT/DPO batches come from an epoch sampler that is a pure function of its arguments.
 """
 from __future__ import annotations
 
@@ -9,34 +12,109 @@ import contextlib
 import hashlib
 import json
 import random
-from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
-import tiktoken
 import torch
+import torch.nn as nn
 from tqdm.auto import tqdm
 
-from pipeline.checkpoint import CONFIG, atomic_path, load_model, write_json
 from pipeline.errors import PipelineError
-from pipeline.generate import generate
-from pipeline.instructions import (
-    Example,
-    Tokenized,
-    collate,
-    collate_pairs,
-    decode_response,
-    encode_prompt,
-    load_examples,
-    split_dataset,
-)
-from pipeline.losses import dpo_loss, lm_loss, sequence_logprobs
+from pipeline.instructions import Tokenized
+from pipeline.losses import IGNORE_INDEX, dpo_loss, lm_loss, sequence_logprobs
 from pipeline.model import GPT
-from pipeline.sampling import SamplingOptions
-from pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
+from pipeline.shards import ShardDataset, read_manifest
 
 Batch = dict[str, torch.Tensor]
+
+
+def _batch_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
+    digest = hashlib.sha256(f"pretrain:{seed}:{step}:{micro_step}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class PretrainObjective:
+    """Next-token cross-entropy on random train windows; eval on the first val windows, in order."""
+
+    train: ShardDataset
+    val: ShardDataset
+    batch_size: int
+    context_length: int
+    seed: int
+    eval_batch_count: int
+
+    def __post_init__(self) -> None:
+        needed = self.batch_size * self.context_length + 1
+        if self.train.num_tokens < needed:
+            raise PipelineError(
+                f"{self.train.directory}: the train split has {self.train.num_tokens} tokens, fewer than one batch "
+                f"(pretrain.batch_size={self.batch_size} × context {self.context_length} + 1 = {needed})"
+            )
+        self._eval = [{"input_ids": x, "targets": y} for x, y in
+                      self.val.sequential(self.batch_size, self.context_length, self.eval_batch_count)]
+
+    @property
+    def fingerprint(self) -> str:
+        """The shards' identity (their manifest lists every shard's sha256), for the training run key."""
+        manifest = json.dumps(read_manifest(self.train.directory), sort_keys=True)
+        return hashlib.sha256(manifest.encode()).hexdigest()
+
+    def train_batch(self, step: int, micro_step: int, rank: int, world_size: int) -> Batch:
+        generator = torch.Generator().manual_seed(_batch_seed(self.seed, step, micro_step, rank))
+        x, y = self.train.sample(self.batch_size, self.context_length, generator)
+        return {"input_ids": x, "targets": y}
+
+    def eval_batches(self) -> list[Batch]:
+        return self._eval
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits, _ = model(batch["input_ids"])
+        return lm_loss(logits, batch["targets"]), {}
+
+    def count_tokens(self, batch: Batch) -> int:
+        return batch["targets"].numel()
+
+
+
+# -------------------------------------------------------------------- instruction batches
+
+
+def collate(
+    sequences: Sequence[tuple[list[int], list[int]]], context_length: int, pad_id: int, mask_prompt: bool
+) -> dict[str, torch.Tensor]:
+    """(prompt, response) id lists → ``input_ids`` and next-token ``targets``, (B, T) with T ≤ context_length.
+
+    Each sequence is cut to context_length + 1 tokens (inputs and targets are it shifted by one), right-padded to
+    the longest in the batch with ``pad_id``; padding targets — and prompt targets when ``mask_prompt`` — are -100.
+    """
+    rows = []
+    for prompt, response in sequences:
+        ids = (prompt + response)[: context_length + 1]
+        targets = ids[1:]
+        if mask_prompt:
+            masked = min(len(prompt) - 1, len(targets))
+            targets = [IGNORE_INDEX] * masked + targets[masked:]
+        rows.append((ids[:-1], targets))
+    width = max(len(inputs) for inputs, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    target_ids = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (inputs, targets) in enumerate(rows):
+        input_ids[row, : len(inputs)] = torch.tensor(inputs, dtype=torch.long)
+        target_ids[row, : len(targets)] = torch.tensor(targets, dtype=torch.long)
+    return {"input_ids": input_ids, "targets": target_ids}
+
+
+def collate_pairs(
+    data: Tokenized, indices: Sequence[int], context_length: int, pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Preference pairs → one (2B, T) batch: rows [0, B) the chosen answers, rows [B, 2B) the rejected ones.
+
+    Prompts are always masked: DPO compares the log-probabilities of the answers only.
+    """
+    chosen = [(data.prompts[i], data.responses[i][0]) for i in indices]
+    rejected = [(data.prompts[i], data.responses[i][1]) for i in indices]
+    return collate(chosen + rejected, context_length, pad_id, mask_prompt=True)
 
 
 class EpochSampler:
@@ -214,136 +292,6 @@ class DPOObjective:
         return batch["input_ids"].numel()
 
 
-# ---------------------------------------------------------------------------------------------- held-out answers
-
-
-@dataclass(frozen=True)
-class Responses:
-    records: list[dict]  # the responses JSONL contract: id, instruction, input, output, response
-    prompts_cut: int  # prompts shortened from the left to leave room for an answer
-
-
-@torch.inference_mode()
-def generate_responses(
-    model: GPT,
-    enc: tiktoken.Encoding,
-    examples: Sequence[Example],
-    template: str,
-    opts: SamplingOptions,
-    batch_size: int,
-    desc: str = "responses",
-) -> Responses:
-    """Answer every held-out instruction with the KV-cache generator, stopping at EOT.
-
-    Prompts of equal token length are generated together (the model has no padding mask, so a batch must be
-    rectangular); answers come back in the examples' order. A prompt that leaves fewer than
-    min(max_new_tokens, context/4) free positions is cut from the left, keeping the '### Response:' end.
-    """
-    device = next(model.parameters()).device
-    context = model.cfg.context_length
-    room = min(opts.max_new_tokens, context // 4)
-    prompts, cut = [], 0
-    for example in examples:
-        ids = encode_prompt(enc, example.instruction, example.input, template, example.context)
-        if len(ids) > context - room:
-            ids, cut = ids[len(ids) - (context - room) :], cut + 1
-        prompts.append(ids)
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for i, ids in enumerate(prompts):
-        by_length[len(ids)].append(i)
-    groups = [group[s : s + batch_size] for group in by_length.values() for s in range(0, len(group), batch_size)]
-    answers: list[str] = [""] * len(examples)
-    for group in tqdm(groups, desc=desc, leave=False):
-        batch = torch.tensor([prompts[i] for i in group], dtype=torch.long, device=device)
-        out = generate(model, batch, opts)[:, batch.shape[1] :].tolist()
-        for i, new_ids in zip(group, out, strict=False):
-            answers[i] = decode_response(enc, new_ids)
-    records = [
-        {"id": e.id, "instruction": e.instruction, "input": e.input, "output": e.output, "response": answer}
-        for e, answer in zip(examples, answers, strict=False)
-    ]
-    return Responses(records, cut)
-
-
-# ---------------------------------------------------------------------------------------------- stage plumbing
-
-
-@dataclass
-class ModelAndTokenizer:
-    model: GPT
-    meta: dict  # the model directory's config.json
-    enc: tiktoken.Encoding
-    tokenizer_fingerprint: str
-
-
-def load_with_tokenizer(model_dir: Path, tokenizer_dir: Path) -> ModelAndTokenizer:
-    """A model and the data's tokenizer, refusing a model that was trained with another tokenizer."""
-    model, meta = load_model(model_dir)
-    fingerprint = tokenizer_fingerprint(tokenizer_dir)
-    recorded = (meta.get("tokenizer") or {}).get("fingerprint")
-    if recorded != fingerprint:
-        raise PipelineError(
-            f"{model_dir / CONFIG}: model was trained with tokenizer {str(recorded)[:12]}, but {tokenizer_dir} is "
-            f"{fingerprint[:12]} (rerun the stages from tokenize: dvc repro)"
-        )
-    enc = load_tokenizer(tokenizer_dir)
-    if enc.n_vocab > model.cfg.vocab_size:
-        raise PipelineError(
-            f"{model_dir / CONFIG}: vocab_size {model.cfg.vocab_size} < the tokenizer's {enc.n_vocab} tokens"
-        )
-    return ModelAndTokenizer(model, meta, enc, fingerprint)
-
-
-def data_fingerprint(*datasets: Tokenized) -> str:
-    """Identity of the token data a run trains on (joins the loop's run key: no resuming onto other data)."""
-    digest = hashlib.sha256()
-    for data in datasets:
-        digest.update(json.dumps([data.ids, data.prompts, data.responses]).encode())
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def sampling_options(enc: tiktoken.Encoding, max_new_tokens: int, temperature: float, top_k: int | None,
-                     seed: int) -> SamplingOptions:
-    return SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                           eos_id=enc.eot_token, seed=seed)
-
-
-def write_responses(path: Path, records: Sequence[dict]) -> None:
-    """The responses JSONL contract, one object per line, written atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-
-
-def add_data_metrics(report_dir: Path, data: dict[str, float]) -> None:
-    """Add what happened to the records (skipped, truncated, split sizes) to the loop's metrics.json."""
-    path = Path(report_dir) / "metrics.json"
-    metrics = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    write_json(path, {**metrics, "data": data})
-
-
-def sft_recipe(model_dir: Path, meta: dict) -> dict:
-    """How the SFT model was trained (data file, template, split), as the sft stage recorded it."""
-    recipe = meta.get("instructions")
-    if not isinstance(recipe, dict):
-        raise PipelineError(
-            f"{model_dir / CONFIG}: no 'instructions' record (was {model_dir} written by the sft stage?)"
-        )
-    data = Path(recipe["data"])
-    if not data.is_file() or file_sha256(data) != recipe["data_sha256"]:
-        raise PipelineError(f"{data}: missing or changed since {model_dir} was trained (rerun it: dvc repro sft)")
-    return recipe
-
-
-def held_out_examples(recipe: dict) -> list[Example]:
-    """The SFT test split, rebuilt exactly (same ids, same order) from the recipe the sft stage recorded."""
-    examples = load_examples(recipe["data"], recipe["strict"]).records
-    return split_dataset(examples, recipe["split_train"], recipe["split_val"], recipe["split_seed"], recipe["data"])[2]
-
-
 def without_dropout(model: GPT) -> GPT:
     """The same weights with dropout off: DPO compares policy and reference log-probs, which noise would blur
     (TRL disables dropout for DPO too)."""
@@ -352,3 +300,11 @@ def without_dropout(model: GPT) -> GPT:
     plain = GPT(replace(model.cfg, dropout=0.0))
     plain.load_state_dict(model.state_dict())
     return plain
+
+
+def data_fingerprint(*datasets: Tokenized) -> str:
+    """Identity of the token data a run trains on (joins the loop's run key: no resuming onto other data)."""
+    digest = hashlib.sha256()
+    for data in datasets:
+        digest.update(json.dumps([data.ids, data.prompts, data.responses]).encode())
+    return digest.hexdigest()

@@ -1,0 +1,78 @@
+"""What the sft and dpo stages share: load the model and its tokenizer, train, then save, answer and record.
+
+Output paths follow the stage's name: models/<stage>, checkpoints/<stage>, reports/<stage>/responses.jsonl.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline import distributed
+from pipeline.answers import generate_responses, sampling_options, write_responses
+from pipeline.atomic import write_json
+from pipeline.checkpoint import CONFIG, ModelAndTokenizer, load_with_tokenizer, save_model
+from pipeline.config import DPOParams, SFTParams
+from pipeline.errors import PipelineError
+from pipeline.hashing import sha256_file
+from pipeline.instructions import Example, Loaded, load_examples, split_dataset
+from pipeline.objectives import data_fingerprint
+from pipeline.provenance import provenance
+from pipeline.runtime import is_main
+from pipeline.train import TrainResult, train
+
+TOKENIZER = Path("data/tokenizer")
+
+
+def start(stage: str, p: SFTParams | DPOParams, model_dir: Path) -> ModelAndTokenizer:
+    """Re-launch under torchrun when asked to, then load the model to tune with the data's tokenizer."""
+    distributed.relaunch_under_torchrun(f"stages.{stage}", p.nproc_per_node, p.nnodes, p.rdzv_endpoint)
+    return load_with_tokenizer(model_dir, TOKENIZER)
+
+
+def warn_skipped(loaded: Loaded) -> None:
+    for line in loaded.skipped[:5]:
+        print(f"warning: skipped {line}", file=sys.stderr)
+
+
+def run(stage: str, model, objective, p: SFTParams | DPOParams, train_data, val_data) -> TrainResult:
+    return train(model, objective, p, checkpoint_dir=Path("checkpoints") / stage, report_dir=Path("reports") / stage,
+                 desc=stage, data_fingerprint=data_fingerprint(train_data, val_data))
+
+
+def finish(stage: str, result: TrainResult, start: ModelAndTokenizer, p: SFTParams | DPOParams, recipe: dict,
+           test_set: Sequence[Example], data: dict[str, int], sections: Sequence[str]) -> Path | None:
+    """On the main worker: write models/<stage>, answer the held-out split, add the data counts to the metrics."""
+    if not is_main():
+        return None
+    save_model(Path("models") / stage, result.model,
+               tokenizer={"path": str(TOKENIZER), "fingerprint": start.tokenizer_fingerprint},
+               stage=stage, instructions=recipe, provenance=provenance(sections))
+    opts = sampling_options(start.enc, p.max_new_tokens, p.temperature, p.top_k, p.seed)
+    responses = generate_responses(result.model, start.enc, test_set, recipe["template"], opts, p.batch_size)
+    out = Path("reports") / stage / "responses.jsonl"
+    write_responses(out, responses.records)
+    metrics_path = Path("reports") / stage / "metrics.json"
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
+    write_json(metrics_path, {**metrics, "data": {**data, "prompts_cut": responses.prompts_cut}})
+    return out
+
+
+def sft_recipe(model_dir: Path, meta: dict) -> dict:
+    """How the SFT model was trained (data file, template, split), as the sft stage recorded it."""
+    recipe = meta.get("instructions")
+    if not isinstance(recipe, dict):
+        raise PipelineError(
+            f"{model_dir / CONFIG}: no 'instructions' record (was {model_dir} written by the sft stage?)"
+        )
+    data = Path(recipe["data"])
+    if not data.is_file() or sha256_file(data) != recipe["data_sha256"]:
+        raise PipelineError(f"{data}: missing or changed since {model_dir} was trained (rerun it: dvc repro sft)")
+    return recipe
+
+
+def held_out_examples(recipe: dict) -> list[Example]:
+    """The SFT test split, rebuilt exactly (same ids, same order) from the recipe the sft stage recorded."""
+    examples = load_examples(recipe["data"], recipe["strict"]).records
+    return split_dataset(examples, recipe["split_train"], recipe["split_val"], recipe["split_seed"], recipe["data"])[2]

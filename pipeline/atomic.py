@@ -33,6 +33,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
+def fsync_tree(path: str | Path) -> None:
+    """Flush ``path`` (every file and directory under it) and its parent's entry to disk: after this returns, a
+    power cut or a SIGKILL cannot lose it."""
+    path = Path(path)
+    inside = sorted(path.rglob("*"), reverse=True) if path.is_dir() else []
+    for item in [*inside, path, path.parent]:
+        fd = os.open(item, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def write_json(path: str | Path, data: object) -> None:
     """Write JSON atomically (temp file + rename)."""
     with atomic_path(path) as tmp:

@@ -272,7 +272,7 @@ def copy_json_source(source: Source, cache: DownloadCache, where: str, out: Path
             "format": "jsonl" if was_jsonl else "json"}
 
 
-def read_raw(directory: str | Path = "data/raw") -> tuple[Path, list[Segment]]:
+def read_raw(directory: str | Path) -> tuple[Path, list[Segment]]:
     """The download stage's corpus file and its document byte ranges, checked against the manifest."""
     directory = Path(directory)
     manifest_path, corpus = directory / "manifest.json", directory / "corpus.txt"

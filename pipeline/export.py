@@ -2,19 +2,19 @@
 
 Exporter: ``torch.onnx.export(dynamo=True)`` (torch.export → onnxscript), chosen over the legacy TorchScript
 exporter because the legacy one is deprecated since torch 2.9 and stores a tied embedding twice (the head as a
-pre-transposed copy: +31% file at the gpt2-124m shape), while the dynamo graph keeps one initializer and a
+pre-transposed copy; sizes in BENCHMARKS.md), while the dynamo graph keeps one initializer and a
 Transpose that onnxruntime folds at load.
 
 KV cache: fixed-size buffers that onnxruntime's ``GroupQueryAttention`` (com.microsoft contrib op, with as many
 KV heads as query heads: plain multi-head attention) writes the new keys and values into, at the position the
 ``past_length`` input gives; the generator binds each present output to its past input, so a decode step
-writes one position instead of copying the cache as a grow-by-concat graph does (+29% per token after 896
-tokens at the gpt2-124m shape, BENCHMARKS.md). The traced module (``SharedCacheGPT``) runs the GPT's own
-layers and weights; only attention is the contrib op, written with ``torch.onnx.ops.symbolic_multi_out``.
+writes one position instead of copying the cache as a grow-by-concat graph does (compared in BENCHMARKS.md).
+The traced module (``SharedCacheGPT``) runs the GPT's own layers and weights; only attention is the contrib op,
+written with ``torch.onnx.ops.symbolic_multi_out``.
 The graph therefore needs onnxruntime (other ONNX runtimes lack the contrib op).
 
 Opset: 23 by default (18–25 accepted; the dynamo exporter writes nothing below 18): from 20 GELU is one ONNX
-op, and 23 decoded fastest in the comparison of BENCHMARKS.md.
+op; BENCHMARKS.md compares the opsets.
 
 Everything is built in a temp directory and renamed onto ``models/onnx`` only after every check passed, so a
 failed parity check leaves no exported files behind.

@@ -119,7 +119,7 @@ class OnnxGenerator:
     (BENCHMARKS.md).
     """
 
-    def __init__(self, directory: str | Path = "models/onnx", variant: str = "fp32", threads: int | None = None):
+    def __init__(self, directory: str | Path, variant: str = "fp32", threads: int | None = None):
         directory = Path(directory)
         self.config = read_onnx_config(directory)
         files = self.config["onnx"]["files"]

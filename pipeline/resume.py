@@ -14,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from pipeline.atomic import atomic_path
+from pipeline.atomic import atomic_path, fsync_tree
 from pipeline.checkpoint import WEIGHTS, load_state_into, save_model
 from pipeline.errors import PipelineError
 from pipeline.model import GPT
@@ -33,6 +35,8 @@ STATE = "state.json"
 TRAINER = "trainer.pt"
 MODEL_DIR = "model"
 PREFIX = "step_"
+# Tests set this to a step number: the process SIGKILLs itself right after that checkpoint is fsynced.
+KILL_AFTER_CHECKPOINT = "LLM_PIPELINE_KILL_AFTER_CHECKPOINT"
 
 
 class CorruptCheckpoint(PipelineError):
@@ -76,6 +80,9 @@ def save_checkpoint(checkpoint_dir: Path, step: int, model: GPT, trainer: dict, 
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         hashes = {p.relative_to(tmp).as_posix(): _sha256(p) for p in files}
         (tmp / STATE).write_text(json.dumps({**state, "step": step, "files": hashes}, indent=1) + "\n")
+    fsync_tree(final)
+    if os.environ.get(KILL_AFTER_CHECKPOINT) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)  # the tests' deterministic crash: checkpoint `step` is on disk, no later
     return final
 
 

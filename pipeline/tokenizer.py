@@ -149,7 +149,7 @@ def save_tokenizer(enc: tiktoken.Encoding, directory: str | Path, kind: str, **m
     return fingerprint
 
 
-def read_metadata(directory: str | Path = "data/tokenizer") -> dict:
+def read_metadata(directory: str | Path) -> dict:
     path = Path(directory) / METADATA_FILE
     if not path.is_file():
         raise PipelineError(f"{path}: tokenizer not found (run `dvc repro tokenize`)")
@@ -186,13 +186,13 @@ def _read_verified(directory: Path) -> tuple[dict, dict[bytes, int]]:
     return meta, ranks
 
 
-def tokenizer_fingerprint(directory: str | Path = "data/tokenizer") -> str:
+def tokenizer_fingerprint(directory: str | Path) -> str:
     """The saved tokenizer's fingerprint, checked against its files (an edited tokenizer cannot pass as the old one)."""
     meta, _ = _read_verified(Path(directory))
     return meta["fingerprint"]
 
 
-def load_tokenizer(directory: str | Path = "data/tokenizer") -> tiktoken.Encoding:
+def load_tokenizer(directory: str | Path) -> tiktoken.Encoding:
     """Load a saved tokenizer, with no network."""
     directory = Path(directory)
     meta, ranks = _read_verified(directory)

@@ -1,6 +1,7 @@
 """download: corpus sources → data/raw/corpus.txt (clean UTF-8), SFT/DPO data verbatim, and a manifest."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from pipeline.atomic import atomic_path, write_json
@@ -31,7 +32,7 @@ def main() -> None:
             "dpo.json": copy_json_source(params.dpo.data, cache, "dpo.data", tmp / "dpo.json"),
         }
         write_json(tmp / "manifest.json", {"files": files, "documents": documents})
-    print(f"download: {len(documents)} document(s), {files['corpus.txt']['bytes']:,} bytes of text → {OUT}/")
+    print(f"download: {len(documents)} document(s), {files['corpus.txt']['bytes']:,} bytes of text → {OUT}/", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,10 +26,12 @@ PARAMS = TrainParams(batch_size=8, max_steps=24, warmup_steps=4, lr=3e-3, eval_e
                      checkpoint_every=6, keep_checkpoints=2, log_every=3, seed=5)
 
 
-def _worker(out: Path, params: TrainParams, delay: float = 0.0, launcher: list[str] | None = None):
+def _worker(out: Path, params: TrainParams, launcher: list[str] | None = None, kill_after: int | None = None):
     cmd = [*(launcher or [sys.executable]), "-m", "tests.train_worker", "--out", str(out),
-           "--params", json.dumps(asdict(params)), "--step-delay", str(delay)]
+           "--params", json.dumps(asdict(params))]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if kill_after is not None:
+        env[resume.KILL_AFTER_CHECKPOINT] = str(kill_after)
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -72,16 +73,11 @@ def test_training_learns_and_logs_dvclive_metrics(tmp_path):
 
 def test_sigkilled_run_resumes_to_bitwise_identical_weights(tmp_path):
     straight = _worker(tmp_path / "straight", PARAMS)
-    killed = _worker(tmp_path / "killed", PARAMS, delay=0.05)
-    first = resume.checkpoint_path(tmp_path / "killed" / "checkpoints", PARAMS.checkpoint_every)
-    deadline = time.monotonic() + 120
-    while not first.is_dir() and killed.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    killed.send_signal(signal.SIGKILL)
-    killed.communicate()
+    killed = _worker(tmp_path / "killed", PARAMS, kill_after=PARAMS.checkpoint_every)
+    killed.communicate(timeout=120)
     assert killed.returncode == -signal.SIGKILL
     steps = [int(p.name.split("_")[1]) for p in resume.list_checkpoints(tmp_path / "killed" / "checkpoints")]
-    assert steps and max(steps) < PARAMS.max_steps, "the kill must land before the run ends"
+    assert steps == [PARAMS.checkpoint_every], "killed right after the first checkpoint, so it is the only one"
 
     _finish(straight)
     resumed = _worker(tmp_path / "killed", PARAMS)
@@ -155,4 +151,5 @@ def test_ddp_with_two_cpu_processes_under_torchrun(tmp_path):
     assert metrics["train/tokens_seen"] == 12 * 2 * 2 * 8 * 32
     state = json.loads((tmp_path / "checkpoints" / "step_00000012" / "state.json").read_text())
     assert state["data_position"]["world_size"] == 2
-    assert torch.load(tmp_path / "checkpoints" / "step_00000012" / "trainer.pt", weights_only=True)["rng"]["torch"][1] is not None
+    rng = torch.load(tmp_path / "checkpoints" / "step_00000012" / "trainer.pt", weights_only=True)["rng"]["torch"]
+    assert len(rng) == 2 and not torch.equal(rng[0], rng[1]), "each rank's own RNG state is kept"

@@ -1,8 +1,8 @@
 """A training run in its own process (for the kill-and-resume and torchrun tests).
 
 Trains a cpu-tiny GPT on a learnable synthetic sequence task through the real loop, then writes the model
-directory (rank 0) and every rank's weight digest. ``--step-delay`` slows each batch so a test can kill
-the process between two checkpoints; it does not change what is computed.
+directory (rank 0) and every rank's weight digest. Tests crash it at a chosen checkpoint through
+``resume.KILL_AFTER_CHECKPOINT``.
 """
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import argparse
 import hashlib
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -26,8 +25,8 @@ VOCAB, CONTEXT = 64, 32
 class CountingObjective:
     """Sequences that count upward modulo VOCAB from a random start: easy to learn, cheap to make."""
 
-    def __init__(self, seed: int, batch_size: int, step_delay: float = 0.0):
-        self.seed, self.batch_size, self.step_delay = seed, batch_size, step_delay
+    def __init__(self, seed: int, batch_size: int):
+        self.seed, self.batch_size = seed, batch_size
 
     def _batch(self, generator: torch.Generator) -> Batch:
         start = torch.randint(0, VOCAB, (self.batch_size, 1), generator=generator)
@@ -35,8 +34,6 @@ class CountingObjective:
         return {"input_ids": seq[:, :-1], "targets": seq[:, 1:]}
 
     def train_batch(self, step: int, micro_step: int, rank: int, world_size: int) -> Batch:
-        if self.step_delay:
-            time.sleep(self.step_delay)
         key = (self.seed * 1_000_003 + step) * 1009 + micro_step * 101 + rank
         return self._batch(torch.Generator().manual_seed(key))
 
@@ -71,11 +68,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--params", required=True, help="TrainParams fields as JSON")
-    parser.add_argument("--step-delay", type=float, default=0.0)
     args = parser.parse_args()
     torch.set_num_threads(1)
     params = TrainParams(**json.loads(args.params))
-    objective = CountingObjective(params.seed, params.batch_size, args.step_delay)
+    objective = CountingObjective(params.seed, params.batch_size)
     result = train(tiny_model(), objective, params, checkpoint_dir=args.out / "checkpoints",
                    report_dir=args.out / "report", desc="worker")
     rank = int(os.environ.get("RANK", 0))

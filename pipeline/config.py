@@ -6,6 +6,7 @@ values raise ``ConfigError("params.yaml: pretrain.lr must be > 0, got -1")``.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,16 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.errors import PipelineError, one_line
+
+DEFAULT_CACHE = Path("~/.cache/llm-pipeline")
+CACHE_ENV = "LLM_PIPELINE_CACHE"
+
+
+def resolve_cache_dir(configured: str | None = None) -> Path:
+    """Where downloads and per-machine measurements are kept: ``data.cache_dir`` if set, else
+    $LLM_PIPELINE_CACHE, else ~/.cache/llm-pipeline."""
+    chosen = configured or os.environ.get(CACHE_ENV) or DEFAULT_CACHE
+    return Path(chosen).expanduser()
 
 
 class ConfigError(PipelineError):

@@ -22,22 +22,13 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from pipeline.config import DataParams, Source, load_params
+from pipeline.config import DataParams, Source, load_params, resolve_cache_dir
 from pipeline.errors import PipelineError
 from pipeline.hashing import CHUNK, sha256_file
 from pipeline.textstream import Segment
 
-DEFAULT_CACHE = Path("~/.cache/llm-pipeline")
-CACHE_ENV = "LLM_PIPELINE_CACHE"
-
 _GUTENBERG_START = re.compile(r"^\*\*\*\s*START OF (?:THE|THIS) PROJECT GUTENBERG EBOOK[^\n]*\n", re.M | re.I)
 _GUTENBERG_END = re.compile(r"^\*\*\*\s*END OF (?:THE|THIS) PROJECT GUTENBERG EBOOK", re.M | re.I)
-
-
-def resolve_cache_dir(configured: str | None = None) -> Path:
-    """``data.cache_dir`` if set, else $LLM_PIPELINE_CACHE, else ~/.cache/llm-pipeline."""
-    chosen = configured or os.environ.get(CACHE_ENV) or DEFAULT_CACHE
-    return Path(chosen).expanduser()
 
 
 class _Transient(Exception):

@@ -1,4 +1,4 @@
-"""What the hardware can do: bf16 support, the measured matmul rate, and MFU against it.
+"""What the hardware can do: the measured matmul rate, and MFU against it.
 
 MFU is only honest against the rate of the dtype actually used, measured on this machine (a shared
 2-core CPU drifts ±20%; nominal datasheet peaks do not apply), so the loop and the benchmark measure it.
@@ -7,26 +7,8 @@ from __future__ import annotations
 
 import functools
 import time
-from pathlib import Path
 
 import torch
-
-# CPU flags that mean "multiplies bf16 in hardware" (AVX512-BF16 dot products, AMX tiles).
-_BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16"}
-
-
-@functools.cache
-def cpu_has_bf16_matmul() -> bool:
-    """True when the CPU has bf16 matrix instructions, so bf16 autocast speeds training up."""
-    if torch.backends.cpu.get_cpu_capability() == "AMX":
-        return True
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():
-        return False
-    for line in cpuinfo.read_text(errors="replace").splitlines():
-        if line.startswith("flags"):
-            return bool(_BF16_CPU_FLAGS & set(line.split(":", 1)[1].split()))
-    return False
 
 
 def synchronize(device: torch.device) -> None:

@@ -1,17 +1,26 @@
 """Where and how a stage computes: the device, the dtype, autocast, and which worker this process is.
 
-Training, evaluation, the DPO reference pass and the stages all ask here, so a rule (e.g. "auto means bf16 where
-this machine multiplies it faster") is decided once and every consumer follows it.
+Training, evaluation, the DPO reference pass, the server's torch path and the benchmarks all ask here, so a rule
+("auto means bf16 only where this machine multiplies the model's shapes clearly faster in it") is decided once.
+Some CPUs (AMX) run bf16 matmuls several times faster than fp32, others (avx512_bf16 only) slower: the flags
+cannot tell, so the choice is measured (BENCHMARKS.md has the figures).
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from pipeline import perf
+from pipeline.atomic import write_json
+from pipeline.config import resolve_cache_dir
 from pipeline.errors import PipelineError
+from pipeline.model import GPTConfig
 
 
 def rank() -> int:
@@ -38,18 +47,101 @@ def local_device(requested: str) -> torch.device:
     return device
 
 
-def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """``auto`` → bf16 where the device multiplies it faster than fp32 (CUDA with bf16, CPUs with bf16 units)."""
+@dataclass(frozen=True)
+class DtypeChoice:
+    """The dtype a stage computes in, and why: ``forced`` by params, ``measured`` now, or ``cached`` from an
+    earlier measurement on this machine (CPU model + torch version + shapes)."""
+
+    dtype: torch.dtype
+    source: str
+    fp32_gflops: float | None = None
+    bf16_gflops: float | None = None
+
+    def as_metrics(self) -> dict[str, float | str]:
+        rates = {f"{name}_gflops": round(rate, 1) for name, rate in
+                 (("fp32", self.fp32_gflops), ("bf16", self.bf16_gflops)) if rate is not None}
+        return {"chosen": DTYPE_NAMES[self.dtype], "source": self.source, **rates}
+
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+BF16_MARGIN = 1.10  # bf16 must be this much faster: within noise, fp32 wins (exact resume is simpler in it)
+
+
+def pick_dtype(fp32_gflops: float, bf16_gflops: float) -> torch.dtype:
+    """The faster dtype by measured rate; fp32 unless bf16 is clearly (BF16_MARGIN) faster."""
+    return torch.bfloat16 if bf16_gflops > BF16_MARGIN * fp32_gflops else torch.float32
+
+
+def matmul_shapes(cfg: GPTConfig, tokens: int) -> list[tuple[int, int, int]]:
+    """(m, k, n) of one block's matmuls and the head, for ``tokens`` positions: what a training step multiplies."""
+    d = cfg.n_embd
+    return [(tokens, d, 3 * d), (tokens, d, d), (tokens, d, 4 * d), (tokens, 4 * d, d), (tokens, d, cfg.vocab_size)]
+
+
+def _measure(shapes: list[tuple[int, int, int]], dtype: torch.dtype, repeats: int = 3) -> float:
+    """GFLOP/s of ``shapes`` multiplied in ``dtype`` on the CPU: the best of ``repeats`` passes."""
+    pairs = [(torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)) for m, k, n in shapes]
+    flops = sum(2 * m * k * n for m, k, n in shapes)
+    for a, b in pairs:
+        a @ b  # warm-up: kernels, allocator
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for a, b in pairs:
+            a @ b
+        best = min(best, time.perf_counter() - start)
+    return flops / best / 1e9
+
+
+def _cache_key(shapes: list[tuple[int, int, int]]) -> str:
+    return f"{platform.processor() or platform.machine()}|{_cpu_model()}|torch {torch.__version__}|{shapes}"
+
+
+def _cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown cpu"
+
+
+def measured_cpu_dtype(shapes: list[tuple[int, int, int]], cache_file: Path | None = None) -> DtypeChoice:
+    """fp32 or bf16 by timing ``shapes`` in both, once per machine: later runs reuse the stored rates, so timing
+    noise can never flip the choice between two runs of the same params (DVC would see other outputs)."""
+    cache_file = cache_file or resolve_cache_dir() / "dtype-rates.json"
+    key = _cache_key(shapes)
+    try:
+        stored = json.loads(cache_file.read_text(encoding="utf-8")) if cache_file.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        stored = {}
+    if key in stored:
+        fp32, bf16 = stored[key]["fp32"], stored[key]["bf16"]
+        return DtypeChoice(pick_dtype(fp32, bf16), "cached", fp32, bf16)
+    fp32, bf16 = _measure(shapes, torch.float32), _measure(shapes, torch.bfloat16)
+    write_json(cache_file, {**stored, key: {"fp32": fp32, "bf16": bf16}})
+    return DtypeChoice(pick_dtype(fp32, bf16), "measured", fp32, bf16)
+
+
+def choose_dtype(requested: str, device: torch.device, cfg: GPTConfig | None = None, tokens: int = 4096) -> DtypeChoice:
+    """``fp32``/``bf16`` as asked; ``auto``: bf16 on CUDA devices that have it, and on a CPU whichever dtype
+    multiplies the model's own matmul shapes faster here (a 2048² square when no model is given)."""
     if requested == "fp32":
-        return torch.float32
+        return DtypeChoice(torch.float32, "forced")
     if device.type == "cuda":
         supported = torch.cuda.is_bf16_supported()
         if requested == "bf16" and not supported:
             raise PipelineError(f"params: dtype 'bf16' requested but {torch.cuda.get_device_name(device)} lacks bf16")
-        return torch.bfloat16 if supported else torch.float32
-    if requested == "bf16" or perf.cpu_has_bf16_matmul():
-        return torch.bfloat16
-    return torch.float32
+        return DtypeChoice(torch.bfloat16 if supported else torch.float32, "forced" if requested == "bf16" else "device")
+    if requested == "bf16":
+        return DtypeChoice(torch.bfloat16, "forced")
+    shapes = matmul_shapes(cfg, tokens) if cfg is not None else [(2048, 2048, 2048)]
+    return measured_cpu_dtype(shapes)
+
+
+def resolve_dtype(requested: str, device: torch.device, cfg: GPTConfig | None = None, tokens: int = 4096) -> torch.dtype:
+    """The dtype of :func:`choose_dtype`, for callers that need only the dtype."""
+    return choose_dtype(requested, device, cfg, tokens).dtype
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:

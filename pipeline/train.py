@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,7 @@ from pipeline import distributed, perf, resume
 from pipeline.config import TrainParams
 from pipeline.errors import PipelineError
 from pipeline.model import GPT, flops_per_token
-from pipeline.runtime import autocast, local_device, resolve_dtype
+from pipeline.runtime import DTYPE_NAMES, autocast, choose_dtype, local_device
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,8 @@ class _Trainer:
         self.checkpoint_dir, self.report_dir = Path(checkpoint_dir), Path(report_dir)
         self.device = local_device(params.device)
         self.ctx = distributed.setup(self.device)
-        self.dtype = resolve_dtype(params.dtype, self.device)
+        self.dtype_choice = choose_dtype(params.dtype, self.device, model.cfg, params.batch_size * model.cfg.context_length)
+        self.dtype = self.dtype_choice.dtype
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
         self.raw = model.to(self.device)
@@ -175,11 +177,22 @@ class _Trainer:
         self.forward_model: nn.Module = torch.compile(self.raw) if params.compile else self.raw
         self.train_model = self._wrap(self.forward_model)
         self.compile_checked = not params.compile
-        self.peak_flops = perf.matmul_flops(self.device.type, self.dtype)
+        measured = {torch.float32: self.dtype_choice.fp32_gflops, torch.bfloat16: self.dtype_choice.bf16_gflops}
+        rate = measured.get(self.dtype)
+        self.peak_flops = rate * 1e9 if rate else perf.matmul_flops(self.device.type, self.dtype)
+        self._announce()
         self.n_params = self.raw.num_params()
         self.seq_len = self.raw.cfg.context_length  # updated from the batches, for the FLOPs estimate
 
     # -- setup ---------------------------------------------------------------------------------
+    def _announce(self) -> None:
+        if not self.ctx.is_main:
+            return
+        rates = ", ".join(f"{k} {v}" for k, v in self.dtype_choice.as_metrics().items() if k.endswith("gflops"))
+        print(f"{self.desc}: {self.device.type}, {torch.get_num_threads()} torch threads, "
+              f"{DTYPE_NAMES[self.dtype]} ({self.dtype_choice.source}{'; GFLOP/s ' + rates if rates else ''})",
+              file=sys.stderr)
+
     def _wrap(self, module: nn.Module) -> nn.Module:
         if not self.ctx.enabled:
             return module
@@ -368,6 +381,8 @@ class _Trainer:
             "summary/peak_matmul_gflops": self.peak_flops / 1e9,
             "summary/train_seconds": sum(s for _, s in timed),
             "summary/bf16": float(self.dtype == torch.bfloat16),
+            "summary/threads": float(torch.get_num_threads()),
+            **{f"summary/dtype_{k}": v for k, v in self.dtype_choice.as_metrics().items() if k.endswith("gflops")},
         }
 
 

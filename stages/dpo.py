@@ -37,7 +37,7 @@ def main() -> None:
 
     policy = without_dropout(start.model)
     device = local_device(p.device)
-    dtype = resolve_dtype(p.dtype, device)
+    dtype = resolve_dtype(p.dtype, device, policy.cfg, 2 * p.batch_size * context)
     reference = copy.deepcopy(policy).to(device)  # frozen: only ever run under inference_mode
     cached = {
         name: reference_logprobs(reference, data, context_length=context, pad_id=start.enc.eot_token,

@@ -40,7 +40,8 @@ def main() -> None:
     val = ShardDataset(SHARDS, "val", expected_fingerprint=fingerprint)
     torch.manual_seed(p.seed)
     metrics = language_model_metrics(model, val, unigram_log_probs(train, enc.n_vocab), token_byte_lengths(enc),
-                                     p.batch_size, p.batches, resolve_dtype(p.dtype, device))
+                                     p.batch_size, p.batches,
+                                     resolve_dtype(p.dtype, device, model.cfg, p.batch_size * model.cfg.context_length))
     opts = SamplingOptions(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k,
                            eos_id=enc.eot_token, seed=p.seed)
     sample_rows = samples(model, enc, p.prompts, opts)

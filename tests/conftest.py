@@ -40,3 +40,14 @@ def corpus_text(shared_data) -> str:
         text = (shared_data / "quijote.txt").read_text(encoding="utf-8-sig")
         return text[20_000:220_000]
     return generated_corpus(200_000)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One temporary Prefect API (SQLite) for every flow test: real states, task runs and artifacts."""
+    from prefect.settings import PREFECT_HOME, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with temporary_settings({PREFECT_HOME: str(tmp_path_factory.mktemp("prefect-home"))}):
+        with prefect_test_harness():
+            yield

@@ -8,14 +8,13 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main as cli_main
-from pipeline.config import Source
+from pipeline.config import Source, resolve_cache_dir
 from pipeline.corpus import (
     DownloadCache,
     build_corpus,
     clean_text,
     copy_json_source,
     read_raw,
-    resolve_cache_dir,
     source_files,
     strip_gutenberg,
 )

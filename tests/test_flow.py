@@ -15,17 +15,6 @@ from tests.project import make_project
 from tests.trivial_project import make_trivial_project
 
 
-@pytest.fixture(scope="session")
-def prefect_harness(tmp_path_factory):
-    """One temporary Prefect API (SQLite) for every flow test: real states, task runs and artifacts."""
-    from prefect.settings import PREFECT_HOME, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    with temporary_settings({PREFECT_HOME: str(tmp_path_factory.mktemp("prefect-home"))}):
-        with prefect_test_harness():
-            yield
-
-
 @pytest.fixture
 def project(tmp_path) -> Path:
     return make_trivial_project(tmp_path / "project")

@@ -49,5 +49,5 @@ def prefect_harness(tmp_path_factory):
     from prefect.testing.utilities import prefect_test_harness
 
     with temporary_settings({PREFECT_HOME: str(tmp_path_factory.mktemp("prefect-home"))}):
-        with prefect_test_harness():
+        with prefect_test_harness(server_startup_timeout=180):  # a loaded 2-core machine can take a minute
             yield

@@ -10,6 +10,7 @@ enormous line of spaces or symbols) is cut at a character boundary, the one plac
 from __future__ import annotations
 
 import collections
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +20,12 @@ from pipeline.errors import PipelineError
 
 # group 1 ends where the cut goes: after "x\n" before "Y", or after "x" before " word".
 _SAFE_CUT = re.compile(rb"[\x21-\x7e](\n)[\x21-\x7e]|([\x21-\x7e]) [A-Za-z]")
-_LINE_CUT = re.compile(rb"[\x21-\x7e](\n)[\x21-\x7e]")  # the train/val split: only at line starts
+# The train/val split: after a run of newlines before a visible character (UTF-8 lead bytes count as visible),
+# failing that after a visible character before " word". Matches end where the cut goes.
+_LINE_START = re.compile(rb"\n(?=[\x21-\x7e\xc2-\xf4])")
+_WORD_START = re.compile(rb"[^\s](?= [A-Za-z\xc3-\xf4])")
+_SEARCH_BYTES = 1 << 20
+MIN_SPLIT_BYTES = 1024  # about 250 tokens: a validation split smaller than that measures nothing
 
 
 @dataclass(frozen=True)
@@ -34,12 +40,12 @@ def _cut_at(match: re.Match) -> int:
     return match.end(1) if match.group(1) else match.end(2)
 
 
-def safe_cut(buf: bytes, pattern: re.Pattern = _SAFE_CUT) -> int:
+def safe_cut(buf: bytes) -> int:
     """The last safe cut position in ``buf`` (see the module docstring), else -1."""
     window = 4096
     while True:
         start = max(len(buf) - window, 0)
-        last = collections.deque(pattern.finditer(buf, start), maxlen=1)
+        last = collections.deque(_SAFE_CUT.finditer(buf, start), maxlen=1)
         if last:
             return _cut_at(last[0])
         if start == 0:
@@ -84,36 +90,53 @@ def read_blocks(path: str | Path, segments: list[Segment], block_bytes: int) -> 
 def split_tail(path: str | Path, documents: list[Segment], fraction: float) -> tuple[list[Segment], list[Segment]]:
     """Split documents into (head, tail) with about ``fraction`` of the bytes in the tail.
 
-    The cut falls at the start of a line (a safe cut), inside a document if need be, so even a one-document corpus
-    (a single novel) gets both parts. Deterministic: no random choice.
+    The cut falls inside a document if need be, so a single novel or story gets both splits: at the first line
+    start (a run of newlines, then a visible character) at or after the target byte, else the last one before it,
+    else at a space before a word; the head and the tail each keep at least ``MIN_SPLIT_BYTES``. Each side is
+    then encoded as a document of its own. Deterministic: no random choice.
     """
     path = Path(path)
     total = sum(d.length for d in documents)
+    smaller = min(fraction, 1 - fraction)
+    if total * smaller < MIN_SPLIT_BYTES:
+        split, need = "val" if fraction <= 0.5 else "train", math.ceil(round(MIN_SPLIT_BYTES / smaller, 6))
+        raise PipelineError(
+            f"{path}: {total:,} bytes of text, too short for a {split} split at shards.val_fraction={fraction}: "
+            f"each split needs at least {MIN_SPLIT_BYTES:,} bytes, so the corpus at least {need:,}"
+        )
     target = round(total * (1 - fraction))
     seen = 0
     for index, doc in enumerate(documents):
         if seen + doc.length <= target:
             seen += doc.length
             continue
-        cut = _cut_near(path, doc, target - seen)
+        lo, hi = max(MIN_SPLIT_BYTES - seen, 0), min(total - MIN_SPLIT_BYTES - seen, doc.length)
+        cut = _cut_near(path, doc, target - seen, lo, hi)
+        if cut is None:
+            raise PipelineError(
+                f"{path}: no line start or space before a word within {_SEARCH_BYTES:,} bytes of byte {target:,} "
+                f"(the document at byte {doc.offset:,}) to cut the train/val split at shards.val_fraction={fraction}"
+            )
         head = documents[:index] + ([Segment(doc.offset, cut)] if cut > 0 else [])
         tail = ([Segment(doc.offset + cut, doc.length - cut)] if cut < doc.length else []) + documents[index + 1 :]
         return head, tail
-    return list(documents), []
+    raise PipelineError(f"{path}: no text to split")
 
 
-def _cut_near(path: Path, doc: Segment, wanted: int, window: int = 1 << 20) -> int:
-    """A line start inside ``doc`` at or after ``wanted`` bytes (else before it); 0 when the document has none."""
-    end = doc.offset + doc.length
+def _cut_near(path: Path, doc: Segment, wanted: int, lo: int, hi: int) -> int | None:
+    """The split point inside ``doc`` nearest ``wanted`` (see split_tail), between ``lo`` and ``hi``; None if none.
+
+    A document boundary (0 or the document's length) is the last resort, when no cut inside it is in range.
+    """
+    start = max(lo, wanted - _SEARCH_BYTES, 0)
     with path.open("rb") as f:
-        start = max(doc.offset + wanted - 2, doc.offset)  # a match begins up to two bytes before its cut
-        while start < end - 2:
-            f.seek(start)
-            match = _LINE_CUT.search(f.read(min(window, end - start)))
-            if match:
-                return start + _cut_at(match) - doc.offset
-            start += window - 2
-        back = max(doc.offset, doc.offset + wanted - window)
-        f.seek(back)
-        cut = safe_cut(f.read(doc.offset + wanted + 1 - back), _LINE_CUT)
-        return back + cut - doc.offset if cut > 0 else 0
+        f.seek(doc.offset + start)
+        buf = f.read(min(hi, wanted + _SEARCH_BYTES) + 1 - start)
+    for pattern in (_LINE_START, _WORD_START):
+        cuts = [m.end() + start for m in pattern.finditer(buf)]
+        cuts = [c for c in cuts if lo <= c <= hi and 0 < c < doc.length]
+        after = [c for c in cuts if c >= wanted]
+        if after or cuts:
+            return after[0] if after else cuts[-1]
+    edges = [c for c in (0, doc.length) if lo <= c <= hi]
+    return min(edges, key=lambda c: abs(c - wanted)) if edges else None

@@ -34,11 +34,6 @@ def main() -> None:
     tok, sh = params.tokenizer, params.shards
     corpus, documents = read_raw(RAW)
     train, val = split_tail(corpus, documents, sh.val_fraction)
-    if not train or not val:
-        raise PipelineError(
-            f"{corpus}: cannot cut a {'train' if not train else 'val'} split with shards.val_fraction="
-            f"{sh.val_fraction} (the corpus needs more text, or line breaks to cut at)"
-        )
     started = time.perf_counter()
     enc = train_tokenizer(tok.kind, training_texts(tok, corpus, train, sh.batch_bytes), tok.vocab_size)
     train_seconds = time.perf_counter() - started

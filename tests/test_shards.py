@@ -62,12 +62,78 @@ def test_split_tail_cuts_a_single_document_at_a_line_boundary(corpus):
     assert len(head) == len(tail) == 1 and head[0].length + tail[0].length == whole[0].length
     assert 0.09 < tail[0].length / whole[0].length < 0.11
     data = path.read_bytes()
-    assert data[tail[0].offset - 1] == ord("\n") and 0x21 <= data[tail[0].offset] < 0x7F
+    assert data[tail[0].offset - 1] == ord("\n") and data[tail[0].offset] not in b" \t\r\n"
     head, tail = split_tail(path, segments, 0.2)  # the cut falls inside the third document
     assert head[:2] == segments[:2] and tail[0].offset == segments[2].offset + head[2].length
     assert head[2].length + tail[0].length == segments[2].length and len(tail) == 1
-    head, tail = split_tail(path, segments, 0.5)  # inside the second, which has no line start to cut at
-    assert head == segments[:1] and tail == segments[1:]
+    head, tail = split_tail(path, segments, 0.5)  # inside the second, whose lines start with blanks: before " word"
+    assert head[:1] == segments[:1] and len(head) == 2 and tail[1:] == segments[2:]
+    assert data[tail[0].offset : tail[0].offset + 2] in (b" d", b" t", b" c", b" U")
+
+
+def _paragraphs(corpus_text: str, n: int = 400) -> list[str]:
+    """Whole sentences of the corpus, a few per paragraph, each paragraph on one line (no hard wrapping)."""
+    words = corpus_text.split()
+    return [" ".join(words[i : i + 60]) for i in range(0, 60 * n, 60)]
+
+
+def _verdict_or_paragraphs(shared_data, corpus_text) -> str:
+    """The Verdict (one paragraph per line, blank lines between) when present, else text of that shape."""
+    if shared_data is not None:
+        return (shared_data / "the-verdict.txt").read_text(encoding="utf-8")
+    return "\n\n".join(_paragraphs(corpus_text, 40))
+
+
+SHAPES = {
+    "blank-line paragraphs": lambda shared, text: "\n\n".join(_paragraphs(text)) + "\n",
+    "one paragraph per line": lambda shared, text: "\n".join("\u2014" + p for p in _paragraphs(text)) + "\n",
+    "the verdict": _verdict_or_paragraphs,
+    "a single very long line": lambda shared, text: " ".join(_paragraphs(text)),
+    "crlf blank-line paragraphs": lambda shared, text: "\r\n\r\n".join(_paragraphs(text)) + "\r\n",
+    "gutenberg hard-wrapped": lambda shared, text: text[:100_000],
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_split_tail_cuts_any_text_with_paragraphs_or_words(tmp_path, bpe, shared_data, corpus_text, shape):
+    """Both splits exist, near the asked fraction, at a line start (else before a word); each is encoded whole."""
+    text = SHAPES[shape](shared_data, corpus_text)
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(text.encode())
+    data = path.read_bytes()
+    whole = [Segment(0, len(data))]
+    head, tail = split_tail(path, whole, 0.1)
+    cut = tail[0].offset
+    assert head == [Segment(0, cut)] and tail == [Segment(cut, len(data) - cut)]
+    assert 0.08 < tail[0].length / len(data) < 0.12
+    if "\n" in text:
+        assert data[cut - 1] == ord("\n") and data[cut] not in b" \t\r\n"
+    else:
+        assert data[cut] == ord(" ") and data[cut - 1] != ord(" ") and chr(data[cut + 1]).isalpha()
+    manifest = write_shards(bpe, path, {"train": head, "val": tail}, tmp_path / "shards", fingerprint=FINGERPRINT,
+                            shard_tokens=10**6, batch_bytes=4000, threads=2)
+    tokens = [np.fromfile(tmp_path / "shards" / f"{split}_0000.bin", dtype="<u2").tolist() for split in ("train", "val")]
+    assert tokens == [bpe.encode_ordinary(data[:cut].decode()) + [bpe.eot_token],
+                      bpe.encode_ordinary(data[cut:].decode()) + [bpe.eot_token]]
+    assert manifest["splits"]["val"]["text_bytes"] == len(data) - cut
+
+
+def test_split_tail_refuses_a_text_too_short_or_without_a_place_to_cut(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(b"Una frase corta.\n" * 500)  # 8,500 bytes: a val split of 0.1 would be 850
+    with pytest.raises(PipelineError, match=r"corpus.txt: 8,500 bytes of text, too short for a val split at "
+                                            r"shards.val_fraction=0.1: each split needs at least 1,024 bytes, "
+                                            r"so the corpus at least 10,240$"):
+        split_tail(path, [Segment(0, 8500)], 0.1)
+    with pytest.raises(PipelineError, match=r"too short for a train split at shards.val_fraction=0.95"):
+        split_tail(path, [Segment(0, 8500)], 0.95)
+    assert split_tail(path, [Segment(0, 8500)], 0.2)[1][0].length == 1700
+    path.write_bytes(b"x" * 20_000)
+    with pytest.raises(PipelineError, match=r"corpus.txt: no line start or space before a word within 1,048,576 bytes "
+                                            r"of byte 18,000 .* shards.val_fraction=0.1"):
+        split_tail(path, [Segment(0, 20_000)], 0.1)
+    documents = [Segment(0, 10_000), Segment(10_000, 10_000)]  # no cut inside: the document boundary is one
+    assert split_tail(path, documents, 0.3) == (documents[:1], documents[1:])
 
 
 def test_write_shards_round_trip(tmp_path, corpus, bpe):

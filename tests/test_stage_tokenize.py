@@ -13,7 +13,7 @@ import yaml
 from pipeline.shards import ShardDataset
 from pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
 from tests.conftest import ROOT
-from tests.project import make_project, venv_env
+from tests.project import generated_corpus, make_project, venv_env
 
 
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -81,6 +81,32 @@ def test_dvc_repro_tokenize_then_no_op(tmp_path):
     out = run([sys.executable, "-c", reader], project)
     assert_failed_cleanly(out, project, "data/shards/train_0000.bin: ", [])
     assert "truncated" in out.stderr
+
+
+def test_dvc_repro_tokenize_on_paragraphs_without_hard_wraps(tmp_path, shared_data):
+    """The Verdict (one paragraph per line, blank lines between) when present, else text of that shape."""
+    if shared_data is not None:
+        story = (shared_data / "the-verdict.txt").read_text(encoding="utf-8")
+    else:
+        story = "\n\n".join(" ".join(generated_corpus(1200, seed=i).split()) for i in range(18))
+    project = make_project(tmp_path / "p", corpus=story)
+    out = run(["dvc", "repro", "tokenize"], project)
+    assert out.returncode == 0, out.stdout + out.stderr
+    corpus = (project / "data/raw/corpus.txt").read_bytes()
+    val = ShardDataset(project / "data/shards", "val")
+    cut = len(corpus) - val.text_bytes
+    assert 0.08 < val.text_bytes / len(corpus) < 0.12 and corpus[cut - 2 : cut] == b"\n\n"
+    enc = load_tokenizer(project / "data/tokenizer")
+    assert enc.decode_bytes([int(t) for t in val.arrays[0]]) == corpus[cut:] + b"<|endoftext|>"
+
+
+def test_tokenize_refuses_a_corpus_too_short_to_split(tmp_path):
+    project = make_project(tmp_path / "p", corpus="Una frase corta.\n" * 500)
+    assert stage(project, "download").returncode == 0
+    out = stage(project, "tokenize")
+    assert_failed_cleanly(out, project, "data/raw/corpus.txt: 8,500 bytes of text, too short for a val split at "
+                          "shards.val_fraction=0.1: each split needs at least 1,024 bytes, so the corpus at least 10,240",
+                          ["data/tokenizer", "data/shards", "reports/tokenize"])
 
 
 def _closed_port() -> int:

@@ -41,6 +41,22 @@ class Source:
 
 
 @dataclass(frozen=True)
+class CorpusSource(Source):
+    """A corpus source: a text file (one document), or dataset records (one document each) read by pipeline/datasets.
+
+    ``location`` may also be a glob or ``hf://datasets/<owner>/<name>/<path>`` (with ``revision``).
+    """
+
+    format: Literal["text", "jsonl", "json", "csv", "tsv", "parquet"] | None = None  # None → from the file name
+    text_field: str = "text"
+    member: str | None = None  # the file inside a .zip
+    revision: str | None = None  # hf:// sources: the commit to read (required)
+    where: tuple[tuple[str, Any], ...] = ()  # keep records whose fields equal these values
+    min_chars: int = 0  # keep records whose text has at least this many characters
+    bad_records: Literal["error", "skip"] = "error"  # a record without a string text field: stop, or skip and count
+
+
+@dataclass(frozen=True)
 class DataParams:
     cache_dir: str | None = None  # None → $LLM_PIPELINE_CACHE or ~/.cache/llm-pipeline
     timeout_s: float = 30.0
@@ -49,7 +65,7 @@ class DataParams:
 
 @dataclass(frozen=True)
 class CorpusParams:
-    sources: tuple[Source, ...] = ()
+    sources: tuple[CorpusSource, ...] = ()
     strip_gutenberg: bool = True
     normalize: bool = True  # BOM, CRLF → LF, Unicode NFC
 
@@ -275,10 +291,32 @@ def _source(value: Any, where: str) -> Source:
     raise ConfigError(f"{where} must be a string or a mapping {{url: ..., sha256: ...}}, got {value!r}")
 
 
+_SOURCE_KEYS = {"url", "path", "sha256"}
+
+
+def _corpus_source(value: Any, where: str) -> CorpusSource:
+    if not isinstance(value, dict):
+        return CorpusSource(_source(value, where).location)
+    base = _source({k: v for k, v in value.items() if k in _SOURCE_KEYS}, where)
+    options = {k: v for k, v in value.items() if k not in _SOURCE_KEYS}
+    where_rows = options.pop("where", None) or {}
+    if not isinstance(where_rows, dict) or not all(isinstance(v, str | int | float | bool) for v in where_rows.values()):
+        raise ConfigError(f"{where}.where must map field names to values, got {where_rows!r}")
+    built = _build(CorpusSource, {"location": base.location, "sha256": base.sha256} | options, where)
+    built = dataclasses.replace(built, where=tuple((str(k), v) for k, v in where_rows.items()))
+    if built.min_chars < 0:
+        raise ConfigError(f"{where}.min_chars must be >= 0, got {built.min_chars}")
+    if built.location.startswith("hf://") and not built.revision:
+        raise ConfigError(f"{where}.revision is required for {built.location} (pin a commit of the dataset)")
+    return built
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if hint is Any:
         return value
+    if hint is CorpusSource:
+        return _corpus_source(value, where)
     if hint is Source:
         return _source(value, where)
     if origin in (typing.Union, types.UnionType):

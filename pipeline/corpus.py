@@ -1,12 +1,15 @@
 """Corpus sources, the content-addressed download cache, and text cleaning (the download stage's core).
 
-A source is a URL (http/https), a local file or a directory, optionally pinned by sha256. Downloads land in
+A source is a URL (http/https), a local file, a directory, a glob or an ``hf://datasets/...`` file, optionally
+pinned by sha256; a text file is one document, a dataset file one per record (pipeline/datasets.py). Downloads land in
 a cache keyed by their sha256 (``<cache>/sha256/<hex>``): a pinned source that is already cached is never
 fetched again, which is also how an offline machine works (``python -m pipeline cache add FILE``).
 """
 from __future__ import annotations
 
 import argparse
+import array
+import glob
 import hashlib
 import json
 import os
@@ -20,12 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
 from tqdm import tqdm
 
-from pipeline.config import DataParams, Source, load_params, resolve_cache_dir
+from pipeline.config import CorpusSource, DataParams, Source, load_params, resolve_cache_dir
+from pipeline.datasets import RecordCounts, detect, open_stream, record_texts
 from pipeline.errors import PipelineError
 from pipeline.hashing import CHUNK, sha256_file
-from pipeline.textstream import Segment
+from pipeline.textstream import Segments
+
+CORPUS, DOCUMENTS = "corpus.txt", "documents.bin"
 
 _GUTENBERG_START = re.compile(r"^\*\*\*\s*START OF (?:THE|THIS) PROJECT GUTENBERG EBOOK[^\n]*\n", re.M | re.I)
 _GUTENBERG_END = re.compile(r"^\*\*\*\s*END OF (?:THE|THIS) PROJECT GUTENBERG EBOOK", re.M | re.I)
@@ -154,13 +161,46 @@ def is_url(location: str) -> bool:
     return urlparse(location).scheme in ("http", "https")
 
 
+def hf_file(location: str, revision: str | None, where: str) -> Path:
+    """``hf://datasets/<owner>/<name>/<path>`` at a pinned revision, through huggingface_hub's cache.
+
+    With ``HF_HUB_OFFLINE=1`` (or no network) a file already in the cache (``HF_HUB_CACHE``) is used as it is.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    kind, _, rest = location.removeprefix("hf://").partition("/")
+    parts = rest.split("/", 2)
+    if kind != "datasets" or len(parts) < 3 or not all(parts):
+        raise PipelineError(f"{where}: {location}: expected hf://datasets/<owner>/<name>/<path in the dataset>")
+    if not revision:
+        raise PipelineError(f"{where}: {location}: give the revision (a commit) to read")
+    try:
+        return Path(hf_hub_download(f"{parts[0]}/{parts[1]}", parts[2], repo_type="dataset", revision=revision))
+    except (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise PipelineError(f"{where}: {location}@{revision}: {type(exc).__name__}: {reason}") from None
+
+
 def source_files(source: Source, cache: DownloadCache, where: str) -> list[tuple[str, Path]]:
-    """``(label, local path)`` of each document a source stands for; a directory gives its files in name order."""
+    """``(label, local path)`` of each file a source stands for; a directory or a glob gives its files in name order."""
     if not source.location:
         raise PipelineError(f"{where}: no source given (a URL, a file or a directory)")
     if is_url(source.location):
         return [(source.location, cache.fetch(source.location, source.sha256, where))]
+    if source.location.startswith("hf://"):
+        path = hf_file(source.location, getattr(source, "revision", None), where)
+        if source.sha256 and (actual := sha256_file(path)) != source.sha256:
+            raise PipelineError(f"{where}: {source.location}: sha256 mismatch: expected {source.sha256}, got {actual}")
+        return [(source.location, path)]
     path = Path(source.location).expanduser()
+    if glob.has_magic(source.location):
+        if source.sha256:
+            raise PipelineError(f"{where}: sha256 pins a single file, but {source.location} is a glob")
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not files:
+            raise PipelineError(f"{where}: {source.location}: no file matches")
+        return [(str(p), p) for p in files]
     if path.is_dir():
         if source.sha256:
             raise PipelineError(f"{where}: sha256 pins a single file, but {path} is a directory")
@@ -205,25 +245,48 @@ def clean_text(raw: bytes, origin: str, *, gutenberg: bool, normalise: bool) -> 
 
 
 def build_corpus(
-    sources: tuple[Source, ...], cache: DownloadCache, out: Path, *, gutenberg: bool, normalise: bool
+    sources: tuple[CorpusSource, ...], cache: DownloadCache, directory: Path, *, gutenberg: bool, normalise: bool
 ) -> list[dict]:
-    """Write every source's clean text into ``out``, one document after another; returns the document table."""
+    """Write every source's clean documents into ``directory``: ``corpus.txt`` (one after another) and
+    ``documents.bin`` (each document's end offset, little-endian uint64). Returns the per-source table.
+
+    A text file is one document; a dataset file (JSONL, JSON, CSV/TSV, Parquet) gives one per kept record.
+    """
     if not sources:
         raise PipelineError("corpus.sources: empty (give at least one URL, file or directory)")
-    documents, offset = [], 0
-    with out.open("wb") as f:
+    ends, offset, table = array.array("Q"), 0, []
+    with (directory / CORPUS).open("wb") as out:
         for i, source in enumerate(sources):
             where = f"corpus.sources[{i}]"
+            entry: dict = {"source": source.location, "files": [], "documents": 0, "bytes": 0}
+            counts = RecordCounts()
             for label, path in source_files(source, cache, where):
-                raw = path.read_bytes()
-                text = clean_text(raw, f"{where} ({label})", gutenberg=gutenberg, normalise=normalise).encode()
-                f.write(text)
-                documents.append(
-                    {"source": label, "source_bytes": len(raw), "source_sha256": hashlib.sha256(raw).hexdigest(),
-                     "offset": offset, "bytes": len(text)}
-                )
-                offset += len(text)
-    return documents
+                fmt, compression = detect(label, source.member)
+                fmt = source.format or fmt
+                entry["files"].append({"file": label, "format": fmt, "bytes": path.stat().st_size,
+                                       "sha256": sha256_file(path)})
+                if fmt == "text":
+                    with open_stream(path, compression, source.member, f"{where} ({label})") as stream:
+                        raw = stream.read()
+                    texts = [clean_text(raw, f"{where} ({label})", gutenberg=gutenberg, normalise=normalise)]
+                else:
+                    texts = record_texts(source, path, fmt, compression, f"{where} ({label})", counts,
+                                         normalize if normalise else str)
+                for text in texts:
+                    data = text.encode("utf-8")
+                    out.write(data)
+                    offset += len(data)
+                    ends.append(offset)
+                    entry["documents"] += 1
+                    entry["bytes"] += len(data)
+            if counts.read:
+                entry |= counts.as_dict()
+            if not entry["documents"]:
+                skipped = ", ".join(f"{n} {reason}" for reason, n in counts.skipped.most_common()) or "none"
+                raise PipelineError(f"{where}: {source.location}: no records kept (read {counts.read}; skipped: {skipped})")
+            table.append(entry)
+    (directory / DOCUMENTS).write_bytes(np.asarray(ends, dtype="<u8").tobytes())
+    return table
 
 
 def _parse_records(raw: bytes, where: str, label: str) -> tuple[list, bool]:
@@ -263,21 +326,25 @@ def copy_json_source(source: Source, cache: DownloadCache, where: str, out: Path
             "format": "jsonl" if was_jsonl else "json"}
 
 
-def read_raw(directory: str | Path) -> tuple[Path, list[Segment]]:
-    """The download stage's corpus file and its document byte ranges, checked against the manifest."""
+def read_raw(directory: str | Path) -> tuple[Path, Segments]:
+    """The download stage's corpus file and its documents' byte ranges, checked against the manifest."""
     directory = Path(directory)
-    manifest_path, corpus = directory / "manifest.json", directory / "corpus.txt"
+    manifest_path, corpus, table = directory / "manifest.json", directory / CORPUS, directory / DOCUMENTS
     if not manifest_path.is_file():
         raise PipelineError(f"{manifest_path}: not found (run `dvc repro download`)")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        documents = [Segment(d["offset"], d["bytes"]) for d in manifest["documents"]]
-        expected = manifest["files"]["corpus.txt"]["bytes"]
+        expected = manifest["files"][CORPUS]["bytes"]
+        count = manifest["files"][DOCUMENTS]["documents"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise PipelineError(f"{manifest_path}: not a download manifest ({exc})") from None
-    if not corpus.is_file():
-        raise PipelineError(f"{corpus}: not found (run `dvc repro download`)")
-    if corpus.stat().st_size != expected or sum(d.length for d in documents) != expected:
+    for path in (corpus, table):
+        if not path.is_file():
+            raise PipelineError(f"{path}: not found (run `dvc repro download`)")
+    if table.stat().st_size != 8 * count:
+        raise PipelineError(f"{table}: {table.stat().st_size} bytes, the manifest says {count} documents of 8 bytes")
+    documents = Segments.from_ends(np.fromfile(table, dtype="<u8"))
+    if corpus.stat().st_size != expected or documents.total() != expected or (documents.lengths <= 0).any():
         raise PipelineError(f"{corpus}: {corpus.stat().st_size} bytes, the manifest says {expected}")
     if expected == 0:
         raise PipelineError(f"{corpus}: empty corpus")

@@ -16,7 +16,7 @@ import array
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -126,7 +126,7 @@ def _flatten(token_lists: list[list[int]], ends: list[bool], eot: int) -> np.nda
 
 
 def encode_segments(
-    enc: tiktoken.Encoding, path: Path, segments: list[Segment], batch_bytes: int, threads: int
+    enc: tiktoken.Encoding, path: Path, segments: Sequence[Segment], batch_bytes: int, threads: int
 ) -> Iterator[tuple[np.ndarray, int]]:
     """``(uint32 tokens, text bytes)`` per batch, EOT after each segment.
 
@@ -148,7 +148,7 @@ def encode_segments(
 def write_shards(
     enc: tiktoken.Encoding,
     corpus: str | Path,
-    splits: dict[str, list[Segment]],
+    splits: dict[str, Sequence[Segment]],
     directory: str | Path,
     *,
     fingerprint: str,

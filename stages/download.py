@@ -1,4 +1,4 @@
-"""download: corpus sources → data/raw/corpus.txt (clean UTF-8), SFT/DPO data verbatim, and a manifest."""
+"""download: corpus sources → data/raw/corpus.txt (clean UTF-8) + documents.bin, SFT/DPO data verbatim, a manifest."""
 from __future__ import annotations
 
 import sys
@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pipeline.atomic import atomic_path, write_json
 from pipeline.config import load_params
-from pipeline.corpus import DownloadCache, build_corpus, copy_json_source
+from pipeline.corpus import CORPUS, DOCUMENTS, DownloadCache, build_corpus, copy_json_source
 from pipeline.errors import exit_on_error
 from pipeline.hashing import sha256_file
 
@@ -20,19 +20,19 @@ def main() -> None:
     cache = DownloadCache.from_params(params.data)
     with atomic_path(OUT) as tmp:
         tmp.mkdir()
-        corpus = tmp / "corpus.txt"
-        documents = build_corpus(
-            params.corpus.sources, cache, corpus,
+        sources = build_corpus(
+            params.corpus.sources, cache, tmp,
             gutenberg=params.corpus.strip_gutenberg, normalise=params.corpus.normalize,
         )
+        documents = sum(s["documents"] for s in sources)
         files = {
-            "corpus.txt": {"source": [d["source"] for d in documents], "bytes": corpus.stat().st_size,
-                           "sha256": sha256_file(corpus)},
+            CORPUS: {"bytes": (tmp / CORPUS).stat().st_size, "sha256": sha256_file(tmp / CORPUS)},
+            DOCUMENTS: {"documents": documents, "bytes": (tmp / DOCUMENTS).stat().st_size},
             "sft.json": copy_json_source(params.sft.data, cache, "sft.data", tmp / "sft.json"),
             "dpo.json": copy_json_source(params.dpo.data, cache, "dpo.data", tmp / "dpo.json"),
         }
-        write_json(tmp / "manifest.json", {"files": files, "documents": documents})
-    print(f"download: {len(documents)} document(s), {files['corpus.txt']['bytes']:,} bytes of text → {OUT}/", file=sys.stderr)
+        write_json(tmp / "manifest.json", {"files": files, "sources": sources})
+    print(f"download: {documents:,} document(s), {files[CORPUS]['bytes']:,} bytes of text → {OUT}/", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from pipeline.atomic import atomic_path, write_json
@@ -21,7 +21,7 @@ METRICS = Path("reports/tokenize/metrics.json")
 PARAMS = ("tokenizer", "shards")
 
 
-def training_texts(params: TokenizerParams, corpus: Path, train: list[Segment], block_bytes: int) -> Iterator[str]:
+def training_texts(params: TokenizerParams, corpus: Path, train: Sequence[Segment], block_bytes: int) -> Iterator[str]:
     texts = (text for text, _, _ in read_blocks(corpus, train, block_bytes))
     if params.include_instruction_text:
         return itertools.chain(texts, instruction_texts([RAW / "sft.json", RAW / "dpo.json"]))

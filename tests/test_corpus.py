@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main as cli_main
-from pipeline.config import Source, resolve_cache_dir
+from pipeline.config import CorpusSource, Source, resolve_cache_dir
 from pipeline.corpus import (
     DownloadCache,
     build_corpus,
@@ -86,20 +86,23 @@ def test_build_corpus_and_read_raw(tmp_path):
     (tmp_path / "b.txt").write_text("tres\n")
     raw = tmp_path / "raw"
     raw.mkdir()
-    docs = build_corpus((Source(str(tmp_path / "a.txt")), Source(str(tmp_path / "b.txt"))),
-                        DownloadCache(tmp_path / "cache"), raw / "corpus.txt", gutenberg=True, normalise=True)
+    table = build_corpus((CorpusSource(str(tmp_path / "a.txt")), CorpusSource(str(tmp_path / "b.txt"))),
+                         DownloadCache(tmp_path / "cache"), raw, gutenberg=True, normalise=True)
     assert (raw / "corpus.txt").read_bytes() == b"uno\ndos\ntres\n"
-    assert [(d["offset"], d["bytes"]) for d in docs] == [(0, 8), (8, 5)]
-    assert docs[0]["source_sha256"] == hashlib.sha256(b"\xef\xbb\xbfuno\r\ndos\r\n").hexdigest()
-    manifest = {"files": {"corpus.txt": {"bytes": 13}}, "documents": docs}
+    assert [(t["documents"], t["bytes"]) for t in table] == [(1, 8), (1, 5)]
+    assert table[0]["files"][0]["sha256"] == hashlib.sha256(b"\xef\xbb\xbfuno\r\ndos\r\n").hexdigest()
+    manifest = {"files": {"corpus.txt": {"bytes": 13}, "documents.bin": {"documents": 2}}, "sources": table}
     (raw / "manifest.json").write_text(json.dumps(manifest))
     path, segments = read_raw(raw)
     assert path == raw / "corpus.txt" and [(s.offset, s.length) for s in segments] == [(0, 8), (8, 5)]
     (raw / "corpus.txt").write_bytes(b"uno\n")
     with pytest.raises(PipelineError, match="corpus.txt: 4 bytes, the manifest says 13"):
         read_raw(raw)
+    (raw / "documents.bin").write_bytes(b"\0" * 9)
+    with pytest.raises(PipelineError, match="documents.bin: 9 bytes, the manifest says 2 documents"):
+        read_raw(raw)
     with pytest.raises(PipelineError, match="corpus.sources: empty"):
-        build_corpus((), DownloadCache(tmp_path / "cache"), raw / "x.txt", gutenberg=True, normalise=True)
+        build_corpus((), DownloadCache(tmp_path / "cache"), raw, gutenberg=True, normalise=True)
 
 
 def test_json_sources_are_copied_verbatim_and_checked(tmp_path):

@@ -166,5 +166,5 @@ def test_download_stage_over_http(server, tmp_path):
     assert manifest["files"]["sft.json"] == {"source": f"{server}/sft.json", "bytes": len(sft),
                                              "sha256": hashlib.sha256(sft).hexdigest(), "records": 1,
                                              "format": "json"}
-    assert manifest["documents"][0]["source_sha256"] == BOOK_SHA
+    assert manifest["sources"][0]["files"][0]["sha256"] == BOOK_SHA and manifest["sources"][0]["documents"] == 1
     assert Handler.hits == {"/book.txt": 2, "/sft.json": 1, "/dpo.json": 2}

@@ -68,6 +68,7 @@ class CorpusParams:
     sources: tuple[CorpusSource, ...] = ()
     strip_gutenberg: bool = True
     normalize: bool = True  # BOM, CRLF → LF, Unicode NFC
+    unwrap: bool | Literal["gutenberg"] = "gutenberg"  # join hard-wrapped lines of text files: all, none, or Gutenberg books
 
 
 @dataclass(frozen=True)

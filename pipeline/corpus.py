@@ -31,6 +31,7 @@ from pipeline.datasets import RecordCounts, detect, open_stream, record_texts
 from pipeline.errors import PipelineError
 from pipeline.hashing import CHUNK, sha256_file
 from pipeline.textstream import Segments
+from pipeline.unwrap import unwrap as unwrap_lines
 
 CORPUS, DOCUMENTS = "corpus.txt", "documents.bin"
 
@@ -230,22 +231,28 @@ def normalize(text: str) -> str:
     return unicodedata.normalize("NFC", text).strip("\n") + "\n"
 
 
-def clean_text(raw: bytes, origin: str, *, gutenberg: bool, normalise: bool) -> str:
+def clean_text(raw: bytes, origin: str, *, gutenberg: bool, normalise: bool, unwrap: bool | str = False) -> str:
+    """A text file's document: Gutenberg licence stripped, normalised, and unwrapped when ``unwrap`` is true, or is
+    ``"gutenberg"`` and the file is a Project Gutenberg book (it has the START marker)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise PipelineError(f"{origin}: not valid UTF-8 at byte {exc.start} (convert it to UTF-8)") from None
+    is_book = unwrap == "gutenberg" and _GUTENBERG_START.search(text) is not None
     if gutenberg:
         text = strip_gutenberg(text)
     if normalise:
         text = normalize(text)
+    if unwrap is True or is_book:
+        text = unwrap_lines(text)
     if not text.strip():
         raise PipelineError(f"{origin}: no text (empty file, or nothing left after cleaning)")
     return text
 
 
 def build_corpus(
-    sources: tuple[CorpusSource, ...], cache: DownloadCache, directory: Path, *, gutenberg: bool, normalise: bool
+    sources: tuple[CorpusSource, ...], cache: DownloadCache, directory: Path, *, gutenberg: bool, normalise: bool,
+    unwrap: bool | str = False,
 ) -> list[dict]:
     """Write every source's clean documents into ``directory``: ``corpus.txt`` (one after another) and
     ``documents.bin`` (each document's end offset, little-endian uint64). Returns the per-source table.
@@ -268,7 +275,7 @@ def build_corpus(
                 if fmt == "text":
                     with open_stream(path, compression, source.member, f"{where} ({label})") as stream:
                         raw = stream.read()
-                    texts = [clean_text(raw, f"{where} ({label})", gutenberg=gutenberg, normalise=normalise)]
+                    texts = [clean_text(raw, f"{where} ({label})", gutenberg=gutenberg, normalise=normalise, unwrap=unwrap)]
                 else:
                     texts = record_texts(source, path, fmt, compression, f"{where} ({label})", counts,
                                          normalize if normalise else str)

@@ -22,7 +22,7 @@ def main() -> None:
         tmp.mkdir()
         sources = build_corpus(
             params.corpus.sources, cache, tmp,
-            gutenberg=params.corpus.strip_gutenberg, normalise=params.corpus.normalize,
+            gutenberg=params.corpus.strip_gutenberg, normalise=params.corpus.normalize, unwrap=params.corpus.unwrap,
         )
         documents = sum(s["documents"] for s in sources)
         files = {

@@ -7,6 +7,7 @@ import random
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import yaml
@@ -30,6 +31,17 @@ def generated_corpus(n_chars: int, seed: int = 0) -> str:
         out.append(sentence)
         size += len(sentence)
     return "".join(out)[:n_chars]
+
+
+def generated_book(paragraphs: int = 400, width: int = 72, seed: int = 0) -> str:
+    """A Project Gutenberg-shaped book (licence markers, CRLF, paragraphs hard-wrapped at ``width``, a verse)."""
+    rng = random.Random(seed)
+    body = []
+    for i in range(paragraphs):
+        text = " ".join(generated_corpus(rng.randint(200, 900), seed=seed * 10_000 + i).split())
+        body.append(textwrap.fill(text, width) if i % 50 else "Capitulo\n\n" + "\n".join(text.split(". ")[:4]))
+    return ("The Project Gutenberg eBook of a generated book\n\n*** START OF THE PROJECT GUTENBERG EBOOK 0 ***\n\n"
+            + "\n\n".join(body) + "\n\n*** END OF THE PROJECT GUTENBERG EBOOK 0 ***\nLicence\n").replace("\n", "\r\n")
 
 
 def generated_instructions(n: int, seed: int = 0, preferences: bool = False) -> list[dict]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from pipeline.atomic import atomic_path, write_json
 from pipeline.config import TokenizerParams, load_params
 from pipeline.corpus import read_raw
-from pipeline.errors import PipelineError, exit_on_error
+from pipeline.errors import exit_on_error
 from pipeline.instructions import instruction_texts
 from pipeline.shards import encode_threads, write_shards
 from pipeline.textstream import Segment, read_blocks, split_tail

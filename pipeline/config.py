@@ -76,6 +76,8 @@ class TokenizerParams:
     kind: Literal["bpe", "gpt2", "char"] = "bpe"
     vocab_size: int = 4096
     include_instruction_text: bool = True  # train the BPE on the SFT/DPO text too (the corpus may be Spanish)
+    train_bytes: int | None = None  # train on a seeded sample of this many bytes of the train split; None → all of it
+    seed: int = 1337  # which sample
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,7 @@ _CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("data.timeout_s", lambda v: v > 0, "> 0"),
     ("data.retries", lambda v: v >= 0, ">= 0"),
     ("tokenizer.vocab_size", lambda v: v >= 256 + 16, ">= 272 (256 bytes + special tokens)"),
+    ("tokenizer.train_bytes", lambda v: v is None or v >= 1 << 20, ">= 1048576 (1 MiB) or null"),
     ("shards.val_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
     ("shards.shard_tokens", lambda v: v > 0, "> 0"),
     ("shards.batch_bytes", lambda v: v > 0, "> 0"),

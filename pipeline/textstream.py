@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import math
+import random
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -138,6 +139,36 @@ def read_blocks(path: str | Path, segments: Sequence[Segment], block_bytes: int)
                     raise PipelineError(f"{path}: not valid UTF-8 at byte {position + exc.start}") from None
                 position += len(buf)
                 yield text, len(buf), last
+
+
+SAMPLE_WINDOW = 1 << 20
+
+
+def sample_text(path: str | Path, segments: Sequence[Segment], budget: int, seed: int) -> Iterator[str]:
+    """About ``budget`` bytes of the segments as 1 MiB windows chosen at random (seeded), in file order.
+
+    What a tokenizer trains on when the corpus is larger than memory or time allow: windows spread over the
+    whole corpus see every part of it. A window's edges are moved to character boundaries (a few bytes lost).
+    """
+    path, segments = Path(path), Segments.of(segments)
+    ends = np.cumsum(segments.lengths)
+    total = int(ends[-1]) if len(ends) else 0
+    count = -(-total // SAMPLE_WINDOW)
+    chosen = sorted(random.Random(seed).sample(range(count), min(count, -(-budget // SAMPLE_WINDOW))))
+    with path.open("rb") as f:
+        for window in chosen:
+            position, stop = window * SAMPLE_WINDOW, min((window + 1) * SAMPLE_WINDOW, total)
+            while position < stop:  # a window may span several segments: read each piece
+                index = int(np.searchsorted(ends, position, side="right"))
+                start_in = position - (int(ends[index]) - int(segments.lengths[index]))
+                length = min(stop, int(ends[index])) - position
+                f.seek(int(segments.offsets[index]) + start_in)
+                buf = f.read(length)
+                buf = buf[len(buf) - len(buf.lstrip(bytes(range(0x80, 0xC0)))) :]  # no continuation bytes first
+                buf = buf[: fallback_cut(buf)] if position + length < int(ends[index]) else buf
+                position += length
+                if buf:
+                    yield buf.decode("utf-8", errors="strict")
 
 
 def split_tail(path: str | Path, documents: Sequence[Segment], fraction: float) -> tuple[Segments, Segments]:

@@ -13,7 +13,7 @@ from pipeline.corpus import read_raw
 from pipeline.errors import exit_on_error
 from pipeline.instructions import instruction_texts
 from pipeline.shards import encode_threads, write_shards
-from pipeline.textstream import Segment, read_blocks, split_tail
+from pipeline.textstream import Segment, read_blocks, sample_text, split_tail
 from pipeline.tokenizer import save_tokenizer, train_tokenizer
 
 RAW, TOKENIZER, SHARDS = Path("data/raw"), Path("data/tokenizer"), Path("data/shards")
@@ -22,7 +22,11 @@ PARAMS = ("tokenizer", "shards")
 
 
 def training_texts(params: TokenizerParams, corpus: Path, train: Sequence[Segment], block_bytes: int) -> Iterator[str]:
-    texts = (text for text, _, _ in read_blocks(corpus, train, block_bytes))
+    """The train split (or a seeded sample of ``tokenizer.train_bytes`` of it), then the instruction text."""
+    if params.train_bytes is not None and params.train_bytes < sum(s.length for s in train):
+        texts = sample_text(corpus, train, params.train_bytes, params.seed)
+    else:
+        texts = (text for text, _, _ in read_blocks(corpus, train, block_bytes))
     if params.include_instruction_text:
         return itertools.chain(texts, instruction_texts([RAW / "sft.json", RAW / "dpo.json"]))
     return texts
@@ -39,7 +43,8 @@ def main() -> None:
     train_seconds = time.perf_counter() - started
     with atomic_path(TOKENIZER) as tok_dir, atomic_path(SHARDS) as shard_dir:
         fingerprint = save_tokenizer(enc, tok_dir, tok.kind, params={"vocab_size": tok.vocab_size,
-                                     "include_instruction_text": tok.include_instruction_text})
+                                     "include_instruction_text": tok.include_instruction_text,
+                                     "train_bytes": tok.train_bytes, "seed": tok.seed})
         started = time.perf_counter()
         manifest = write_shards(enc, corpus, {"train": train, "val": val}, shard_dir, fingerprint=fingerprint,
                                 shard_tokens=sh.shard_tokens, batch_bytes=sh.batch_bytes)

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.shards import MANIFEST, ShardDataset, ShardWriter, dtype_for_vocab, write_shards
-from pipeline.textstream import Segment, fallback_cut, read_blocks, safe_cut, split_tail
+from pipeline.textstream import Segment, fallback_cut, read_blocks, safe_cut, sample_text, split_tail
 from pipeline.tokenizer import train_tokenizer
 
 FINGERPRINT = "f" * 64
@@ -229,3 +229,20 @@ def test_reader_refuses_bad_shards(shards):
     (shards / MANIFEST).unlink()
     with pytest.raises(PipelineError, match="manifest.json"):
         ShardDataset(shards, "train")
+
+
+def test_sample_text_is_a_seeded_spread_of_windows(tmp_path, corpus_text):
+    """tokenizer.train_bytes: about that many bytes, in 1 MiB windows over the whole corpus, the same for a seed."""
+    text = (corpus_text + "¿Qué? ¡Sí! — años\n") * 40  # ~8 MB with multi-byte characters at every window edge
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(text.encode())
+    size = path.stat().st_size
+    data = path.read_bytes()
+    starts = sorted({0} | {data.index(b"\n", o) + 1 for o in range(300_000, size - 300_000, 300_000)})
+    documents = [Segment(a, b - a) for a, b in zip(starts, [*starts[1:], size], strict=True)]
+    sample = list(sample_text(path, documents, 3 << 20, seed=5))
+    assert sample == list(sample_text(path, documents, 3 << 20, seed=5))
+    assert sample != list(sample_text(path, documents, 3 << 20, seed=6))
+    assert (3 << 20) - 64 <= sum(len(t.encode()) for t in sample) <= (3 << 20)
+    assert len(sample) >= 3 * 4 and all(t in text for t in sample)  # three windows, each across document boundaries
+    assert sum(len(t.encode()) for t in sample_text(path, documents, 10 * size, seed=5)) >= size - 64

@@ -227,8 +227,13 @@ def strip_gutenberg(text: str) -> str:
 
 def normalize(text: str) -> str:
     """No BOM, LF line ends, Unicode NFC, one final newline: the same text always gives the same bytes."""
-    text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
-    return unicodedata.normalize("NFC", text).strip("\n") + "\n"
+    text = text.removeprefix("\ufeff")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = unicodedata.normalize("NFC", text)
+    if text.endswith("\n") and not text.endswith("\n\n") and not text.startswith("\n"):
+        return text  # already in shape: no copy (most dataset records)
+    return text.strip("\n") + "\n"
 
 
 def clean_text(raw: bytes, origin: str, *, gutenberg: bool, normalise: bool, unwrap: bool | str = False) -> str:
@@ -262,7 +267,7 @@ def build_corpus(
     if not sources:
         raise PipelineError("corpus.sources: empty (give at least one URL, file or directory)")
     ends, offset, table = array.array("Q"), 0, []
-    with (directory / CORPUS).open("wb") as out:
+    with (directory / CORPUS).open("wb", buffering=CHUNK) as out:
         for i, source in enumerate(sources):
             where = f"corpus.sources[{i}]"
             entry: dict = {"source": source.location, "files": [], "documents": 0, "bytes": 0}

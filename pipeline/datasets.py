@@ -79,19 +79,13 @@ def _decompression_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _text_lines(stream: IO[bytes], where: str) -> Iterator[tuple[int, str]]:
-    for number, line in enumerate(stream, 1):
-        try:
-            yield number, line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise PipelineError(f"{where}: record {number}: not valid UTF-8 at byte {exc.start} of the line") from None
-
-
 def _jsonl(stream: IO[bytes], where: str) -> Iterator[tuple[int, Any]]:
-    for number, line in _text_lines(stream, where):
+    for number, line in enumerate(stream, 1):
         if line.strip():
             try:
-                yield number, json.loads(line)
+                yield number, json.loads(line)  # bytes: json decodes the UTF-8 itself
+            except UnicodeDecodeError as exc:
+                raise PipelineError(f"{where}: record {number}: not valid UTF-8 at byte {exc.start} of the line") from None
             except json.JSONDecodeError as exc:
                 raise PipelineError(f"{where}: record {number}: not valid JSON ({exc})") from None
 

@@ -38,9 +38,9 @@ def main() -> None:
     tok, sh = params.tokenizer, params.shards
     corpus, documents = read_raw(RAW)
     train, val = split_tail(corpus, documents, sh.val_fraction)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     enc = train_tokenizer(tok.kind, training_texts(tok, corpus, train, sh.batch_bytes), tok.vocab_size)
-    train_seconds = time.perf_counter() - started
+    train_seconds, train_cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     with atomic_path(TOKENIZER) as tok_dir, atomic_path(SHARDS) as shard_dir:
         fingerprint = save_tokenizer(enc, tok_dir, tok.kind, params={"vocab_size": tok.vocab_size,
                                      "include_instruction_text": tok.include_instruction_text,
@@ -52,7 +52,8 @@ def main() -> None:
     splits = manifest["splits"]
     text_bytes = sum(s["text_bytes"] for s in splits.values())
     metrics = {
-        "tokenizer": {"kind": tok.kind, "vocab_size": enc.n_vocab, "train_seconds": round(train_seconds, 3)},
+        "tokenizer": {"kind": tok.kind, "vocab_size": enc.n_vocab, "train_seconds": round(train_seconds, 3),
+                      "train_cpu_seconds": round(train_cpu_seconds, 3)},
         "tokens": {name: s["tokens"] for name, s in splits.items()} | {"total": manifest["total_tokens"]},
         "text_bytes": {name: s["text_bytes"] for name, s in splits.items()},
         "bytes_per_token": round(text_bytes / manifest["total_tokens"], 4),

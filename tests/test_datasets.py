@@ -142,6 +142,8 @@ BAD_INPUT = {
                                         r"\(.*a.zip\): give `member:` \(the archive holds: x.jsonl, y.jsonl\)"),
     "invalid json line": ("a.jsonl", lambda p, rows: p.write_text('{"text": "a"}\n{oops\n'), {},
                           r"\(.*a.jsonl\): record 2: not valid JSON"),
+    "invalid utf-8": ("a.jsonl", lambda p, rows: p.write_bytes(b'{"text": "a"}\n{"text": "se\xf1or"}\n'), {},
+                      r"\(.*a.jsonl\): record 2: not valid UTF-8 at byte 12 of the line"),
     "empty after filtering": ("a.jsonl", lambda p, rows: write_jsonl(p, rows[:8]), {"where": {"lang": "fr"}},
                               r"corpus.sources\[0\]: .*a.jsonl: no records kept \(read 8; skipped: 8 where lang != 'fr'\)"),
 }

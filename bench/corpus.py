@@ -1,0 +1,209 @@
+"""A dataset-sized corpus through the download and tokenize stages: throughput against raw tiktoken, and memory.
+
+    python -m bench.corpus [--gb 2] [--small-gb 0.2] [--dir DIR] [--keep]
+
+Writes ``--gb`` of text as dataset shards under ``--dir`` (default: the system temp dir): alternately JSONL.gz
+and Parquet (10,000-row groups), ~100 MB of text each, records of 1–6 paragraphs drawn (seeded) from the shared
+texts (Quijote, Tiny Shakespeare, The Verdict; generated Spanish when ../shared is absent). Then, in a temp
+project with the params.yaml settings (``corpus.sources`` = the shards, ``tokenizer.train_bytes`` = 32 MiB),
+runs ``python -m stages.download`` and ``python -m stages.tokenize`` — the stages' own code, no DVC (which
+would cache the corpus twice) — and measures each process's wall time, CPU time and peak RSS:
+  pipeline  download (read + decompress + parse + clean + write corpus.txt) + tokenize's encode+write, i.e. the
+            tokenize wall time less its tokenizer training (reported apart, from its metrics.json);
+  raw       in this process, ``encode_ordinary_batch`` on all cores over the same text already decoded, in the
+            stage's own pieces (reading and decoding not timed) — the ceiling;
+on ``--small-gb`` of the shards first, then on all of them: peak RSS must not grow with the corpus. The corpus is
+deleted at the end unless ``--keep``. The last line is a key=value summary.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import load_params
+from pipeline.corpus import read_raw
+from pipeline.shards import encode_threads, group_batches, piece_bytes
+from pipeline.textstream import read_blocks, split_tail
+from pipeline.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+SHARD_TEXT_BYTES = 100_000_000
+TRAIN_BYTES = 32 << 20
+
+
+def paragraphs() -> list[str]:
+    """The shared texts' paragraphs (blank-line separated), unwrapped: the raw material of the records."""
+    from pipeline.corpus import clean_text
+
+    texts = []
+    for name in ("quijote.txt", "tinyshakespeare.txt", "the-verdict.txt"):
+        if (SHARED / name).is_file():
+            texts.append(clean_text((SHARED / name).read_bytes(), name, gutenberg=True, normalise=True, unwrap=True))
+    if not texts:
+        from tests.project import generated_corpus
+
+        texts = [generated_corpus(3_000_000)]
+    return [p.strip() for text in texts for p in text.split("\n\n") if len(p.strip()) > 40]
+
+
+def write_shards(directory: Path, total_bytes: int, shard_bytes: int, seed: int = 0) -> list[Path]:
+    """Dataset shards of ~``shard_bytes`` of text each, JSONL.gz and Parquet in turn (kept between runs)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory.mkdir(parents=True, exist_ok=True)
+    pool = paragraphs()
+    files = []
+    for i in range(-(-total_bytes // shard_bytes)):
+        path = directory / (f"web-{i:04d}.jsonl.gz" if i % 2 == 0 else f"web-{i:04d}.parquet")
+        files.append(path)
+        if path.is_file():
+            continue
+        rng, records, size = random.Random(seed * 1000 + i), [], 0
+        while size < shard_bytes:
+            start = rng.randrange(len(pool))
+            text = "\n\n".join(pool[start : start + rng.randint(1, 6)])
+            records.append({"id": f"{i}-{len(records)}", "lang": "es", "text": text})
+            size += len(text.encode())
+        tmp = path.with_suffix(".tmp")
+        if path.suffix == ".gz":
+            with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=6) as f:
+                for record in records:
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        else:
+            pq.write_table(pa.Table.from_pylist(records), tmp, row_group_size=10_000)
+        tmp.rename(path)
+    return files
+
+
+def make_project(directory: Path, shards: list[Path]) -> Path:
+    """A temp project: the stages' code and params.yaml with the shards as corpus.sources."""
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    for name in ("pipeline", "stages"):
+        shutil.copytree(ROOT / name, directory / name, ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["corpus"]["sources"] = [str(p) for p in shards]
+    params["tokenizer"]["train_bytes"] = TRAIN_BYTES
+    if (SHARED / "instruction-data.json").is_file():
+        params["sft"]["data"] = str(SHARED / "instruction-data.json")
+        params["dpo"]["data"] = str(SHARED / "instruction-data-with-preference.json")
+    else:
+        from tests.project import generated_instructions
+
+        for section, seed in (("sft", 0), ("dpo", 1)):
+            path = directory / f"{section}.json"
+            path.write_text(json.dumps(generated_instructions(60, seed=seed, preferences=section == "dpo")))
+            params[section]["data"] = str(path)
+    (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return directory
+
+
+def run_stage(project: Path, name: str) -> dict:
+    """``python -m stages.<name>`` in ``project``: its wall time, CPU time and peak RSS (os.wait4's own rusage)."""
+    env = {**os.environ, "PYTHONPATH": str(project)}
+    started = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-m", f"stages.{name}"], cwd=project, env=env, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - started
+    stderr = child.stderr.read().decode()
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        raise SystemExit(f"stages.{name} failed:\n{stderr}")
+    return {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def pipeline_run(project: Path) -> dict:
+    download = run_stage(project, "download")
+    tokenize = run_stage(project, "tokenize")
+    metrics = json.loads((project / "reports/tokenize/metrics.json").read_text())
+    train_seconds = metrics["tokenizer"]["train_seconds"]
+    return {
+        "text_bytes": sum(metrics["text_bytes"].values()), "tokens": metrics["tokens"]["total"],
+        "download_seconds": download["seconds"], "tokenize_seconds": tokenize["seconds"] - train_seconds,
+        "seconds": download["seconds"] + tokenize["seconds"] - train_seconds, "train_seconds": train_seconds,
+        "cpu_seconds": download["cpu_seconds"] + tokenize["cpu_seconds"] - metrics["tokenizer"]["train_cpu_seconds"],
+        "peak_rss_download_mb": download["peak_rss_mb"], "peak_rss_tokenize_mb": tokenize["peak_rss_mb"],
+        "documents": json.loads((project / "data/raw/manifest.json").read_text())["files"]["documents.bin"]["documents"],
+    }
+
+
+def raw_encode(project: Path, val_fraction: float, batch_bytes: int, threads: int) -> dict:
+    """encode_ordinary_batch alone over the pipeline's corpus.txt, decoded batch by batch (only encoding timed)."""
+    enc = load_tokenizer(project / "data/tokenizer")
+    corpus, documents = read_raw(project / "data/raw")
+    train, val = split_tail(corpus, documents, val_fraction)  # the stage's segments: the same texts
+    documents = train + val
+    seconds = cpu = 0.0
+    tokens = 0
+    for texts, _, _ in group_batches(read_blocks(corpus, documents, piece_bytes(batch_bytes, threads)), batch_bytes):
+        started, cpu_started = time.perf_counter(), time.process_time()
+        tokens += sum(map(len, enc.encode_ordinary_batch(texts, num_threads=threads)))
+        seconds += time.perf_counter() - started
+        cpu += time.process_time() - cpu_started
+    return {"tokens": tokens, "documents": len(documents), "seconds": seconds, "cpu_seconds": cpu}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--gb", type=float, default=2.0, help="corpus size (GB of text) for the throughput comparison")
+    parser.add_argument("--small-gb", type=float, default=0.2, help="a smaller corpus: peak RSS must not grow with size")
+    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "llm-pipeline-bench-corpus")
+    parser.add_argument("--keep", action="store_true", help="keep the generated shards for the next run")
+    args = parser.parse_args()
+    shards = load_params(ROOT / "params.yaml").shards
+    threads = encode_threads()
+    started = time.perf_counter()
+    shard_bytes = min(SHARD_TEXT_BYTES, max(int(args.gb * 1e9) // 4, 1 << 20))  # small --gb: a smoke test
+    files = write_shards(args.dir / "shards", int(args.gb * 1e9), shard_bytes)
+    on_disk = sum(f.stat().st_size for f in files) / 1e9
+    print(f"{len(files)} shards, {on_disk:.2f} GB on disk, written in {time.perf_counter() - started:.0f}s; "
+          f"{threads} threads, batch_bytes {shards.batch_bytes}, tokenizer.train_bytes {TRAIN_BYTES}", flush=True)
+    try:
+        small_files = files[: max(2, round(args.small_gb * 1e9 / shard_bytes))]
+        small = pipeline_run(make_project(args.dir / "small", small_files))
+        shutil.rmtree(args.dir / "small")
+        big_project = make_project(args.dir / "big", files)
+        big = pipeline_run(big_project)
+        raw = raw_encode(big_project, shards.val_fraction, shards.batch_bytes, threads)
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.dir, ignore_errors=True)
+    assert big["tokens"] == raw["tokens"] + raw["documents"], "pipeline and raw tokens differ beyond the EOTs"
+
+    print(f"{'path':<40} {'GB':>6} {'MB/s':>7} {'tokens/s':>11} {'wall s':>8} {'CPU s':>8} {'peak RSS MB':>12}")
+    for name, run in (("pipeline (small)", small), ("pipeline", big)):
+        print(f"{name + ' download+encode+write':<40} {run['text_bytes'] / 1e9:>6.2f} "
+              f"{run['text_bytes'] / 1e6 / run['seconds']:>7.2f} {run['tokens'] / run['seconds']:>11,.0f} "
+              f"{run['seconds']:>8.1f} {run['cpu_seconds']:>8.1f} "
+              f"{max(run['peak_rss_download_mb'], run['peak_rss_tokenize_mb']):>12.0f}")
+        print(f"{'  of which download':<40} {'':>6} {run['text_bytes'] / 1e6 / run['download_seconds']:>7.2f} "
+              f"{'':>11} {run['download_seconds']:>8.1f} {'':>8} {run['peak_rss_download_mb']:>12.0f}")
+        print(f"{'  tokenizer training (apart)':<40} {TRAIN_BYTES / 1e9:>6.3f} {'':>7} {'':>11} {run['train_seconds']:>8.1f}")
+    print(f"{'raw encode_ordinary_batch':<40} {big['text_bytes'] / 1e9:>6.2f} {big['text_bytes'] / 1e6 / raw['seconds']:>7.2f} "
+          f"{raw['tokens'] / raw['seconds']:>11,.0f} {raw['seconds']:>8.1f} {raw['cpu_seconds']:>8.1f}")
+    ratio = raw["seconds"] / big["seconds"]
+    cpu_ratio = raw["cpu_seconds"] / big["cpu_seconds"]
+    print(f"corpus_gb={big['text_bytes'] / 1e9:.2f} small_gb={small['text_bytes'] / 1e9:.2f} documents={big['documents']} "
+          f"tokens={big['tokens']} threads={threads} pipeline_mb_s={big['text_bytes'] / 1e6 / big['seconds']:.2f} "
+          f"raw_mb_s={big['text_bytes'] / 1e6 / raw['seconds']:.2f} pipeline_tokens_s={big['tokens'] / big['seconds']:.0f} "
+          f"ratio={ratio:.3f} cpu_ratio={cpu_ratio:.3f} train_seconds={big['train_seconds']:.1f} "
+          f"peak_rss_mb={max(big['peak_rss_download_mb'], big['peak_rss_tokenize_mb']):.0f} "
+          f"peak_rss_small_mb={max(small['peak_rss_download_mb'], small['peak_rss_tokenize_mb']):.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -13,7 +13,7 @@ from pipeline.corpus import read_raw
 from pipeline.errors import exit_on_error
 from pipeline.instructions import instruction_texts
 from pipeline.shards import encode_threads, write_shards
-from pipeline.textstream import Segment, read_blocks, sample_text, split_tail
+from pipeline.textstream import Segment, Segments, read_blocks, sample_text, split_tail
 from pipeline.tokenizer import save_tokenizer, train_tokenizer
 
 RAW, TOKENIZER, SHARDS = Path("data/raw"), Path("data/tokenizer"), Path("data/shards")
@@ -23,7 +23,7 @@ PARAMS = ("tokenizer", "shards")
 
 def training_texts(params: TokenizerParams, corpus: Path, train: Sequence[Segment], block_bytes: int) -> Iterator[str]:
     """The train split (or a seeded sample of ``tokenizer.train_bytes`` of it), then the instruction text."""
-    if params.train_bytes is not None and params.train_bytes < sum(s.length for s in train):
+    if params.train_bytes is not None and params.train_bytes < Segments.of(train).total():
         texts = sample_text(corpus, train, params.train_bytes, params.seed)
     else:
         texts = (text for text, _, _ in read_blocks(corpus, train, block_bytes))

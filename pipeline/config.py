@@ -301,6 +301,9 @@ _SOURCE_KEYS = {"url", "path", "sha256"}
 def _corpus_source(value: Any, where: str) -> CorpusSource:
     if not isinstance(value, dict):
         return CorpusSource(_source(value, where).location)
+    known = _SOURCE_KEYS | {f.name for f in dataclasses.fields(CorpusSource)} - {"location"}
+    if unknown := sorted(set(value) - known):
+        raise ConfigError(f"unknown key '{where}.{unknown[0]}' (known: {', '.join(sorted(known))})")
     base = _source({k: v for k, v in value.items() if k in _SOURCE_KEYS}, where)
     options = {k: v for k, v in value.items() if k not in _SOURCE_KEYS}
     where_rows = options.pop("where", None) or {}

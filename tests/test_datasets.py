@@ -225,3 +225,20 @@ def test_pipeline_from_jsonl_gz_and_parquet_sources_through_evaluate(tmp_path, r
         manifest["files"]["documents.bin"]["documents"] + 1  # one record is cut in two by the train/val split
     metrics = json.loads((project / "reports/evaluate/metrics.json").read_text())
     assert 0 < metrics["bits_per_byte"] < 8 and math.isfinite(metrics["val_loss"])
+
+
+BAD_SOURCE_PARAMS = {
+    "unknown key": ({"path": "x", "frmat": "csv"}, r"unknown key 'corpus.sources\[0\].frmat' \(known: bad_records, format"),
+    "where not a mapping": ({"path": "x", "where": "lang=es"}, r"corpus.sources\[0\].where must map field names to values"),
+    "negative min_chars": ({"path": "x", "min_chars": -1}, r"corpus.sources\[0\].min_chars must be >= 0, got -1"),
+    "unknown format": ({"path": "x", "format": "xml"}, r"corpus.sources\[0\].format must be one of 'text', 'jsonl'"),
+    "unknown bad_records": ({"path": "x", "bad_records": "drop"}, r"corpus.sources\[0\].bad_records must be one of"),
+    "text_field not a string": ({"path": "x", "text_field": 3}, r"corpus.sources\[0\].text_field must be a string"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SOURCE_PARAMS)
+def test_source_options_are_checked_in_params(case):
+    source, message = BAD_SOURCE_PARAMS[case]
+    with pytest.raises(PipelineError, match=r"^params.yaml: " + message):
+        parse_params({"corpus": {"sources": [source]}})

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
+import http.server
 import io
 import json
 import math
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
@@ -242,3 +245,67 @@ def test_source_options_are_checked_in_params(case):
     source, message = BAD_SOURCE_PARAMS[case]
     with pytest.raises(PipelineError, match=r"^params.yaml: " + message):
         parse_params({"corpus": {"sources": [source]}})
+
+
+class _HubHandler(http.server.BaseHTTPRequestHandler):
+    """The Hub's file endpoint: HEAD and GET /datasets/<repo>/resolve/<revision>/<path>, 404 for anything else."""
+
+    files: dict[str, bytes] = {}
+    hits: list[str] = []
+
+    def _answer(self) -> bytes | None:
+        self.hits.append(f"{self.command} {self.path}")
+        data = self.files.get(self.path)
+        if data is None:
+            self.send_response(404)
+            self.send_header("X-Error-Code", "EntryNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", REVISION)
+        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        return data
+
+    def do_HEAD(self) -> None:
+        self._answer()
+
+    def do_GET(self) -> None:
+        if (data := self._answer()) is not None:
+            self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_hugging_face_file_downloaded_from_a_loopback_hub_then_read_offline(tmp_path, records):
+    """hf_hub_download against a local HF_ENDPOINT fills the cache; offline, the next run reads it from there."""
+    data = gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode())
+    _HubHandler.files = {f"/datasets/someone/web/resolve/{REVISION}/data/part-0.jsonl.gz": data}
+    _HubHandler.hits = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HubHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    location = "hf://datasets/someone/web/data/part-0.jsonl.gz"
+    project = make_project(tmp_path / "p", {"corpus": {"sources": [{"url": location, "revision": REVISION}]}})
+    hub = {"HF_HUB_CACHE": str(tmp_path / "hf-cache"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    try:
+        out = run_download(project, HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", **hub)
+        assert out.returncode == 0, out.stderr
+        assert any(hit.startswith("GET ") for hit in _HubHandler.hits)
+        params = yaml.safe_load((project / "params.yaml").read_text())
+        params["corpus"]["sources"].append({"url": location.replace("part-0", "part-1"), "revision": REVISION})
+        (project / "params.yaml").write_text(yaml.safe_dump(params))
+        out = run_download(project, HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", **hub)
+        assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+        assert out.stderr.startswith(f"error: corpus.sources[1]: {location.replace('part-0', 'part-1')}@{REVISION}: ")
+        assert "404" in out.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
+    params["corpus"]["sources"].pop()
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    out = run_download(project, HF_HUB_OFFLINE="1", **hub)  # the server is gone: the cache answers
+    assert out.returncode == 0, out.stderr
+    assert (project / "data/raw/corpus.txt").read_text() == "".join(r["text"] + "\n" for r in records)

@@ -112,18 +112,32 @@ def make_project(directory: Path, shards: list[Path]) -> Path:
     return directory
 
 
+# Runs a stage as `python -m stages.<name>` does, then writes its own peak RSS (VmHWM) to $BENCH_RSS_FILE.
+# Not the rusage of the child: ru_maxrss carries the parent's peak over through vfork + exec.
+_STAGE = """
+import atexit, os, runpy, sys
+def _peak():
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    open(os.environ["BENCH_RSS_FILE"], "w").write(line.split()[1])
+atexit.register(_peak)
+sys.argv = [sys.argv[1]]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
 def run_stage(project: Path, name: str) -> dict:
-    """``python -m stages.<name>`` in ``project``: its wall time, CPU time and peak RSS (os.wait4's own rusage)."""
-    env = {**os.environ, "PYTHONPATH": str(project)}
+    """``python -m stages.<name>`` in ``project``: its wall time, CPU time (os.wait4) and peak RSS (its VmHWM)."""
+    rss_file = project / f".rss-{name}"
+    env = {**os.environ, "PYTHONPATH": str(project), "BENCH_RSS_FILE": str(rss_file)}
     started = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", f"stages.{name}"], cwd=project, env=env, stderr=subprocess.PIPE)
+    child = subprocess.Popen([sys.executable, "-c", _STAGE, f"stages.{name}"], cwd=project, env=env, stderr=subprocess.PIPE)
+    stderr = child.stderr.read().decode()
     _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - started
-    stderr = child.stderr.read().decode()
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode:
+    if os.waitstatus_to_exitcode(status):
         raise SystemExit(f"stages.{name} failed:\n{stderr}")
-    return {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024}
+    return {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "peak_rss_mb": int(rss_file.read_text()) / 1024}
 
 
 def pipeline_run(project: Path) -> dict:
@@ -175,10 +189,13 @@ def main() -> None:
     try:
         small_files = files[: max(2, round(args.small_gb * 1e9 / shard_bytes))]
         small = pipeline_run(make_project(args.dir / "small", small_files))
+        print(f"small: {json.dumps(small)}", flush=True)
         shutil.rmtree(args.dir / "small")
         big_project = make_project(args.dir / "big", files)
         big = pipeline_run(big_project)
+        print(f"big: {json.dumps(big)}", flush=True)
         raw = raw_encode(big_project, shards.val_fraction, shards.batch_bytes, threads)
+        print(f"raw: {json.dumps(raw)}", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(args.dir, ignore_errors=True)

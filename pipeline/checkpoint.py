@@ -5,6 +5,10 @@ Every consumer (evaluate, sft, dpo, export, serve) loads through ``load_model`` 
 A model directory (``models/base``, ``models/sft``, ``models/dpo``) holds:
   model.safetensors  the weights (a tied head is stored once)
   config.json        {"model": GPTConfig fields, "tokenizer": {"path", "fingerprint"}, ...extra metadata}
+or, for a LoRA run with ``lora.merge: false``, an adapter on top of another model directory:
+  adapter.safetensors  the adapter tensors (and any layer trained in full)
+  config.json          as above plus {"adapter": {"base": "models/base", "base_fingerprint", "rank", ...}}
+``load_model`` applies such an adapter to its base and merges it, so every consumer gets a plain GPT.
 """
 from __future__ import annotations
 
@@ -17,12 +21,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from pipeline import lora
 from pipeline.atomic import atomic_path
 from pipeline.errors import PipelineError
 from pipeline.model import GPT, GPTConfig, ModelConfigError
 from pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 WEIGHTS = "model.safetensors"
+ADAPTER = "adapter.safetensors"
 CONFIG = "config.json"
 
 
@@ -36,6 +42,8 @@ def _state_dict_once(model: GPT) -> dict[str, torch.Tensor]:
 
 def save_model(directory: str | Path, model: GPT, **metadata: object) -> None:
     """Write ``model`` (unwrapped from DDP/compile by the caller) and its config into ``directory`` atomically."""
+    if lora.adapter_info(model) is not None:
+        raise ValueError("save_model: the model carries unmerged adapters (merge them, or use save_adapter)")
     with atomic_path(directory) as tmp:
         tmp.mkdir()
         save_file(_state_dict_once(model), str(tmp / WEIGHTS))
@@ -43,6 +51,28 @@ def save_model(directory: str | Path, model: GPT, **metadata: object) -> None:
             json.dumps({"model": model.cfg.to_dict(), **metadata}, indent=2, ensure_ascii=False) + "\n",
             encoding="utf-8",
         )
+
+
+def save_adapter(directory: str | Path, model: GPT, base: str | Path, **metadata: object) -> None:
+    """Write only what LoRA training changed, with a pointer to the ``base`` model directory it applies to."""
+    info = lora.adapter_info(model)
+    with atomic_path(directory) as tmp:
+        tmp.mkdir()
+        save_file(lora.adapter_state(model), str(tmp / ADAPTER))
+        config = {"model": model.cfg.to_dict(), "adapter": {"base": str(base), **info.to_dict()}, **metadata}
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def save_trained(directory: str | Path, model: GPT, base: str | Path, **metadata: object) -> GPT:
+    """A fine-tuning stage's result: merged into a plain model (the default), or as an adapter when
+    ``lora.merge: false``. Returns the model to use afterwards (merged when it was merged)."""
+    info = lora.adapter_info(model)
+    if info is not None and not info.merge:
+        save_adapter(directory, model, base, **metadata)
+        return model
+    model = lora.merge(model) if info is not None else model
+    save_model(directory, model, **metadata)
+    return model
 
 
 def read_model_config(directory: str | Path) -> dict:
@@ -73,14 +103,40 @@ def load_state_into(model: GPT, weights: dict[str, torch.Tensor], origin: str) -
     model.load_state_dict(weights, strict=False)
 
 
+def _load_adapted(directory: Path, meta: dict, cfg: GPTConfig) -> GPT:
+    """Base model + adapter of a ``lora.merge: false`` directory, merged into a plain GPT."""
+    record = dict(meta["adapter"])
+    base_dir = Path(record.pop("base"))
+    base, _ = load_model(base_dir)
+    model = GPT(cfg)
+    own = model.state_dict()
+    base_state = {k: v for k, v in base.state_dict().items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(base_state, strict=False)  # a new head (train_fully) comes from the adapter file
+    try:
+        info = lora.AdapterInfo.from_dict(record)
+    except TypeError as exc:
+        raise PipelineError(f"{directory / CONFIG}: invalid adapter record ({exc})") from None
+    model = lora.rebuild(model, info, f"{directory / CONFIG} (base {base_dir})")
+    path = directory / ADAPTER
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise PipelineError(f"{path}: missing or corrupt adapter file ({exc})") from None
+    lora.load_adapter_state(model, tensors, str(path))
+    return lora.merge(model)
+
+
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
-    """Load a model directory; returns (model in eval mode, the whole config.json)."""
+    """Load a model directory (an adapter directory: its base with the adapter merged in); returns
+    (model in eval mode, the whole config.json)."""
     directory = Path(directory)
     meta = read_model_config(directory)
     try:
         cfg = GPTConfig.from_dict(meta["model"])
     except (KeyError, TypeError, ModelConfigError) as exc:
         raise PipelineError(f"{directory / CONFIG}: invalid model config ({exc})") from None
+    if "adapter" in meta:
+        return _load_adapted(directory, meta, cfg).to(device).eval(), meta
     weights_path = directory / WEIGHTS
     if not weights_path.is_file():
         raise PipelineError(f"{weights_path}: weights not found")

@@ -6,6 +6,7 @@ values raise ``ConfigError("params.yaml: pretrain.lr must be > 0, got -1")``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import types
 import typing
@@ -100,6 +101,17 @@ class ModelParams:
 
 
 @dataclass(frozen=True)
+class LoRAParams:
+    """Low-rank adapters (pipeline/lora.py); ``rank: 0`` trains the weights themselves."""
+
+    rank: int = 0
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input only
+    targets: tuple[str, ...] = ("attention", "mlp")  # attention | mlp | head, or a layer name such as att.qkv
+    merge: bool = True  # false: the model directory holds the adapter and a pointer to its base
+
+
+@dataclass(frozen=True)
 class TrainParams:
     """What the one training loop needs, whichever objective it serves."""
 
@@ -126,6 +138,7 @@ class TrainParams:
     nproc_per_node: int = 1
     nnodes: int = 1
     rdzv_endpoint: str | None = None
+    lora: LoRAParams = field(default_factory=LoRAParams)
 
 
 @dataclass(frozen=True)
@@ -240,6 +253,8 @@ _CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("evaluate.max_new_tokens", lambda v: v >= 0, ">= 0"),
     ("evaluate.temperature", lambda v: v >= 0, ">= 0"),
     ("pretrain.context_length", lambda v: v is None or v > 0, "> 0"),
+    # LoRA adapts a trained model; pretraining starts from random weights (no init_from yet).
+    ("pretrain.lora.rank", lambda v: v == 0, "0: LoRA needs trained weights to adapt, and pretrain starts from scratch"),
     ("dpo.beta", lambda v: v > 0, "> 0"),
     ("sft.split_train", lambda v: 0 < v < 1, "in (0, 1)"),
     ("sft.split_val", lambda v: 0 < v < 1, "in (0, 1)"),
@@ -263,6 +278,10 @@ for _section in ("sft", "dpo"):
     ]
 for _section in ("pretrain", "sft", "dpo"):
     _CHECKS += [
+        (f"{_section}.lora.rank", lambda v: v >= 0, ">= 0 (0 turns LoRA off)"),
+        (f"{_section}.lora.alpha", lambda v: v > 0, "> 0"),
+        (f"{_section}.lora.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+        (f"{_section}.lora.targets", lambda v: len(v) > 0, "a non-empty list"),
         (f"{_section}.batch_size", lambda v: v > 0, "> 0"),
         (f"{_section}.grad_accum", lambda v: v > 0, "> 0"),
         (f"{_section}.max_steps", lambda v: v >= 0, ">= 0"),
@@ -392,8 +411,7 @@ def parse_params(data: dict, origin: str = "params.yaml") -> Params:
     try:
         params = _build(Params, data, "")
         for key, ok, must in _CHECKS:
-            section, name = key.split(".")
-            value = getattr(getattr(params, section), name)
+            value = functools.reduce(getattr, key.split("."), params)
             if not ok(value):
                 raise ConfigError(f"{key} must be {must}, got {value!r}")
     except ConfigError as exc:

@@ -2,6 +2,8 @@
 
 A checkpoint is a directory ``<checkpoint_dir>/step_00000100/`` renamed into place only when complete:
   model/          a model directory (safetensors weights + config.json, as ``checkpoint.save_model`` writes)
+                  or, for a LoRA run, adapter/ instead: the adapter tensors and their record, which names the
+                  fingerprint of the frozen base weights they were trained on
   trainer.pt      optimizer, scheduler and RNG states (tensors and plain data: loads with weights_only=True)
   state.json      step, run key, data position, logged history, and the sha256 of every other file
                   (written last: a checkpoint whose hashes do not match is corrupt)
@@ -22,10 +24,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from pipeline import lora
 from pipeline.atomic import atomic_path, fsync_tree
-from pipeline.checkpoint import WEIGHTS, load_state_into, save_model
+from pipeline.checkpoint import ADAPTER, WEIGHTS, load_state_into, save_model
 from pipeline.errors import PipelineError
 from pipeline.model import GPT
 
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 STATE = "state.json"
 TRAINER = "trainer.pt"
 MODEL_DIR = "model"
+ADAPTER_DIR = "adapter"
 PREFIX = "step_"
 # Tests set this to a step number: the process SIGKILLs itself right after that checkpoint is fsynced.
 KILL_AFTER_CHECKPOINT = "LLM_PIPELINE_KILL_AFTER_CHECKPOINT"
@@ -75,7 +79,13 @@ def save_checkpoint(checkpoint_dir: Path, step: int, model: GPT, trainer: dict, 
     final = checkpoint_path(checkpoint_dir, step)
     with atomic_path(final) as tmp:
         tmp.mkdir()
-        save_model(tmp / MODEL_DIR, model)
+        info = lora.adapter_info(model)
+        if info is None:
+            save_model(tmp / MODEL_DIR, model)
+        else:
+            (tmp / ADAPTER_DIR).mkdir()
+            save_file(lora.adapter_state(model), str(tmp / ADAPTER_DIR / ADAPTER))
+            (tmp / ADAPTER_DIR / "adapter.json").write_text(json.dumps(info.to_dict(), indent=1) + "\n")
         torch.save(trainer, tmp / TRAINER)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         hashes = {p.relative_to(tmp).as_posix(): _sha256(p) for p in files}
@@ -104,12 +114,21 @@ def load_checkpoint(path: Path, model: GPT, state: dict) -> Restored:
             raise CorruptCheckpoint(f"{file}: missing")
         if _sha256(file) != expected:
             raise CorruptCheckpoint(f"{file}: contents do not match the recorded sha256")
+    info = lora.adapter_info(model)
+    weights_path = path / MODEL_DIR / WEIGHTS if info is None else path / ADAPTER_DIR / ADAPTER
     try:
         trainer = torch.load(path / TRAINER, map_location="cpu", weights_only=True)
-        weights = load_file(str(path / MODEL_DIR / WEIGHTS))
+        weights = load_file(str(weights_path))
     except (OSError, RuntimeError, SafetensorError) as exc:
         raise CorruptCheckpoint(f"{path}: unreadable ({exc.__class__.__name__})") from None
-    load_state_into(model, weights, str(path / MODEL_DIR / WEIGHTS))
+    if info is None:
+        load_state_into(model, weights, str(weights_path))
+        return Restored(path, state, trainer)
+    recorded = json.loads((path / ADAPTER_DIR / "adapter.json").read_text())
+    if recorded.get("base_fingerprint") != info.base_fingerprint:
+        raise CorruptCheckpoint(f"{path}: adapter trained on base {str(recorded.get('base_fingerprint'))[:12]}, "
+                                f"not on this base {info.base_fingerprint[:12]}")
+    lora.load_adapter_state(model, weights, str(weights_path))
     return Restored(path, state, trainer)
 
 

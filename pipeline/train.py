@@ -182,6 +182,11 @@ class _Trainer:
         self.peak_flops = rate * 1e9 if rate else perf.matmul_flops(self.device.type, self.dtype)
         self._announce()
         self.n_params = self.raw.num_params()
+        unique = {id(p): p for p in self.raw.parameters()}.values()
+        self.trainable = (sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique))
+        if self.ctx.is_main:
+            log.warning("%s: training %s of %s parameters (%.2f%%)", desc, f"{self.trainable[0]:,}",
+                        f"{self.trainable[1]:,}", 100 * self.trainable[0] / self.trainable[1])
         self.seq_len = self.raw.cfg.context_length  # updated from the batches, for the FLOPs estimate
 
     # -- setup ---------------------------------------------------------------------------------
@@ -346,7 +351,8 @@ class _Trainer:
         bar.close()
         if not any("val/loss" in row["metrics"] for row in self.metrics.history):
             self.metrics.log(self.step, self.evaluate())
-        summary = self._summary(timed)
+        summary = {**self._summary(timed), "summary/trainable_params": float(self.trainable[0]),
+                   "summary/trainable_share": self.trainable[0] / self.trainable[1]}
         self.metrics.flush(summary)
         self.raw.eval()
         return TrainResult(self.raw, {**self.metrics.latest(), **summary, "step": self.step})

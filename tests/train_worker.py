@@ -1,6 +1,7 @@
 """A training run in its own process (for the kill-and-resume and torchrun tests).
 
-Trains a cpu-tiny GPT on a learnable synthetic sequence task through the real loop, then writes the model
+Trains a cpu-tiny GPT on a learnable synthetic sequence task through the real loop (with LoRA adapters,
+merged at the end, when the params' ``lora.rank`` > 0), then writes the model
 directory (rank 0) and every rank's weight digest. Tests crash it at a chosen checkpoint through
 ``resume.KILL_AFTER_CHECKPOINT``.
 """
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from pipeline import lora
 from pipeline.checkpoint import save_model
-from pipeline.config import TrainParams
+from pipeline.config import LoRAParams, TrainParams
 from pipeline.model import GPT, config_from_preset
 from pipeline.train import Batch, train
 
@@ -70,10 +72,15 @@ def main() -> None:
     parser.add_argument("--params", required=True, help="TrainParams fields as JSON")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    params = TrainParams(**json.loads(args.params))
+    fields = json.loads(args.params)
+    params = TrainParams(**{**fields, "lora": LoRAParams(**{**fields.get("lora", {}), "targets": tuple(
+        fields.get("lora", {}).get("targets", LoRAParams.targets))})})
     objective = CountingObjective(params.seed, params.batch_size)
-    result = train(tiny_model(), objective, params, checkpoint_dir=args.out / "checkpoints",
+    model = lora.apply_lora(tiny_model(), params.lora, "worker.lora", params.seed)  # rank 0: unchanged
+    result = train(model, objective, params, checkpoint_dir=args.out / "checkpoints",
                    report_dir=args.out / "report", desc="worker")
+    if lora.adapter_info(result.model) is not None:
+        result.model = lora.merge(result.model)
     rank = int(os.environ.get("RANK", 0))
     (args.out / f"digest_rank{rank}.txt").write_text(weights_digest(result.model))
     if rank == 0:

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "flow": ("pipeline.flow", "run or schedule the pipeline with Prefect (flow run | flow serve)"),
     "sweep": ("pipeline.compare", "queue and run several `dvc exp run -S ...` variants"),
     "compare": ("pipeline.compare", "compare DVC experiments: params, metrics, loss curves"),
+    "classify": ("pipeline.classifier", "label texts with a classifier (classify --model models/classifier TEXT...)"),
 }
 
 

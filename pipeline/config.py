@@ -195,6 +195,30 @@ class DPOParams(TrainParams):
 
 
 @dataclass(frozen=True)
+class ClassifyParams(TrainParams):
+    """A classifier from a trained GPT (pipeline/classifier.py). ``data: null`` → the tone data built from the
+    preference pairs (pipeline/labelled.py), whose pairs on SFT test prompts all go to the test split."""
+
+    model: Literal["base", "sft", "dpo"] = "base"
+    data: Source | None = None
+    format: Literal["auto", "csv", "tsv", "json", "jsonl"] = "auto"
+    member: str | None = None  # the file inside a zip (needed when it holds several)
+    columns: tuple[str, ...] = ()  # field names of a header-less CSV/TSV
+    text_field: str = "text"
+    label_field: str = "label"
+    balance: bool = False  # undersample every class to the smallest
+    split_train: float = 0.7
+    split_val: float = 0.1  # the test split is what train and val leave
+    split_seed: int = 123
+    trainable: Literal["head", "last_block", "all", "lora"] = "last_block"
+
+    def __post_init__(self) -> None:
+        if self.split_train + self.split_val >= 1:
+            raise ConfigError(f"classify.split_train + classify.split_val must be < 1 (the rest is the test split), "
+                              f"got {self.split_train} + {self.split_val}")
+
+
+@dataclass(frozen=True)
 class JudgeParams:
     host: str | None = None  # None → $OLLAMA_HOST or http://127.0.0.1:11434
     model: str = "llama3.1:8b"
@@ -215,7 +239,7 @@ class JudgeParams:
 
 @dataclass(frozen=True)
 class ExportParams:
-    model: Literal["base", "sft", "dpo"] = "dpo"
+    model: Literal["base", "sft", "dpo", "classifier"] = "dpo"  # classifier: class logits, parity of those
     opset: int = 23  # ONNX Attention + Gelu ops (see pipeline/export.py); 18 for older runtimes
     quantize_int8: bool = True
     parity_atol: float = 1e-4  # max |logit(onnxruntime fp32) - logit(torch)|, else the stage fails
@@ -235,6 +259,7 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     sft: SFTParams = field(default_factory=SFTParams)
     dpo: DPOParams = field(default_factory=DPOParams)
+    classify: ClassifyParams = field(default_factory=ClassifyParams)
     judge: JudgeParams = field(default_factory=JudgeParams)
     export: ExportParams = field(default_factory=ExportParams)
 
@@ -259,6 +284,8 @@ _CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("sft.split_train", lambda v: 0 < v < 1, "in (0, 1)"),
     ("sft.split_val", lambda v: 0 < v < 1, "in (0, 1)"),
     ("dpo.split_val", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("classify.split_train", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("classify.split_val", lambda v: 0 < v < 1, "in (0, 1)"),
     ("judge.concurrency", lambda v: v >= 1, ">= 1"),
     ("judge.temperature", lambda v: v >= 0, ">= 0"),
     ("judge.num_ctx", lambda v: v > 0, "> 0"),
@@ -276,7 +303,7 @@ for _section in ("sft", "dpo"):
         (f"{_section}.temperature", lambda v: v >= 0, ">= 0"),
         (f"{_section}.top_k", lambda v: v is None or v > 0, "> 0 or null"),
     ]
-for _section in ("pretrain", "sft", "dpo"):
+for _section in ("pretrain", "sft", "dpo", "classify"):
     _CHECKS += [
         (f"{_section}.lora.rank", lambda v: v >= 0, ">= 0 (0 turns LoRA off)"),
         (f"{_section}.lora.alpha", lambda v: v > 0, "> 0"),

@@ -34,6 +34,7 @@ class GPTConfig:
     dropout: float = 0.0
     qkv_bias: bool = False
     tie_weights: bool = True
+    n_classes: int = 0  # > 0: a classifier (the book's ch. 6): an n-class head instead of the vocabulary head
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "n_embd", "n_head", "n_layer"):
@@ -45,6 +46,8 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ModelConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.n_classes < 0 or (self.n_classes and self.tie_weights):
+            raise ModelConfigError(f"model.n_classes={self.n_classes} needs n_classes >= 0 and an untied head")
 
     @property
     def head_dim(self) -> int:
@@ -151,7 +154,7 @@ class GPT(nn.Module):
         self.drop_emb = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
         self.final_norm = nn.LayerNorm(cfg.n_embd)
-        self.out_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.out_head = nn.Linear(cfg.n_embd, cfg.n_classes or cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)

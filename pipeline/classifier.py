@@ -23,6 +23,7 @@ from pipeline.config import LoRAParams
 from pipeline.errors import PipelineError
 from pipeline.finetune import EpochSampler
 from pipeline.model import GPT
+from pipeline.model import last_token_logits as class_logits
 
 Batch = dict[str, torch.Tensor]
 TRAINABLE = ("head", "last_block", "all", "lora")
@@ -78,12 +79,6 @@ def collate_texts(ids: Sequence[list[int]], pad_id: int, labels: Sequence[int] |
     if labels is not None:
         batch["labels"] = torch.tensor(list(labels), dtype=torch.long)
     return batch
-
-
-def class_logits(model: torch.nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """(B, n_classes): the head's output at each row's last real token."""
-    logits, _ = model(input_ids)
-    return logits[torch.arange(input_ids.shape[0], device=input_ids.device), lengths - 1]
 
 
 class ClassifyObjective:

@@ -40,6 +40,7 @@ from pipeline.atomic import atomic_path, write_json
 from pipeline.checkpoint import CONFIG, load_with_tokenizer
 from pipeline.config import ExportParams
 from pipeline.errors import PipelineError
+from pipeline.export_classifier import export_classifier
 from pipeline.generate import stream_tokens
 from pipeline.model import GPT, KVCache
 from pipeline.onnx_generate import (
@@ -384,6 +385,10 @@ def export_model(
     loaded = load_with_tokenizer(model_dir, tokenizer_dir)
     model = loaded.model.eval()
     ctx = model.cfg.context_length
+    if model.cfg.n_classes:
+        texts = [row[: 2 + 13 * i % max(1, ctx - 2)].tolist() for i, row in
+                 enumerate(real_windows(shards_dir, loaded.tokenizer_fingerprint, ctx))]
+        return export_classifier(model, loaded.meta, tokenizer_dir, out_dir, texts, params, seed, **metadata)
     if not 1 <= params.parity_tokens < ctx:
         raise PipelineError(
             f"export.parity_tokens={params.parity_tokens} must be in 1..{ctx - 1} (context_length {ctx} "

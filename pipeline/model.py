@@ -216,6 +216,13 @@ class GPT(nn.Module):
 GPTModel = GPT
 
 
+def last_token_logits(model: nn.Module, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, n_out): the head's output at each row's last real token of right-padded ``idx`` (the book's
+    classifier reads the last token; under the causal mask it has seen the whole text and none of the padding)."""
+    logits, _ = model(idx)
+    return logits[torch.arange(idx.shape[0], device=idx.device), lengths - 1]
+
+
 def flops_per_token(cfg: GPTConfig, n_params: int, seq_len: int) -> float:
     """Training FLOPs per token, forward + backward: 6N + 12·L·d·T (PaLM appendix B)."""
     return 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * seq_len

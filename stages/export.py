@@ -25,6 +25,10 @@ def main() -> None:
                            provenance=provenance(PARAMS))
     write_json(METRICS, metrics)
     parity = metrics["parity"]
+    if "same_class" in parity:
+        print(f"export: classifier parity max |Δlogit| {parity['max_abs_logit_diff']:.2e}, same class on "
+              f"{parity['same_class']}/{parity['texts']} texts → {OUT}/")
+        return
     int8 = f", int8 top-1 agreement {metrics['int8']['top1_agreement']:.1%}" if "int8" in metrics else ""
     print(f"export: parity max |Δlogit| {parity['max_abs_logit_diff']:.2e}, greedy {parity['greedy_tokens_matched']} "
           f"tokens equal{int8} → {OUT}/ ({', '.join(f'{k} {v} MB' for k, v in metrics['size_mb'].items())})", file=sys.stderr)

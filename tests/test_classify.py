@@ -236,3 +236,30 @@ def test_merged_lora_classifier_equals_its_adapter_form():
     expected = class_logits(model, batch["input_ids"], batch["lengths"])
     torch.testing.assert_close(class_logits(lora.merge(model), batch["input_ids"], batch["lengths"]), expected,
                                atol=1e-5, rtol=1e-5)
+
+
+def test_classifier_exports_to_onnx_with_a_parity_gate(tmp_path):
+    import onnxruntime as ort
+
+    from pipeline.config import ExportParams
+    from pipeline.export_classifier import FILE, export_classifier
+
+    fingerprint = save_tokenizer(train_bpe(["hello there, how are you"] * 20, 300), tmp_path / "tok", "bpe")
+    model = build_classifier(_base(vocab=300), 3, "all", LoRAParams(), seed=0).eval()
+    meta = {"labels": ["a", "b", "c"], "tokenizer": {"path": "tok", "fingerprint": fingerprint}}
+    texts = [[1, 2, 3], list(range(5, 30)), [7, 8]]
+    params = ExportParams(model="classifier", opset=18)
+    metrics = export_classifier(model, meta, tmp_path / "tok", tmp_path / "onnx", texts, params, seed=0)
+    assert metrics["parity"]["passed"] and metrics["parity"]["same_class"] == metrics["parity"]["texts"] == 8
+    session = ort.InferenceSession(str(tmp_path / "onnx" / FILE))
+    batch = collate_texts(texts, pad_id=0)
+    (logits,) = session.run(None, {"input_ids": batch["input_ids"].numpy(), "lengths": batch["lengths"].numpy()})
+    with torch.no_grad():
+        expected = class_logits(model, batch["input_ids"], batch["lengths"]).numpy()
+    assert logits.shape == (3, 3) and abs(logits - expected).max() < 1e-4
+    assert json.loads((tmp_path / "onnx/config.json").read_text())["labels"] == ["a", "b", "c"]
+
+    with pytest.raises(PipelineError, match="export parity failed: .* nothing was exported"):
+        export_classifier(model, meta, tmp_path / "tok", tmp_path / "onnx2", texts,
+                          ExportParams(model="classifier", opset=18, parity_atol=1e-12), seed=0)
+    assert not (tmp_path / "onnx2").exists()

@@ -17,13 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import lora
-from pipeline.checkpoint import read_model_config
-from pipeline.classify_metrics import confusion, majority_class, scores
+from pipeline.checkpoint import load_with_tokenizer, read_model_config
 from pipeline.config import LoRAParams
 from pipeline.errors import PipelineError
-from pipeline.finetune import EpochSampler
 from pipeline.model import GPT
 from pipeline.model import last_token_logits as class_logits
+from pipeline.objectives import EpochSampler
 
 Batch = dict[str, torch.Tensor]
 TRAINABLE = ("head", "last_block", "all", "lora")
@@ -125,23 +124,9 @@ def predict(model: GPT, ids: Sequence[list[int]], pad_id: int, batch_size: int =
     return out
 
 
-def evaluate_splits(model: GPT, splits: dict[str, Encoded], labels: Sequence[str], pad_id: int,
-                    batch_size: int) -> dict[str, dict]:
-    """Scores of every split against the majority class of the training split, with its confusion matrix."""
-    majority = majority_class(splits["train"].labels)
-    out = {}
-    for name, data in splits.items():
-        predicted = predict(model, data.ids, pad_id, batch_size).argmax(-1).tolist()
-        out[name] = {**scores(data.labels, predicted, labels, majority),
-                     "confusion": confusion(data.labels, predicted, len(labels))}
-    return out
-
-
 def cli(argv: list[str]) -> int:
     """`python -m pipeline classify --model models/classifier "text" ...`: the label and every class's probability."""
     import argparse
-
-    from pipeline.finetune import load_with_tokenizer
 
     parser = argparse.ArgumentParser(prog="python -m pipeline classify", description=cli.__doc__)
     parser.add_argument("--model", default="models/classifier", help="a classifier directory (default: %(default)s)")

@@ -15,7 +15,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from pipeline.checkpoint import CONFIG, atomic_path, write_json
+from pipeline.atomic import atomic_path, write_json
+from pipeline.checkpoint import CONFIG
 from pipeline.config import ExportParams
 from pipeline.errors import PipelineError
 from pipeline.model import GPT, last_token_logits

@@ -12,7 +12,7 @@ from pathlib import Path
 from pipeline import distributed
 from pipeline.answers import generate_responses, sampling_options, write_responses
 from pipeline.atomic import write_json
-from pipeline.checkpoint import CONFIG, ModelAndTokenizer, load_with_tokenizer, save_model
+from pipeline.checkpoint import CONFIG, ModelAndTokenizer, load_with_tokenizer, save_trained
 from pipeline.config import DPOParams, SFTParams
 from pipeline.errors import PipelineError
 from pipeline.hashing import sha256_file
@@ -42,15 +42,16 @@ def run(stage: str, model, objective, p: SFTParams | DPOParams, train_data, val_
 
 
 def finish(stage: str, result: TrainResult, start: ModelAndTokenizer, p: SFTParams | DPOParams, recipe: dict,
-           test_set: Sequence[Example], data: dict[str, int], sections: Sequence[str]) -> Path | None:
-    """On the main worker: write models/<stage>, answer the held-out split, add the data counts to the metrics."""
+           test_set: Sequence[Example], data: dict[str, int], sections: Sequence[str], base: Path) -> Path | None:
+    """On the main worker: write models/<stage> (adapters merged, or as an adapter on ``base`` when
+    ``lora.merge: false``), answer the held-out split, add the data counts to the metrics."""
     if not is_main():
         return None
-    save_model(Path("models") / stage, result.model,
-               tokenizer={"path": str(TOKENIZER), "fingerprint": start.tokenizer_fingerprint},
-               stage=stage, instructions=recipe, provenance=provenance(sections))
+    model = save_trained(Path("models") / stage, result.model, base,
+                         tokenizer={"path": str(TOKENIZER), "fingerprint": start.tokenizer_fingerprint},
+                         stage=stage, instructions=recipe, provenance=provenance(sections))
     opts = sampling_options(start.enc, p.max_new_tokens, p.temperature, p.top_k, p.seed)
-    responses = generate_responses(result.model, start.enc, test_set, recipe["template"], opts, p.batch_size)
+    responses = generate_responses(model, start.enc, test_set, recipe["template"], opts, p.batch_size)
     out = Path("reports") / stage / "responses.jsonl"
     write_responses(out, responses.records)
     metrics_path = Path("reports") / stage / "metrics.json"

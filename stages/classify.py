@@ -3,20 +3,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
 from pipeline import config, distributed
-from pipeline.checkpoint import save_trained, write_json
-from pipeline.classifier import ClassifyObjective, build_classifier, encode_texts, evaluate_splits
-from pipeline.classify_metrics import plot_confusion
+from pipeline.atomic import write_json
+from pipeline.checkpoint import load_with_tokenizer, save_trained
+from pipeline.classifier import ClassifyObjective, build_classifier, encode_texts
+from pipeline.classify_metrics import evaluate_splits, plot_confusion
 from pipeline.corpus import DownloadCache
 from pipeline.errors import exit_on_error
-from pipeline.finetune import load_with_tokenizer
 from pipeline.instructions import load_examples, split_dataset
 from pipeline.labelled import balance, classify_texts, split
 from pipeline.provenance import provenance
+from pipeline.runtime import is_main
 from pipeline.train import train
 
 TONE_DATA = Path("data/raw/dpo.json")
@@ -25,11 +25,12 @@ TOKENIZER = Path("data/tokenizer")
 OUT = Path("models/classifier")
 CHECKPOINTS = Path("checkpoints/classify")
 REPORTS = Path("reports/classify")
+PARAMS = ("data", "classify", "sft.strict", "sft.split_train", "sft.split_val", "sft.split_seed")
 
 
 @exit_on_error
 def main() -> None:
-    params = config.load_params()
+    params = config.load_params(sections=PARAMS)
     p, sft = params.classify, params.sft
     distributed.relaunch_under_torchrun("stages.classify", p.nproc_per_node, p.nnodes, p.rdzv_endpoint)
     base_dir = Path("models") / p.model
@@ -52,11 +53,11 @@ def main() -> None:
     fingerprint = hashlib.sha256(json.dumps([[s.ids, s.labels] for s in splits.values()]).encode()).hexdigest()
     result = train(model, objective, p, checkpoint_dir=CHECKPOINTS, report_dir=REPORTS, desc="classify",
                    data_fingerprint=fingerprint)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main():
         return
     model = save_trained(OUT, result.model, base=base_dir, labels=labels, stage="classify",
                          tokenizer={"path": str(TOKENIZER), "fingerprint": start.tokenizer_fingerprint},
-                         provenance=provenance(["classify"]))
+                         provenance=provenance(("data", "classify", "sft")))
     scores = evaluate_splits(model, splits, labels, pad, p.batch_size)
     plot_confusion(scores["test"]["confusion"], labels, REPORTS / "confusion.png", f"{OUT} on the test split")
     data = {"records": len(texts), **left_out, "held_out_in_test": sum(t.key in held_out for t in texts),

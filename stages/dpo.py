@@ -8,7 +8,7 @@ import copy
 import sys
 from pathlib import Path
 
-from pipeline import config
+from pipeline import config, lora
 from pipeline.errors import exit_on_error
 from pipeline.instructions import load_preferences, split_dataset, tokenize_pairs
 from pipeline.objectives import DPOObjective, reference_logprobs, without_dropout
@@ -35,16 +35,19 @@ def main() -> None:
     train_data = tokenize_pairs(start.enc, train_pairs, template, context)
     val_data = tokenize_pairs(start.enc, val_pairs, template, context)
 
-    policy = without_dropout(start.model)
+    policy = lora.apply_lora(without_dropout(start.model), p.lora, "dpo.lora", p.seed)
     device = local_device(p.device)
     dtype = resolve_dtype(p.dtype, device, policy.cfg, 2 * p.batch_size * context)
-    reference = copy.deepcopy(policy).to(device)  # frozen: only ever run under inference_mode
-    cached = {
-        name: reference_logprobs(reference, data, context_length=context, pad_id=start.enc.eot_token,
-                                 reduction=p.reduction, batch_size=p.batch_size,
-                                 autocast=lambda: autocast(device, dtype), desc=f"reference log-probs ({name})")
-        for name, data in (("train", train_data), ("val", val_data))
-    }
+    # With LoRA the reference is the policy with its adapters off (one copy of the model, as TRL does);
+    # without, a frozen copy, only ever run under inference_mode.
+    reference = policy.to(device) if lora.adapter_info(policy) else copy.deepcopy(policy).to(device)
+    with lora.disabled(reference):
+        cached = {
+            name: reference_logprobs(reference, data, context_length=context, pad_id=start.enc.eot_token,
+                                     reduction=p.reduction, batch_size=p.batch_size,
+                                     autocast=lambda: autocast(device, dtype), desc=f"reference log-probs ({name})")
+            for name, data in (("train", train_data), ("val", val_data))
+        }
     del reference
     objective = DPOObjective(
         train_data, val_data, cached["train"], cached["val"], beta=p.beta, reduction=p.reduction,
@@ -57,7 +60,7 @@ def main() -> None:
         "held_out_excluded": len(loaded.records) - len(usable), "train": len(train_data), "val": len(val_data),
         "test": len(test_set), "truncated": train_data.truncated + val_data.truncated,
         "dropped": train_data.dropped + val_data.dropped,
-    }, PARAMS)
+    }, PARAMS, SFT_MODEL)
     if out:
         m = result.metrics
         print(f"dpo: {m['step']} steps, train rewards/accuracies {m.get('train/rewards/accuracies', float('nan')):.2f}, "

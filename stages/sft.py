@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline import config
+from pipeline import config, lora
 from pipeline.errors import exit_on_error
 from pipeline.hashing import sha256_file
 from pipeline.instructions import load_examples, split_dataset, tokenize_examples
@@ -30,14 +30,14 @@ def main() -> None:
         train_data, val_data, batch_size=p.batch_size, grad_accum=p.grad_accum, eval_batches=p.eval_batches,
         context_length=context, pad_id=start.enc.eot_token, mask_prompt=p.mask_prompt, seed=p.seed,
     )
-    result = _finetune.run("sft", start.model, objective, p, train_data, val_data)
+    result = _finetune.run("sft", lora.apply_lora(start.model, p.lora, "sft.lora", p.seed), objective, p, train_data, val_data)
     recipe = {"data": str(DATA), "data_sha256": sha256_file(DATA), "template": p.template, "strict": p.strict,
               "split_train": p.split_train, "split_val": p.split_val, "split_seed": p.split_seed}
     out = _finetune.finish("sft", result, start, p, recipe, test_set, {
         "records": len(loaded.records) + len(loaded.skipped), "skipped": len(loaded.skipped),
         "train": len(train_data), "val": len(val_data), "test": len(test_set),
         "truncated": train_data.truncated + val_data.truncated, "dropped": train_data.dropped + val_data.dropped,
-    }, PARAMS)
+    }, PARAMS, BASE)
     if out:
         print(f"sft: {result.metrics['step']} steps, val loss {result.metrics.get('val/loss', float('nan')):.4f}; "
               f"{len(test_set)} held-out responses -> {out}", file=sys.stderr)

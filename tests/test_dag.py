@@ -16,11 +16,11 @@ OUTPUT_ROOTS = ("data/", "models/", "reports/", "checkpoints/", "cache/")
 # The data's direction through the house: a module may import its own layer and the ones above it, never a later one.
 LAYERS = [
     {"errors", "atomic", "hashing", "config", "provenance", "profile", "sampling", "textstream", "datasets", "unwrap", "corpus",
-     "tokenizer", "shards", "instructions"},  # data and the params
-    {"model", "generate", "perf", "runtime", "checkpoint"},  # the model, where it runs, its files
-    {"losses", "objectives", "distributed", "resume", "train", "pretraining", "answers"},  # training
-    {"evaluation", "rouge", "judge", "judge_report"},  # evaluation
-    {"export", "onnx_generate", "serve_models", "serve"},  # export and serving
+     "tokenizer", "shards", "instructions", "labelled"},  # data and the params
+    {"model", "generate", "perf", "runtime", "checkpoint", "lora"},  # the model, where it runs, its files
+    {"losses", "objectives", "distributed", "resume", "train", "pretraining", "answers", "classifier"},  # training
+    {"evaluation", "rouge", "judge", "judge_report", "classify_metrics"},  # evaluation
+    {"export", "onnx_generate", "serve_models", "serve", "export_classifier"},  # export and serving
     {"dvc_ops", "flow", "compare", "cli", "__main__", "__init__"},  # orchestration and the command line
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

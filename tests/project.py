@@ -75,6 +75,8 @@ def tiny_params() -> dict:
         "dpo": {"data": "inputs/dpo.json", "batch_size": 4, "max_steps": 4, "warmup_steps": 1,
                 "eval_every": 2, "eval_batches": 1, "checkpoint_every": 2, "log_every": 1,
                 "max_new_tokens": 8},
+        "classify": {"model": "base", "batch_size": 8, "max_steps": 4, "warmup_steps": 1, "eval_every": 2,
+                     "eval_batches": 1, "checkpoint_every": 2, "log_every": 1},
         "judge": {"host": "http://127.0.0.1:9", "on_unavailable": "fallback", "timeout_s": 2, "retries": 0},
         "export": {"model": "dpo", "parity_tokens": 8},
     }

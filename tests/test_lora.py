@@ -1,6 +1,8 @@
 """LoRA: adapters start at the base, only they train, merge and disable are exact, checkpoints resume bit for bit."""
 from __future__ import annotations
 
+import json
+import math
 import signal
 from dataclasses import replace
 
@@ -166,3 +168,31 @@ def test_adapter_checkpoint_of_another_base_is_refused(tmp_path):
     with pytest.raises(resume.CorruptCheckpoint, match="adapter trained on base"):
         resume.load_checkpoint(path, other, resume.read_state(path))
     assert resume.load_checkpoint(path, model, resume.read_state(path)).trainer["x"].shape == (1,)
+
+
+def test_sft_and_dpo_stages_with_lora_merge_or_keep_an_adapter(tmp_path, monkeypatch, caplog):
+    from tests.test_sft_dpo import _run_here, _stage_project
+
+    project = _stage_project(tmp_path, {"sft": {"lora": {"rank": 8}}, "dpo": {"lora": {"rank": 4, "merge": False}}})
+    base, _ = load_model(project / "models/base")
+    with caplog.at_level("WARNING"):
+        _run_here("sft", project, monkeypatch)
+        _run_here("dpo", project, monkeypatch)
+    announced = [r.getMessage() for r in caplog.records if "parameters (" in r.getMessage()]
+    assert announced[0].startswith("sft: training 16,384 of ") and announced[1].startswith("dpo: training 8,192 of ")
+    sft_metrics = json.loads((project / "reports/sft/metrics.json").read_text())
+    assert sft_metrics["summary"]["trainable_params"] == 16384 and sft_metrics["summary"]["trainable_share"] < 0.2
+    # sft merged: a plain model directory that differs from the base only where adapters were.
+    sft, meta = load_model(project / "models/sft")
+    assert (project / "models/sft" / WEIGHTS).is_file() and "adapter" not in meta
+    changed = {n for n, t in sft.state_dict().items() if not torch.equal(t, base.state_dict()[n])}
+    assert changed and all(n.endswith(("att.qkv.weight", "att.out_proj.weight", "ff.fc.weight", "ff.proj.weight"))
+                           for n in changed)
+    # dpo kept its adapter on top of models/sft; loading applies it, and the held-out answers were written.
+    dpo_meta = json.loads((project / "models/dpo/config.json").read_text())
+    assert dpo_meta["adapter"]["base"] == "models/sft" and not (project / "models/dpo" / WEIGHTS).exists()
+    dpo, _ = load_model(project / "models/dpo")
+    assert any(not torch.equal(t, sft.state_dict()[n]) for n, t in dpo.state_dict().items())
+    assert len((project / "reports/dpo/responses.jsonl").read_text().splitlines()) == 4
+    dpo_metrics = json.loads((project / "reports/dpo/metrics.json").read_text())
+    assert math.isfinite(dpo_metrics["train"]["rewards"]["margins"])  # against the reference = adapters off

@@ -70,8 +70,10 @@ class Segments(Sequence):
         return Segment(int(self.offsets[index]), int(self.lengths[index]))
 
     def __iter__(self) -> Iterator[Segment]:
-        for offset, length in zip(self.offsets.tolist(), self.lengths.tolist(), strict=True):
-            yield Segment(offset, length)
+        for start in range(0, len(self), 65536):  # in slices: Python ints for every document would cost ~70 B each
+            stop = start + 65536
+            for offset, length in zip(self.offsets[start:stop].tolist(), self.lengths[start:stop].tolist(), strict=True):
+                yield Segment(offset, length)
 
     def __add__(self, other: Sequence[Segment]) -> Segments:
         other = Segments.of(other)

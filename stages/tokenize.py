@@ -38,6 +38,7 @@ def main() -> None:
     tok, sh = params.tokenizer, params.shards
     corpus, documents = read_raw(RAW)
     train, val = split_tail(corpus, documents, sh.val_fraction)
+    del documents  # the splits hold their own arrays
     started, cpu_started = time.perf_counter(), time.process_time()
     enc = train_tokenizer(tok.kind, training_texts(tok, corpus, train, sh.batch_bytes), tok.vocab_size)
     train_seconds, train_cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started

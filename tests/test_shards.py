@@ -9,7 +9,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.shards import MANIFEST, ShardDataset, ShardWriter, dtype_for_vocab, write_shards
-from pipeline.textstream import Segment, fallback_cut, read_blocks, safe_cut, sample_text, split_tail
+from pipeline.textstream import Segment, Segments, fallback_cut, read_blocks, safe_cut, sample_text, split_tail
 from pipeline.tokenizer import train_tokenizer
 
 FINGERPRINT = "f" * 64
@@ -246,3 +246,13 @@ def test_sample_text_is_a_seeded_spread_of_windows(tmp_path, corpus_text):
     assert (3 << 20) - 64 <= sum(len(t.encode()) for t in sample) <= (3 << 20)
     assert len(sample) >= 3 * 4 and all(t in text for t in sample)  # three windows, each across document boundaries
     assert sum(len(t.encode()) for t in sample_text(path, documents, 10 * size, seed=5)) >= size - 64
+
+
+def test_segments_arrays_behave_as_a_list_of_segments():
+    ends = np.cumsum(np.arange(1, 150_001))
+    documents = Segments.from_ends(ends)
+    listed = list(documents)
+    assert len(listed) == len(documents) == 150_000 and listed[70_000] == documents[70_000] == Segment(
+        int(ends[69_999]), 70_001)
+    assert documents[:2] + [Segment(9, 1)] == [Segment(0, 1), Segment(1, 2), Segment(9, 1)]
+    assert documents.total() == int(ends[-1]) and Segments.of(listed) == documents

@@ -1,11 +1,9 @@
-"""The run report: stage wall times, the generic renderer, two runs side by side, and the real `report` stage at
-the end of `dvc repro` (whose second run is a no-op)."""
+"""The run report: stage wall times, the generic renderer, two runs side by side. The real `report` stage, at the
+end of the whole tiny pipeline, is checked in tests/test_pipeline_dag.py (which runs that pipeline once)."""
 from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from importlib.machinery import ModuleSpec
 from pathlib import Path
 
@@ -15,7 +13,6 @@ from pipeline.cli import main as cli_main
 from pipeline.errors import PipelineError
 from pipeline.report import collect, write_report
 from pipeline.stage_timing import timed
-from tests.project import make_project, venv_env
 
 STAGES = ["tokenize", "pretrain", "evaluate", "sft", "dpo", "judge"]
 
@@ -130,26 +127,3 @@ def test_collect_skips_its_own_and_comparison_folders(tmp_path):
     write(reports / "report/timing.json", {"seconds": 1})
     write(reports / "compare/compare.csv", "a\n")
     assert [s.name for s in collect(reports, [])] == sorted([*STAGES, "distill"])
-
-
-# ---------------------------------------------------------------------------------------------- the stage
-
-
-@pytest.mark.timeout(1200)
-def test_dvc_repro_ends_with_the_report_and_a_second_repro_is_a_no_op(tmp_path):
-    project = make_project(tmp_path / "project")
-    dvc = [sys.executable, "-m", "dvc"]
-    done = subprocess.run([*dvc, "repro"], cwd=project, env=venv_env(), capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.rstrip().count("Running stage 'report'") == 1
-    assert done.stdout.index("Running stage 'report'") > done.stdout.index("Running stage 'export'")
-    text = (project / "reports/README.md").read_text()
-    for stage in ("download", "tokenize", "pretrain", "evaluate", "sft", "dpo", "judge", "export"):
-        seconds = json.loads((project / "reports" / stage / "timing.json").read_text())["seconds"]
-        assert f"| {stage} | {seconds:g} |" in text  # every stage timed itself
-    assert "parity.max_abs_logit_diff" in text and "unigram baseline" in text and "## Answers to held-out" in text
-    assert "fallback scorer rouge-l-fallback" in text  # no judge on 127.0.0.1:9
-    assert "data:image/png;base64," in (project / "reports/index.html").read_text()
-    again = subprocess.run([*dvc, "repro"], cwd=project, env=venv_env(), capture_output=True, text=True)
-    assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout
-    assert "Data and pipelines are up to date." in again.stdout

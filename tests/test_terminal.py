@@ -80,6 +80,24 @@ def test_generate_missing_model_dir(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nowhere'}: model directory not found"
 
 
+def test_generate_without_a_prompt_at_a_terminal(models, capsys, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    assert main(["generate", "--model", str(models["base"])]) == 1
+    assert capsys.readouterr().err.strip() == "error: generate: give a prompt argument, or pipe the prompt on stdin"
+
+
+def test_chat_bad_input_fails_before_the_session(models, tmp_path, capsys):
+    assert main(["chat", "--model", str(tmp_path / "nowhere")]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nowhere'}: model directory not found"
+    assert main(["chat", "--model", str(models["sft"]), "--top-k", "-1"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "error: --top-k must be >= 0 (0 = off), got -1" and "chatting" not in captured.out
+
+
 # ---------------------------------------------------------------------------------------------- conversation
 
 

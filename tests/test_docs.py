@@ -113,3 +113,22 @@ def test_mentions_are_found_in_prose_braces_and_tables(tmp_path):
     page.write_text("Set `pretrain.lrr`, `{sft,dpo}.beta` and\n`model.safetensors`.\n\n| param (`judge.`) | x |\n"
                     "|---|---|\n| `hots` | y |\n", encoding="utf-8")
     assert params_mentions(page) == {"pretrain.lrr", "sft.beta", "dpo.beta", "judge.hots"}
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_links_between_pages_resolve(page):
+    text = re.sub(r"^```.*?^```", "", page.read_text(encoding="utf-8"), flags=re.M | re.S)
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if "://" in target or target.startswith("mailto:"):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        assert linked.exists(), f"{page.name}: link to {target}: no such file"
+        if anchor and linked.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", linked.read_text(encoding="utf-8"), flags=re.M)
+            assert anchor in {slug(h) for h in headings}, f"{page.name}: link to {target}: no such heading"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import pipeline.generate_cli
 from pipeline.chat import Conversation
 from pipeline.cli import main
 from pipeline.sampling import SamplingOptions
@@ -96,6 +97,22 @@ def test_chat_bad_input_fails_before_the_session(models, tmp_path, capsys):
     assert main(["chat", "--model", str(models["sft"]), "--top-k", "-1"]) == 1
     captured = capsys.readouterr()
     assert captured.err.strip() == "error: --top-k must be >= 0 (0 = off), got -1" and "chatting" not in captured.out
+
+
+def interrupted_after_one_piece(model, prompt_ids, opts, stops, emit, cancelled):
+    """generate_text as it is when Ctrl-C arrives mid-answer: a piece is out, then KeyboardInterrupt."""
+    emit("Bl")
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_in_the_middle_of_an_answer(models, capsys, monkeypatch):
+    monkeypatch.setattr(pipeline.generate_cli, "generate_text", interrupted_after_one_piece)
+    assert main(["generate", "--model", str(models["sft"]), "Name a color."]) == 130
+    captured = capsys.readouterr()
+    assert captured.out == "Bl" and captured.err.strip().endswith("\n(interrupted)")
+    monkeypatch.setattr("builtins.input", lambda prompt: "Name a color.")
+    assert main(["chat", "--model", str(models["sft"])]) == 0  # the session ends cleanly, no traceback
+    assert capsys.readouterr().out.endswith("Bl\n[bye]\n")
 
 
 # ---------------------------------------------------------------------------------------------- conversation

@@ -47,10 +47,23 @@ class StageReport:
 
 
 def _json(path: Path) -> Any:
+    """A stage's JSON file; a corrupt one is an error naming it (the page must not quietly drop a stage's numbers)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{path}: not readable JSON ({exc}); rerun the stage that writes it") from None
+
+
+def _jsonl(path: Path) -> list[dict]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [_json_line(path, n, line) for n, line in enumerate(lines, 1) if line.strip()]
+
+
+def _json_line(path: Path, number: int, line: str) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError as exc:
+        raise PipelineError(f"{path}: line {number} is not valid JSON ({exc}); rerun the stage that writes it") from None
 
 
 def _curve(path: Path) -> list[tuple[float, float]]:
@@ -71,7 +84,7 @@ def read_stage(name: str, directory: Path) -> StageReport:
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith(".")):
         relative = path.relative_to(directory)
         if path.name == "metrics.json" and relative.parent == Path("."):
-            stage.metrics = _json(path) or {}
+            stage.metrics = metrics if isinstance(metrics := _json(path), dict) else {"value": metrics}
         elif path.name == TIMING_FILE:
             stage.timing = _json(path)
         elif path.suffix == ".tsv" and "loss" in path.stem:
@@ -80,10 +93,10 @@ def read_stage(name: str, directory: Path) -> StageReport:
             continue  # other dvclive curves (lr, tokens/s, rewards): `dvc plots show` draws them
         elif path.suffix in (".png", ".svg", ".jpg"):
             stage.images.append(path)
-        elif path.name == "samples.json" and isinstance(_json(path), list):
-            stage.samples = _json(path)
+        elif path.name == "samples.json":
+            stage.samples = [s for s in _json(path) if isinstance(s, dict)] if isinstance(_json(path), list) else []
         elif path.name == "responses.jsonl":
-            stage.responses = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+            stage.responses = [r for r in _jsonl(path) if isinstance(r, dict)]
         elif path.name == "report.md":
             stage.markdown = path.read_text(encoding="utf-8")
         else:

@@ -102,6 +102,25 @@ def test_report_renders_whatever_stage_folders_exist(tmp_path):
     assert "<table>" in page and "the stage's own report" in page
 
 
+@pytest.mark.parametrize("file, content, message", [
+    ("evaluate/metrics.json", "{", "reports/evaluate/metrics.json: not readable JSON"),
+    ("sft/responses.jsonl", '{"id": 1}\n{oops\n', "reports/sft/responses.jsonl: line 2 is not valid JSON"),
+])
+def test_a_corrupt_stage_file_is_one_error_line_and_no_page(tmp_path, monkeypatch, capsys, file, content, message):
+    reports = fake_run(tmp_path)
+    write(reports / file, content)
+    write(tmp_path / "dvc.yaml", "stages: {}\n")
+    monkeypatch.chdir(tmp_path)
+    from stages.report import main as report_stage
+
+    with pytest.raises(SystemExit) as exited:
+        report_stage()
+    assert exited.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {message}") and "\n" not in err
+    assert not (reports / "README.md").exists() and not (reports / "index.html").exists()
+
+
 def test_two_runs_side_by_side(tmp_path, capsys):
     first, second = fake_run(tmp_path / "lr-low", 5.0, 0.001), fake_run(tmp_path / "lr-high", 4.0, 0.003)
     out = tmp_path / "here"

@@ -23,7 +23,7 @@ from tests.serving import save_answering_model, save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 96
-ANSWERS = {"Name a color.": "Blue.", "Name a fruit.": "Apple."}
+ANSWERS = {"Name a color.": "Blue.", "¿Qué fruta comió Sancho?": "Una manzana."}  # any language in, as typed
 
 
 @pytest.fixture(scope="module")
@@ -49,16 +49,16 @@ def test_generate_streams_what_the_server_generates(models, capsys):
 
 
 def test_generate_json_from_stdin_in_the_model_template(models, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "stdin", io.StringIO("Name a fruit."))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("¿Qué fruta comió Sancho?"))
     assert main(["generate", "--model", str(models["sft"]), "--temperature", "0", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["response"] == "Apple." and result["template"] == "alpaca" and result["done_reason"] == "stop"
-    assert result["prompt"] == "Name a fruit." and result["tokens"] > 0
+    assert result["response"] == "Una manzana." and result["template"] == "alpaca" and result["done_reason"] == "stop"
+    assert result["prompt"] == "¿Qué fruta comió Sancho?" and result["tokens"] > 0
 
 
 def test_generate_stop_and_max_tokens(models, capsys):
-    assert main(["generate", "--model", str(models["sft"]), "--temperature", "0", "--stop", "pl", "Name a fruit."]) == 0
-    assert capsys.readouterr().out == "Ap\n"
+    assert main(["generate", "--model", str(models["sft"]), "--temperature", "0", "--stop", "man", "¿Qué fruta comió Sancho?"]) == 0
+    assert capsys.readouterr().out == "Una \n"
     assert main(["generate", "--model", str(models["base"]), "--max-tokens", "3", "--json", "abc"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["tokens"] == 3 and result["done_reason"] == "length"
@@ -152,7 +152,7 @@ class Tmux:
     def __init__(self, name: str, command: list[str], cwd: Path):
         self.name = name
         tmux = shutil.which("tmux")
-        self.base = [tmux, "-L", name]  # a server of its own: no clash with the user's tmux
+        self.base = [tmux, "-u", "-L", name]  # UTF-8, and a server of its own: no clash with the user's tmux
         subprocess.run([*self.base, "new-session", "-d", "-s", name, "-x", "160", "-y", "50", "-c", str(cwd),
                         "bash", "--norc", "--noprofile"], check=True)
         subprocess.run([*self.base, "set-option", "-t", name, "remain-on-exit", "on"], check=True)
@@ -186,9 +186,9 @@ def test_chat_in_a_real_terminal(models):
         session.keys("Name a color.", "Enter")
         screen = session.wait_for(lambda s: s.count(">>>") == 2, "the first answer")
         assert re.search(r"Name a color\.\n(\[the prompt's first \d+ tokens were dropped.*\]\n)?Blue\.\n", screen)
-        session.keys("Name a fruit.", "Enter")
+        session.keys("¿Qué fruta comió Sancho?", "Enter")
         screen = session.wait_for(lambda s: s.count(">>>") == 3, "the second answer")
-        assert re.search(r"Name a fruit\.\n(\[.*\]\n)?Apple\.\n", screen)
+        assert re.search(r"¿Qué fruta comió Sancho\?\n(\[.*\]\n)?Una manzana\.\n", screen)
         session.keys("/reset", "Enter")
         session.wait_for(lambda s: "[conversation reset]" in s and s.count(">>>") == 4, "the reset")
         session.keys("C-c")

@@ -15,8 +15,8 @@ OUTPUT_ROOTS = ("data/", "models/", "reports/", "checkpoints/", "cache/")
 
 # The data's direction through the house: a module may import its own layer and the ones above it, never a later one.
 LAYERS = [
-    {"errors", "atomic", "stage_timing", "hashing", "config", "provenance", "profile", "sampling", "textstream", "datasets", "unwrap", "corpus",
-     "tokenizer", "shards", "instructions"},  # data and the params
+    {"errors", "atomic", "stage_timing", "hashing", "config", "provenance", "profile", "sampling", "textstream", "datasets",
+     "unwrap", "corpus", "tokenizer", "shards", "instructions"},  # data and the params
     {"model", "generate", "perf", "runtime", "checkpoint"},  # the model, where it runs, its files
     {"losses", "objectives", "distributed", "resume", "train", "pretraining", "answers"},  # training
     {"evaluation", "rouge", "judge", "judge_report"},  # evaluation

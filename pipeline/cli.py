@@ -12,6 +12,8 @@ from pipeline.errors import PipelineError, one_line
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "cache": ("pipeline.corpus", "manage the content-addressed download cache (cache add FILE...)"),
+    "generate": ("pipeline.generate_cli", "continue a prompt with a model, streamed to the terminal (or --json)"),
+    "chat": ("pipeline.chat", "chat with an SFT/DPO model in the terminal (/reset, /exit)"),
     "serve": ("pipeline.serve", "serve base/SFT/DPO/ONNX models over the Ollama HTTP API"),
     "flow": ("pipeline.flow", "run or schedule the pipeline with Prefect (flow run | flow serve)"),
     "sweep": ("pipeline.compare", "queue and run several `dvc exp run -S ...` variants"),

@@ -2,6 +2,7 @@
 
     python -m pipeline sweep -S pretrain.lr=0.0005,0.002 [-S model.n_layer=2,4] [--name lr] [-j 1]
     python -m pipeline compare [EXP ...] [--all-metrics]
+    python -m pipeline compare --reports ../run-a/reports reports      # two runs' report pages side by side
 
 `sweep` queues one `dvc exp run --queue -S ...` per combination of values and runs the queue with a
 bounded number of jobs; `compare` reads `dvc exp show --json` and writes, under reports/compare/, the
@@ -214,8 +215,17 @@ def cli_compare(argv: list[str]) -> int:
     parser.add_argument("experiments", nargs="*", help="experiment names (default: the commit and all its experiments)")
     parser.add_argument("--all-metrics", action="store_true", help="every numeric metric, not only the key ones")
     parser.add_argument("--project", default=".", help="DVC project directory (default: .)")
+    parser.add_argument("--reports", nargs="+", type=Path, metavar="DIR",
+                        help="instead: two or more runs' reports/ folders side by side (written to reports/compare/reports.html)")
     args = parser.parse_args(argv)
-    markdown, files = compare(Path(args.project).resolve(), args.experiments or None, args.all_metrics)
+    if args.reports is not None:
+        from pipeline.report import compare_runs
+
+        if len(args.reports) < 2 or args.experiments:
+            raise PipelineError("compare --reports: give two or more reports/ folders (and no experiment names)")
+        markdown, files = compare_runs(args.reports, Path(args.project) / OUT_DIR)
+    else:
+        markdown, files = compare(Path(args.project).resolve(), args.experiments or None, args.all_metrics)
     print(markdown)
     print("written: " + ", ".join(str(f) for f in files))
     return 0

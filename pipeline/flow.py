@@ -21,9 +21,12 @@ from prefect.artifacts import create_markdown_artifact
 from pipeline import dvc_ops
 from pipeline.dvc_ops import StageFailed, StageInfo
 from pipeline.errors import PipelineError
+from pipeline.report import inline_images
 
 FLOW_NAME = "llm-pipeline"
 ARTIFACT_KEY = "llm-pipeline-run"
+# The report stage's page (stages/report.py), published as its own artifact with the plots inlined.
+REPORT_STAGE, REPORT_MARKDOWN, REPORT_ARTIFACT_KEY = "report", Path("reports/README.md"), "llm-pipeline-report"
 # Stages that talk to the network (corpus download, the Ollama judge) get retries; the rest fail fast,
 # because rerunning a deterministic training stage cannot fix what made it fail.
 RETRIES = {"download": 2, "judge": 2}
@@ -102,6 +105,10 @@ def run_report(
 def _publish(project: Path, stages: list[StageInfo], outcomes: dict, experiment: str | None, error: str | None):
     markdown = run_report(project, stages, outcomes, experiment, error)
     create_markdown_artifact(markdown, key=ARTIFACT_KEY, description=f"{FLOW_NAME}: stages, metrics, reports")
+    page = project / REPORT_MARKDOWN
+    if outcomes.get(REPORT_STAGE, {}).get("status") in ("ran", "skipped", "restored") and page.is_file():
+        create_markdown_artifact(inline_images(page.read_text(encoding="utf-8"), page.parent), key=REPORT_ARTIFACT_KEY,
+                                 description=f"{FLOW_NAME}: the run report ({REPORT_MARKDOWN}, plots inlined)")
 
 
 @flow(name=FLOW_NAME)

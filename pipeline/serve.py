@@ -1,7 +1,8 @@
 """`python -m pipeline serve`: our models behind the Ollama HTTP API, for any Ollama client.
 
 Endpoints: ``/api/tags``, ``/api/show``, ``/api/ps``, ``/api/version``, ``/api/generate`` and ``/api/chat`` (NDJSON
-streaming by default, one JSON object with ``"stream": false``), and ``/`` ("Ollama is running"). Errors come back
+streaming by default, one JSON object with ``"stream": false``), and ``/`` ("Ollama is running"; a browser gets
+the chat page, pipeline/chat_page.py). Errors come back
 as Ollama's do: ``{"error": "..."}`` with 400 (bad request, malformed JSON), 404 (unknown model, with Ollama's
 "try pulling it first") or 503 (queue full).
 
@@ -32,6 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipeline.chat_page import add_card_route, chat_page, wants_html
 from pipeline.errors import PipelineError, one_line
 from pipeline.sampling import SamplingOptions
 from pipeline.serve_models import Generated, ServedModel, fit_prompt, generate_text
@@ -273,8 +275,10 @@ def create_app(models: dict[str, ServedModel], concurrency: int = 2, max_queue: 
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
 
     @app.api_route("/", methods=["GET", "HEAD"])
-    async def root() -> PlainTextResponse:
-        return PlainTextResponse("Ollama is running")
+    async def root(http: Request):
+        return chat_page() if wants_html(http) else PlainTextResponse("Ollama is running")
+
+    add_card_route(app, engine.model)
 
     @app.get("/api/version")
     async def version() -> dict:

@@ -9,12 +9,14 @@ from pipeline.config import load_params
 from pipeline.corpus import CORPUS, DOCUMENTS, DownloadCache, build_corpus, copy_json_source
 from pipeline.errors import exit_on_error
 from pipeline.hashing import sha256_file
+from pipeline.stage_timing import timed
 
 OUT = Path("data/raw")
 PARAMS = ("data", "corpus", "sft.data", "dpo.data")
 
 
 @exit_on_error
+@timed
 def main() -> None:
     params = load_params(sections=PARAMS)
     cache = DownloadCache.from_params(params.data)

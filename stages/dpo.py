@@ -12,7 +12,8 @@ from pipeline import config, lora
 from pipeline.errors import exit_on_error
 from pipeline.instructions import load_preferences, split_dataset, tokenize_pairs
 from pipeline.objectives import DPOObjective, reference_logprobs, without_dropout
-from pipeline.runtime import autocast, local_device, resolve_dtype
+from pipeline.runtime import autocast, is_main, local_device, resolve_dtype
+from pipeline.stage_timing import timed
 from stages import _finetune
 
 PARAMS = ("dpo",)
@@ -21,6 +22,7 @@ SFT_MODEL = Path("models/sft")
 
 
 @exit_on_error
+@timed(main_process=is_main)
 def main() -> None:
     p = config.load_params(sections=PARAMS).dpo
     start = _finetune.start("dpo", p, SFT_MODEL)

@@ -21,6 +21,7 @@ from pipeline.evaluation import (
 from pipeline.runtime import local_device, resolve_dtype
 from pipeline.sampling import SamplingOptions
 from pipeline.shards import ShardDataset
+from pipeline.stage_timing import timed
 
 MODEL = Path("models/base")
 TOKENIZER = Path("data/tokenizer")
@@ -31,6 +32,7 @@ PARAMS = ("evaluate",)
 
 
 @exit_on_error
+@timed
 def main() -> None:
     p = load_params(sections=PARAMS).evaluate
     device = local_device("auto")

@@ -9,6 +9,7 @@ from pipeline.atomic import write_json
 from pipeline.errors import exit_on_error
 from pipeline.export import export_model
 from pipeline.provenance import provenance
+from pipeline.stage_timing import timed
 
 TOKENIZER = Path("data/tokenizer")
 SHARDS = Path("data/shards")
@@ -18,6 +19,7 @@ PARAMS = ("seed", "export")
 
 
 @exit_on_error
+@timed
 def main() -> None:
     params = config.load_params(sections=PARAMS)
     p = params.export

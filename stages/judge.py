@@ -8,6 +8,7 @@ from pipeline import config
 from pipeline.errors import exit_on_error
 from pipeline.judge import load_responses, run_judge
 from pipeline.judge_report import summarize, write_outputs
+from pipeline.stage_timing import timed
 
 RESPONSES = {"sft": "reports/sft/responses.jsonl", "dpo": "reports/dpo/responses.jsonl"}
 CACHE_DIR = "cache/judge"
@@ -16,6 +17,7 @@ PARAMS = ("judge",)
 
 
 @exit_on_error
+@timed
 def main() -> None:
     params = config.load_params(sections=PARAMS).judge
     items, candidates = load_responses(RESPONSES)

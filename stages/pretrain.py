@@ -10,6 +10,7 @@ from pipeline.errors import exit_on_error
 from pipeline.pretraining import prepare
 from pipeline.provenance import provenance
 from pipeline.runtime import is_main
+from pipeline.stage_timing import timed
 from pipeline.train import train
 
 TOKENIZER = Path("data/tokenizer")
@@ -21,6 +22,7 @@ PARAMS = ("seed", "model", "pretrain")
 
 
 @exit_on_error
+@timed(main_process=is_main)
 def main() -> None:
     params = config.load_params(sections=PARAMS)
     p = params.pretrain

@@ -9,6 +9,8 @@ from pipeline.errors import exit_on_error
 from pipeline.hashing import sha256_file
 from pipeline.instructions import load_examples, split_dataset, tokenize_examples
 from pipeline.objectives import SFTObjective
+from pipeline.runtime import is_main
+from pipeline.stage_timing import timed
 from stages import _finetune
 
 PARAMS = ("sft",)
@@ -17,6 +19,7 @@ BASE = Path("models/base")
 
 
 @exit_on_error
+@timed(main_process=is_main)
 def main() -> None:
     p = config.load_params(sections=PARAMS).sft
     start = _finetune.start("sft", p, BASE)

@@ -13,6 +13,7 @@ from pipeline.corpus import read_raw
 from pipeline.errors import exit_on_error
 from pipeline.instructions import instruction_texts
 from pipeline.shards import encode_threads, write_shards
+from pipeline.stage_timing import timed
 from pipeline.textstream import Segment, Segments, read_blocks, sample_text, split_tail
 from pipeline.tokenizer import save_tokenizer, train_tokenizer
 
@@ -33,6 +34,7 @@ def training_texts(params: TokenizerParams, corpus: Path, train: Sequence[Segmen
 
 
 @exit_on_error
+@timed
 def main() -> None:
     params = load_params(sections=PARAMS)
     tok, sh = params.tokenizer, params.shards

@@ -41,6 +41,18 @@ def save_tiny_model(
     return directory
 
 
+def save_answering_model(directory: Path, answers: dict[str, str], context_length: int = 96,
+                         template: str = "alpaca", steps: int = 150) -> Path:
+    """A tiny model trained to answer each question of ``answers`` (one user message) with its answer."""
+    from pipeline.instructions import encode_response
+    from pipeline.serve_models import chat_prompt_ids, fit_prompt
+
+    enc = train_char([], 256 + 16)
+    examples = [(fit_prompt(chat_prompt_ids(enc, template, [("user", q)]), context_length, None)[0],
+                 encode_response(enc, a, template)) for q, a in answers.items()]
+    return save_tiny_model(directory, template, context_length, seed=0, examples=examples, steps=steps)
+
+
 def train_answers(model: GPT, examples: Sequence[tuple[list[int], list[int]]], steps: int, lr: float = 1e-2) -> None:
     """Fit the answers (loss on the answer tokens only), each example cut to the context's last positions."""
     width = model.cfg.context_length + 1

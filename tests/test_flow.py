@@ -30,7 +30,7 @@ def task_runs(flow_run_id) -> dict[str, object]:
     return {run.name: run for run in runs}
 
 
-def run_artifact(flow_run_id) -> str:
+def run_artifacts(flow_run_id, key: str = flow.ARTIFACT_KEY) -> list[str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
@@ -38,11 +38,16 @@ def run_artifact(flow_run_id) -> str:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(
                 flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
-                key=ArtifactFilterKey(any_=[flow.ARTIFACT_KEY]),
+                key=ArtifactFilterKey(any_=[key]),
             )
         )
+    return [artifact.data for artifact in artifacts]
+
+
+def run_artifact(flow_run_id) -> str:
+    artifacts = run_artifacts(flow_run_id)
     assert len(artifacts) == 1
-    return artifacts[0].data
+    return artifacts[0]
 
 
 def set_params(project: Path, section: str, **values) -> None:
@@ -85,6 +90,20 @@ def test_first_run_runs_every_stage_second_run_skips_them(prefect_harness, proje
     assert flow.pipeline_flow(project=str(project)) == {"download": "skipped", "train": "ran", "report": "ran"}
     forced = flow.pipeline_flow(stages=["download"], force=True, project=str(project))
     assert forced == {"download": "ran"}
+
+
+def test_the_report_page_is_published_with_its_plots_inlined(prefect_harness, project):
+    first = flow.pipeline_flow(project=str(project), return_state=True)
+    assert first.result()["report"] == "ran"
+    assert run_artifacts(first.state_details.flow_run_id, flow.REPORT_ARTIFACT_KEY) == []  # this report stage writes no page
+    (project / "reports/train/curve.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (project / flow.REPORT_MARKDOWN).write_text("# Run report\n\n![curve](train/curve.png)\n")  # as stages/report.py writes it
+    again = flow.pipeline_flow(project=str(project), return_state=True)
+    assert again.result()["report"] == "skipped"
+    published = run_artifacts(again.state_details.flow_run_id, flow.REPORT_ARTIFACT_KEY)
+    assert published == ["# Run report\n\n![curve](data:image/png;base64,iVBORw0KGgo=)\n"]
+    partial = flow.pipeline_flow(stages=["train"], project=str(project), return_state=True)  # no report stage run
+    assert run_artifacts(partial.state_details.flow_run_id, flow.REPORT_ARTIFACT_KEY) == []
 
 
 def test_failing_stage_fails_the_run_with_the_stage_error(prefect_harness, project):

@@ -47,3 +47,15 @@ def test_editing_a_module_reruns_exactly_the_stages_that_import_it(reproduced, m
         assert MODEL_STAGES <= importers
     if module == "pipeline/config.py":
         assert importers == set(stages)
+
+
+def test_the_run_ends_with_its_report_page_and_a_second_repro_does_nothing(reproduced):
+    text = (reproduced / "reports/README.md").read_text(encoding="utf-8")
+    for stage in ("download", "tokenize", "pretrain", "evaluate", "sft", "dpo", "judge", "export"):
+        seconds = json.loads((reproduced / "reports" / stage / "timing.json").read_text())["seconds"]
+        assert f"| {stage} | {seconds:g} |" in text  # every stage timed itself; the page lists it
+    assert "parity.max_abs_logit_diff" in text and "unigram baseline" in text and "## Answers to held-out" in text
+    assert "fallback scorer rouge-l-fallback" in text  # the tiny params point the judge at a closed port
+    assert "data:image/png;base64," in (reproduced / "reports/index.html").read_text(encoding="utf-8")
+    again = run(["dvc", "repro"], reproduced)
+    assert "Running stage" not in again.stdout and "Data and pipelines are up to date." in again.stdout

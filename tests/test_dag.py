@@ -137,3 +137,11 @@ def test_model_directories_have_one_loader():
     for consumer in ("stages/evaluate.py", "stages/_finetune.py", "pipeline/export.py", "pipeline/serve_models.py"):
         source = (ROOT / consumer).read_text(encoding="utf-8")
         assert "load_with_tokenizer" in source, f"{consumer} must load models through checkpoint.load_with_tokenizer"
+
+
+def test_the_report_stage_reads_every_stage_report():
+    """The run's page shows whatever reports exist: so every stage writing under reports/<stage> is its dep."""
+    writers = {name for name in STAGES if name != "report"
+               and any(p.startswith(f"reports/{name}/") for p in stage_paths(name) - stage_deps(name))}
+    missing = sorted(f"reports/{name}" for name in writers if f"reports/{name}" not in stage_deps("report"))
+    assert not missing, f"dvc.yaml stage 'report' misses deps on {', '.join(missing)}"

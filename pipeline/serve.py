@@ -4,7 +4,8 @@ Endpoints: ``/api/tags``, ``/api/show``, ``/api/ps``, ``/api/version``, ``/api/g
 streaming by default, one JSON object with ``"stream": false``), and ``/`` ("Ollama is running"; a browser gets
 the chat page, pipeline/chat_page.py). Errors come back
 as Ollama's do: ``{"error": "..."}`` with 400 (bad request, malformed JSON), 404 (unknown model, with Ollama's
-"try pulling it first") or 503 (queue full).
+"try pulling it first") or 503 (queue full). The same server answers ``/api/embed`` and ``/api/embeddings``
+(``pipeline.embed_api``) and the OpenAI-compatible ``/v1`` routes (``pipeline.openai_api``).
 
 Generation runs in a bounded thread pool, off the event loop: ``--concurrency`` requests generate at once, up to
 ``--max-queue`` more wait their turn. Every request is counted by path in ``app.state.requests``.
@@ -199,14 +200,7 @@ class Engine:
 
     async def respond(self, model: ServedModel, prompt_ids: list[int], options: Options, stream: bool,
                       shape: Shape) -> JSONResponse | StreamingResponse:
-        if self.slots.locked() and self.waiting >= self.max_queue:
-            raise ApiError(503, f"server busy: every generation slot is taken and {self.waiting} requests are "
-                                "already waiting (--max-queue)")
-        limit = min(model.context_length, options.num_ctx or model.context_length)
-        prompt_ids, max_new = fit_prompt(prompt_ids, limit, options.num_predict)
-        opts = sampling(options, max_new, model.encoding.eot_token)
-        stops = [options.stop] if isinstance(options.stop, str) else options.stop or []
-        run = self._run(model, prompt_ids, opts, stops)
+        run = self.start(model, prompt_ids, options)
         if stream:
             return StreamingResponse(self._ndjson(run, shape), media_type="application/x-ndjson")
         pieces, final = [], None
@@ -219,6 +213,18 @@ class Engine:
         except Exception as exc:
             raise ApiError(500, f"generation failed: {exc}") from exc
         return JSONResponse(shape("".join(pieces), final))
+
+    def start(self, model: ServedModel, prompt_ids: list[int], options: Options):
+        """A generation, not yet running (503 when the queue is full): an async iterator of ("text", piece)…
+        then ("done", final fields). ``num_predict`` is capped by the room the context leaves after the prompt."""
+        if self.slots.locked() and self.waiting >= self.max_queue:
+            raise ApiError(503, f"server busy: every generation slot is taken and {self.waiting} requests are "
+                                "already waiting (--max-queue)")
+        limit = min(model.context_length, options.num_ctx or model.context_length)
+        prompt_ids, max_new = fit_prompt(prompt_ids, limit, options.num_predict)
+        opts = sampling(options, max_new, model.encoding.eot_token)
+        stops = [options.stop] if isinstance(options.stop, str) else options.stop or []
+        return self._run(model, prompt_ids, opts, stops)
 
     @staticmethod
     async def _ndjson(run, shape: Shape):
@@ -261,14 +267,23 @@ class Engine:
             self.slots.release()
 
 
-def create_app(models: dict[str, ServedModel], concurrency: int = 2, max_queue: int = 256) -> FastAPI:
-    """The Ollama-compatible API over ``models`` (keyed by their ``name:tag``)."""
+def create_app(models: dict[str, ServedModel], concurrency: int = 2, max_queue: int = 256,
+               api_key: str | None = None) -> FastAPI:
+    """The Ollama-compatible API over ``models`` (keyed by their ``name:tag``), its embedding routes
+    (``pipeline.embed_api``) and the OpenAI-compatible ``/v1`` routes (``pipeline.openai_api``).
+    With ``api_key``, every route but ``/`` needs ``Authorization: Bearer <api_key>``."""
+    from pipeline import embed_api, openai_api
+
     app = FastAPI(title="llm-pipeline (Ollama API)", version=VERSION, docs_url=None, redoc_url=None)
     engine = Engine(models, concurrency, max_queue)
     app.state.requests = collections.Counter()
     app.state.engine = engine
 
+    if api_key:
+        app.add_middleware(openai_api.ApiKey, key=api_key)
     app.add_middleware(RequestCounter, counter=app.state.requests)
+    embed_api.register(app, engine)
+    openai_api.register(app, engine)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -416,6 +431,8 @@ def cli(argv: list[str]) -> int:
                         help=f"models to serve (default: those of {', '.join(STANDARD_MODELS)} under models/)")
     parser.add_argument("--concurrency", type=int, default=2, help="generations at once (default 2)")
     parser.add_argument("--max-queue", type=int, default=256, help="requests that may wait (default 256)")
+    parser.add_argument("--api-key", default=os.environ.get("LLM_PIPELINE_API_KEY") or None,
+                        help="require 'Authorization: Bearer KEY' (default: $LLM_PIPELINE_API_KEY; none: no check)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.max_queue < 0:
@@ -426,11 +443,11 @@ def cli(argv: list[str]) -> int:
     sock = bind(args.host, args.port)
     if "torch" in sys.modules:  # torch models are served (the ONNX path need not import it)
         sys.modules["torch"].set_num_threads(threads)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host}: anyone who can reach this address can use it (no authentication)",
               file=sys.stderr)
-    print(f"serving {', '.join(models)} at http://{args.host}:{sock.getsockname()[1]} (Ollama API); Ctrl-C stops",
+    print(f"serving {', '.join(models)} at http://{args.host}:{sock.getsockname()[1]} (Ollama API; OpenAI's under /v1); Ctrl-C stops",
           file=sys.stderr)
-    app = create_app(models, args.concurrency, args.max_queue)
+    app = create_app(models, args.concurrency, args.max_queue, args.api_key)
     uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
     return 0

@@ -42,6 +42,11 @@ class TorchTokens:
         for token in stream_tokens(self.model, torch.tensor([prompt_ids], dtype=torch.long), opts):
             yield int(token[0, 0])
 
+    def embed(self, ids: list[int]) -> list[float]:
+        from pipeline.embeddings import embed
+
+        return embed(self.model, ids)
+
 
 @dataclass
 class ServedModel:
@@ -65,6 +70,11 @@ class ServedModel:
         if END_OF_TURN in self.encoding.special_tokens_set:
             ids.add(self.encoding.encode_single_token(END_OF_TURN))
         return ids
+
+    @property
+    def embeds(self) -> bool:
+        """Whether it can embed text (the torch models; the ONNX graph outputs logits only)."""
+        return hasattr(self.tokens, "embed")
 
     def chat_ids(self, messages: Sequence[tuple[str, str]]) -> list[int]:
         return chat_prompt_ids(self.encoding, self.template, messages)

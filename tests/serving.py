@@ -86,9 +86,10 @@ def load_served(specs: dict[str, Path]) -> dict[str, ServedModel]:
 
 
 @contextmanager
-def running_server(models: dict[str, ServedModel], concurrency: int = 2, max_queue: int = 256) -> Iterator:
+def running_server(models: dict[str, ServedModel], concurrency: int = 2, max_queue: int = 256,
+                   api_key: str | None = None) -> Iterator:
     """Our Ollama-API server on 127.0.0.1 (a free port) in a thread; yields (base URL, app)."""
-    app = create_app(models, concurrency, max_queue)
+    app = create_app(models, concurrency, max_queue, api_key)
     sock = bind("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

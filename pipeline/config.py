@@ -245,6 +245,15 @@ class ExportParams:
     parity_atol: float = 1e-4  # max |logit(onnxruntime fp32) - logit(torch)|, else the stage fails
     parity_tokens: int = 64  # greedy tokens that must equal torch's, token for token
     int8_min_agreement: float = 0.95  # top-1 next-token agreement of int8 with fp32 over real text
+    formats: tuple[Literal["onnx", "gguf"], ...] = ("onnx", "gguf")  # gguf: llama.cpp / Ollama (pipeline/gguf_export.py)
+    gguf_types: tuple[Literal["f32", "f16", "q8_0"], ...] = ("f16", "q8_0")  # one file each; the Modelfile uses the first
+    gguf_check_positions: int = 2048  # real validation positions of the llama.cpp agreement check
+
+    def __post_init__(self) -> None:
+        for name in ("formats", "gguf_types"):
+            value = getattr(self, name)
+            if not value or len(set(value)) != len(value):
+                raise ConfigError(f"export.{name} must be a non-empty list without repeats, got {list(value)}")
 
 
 @dataclass(frozen=True)
@@ -296,6 +305,7 @@ _CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("export.parity_atol", lambda v: v > 0, "> 0"),
     ("export.parity_tokens", lambda v: v > 0, "> 0"),
     ("export.int8_min_agreement", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("export.gguf_check_positions", lambda v: v > 0, "> 0"),
 ]
 for _section in ("sft", "dpo"):
     _CHECKS += [

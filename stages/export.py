@@ -1,21 +1,46 @@
-"""export stage: models/<export.model> → models/onnx (fp32 + int8, tokenizer, config, model card); parity metrics."""
+"""export stage: models/<export.model> → models/onnx (fp32 + int8, tokenizer, config, model card; parity checked
+against torch) and models/gguf (GGUF files + Ollama Modelfile; checked in llama.cpp when it is installed)."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
 from pipeline import config
-from pipeline.atomic import write_json
+from pipeline.atomic import atomic_path, write_json
 from pipeline.errors import exit_on_error
 from pipeline.export import export_model
+from pipeline.gguf_export import export_gguf
 from pipeline.provenance import provenance
 from pipeline.stage_timing import timed
 
 TOKENIZER = Path("data/tokenizer")
 SHARDS = Path("data/shards")
-OUT = Path("models/onnx")
+OUT = {"onnx": Path("models/onnx"), "gguf": Path("models/gguf")}
 METRICS = Path("reports/export/metrics.json")
 PARAMS = ("seed", "export")
+
+
+def not_exported(fmt: str, formats: tuple[str, ...]) -> None:
+    """A format left out of export.formats still leaves its (declared) output: a directory that says why."""
+    with atomic_path(OUT[fmt]) as tmp:
+        tmp.mkdir()
+        (tmp / "README.md").write_text(f"Not exported: export.formats is {list(formats)}.\n", encoding="utf-8")
+
+
+def onnx_line(metrics: dict) -> str:
+    parity = metrics["parity"]
+    if "same_class" in parity:
+        return (f"export: classifier parity max |Δlogit| {parity['max_abs_logit_diff']:.2e}, same class on "
+                f"{parity['same_class']}/{parity['texts']} texts → {OUT['onnx']}/")
+    int8 = f", int8 top-1 agreement {metrics['int8']['top1_agreement']:.1%}" if "int8" in metrics else ""
+    return (f"export: parity max |Δlogit| {parity['max_abs_logit_diff']:.2e}, greedy {parity['greedy_tokens_matched']} "
+            f"tokens equal{int8} → {OUT['onnx']}/ ({', '.join(f'{k} {v} MB' for k, v in metrics['size_mb'].items())})")
+
+
+def gguf_line(gguf: dict) -> str:
+    checked = ", ".join(f"{t} top-1 {gguf[t]['top1_agreement']:.1%}" for t in gguf["files"] if t in gguf)
+    verified = f"verified by {gguf['verified_by']}: {checked}" if gguf["verified_by"] else gguf["unverified"]
+    return f"export: {', '.join(gguf['files'].values())} → {OUT['gguf']}/; {verified}"
 
 
 @exit_on_error
@@ -23,17 +48,18 @@ PARAMS = ("seed", "export")
 def main() -> None:
     params = config.load_params(sections=PARAMS)
     p = params.export
-    metrics = export_model(Path("models") / p.model, TOKENIZER, SHARDS, OUT, p, params.seed,
-                           provenance=provenance(PARAMS))
+    model_dir = Path("models") / p.model
+    metrics: dict = {"formats": list(p.formats)}
+    if "gguf" in p.formats:  # first: it refuses what it cannot export (a char tokenizer, a classifier) at once
+        metrics["gguf"] = export_gguf(model_dir, TOKENIZER, SHARDS, OUT["gguf"], p)
+    if "onnx" in p.formats:
+        metrics |= export_model(model_dir, TOKENIZER, SHARDS, OUT["onnx"], p, params.seed, provenance=provenance(PARAMS))
+        print(onnx_line(metrics), file=sys.stderr)
+    if "gguf" in metrics:
+        print(gguf_line(metrics["gguf"]), file=sys.stderr)
+    for fmt in set(OUT) - set(p.formats):
+        not_exported(fmt, p.formats)
     write_json(METRICS, metrics)
-    parity = metrics["parity"]
-    if "same_class" in parity:
-        print(f"export: classifier parity max |Δlogit| {parity['max_abs_logit_diff']:.2e}, same class on "
-              f"{parity['same_class']}/{parity['texts']} texts → {OUT}/")
-        return
-    int8 = f", int8 top-1 agreement {metrics['int8']['top1_agreement']:.1%}" if "int8" in metrics else ""
-    print(f"export: parity max |Δlogit| {parity['max_abs_logit_diff']:.2e}, greedy {parity['greedy_tokens_matched']} "
-          f"tokens equal{int8} → {OUT}/ ({', '.join(f'{k} {v} MB' for k, v in metrics['size_mb'].items())})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,233 @@
+"""GGUF export: the files load in llama.cpp (llama-cpp-python) and agree with our model and tokenizer; the Ollama
+Modelfile's TEMPLATE, rendered by Go's text/template, is our prompt. Neither check is ever skipped: without `go`
+or `llama_cpp` these tests fail and say what to install."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import gguf
+import pytest
+import torch
+
+from pipeline.checkpoint import save_model
+from pipeline.config import ExportParams, parse_params
+from pipeline.errors import PipelineError
+from pipeline.gguf_export import (
+    MODELFILE,
+    GGUFTokenizer,
+    byte_to_unicode,
+    export_gguf,
+    go_template,
+    merges,
+    modelfile,
+    write_gguf,
+)
+from pipeline.instructions import read_records
+from pipeline.model import GPT, PRESETS
+from pipeline.serve_models import chat_prompt_ids
+from pipeline.shards import ShardDataset, write_shards
+from pipeline.textstream import Segment
+from pipeline.tokenizer import gpt2, save_tokenizer, train_bpe, train_char
+
+ROOT = Path(__file__).resolve().parents[1]
+INSTRUCTIONS = ROOT.parent / "shared/data/instruction-data.json"
+CONVERSATIONS = [
+    [("user", "Name a colour.")],
+    [("user", "Rewrite:\n\nThe cat sat.")],
+    [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "¿Qué hora es?")],
+]
+GO_RENDER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"text/template"
+)
+
+type Message struct {
+	Role    string
+	Content string
+}
+
+func main() {
+	text, err := os.ReadFile(os.Args[1])
+	if err != nil {
+		panic(err)
+	}
+	var data struct{ Messages []Message }
+	if err := json.NewDecoder(os.Stdin).Decode(&data); err != nil {
+		panic(err)
+	}
+	if err := template.Must(template.New("TEMPLATE").Parse(string(text))).Execute(os.Stdout, data); err != nil {
+		panic(err)
+	}
+}
+"""
+
+
+def require_llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError as exc:  # a loud failure, never a skip: the proof is the point of these tests
+        pytest.fail(f"llama_cpp is not importable ({exc}): `pip install llama-cpp-python` (scripts/setup.sh does)")
+    return llama_cpp
+
+
+@pytest.fixture(scope="module")
+def go_render(tmp_path_factory) -> Path:
+    """Go's text/template as a program: TEMPLATE file as argument, {"Messages": [...]} on stdin."""
+    if shutil.which("go") is None:
+        pytest.fail("`go` is missing: apt-get install golang-go (scripts/setup.sh installs it); the Modelfile "
+                    "TEMPLATE cannot be verified without Go's text/template")
+    root = tmp_path_factory.mktemp("go")
+    (root / "main.go").write_text(GO_RENDER)
+    env = {"GOCACHE": str(root / "cache"), "GOPATH": str(root / "gopath"), "HOME": str(root), "PATH": "/usr/bin:/bin",
+           "GO111MODULE": "off"}
+    go = shutil.which("go")
+    subprocess.run([go, "build", "-o", str(root / "render"), str(root / "main.go")], check=True, env=env, cwd=root,
+                   capture_output=True, timeout=300)
+    return root / "render"
+
+
+def render_go(program: Path, template: str, messages: list[tuple[str, str]], tmp_path: Path) -> str:
+    (tmp_path / "TEMPLATE").write_text(template, encoding="utf-8")
+    data = json.dumps({"Messages": [{"role": r, "content": c} for r, c in messages]})
+    done = subprocess.run([str(program), str(tmp_path / "TEMPLATE")], input=data, capture_output=True, text=True,
+                          check=True, timeout=60)
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, corpus_text) -> Path:
+    """A bpe tokenizer, shards whose validation split holds ≥ 2,048 positions, and a briefly trained tiny chat model."""
+    root = tmp_path_factory.mktemp("gguf")
+    corpus = root / "corpus.txt"
+    corpus.write_text(corpus_text, encoding="utf-8")
+    enc = train_bpe([corpus_text], 512)
+    fingerprint = save_tokenizer(enc, root / "data/tokenizer", "bpe")
+    data = corpus.read_bytes()
+    cut = data.index(b"\n", int(len(data) * 0.6)) + 1
+    write_shards(enc, corpus, {"train": [Segment(0, cut)], "val": [Segment(cut, len(data) - cut)]},
+                 root / "data/shards", fingerprint=fingerprint, shard_tokens=10**6, batch_bytes=10**6)
+    torch.manual_seed(0)
+    model = GPT(replace(PRESETS["cpu-tiny"], vocab_size=enc.n_vocab, qkv_bias=False))
+    train = ShardDataset(root / "data/shards", "train")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        x, y = train.sample(8, model.cfg.context_length, generator)
+        loss = torch.nn.functional.cross_entropy(model(x)[0].flatten(0, 1), y.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    save_model(root / "models/dpo", model.eval(), tokenizer={"path": "data/tokenizer", "fingerprint": fingerprint},
+               instructions={"template": "chat"})
+    return root
+
+
+# ---------------------------------------------------------------------------------------------- pure parts
+
+
+def test_byte_level_alphabet_and_merges_rebuild_the_vocabulary():
+    alphabet = byte_to_unicode()
+    assert len(set(alphabet.values())) == 256 and alphabet[ord("A")] == "A" and alphabet[ord(" ")] == "Ġ"
+    enc = train_bpe(["hello world, hello there; 12345 ñandú " * 50], 300)
+    ranks = enc.__getstate__()["mergeable_ranks"]
+    pairs = list(merges(ranks))
+    assert len(pairs) == len(ranks) - 256 and all(a + b in ranks for a, b in pairs)
+
+
+def test_char_tokenizer_is_refused_with_a_clear_error():
+    enc = train_char(["abc"], 272)
+    with pytest.raises(PipelineError, match=r"tokenizer.kind=char: llama.cpp has no pre-tokenizer .* one character"):
+        GGUFTokenizer.of(enc, "char", enc.n_vocab)
+
+
+def test_export_params_formats_and_types_are_validated():
+    params = parse_params({"export": {"formats": ["gguf"], "gguf_types": ["q8_0"]}})
+    assert params.export.formats == ("gguf",) and params.export.gguf_types == ("q8_0",)
+    for bad, match in (({"formats": ["tflite"]}, "export.formats"), ({"gguf_types": ["q4_0"]}, "export.gguf_types"),
+                       ({"formats": []}, "export.formats"), ({"gguf_types": ["f16", "f16"]}, "export.gguf_types")):
+        with pytest.raises(PipelineError, match=match):
+            parse_params({"export": bad})
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chat", None])
+def test_modelfile_template_rendered_by_go_is_our_prompt(go_render, tmp_path, template):
+    enc = train_char([], 272)
+    conversations = CONVERSATIONS if template != "alpaca" else CONVERSATIONS + [[("user", "Only one")]]
+    for turns in conversations:
+        rendered = render_go(go_render, go_template(template), turns, tmp_path)
+        assert enc.encode(rendered, allowed_special="all") == chat_prompt_ids(enc, template, turns), rendered
+    text = modelfile("dpo-f16.gguf", template, 64)
+    assert text.startswith("FROM ./dpo-f16.gguf\n") and f'TEMPLATE """{go_template(template)}"""' in text
+    assert 'PARAMETER stop "<|endoftext|>"' in text and "PARAMETER num_ctx 64" in text
+    assert ('PARAMETER stop "<|end|>"' in text) == (template == "chat")
+
+
+# ---------------------------------------------------------------------------------------------- llama.cpp
+
+
+def test_export_writes_gguf_files_and_modelfile_verified_in_llama_cpp(workspace, go_render, tmp_path, capsys):
+    require_llama_cpp()
+    params = ExportParams(gguf_types=("f32", "f16", "q8_0"), parity_tokens=32)
+    out = workspace / "models/gguf"
+    metrics = export_gguf(workspace / "models/dpo", workspace / "data/tokenizer", workspace / "data/shards", out, params)
+    assert sorted(p.name for p in out.iterdir()) == [MODELFILE, "dpo-f16.gguf", "dpo-f32.gguf", "dpo-q8_0.gguf"]
+    assert metrics["verified_by"].startswith("llama.cpp via llama-cpp-python") and metrics["pre_tokenizer"] == "llama-bpe"
+    for kind, minimum in (("f32", 0.99), ("f16", 0.98), ("q8_0", 0.95)):
+        figures = metrics[kind]
+        assert figures["teacher_forced_positions"] >= 2000 and figures["top1_agreement"] >= minimum
+        assert figures["tokenizer_identical"] and figures["chat_template_matches"] is True
+    assert metrics["size_mb"]["q8_0"] < metrics["size_mb"]["f16"] < metrics["size_mb"]["f32"]
+    with capsys.disabled():  # the agreement figures, in CI's output
+        print("\nllama.cpp agreement:", json.dumps({k: {m: metrics[k][m] for m in ("top1_agreement",
+              "teacher_forced_positions", "max_abs_logit_diff", "greedy")} for k in ("f32", "f16", "q8_0")}, indent=1))
+
+    reader = gguf.GGUFReader(out / "dpo-f16.gguf")
+    field = reader.fields["tokenizer.ggml.add_bos_token"]
+    assert bool(field.parts[field.data[0]][0]) is False
+    assert "output.weight" not in {t.name for t in reader.tensors}  # tied head: llama.cpp reuses token_embd
+    # The Modelfile's TEMPLATE is our chat prompt, rendered by Go.
+    modelfile_text = (out / MODELFILE).read_text()
+    assert modelfile_text.startswith("FROM ./dpo-f32.gguf\n")
+    template = modelfile_text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    from pipeline.tokenizer import load_tokenizer
+
+    enc = load_tokenizer(workspace / "data/tokenizer")
+    for turns in CONVERSATIONS:
+        assert enc.encode(render_go(go_render, template, turns, tmp_path), allowed_special="all") == \
+            chat_prompt_ids(enc, "chat", turns)
+
+
+def test_llama_cpp_tokenizes_real_instructions_and_gpt2_text_as_we_do(tmp_path):
+    """The gpt2 kind (GPT-2's own 50k vocabulary through llama.cpp's "gpt-2" pre-tokenizer) and the instruction
+    prompts of the shared data (or generated ones) in the Alpaca format."""
+    require_llama_cpp()
+    from pipeline.llama_cpp_check import EDGE_CASE, load, tokenizer_mismatches
+
+    enc = gpt2()
+    torch.manual_seed(0)
+    model = GPT(replace(PRESETS["cpu-tiny"], vocab_size=enc.n_vocab, n_embd=32, n_head=2, n_layer=1))
+    path = tmp_path / "gpt2.gguf"
+    tokenizer = GGUFTokenizer.of(enc, "gpt2", enc.n_vocab)
+    assert tokenizer.pre == "gpt-2"
+    write_gguf(model, tokenizer, "alpaca", path, "f32", "gpt2-tokenizer")
+    if INSTRUCTIONS.is_file():
+        records = read_records(INSTRUCTIONS)[:200]
+    else:
+        from tests.project import generated_instructions
+
+        records = generated_instructions(50)
+    prompts = [enc.decode(chat_prompt_ids(enc, "alpaca", [("user", r["instruction"] + r.get("input", ""))]))
+               for r in records]
+    llm = load(path, model.cfg.context_length)
+    try:
+        compared, mismatch = tokenizer_mismatches(llm, enc, [*prompts, EDGE_CASE])
+    finally:
+        llm.close()
+    assert mismatch is None and compared > 5000

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -197,22 +196,19 @@ def test_other_bad_requests(server):
     assert empty.value.body["param"] == "input"
 
 
-def test_onnx_models_refuse_embeddings_with_a_400(tmp_path, model_dirs):
-    from pipeline.checkpoint import write_json
-    from pipeline.export import export_graph
-    from pipeline.onnx_generate import TOKENIZER_DIR, VARIANT_FILES
+def test_a_model_without_hidden_states_refuses_embeddings_with_a_400(model_dirs):
+    """The ONNX graph outputs logits only (OnnxGenerator has no ``embed``): such a model answers 400, both APIs."""
+    from pipeline.onnx_generate import OnnxGenerator
 
-    model, meta = load_model(model_dirs["base"])
-    onnx_dir = tmp_path / "onnx"
-    shutil.copytree(meta["tokenizer"]["path"], onnx_dir / TOKENIZER_DIR)
-    export_graph(model, onnx_dir / VARIANT_FILES["fp32"], 18)
-    write_json(onnx_dir / "config.json", {"model": model.cfg.to_dict(), "source": {"directory": ""},
-                                          "onnx": {"files": {"fp32": VARIANT_FILES["fp32"]}, "opset": 18}})
-    with running_server(load_served({"onnx": onnx_dir})) as (url, _):
-        refused = httpx.post(f"{url}/api/embed", json={"model": "onnx", "input": "hi"})
+    assert not hasattr(OnnxGenerator, "embed")
+    models = load_served({"logits-only": model_dirs["base"]})
+    models["logits-only:latest"].tokens = SlowTokens(models["logits-only:latest"].tokens)  # stream() only
+    with running_server(models) as (url, _):
+        refused = httpx.post(f"{url}/api/embed", json={"model": "logits-only", "input": "hi"})
         assert refused.status_code == 400 and "does not support embeddings" in refused.json()["error"]
-        with pytest.raises(openai.BadRequestError):
-            client(url).embeddings.create(model="onnx", input="hi")
+        with pytest.raises(openai.BadRequestError) as openai_refused:
+            client(url).embeddings.create(model="logits-only", input="hi")
+        assert openai_refused.value.body["param"] == "model"
 
 
 def test_api_key_when_configured(model_dirs):

@@ -89,7 +89,11 @@ def merges(ranks: dict[bytes, int]) -> Iterator[tuple[bytes, bytes]]:
     for token, _ in sorted(ranks.items(), key=lambda kv: kv[1]):
         if len(token) < 2:
             continue
-        parts = _split_below(token, ranks)
+        rank = ranks[token]
+        splits = [(token[:k], token[k:]) for k in range(1, len(token))
+                  if ranks.get(token[:k], rank) < rank and ranks.get(token[k:], rank) < rank]
+        # BPE's own split is one of these: when it is the only one, no need to replay the merges.
+        parts = list(splits[0]) if len(splits) == 1 else _split_below(token, ranks)
         if len(parts) != 2:
             raise PipelineError(f"tokenizer: token {token!r} is not the merge of two earlier tokens; "
                                 "not a byte-level BPE vocabulary")

@@ -271,8 +271,7 @@ def val_text(windows: np.ndarray, enc: tiktoken.Encoding) -> list[str]:
     return [enc.decode(row.tolist()) for row in windows]
 
 
-def export_gguf(model_dir: Path, tokenizer_dir: Path, shards_dir: Path, out_dir: Path, params: ExportParams,
-                positions: int | None = None) -> dict:
+def export_gguf(model_dir: Path, tokenizer_dir: Path, shards_dir: Path, out_dir: Path, params: ExportParams) -> dict:
     """``out_dir``/<model>-<type>.gguf per ``export.gguf_types`` and a Modelfile (replaced atomically, only when
     every check passed); verified in llama.cpp when llama-cpp-python is importable. Returns the metrics."""
     from pipeline.checkpoint import load_with_tokenizer
@@ -285,10 +284,13 @@ def export_gguf(model_dir: Path, tokenizer_dir: Path, shards_dir: Path, out_dir:
     model, enc, cfg = loaded.model.eval(), loaded.enc, loaded.model.cfg
     template = (loaded.meta.get("instructions") or {}).get("template")
     tokenizer = GGUFTokenizer.of(enc, read_metadata(tokenizer_dir)["kind"], cfg.vocab_size)
-    positions = positions or params.gguf_check_positions
     dataset = ShardDataset(shards_dir, "val", expected_fingerprint=loaded.tokenizer_fingerprint)
-    windows = np.concatenate([x.numpy() for x, _ in dataset.sequential(
-        -(-positions // cfg.context_length), cfg.context_length, max_batches=1)])
+    batches = [x.numpy() for x, _ in dataset.sequential(
+        -(-params.gguf_check_positions // cfg.context_length), cfg.context_length, max_batches=1)]
+    if not batches:
+        raise PipelineError(f"{shards_dir}: the validation split holds no window of context_length "
+                            f"{cfg.context_length} tokens to check the GGUF export on")
+    windows = np.concatenate(batches)
     chats = [list(c) for c in SAMPLE_CHATS if template == "chat" or c[0][0] != "system"]
     chat_ids = [chat_prompt_ids(enc, template, chat) for chat in chats]
     runtime = runtime_name()

@@ -4,8 +4,10 @@ or `llama_cpp` these tests fail and say what to install."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -231,3 +233,35 @@ def test_llama_cpp_tokenizes_real_instructions_and_gpt2_text_as_we_do(tmp_path):
     finally:
         llm.close()
     assert mismatch is None and compared > 5000
+
+
+def stage_export(root: Path, export: dict) -> subprocess.CompletedProcess:
+    (root / "params.yaml").write_text(json.dumps({"seed": 1, "export": export}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "stages.export"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_stage_writes_gguf_and_modelfile_and_says_which_runtime_verified_them(workspace):
+    require_llama_cpp()
+    done = stage_export(workspace, {"formats": ["gguf"], "gguf_types": ["q8_0"]})
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (workspace / "models/gguf").iterdir()) == [MODELFILE, "dpo-q8_0.gguf"]
+    assert (workspace / "models/onnx/README.md").read_text() == "Not exported: export.formats is ['gguf'].\n"
+    metrics = json.loads((workspace / "reports/export/metrics.json").read_text())
+    assert metrics["formats"] == ["gguf"] and metrics["gguf"]["verified_by"].startswith("llama.cpp via")
+    assert metrics["gguf"]["q8_0"]["top1_agreement"] >= 0.95
+    assert "verified by llama.cpp via llama-cpp-python" in done.stderr.splitlines()[-1]
+
+
+def test_stage_refuses_a_char_tokenizer_with_one_line_and_no_output(tmp_path):
+    enc = train_char(["abc"], 272)
+    fingerprint = save_tokenizer(enc, tmp_path / "data/tokenizer", "char")
+    model = GPT(replace(PRESETS["cpu-tiny"], vocab_size=enc.n_vocab))
+    save_model(tmp_path / "models/dpo", model, tokenizer={"path": "data/tokenizer", "fingerprint": fingerprint})
+    done = stage_export(tmp_path, {"formats": ["gguf"]})
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "error: tokenizer.kind=char: llama.cpp has no pre-tokenizer that reproduces one character per piece; GGUF "
+        "export needs tokenizer.kind bpe or gpt2 (or drop gguf from export.formats)"]
+    assert not (tmp_path / "models/gguf").exists() and not (tmp_path / "reports").exists()

@@ -210,7 +210,7 @@ def test_llama_cpp_tokenizes_real_instructions_and_gpt2_text_as_we_do(tmp_path):
     """The gpt2 kind (GPT-2's own 50k vocabulary through llama.cpp's "gpt-2" pre-tokenizer) and the instruction
     prompts of the shared data (or generated ones) in the Alpaca format."""
     require_llama_cpp()
-    from pipeline.llama_cpp_check import EDGE_CASE, load, tokenizer_mismatches
+    from pipeline.llama_cpp_check import EDGE_CASE, chat_template_check, load, tokenizer_mismatches
 
     enc = gpt2()
     torch.manual_seed(0)
@@ -230,6 +230,8 @@ def test_llama_cpp_tokenizes_real_instructions_and_gpt2_text_as_we_do(tmp_path):
     llm = load(path, model.cfg.context_length)
     try:
         compared, mismatch = tokenizer_mismatches(llm, enc, [*prompts, EDGE_CASE])
+        # The Alpaca chat template (earlier turns as the Input transcript), rendered by llama-cpp-python's Jinja.
+        assert chat_template_check(llm, enc, CONVERSATIONS, [chat_prompt_ids(enc, "alpaca", c) for c in CONVERSATIONS])
     finally:
         llm.close()
     assert mismatch is None and compared > 5000

@@ -192,20 +192,16 @@ def chat_turns(request: ChatCompletionRequest) -> list[tuple[str, str]]:
 
 def completion_prompt(model: ServedModel, prompt: str | list) -> list[int]:
     """Text is rendered as /api/generate renders it (the model's template, as Ollama does); ids pass as they are."""
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], list | str):  # a batch of prompts
         if len(prompt) != 1:
-            raise OpenAIError(400, "unsupported: several prompts in one request (send one)", "prompt")
-        prompt = prompt[0]
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-        if len(prompt) != 1:
-            raise OpenAIError(400, "unsupported: several prompts in one request (send one)", "prompt")
+            raise OpenAIError(400, "prompt: several prompts in one request are not supported (send one)", "prompt")
         prompt = prompt[0]
     if isinstance(prompt, list):
         if not prompt or any(not 0 <= t < model.encoding.n_vocab for t in prompt):
-            raise OpenAIError(400, f"token ids must be non-empty and in [0, {model.encoding.n_vocab})", "prompt")
+            raise OpenAIError(400, f"prompt: token ids must be non-empty and in [0, {model.encoding.n_vocab})", "prompt")
         return list(prompt)
     if not prompt:
-        raise OpenAIError(400, "the prompt is empty", "prompt")
+        raise OpenAIError(400, "prompt: empty", "prompt")
     return model.chat_ids([("user", prompt)]) if model.template else model.encoding.encode_ordinary(prompt)
 
 

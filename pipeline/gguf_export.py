@@ -282,6 +282,9 @@ def export_gguf(model_dir: Path, tokenizer_dir: Path, shards_dir: Path, out_dir:
 
     loaded = load_with_tokenizer(model_dir, tokenizer_dir)
     model, enc, cfg = loaded.model.eval(), loaded.enc, loaded.model.cfg
+    if cfg.n_classes:
+        raise PipelineError(f"{model_dir}: a classifier has no place in llama.cpp's gpt2 architecture (a language "
+                            "model's head); set export.formats: [onnx] to export it")
     template = (loaded.meta.get("instructions") or {}).get("template")
     tokenizer = GGUFTokenizer.of(enc, read_metadata(tokenizer_dir)["kind"], cfg.vocab_size)
     dataset = ShardDataset(shards_dir, "val", expected_fingerprint=loaded.tokenizer_fingerprint)

@@ -267,3 +267,15 @@ def test_stage_refuses_a_char_tokenizer_with_one_line_and_no_output(tmp_path):
         "error: tokenizer.kind=char: llama.cpp has no pre-tokenizer that reproduces one character per piece; GGUF "
         "export needs tokenizer.kind bpe or gpt2 (or drop gguf from export.formats)"]
     assert not (tmp_path / "models/gguf").exists() and not (tmp_path / "reports").exists()
+
+
+def test_a_classifier_is_refused_before_anything_is_written(tmp_path):
+    enc = train_char(["abc"], 272)
+    fingerprint = save_tokenizer(enc, tmp_path / "data/tokenizer", "char")
+    model = GPT(replace(PRESETS["cpu-tiny"], vocab_size=enc.n_vocab, n_classes=2, tie_weights=False))
+    save_model(tmp_path / "models/classifier", model, tokenizer={"path": str(tmp_path / "data/tokenizer"),
+                                                                  "fingerprint": fingerprint})
+    with pytest.raises(PipelineError, match=r"classifier has no place .* export.formats: \[onnx\]"):
+        export_gguf(tmp_path / "models/classifier", tmp_path / "data/tokenizer", tmp_path / "data/shards",
+                    tmp_path / "models/gguf", ExportParams())
+    assert not (tmp_path / "models/gguf").exists()

@@ -90,7 +90,10 @@ class ShardsParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    preset: str = "cpu-small"
+    preset: str = "cpu-small"  # ignored with init_from: the shape is then the checkpoint's
+    # scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl (the Hugging Face Hub) | a local GPT-2 checkpoint (dir or file)
+    init_from: str = "scratch"
+    revision: str | None = None  # Hub revision (commit, branch or tag); None → the commit pinned in pipeline/pretrained.py
     context_length: int | None = None
     n_embd: int | None = None
     n_head: int | None = None
@@ -287,8 +290,9 @@ _CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("evaluate.max_new_tokens", lambda v: v >= 0, ">= 0"),
     ("evaluate.temperature", lambda v: v >= 0, ">= 0"),
     ("pretrain.context_length", lambda v: v is None or v > 0, "> 0"),
-    # LoRA adapts a trained model; pretraining starts from random weights (no init_from yet).
-    ("pretrain.lora.rank", lambda v: v == 0, "0: LoRA needs trained weights to adapt, and pretrain starts from scratch"),
+    # LoRA adapts a trained model; pretraining trains every weight (from scratch or from model.init_from).
+    ("pretrain.lora.rank", lambda v: v == 0, "0: LoRA adapts a trained model (fine-tune it in the sft stage)"),
+    ("model.init_from", lambda v: bool(v.strip()), "scratch, a GPT-2 name or a path"),
     ("dpo.beta", lambda v: v > 0, "> 0"),
     ("sft.split_train", lambda v: 0 < v < 1, "in (0, 1)"),
     ("sft.split_val", lambda v: 0 < v < 1, "in (0, 1)"),

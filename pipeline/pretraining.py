@@ -6,12 +6,14 @@ from pathlib import Path
 
 import torch
 
+from pipeline import pretrained
 from pipeline.config import ModelParams, PretrainParams
+from pipeline.runtime import local_device
 from pipeline.errors import PipelineError
 from pipeline.model import GPT, GPTConfig, ModelConfigError, config_from_preset
 from pipeline.objectives import PretrainObjective
 from pipeline.shards import ShardDataset
-from pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
+from pipeline.tokenizer import load_tokenizer, read_metadata, tokenizer_fingerprint
 
 Batch = dict[str, torch.Tensor]
 
@@ -42,17 +44,32 @@ class PretrainSetup:
     model: GPT
     objective: PretrainObjective
     tokenizer_fingerprint: str
+    init: dict | None = None  # provenance of the starting checkpoint (model.init_from), None from scratch
 
 
 def prepare(model: ModelParams, params: PretrainParams, init_seed: int, tokenizer_dir: Path, shards_dir: Path,
             origin: str = "params.yaml") -> PretrainSetup:
-    """Check params against the tokenizer and shards, build the freshly initialised model and the objective."""
+    """Check params against the tokenizer and shards, then build the model: freshly initialised, or a checkpoint's
+    weights (``model.init_from``) read only after its shape, tokenizer and memory needs passed the checks."""
     enc = load_tokenizer(tokenizer_dir)
     fingerprint = tokenizer_fingerprint(tokenizer_dir)
-    cfg = model_config(model, enc.n_vocab, origin)
+    source = None
+    if model.init_from == pretrained.SCRATCH:
+        cfg = model_config(model, enc.n_vocab, origin)
+    else:
+        source = pretrained.resolve(model.init_from, model.revision)
+        cfg = pretrained.checkpoint_config(source, enc.n_vocab, read_metadata(tokenizer_dir), model.dropout)
+        pretrained.check_shape(cfg, {name: getattr(model, name) for name in pretrained.SHAPE_FIELDS}, source.label, origin)
     context = training_context(params, cfg, origin)
     train = ShardDataset(shards_dir, "train", expected_fingerprint=fingerprint)
     val = ShardDataset(shards_dir, "val", expected_fingerprint=fingerprint)
     objective = PretrainObjective(train, val, params.batch_size, context, params.seed, params.eval_batches)
     torch.manual_seed(init_seed)
-    return PretrainSetup(GPT(cfg), objective, fingerprint)
+    if source is None:
+        return PretrainSetup(GPT(cfg), objective, fingerprint)
+    training = params.max_steps > 0
+    device = local_device(params.device)
+    needed = pretrained.training_bytes(cfg, training, params.batch_size, context)
+    pretrained.check_fits(cfg, source.label, needed, pretrained.available_bytes(device), str(device), training)
+    gpt = pretrained.load_weights(source, cfg)
+    return PretrainSetup(gpt, objective, fingerprint, pretrained.provenance(source))

@@ -34,8 +34,9 @@ def main() -> None:
         return
     training = {"steps": result.metrics["step"], "context_length": setup.objective.context_length,
                 "val_loss": result.metrics.get("val/loss")}
+    start = {"init_from": setup.init} if setup.init else {}
     save_model(OUT, result.model, tokenizer={"path": str(TOKENIZER), "fingerprint": setup.tokenizer_fingerprint},
-               stage="pretrain", training=training, provenance=provenance(PARAMS))
+               stage="pretrain", training=training, provenance=provenance(PARAMS), **start)
     print(f"pretrain: {result.metrics['step']} steps, val loss {result.metrics.get('val/loss', float('nan')):.4f}"
           f" -> {OUT}", file=sys.stderr)
 

@@ -248,7 +248,8 @@ class ExportParams:
     parity_atol: float = 1e-4  # max |logit(onnxruntime fp32) - logit(torch)|, else the stage fails
     parity_tokens: int = 64  # greedy tokens that must equal torch's, token for token
     int8_min_agreement: float = 0.95  # top-1 next-token agreement of int8 with fp32 over real text
-    formats: tuple[Literal["onnx", "gguf"], ...] = ("onnx", "gguf")  # gguf: llama.cpp / Ollama (pipeline/gguf_export.py)
+    # gguf: llama.cpp / Ollama (pipeline/gguf_export.py); hf: transformers' GPT-2 layout (pipeline/hf_export.py)
+    formats: tuple[Literal["onnx", "gguf", "hf"], ...] = ("onnx", "gguf", "hf")
     gguf_types: tuple[Literal["f32", "f16", "q8_0"], ...] = ("f16", "q8_0")  # one file each; the Modelfile uses the first
     gguf_check_positions: int = 2048  # real validation positions of the llama.cpp agreement check
 

@@ -1,5 +1,6 @@
 """export stage: models/<export.model> → models/onnx (fp32 + int8, tokenizer, config, model card; parity checked
-against torch) and models/gguf (GGUF files + Ollama Modelfile; checked in llama.cpp when it is installed)."""
+against torch), models/gguf (GGUF files + Ollama Modelfile; checked in llama.cpp when it is installed) and models/hf
+(transformers' GPT-2 layout, tokenizer.json, chat templates; checked through transformers), as export.formats lists."""
 from __future__ import annotations
 
 import sys
@@ -10,12 +11,13 @@ from pipeline.atomic import atomic_path, write_json
 from pipeline.errors import exit_on_error
 from pipeline.export import export_model
 from pipeline.gguf_export import export_gguf
+from pipeline.hf_export import export_hf_model
 from pipeline.provenance import provenance
 from pipeline.stage_timing import timed
 
 TOKENIZER = Path("data/tokenizer")
 SHARDS = Path("data/shards")
-OUT = {"onnx": Path("models/onnx"), "gguf": Path("models/gguf")}
+OUT = {"onnx": Path("models/onnx"), "gguf": Path("models/gguf"), "hf": Path("models/hf")}
 METRICS = Path("reports/export/metrics.json")
 PARAMS = ("seed", "export")
 
@@ -35,6 +37,12 @@ def onnx_line(metrics: dict) -> str:
     int8 = f", int8 top-1 agreement {metrics['int8']['top1_agreement']:.1%}" if "int8" in metrics else ""
     return (f"export: parity max |Δlogit| {parity['max_abs_logit_diff']:.2e}, greedy {parity['greedy_tokens_matched']} "
             f"tokens equal{int8} → {OUT['onnx']}/ ({', '.join(f'{k} {v} MB' for k, v in metrics['size_mb'].items())})")
+
+
+def hf_line(hf: dict) -> str:
+    return (f"export: transformers max |Δlogit| {hf['max_abs_logit_diff']:.2e}, tokenizer agreement "
+            f"{hf['tokenizer_agreement']:.0%} of {hf['tokenizer_texts']} texts, greedy {hf['greedy_tokens_matched']} "
+            f"tokens equal → {OUT['hf']}/")
 
 
 def gguf_line(gguf: dict) -> str:
@@ -57,6 +65,9 @@ def main() -> None:
         print(onnx_line(metrics), file=sys.stderr)
     if "gguf" in metrics:
         print(gguf_line(metrics["gguf"]), file=sys.stderr)
+    if "hf" in p.formats:
+        metrics["hf"] = export_hf_model(model_dir, TOKENIZER, SHARDS, OUT["hf"], p, provenance=provenance(PARAMS))
+        print(hf_line(metrics["hf"]), file=sys.stderr)
     for fmt in set(OUT) - set(p.formats):
         not_exported(fmt, p.formats)
     write_json(METRICS, metrics)

@@ -13,6 +13,7 @@ or, for a LoRA run with ``lora.merge: false``, an adapter on top of another mode
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import lora
 from pipeline.atomic import atomic_path
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, one_line
 from pipeline.model import GPT, GPTConfig, ModelConfigError
 from pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
 
@@ -181,3 +182,25 @@ def load_with_tokenizer(model_dir: str | Path, tokenizer_dir: str | Path | None 
             f"{model_dir / CONFIG}: vocab_size {model.cfg.vocab_size} < the tokenizer's {enc.n_vocab} tokens"
         )
     return ModelAndTokenizer(model, meta, enc, fingerprint)
+
+
+def _first_line(exc: BaseException) -> str:
+    return one_line((str(exc).strip().splitlines() or [type(exc).__name__])[0])
+
+
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """A foreign checkpoint's state dict (e.g. GPT-2's): safetensors, or a ``.bin`` read without executing pickled code."""
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise PipelineError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise PipelineError(f"{path}: refused, loading it would run pickled code ({_first_line(exc)})") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise PipelineError(f"{path}: not a readable PyTorch weights file ({_first_line(exc)})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PipelineError(f"{path}: not a state dict of tensors")
+    return state

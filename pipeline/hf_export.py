@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +24,9 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.atomic import atomic_path
+from pipeline.checkpoint import load_with_tokenizer
 from pipeline.config import ExportParams
 from pipeline.errors import PipelineError
-from pipeline.checkpoint import load_with_tokenizer
 from pipeline.generate import stream_tokens
 from pipeline.gpt2_layout import config_to_hf, to_gpt2
 from pipeline.instructions import ALPACA_PREAMBLE
@@ -237,6 +238,6 @@ def export_hf_model(model_dir: Path, tokenizer_dir: Path, shards_dir: Path, out_
     if windows is None:
         raise PipelineError(f"{shards_dir}: the val split has fewer than {ctx + 1} tokens, no window to check the export on")
     template = (loaded.meta.get("instructions") or {}).get("template", "alpaca")
-    print(f"export: {model_dir} → Hugging Face GPT-2 directory (template {template}), parity through transformers")
+    print(f"export: {model_dir} → Hugging Face GPT-2 directory (template {template}), parity through transformers", file=sys.stderr)
     return export_hf(model, loaded.enc, tokenizer_dir, read_metadata(tokenizer_dir), out_dir, windows[0].numpy(), params,
                      template, str(model_dir), **metadata)

@@ -18,14 +18,12 @@ import contextlib
 import hashlib
 import json
 import os
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
+from pipeline.checkpoint import read_weights_file
 from pipeline.errors import PipelineError
 from pipeline.gpt2_layout import HEAD, config_from_hf, from_gpt2, normalize_keys
 from pipeline.model import GPT, GPTConfig, ModelConfigError
@@ -157,24 +155,6 @@ def weights_path(source: Source) -> Path:
     raise PipelineError(f"model.init_from={source.label}: {source.repo} has neither {SAFETENSORS} nor {PICKLE_BIN}")
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from safetensors, or from a ``.bin`` without executing pickled code."""
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as exc:
-            raise PipelineError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise PipelineError(f"{path}: refused, loading it would run pickled code ({_first_line(exc)})") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise PipelineError(f"{path}: not a readable PyTorch weights file ({_first_line(exc)})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise PipelineError(f"{path}: not a state dict of tensors")
-    return state
-
-
 def checkpoint_config(source: Source, n_vocab: int, tokenizer: dict, dropout: float | None) -> GPTConfig:
     """Our GPTConfig for the checkpoint, with the tokenizer's vocabulary; refuses a tokenizer with other ids."""
     fields = config_from_hf(source.hf_config, str(source.config_path))
@@ -217,7 +197,7 @@ def load_weights(source: Source, cfg: GPTConfig) -> GPT:
     """Build our GPT for ``cfg`` from the checkpoint's weights (extra vocabulary rows: the mean of the stored ones)."""
     path = weights_path(source)
     source.files = {path.name: _sha256(path)}
-    state = normalize_keys(read_weights(path), str(path))
+    state = normalize_keys(read_weights_file(path), str(path))
     stored = source.hf_config.get("vocab_size", GPT2_VOCAB)
     shapes = {"wte.weight": (stored, cfg.n_embd), "wpe.weight": (cfg.context_length, cfg.n_embd)}
     for name, shape in shapes.items():

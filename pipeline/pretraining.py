@@ -8,10 +8,10 @@ import torch
 
 from pipeline import pretrained
 from pipeline.config import ModelParams, PretrainParams
-from pipeline.runtime import local_device
 from pipeline.errors import PipelineError
 from pipeline.model import GPT, GPTConfig, ModelConfigError, config_from_preset
 from pipeline.objectives import PretrainObjective
+from pipeline.runtime import local_device
 from pipeline.shards import ShardDataset
 from pipeline.tokenizer import load_tokenizer, read_metadata, tokenizer_fingerprint
 

@@ -17,11 +17,12 @@ OUTPUT_ROOTS = ("data/", "models/", "reports/", "checkpoints/", "cache/")
 LAYERS = [
     {"errors", "atomic", "stage_timing", "hashing", "config", "provenance", "profile", "sampling", "textstream",
      "datasets", "unwrap", "corpus", "tokenizer", "shards", "instructions", "labelled"},  # data and the params
-    {"model", "generate", "perf", "runtime", "checkpoint", "lora", "embeddings"},  # the model, where it runs, its files
+    {"model", "generate", "perf", "runtime", "checkpoint", "lora", "embeddings", "gpt2_layout",
+     "pretrained"},  # the model, where it runs, its files
     {"losses", "objectives", "distributed", "resume", "train", "pretraining", "answers", "classifier"},  # training
     {"evaluation", "rouge", "judge", "judge_report", "classify_metrics"},  # evaluation
     {"export", "onnx_generate", "serve_models", "serve", "export_classifier", "model_card", "chat_page",
-     "gguf_export", "llama_cpp_check", "embed_api", "openai_api"},  # export, serving
+     "gguf_export", "llama_cpp_check", "embed_api", "openai_api", "hf_export"},  # export, serving
     {"dvc_ops", "flow", "compare", "cli", "__main__", "__init__", "generate_cli", "chat", "report"},  # orchestration, CLI
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

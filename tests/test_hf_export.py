@@ -248,7 +248,7 @@ def test_stage_writes_hf_metrics_and_marks_the_format_left_out(workspace):
     assert metrics["hf"]["passed"] and metrics["hf"]["greedy_tokens_matched"] == 16
     for left_out in ("onnx", "gguf"):
         assert (workspace / f"models/{left_out}/README.md").read_text() == "Not exported: export.formats is ['hf'].\n"
-    assert "transformers max |Δlogit|" in done.stdout
+    assert "transformers max |Δlogit|" in done.stderr
 
 
 def test_stage_refuses_an_unknown_format_with_one_line(tmp_path):

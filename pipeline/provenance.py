@@ -20,7 +20,7 @@ from pipeline.errors import PipelineError
 
 PACKAGES = (
     "torch", "numpy", "tiktoken", "rustbpe", "safetensors", "dvc", "dvclive", "prefect",
-    "onnx", "onnxruntime", "pandas", "llm-pipeline",
+    "onnx", "onnxruntime", "pandas", "transformers", "huggingface_hub", "tokenizers", "llm-pipeline",
 )
 
 

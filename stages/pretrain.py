@@ -35,6 +35,7 @@ def main() -> None:
     training = {"steps": result.metrics["step"], "context_length": setup.objective.context_length,
                 "val_loss": result.metrics.get("val/loss")}
     start = {"init_from": setup.init} if setup.init else {}
+    CHECKPOINTS.mkdir(parents=True, exist_ok=True)  # a declared DVC output, even when max_steps: 0 saved no checkpoint
     save_model(OUT, result.model, tokenizer={"path": str(TOKENIZER), "fingerprint": setup.tokenizer_fingerprint},
                stage="pretrain", training=training, provenance=provenance(PARAMS), **start)
     print(f"pretrain: {result.metrics['step']} steps, val loss {result.metrics.get('val/loss', float('nan')):.4f}"

@@ -235,6 +235,7 @@ def test_max_steps_zero_writes_the_checkpoint_as_it_is_with_provenance(workspace
     weights = workspace / "gpt2-local/model.safetensors"
     assert meta["init_from"]["files"] == {"model.safetensors": pretrained._sha256(weights)}
     assert meta["model"]["vocab_size"] == 50272 and meta["model"]["n_layer"] == 2 and meta["training"]["steps"] == 0
+    assert (workspace / "as-is/checkpoints/pretrain").is_dir()  # DVC's declared output exists with no step taken
     ours = load_file(str(model_dir / "model.safetensors"))
     theirs = load_file(str(weights))
     assert torch.equal(ours["tok_emb.weight"][:50257], theirs["transformer.wte.weight"])

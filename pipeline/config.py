@@ -94,6 +94,7 @@ class ModelParams:
     # scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl (the Hugging Face Hub) | a local GPT-2 checkpoint (dir or file)
     init_from: str = "scratch"
     revision: str | None = None  # Hub revision (commit, branch or tag); None → the commit pinned in pipeline/pretrained.py
+    init: Literal["gpt2", "pytorch"] = "gpt2"  # from scratch: GPT-2's N(0, 0.02) or each layer's PyTorch default (the book's)
     context_length: int | None = None
     n_embd: int | None = None
     n_head: int | None = None
@@ -147,6 +148,15 @@ class TrainParams:
 @dataclass(frozen=True)
 class PretrainParams(TrainParams):
     context_length: int | None = None  # training window; None → the model's context_length (its position table)
+    # random: windows at any offset, drawn afresh each step | epochs: the book's loader (windows every `stride`
+    # tokens, shuffled each epoch, the last partial batch dropped)
+    sampling: Literal["random", "epochs"] = "random"
+    stride: int | None = None  # epochs: distance between window starts; None → the context (non-overlapping)
+    epochs: int | None = None  # epochs: train this many epochs (replaces max_steps); None → max_steps
+
+    def __post_init__(self) -> None:
+        if self.sampling == "random" and (self.stride is not None or self.epochs is not None):
+            raise ConfigError("pretrain.stride and pretrain.epochs need pretrain.sampling: epochs")
 
 
 @dataclass(frozen=True)
@@ -294,6 +304,8 @@ _CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     # LoRA adapts a trained model; pretraining trains every weight (from scratch or from model.init_from).
     ("pretrain.lora.rank", lambda v: v == 0, "0: LoRA adapts a trained model (fine-tune it in the sft stage)"),
     ("model.init_from", lambda v: bool(v.strip()), "scratch, a GPT-2 name or a path"),
+    ("pretrain.stride", lambda v: v is None or v > 0, "> 0"),
+    ("pretrain.epochs", lambda v: v is None or v > 0, "> 0"),
     ("dpo.beta", lambda v: v > 0, "> 0"),
     ("sft.split_train", lambda v: 0 < v < 1, "in (0, 1)"),
     ("sft.split_val", lambda v: 0 < v < 1, "in (0, 1)"),

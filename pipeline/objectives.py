@@ -35,7 +35,12 @@ def _batch_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
 
 @dataclass
 class PretrainObjective:
-    """Next-token cross-entropy on random train windows; eval on the first val windows, in order."""
+    """Next-token cross-entropy on train windows; eval on the first val windows, in order.
+
+    ``sampling`` ``random``: each batch is windows at random offsets. ``epochs`` (the book's DataLoader over
+    GPTDatasetV1): windows every ``stride`` tokens, reshuffled each epoch with a generator seeded from (seed, epoch),
+    the last partial batch dropped; batch n of the run is a pure function of n, so a resumed run is exact.
+    """
 
     train: ShardDataset
     val: ShardDataset
@@ -43,6 +48,9 @@ class PretrainObjective:
     context_length: int
     seed: int
     eval_batch_count: int
+    sampling: str = "random"
+    stride: int | None = None
+    grad_accum: int = 1
 
     def __post_init__(self) -> None:
         needed = self.batch_size * self.context_length + 1
@@ -53,6 +61,25 @@ class PretrainObjective:
             )
         self._eval = [{"input_ids": x, "targets": y} for x, y in
                       self.val.sequential(self.batch_size, self.context_length, self.eval_batch_count)]
+        epochs = self.sampling == "epochs"
+        self._positions = self.train.strided(self.context_length, self.stride or self.context_length) if epochs else []
+        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+        if epochs and self.batches_per_epoch == 0:
+            raise PipelineError(
+                f"{self.train.directory}: {len(self._positions)} train windows (stride {self.stride or self.context_length}) "
+                f"make no full batch of pretrain.batch_size={self.batch_size}"
+            )
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self._positions) // self.batch_size
+
+    def _epoch_batch(self, number: int) -> list[tuple[int, int]]:
+        epoch, k = divmod(number, self.batches_per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(len(self._positions), generator=generator)
+        return [self._positions[i] for i in self._order[k * self.batch_size : (k + 1) * self.batch_size].tolist()]
 
     @property
     def fingerprint(self) -> str:
@@ -61,8 +88,12 @@ class PretrainObjective:
         return hashlib.sha256(manifest.encode()).hexdigest()
 
     def train_batch(self, step: int, micro_step: int, rank: int, world_size: int) -> Batch:
-        generator = torch.Generator().manual_seed(_batch_seed(self.seed, step, micro_step, rank))
-        x, y = self.train.sample(self.batch_size, self.context_length, generator)
+        if self.sampling == "epochs":
+            number = (step * self.grad_accum + micro_step) * world_size + rank
+            x, y = self.train.windows(self._epoch_batch(number), self.context_length)
+        else:
+            generator = torch.Generator().manual_seed(_batch_seed(self.seed, step, micro_step, rank))
+            x, y = self.train.sample(self.batch_size, self.context_length, generator)
         return {"input_ids": x, "targets": y}
 
     def eval_batches(self) -> list[Batch]:

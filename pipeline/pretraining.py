@@ -1,10 +1,12 @@
 """Pretraining setup: the model shape from params + tokenizer, checked against the shards, and its objective."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from pipeline import pretrained
 from pipeline.config import ModelParams, PretrainParams
@@ -39,11 +41,21 @@ def training_context(params: PretrainParams, cfg: GPTConfig, origin: str = "para
     return context
 
 
+def pytorch_default_init(model: GPT) -> GPT:
+    """The book's initialisation: every layer's own PyTorch default (Linear: Kaiming-uniform weights and uniform
+    biases; Embedding: N(0, 1); LayerNorm: ones and zeros) instead of GPT-2's N(0, 0.02)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm)):
+            module.reset_parameters()
+    return model
+
+
 @dataclass
 class PretrainSetup:
     model: GPT
     objective: PretrainObjective
     tokenizer_fingerprint: str
+    params: PretrainParams  # as given, with max_steps from pretrain.epochs when set
     init: dict | None = None  # provenance of the starting checkpoint (model.init_from), None from scratch
 
 
@@ -54,6 +66,9 @@ def prepare(model: ModelParams, params: PretrainParams, init_seed: int, tokenize
     enc = load_tokenizer(tokenizer_dir)
     fingerprint = tokenizer_fingerprint(tokenizer_dir)
     source = None
+    if model.init_from != pretrained.SCRATCH and model.init != "gpt2":
+        raise PipelineError(f"{origin}: model.init={model.init} initialises a model from scratch; model.init_from={model.init_from} "
+                            "brings its own weights")
     if model.init_from == pretrained.SCRATCH:
         cfg = model_config(model, enc.n_vocab, origin)
     else:
@@ -63,13 +78,18 @@ def prepare(model: ModelParams, params: PretrainParams, init_seed: int, tokenize
     context = training_context(params, cfg, origin)
     train = ShardDataset(shards_dir, "train", expected_fingerprint=fingerprint)
     val = ShardDataset(shards_dir, "val", expected_fingerprint=fingerprint)
-    objective = PretrainObjective(train, val, params.batch_size, context, params.seed, params.eval_batches)
+    objective = PretrainObjective(train, val, params.batch_size, context, params.seed, params.eval_batches,
+                                  params.sampling, params.stride, params.grad_accum)
+    if params.epochs is not None:
+        per_step = params.grad_accum * params.nproc_per_node * params.nnodes
+        params = replace(params, max_steps=math.ceil(params.epochs * objective.batches_per_epoch / per_step))
     torch.manual_seed(init_seed)
     if source is None:
-        return PretrainSetup(GPT(cfg), objective, fingerprint)
+        gpt = GPT(cfg)
+        return PretrainSetup(pytorch_default_init(gpt) if model.init == "pytorch" else gpt, objective, fingerprint, params)
     training = params.max_steps > 0
     device = local_device(params.device)
     needed = pretrained.training_bytes(cfg, training, params.batch_size, context)
     pretrained.check_fits(cfg, source.label, needed, pretrained.available_bytes(device), str(device), training)
     gpt = pretrained.load_weights(source, cfg)
-    return PretrainSetup(gpt, objective, fingerprint, pretrained.provenance(source))
+    return PretrainSetup(gpt, objective, fingerprint, params, pretrained.provenance(source))

@@ -277,6 +277,15 @@ class ShardDataset:
         windows = np.stack([self.arrays[s][p : p + context_length + 1] for s, p in positions]).astype(np.int64)
         return torch.from_numpy(windows[:, :-1].copy()), torch.from_numpy(windows[:, 1:].copy())
 
+    def strided(self, context_length: int, stride: int) -> list[tuple[int, int]]:
+        """(shard, offset) of every window starting at a multiple of ``stride`` (the book's GPTDatasetV1)."""
+        self._window_starts(context_length)
+        return [(s, p) for s, a in enumerate(self.arrays) for p in range(0, a.size - context_length, stride)]
+
+    def windows(self, positions: Iterable[tuple[int, int]], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The windows at ``positions`` (from ``strided``): inputs and targets shifted by one."""
+        return self._stack(positions, context_length)
+
     def sample(
         self, batch_size: int, context_length: int, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ def main() -> None:
     p = params.pretrain
     distributed.relaunch_under_torchrun("stages.pretrain", p.nproc_per_node, p.nnodes, p.rdzv_endpoint)
     setup = prepare(params.model, p, params.seed, TOKENIZER, SHARDS)
-    result = train(setup.model, setup.objective, p, checkpoint_dir=CHECKPOINTS, report_dir=REPORTS,
+    result = train(setup.model, setup.objective, setup.params, checkpoint_dir=CHECKPOINTS, report_dir=REPORTS,
                    desc="pretrain", data_fingerprint=setup.objective.fingerprint)
     if not is_main():
         return

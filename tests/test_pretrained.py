@@ -20,6 +20,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from pipeline import pretrained
 from pipeline.errors import PipelineError
 from pipeline.model import GPT, GPTConfig
+from pipeline.profile import set_param_args
 from pipeline.shards import write_shards
 from pipeline.textstream import Segment
 from pipeline.tokenizer import gpt2 as gpt2_tokenizer
@@ -276,3 +277,12 @@ def test_stage_bad_input_is_one_line_and_writes_nothing(workspace, case):
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-2000:]
     assert re.search(pattern, lines[0]), lines[0]
     assert not (workspace / f"bad-{case}/models").exists()
+
+
+def test_book_profile_is_valid_params_and_starts_from_gpt2_medium():
+    root = Path(__file__).resolve().parents[1]
+    args = set_param_args(root / "params-book.yaml", root / "params.yaml")
+    pairs = dict(a.lstrip("+").split("=", 1) for a in args[1::2])
+    assert pairs["model.init_from"] == "gpt2-medium" and pairs["tokenizer.kind"] == "gpt2"
+    assert pairs["sft.lr"] == "5.0e-05" and pairs["sft.weight_decay"] == "0.1" and pairs["sft.batch_size"] == "8"
+    assert pairs["dpo.lr"] == "5.0e-06" and pairs["judge.style"] == "score100"

@@ -1,0 +1,94 @@
+"""The book's chapter 5 regime: pretrain.sampling: epochs (strided windows, reshuffled each epoch, exact on resume),
+pretrain.epochs, and model.init: pytorch."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import ConfigError, ModelParams, PretrainParams, parse_params
+from pipeline.errors import PipelineError
+from pipeline.pretraining import prepare
+from pipeline.shards import ShardDataset, write_shards
+from pipeline.textstream import Segment
+from pipeline.tokenizer import save_tokenizer, train_tokenizer
+
+MODEL = ModelParams(preset="cpu-tiny", context_length=32, tie_weights=False)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, corpus_text) -> Path:
+    root = tmp_path_factory.mktemp("epochs")
+    corpus = root / "corpus.txt"
+    corpus.write_text(corpus_text[:20_000], encoding="utf-8")
+    enc = train_tokenizer("bpe", [corpus_text[:20_000]], 300)
+    fingerprint = save_tokenizer(enc, root / "tokenizer", "bpe")
+    raw = corpus.read_bytes()
+    cut = raw.index(b"\n", int(len(raw) * 0.9)) + 1
+    write_shards(enc, corpus, {"train": [Segment(0, cut)], "val": [Segment(cut, len(raw) - cut)]}, root / "shards",
+                 fingerprint=fingerprint, shard_tokens=10**6, batch_bytes=10**6)
+    return root
+
+
+def setup(data: Path, model: ModelParams = MODEL, **pretrain):
+    params = PretrainParams(**{"batch_size": 2, "seed": 123, "eval_batches": 1, "sampling": "epochs", **pretrain})
+    return prepare(model, params, 123, data / "tokenizer", data / "shards")
+
+
+def test_each_epoch_is_a_seeded_shuffle_of_every_strided_window_once(data):
+    objective = setup(data).objective
+    train = ShardDataset(data / "shards", "train")
+    n_windows = len(range(0, train.num_tokens - 32, 32))  # the book's GPTDatasetV1: range(0, len - max_length, stride)
+    per_epoch = objective.batches_per_epoch
+    assert per_epoch == n_windows // 2  # the last partial batch is dropped, as the book's drop_last=True
+    firsts = []
+    for epoch in range(2):
+        seen = [tuple(objective.train_batch(epoch * per_epoch + k, 0, 0, 1)["input_ids"][:, 0].tolist())
+                for k in range(per_epoch)]
+        starts = [objective.train_batch(epoch * per_epoch + k, 0, 0, 1)["input_ids"] for k in range(per_epoch)]
+        windows = {tuple(row.tolist()) for batch in starts for row in batch}
+        assert len(windows) == 2 * per_epoch  # no window twice within an epoch
+        firsts.append(seen)
+    assert firsts[0] != firsts[1]  # reshuffled each epoch
+    # Targets are the inputs shifted by one; windows do not overlap (stride = context).
+    batch = objective.train_batch(0, 0, 0, 1)
+    assert torch.equal(batch["input_ids"][:, 1:], batch["targets"][:, :-1])
+
+
+def test_batches_are_a_pure_function_of_the_step_so_resume_is_exact(data):
+    first = setup(data).objective
+    in_order = [first.train_batch(step, 0, 0, 1)["input_ids"] for step in range(3 * first.batches_per_epoch)]
+    resumed = setup(data).objective  # a fresh process after a restart, asked from a later step on
+    for step in (2 * first.batches_per_epoch + 1, 5, 0):
+        assert torch.equal(resumed.train_batch(step, 0, 0, 1)["input_ids"], in_order[step])
+
+
+def test_stride_and_epochs_set_the_windows_and_the_steps(data):
+    half = setup(data, stride=16, epochs=3)
+    full = setup(data, epochs=3)
+    tokens = ShardDataset(data / "shards", "train").num_tokens
+    assert half.objective.batches_per_epoch == len(range(0, tokens - 32, 16)) // 2
+    assert half.params.max_steps == 3 * half.objective.batches_per_epoch
+    assert setup(data, epochs=3, grad_accum=2).params.max_steps == -(-3 * full.objective.batches_per_epoch // 2)
+
+
+@torch.no_grad()
+def test_pytorch_init_is_each_layers_default(data):
+    book = setup(data, model=ModelParams(preset="cpu-tiny", context_length=32, tie_weights=False, init="pytorch")).model
+    gpt2 = setup(data).model
+    assert 0.9 < float(book.tok_emb.weight.std()) < 1.1 and float(gpt2.tok_emb.weight.std()) < 0.03  # N(0, 1) vs N(0, .02)
+    bound = 1 / book.cfg.n_embd ** 0.5  # Kaiming-uniform(a=√5) on a Linear: U(-1/√fan_in, 1/√fan_in)
+    assert float(book.blocks[0].ff.fc.weight.abs().max()) <= bound and float(book.blocks[0].ff.fc.bias.abs().sum()) > 0
+    assert float(gpt2.blocks[0].ff.fc.bias.abs().sum()) == 0
+
+
+def test_bad_regimes_are_one_line(data):
+    with pytest.raises(ConfigError, match=r"pretrain.stride and pretrain.epochs need pretrain.sampling: epochs"):
+        parse_params({"pretrain": {"stride": 128}})
+    with pytest.raises(ConfigError, match=r"pretrain.epochs must be > 0, got 0"):
+        parse_params({"pretrain": {"sampling": "epochs", "epochs": 0}})
+    with pytest.raises(PipelineError, match=r"model.init=pytorch initialises a model from scratch; model.init_from=gpt2"):
+        prepare(ModelParams(init_from="gpt2", init="pytorch"), PretrainParams(), 1, data / "tokenizer", data / "shards")
+    with pytest.raises(PipelineError, match=r"2 train windows \(stride 10000\) make no full batch of pretrain.batch_size=3"):
+        setup(data, batch_size=3, stride=10_000)

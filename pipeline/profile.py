@@ -49,6 +49,17 @@ def _read(path: Path) -> dict:
     return data
 
 
+def _hydra(value: object) -> str:
+    """A list or mapping in the override grammar DVC's -S reads (Hydra's), with no spaces: {url:'https://…',sha256:…}."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_hydra(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_hydra(v) for v in value) + "]"
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
 def set_param_args(profile: Path, params: Path = Path("params.yaml")) -> list[str]:
     """``-S key=value`` pairs for every leaf of ``profile``, after checking the merged params are valid."""
     base, overrides = _read(params), _read(profile)
@@ -56,6 +67,8 @@ def set_param_args(profile: Path, params: Path = Path("params.yaml")) -> list[st
     args = []
     for key, value in _flatten(overrides).items():
         text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        if any(c.isspace() for c in text) and isinstance(value, dict | list):
+            text = _hydra(value)
         if any(c.isspace() for c in text):
             raise ConfigError(f"{profile}: {key} has whitespace in its value; set it in params.yaml instead")
         args += ["-S", f"{'' if _has(base, key) else '+'}{key}={text}"]

@@ -2,14 +2,16 @@
 pretrain.epochs, and model.init: pytorch."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline.config import ConfigError, ModelParams, PretrainParams, parse_params
+from pipeline.config import ConfigError, ModelParams, PretrainParams, load_params, parse_params
 from pipeline.errors import PipelineError
 from pipeline.pretraining import prepare
+from pipeline.profile import set_param_args
 from pipeline.shards import ShardDataset, write_shards
 from pipeline.textstream import Segment
 from pipeline.tokenizer import save_tokenizer, train_tokenizer
@@ -92,3 +94,20 @@ def test_bad_regimes_are_one_line(data):
         prepare(ModelParams(init_from="gpt2", init="pytorch"), PretrainParams(), 1, data / "tokenizer", data / "shards")
     with pytest.raises(PipelineError, match=r"2 train windows \(stride 10000\) make no full batch of pretrain.batch_size=3"):
         setup(data, batch_size=3, stride=10_000)
+
+
+def test_chapter5_profile_round_trips_through_dvc_set_param(tmp_path):
+    """The profile's -S arguments, applied by DVC's own override code, give the profile's params (the corpus source
+    mapping included, which needs the override grammar rather than YAML)."""
+    from dvc.utils.hydra import apply_overrides
+
+    root = Path(__file__).resolve().parents[1]
+    args = set_param_args(root / "params-book-ch5.yaml", root / "params.yaml")
+    shutil.copy(root / "params.yaml", tmp_path / "params.yaml")
+    apply_overrides(str(tmp_path / "params.yaml"), args[1::2])
+    params = load_params(tmp_path / "params.yaml")
+    verdict = params.corpus.sources[0]
+    assert verdict.location.endswith("ch02/01_main-chapter-code/the-verdict.txt") and verdict.sha256.startswith("b41e41a6")
+    assert params.model.init == "pytorch" and not params.model.tie_weights and params.model.context_length == 256
+    assert (params.pretrain.sampling, params.pretrain.stride, params.pretrain.epochs) == ("epochs", 256, 10)
+    assert (params.pretrain.lr, params.pretrain.batch_size, params.pretrain.weight_decay) == (0.0004, 2, 0.1)

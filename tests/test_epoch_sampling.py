@@ -2,11 +2,16 @@
 pretrain.epochs, and model.init: pytorch."""
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from pipeline.config import ConfigError, ModelParams, PretrainParams, load_params, parse_params
 from pipeline.errors import PipelineError
@@ -25,22 +30,22 @@ def data(tmp_path_factory, corpus_text) -> Path:
     corpus = root / "corpus.txt"
     corpus.write_text(corpus_text[:20_000], encoding="utf-8")
     enc = train_tokenizer("bpe", [corpus_text[:20_000]], 300)
-    fingerprint = save_tokenizer(enc, root / "tokenizer", "bpe")
+    fingerprint = save_tokenizer(enc, root / "data/tokenizer", "bpe")
     raw = corpus.read_bytes()
     cut = raw.index(b"\n", int(len(raw) * 0.9)) + 1
-    write_shards(enc, corpus, {"train": [Segment(0, cut)], "val": [Segment(cut, len(raw) - cut)]}, root / "shards",
+    write_shards(enc, corpus, {"train": [Segment(0, cut)], "val": [Segment(cut, len(raw) - cut)]}, root / "data/shards",
                  fingerprint=fingerprint, shard_tokens=10**6, batch_bytes=10**6)
     return root
 
 
 def setup(data: Path, model: ModelParams = MODEL, **pretrain):
     params = PretrainParams(**{"batch_size": 2, "seed": 123, "eval_batches": 1, "sampling": "epochs", **pretrain})
-    return prepare(model, params, 123, data / "tokenizer", data / "shards")
+    return prepare(model, params, 123, data / "data/tokenizer", data / "data/shards")
 
 
 def test_each_epoch_is_a_seeded_shuffle_of_every_strided_window_once(data):
     objective = setup(data).objective
-    train = ShardDataset(data / "shards", "train")
+    train = ShardDataset(data / "data/shards", "train")
     n_windows = len(range(0, train.num_tokens - 32, 32))  # the book's GPTDatasetV1: range(0, len - max_length, stride)
     per_epoch = objective.batches_per_epoch
     assert per_epoch == n_windows // 2  # the last partial batch is dropped, as the book's drop_last=True
@@ -69,7 +74,7 @@ def test_batches_are_a_pure_function_of_the_step_so_resume_is_exact(data):
 def test_stride_and_epochs_set_the_windows_and_the_steps(data):
     half = setup(data, stride=16, epochs=3)
     full = setup(data, epochs=3)
-    tokens = ShardDataset(data / "shards", "train").num_tokens
+    tokens = ShardDataset(data / "data/shards", "train").num_tokens
     assert half.objective.batches_per_epoch == len(range(0, tokens - 32, 16)) // 2
     assert half.params.max_steps == 3 * half.objective.batches_per_epoch
     assert setup(data, epochs=3, grad_accum=2).params.max_steps == -(-3 * full.objective.batches_per_epoch // 2)
@@ -91,7 +96,7 @@ def test_bad_regimes_are_one_line(data):
     with pytest.raises(ConfigError, match=r"pretrain.epochs must be > 0, got 0"):
         parse_params({"pretrain": {"sampling": "epochs", "epochs": 0}})
     with pytest.raises(PipelineError, match=r"model.init=pytorch initialises a model from scratch; model.init_from=gpt2"):
-        prepare(ModelParams(init_from="gpt2", init="pytorch"), PretrainParams(), 1, data / "tokenizer", data / "shards")
+        prepare(ModelParams(init_from="gpt2", init="pytorch"), PretrainParams(), 1, data / "data/tokenizer", data / "data/shards")
     with pytest.raises(PipelineError, match=r"2 train windows \(stride 10000\) make no full batch of pretrain.batch_size=3"):
         setup(data, batch_size=3, stride=10_000)
 
@@ -111,3 +116,16 @@ def test_chapter5_profile_round_trips_through_dvc_set_param(tmp_path):
     assert params.model.init == "pytorch" and not params.model.tie_weights and params.model.context_length == 256
     assert (params.pretrain.sampling, params.pretrain.stride, params.pretrain.epochs) == ("epochs", 256, 10)
     assert (params.pretrain.lr, params.pretrain.batch_size, params.pretrain.weight_decay) == (0.0004, 2, 0.1)
+
+
+def test_pretrain_stage_trains_the_given_epochs(data):
+    params = {"seed": 123, "model": {"preset": "cpu-tiny", "context_length": 32, "tie_weights": False, "init": "pytorch"},
+              "pretrain": {"sampling": "epochs", "epochs": 2, "batch_size": 64, "warmup_steps": 0, "eval_every": 100,
+                           "eval_batches": 1, "checkpoint_every": 100, "log_every": 5, "dtype": "fp32"}}
+    (data / "params.yaml").write_text(yaml.safe_dump(params))
+    done = subprocess.run([sys.executable, "-m", "stages.pretrain"], cwd=data, capture_output=True, text=True,
+                          env={**os.environ, "TQDM_DISABLE": "1"}, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    per_epoch = setup(data, batch_size=64).objective.batches_per_epoch
+    meta = json.loads((data / "models/base/config.json").read_text())
+    assert meta["training"]["steps"] == 2 * per_epoch and not meta["model"]["tie_weights"]

@@ -33,7 +33,7 @@ from pipeline.instructions import ALPACA_PREAMBLE
 from pipeline.model import GPT
 from pipeline.sampling import SamplingOptions
 from pipeline.shards import ShardDataset
-from pipeline.tokenizer import ASSISTANT, END_OF_TURN, EOT, RANKS_FILE, SYSTEM, USER, read_metadata
+from pipeline.tokenizer import ASSISTANT, END_OF_TURN, EOT, SYSTEM, USER, read_metadata
 
 WEIGHTS = "model.safetensors"
 CARD = "README.md"
@@ -85,26 +85,35 @@ def _chat_template() -> str:
 TEMPLATES = {"alpaca": _alpaca_template, "chat": _chat_template}
 
 
-def hf_tokenizer(tokenizer_dir: Path, meta: dict, context_length: int, template: str):
-    """Our saved tiktoken tokenizer as a transformers fast tokenizer (ids checked to be the same ids)."""
-    from transformers import PreTrainedTokenizerFast
+def _bpe_from_ranks(ranks: dict[bytes, int], pattern: str, specials: list[str]):
+    """A ``tokenizers`` byte-level BPE from tiktoken ranks by transformers' TikTokenConverter, fed the ranks we loaded
+    and verified: its own loader reads the file through tiktoken's cache, which is keyed by the path string, so a
+    relative ``data/tokenizer/…`` could return another project's ranks."""
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
+    converter = TikTokenConverter(vocab_file=None, pattern=pattern, extra_special_tokens=specials)
+    converter.load_tiktoken_bpe = lambda _path: ranks
+    return converter.converted()
+
+
+def hf_tokenizer(enc: tiktoken.Encoding, meta: dict, context_length: int, template: str):
+    """Our tokenizer as a transformers fast tokenizer (ids checked to be the same ids)."""
+    from transformers import PreTrainedTokenizerFast
+
     specials = sorted(meta["special_tokens"], key=meta["special_tokens"].get)
-    converter = TikTokenConverter(vocab_file=str(tokenizer_dir / RANKS_FILE), pattern=meta["pattern"], extra_special_tokens=specials)
-    backend = converter.converted()
+    backend = _bpe_from_ranks(enc.__getstate__()["mergeable_ranks"], meta["pattern"], specials)
     backend.model.ignore_merges = True  # a piece that is a token stays one token (tiktoken's rule; char kind needs it)
     wrong = {s: backend.token_to_id(s) for s in specials if backend.token_to_id(s) != meta["special_tokens"][s]}
     if wrong or backend.get_vocab_size() != meta["vocab_size"]:
-        raise PipelineError(f"{tokenizer_dir}: special tokens {wrong} or vocab size {backend.get_vocab_size()} differ in the "
-                            f"tokenizers port (ids must be contiguous after the mergeable ranks)")
+        raise PipelineError(f"tokenizer {meta['fingerprint'][:12]}: special tokens {wrong} or vocab size {backend.get_vocab_size()} "
+                            "differ in the tokenizers port (ids must be contiguous after the mergeable ranks)")
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOT, bos_token=EOT, pad_token=EOT,
                                         model_max_length=context_length, clean_up_tokenization_spaces=False)
     tokenizer.chat_template = {"default": TEMPLATES[template](), **{name: make() for name, make in TEMPLATES.items()}}
     return tokenizer
 
 
-def write_hf(model: GPT, enc: tiktoken.Encoding, tokenizer_dir: Path, meta: dict, out: Path, template: str,
+def write_hf(model: GPT, enc: tiktoken.Encoding, meta: dict, out: Path, template: str,
              **extra: object) -> None:
     """Write the Hugging Face directory ``out`` (which must not exist); the model card comes after the checks."""
     from transformers import GenerationConfig
@@ -118,7 +127,7 @@ def write_hf(model: GPT, enc: tiktoken.Encoding, tokenizer_dir: Path, meta: dict
     hf_config = config_to_hf(cfg, enc.eot_token, llm_pipeline=ours)
     (out / "config.json").write_text(json.dumps(hf_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     GenerationConfig(bos_token_id=enc.eot_token, eos_token_id=stops, pad_token_id=enc.eot_token).save_pretrained(out)
-    hf_tokenizer(tokenizer_dir, meta, cfg.context_length, template).save_pretrained(out)
+    hf_tokenizer(enc, meta, cfg.context_length, template).save_pretrained(out)
 
 
 @contextlib.contextmanager
@@ -212,11 +221,11 @@ tokenizer gives the pipeline's ids on {metrics['tokenizer_texts']} texts; greedy
 """
 
 
-def export_hf(model: GPT, enc: tiktoken.Encoding, tokenizer_dir: Path, meta: dict, out_dir: Path, windows: np.ndarray,
+def export_hf(model: GPT, enc: tiktoken.Encoding, meta: dict, out_dir: Path, windows: np.ndarray,
               params: ExportParams, template: str, source: str, **extra: object) -> dict:
     """Write ``out_dir`` (replaced atomically, only when every check passes); the parity metrics."""
     with atomic_path(out_dir) as tmp:
-        write_hf(model, enc, tokenizer_dir, meta, tmp, template, source=source, **extra)
+        write_hf(model, enc, meta, tmp, template, source=source, **extra)
         metrics = check_hf(model, enc, tmp, windows, params)
         (tmp / CARD).write_text(model_card(model.cfg.to_dict(), source, template, metrics), encoding="utf-8")
     return metrics
@@ -239,5 +248,5 @@ def export_hf_model(model_dir: Path, tokenizer_dir: Path, shards_dir: Path, out_
         raise PipelineError(f"{shards_dir}: the val split has fewer than {ctx + 1} tokens, no window to check the export on")
     template = (loaded.meta.get("instructions") or {}).get("template", "alpaca")
     print(f"export: {model_dir} → Hugging Face GPT-2 directory (template {template}), parity through transformers", file=sys.stderr)
-    return export_hf(model, loaded.enc, tokenizer_dir, read_metadata(tokenizer_dir), out_dir, windows[0].numpy(), params,
+    return export_hf(model, loaded.enc, read_metadata(tokenizer_dir), out_dir, windows[0].numpy(), params,
                      template, str(model_dir), **metadata)

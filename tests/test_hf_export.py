@@ -182,7 +182,7 @@ def test_apply_chat_template_gives_our_prompt_ids_for_every_instruction_record(e
 def test_tokenizer_json_encodes_like_ours_for_every_kind(workspace, tmp_path, kind, corpus_text):
     enc = train_tokenizer(kind, [corpus_text], 600)
     save_tokenizer(enc, tmp_path / "tok", kind)
-    hf_tokenizer(tmp_path / "tok", read_metadata(tmp_path / "tok"), 64, "alpaca").save_pretrained(tmp_path / "hf")
+    hf_tokenizer(enc, read_metadata(tmp_path / "tok"), 64, "alpaca").save_pretrained(tmp_path / "hf")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
     val = (workspace / "val.txt").read_text(encoding="utf-8")
     texts = [val, *EDGE_TEXTS, "".join(SPECIAL_TOKENS), corpus_text[:5000]]
@@ -208,7 +208,7 @@ def test_untied_model_with_qkv_bias_round_trips_and_loads_in_transformers(worksp
     model = GPT(GPTConfig(vocab_size=512, context_length=32, n_embd=32, n_head=4, n_layer=2, qkv_bias=True,
                           tie_weights=False)).eval()
     meta = read_metadata(workspace / "data/tokenizer")
-    write_hf(model, load_tokenizer(workspace / "data/tokenizer"), workspace / "data/tokenizer", meta, tmp_path / "hf", "alpaca")
+    write_hf(model, load_tokenizer(workspace / "data/tokenizer"), meta, tmp_path / "hf", "alpaca")
     assert "lm_head.weight" in load_file(str(tmp_path / "hf/model.safetensors"))
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(5))
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
@@ -263,3 +263,18 @@ def test_stage_refuses_an_unknown_format_with_one_line(tmp_path):
 def test_empty_or_repeated_formats_are_refused(formats):
     with pytest.raises(ConfigError, match=r"export.formats must be a non-empty list without repeats"):
         parse_params({"export": {"formats": formats}})
+
+
+def test_two_projects_with_the_same_relative_tokenizer_path_export_their_own_ids(tmp_path, monkeypatch, corpus_text):
+    """tiktoken caches rank files by their path string: the export must never read ranks through that cache."""
+    from tiktoken.load import load_tiktoken_bpe
+
+    for name, size in (("a", 300), ("b", 400)):
+        enc = train_tokenizer("bpe", [corpus_text[:30_000]], size)
+        save_tokenizer(enc, tmp_path / name / "data/tokenizer", "bpe")
+        monkeypatch.chdir(tmp_path / name)
+        load_tiktoken_bpe("data/tokenizer/tokenizer.tiktoken")  # what a cached read of this path would return next
+        hf_tokenizer(enc, read_metadata("data/tokenizer"), 64, "alpaca").save_pretrained("hf")
+        tokenizer = AutoTokenizer.from_pretrained("hf")
+        text = corpus_text[50_000:52_000]
+        assert len(tokenizer) == size and tokenizer.encode(text) == enc.encode(text)

@@ -302,7 +302,7 @@ _CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("evaluate.temperature", lambda v: v >= 0, ">= 0"),
     ("pretrain.context_length", lambda v: v is None or v > 0, "> 0"),
     # LoRA adapts a trained model; pretraining trains every weight (from scratch or from model.init_from).
-    ("pretrain.lora.rank", lambda v: v == 0, "0: LoRA adapts a trained model (fine-tune it in the sft stage)"),
+    ("pretrain.lora.rank", lambda v: v == 0, "0: LoRA needs trained weights to adapt (fine-tune them in the sft stage)"),
     ("model.init_from", lambda v: bool(v.strip()), "scratch, a GPT-2 name or a path"),
     ("pretrain.stride", lambda v: v is None or v > 0, "> 0"),
     ("pretrain.epochs", lambda v: v is None or v > 0, "> 0"),

@@ -9,7 +9,7 @@ from pathlib import Path
 from pipeline import config
 from pipeline.atomic import atomic_path, write_json
 from pipeline.errors import exit_on_error
-from pipeline.export import export_model
+from pipeline.export import check_opset, export_model
 from pipeline.gguf_export import export_gguf
 from pipeline.hf_export import export_hf_model
 from pipeline.provenance import provenance
@@ -58,6 +58,8 @@ def main() -> None:
     p = params.export
     model_dir = Path("models") / p.model
     metrics: dict = {"formats": list(p.formats)}
+    if "onnx" in p.formats:
+        check_opset(p.opset)  # a params mistake fails before any format's work
     if "gguf" in p.formats:  # first: it refuses what it cannot export (a char tokenizer, a classifier) at once
         metrics["gguf"] = export_gguf(model_dir, TOKENIZER, SHARDS, OUT["gguf"], p)
     if "onnx" in p.formats:

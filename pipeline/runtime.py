@@ -78,19 +78,26 @@ def matmul_shapes(cfg: GPTConfig, tokens: int) -> list[tuple[int, int, int]]:
     return [(tokens, d, 3 * d), (tokens, d, d), (tokens, d, 4 * d), (tokens, 4 * d, d), (tokens, d, cfg.vocab_size)]
 
 
-def _measure(shapes: list[tuple[int, int, int]], dtype: torch.dtype, repeats: int = 3) -> float:
-    """GFLOP/s of ``shapes`` multiplied in ``dtype`` on the CPU: the best of ``repeats`` passes."""
-    pairs = [(torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)) for m, k, n in shapes]
+def _measure(shapes: list[tuple[int, int, int]], repeats: int = 5, min_seconds: float = 0.02) -> tuple[float, float]:
+    """(fp32, bf16) GFLOP/s of ``shapes`` on the CPU: the best of ``repeats`` timed blocks of at least
+    ``min_seconds`` each, the two dtypes alternating so that a neighbour's load hits both alike."""
     flops = sum(2 * m * k * n for m, k, n in shapes)
-    for a, b in pairs:
-        a @ b  # warm-up: kernels, allocator
-    best = float("inf")
-    for _ in range(repeats):
+    operands = {dtype: [(torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)) for m, k, n in shapes]
+                for dtype in (torch.float32, torch.bfloat16)}
+
+    def block(dtype: torch.dtype, inner: int) -> float:
         start = time.perf_counter()
-        for a, b in pairs:
-            a @ b
-        best = min(best, time.perf_counter() - start)
-    return flops / best / 1e9
+        for _ in range(inner):
+            for a, b in operands[dtype]:
+                a @ b
+        return (time.perf_counter() - start) / inner
+
+    inner = {dtype: max(1, int(min_seconds / max(block(dtype, 1), 1e-6))) for dtype in operands}  # also warms up
+    best = {dtype: float("inf") for dtype in operands}
+    for _ in range(repeats):
+        for dtype in operands:
+            best[dtype] = min(best[dtype], block(dtype, inner[dtype]))
+    return flops / best[torch.float32] / 1e9, flops / best[torch.bfloat16] / 1e9
 
 
 def _cache_key(shapes: list[tuple[int, int, int]]) -> str:
@@ -118,7 +125,7 @@ def measured_cpu_dtype(shapes: list[tuple[int, int, int]], cache_file: Path | No
     if key in stored:
         fp32, bf16 = stored[key]["fp32"], stored[key]["bf16"]
         return DtypeChoice(pick_dtype(fp32, bf16), "cached", fp32, bf16)
-    fp32, bf16 = _measure(shapes, torch.float32), _measure(shapes, torch.bfloat16)
+    fp32, bf16 = _measure(shapes)
     write_json(cache_file, {**stored, key: {"fp32": fp32, "bf16": bf16}})
     return DtypeChoice(pick_dtype(fp32, bf16), "measured", fp32, bf16)
 

@@ -25,21 +25,22 @@ def test_pick_dtype_takes_the_clearly_faster_one(fp32, bf16, expected):
 ])
 def test_auto_measures_once_then_reuses_the_rates(tmp_path, monkeypatch, rates, expected):
     timed = []
-    monkeypatch.setattr(runtime, "_measure", lambda shapes, dtype: timed.append(dtype) or rates[dtype])
+    monkeypatch.setattr(runtime, "_measure",
+                        lambda shapes: timed.append(shapes) or (rates[torch.float32], rates[torch.bfloat16]))
     shapes = runtime.matmul_shapes(config_from_preset("cpu-tiny", vocab_size=512), tokens=256)
     cache = tmp_path / "dtype-rates.json"
     first = runtime.measured_cpu_dtype(shapes, cache)
     assert runtime.DTYPE_NAMES[first.dtype] == expected and first.source == "measured"
     assert first.as_metrics() == {"chosen": expected, "source": "measured", "fp32_gflops": rates[torch.float32],
                                   "bf16_gflops": rates[torch.bfloat16]}
-    monkeypatch.setattr(runtime, "_measure", lambda shapes, dtype: pytest.fail("measured twice"))
+    monkeypatch.setattr(runtime, "_measure", lambda shapes: pytest.fail("measured twice"))
     second = runtime.measured_cpu_dtype(shapes, cache)
     assert (second.dtype, second.source, second.fp32_gflops) == (first.dtype, "cached", first.fp32_gflops)
-    assert len(timed) == 2 and len(json.loads(cache.read_text())) == 1
+    assert len(timed) == 1 and len(json.loads(cache.read_text())) == 1
 
 
 def test_forced_dtypes_are_not_measured(monkeypatch):
-    monkeypatch.setattr(runtime, "_measure", lambda shapes, dtype: pytest.fail("a forced dtype was measured"))
+    monkeypatch.setattr(runtime, "_measure", lambda shapes: pytest.fail("a forced dtype was measured"))
     cpu = torch.device("cpu")
     assert runtime.choose_dtype("fp32", cpu).as_metrics() == {"chosen": "fp32", "source": "forced"}
     assert runtime.choose_dtype("bf16", cpu).dtype == torch.bfloat16

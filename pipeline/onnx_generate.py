@@ -67,7 +67,9 @@ def sample_next(logits: np.ndarray, opts: SamplingOptions, rng: np.random.Genera
     """Next token ids (B,) from last-position logits (B, V); argmax when ``temperature == 0``."""
     if opts.temperature == 0:
         return logits.argmax(axis=-1)
-    probs = softmax(filter_logits(logits.astype(np.float64) / opts.temperature, opts.top_k, opts.top_p))
+    logits = logits.astype(np.float64)
+    logits = (logits - logits.max(axis=-1, keepdims=True)) / opts.temperature  # finite for any temperature > 0
+    probs = softmax(filter_logits(logits, opts.top_k, opts.top_p))
     cumulative = np.cumsum(probs, axis=-1)
     draws = rng.random(len(probs)) * cumulative[:, -1]
     return np.array([np.searchsorted(row, u, side="right") for row, u in zip(cumulative, draws, strict=False)])

@@ -87,6 +87,15 @@ def test_export_writes_both_variants_tokenizer_config_and_card_with_passing_pari
     assert "max |logit difference|" in (out / "README.md").read_text()
 
 
+def test_exported_files_hold_no_path_of_this_checkout_or_environment(exported):
+    """The exporter records Python stack traces per node; with them two checkouts exported different bytes."""
+    out, _ = exported
+    for file in sorted(p for p in out.rglob("*") if p.is_file()):
+        data = file.read_bytes()
+        for path in (str(ROOT), sys.prefix, str(Path(torch.__file__).parent)):
+            assert path.encode() not in data, f"{file.name} holds {path}"
+
+
 def test_tied_embedding_is_stored_once(exported, model):
     out, metrics = exported
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph

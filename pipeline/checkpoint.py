@@ -17,7 +17,6 @@ types of config.json, so a damaged directory is refused with one line naming the
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 from dataclasses import dataclass
@@ -31,20 +30,13 @@ from safetensors.torch import load_file, save_file
 from pipeline import lora
 from pipeline.atomic import atomic_path
 from pipeline.errors import PipelineError, one_line
+from pipeline.hashing import sha256_file
 from pipeline.model import GPT, GPTConfig, ModelConfigError
 from pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 WEIGHTS = "model.safetensors"
 ADAPTER = "adapter.safetensors"
 CONFIG = "config.json"
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _state_dict_once(model: GPT) -> dict[str, torch.Tensor]:

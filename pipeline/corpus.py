@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.config import CorpusSource, DataParams, Source, load_params, resolve_cache_dir
+from pipeline.config import CACHE_ENV, CorpusSource, DataParams, Source, load_params, resolve_cache_dir
 from pipeline.datasets import RecordCounts, detect, open_stream, record_texts
 from pipeline.errors import PipelineError
 from pipeline.hashing import CHUNK, sha256_file

@@ -16,7 +16,7 @@ from pipeline.checkpoint import CONFIG, ModelAndTokenizer, load_with_tokenizer, 
 from pipeline.config import DPOParams, SFTParams
 from pipeline.errors import PipelineError
 from pipeline.hashing import sha256_file
-from pipeline.instructions import Example, Loaded, load_examples, split_dataset
+from pipeline.instructions import Example, Loaded, check_recipe, load_examples, split_dataset
 from pipeline.objectives import data_fingerprint
 from pipeline.provenance import provenance
 from pipeline.runtime import is_main
@@ -67,12 +67,7 @@ def sft_recipe(model_dir: Path, meta: dict) -> dict:
         raise PipelineError(
             f"{model_dir / CONFIG}: no 'instructions' record (was {model_dir} written by the sft stage?)"
         )
-    fields = {"data": str, "data_sha256": str, "template": str, "strict": bool, "split_train": float,
-              "split_val": float, "split_seed": int}
-    for key, kind in fields.items():
-        if not isinstance(recipe.get(key), kind) or (kind is not bool and isinstance(recipe.get(key), bool)):
-            raise PipelineError(f"{model_dir / CONFIG}: instructions.{key} is missing or not a {kind.__name__} "
-                                f"(rerun it: dvc repro sft)")
+    check_recipe(recipe, f"{model_dir / CONFIG}: instructions")
     data = Path(recipe["data"])
     if not data.is_file() or sha256_file(data) != recipe["data_sha256"]:
         raise PipelineError(f"{data}: missing or changed since {model_dir} was trained (rerun it: dvc repro sft)")

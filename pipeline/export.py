@@ -43,6 +43,7 @@ from pipeline.config import ExportParams
 from pipeline.errors import PipelineError
 from pipeline.export_classifier import export_classifier
 from pipeline.generate import stream_tokens
+from pipeline.hashing import sha256_file
 from pipeline.model import GPT, KVCache
 from pipeline.onnx_generate import (
     INPUT_IDS,
@@ -415,7 +416,7 @@ def export_model(
         print(f"export: {model_dir} → ONNX opset {params.opset} ({EXPORTER}){int8}")
         variants = write_variants(model, tmp, params.opset, params.quantize_int8)
         config = onnx_config(
-            model, params.opset, variants,
+            model, params.opset, variants, sha256={name: sha256_file(tmp / name) for name in variants.values()},
             source={"directory": str(model_dir), "stage": loaded.meta.get("stage")},
             tokenizer={"path": TOKENIZER_DIR, "fingerprint": loaded.tokenizer_fingerprint,
                        "eot_token": loaded.enc.eot_token},

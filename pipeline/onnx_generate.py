@@ -25,6 +25,7 @@ import onnxruntime as ort
 import tiktoken
 
 from pipeline.errors import PipelineError
+from pipeline.hashing import sha256_file
 from pipeline.sampling import SamplingOptions
 from pipeline.tokenizer import load_tokenizer
 
@@ -99,6 +100,17 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return options
 
 
+def verify_file(path: Path, config: dict, config_path: Path) -> None:
+    """Check a model file against the sha256 its directory's config.json records (as model directories do)."""
+    recorded = config.get("sha256")
+    expected = recorded.get(path.name) if isinstance(recorded, dict) else None
+    if not isinstance(expected, str):
+        raise PipelineError(f"{config_path}: no sha256 recorded for {path.name} (re-run the export: dvc repro export)")
+    if sha256_file(path) != expected:
+        raise PipelineError(f"{path}: contents do not match the sha256 recorded in {config_path.name} "
+                            "(corrupted or replaced; restore it with `dvc checkout export` or re-run the export)")
+
+
 class OnnxCache:
     """The KV cache of one generation: a fixed-size onnxruntime buffer per layer's keys and values, and how many
     positions of them are filled. The graph's present outputs are bound to these same buffers."""
@@ -130,6 +142,7 @@ class OnnxGenerator:
         self.path = directory / files[variant]
         if not self.path.is_file():
             raise PipelineError(f"{self.path}: ONNX model file missing")
+        verify_file(self.path, self.config, directory / CONFIG_FILE)
         model = self.config["model"]
         self.n_layer, self.n_head = model["n_layer"], model["n_head"]
         self.head_dim = model["n_embd"] // model["n_head"]

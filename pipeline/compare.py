@@ -152,6 +152,7 @@ def loss_curves(
     """
     from dvc.api import DVCFileSystem
     from dvc.exceptions import DvcException
+    from dvc_data.index.index import DataIndexError
 
     curves: dict[str, dict[str, pd.DataFrame]] = {}
     for exp in experiments:
@@ -161,7 +162,7 @@ def loss_curves(
             stage = Path(directory).parts[1] if directory.startswith("reports/") else directory
             try:
                 texts = {path: fs.read_text(path) for path in _tsv_files(fs, directory)}
-            except (OSError, DvcException) as exc:
+            except (OSError, DvcException, DataIndexError) as exc:
                 if unavailable is not None:
                     unavailable.append(f"{exp.name}: {directory} ({_missing_reason(exc)})")
                 continue
@@ -176,7 +177,9 @@ def loss_curves(
 
 
 def _missing_reason(exc: Exception) -> str:
-    if isinstance(exc, FileNotFoundError):
+    from dvc_data.index.index import DataIndexDirError
+
+    if isinstance(exc, FileNotFoundError | DataIndexDirError):  # the revision's .dir object is not in the cache
         return "not in this machine's DVC cache"
     return one_line(f"{type(exc).__name__}: {exc}")
 

@@ -104,13 +104,14 @@ def edit_json(relative: str, change: Callable[[object], object]) -> Callable[[Pa
 
 
 def zero_bytes(relative: str, count: int) -> Callable[[Path], None]:
-    """Zero ``count`` bytes in the middle of a file (its header stays intact)."""
+    """Zero ``count`` bytes in the middle of a file's data; a safetensors header stays intact (it still parses)."""
     def edit(root: Path) -> None:
         path = root / relative
         data = bytearray(path.read_bytes())
-        count_here = min(count, len(data) // 2)
-        start = (len(data) - count_here) // 2
-        data[start:start + count_here] = bytes(count_here)
+        header = 8 + int.from_bytes(data[:8], "little") if path.suffix == ".safetensors" else 0
+        assert len(data) - header >= count, f"{relative} has fewer than {count} data bytes"
+        start = header + (len(data) - header - count) // 2
+        data[start:start + count] = bytes(count)
         path.write_bytes(bytes(data))
     return edit
 

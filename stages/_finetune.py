@@ -64,9 +64,7 @@ def sft_recipe(model_dir: Path, meta: dict) -> dict:
     """How the SFT model was trained (data file, template, split), as the sft stage recorded it."""
     recipe = meta.get("instructions")
     if not isinstance(recipe, dict):
-        raise PipelineError(
-            f"{model_dir / CONFIG}: no 'instructions' record (was {model_dir} written by the sft stage?)"
-        )
+        raise PipelineError(f"{model_dir / CONFIG}: no 'instructions' record (was {model_dir} written by the sft stage?)")
     check_recipe(recipe, f"{model_dir / CONFIG}: instructions")
     data = Path(recipe["data"])
     if not data.is_file() or sha256_file(data) != recipe["data_sha256"]:

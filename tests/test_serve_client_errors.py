@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import socket
 import threading
 from urllib.parse import urlsplit
@@ -21,8 +22,15 @@ CHAT = {"model": "sft", "messages": [{"role": "user", "content": "Name a colour.
 GENERATE = {"model": "base", "prompt": "En un lugar", "stream": False,
             "options": {"temperature": 0.7, "top_k": 20, "top_p": 0.9, "seed": 1, "num_predict": 6, "num_ctx": 64}}
 # A valid request per POST route; a route the app lists without one here fails test_every_route_has_a_valid_request.
-VALID = {"/api/chat": CHAT, "/api/generate": GENERATE, "/api/show": {"model": "sft"}}
-NOT_GENERATING = {"/api/show"}  # POST routes whose valid request does not generate (left out of the share)
+OPENAI = {"temperature": 0.7, "top_p": 0.9, "seed": 1, "max_tokens": 6, "stream": False}
+VALID = {"/api/chat": CHAT, "/api/generate": GENERATE, "/api/show": {"model": "sft"},
+         "/v1/chat/completions": {"model": "sft", "messages": [{"role": "user", "content": "Name a colour."}], **OPENAI},
+         "/v1/completions": {"model": "base", "prompt": "En un lugar", **OPENAI},
+         "/v1/embeddings": {"model": "base", "input": ["En un lugar", "de la Mancha"]},
+         "/api/embed": {"model": "base", "input": ["En un lugar"]},
+         "/api/embeddings": {"model": "base", "prompt": "En un lugar"}}
+# POST routes whose valid request does not generate (left out of the share that reaches generation)
+NOT_GENERATING = {"/api/show", "/v1/embeddings", "/api/embed", "/api/embeddings"}
 
 
 @pytest.fixture(scope="module")
@@ -209,10 +217,18 @@ def mutate(body: dict, edits: list) -> dict:
     return out
 
 
+OPENAI_NAMES = {"temperature": "temperature", "top_p": "top_p", "seed": "seed", "max_tokens": "num_predict",
+                "stop": "stop"}
+
+
 def edits_for(body: dict):
     paths = leaf_paths(body)
-    option = st.sampled_from(sorted(OPTION_VALUES)).flatmap(
-        lambda name: st.tuples(st.just("set"), st.just(("options", name)), OPTION_VALUES[name]))
+    if "options" in body:  # the Ollama routes
+        option = st.sampled_from(sorted(OPTION_VALUES)).flatmap(
+            lambda name: st.tuples(st.just("set"), st.just(("options", name)), OPTION_VALUES[name]))
+    else:  # OpenAI's sampling fields sit at the top level
+        option = st.sampled_from(sorted(OPENAI_NAMES)).flatmap(
+            lambda name: st.tuples(st.just("set"), st.just((name,)), OPTION_VALUES[OPENAI_NAMES[name]]))
     return st.lists(st.one_of(
         option, option,
         st.tuples(st.just("set"), st.sampled_from(paths), JSON_VALUES),
@@ -243,13 +259,16 @@ def test_fuzzed_requests_never_get_a_5xx(served, data):
     FUZZ.setdefault("generations_before", counter.generations)
     method, path = data.draw(st.sampled_from(app_routes(app)))
     if method == "GET":
-        response = httpx.get(f"{url}{path}", timeout=60)
+        response = httpx.get(f"{url}{re.sub(r'{[^}]+}', 'sft', path)}", timeout=60)
     else:
         body = mutate(VALID[path], data.draw(edits_for(VALID[path])))
         body["stream"] = data.draw(st.booleans()) if isinstance(body, dict) else None
         response = httpx.post(f"{url}{path}", content=json.dumps(body).encode(), timeout=60)
-        if response.status_code == 200 and "ndjson" in response.headers.get("content-type", ""):
+        kind = response.headers.get("content-type", "")
+        if response.status_code == 200 and "ndjson" in kind:
             assert all("error" not in json.loads(line) for line in response.text.splitlines()), response.text
+        if response.status_code == 200 and "event-stream" in kind:
+            assert '"error"' not in response.text, response.text
     FUZZ["requests"] += 1
     FUZZ["generating_requests"] += method == "POST" and path not in NOT_GENERATING
     FUZZ["statuses"][response.status_code] = FUZZ["statuses"].get(response.status_code, 0) + 1

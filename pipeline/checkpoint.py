@@ -4,11 +4,16 @@ Every consumer (evaluate, sft, dpo, export, serve) loads through ``load_model`` 
 
 A model directory (``models/base``, ``models/sft``, ``models/dpo``) holds:
   model.safetensors  the weights (a tied head is stored once)
-  config.json        {"model": GPTConfig fields, "tokenizer": {"path", "fingerprint"}, ...extra metadata}
+  config.json        {"model": GPTConfig fields, "sha256": {"model.safetensors": hex digest},
+                     "tokenizer": {"path", "fingerprint"}, ...extra metadata}
 or, for a LoRA run with ``lora.merge: false``, an adapter on top of another model directory:
   adapter.safetensors  the adapter tensors (and any layer trained in full)
-  config.json          as above plus {"adapter": {"base": "models/base", "base_fingerprint", "rank", ...}}
+  config.json          as above (its sha256 naming adapter.safetensors) plus {"adapter": {"base": "models/base",
+                       "base_fingerprint", "rank", ...}}
 ``load_model`` applies such an adapter to its base and merges it, so every consumer gets a plain GPT.
+
+Loading verifies the recorded sha256 of the weights (a file garbled after its header still parses) and the
+types of config.json, so a damaged directory is refused with one line naming the file.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from pipeline import lora
 from pipeline.atomic import atomic_path
 from pipeline.errors import PipelineError, one_line
+from pipeline.hashing import sha256_file
 from pipeline.model import GPT, GPTConfig, ModelConfigError
 from pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
 
@@ -48,8 +54,9 @@ def save_model(directory: str | Path, model: GPT, **metadata: object) -> None:
     with atomic_path(directory) as tmp:
         tmp.mkdir()
         save_file(_state_dict_once(model), str(tmp / WEIGHTS))
+        record = {"model": model.cfg.to_dict(), "sha256": {WEIGHTS: sha256_file(tmp / WEIGHTS)}, **metadata}
         (tmp / CONFIG).write_text(
-            json.dumps({"model": model.cfg.to_dict(), **metadata}, indent=2, ensure_ascii=False) + "\n",
+            json.dumps(record, indent=2, ensure_ascii=False) + "\n",
             encoding="utf-8",
         )
 
@@ -60,7 +67,8 @@ def save_adapter(directory: str | Path, model: GPT, base: str | Path, **metadata
     with atomic_path(directory) as tmp:
         tmp.mkdir()
         save_file(lora.adapter_state(model), str(tmp / ADAPTER))
-        config = {"model": model.cfg.to_dict(), "adapter": {"base": str(base), **info.to_dict()}, **metadata}
+        config = {"model": model.cfg.to_dict(), "sha256": {ADAPTER: sha256_file(tmp / ADAPTER)},
+                  "adapter": {"base": str(base), **info.to_dict()}, **metadata}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -81,9 +89,33 @@ def read_model_config(directory: str | Path) -> dict:
     if not path.is_file():
         raise PipelineError(f"{path}: model config not found (has the stage that writes {directory} run?)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PipelineError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise PipelineError(f"{path}: not a model config (no 'model' mapping)")
+    tokenizer = meta.get("tokenizer")
+    if tokenizer is not None and not (
+        isinstance(tokenizer, dict) and all(isinstance(tokenizer.get(k, ""), str) for k in ("path", "fingerprint"))
+    ):
+        raise PipelineError(f"{path}: 'tokenizer' must be a mapping {{path, fingerprint}} of strings, got {tokenizer!r}")
+    return meta
+
+
+def verify_weights(directory: Path, meta: dict, name: str = WEIGHTS) -> Path:
+    """The weights file, after checking it against the sha256 that ``save_model`` recorded in config.json."""
+    weights_path = directory / name
+    if not weights_path.is_file():
+        raise PipelineError(f"{weights_path}: weights not found")
+    recorded = meta.get("sha256")
+    expected = recorded.get(name) if isinstance(recorded, dict) else None
+    if not isinstance(expected, str):
+        raise PipelineError(f"{directory / CONFIG}: no sha256 recorded for {name} (written by an older version: "
+                            "re-run the stage that writes it)")
+    if sha256_file(weights_path) != expected:
+        raise PipelineError(f"{weights_path}: contents do not match the sha256 recorded in {CONFIG} "
+                            "(corrupted or replaced; restore it with `dvc checkout` or re-run its stage)")
+    return weights_path
 
 
 def load_state_into(model: GPT, weights: dict[str, torch.Tensor], origin: str) -> None:
@@ -118,7 +150,7 @@ def _load_adapted(directory: Path, meta: dict, cfg: GPTConfig) -> GPT:
     except TypeError as exc:
         raise PipelineError(f"{directory / CONFIG}: invalid adapter record ({exc})") from None
     model = lora.rebuild(model, info, f"{directory / CONFIG} (base {base_dir})")
-    path = directory / ADAPTER
+    path = verify_weights(directory, meta, ADAPTER)
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
@@ -138,9 +170,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
         raise PipelineError(f"{directory / CONFIG}: invalid model config ({exc})") from None
     if "adapter" in meta:
         return _load_adapted(directory, meta, cfg).to(device).eval(), meta
-    weights_path = directory / WEIGHTS
-    if not weights_path.is_file():
-        raise PipelineError(f"{weights_path}: weights not found")
+    weights_path = verify_weights(directory, meta)
     try:
         weights = load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:

@@ -25,7 +25,7 @@ import pandas as pd
 
 from pipeline import dvc_ops
 from pipeline.atomic import atomic_path
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, one_line
 
 OUT_DIR = Path("reports/compare")
 # Key metrics, by the last part of their name: losses, bits per byte, judge scores, DPO reward margins...
@@ -41,6 +41,7 @@ class Experiment:
     kind: str  # "workspace" | "commit" (the baseline) | "experiment"
     params: dict[str, Any]
     metrics: dict[str, Any]
+    unavailable: tuple[str, ...] = ()  # metrics files DVC could not read at this revision, with the reason
 
 
 def _metrics_label(path: str) -> str:
@@ -55,10 +56,20 @@ def _experiment(name: str, rev: str, kind: str, data: dict) -> Experiment:
         prefix = "" if file == "params.yaml" else f"{file}:"
         params.update({f"{prefix}{k}": v for k, v in dvc_ops.flatten(content.get("data") or {}).items()})
     metrics: dict[str, Any] = {}
+    unavailable = []
     for file, content in (data.get("metrics") or {}).items():
+        if content.get("error") and not content.get("data"):
+            unavailable.append(f"{file} ({_error_text(content['error'])})")
+            continue
         label = _metrics_label(file)
         metrics.update({f"{label}: {k}": v for k, v in dvc_ops.flatten(content.get("data") or {}).items()})
-    return Experiment(name, rev, kind, params, metrics)
+    return Experiment(name, rev, kind, params, metrics, tuple(unavailable))
+
+
+def _error_text(error: Any) -> str:
+    if isinstance(error, dict):
+        return str(error.get("msg") or error.get("type") or "unreadable")
+    return str(error)
 
 
 def load_experiments(project: Path) -> list[Experiment]:
@@ -68,7 +79,8 @@ def load_experiments(project: Path) -> list[Experiment]:
     for entry in shown:
         if entry.get("data"):
             kind = "workspace" if entry["rev"] == "workspace" else "commit"
-            found.append(_experiment(entry.get("name") or entry["rev"][:7], entry["rev"], kind, entry["data"]))
+            name = "workspace" if kind == "workspace" else entry.get("name") or entry["rev"][:7]
+            found.append(_experiment(name, entry["rev"], kind, entry["data"]))
         for exp in entry.get("experiments") or []:
             latest = exp["revs"][0]
             if latest.get("data") and not latest.get("error"):
@@ -131,10 +143,16 @@ def _tsv_files(fs: Any, directory: str) -> list[str]:
 
 
 def loss_curves(
-    project: Path, experiments: list[Experiment], plot_dirs: list[str]
+    project: Path, experiments: list[Experiment], plot_dirs: list[str], unavailable: list[str] | None = None
 ) -> dict[str, dict[str, pd.DataFrame]]:
-    """{"pretrain: train/loss": {experiment: DataFrame(step, value)}} from the TSVs in the plots dirs."""
+    """{"pretrain: train/loss": {experiment: DataFrame(step, value)}} from the TSVs in the plots dirs.
+
+    A plots directory DVC cannot read at a revision (its outputs are in no cache here: a commit made on another
+    machine) is skipped; ``unavailable`` collects "experiment: directory (why)".
+    """
     from dvc.api import DVCFileSystem
+    from dvc.exceptions import DvcException
+    from dvc_data.index.index import DataIndexError
 
     curves: dict[str, dict[str, pd.DataFrame]] = {}
     for exp in experiments:
@@ -142,14 +160,28 @@ def loss_curves(
         fs = DVCFileSystem(str(project), rev=None if exp.kind == "workspace" else exp.rev)
         for directory in plot_dirs:
             stage = Path(directory).parts[1] if directory.startswith("reports/") else directory
-            for path in _tsv_files(fs, directory):
-                frame = pd.read_csv(io.StringIO(fs.read_text(path)), sep="\t")
+            try:
+                texts = {path: fs.read_text(path) for path in _tsv_files(fs, directory)}
+            except (OSError, DvcException, DataIndexError) as exc:
+                if unavailable is not None:
+                    unavailable.append(f"{exp.name}: {directory} ({_missing_reason(exc)})")
+                continue
+            for path, text in texts.items():
+                frame = pd.read_csv(io.StringIO(text), sep="\t")
                 values = [c for c in frame.columns if c not in ("step", "timestamp")]
                 if frame.empty or "step" not in frame.columns or not values:
                     continue
                 label = f"{stage}: {Path(os.path.relpath(path, directory)).with_suffix('').as_posix()}"
                 curves.setdefault(label, {})[exp.name] = frame[["step", values[-1]]]
     return curves
+
+
+def _missing_reason(exc: Exception) -> str:
+    from dvc_data.index.index import DataIndexDirError
+
+    if isinstance(exc, FileNotFoundError | DataIndexDirError):  # the revision's .dir object is not in the cache
+        return "not in this machine's DVC cache"
+    return one_line(f"{type(exc).__name__}: {exc}")
 
 
 def plot_curves(curves: dict[str, dict[str, pd.DataFrame]], path: Path) -> None:
@@ -189,7 +221,8 @@ def compare(
     with atomic_path(out / "compare.csv") as tmp:
         table.to_csv(tmp)
     plot_dirs = [p for s in dvc_ops.read_stages(project) for p in s.plots]
-    curves = loss_curves(project, experiments, plot_dirs)
+    unavailable = [f"{e.name}: {item}" for e in experiments for item in e.unavailable]
+    curves = loss_curves(project, experiments, plot_dirs, unavailable)
     plot = out / "loss_curves.png"
     if curves:
         plot_curves(curves, plot)
@@ -204,6 +237,12 @@ def compare(
     if curves:
         lines += ["![loss curves](loss_curves.png)", ""]
     lines += [f"Every plot, interactive: `dvc plots diff {revs} --open`", ""]
+    if unavailable:
+        lines += ["## Unavailable", "",
+                  "DVC could not read these outputs at their revision. A commit's outputs live in the DVC cache of "
+                  "the machine that ran it: `dvc pull` them from a remote that has them, or make your own run the "
+                  "baseline (`dvc repro`, then `git add dvc.lock reports && git commit`).", "",
+                  *(f"- {item}" for item in unavailable), ""]
     markdown = "\n".join(lines)
     with atomic_path(out / "compare.md") as tmp:
         tmp.write_text(markdown, encoding="utf-8")

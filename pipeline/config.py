@@ -1,13 +1,16 @@
 """params.yaml → frozen, validated dataclasses: one place that checks every key and names the bad one.
 
 Each section of params.yaml maps to one dataclass below. Unknown keys, wrong types and out-of-range
-values raise ``ConfigError("params.yaml: pretrain.lr must be > 0, got -1")``.
+values raise ``ConfigError("params.yaml: pretrain.lr must be > 0, got -1")``: a field's range is a rule in its
+metadata, checked as the value is parsed. Stages load params first, so a bad value stops them before any work or
+deletion. tests/test_params_validation.py enumerates every field and requires an invalid example for each.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +36,63 @@ class ConfigError(PipelineError):
     pass
 
 
+# ------------------------------------------------------------------------------------------- value rules
+# A field's rule lives in its metadata: ``rule(default, check, "what it must be")``. `_build` applies it to every
+# value params.yaml gives (after the type check), so a new field states its range where it is declared.
+
+Check = typing.Callable[[Any], bool]
+SEED_LIMIT = 2**32  # numpy's and torch's generators both accept [0, 2**32)
+_HOST_PORT = re.compile(r"^[A-Za-z0-9.\-\[\]:]*[A-Za-z0-9\]]:(\d{1,5})$")
+_URL = re.compile(r"^https?://[^\s/:]+(:(\d{1,5}))?/?$")
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def rule(default: Any, check: Check, must: str) -> Any:
+    """A field with a default and a value rule, checked on every non-null value params.yaml gives."""
+    return field(default=default, metadata={"check": check, "must": must})
+
+
+def _port_ok(text: str) -> bool:
+    return 1 <= int(text) <= 65535
+
+
+def _positive(default: Any) -> Any:
+    return rule(default, lambda v: v > 0, "> 0")
+
+
+def _non_negative(default: Any) -> Any:
+    return rule(default, lambda v: v >= 0, ">= 0")
+
+
+def _at_least_one(default: Any) -> Any:
+    return rule(default, lambda v: v >= 1, ">= 1")
+
+
+def _open_fraction(default: float) -> Any:
+    return rule(default, lambda v: 0 < v < 1, "in (0, 1)")
+
+
+def _closed_fraction(default: float) -> Any:
+    return rule(default, lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+def _half_open_fraction(default: float) -> Any:
+    return rule(default, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def _seed(default: int) -> Any:
+    return rule(default, lambda v: 0 <= v < SEED_LIMIT, "in [0, 2**32)")
+
+
+def _top_k(default: int | None) -> Any:
+    return rule(default, lambda v: v >= 1, ">= 1 or null")
+
+
+def _non_empty(default: Any) -> Any:
+    return rule(default, lambda v: v.strip() != "", "a non-empty string")
+
+
 @dataclass(frozen=True)
 class Source:
     """A URL, local file or directory; ``sha256`` is verified when given (required to hit the cache offline)."""
@@ -49,24 +109,24 @@ class CorpusSource(Source):
     """
 
     format: Literal["text", "jsonl", "json", "csv", "tsv", "parquet"] | None = None  # None → from the file name
-    text_field: str = "text"
+    text_field: str = _non_empty("text")
     member: str | None = None  # the file inside a .zip
     revision: str | None = None  # hf:// sources: the commit to read (required)
     where: tuple[tuple[str, Any], ...] = ()  # keep records whose fields equal these values
-    min_chars: int = 0  # keep records whose text has at least this many characters
+    min_chars: int = _non_negative(0)  # keep records whose text has at least this many characters
     bad_records: Literal["error", "skip"] = "error"  # a record without a string text field: stop, or skip and count
 
 
 @dataclass(frozen=True)
 class DataParams:
-    cache_dir: str | None = None  # None → $LLM_PIPELINE_CACHE or ~/.cache/llm-pipeline
-    timeout_s: float = 30.0
-    retries: int = 3
+    cache_dir: str | None = _non_empty(None)  # None → $LLM_PIPELINE_CACHE or ~/.cache/llm-pipeline
+    timeout_s: float = _positive(30.0)
+    retries: int = _non_negative(3)
 
 
 @dataclass(frozen=True)
 class CorpusParams:
-    sources: tuple[CorpusSource, ...] = ()
+    sources: tuple[CorpusSource, ...] = rule((), lambda v: len(v) > 0, "at least one source")
     strip_gutenberg: bool = True
     normalize: bool = True  # BOM, CRLF → LF, Unicode NFC
     unwrap: bool | Literal["gutenberg"] = "gutenberg"  # join hard-wrapped lines of text files: all, none, or Gutenberg books
@@ -75,43 +135,50 @@ class CorpusParams:
 @dataclass(frozen=True)
 class TokenizerParams:
     kind: Literal["bpe", "gpt2", "char"] = "bpe"
-    vocab_size: int = 4096
+    vocab_size: int = rule(4096, lambda v: 256 + 16 <= v <= 2**31 - 1, "in [272, 2**31) (256 bytes + special tokens)")
     include_instruction_text: bool = True  # train the BPE on the SFT/DPO text too (the corpus may be Spanish)
-    train_bytes: int | None = None  # train on a seeded sample of this many bytes of the train split; None → all of it
-    seed: int = 1337  # which sample
+    # train on a seeded sample of this many bytes of the train split; None → all of it
+    train_bytes: int | None = rule(None, lambda v: v >= 1 << 20, ">= 1048576 (1 MiB) or null")
+    seed: int = _seed(1337)  # which sample
 
 
 @dataclass(frozen=True)
 class ShardsParams:
-    val_fraction: float = 0.1
-    shard_tokens: int = 10_000_000
-    batch_bytes: int = 4_000_000
+    val_fraction: float = _open_fraction(0.1)
+    shard_tokens: int = _positive(10_000_000)
+    batch_bytes: int = _positive(4_000_000)
 
 
 @dataclass(frozen=True)
 class ModelParams:
-    preset: str = "cpu-small"  # ignored with init_from: the shape is then the checkpoint's
+    preset: str = _non_empty("cpu-small")  # ignored with init_from: the shape is then the checkpoint's
     # scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl (the Hugging Face Hub) | a local GPT-2 checkpoint (dir or file)
-    init_from: str = "scratch"
-    revision: str | None = None  # Hub revision (commit, branch or tag); None → the commit pinned in pipeline/pretrained.py
+    init_from: str = rule("scratch", lambda v: bool(v.strip()), "scratch, a GPT-2 name or a path")
+    revision: str | None = _non_empty(None)  # Hub revision (commit, branch or tag); None → the commit pinned in pipeline/pretrained.py
     init: Literal["gpt2", "pytorch"] = "gpt2"  # from scratch: GPT-2's N(0, 0.02) or each layer's PyTorch default (the book's)
-    context_length: int | None = None
-    n_embd: int | None = None
-    n_head: int | None = None
-    n_layer: int | None = None
-    dropout: float | None = None
+    context_length: int | None = _positive(None)
+    n_embd: int | None = _positive(None)
+    n_head: int | None = _positive(None)
+    n_layer: int | None = _positive(None)
+    dropout: float | None = _half_open_fraction(None)
     qkv_bias: bool | None = None
     tie_weights: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_embd is not None and self.n_head is not None and self.n_embd % self.n_head:
+            raise ConfigError(f"model.n_head={self.n_head} must divide model.n_embd={self.n_embd}")
 
 
 @dataclass(frozen=True)
 class LoRAParams:
     """Low-rank adapters (pipeline/lora.py); ``rank: 0`` trains the weights themselves."""
 
-    rank: int = 0
-    alpha: float = 16.0  # the update is scaled by alpha / rank
-    dropout: float = 0.0  # on the adapter's input only
-    targets: tuple[str, ...] = ("attention", "mlp")  # attention | mlp | head, or a layer name such as att.qkv
+    rank: int = rule(0, lambda v: v >= 0, ">= 0 (0 turns LoRA off)")
+    alpha: float = _positive(16.0)  # the update is scaled by alpha / rank
+    dropout: float = _half_open_fraction(0.0)  # on the adapter's input only
+    # attention | mlp | head, or a layer name such as att.qkv
+    targets: tuple[str, ...] = rule(("attention", "mlp"), lambda v: len(v) > 0 and all(t.strip() for t in v),
+                                    "a non-empty list of non-empty names")
     merge: bool = True  # false: the model directory holds the adapter and a pointer to its base
 
 
@@ -119,70 +186,80 @@ class LoRAParams:
 class TrainParams:
     """What the one training loop needs, whichever objective it serves."""
 
-    batch_size: int = 16
-    grad_accum: int = 1
-    max_steps: int = 1000
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    batch_size: int = _positive(16)
+    grad_accum: int = _positive(1)
+    max_steps: int = _non_negative(1000)
+    lr: float = _positive(1e-3)
+    min_lr_ratio: float = _closed_fraction(0.1)
+    warmup_steps: int = _non_negative(50)
+    weight_decay: float = _non_negative(0.1)
+    beta1: float = _half_open_fraction(0.9)
+    beta2: float = _half_open_fraction(0.95)
+    grad_clip: float = rule(1.0, lambda v: v >= 0, ">= 0 (0 disables clipping)")
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
-    device: str = "auto"
-    eval_every: int = 100
-    eval_batches: int = 20
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    seed: int = 1337
+    device: str = rule("auto", lambda v: bool(_DEVICE.match(v)), "auto, cpu, mps, cuda or cuda:N")
+    eval_every: int = _positive(100)
+    eval_batches: int = _positive(20)
+    checkpoint_every: int = _positive(100)
+    keep_checkpoints: int = _at_least_one(2)
+    log_every: int = _positive(10)
+    seed: int = _seed(1337)
     # DDP: >1 re-launches the stage under torchrun (rdzv_endpoint = host:port of the rendezvous when nnodes > 1).
-    nproc_per_node: int = 1
-    nnodes: int = 1
-    rdzv_endpoint: str | None = None
+    nproc_per_node: int = _at_least_one(1)
+    nnodes: int = _at_least_one(1)
+    rdzv_endpoint: str | None = rule(
+        None, lambda v: bool((m := _HOST_PORT.match(v)) and _port_ok(m.group(1))),
+        "host:port with a port in 1-65535, or null")
     lora: LoRAParams = field(default_factory=LoRAParams)
 
 
 @dataclass(frozen=True)
 class PretrainParams(TrainParams):
-    context_length: int | None = None  # training window; None → the model's context_length (its position table)
+    context_length: int | None = _positive(None)  # training window; None → the model's context_length (its position table)
     # random: windows at any offset, drawn afresh each step | epochs: the book's loader (windows every `stride`
     # tokens, shuffled each epoch, the last partial batch dropped)
     sampling: Literal["random", "epochs"] = "random"
-    stride: int | None = None  # epochs: distance between window starts; None → the context (non-overlapping)
-    epochs: int | None = None  # epochs: train this many epochs (replaces max_steps); None → max_steps
+    stride: int | None = _positive(None)  # epochs: distance between window starts; None → the context (non-overlapping)
+    epochs: int | None = _positive(None)  # epochs: train this many epochs (replaces max_steps); None → max_steps
 
     def __post_init__(self) -> None:
         if self.sampling == "random" and (self.stride is not None or self.epochs is not None):
             raise ConfigError("pretrain.stride and pretrain.epochs need pretrain.sampling: epochs")
+        # LoRA adapts a trained model; pretraining trains every weight (from scratch or from model.init_from).
+        if self.lora.rank != 0:
+            raise ConfigError(f"pretrain.lora.rank must be 0: LoRA needs trained weights to adapt (fine-tune them in the "
+                              f"sft stage), got {self.lora.rank}")
+
+
+def _prompts_ok(prompts: tuple[str, ...]) -> bool:
+    return all(p.strip() for p in prompts)
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    batches: int = 50
-    batch_size: int = 16
-    prompts: tuple[str, ...] = ()
-    max_new_tokens: int = 80
-    temperature: float = 0.8
-    top_k: int | None = 40
-    seed: int = 1337
+    batches: int = _positive(50)
+    batch_size: int = _positive(16)
+    prompts: tuple[str, ...] = rule((), _prompts_ok, "a list of non-empty strings")
+    max_new_tokens: int = _non_negative(80)
+    temperature: float = _non_negative(0.8)
+    top_k: int | None = _top_k(40)
+    seed: int = _seed(1337)
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # as pretrain.dtype: bf16 autocast where it is faster
 
 
 @dataclass(frozen=True)
 class SFTParams(TrainParams):
-    data: Source = Source("")
+    data: Source = rule(Source(""), lambda v: v.location.strip() != "", "a URL, file or directory")
     template: Literal["alpaca", "chat"] = "alpaca"
     mask_prompt: bool = True
     strict: bool = False
-    split_train: float = 0.85
-    split_val: float = 0.05  # the test split (held-out responses) is what train and val leave
-    split_seed: int = 123
-    max_new_tokens: int = 96
-    temperature: float = 0.0  # held-out responses: 0 → greedy, else sampled with `seed`
-    top_k: int | None = None
+    split_train: float = _open_fraction(0.85)
+    split_val: float = _open_fraction(0.05)  # the test split (held-out responses) is what train and val leave
+    split_seed: int = _seed(123)
+    max_new_tokens: int = _positive(96)
+    temperature: float = _non_negative(0.0)  # held-out responses: 0 → greedy, else sampled with `seed`
+    top_k: int | None = _top_k(None)
 
     def __post_init__(self) -> None:
         if self.split_train + self.split_val >= 1:
@@ -196,15 +273,15 @@ class SFTParams(TrainParams):
 class DPOParams(TrainParams):
     """Preference pairs whose prompt is in the SFT test split are left out; ``split_val`` of the rest validate."""
 
-    data: Source = Source("")
-    beta: float = 0.1
+    data: Source = rule(Source(""), lambda v: v.location.strip() != "", "a URL, file or directory")
+    beta: float = _positive(0.1)
     reduction: Literal["sum", "mean"] = "sum"
     strict: bool = False
-    split_val: float = 0.05
-    split_seed: int = 123
-    max_new_tokens: int = 96
-    temperature: float = 0.0
-    top_k: int | None = None
+    split_val: float = _open_fraction(0.05)
+    split_seed: int = _seed(123)
+    max_new_tokens: int = _positive(96)
+    temperature: float = _non_negative(0.0)
+    top_k: int | None = _top_k(None)
 
 
 @dataclass(frozen=True)
@@ -213,16 +290,16 @@ class ClassifyParams(TrainParams):
     preference pairs (pipeline/labelled.py), whose pairs on SFT test prompts all go to the test split."""
 
     model: Literal["base", "sft", "dpo"] = "base"
-    data: Source | None = None
+    data: Source | None = rule(None, lambda v: v.location.strip() != "", "a URL, file or directory, or null")
     format: Literal["auto", "csv", "tsv", "json", "jsonl"] = "auto"
-    member: str | None = None  # the file inside a zip (needed when it holds several)
-    columns: tuple[str, ...] = ()  # field names of a header-less CSV/TSV
-    text_field: str = "text"
-    label_field: str = "label"
+    member: str | None = _non_empty(None)  # the file inside a zip (needed when it holds several)
+    columns: tuple[str, ...] = rule((), lambda v: all(c.strip() for c in v), "a list of non-empty field names")  # header-less CSV/TSV
+    text_field: str = _non_empty("text")
+    label_field: str = _non_empty("label")
     balance: bool = False  # undersample every class to the smallest
-    split_train: float = 0.7
-    split_val: float = 0.1  # the test split is what train and val leave
-    split_seed: int = 123
+    split_train: float = _open_fraction(0.7)
+    split_val: float = _open_fraction(0.1)  # the test split is what train and val leave
+    split_seed: int = _seed(123)
     trainable: Literal["head", "last_block", "all", "lora"] = "last_block"
 
     def __post_init__(self) -> None:
@@ -233,35 +310,37 @@ class ClassifyParams(TrainParams):
 
 @dataclass(frozen=True)
 class JudgeParams:
-    host: str | None = None  # None → $OLLAMA_HOST or http://127.0.0.1:11434
-    model: str = "llama3.1:8b"
+    host: str | None = rule(  # None → $OLLAMA_HOST or http://127.0.0.1:11434
+        None, lambda v: bool((m := _URL.match(v)) and (m.group(2) is None or _port_ok(m.group(2)))),
+        "http(s)://host[:port] with a port in 1-65535, or null")
+    model: str = _non_empty("llama3.1:8b")
     style: Literal["score100", "rubric5"] = "score100"
     pairwise: bool = True
-    temperature: float = 0.0
-    seed: int = 123  # the judge's sampling seed, and the bootstrap's
-    num_ctx: int = 4096
-    timeout_s: float = 120.0
-    retries: int = 2  # extra attempts after a connection error, timeout or 5xx
-    backoff_s: float = 0.5  # wait before retry n: backoff_s * 2**n
-    concurrency: int = 2
+    temperature: float = _non_negative(0.0)
+    seed: int = _seed(123)  # the judge's sampling seed, and the bootstrap's
+    num_ctx: int = _positive(4096)
+    timeout_s: float = _positive(120.0)
+    retries: int = _non_negative(2)  # extra attempts after a connection error, timeout or 5xx
+    backoff_s: float = _non_negative(0.5)  # wait before retry n: backoff_s * 2**n
+    concurrency: int = _at_least_one(2)
     on_unavailable: Literal["fail", "fallback"] = "fallback"
-    prompt_template: str | None = None  # None → the style's prompt; placeholders in pipeline/judge.py
-    pairwise_template: str | None = None
-    bootstrap_samples: int = 1000
+    prompt_template: str | None = _non_empty(None)  # None → the style's prompt; placeholders in pipeline/judge.py
+    pairwise_template: str | None = _non_empty(None)
+    bootstrap_samples: int = rule(1000, lambda v: v >= 100, ">= 100")
 
 
 @dataclass(frozen=True)
 class ExportParams:
     model: Literal["base", "sft", "dpo", "classifier"] = "dpo"  # classifier: class logits, parity of those
-    opset: int = 23  # ONNX Attention + Gelu ops (see pipeline/export.py); 18 for older runtimes
+    opset: int = rule(23, lambda v: v >= 18, ">= 18")  # 23: ONNX Attention + Gelu ops; 18 for older runtimes
     quantize_int8: bool = True
-    parity_atol: float = 1e-4  # max |logit(onnxruntime fp32) - logit(torch)|, else the stage fails
-    parity_tokens: int = 64  # greedy tokens that must equal torch's, token for token
-    int8_min_agreement: float = 0.95  # top-1 next-token agreement of int8 with fp32 over real text
+    parity_atol: float = _positive(1e-4)  # max |logit(onnxruntime fp32) - logit(torch)|, else the stage fails
+    parity_tokens: int = _positive(64)  # greedy tokens that must equal torch's, token for token
+    int8_min_agreement: float = _closed_fraction(0.95)  # top-1 next-token agreement of int8 with fp32 over real text
     # gguf: llama.cpp / Ollama (pipeline/gguf_export.py); hf: transformers' GPT-2 layout (pipeline/hf_export.py)
     formats: tuple[Literal["onnx", "gguf", "hf"], ...] = ("onnx", "gguf", "hf")
     gguf_types: tuple[Literal["f32", "f16", "q8_0"], ...] = ("f16", "q8_0")  # one file each; the Modelfile uses the first
-    gguf_check_positions: int = 2048  # real validation positions of the llama.cpp agreement check
+    gguf_check_positions: int = _positive(2048)  # real validation positions of the llama.cpp agreement check
 
     def __post_init__(self) -> None:
         for name in ("formats", "gguf_types"):
@@ -272,7 +351,7 @@ class ExportParams:
 
 @dataclass(frozen=True)
 class Params:
-    seed: int = 1337
+    seed: int = _seed(1337)
     data: DataParams = field(default_factory=DataParams)
     corpus: CorpusParams = field(default_factory=CorpusParams)
     tokenizer: TokenizerParams = field(default_factory=TokenizerParams)
@@ -287,82 +366,16 @@ class Params:
     export: ExportParams = field(default_factory=ExportParams)
 
 
-# Range checks: (section.key, predicate, what it must be).
-_CHECKS: list[tuple[str, typing.Callable[[Any], bool], str]] = [
-    ("data.timeout_s", lambda v: v > 0, "> 0"),
-    ("data.retries", lambda v: v >= 0, ">= 0"),
-    ("tokenizer.vocab_size", lambda v: v >= 256 + 16, ">= 272 (256 bytes + special tokens)"),
-    ("tokenizer.train_bytes", lambda v: v is None or v >= 1 << 20, ">= 1048576 (1 MiB) or null"),
-    ("shards.val_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
-    ("shards.shard_tokens", lambda v: v > 0, "> 0"),
-    ("shards.batch_bytes", lambda v: v > 0, "> 0"),
-    ("evaluate.batches", lambda v: v > 0, "> 0"),
-    ("evaluate.batch_size", lambda v: v > 0, "> 0"),
-    ("evaluate.max_new_tokens", lambda v: v >= 0, ">= 0"),
-    ("evaluate.temperature", lambda v: v >= 0, ">= 0"),
-    ("pretrain.context_length", lambda v: v is None or v > 0, "> 0"),
-    # LoRA adapts a trained model; pretraining trains every weight (from scratch or from model.init_from).
-    ("pretrain.lora.rank", lambda v: v == 0, "0: LoRA needs trained weights to adapt (fine-tune them in the sft stage)"),
-    ("model.init_from", lambda v: bool(v.strip()), "scratch, a GPT-2 name or a path"),
-    ("pretrain.stride", lambda v: v is None or v > 0, "> 0"),
-    ("pretrain.epochs", lambda v: v is None or v > 0, "> 0"),
-    ("dpo.beta", lambda v: v > 0, "> 0"),
-    ("sft.split_train", lambda v: 0 < v < 1, "in (0, 1)"),
-    ("sft.split_val", lambda v: 0 < v < 1, "in (0, 1)"),
-    ("dpo.split_val", lambda v: 0 < v < 1, "in (0, 1)"),
-    ("classify.split_train", lambda v: 0 < v < 1, "in (0, 1)"),
-    ("classify.split_val", lambda v: 0 < v < 1, "in (0, 1)"),
-    ("judge.concurrency", lambda v: v >= 1, ">= 1"),
-    ("judge.temperature", lambda v: v >= 0, ">= 0"),
-    ("judge.num_ctx", lambda v: v > 0, "> 0"),
-    ("judge.timeout_s", lambda v: v > 0, "> 0"),
-    ("judge.retries", lambda v: v >= 0, ">= 0"),
-    ("judge.backoff_s", lambda v: v >= 0, ">= 0"),
-    ("judge.bootstrap_samples", lambda v: v >= 100, ">= 100"),
-    ("export.parity_atol", lambda v: v > 0, "> 0"),
-    ("export.parity_tokens", lambda v: v > 0, "> 0"),
-    ("export.int8_min_agreement", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("export.gguf_check_positions", lambda v: v > 0, "> 0"),
-]
-for _section in ("sft", "dpo"):
-    _CHECKS += [
-        (f"{_section}.max_new_tokens", lambda v: v > 0, "> 0"),
-        (f"{_section}.temperature", lambda v: v >= 0, ">= 0"),
-        (f"{_section}.top_k", lambda v: v is None or v > 0, "> 0 or null"),
-    ]
-for _section in ("pretrain", "sft", "dpo", "classify"):
-    _CHECKS += [
-        (f"{_section}.lora.rank", lambda v: v >= 0, ">= 0 (0 turns LoRA off)"),
-        (f"{_section}.lora.alpha", lambda v: v > 0, "> 0"),
-        (f"{_section}.lora.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
-        (f"{_section}.lora.targets", lambda v: len(v) > 0, "a non-empty list"),
-        (f"{_section}.batch_size", lambda v: v > 0, "> 0"),
-        (f"{_section}.grad_accum", lambda v: v > 0, "> 0"),
-        (f"{_section}.max_steps", lambda v: v >= 0, ">= 0"),
-        (f"{_section}.lr", lambda v: v > 0, "> 0"),
-        (f"{_section}.min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
-        (f"{_section}.warmup_steps", lambda v: v >= 0, ">= 0"),
-        (f"{_section}.grad_clip", lambda v: v >= 0, ">= 0 (0 disables clipping)"),
-        (f"{_section}.eval_every", lambda v: v > 0, "> 0"),
-        (f"{_section}.eval_batches", lambda v: v > 0, "> 0"),
-        (f"{_section}.checkpoint_every", lambda v: v > 0, "> 0"),
-        (f"{_section}.keep_checkpoints", lambda v: v >= 1, ">= 1"),
-        (f"{_section}.log_every", lambda v: v > 0, "> 0"),
-        (f"{_section}.nproc_per_node", lambda v: v >= 1, ">= 1"),
-        (f"{_section}.nnodes", lambda v: v >= 1, ">= 1"),
-    ]
-
-
 def _source(value: Any, where: str) -> Source:
-    if isinstance(value, str):
+    if isinstance(value, str) and value.strip():
         return Source(value)
     if isinstance(value, dict):
         unknown = set(value) - {"url", "path", "sha256"}
         location = value.get("url", value.get("path"))
-        if unknown or not isinstance(location, str):
+        if unknown or not isinstance(location, str) or not location.strip():
             raise ConfigError(f"{where} must be a string or a mapping {{url: ..., sha256: ...}}, got {value!r}")
         sha = value.get("sha256")
-        if sha is not None and (not isinstance(sha, str) or len(sha) != 64):
+        if sha is not None and not (isinstance(sha, str) and _SHA256.match(sha)):
             raise ConfigError(f"{where}.sha256 must be 64 hex characters, got {sha!r}")
         return Source(location, sha.lower() if sha else None)
     raise ConfigError(f"{where} must be a string or a mapping {{url: ..., sha256: ...}}, got {value!r}")
@@ -384,8 +397,6 @@ def _corpus_source(value: Any, where: str) -> CorpusSource:
         raise ConfigError(f"{where}.where must map field names to values, got {where_rows!r}")
     built = _build(CorpusSource, {"location": base.location, "sha256": base.sha256} | options, where)
     built = dataclasses.replace(built, where=tuple((str(k), v) for k, v in where_rows.items()))
-    if built.min_chars < 0:
-        raise ConfigError(f"{where}.min_chars must be >= 0, got {built.min_chars}")
     if built.location.startswith("hf://") and not built.revision:
         raise ConfigError(f"{where}.revision is required for {built.location} (pin a commit of the dataset)")
     return built
@@ -433,8 +444,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be an integer, got {value!r}")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -454,9 +465,13 @@ def _build(cls: type, data: Any, where: str) -> Any:
     if unknown:
         prefix = f"{where}." if where else ""
         raise ConfigError(f"unknown key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
-    kwargs = {
-        key: _coerce(value, hints[key], f"{where}.{key}" if where else key) for key, value in data.items()
-    }
+    rules = {f.name: f.metadata for f in dataclasses.fields(cls) if "check" in f.metadata}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{where}.{key}" if where else key
+        kwargs[key] = _coerce(value, hints[key], dotted)
+        if key in rules and kwargs[key] is not None and not rules[key]["check"](kwargs[key]):
+            raise ConfigError(f"{dotted} must be {rules[key]['must']}, got {value!r}")
     return cls(**kwargs)
 
 
@@ -464,10 +479,6 @@ def parse_params(data: dict, origin: str = "params.yaml") -> Params:
     """Validate a params mapping; errors are prefixed with ``origin`` and name the dotted key."""
     try:
         params = _build(Params, data, "")
-        for key, ok, must in _CHECKS:
-            value = functools.reduce(getattr, key.split("."), params)
-            if not ok(value):
-                raise ConfigError(f"{key} must be {must}, got {value!r}")
     except ConfigError as exc:
         raise ConfigError(f"{origin}: {exc}") from None
     return params

@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.config import CorpusSource, DataParams, Source, load_params, resolve_cache_dir
+from pipeline.config import CACHE_ENV, CorpusSource, DataParams, Source, load_params, resolve_cache_dir
 from pipeline.datasets import RecordCounts, detect, open_stream, record_texts
 from pipeline.errors import PipelineError
 from pipeline.hashing import CHUNK, sha256_file
@@ -54,7 +54,10 @@ class DownloadCache:
 
     @classmethod
     def from_params(cls, data: DataParams) -> DownloadCache:
-        return cls(resolve_cache_dir(data.cache_dir), data.timeout_s, data.retries)
+        root = resolve_cache_dir(data.cache_dir)
+        if root.exists() and not root.is_dir():
+            raise PipelineError(f"data.cache_dir: {root} is not a directory (set data.cache_dir or ${CACHE_ENV} to one)")
+        return cls(root, data.timeout_s, data.retries)
 
     def object_path(self, sha256: str) -> Path:
         return self.root / "sha256" / sha256
@@ -325,7 +328,11 @@ def copy_json_source(source: Source, cache: DownloadCache, where: str, out: Path
 
     A JSON list is copied byte for byte; JSONL is rewritten as the equivalent list, so later stages read one format.
     """
-    [(label, path)] = source_files(source, cache, where)
+    files = source_files(source, cache, where)
+    if len(files) != 1:
+        raise PipelineError(f"{where}: {source.location} is a directory of {len(files)} files; give one JSON or JSONL "
+                            "file (records are not merged across files)")
+    [(label, path)] = files
     raw = path.read_bytes()
     records, was_jsonl = _parse_records(raw, where, label)
     if not isinstance(records, list) or not records:

@@ -220,8 +220,9 @@ def git_ignored(project: Path, paths: Iterable[str]) -> list[str]:
 
 
 def require_experiment_files_tracked(project: Path, stages: list[StageInfo]) -> None:
-    """Refuse to start an experiment whose metrics or plots git would ignore (they would silently vanish)."""
-    ignored = git_ignored(project, [p for s in stages for p in (*s.metrics, *s.plots)])
+    """Refuse to start an experiment whose uncached metrics or plots git would ignore (they would silently
+    vanish; cached ones travel in DVC's cache, which the experiment's dvc.lock points at)."""
+    ignored = git_ignored(project, [p for s in stages for p in (*s.metrics, *s.plots) if p in s.uncached])
     if ignored:
         raise PipelineError(
             f"{ignored[0]} is git-ignored, so DVC experiments would record no metrics/plots for it: "

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 import onnxruntime as ort
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -42,6 +43,7 @@ from pipeline.config import ExportParams
 from pipeline.errors import PipelineError
 from pipeline.export_classifier import export_classifier
 from pipeline.generate import stream_tokens
+from pipeline.hashing import sha256_file
 from pipeline.model import GPT, KVCache
 from pipeline.onnx_generate import (
     INPUT_IDS,
@@ -101,6 +103,9 @@ class SharedCacheGPT(torch.nn.Module):
         return (model.out_head(model.final_norm(x)), *present)
 
 
+STACK_TRACE = "pkg.torch.onnx.stack_trace"
+
+
 def check_opset(opset: int) -> None:
     if opset not in SUPPORTED_OPSETS:
         raise PipelineError(
@@ -133,7 +138,16 @@ def export_graph(model: GPT, path: Path, opset: int) -> None:
             output_names=[LOGITS, *present_names(cfg.n_layer)],
             verbose=False,
         )
+    strip_source_paths(program.model)
     program.save(str(path))
+
+
+def strip_source_paths(model: ir.Model) -> None:
+    """Drop the exporter's per-node Python stack traces: they hold absolute paths of this checkout, so two
+    checkouts would export different bytes (the module names and scopes it also records are kept)."""
+    for graph in (model.graph, *model.functions.values()):
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            node.metadata_props.pop(STACK_TRACE, None)
 
 
 @contextlib.contextmanager
@@ -402,7 +416,7 @@ def export_model(
         print(f"export: {model_dir} → ONNX opset {params.opset} ({EXPORTER}){int8}")
         variants = write_variants(model, tmp, params.opset, params.quantize_int8)
         config = onnx_config(
-            model, params.opset, variants,
+            model, params.opset, variants, sha256={name: sha256_file(tmp / name) for name in variants.values()},
             source={"directory": str(model_dir), "stage": loaded.meta.get("stage")},
             tokenizer={"path": TOKENIZER_DIR, "fingerprint": loaded.tokenizer_fingerprint,
                        "eot_token": loaded.enc.eot_token},

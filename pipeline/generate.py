@@ -28,7 +28,9 @@ def sample_next(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Ge
     """Next token ids (B, 1) from last-position logits (B, V)."""
     if opts.temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = filter_logits(logits.float() / opts.temperature, opts.top_k, opts.top_p)
+    # Shifted so the best logit is 0 before dividing: any temperature > 0 (even 1e-300) stays finite.
+    logits = logits.double()
+    logits = filter_logits((logits - logits.amax(dim=-1, keepdim=True)) / opts.temperature, opts.top_k, opts.top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
 

@@ -404,3 +404,14 @@ def _tokenize(
         responses.append(encoded)
         ids.append(item.id)
     return Tokenized(prompts, responses, ids, truncated, dropped)
+
+
+RECIPE_FIELDS = {"data": str, "data_sha256": str, "template": str, "strict": bool, "split_train": float,
+                 "split_val": float, "split_seed": int}
+
+
+def check_recipe(recipe: dict, where: str) -> None:
+    """The SFT recipe a model directory records (data file, template, split) has every field, each of its type."""
+    for key, kind in RECIPE_FIELDS.items():
+        if type(recipe.get(key)) is not kind:
+            raise PipelineError(f"{where}.{key} is missing or not a {kind.__name__} (rerun it: dvc repro sft)")

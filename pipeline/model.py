@@ -38,13 +38,19 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "n_embd", "n_head", "n_layer"):
-            if getattr(self, name) <= 0:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ModelConfigError(f"model.{name} must be an integer, got {value!r}")
+            if value <= 0:
                 raise ModelConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ModelConfigError(
                 f"model.n_head={self.n_head} does not divide model.n_embd={self.n_embd}"
             )
-        if not 0.0 <= self.dropout < 1.0:
+        for name in ("qkv_bias", "tie_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise ModelConfigError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
             raise ModelConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.n_classes < 0 or (self.n_classes and self.tie_weights):
             raise ModelConfigError(f"model.n_classes={self.n_classes} needs n_classes >= 0 and an untied head")

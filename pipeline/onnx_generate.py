@@ -25,6 +25,7 @@ import onnxruntime as ort
 import tiktoken
 
 from pipeline.errors import PipelineError
+from pipeline.hashing import sha256_file
 from pipeline.sampling import SamplingOptions
 from pipeline.tokenizer import load_tokenizer
 
@@ -67,7 +68,9 @@ def sample_next(logits: np.ndarray, opts: SamplingOptions, rng: np.random.Genera
     """Next token ids (B,) from last-position logits (B, V); argmax when ``temperature == 0``."""
     if opts.temperature == 0:
         return logits.argmax(axis=-1)
-    probs = softmax(filter_logits(logits.astype(np.float64) / opts.temperature, opts.top_k, opts.top_p))
+    logits = logits.astype(np.float64)
+    logits = (logits - logits.max(axis=-1, keepdims=True)) / opts.temperature  # finite for any temperature > 0
+    probs = softmax(filter_logits(logits, opts.top_k, opts.top_p))
     cumulative = np.cumsum(probs, axis=-1)
     draws = rng.random(len(probs)) * cumulative[:, -1]
     return np.array([np.searchsorted(row, u, side="right") for row, u in zip(cumulative, draws, strict=False)])
@@ -95,6 +98,17 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     )
     return options
+
+
+def verify_file(path: Path, config: dict, config_path: Path) -> None:
+    """Check a model file against the sha256 its directory's config.json records (as model directories do)."""
+    recorded = config.get("sha256")
+    expected = recorded.get(path.name) if isinstance(recorded, dict) else None
+    if not isinstance(expected, str):
+        raise PipelineError(f"{config_path}: no sha256 recorded for {path.name} (re-run the export: dvc repro export)")
+    if sha256_file(path) != expected:
+        raise PipelineError(f"{path}: contents do not match the sha256 recorded in {config_path.name} "
+                            "(corrupted or replaced; restore it with `dvc checkout export` or re-run the export)")
 
 
 class OnnxCache:
@@ -128,6 +142,7 @@ class OnnxGenerator:
         self.path = directory / files[variant]
         if not self.path.is_file():
             raise PipelineError(f"{self.path}: ONNX model file missing")
+        verify_file(self.path, self.config, directory / CONFIG_FILE)
         model = self.config["model"]
         self.n_layer, self.n_head = model["n_layer"], model["n_head"]
         self.head_dim = model["n_embd"] // model["n_head"]

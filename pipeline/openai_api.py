@@ -89,8 +89,8 @@ class Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    seed: int | None = None
+    top_p: float | None = Field(None, gt=0, le=1)  # as the Ollama routes' options: refused, not a 5xx, outside
+    seed: int | None = Field(None, ge=0, lt=2**64)
     stop: str | list[str] | None = None
 
     def options(self, max_tokens: int | None = None) -> Options:

@@ -13,7 +13,6 @@ a different run in the same directory (DVC keeps ``checkpoints/`` between experi
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ from pipeline import lora
 from pipeline.atomic import atomic_path, fsync_tree
 from pipeline.checkpoint import ADAPTER, WEIGHTS, load_state_into, save_model
 from pipeline.errors import PipelineError
+from pipeline.hashing import sha256_file
 from pipeline.model import GPT
 
 log = logging.getLogger(__name__)
@@ -52,14 +52,6 @@ class Restored:
     path: Path
     state: dict  # state.json
     trainer: dict  # trainer.pt
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def checkpoint_path(checkpoint_dir: Path, step: int) -> Path:
@@ -88,7 +80,7 @@ def save_checkpoint(checkpoint_dir: Path, step: int, model: GPT, trainer: dict, 
             (tmp / ADAPTER_DIR / "adapter.json").write_text(json.dumps(info.to_dict(), indent=1) + "\n")
         torch.save(trainer, tmp / TRAINER)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        hashes = {p.relative_to(tmp).as_posix(): _sha256(p) for p in files}
+        hashes = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in files}
         (tmp / STATE).write_text(json.dumps({**state, "step": step, "files": hashes}, indent=1) + "\n")
     fsync_tree(final)
     if os.environ.get(KILL_AFTER_CHECKPOINT) == str(step):
@@ -112,7 +104,7 @@ def load_checkpoint(path: Path, model: GPT, state: dict) -> Restored:
         file = path / name
         if not file.is_file():
             raise CorruptCheckpoint(f"{file}: missing")
-        if _sha256(file) != expected:
+        if sha256_file(file) != expected:
             raise CorruptCheckpoint(f"{file}: contents do not match the recorded sha256")
     info = lora.adapter_info(model)
     weights_path = path / MODEL_DIR / WEIGHTS if info is None else path / ADAPTER_DIR / ADAPTER
@@ -132,12 +124,29 @@ def load_checkpoint(path: Path, model: GPT, state: dict) -> Restored:
     return Restored(path, state, trainer)
 
 
+def remove_interrupted(checkpoint_dir: Path) -> list[Path]:
+    """Delete what a save killed mid-write left: ``atomic_path``'s hidden ``.step_*`` temp directories."""
+    if not checkpoint_dir.is_dir():
+        return []
+    leftovers = sorted(p for p in checkpoint_dir.iterdir() if p.name.startswith(f".{PREFIX}"))
+    for path in leftovers:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if leftovers:
+        log.warning("removed %d temp entr%s of an interrupted checkpoint write: %s", len(leftovers),
+                    "y" if len(leftovers) == 1 else "ies", ", ".join(str(p) for p in leftovers))
+    return leftovers
+
+
 def restore_latest(checkpoint_dir: Path, model: GPT, run_key: str) -> Restored | None:
-    """Load the newest good checkpoint of this run into ``model``.
+    """Load the newest good checkpoint of this run into ``model`` (after removing interrupted writes' leftovers).
 
     A corrupt newer checkpoint is skipped with a warning; checkpoints of another run are ignored.
     Raises CorruptCheckpoint when checkpoints exist but none of them is usable and at least one is corrupt.
     """
+    remove_interrupted(checkpoint_dir)
     corrupt: list[CorruptCheckpoint] = []
     for path in list_checkpoints(checkpoint_dir):
         try:

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.chat_page import add_card_route, chat_page, wants_html
@@ -47,21 +47,25 @@ except PackageNotFoundError:  # running from a source tree that was not pip-inst
 # Ollama's defaults, where a request leaves an option out.
 DEFAULT_OPTIONS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}
 STANDARD_MODELS = ("base", "sft", "dpo", "onnx", "onnx-int8")
+MIN_CONTEXT = 2  # one prompt token and one answer token
 
 
 # ---------------------------------------------------------------------------------------------- requests
 
 
 class Options(BaseModel):
-    """The generation options we honour; others that Ollama knows (repeat_penalty, mirostat…) are ignored."""
+    """The generation options we honour; others that Ollama knows (repeat_penalty, mirostat…) are ignored.
+
+    Out-of-range values are refused with a 400 naming the option; ``num_ctx`` and ``num_predict`` are clamped
+    to what the model can hold (docs/serving.md lists both kinds)."""
 
     model_config = ConfigDict(extra="allow")
-    temperature: float | None = Field(None, ge=0)
-    top_k: int | None = None  # ≤ 0 disables it, as in Ollama
-    top_p: float | None = Field(None, ge=0, le=1)  # 0 or 1 disables it
-    seed: int | None = None  # None: a fresh random seed per request, as in Ollama
-    num_predict: int | None = None  # -1 / -2 / None: until the context is full
-    num_ctx: int | None = Field(None, gt=0)  # capped at the model's context length
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)  # 1 disables it
+    seed: int | None = Field(None, ge=0, lt=2**64)  # None: a fresh random seed per request, as in Ollama
+    num_predict: int | None = None  # ≤ 0 / None: until the context is full; clamped to the context's room
+    num_ctx: int | None = Field(None, ge=MIN_CONTEXT)  # clamped to the model's context length
     stop: list[str] | str | None = None
 
 
@@ -110,6 +114,14 @@ class ApiError(Exception):
 
 # ---------------------------------------------------------------------------------------------- helpers
 
+CLIENT_CLOSED = 499  # nginx's "client closed request": logged, never read by anyone
+
+
+async def client_gone(http: Request) -> None:
+    """Return when the client disconnects (the body has been read, so the next ASGI message is the disconnect)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
 
 def validation_message(errors: list[dict]) -> str:
     error = errors[0]
@@ -138,8 +150,8 @@ def now() -> str:
 
 def sampling(options: Options, max_new_tokens: int, eos_id: int) -> SamplingOptions:
     merged = {**DEFAULT_OPTIONS, **options.model_dump(exclude_none=True, include={"temperature", "top_k", "top_p"})}
-    top_k = merged["top_k"] if merged["top_k"] > 0 else None
-    top_p = merged["top_p"] if 0 < merged["top_p"] < 1 else None
+    top_k = merged["top_k"]
+    top_p = merged["top_p"] if merged["top_p"] < 1 else None
     seed = options.seed if options.seed is not None else secrets.randbits(63)
     return SamplingOptions(max_new_tokens=max_new_tokens, temperature=merged["temperature"], top_k=top_k,
                            top_p=top_p, eos_id=eos_id, seed=seed)
@@ -191,6 +203,7 @@ class Engine:
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="generate")
         self.slots = asyncio.Semaphore(concurrency)
         self.max_queue, self.waiting = max_queue, 0
+        self.cancelled = 0  # generations stopped because their client went away
 
     def model(self, name: str) -> ServedModel:
         key = name if ":" in name else f"{name}:latest"
@@ -198,21 +211,34 @@ class Engine:
             raise ApiError(404, f"model \"{name}\" not found, try pulling it first")
         return self.models[key]
 
-    async def respond(self, model: ServedModel, prompt_ids: list[int], options: Options, stream: bool,
-                      shape: Shape) -> JSONResponse | StreamingResponse:
+    async def respond(self, http: Request, model: ServedModel, prompt_ids: list[int], options: Options, stream: bool,
+                      shape: Shape) -> Response:
         run = self.start(model, prompt_ids, options)
         if stream:
             return StreamingResponse(self._ndjson(run, shape), media_type="application/x-ndjson")
-        pieces, final = [], None
+        collect = asyncio.ensure_future(self._collect(run))
+        gone = asyncio.ensure_future(client_gone(http))
+        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not collect.done():  # nobody is waiting for the answer: free the slot (the generator's finally)
+            collect.cancel()
+            await asyncio.gather(collect, return_exceptions=True)
+            return Response(status_code=CLIENT_CLOSED)
         try:
-            async for kind, payload in run:
-                if kind == "text":
-                    pieces.append(payload)
-                else:
-                    final = payload
+            text, final = collect.result()
         except Exception as exc:
             raise ApiError(500, f"generation failed: {exc}") from exc
-        return JSONResponse(shape("".join(pieces), final))
+        return JSONResponse(shape(text, final))
+
+    @staticmethod
+    async def _collect(run) -> tuple[str, dict | None]:
+        pieces, final = [], None
+        async for kind, payload in run:
+            if kind == "text":
+                pieces.append(payload)
+            else:
+                final = payload
+        return "".join(pieces), final
 
     def start(self, model: ServedModel, prompt_ids: list[int], options: Options):
         """A generation, not yet running (503 when the queue is full): an async iterator of ("text", piece)…
@@ -261,7 +287,9 @@ class Engine:
                 generated = await future
                 yield "done", final_fields(generated, int((loop.time() - start) * 1e9))
             finally:
-                cancelled.set()
+                if not future.done():  # the client left (or the server stops) before the answer was complete
+                    cancelled.set()
+                    self.cancelled += 1
                 await asyncio.wait([future])
         finally:
             self.slots.release()
@@ -348,7 +376,9 @@ def create_app(models: dict[str, ServedModel], concurrency: int = 2, max_queue: 
             prompt_ids = model.chat_ids(messages)
         except PipelineError as exc:
             raise ApiError(400, one_line(str(exc))) from None
-        return await engine.respond(model, prompt_ids, request.options, request.stream, shape)
+        if not prompt_ids:
+            raise ApiError(400, "invalid request: messages: no text to continue (every content is empty)")
+        return await engine.respond(http, model, prompt_ids, request.options, request.stream, shape)
 
     @app.post("/api/generate")
     async def generate(http: Request):
@@ -371,7 +401,7 @@ def create_app(models: dict[str, ServedModel], concurrency: int = 2, max_queue: 
         prompt_ids = (request.context or []) + prompt_ids
         if any(not 0 <= t < model.encoding.n_vocab for t in prompt_ids):
             raise ApiError(400, f"invalid request: context: token ids must be in [0, {model.encoding.n_vocab})")
-        return await engine.respond(model, prompt_ids, request.options, request.stream, shape)
+        return await engine.respond(http, model, prompt_ids, request.options, request.stream, shape)
 
     return app
 
@@ -426,7 +456,7 @@ def bind(host: str, port: int) -> socket.socket:
 def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=11434, help="port (default 11434, Ollama's)")
+    parser.add_argument("--port", type=int, default=11434, help="port, 1-65535 (default 11434, Ollama's)")
     parser.add_argument("--models", nargs="*", default=[], metavar="NAME[=DIR]",
                         help=f"models to serve (default: those of {', '.join(STANDARD_MODELS)} under models/)")
     parser.add_argument("--concurrency", type=int, default=2, help="generations at once (default 2)")
@@ -435,6 +465,8 @@ def cli(argv: list[str]) -> int:
                         help="require 'Authorization: Bearer KEY' (default: $LLM_PIPELINE_API_KEY; none: no check)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = parser.parse_args(argv)
+    if not 1 <= args.port <= 65535:
+        raise PipelineError(f"serve: --port must be in 1-65535, got {args.port}")
     if args.concurrency < 1 or args.max_queue < 0:
         raise PipelineError("serve: --concurrency must be >= 1 and --max-queue >= 0")
     # Each concurrent generation gets its share of the cores (more threads than cores only contend).

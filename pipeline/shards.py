@@ -199,10 +199,41 @@ def read_manifest(directory: str | Path) -> dict:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PipelineError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise PipelineError(f"{path}: not a shard manifest (a JSON object)")
     if manifest.get("format") != FORMAT_VERSION or manifest.get("dtype") not in _LITTLE_ENDIAN:
         raise PipelineError(f"{path}: unsupported shard manifest (format {manifest.get('format')!r}, "
                             f"dtype {manifest.get('dtype')!r})")
+    if problem := _manifest_problem(manifest):
+        raise PipelineError(f"{path}: invalid shard manifest: {problem} (re-run `dvc repro tokenize`)")
     return manifest
+
+
+_MANIFEST_FIELDS = {"tokenizer_fingerprint": str, "vocab_size": int, "eot_token": int, "splits": dict}
+_SPLIT_FIELDS = {"text_bytes": int, "tokens": int, "shards": list}
+_SHARD_FIELDS = {"file": str, "dtype": str, "tokens": int, "sha256": str}
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """The first missing or mistyped field of a shard manifest, named by its path; None when it is sound."""
+    def wrong(data: object, fields: dict[str, type], where: str) -> str | None:
+        if not isinstance(data, dict):
+            return f"{where or 'the manifest'} is not an object"
+        for key, kind in fields.items():
+            value = data.get(key)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                return f"'{where}{key}' is missing or not a {kind.__name__}"
+        return None
+
+    if problem := wrong(manifest, _MANIFEST_FIELDS, ""):
+        return problem
+    for split, info in manifest["splits"].items():
+        if problem := wrong(info, _SPLIT_FIELDS, f"splits.{split}."):
+            return problem
+        for i, shard in enumerate(info["shards"]):
+            if problem := wrong(shard, _SHARD_FIELDS, f"splits.{split}.shards[{i}]."):
+                return problem
+    return None
 
 
 class ShardDataset:

@@ -14,6 +14,7 @@ import binascii
 import collections
 import hashlib
 import json
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -107,7 +108,12 @@ def train_char(texts: Iterable[str], vocab_size: int) -> tiktoken.Encoding:
 def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> tiktoken.Encoding:
     """Build a tokenizer of ``kind``; ``texts`` (consumed once) is ignored by ``gpt2``, which is not trained."""
     if kind == "bpe":
-        return train_bpe(texts, vocab_size)
+        enc = train_bpe(texts, vocab_size)
+        if enc.n_vocab < vocab_size:  # documented warning: the run goes on with the smaller vocabulary
+            print(f"warning: tokenizer.vocab_size={vocab_size} is more than this text supports: BPE ran out of pairs "
+                  f"to merge at {enc.n_vocab} tokens (the tokenizer, and the model's vocabulary, has {enc.n_vocab})",
+                  file=sys.stderr)
+        return enc
     if kind == "char":
         return train_char(texts, vocab_size)
     if kind == "gpt2":

@@ -172,6 +172,7 @@ class _Trainer:
             self.optimizer,
             lambda s: lr_factor(s, params.warmup_steps, params.max_steps, params.min_lr_ratio),
         )
+        self.timed: list[list[float]] = []  # [tokens, seconds] of each log window, kept across resumes
         self.step, self.tokens_seen, history = self._restore()
         self.metrics = MetricsLog(self.report_dir, self.ctx.is_main, history)
         self.forward_model: nn.Module = torch.compile(self.raw) if params.compile else self.raw
@@ -217,6 +218,7 @@ class _Trainer:
             torch.cuda.set_rng_state(trainer["rng"]["cuda"][self.ctx.rank], self.device)
         if self.ctx.is_main:
             log.warning("%s: resuming from %s (step %d)", self.desc, restored.path, state["step"])
+        self.timed = [list(w) for w in state.get("timed", [])]
         return state["step"], state["tokens_seen"], state["history"]
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -240,6 +242,7 @@ class _Trainer:
                 "data_position": {"next_step": self.step, "micro_steps": self.params.grad_accum,
                                   "world_size": self.ctx.world_size},
                 "history": self.metrics.history,
+                "timed": self.timed,
             }
             resume.save_checkpoint(self.checkpoint_dir, self.step, self.raw, trainer, state)
             resume.prune(self.checkpoint_dir, self.key, self.params.keep_checkpoints)
@@ -324,7 +327,7 @@ class _Trainer:
         quiet = {} if self.ctx.is_main else {"disable": True}  # rank 0 only; TQDM_DISABLE=1 silences it too
         bar = tqdm(total=p.max_steps, initial=self.step, desc=self.desc, dynamic_ncols=True, unit="step", **quiet)
         window = _Window(self.device)
-        timed: list[tuple[int, float]] = []  # (tokens, seconds) of each log window of this session
+        timed = self.timed
         while self.step < p.max_steps:
             t0 = time.perf_counter()
             loss, extras, tokens, grad_norm = self._train_step()
@@ -335,7 +338,7 @@ class _Trainer:
             if self.step % p.log_every == 0 or self.step == p.max_steps:
                 row = window.close(self.ctx)  # synchronises with the device: the timing below is honest
                 window.seconds += time.perf_counter() - t0
-                timed.append((window.tokens, window.seconds))
+                timed.append([window.tokens, window.seconds])
                 self._log_train(row, window, grad_norm, bar)
                 window = _Window(self.device)
             else:
@@ -374,8 +377,9 @@ class _Trainer:
         flops = flops_per_token(self.raw.cfg, self.n_params, self.seq_len)
         return perf.mfu(flops, tokens_per_s, self.peak_flops * self.ctx.world_size)
 
-    def _summary(self, timed: list[tuple[int, float]]) -> dict[str, float]:
-        """This session's throughput, leaving out the first log window (warm-up, compilation) when there are more."""
+    def _summary(self, timed: list[list[float]]) -> dict[str, float]:
+        """The run's throughput over all its sessions (a resumed-and-finished run re-reports it), leaving out the
+        first log window (warm-up, compilation) when there are more."""
         steady = timed[1:] or timed
         tokens, seconds = sum(t for t, _ in steady), sum(s for _, s in steady)
         if seconds <= 0:

@@ -17,6 +17,7 @@ if [ ${#need[@]} -gt 0 ]; then
     echo "setup: missing ${need[*]}; install them (Debian/Ubuntu: sudo apt-get install ${need[*]})" >&2
   fi
 fi
+bash scripts/check_git_identity.sh
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

@@ -16,7 +16,7 @@ from pipeline.checkpoint import CONFIG, ModelAndTokenizer, load_with_tokenizer, 
 from pipeline.config import DPOParams, SFTParams
 from pipeline.errors import PipelineError
 from pipeline.hashing import sha256_file
-from pipeline.instructions import Example, Loaded, load_examples, split_dataset
+from pipeline.instructions import Example, Loaded, check_recipe, load_examples, split_dataset
 from pipeline.objectives import data_fingerprint
 from pipeline.provenance import provenance
 from pipeline.runtime import is_main
@@ -64,9 +64,8 @@ def sft_recipe(model_dir: Path, meta: dict) -> dict:
     """How the SFT model was trained (data file, template, split), as the sft stage recorded it."""
     recipe = meta.get("instructions")
     if not isinstance(recipe, dict):
-        raise PipelineError(
-            f"{model_dir / CONFIG}: no 'instructions' record (was {model_dir} written by the sft stage?)"
-        )
+        raise PipelineError(f"{model_dir / CONFIG}: no 'instructions' record (was {model_dir} written by the sft stage?)")
+    check_recipe(recipe, f"{model_dir / CONFIG}: instructions")
     data = Path(recipe["data"])
     if not data.is_file() or sha256_file(data) != recipe["data_sha256"]:
         raise PipelineError(f"{data}: missing or changed since {model_dir} was trained (rerun it: dvc repro sft)")

@@ -1,12 +1,14 @@
 """`compare` on two real DVC experiments of the tiny project, and `sweep` (queue + run + compare) on a trivial one."""
 from __future__ import annotations
 
+import shutil
+
 import pandas as pd
 import pytest
 
 from pipeline import compare, dvc_ops
 from pipeline.errors import PipelineError
-from tests.project import make_project
+from tests.project import make_project, run
 from tests.trivial_project import make_trivial_project
 
 pytestmark = pytest.mark.timeout(600)
@@ -61,3 +63,25 @@ def test_failed_variant_is_reported(tmp_path):
     project = make_trivial_project(tmp_path / "project")
     with pytest.raises(PipelineError, match=r"experiment 'bad-1' failed: .*dvc queue logs bad-1"):
         compare.cli_sweep(["-S", "train.fail=true", "--name", "bad", "--project", str(project)])
+
+
+def test_compare_on_a_fresh_clone_shows_what_it_can_and_names_the_rest(tmp_path, capsys):
+    """The committed baseline's outputs were produced on another machine: they are in no cache here."""
+    project = make_project(tmp_path / "project")
+    dvc_ops.dvc(project, "repro", "evaluate")
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-q", "-m", "baseline run"], project)
+    shutil.rmtree(project / ".dvc" / "cache")  # what a fresh clone has of the baseline's cached outputs
+    dvc_ops.dvc(project, "exp", "run", "--name", "t1", "-S", "pretrain.lr=0.002", "evaluate")
+
+    assert compare.cli_compare(["--project", str(project)]) == 0
+    out = capsys.readouterr().out
+    assert "| | main | t1 |" in out and "| pretrain.lr | 0.001 | 0.002 |" in out
+    assert "## Unavailable" in out and "make your own run the baseline" in out
+    assert "- main: reports/pretrain/plots/metrics (not in this machine's DVC cache)" in out
+    assert "t1: reports/pretrain" not in out  # the experiment's own outputs are here and compared
+
+    names = [e.name for e in compare.load_experiments(project)]
+    assert "workspace" in names and "workspa" not in names
+    assert compare.cli_compare(["workspace", "t1", "--project", str(project)]) == 0
+    assert "| | workspace | t1 |" in capsys.readouterr().out

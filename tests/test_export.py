@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -85,6 +86,27 @@ def test_export_writes_both_variants_tokenizer_config_and_card_with_passing_pari
     assert config["onnx"]["opset"] == 23
     assert config["onnx"]["files"] == {"fp32": "model.onnx", "int8": "model.int8.onnx"}
     assert "max |logit difference|" in (out / "README.md").read_text()
+
+
+def test_exported_files_hold_no_path_of_this_checkout_or_environment(exported):
+    """The exporter records Python stack traces per node; with them two checkouts exported different bytes."""
+    out, _ = exported
+    for file in sorted(p for p in out.rglob("*") if p.is_file()):
+        data = file.read_bytes()
+        for path in (str(ROOT), sys.prefix, str(Path(torch.__file__).parent)):
+            assert path.encode() not in data, f"{file.name} holds {path}"
+
+
+def test_a_changed_onnx_file_is_refused_naming_it(exported, tmp_path):
+    out, _ = exported
+    copy = tmp_path / "onnx"
+    shutil.copytree(out, copy)
+    assert OnnxGenerator(copy, "int8").vocab_size > 0
+    data = bytearray((copy / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(PipelineError, match=f"{copy / 'model.onnx'}: contents do not match the sha256 recorded"):
+        OnnxGenerator(copy, "fp32")
 
 
 def test_tied_embedding_is_stored_once(exported, model):
@@ -222,13 +244,13 @@ def test_missing_checkpoint_and_mismatched_config_are_one_line_errors(workspace)
 
 
 def test_stage_refuses_an_unsupported_opset_with_one_line(tmp_path):
-    (tmp_path / "params.yaml").write_text("seed: 1\nexport:\n  opset: 17\n")
+    (tmp_path / "params.yaml").write_text("seed: 1\nexport:\n  opset: 26\n")  # below 18: params.yaml's own check
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-m", "stages.export"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
-        "error: export.opset=17 is not supported: use 18..25 (the dynamo exporter writes opset ≥ 18; "
+        "error: export.opset=26 is not supported: use 18..25 (the dynamo exporter writes opset ≥ 18; "
         f"onnxruntime {__import__('onnxruntime').__version__} runs up to 25)"
     ]
     assert not (tmp_path / "models").exists()

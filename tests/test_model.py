@@ -1,6 +1,9 @@
 """The shared GPT core: shapes, causality, presets, weight tying, KV cache, safe model directories."""
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 import torch
 
@@ -114,10 +117,42 @@ def test_corrupt_or_mismatched_model_directory_is_refused(tiny, tmp_path):
     save_model(tmp_path / "m", tiny)
     weights = tmp_path / "m" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(PipelineError, match="corrupt weights file"):
+    with pytest.raises(PipelineError, match="model.safetensors: contents do not match the sha256 recorded"):
         load_model(tmp_path / "m")
     other = GPT(GPTConfig(vocab_size=97, context_length=32, n_embd=64, n_head=4, n_layer=2))
     save_model(tmp_path / "m", other)
     (tmp_path / "m" / "config.json").write_text((tmp_path / "m" / "config.json").read_text().replace('"n_embd": 64', '"n_embd": 32'))
     with pytest.raises(PipelineError, match="config expects"):
         load_model(tmp_path / "m")
+
+
+def test_model_directory_records_and_verifies_its_weights(tiny, tmp_path):
+    save_model(tmp_path / "m", tiny, tokenizer={"path": "t", "fingerprint": "abc"})
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    weights = tmp_path / "m" / "model.safetensors"
+    assert config["sha256"] == {"model.safetensors": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    data = bytearray(weights.read_bytes())
+    middle = len(data) // 2
+    data[middle - 1000:middle + 1000] = bytes(2000)  # header intact, tensors garbled: safetensors still parses it
+    weights.write_bytes(bytes(data))
+    with pytest.raises(PipelineError, match=f"{weights}: contents do not match the sha256 recorded in config.json"):
+        load_model(tmp_path / "m")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(tokenizer="data/tokenizer"), "'tokenizer' must be a mapping"),
+    (lambda c: c["model"].update(n_embd=64.0), "model.n_embd must be an integer"),
+    (lambda c: c["model"].update(tie_weights="yes"), "model.tie_weights must be true or false"),
+    (lambda c: c["model"].update(dropout="0.1"), "model.dropout must be in"),
+    (lambda c: c.pop("sha256"), "no sha256 recorded for model.safetensors"),
+    (lambda c: c.pop("model"), "not a model config"),
+])
+def test_model_config_fields_and_types_are_checked(tiny, tmp_path, edit, message):
+    save_model(tmp_path / "m", tiny, tokenizer={"path": "t", "fingerprint": "abc"})
+    path = tmp_path / "m" / "config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+    with pytest.raises(PipelineError, match=message) as exc:
+        load_model(tmp_path / "m")
+    assert str(path) in str(exc.value)

@@ -277,6 +277,7 @@ def test_onnx_export_is_served(tmp_path, model_dirs):
     from pipeline.atomic import write_json
     from pipeline.checkpoint import load_model
     from pipeline.export import export_graph
+    from pipeline.hashing import sha256_file
     from pipeline.onnx_generate import TOKENIZER_DIR, VARIANT_FILES
 
     model, meta = load_model(model_dirs["sft"])
@@ -288,7 +289,8 @@ def test_onnx_export_is_served(tmp_path, model_dirs):
     for file in tokenizer.iterdir():
         (onnx_dir / TOKENIZER_DIR / file.name).write_bytes(file.read_bytes())
     write_json(onnx_dir / "config.json", {"model": model.cfg.to_dict(), "source": {"directory": str(model_dirs["sft"])},
-                                          "onnx": {"files": {"fp32": VARIANT_FILES["fp32"]}, "opset": 18}})
+                                          "onnx": {"files": {"fp32": VARIANT_FILES["fp32"]}, "opset": 18},
+                                          "sha256": {VARIANT_FILES["fp32"]: sha256_file(onnx_dir / VARIANT_FILES["fp32"])}})
     models = load_served({"onnx": onnx_dir, "sft": model_dirs["sft"]})
     with running_server(models) as (url, _):
         client = ollama.Client(host=url)

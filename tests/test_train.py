@@ -153,3 +153,23 @@ def test_ddp_with_two_cpu_processes_under_torchrun(tmp_path):
     assert state["data_position"]["world_size"] == 2
     rng = torch.load(tmp_path / "checkpoints" / "step_00000012" / "trainer.pt", weights_only=True)["rng"]["torch"]
     assert len(rng) == 2 and not torch.equal(rng[0], rng[1]), "each rank's own RNG state is kept"
+
+
+def test_rerunning_a_finished_run_keeps_its_metrics_and_removes_interrupted_writes(tmp_path, caplog):
+    ckpt = tmp_path / "ckpt"
+    params = TrainParams(**{**asdict(PARAMS), "max_steps": 6})
+    train(tiny_model(), CountingObjective(params.seed, params.batch_size), params,
+          checkpoint_dir=ckpt, report_dir=tmp_path / "report", desc="first")
+    first = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    # What a kill during a checkpoint write leaves: atomic_path's hidden temp directory, half full.
+    leftover = ckpt / ".step_00000009.abc123" / "step_00000009"
+    leftover.mkdir(parents=True)
+    (leftover / "trainer.pt").write_bytes(b"half")
+    with caplog.at_level(logging.WARNING):
+        train(tiny_model(), CountingObjective(params.seed, params.batch_size), params,
+              checkpoint_dir=ckpt, report_dir=tmp_path / "report", desc="again")
+    assert not leftover.parent.exists()
+    assert any("interrupted checkpoint write" in r.message and ".step_00000009.abc123" in r.message
+               for r in caplog.records)
+    again = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert again.keys() == first.keys() and again["summary"] == first["summary"]

@@ -187,7 +187,9 @@ def test_stage_writes_classifier_scores_plots_and_the_cli_labels_text(tmp_path, 
     model, meta = load_model(project / "models/classifier")
     assert model.cfg.n_classes == 2 and meta["labels"] == ["impolite", "polite"]
 
-    assert cli(["--model", "models/classifier", "You are wonderful, thank you!", "whatever"]) == 0
+    from pipeline.cli import main as pipeline_main
+
+    assert pipeline_main(["classify", "--model", "models/classifier", "You are wonderful, thank you!", "whatever"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split("\t")[0] in ("impolite", "polite") and lines[0].endswith("You are wonderful, thank you!")
     probabilities = [float(line.split()[1]) for line in lines[1:3]]

@@ -47,12 +47,14 @@ def generated_book(paragraphs: int = 400, width: int = 72, seed: int = 0) -> str
 def generated_instructions(n: int, seed: int = 0, preferences: bool = False) -> list[dict]:
     rng = random.Random(seed)
     records = []
-    for _i in range(n):
+    for i in range(n):
         a, b = rng.randint(1, 50), rng.randint(1, 50)
         rec = {"instruction": f"Add the numbers {a} and {b}.", "input": "", "output": f"The sum is {a + b}."}
         if preferences:
             rec["chosen"] = rec["output"]
             rec["rejected"] = f"I think it is {a + b + rng.randint(1, 9)}, maybe."
+            if i % 2:  # as in the book's pairs, half prefer a polite rewrite over the plain answer (the tone data)
+                rec["chosen"], rec["rejected"] = f"Happy to help! {rec['output']} Thank you for asking.", rec["output"]
         records.append(rec)
     return records
 

@@ -196,3 +196,11 @@ def test_sft_and_dpo_stages_with_lora_merge_or_keep_an_adapter(tmp_path, monkeyp
     assert len((project / "reports/dpo/responses.jsonl").read_text().splitlines()) == 4
     dpo_metrics = json.loads((project / "reports/dpo/metrics.json").read_text())
     assert math.isfinite(dpo_metrics["train"]["rewards"]["margins"])  # against the reference = adapters off
+
+
+def test_sft_stage_with_a_target_matching_no_layer_fails_with_one_line(tmp_path, monkeypatch, capsys):
+    from tests.test_sft_dpo import _fails, _stage_project
+
+    project = _stage_project(tmp_path, {"sft": {"lora": {"rank": 8, "targets": ["attn"]}}})
+    err = _fails("sft", project, monkeypatch, capsys)
+    assert err.startswith("error: sft.lora.targets: 'attn' matches no linear layer of the model")

@@ -182,11 +182,15 @@ def load_onnx_model(name: str, directory: str | Path, variant: str, threads: int
 
 
 def load_model_dir(name: str, directory: str | Path, variant: str = "fp32", threads: int | None = None) -> ServedModel:
-    """A torch model directory (model.safetensors) or the ONNX export (``variant`` fp32 or int8)."""
+    """A torch model directory (model.safetensors, or a LoRA adapter on its base) or the ONNX export (``variant``
+    fp32 or int8)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise PipelineError(f"{directory}: model directory not found")
-    if (directory / "model.safetensors").is_file():
+    config = directory / "config.json"
+    if config.is_file() and (json.loads(config.read_text(encoding="utf-8")).get("model") or {}).get("n_classes"):
+        raise PipelineError(f"{directory}: a classifier, not a language model (use: python -m pipeline classify)")
+    if (directory / "model.safetensors").is_file() or (directory / "adapter.safetensors").is_file():
         if variant != "fp32":
             raise PipelineError(f"{directory}: only the ONNX export has an {variant} variant")
         return load_torch_model(name, directory)

@@ -186,6 +186,10 @@ def test_stage_writes_classifier_scores_plots_and_the_cli_labels_text(tmp_path, 
     assert (project / "reports/classify/plots/metrics/val/accuracy.tsv").is_file()
     model, meta = load_model(project / "models/classifier")
     assert model.cfg.n_classes == 2 and meta["labels"] == ["impolite", "polite"]
+    from pipeline.serve_models import load_model_dir
+
+    with pytest.raises(PipelineError, match="models/classifier: a classifier, not a language model"):
+        load_model_dir("c", project / "models/classifier")
 
     from pipeline.cli import main as pipeline_main
 

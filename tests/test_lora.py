@@ -196,6 +196,10 @@ def test_sft_and_dpo_stages_with_lora_merge_or_keep_an_adapter(tmp_path, monkeyp
     assert len((project / "reports/dpo/responses.jsonl").read_text().splitlines()) == 4
     dpo_metrics = json.loads((project / "reports/dpo/metrics.json").read_text())
     assert math.isfinite(dpo_metrics["train"]["rewards"]["margins"])  # against the reference = adapters off
+    from pipeline.serve_models import load_model_dir
+
+    served = load_model_dir("dpo:latest", "models/dpo")  # the server loads the adapter directory too
+    assert served.context_length == dpo.cfg.context_length and served.template == "chat"
 
 
 def test_sft_stage_with_a_target_matching_no_layer_fails_with_one_line(tmp_path, monkeypatch, capsys):

@@ -1,0 +1,223 @@
+"""The recipe, measured: validation bits per byte after a fixed wall budget of training, for a table of variants.
+
+    python -m bench.recipe                                  # every variant, 300 s each, params.yaml on data/
+    python -m bench.recipe --budget-s 90 --variants recipe,fp32,bf16,muon
+    python -m bench.recipe --shards DIR --tokenizer DIR     # shards + tokenizer of another project
+
+Each variant trains the default preset (params.yaml ``model`` + ``pretrain``) from the same initial seed on the
+same batches for ``--budget-s`` seconds of training (evaluation excluded), then scores the first validation
+windows with the evaluate stage's metric (``pipeline.evaluation.language_model_metrics``). The schedule is
+today's (linear warmup + cosine to ``min_lr_ratio``) stretched over the wall budget instead of ``max_steps``,
+so every variant ends its decay when its time is up. The variants run one after another in one process, so
+a machine loaded by others can favour some: rerun with ``--variants`` in another order to check a close call.
+The last line is a one-line summary against today's recipe.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from pipeline.config import load_params
+from pipeline.errors import PipelineError, exit_on_error
+from pipeline.evaluation import language_model_metrics, token_byte_lengths, unigram_log_probs
+from pipeline.model import GPT
+from pipeline.pretraining import prepare
+from pipeline.runtime import DTYPE_NAMES, autocast, choose_dtype
+from pipeline.shards import ShardDataset
+from pipeline.tokenizer import load_tokenizer
+from pipeline.train import lr_factor, make_optimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One change from today's recipe (params.yaml), everything else equal."""
+
+    name: str
+    dtype: str | None = None  # None: params.yaml's (auto)
+    lr_mult: float = 1.0
+    batch_size: int | None = None
+    optimizer: str = "adamw"  # adamw | muon (torch.optim.Muon, bf16 Newton–Schulz) | muon-fp32
+    tie_weights: bool | None = None
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("recipe"),
+    Variant("fp32", dtype="fp32"),
+    Variant("bf16", dtype="bf16"),
+    Variant("lr_x0.5", lr_mult=0.5),
+    Variant("lr_x2", lr_mult=2.0),
+    Variant("batch_8", batch_size=8),
+    Variant("batch_32", batch_size=32),
+    Variant("muon", optimizer="muon"),
+    Variant("muon_fp32", optimizer="muon-fp32"),
+    Variant("untied_head", tie_weights=False),
+)}
+
+
+def newton_schulz_fp32(g: torch.Tensor, steps: int, coefficients: tuple[float, float, float], eps: float) -> torch.Tensor:
+    """The quintic Newton–Schulz orthogonalisation Muon uses, in fp32 (torch's runs it in bf16)."""
+    a, b, c = coefficients
+    x = g.float()
+    transposed = x.size(0) > x.size(1)
+    if transposed:
+        x = x.T
+    x = x / (x.norm() + eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if transposed else x
+
+
+class MuonFP32(torch.optim.Optimizer):
+    """Muon with torch.optim.Muon's defaults (Nesterov momentum 0.95, 5 NS steps, ``match_rms_adamw`` lr scale),
+    its orthogonalisation in fp32: on CPUs without AMX bf16 matmuls are slower than fp32 ones."""
+
+    def __init__(self, params, lr: float, weight_decay: float, momentum: float = 0.95, ns_steps: int = 5,
+                 ns_coefficients: tuple[float, float, float] = (3.4445, -4.775, 2.0315), eps: float = 1e-7):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps,
+                                      ns_coefficients=ns_coefficients, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                update = p.grad.lerp(buf, group["momentum"])  # Nesterov
+                update = newton_schulz_fp32(update, group["ns_steps"], group["ns_coefficients"], group["eps"])
+                scale = 0.2 * math.sqrt(max(p.shape[0], p.shape[1]))  # the update's RMS matches AdamW's
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-group["lr"] * scale)
+
+
+def make_optimizers(model: GPT, variant: Variant, lr: float, weight_decay: float, betas) -> list[torch.optim.Optimizer]:
+    """AdamW for everything, or Muon for the blocks' matrices and AdamW for embeddings, head, norms and biases."""
+    from pipeline.config import TrainParams
+
+    if variant.optimizer == "adamw":
+        return [make_optimizer(model, TrainParams(lr=lr, weight_decay=weight_decay, beta1=betas[0], beta2=betas[1]),
+                               torch.device("cpu"))]
+    matrices = [p for p in model.blocks.parameters() if p.dim() == 2]
+    chosen = {id(p) for p in matrices}
+    rest = [p for p in {id(p): p for p in model.parameters()}.values() if id(p) not in chosen]
+    adamw = torch.optim.AdamW([
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+    ], lr=lr, betas=betas)
+    if variant.optimizer == "muon":
+        muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+    elif variant.optimizer == "muon-fp32":
+        muon = MuonFP32(matrices, lr=lr, weight_decay=weight_decay)
+    else:
+        raise PipelineError(f"unknown optimizer '{variant.optimizer}' (adamw | muon | muon-fp32)")
+    return [muon, adamw]
+
+
+@dataclass
+class Outcome:
+    variant: str
+    dtype: str
+    tokens_per_s: float
+    steps: int
+    train_s: float
+    val_loss: float
+    val_bpb: float
+
+
+def run_variant(variant: Variant, args: argparse.Namespace) -> Outcome:
+    params = load_params(args.params)
+    model_params = replace(params.model, tie_weights=variant.tie_weights) if variant.tie_weights is not None else params.model
+    pre = replace(params.pretrain, lr=params.pretrain.lr * variant.lr_mult,
+                  batch_size=variant.batch_size or params.pretrain.batch_size, dtype=variant.dtype or params.pretrain.dtype)
+    setup = prepare(model_params, pre, params.seed, args.tokenizer, args.shards)
+    model, objective = setup.model, setup.objective
+    device = torch.device("cpu")
+    dtype = choose_dtype(pre.dtype, device, model.cfg, pre.batch_size * model.cfg.context_length).dtype
+    optimizers = make_optimizers(model, variant, pre.lr, pre.weight_decay, (pre.beta1, pre.beta2))
+    peaks = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
+    torch.manual_seed(pre.seed)
+    model.train()
+    step, tokens, elapsed = 0, 0, 0.0
+    nominal = pre.max_steps  # the schedule's shape: warmup_steps of max_steps, stretched over the budget
+    while elapsed < args.budget_s:
+        start = time.perf_counter()
+        factor = lr_factor(int(nominal * elapsed / args.budget_s), pre.warmup_steps, nominal, pre.min_lr_ratio)
+        for opt, peak in zip(optimizers, peaks, strict=True):
+            for group, lr in zip(opt.param_groups, peak, strict=True):
+                group["lr"] = lr * factor
+        batch = objective.train_batch(step, 0, 0, 1)
+        with autocast(device, dtype):
+            loss, _ = objective.loss(model, batch)
+        loss.backward()
+        if pre.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), pre.grad_clip)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if not math.isfinite(float(loss.detach())):
+            raise PipelineError(f"variant {variant.name}: the loss diverged at step {step}")
+        step += 1
+        tokens += objective.count_tokens(batch)
+        elapsed += time.perf_counter() - start
+    metrics = language_model_metrics(model, args.val, args.unigram, args.byte_lengths, 16, args.eval_batches, dtype)
+    return Outcome(variant.name, DTYPE_NAMES[dtype], tokens / elapsed, step, elapsed, metrics.val_loss,
+                   metrics.bits_per_byte)
+
+
+def _table(rows: list[Outcome], budget_s: float) -> str:
+    lines = [f"| variant | dtype | tokens/s | steps in {budget_s:.0f} s | val loss | val bpb |",
+             "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {r.variant} | {r.dtype} | {r.tokens_per_s:,.0f} | {r.steps} | {r.val_loss:.4f} | {r.val_bpb:.4f} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
+@exit_on_error
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    ap.add_argument("--shards", type=Path, default=ROOT / "data" / "shards")
+    ap.add_argument("--tokenizer", type=Path, default=ROOT / "data" / "tokenizer")
+    ap.add_argument("--budget-s", type=float, default=300.0, help="seconds of training per variant")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    ap.add_argument("--eval-batches", type=int, default=50, help="validation windows of 16 × context, in order")
+    args = ap.parse_args(argv)
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or not names:
+        raise PipelineError(f"--variants: unknown {', '.join(unknown) or '(none given)'} (known: {', '.join(VARIANTS)})")
+    if args.budget_s <= 0:
+        raise PipelineError(f"--budget-s must be positive, got {args.budget_s}")
+    for path in (args.shards, args.tokenizer):
+        if not path.is_dir():
+            raise PipelineError(f"{path}: not found (build it: make seed-cache && dvc repro tokenize)")
+    enc = load_tokenizer(args.tokenizer)
+    train = ShardDataset(args.shards, "train")
+    args.val = ShardDataset(args.shards, "val")
+    args.unigram = unigram_log_probs(train, enc.n_vocab)
+    args.byte_lengths = token_byte_lengths(enc)
+    rows = []
+    for name in names:
+        rows.append(run_variant(VARIANTS[name], args))
+        r = rows[-1]
+        print(f"{r.variant}: {r.dtype}, {r.steps} steps, {r.tokens_per_s:,.0f} tokens/s, val bpb {r.val_bpb:.4f}",
+              flush=True)
+    print(_table(rows, args.budget_s))
+    base = next((r for r in rows if r.variant == "recipe"), rows[0])
+    best = min(rows, key=lambda r: r.val_bpb)
+    print(f"budget_s={args.budget_s:g} threads={torch.get_num_threads()} baseline={base.variant} "
+          f"baseline_bpb={base.val_bpb:.4f} best={best.variant} best_bpb={best.val_bpb:.4f} "
+          f"delta_bpb={best.val_bpb - base.val_bpb:+.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -3,16 +3,16 @@
     python -m bench.peer --nanogpt ../shared/peers/nanoGPT                 # params.yaml's shape and max_steps
     python -m bench.peer --nanogpt DIR --steps 40 --shards DIR --tokenizer DIR
 
-nanoGPT reads ``data/<dataset>/{train,val}.bin`` (uint16 tokens) and ``meta.pkl`` (its vocabulary size) below
-its working directory: both are written from our shards into a temp dir and nanoGPT runs there in a subprocess,
-on the CPU, fp32, no compile (it uses no autocast on a CPU). Its hyperparameters are its train.py defaults
-(lr 6e-4, min_lr lr/10, AdamW betas 0.9/0.95, weight decay 0.1, clip 1.0, no dropout, no bias), fixed here in
-advance; only what the shape and step count force is set: batch, context, width, depth, heads, max_iters,
-lr_decay_iters = max_iters and warmup = ours. Both final models are scored by one function on the first
-``--eval-batches`` validation windows in order. Our time-to-loss is read from our run's own evaluations
-(the same windows, fp32) every ``--eval-every`` steps; nanoGPT's is its whole training time (its loss still
-falls at its last step). The last line is ``ours_tok_s=… nanogpt_tok_s=… ours_val_loss=… nanogpt_val_loss=…
-time_to_loss_speedup=…``.
+nanoGPT reads ``data/<dataset>/{train,val}.bin`` (uint16 tokens) and ``meta.pkl`` (its vocabulary size) below its
+working directory: both are written from our shards into a temp dir and nanoGPT runs there in a subprocess, on the
+CPU, fp32, no compile (it uses no autocast on a CPU). Its hyperparameters are its train.py defaults (lr 6e-4,
+min_lr lr/10, AdamW betas 0.9/0.95, weight decay 0.1, clip 1.0, no dropout, no bias), fixed here in advance; only
+what the shape and step count force is set: batch, context, width, depth, heads, max_iters, lr_decay_iters =
+max_iters and warmup = ours (``pretrain.warmup_steps``, scaled with ``--steps``). Both final models are scored by
+one function on the first ``--eval-batches`` validation windows in order. Our time-to-loss is read from our run's
+own evaluations (the same windows, fp32) every ``--eval-every`` steps; nanoGPT's is its whole training time (its
+loss still falls at its last step). The last line is ``ours_tok_s=… nanogpt_tok_s=… ours_val_loss=…
+nanogpt_val_loss=… time_to_loss_speedup=…``.
 """
 from __future__ import annotations
 
@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
         raise PipelineError(f"--nanogpt {args.nanogpt}: no train.py there")
     params = load_params(args.params)
     steps = args.steps or params.pretrain.max_steps
-    pre = replace(params.pretrain, max_steps=steps, dtype="fp32", log_every=1, checkpoint_every=10**9,
+    warmup = max(1, round(params.pretrain.warmup_steps * steps / params.pretrain.max_steps))  # same share of the run
+    pre = replace(params.pretrain, max_steps=steps, warmup_steps=warmup, dtype="fp32", log_every=1, checkpoint_every=10**9,
                   eval_every=args.eval_every or max(1, steps // 10), eval_batches=args.eval_batches)
     setup = prepare(params.model, pre, params.seed, args.tokenizer, args.shards)
     cfg, batch = setup.model.cfg, pre.batch_size

@@ -134,7 +134,7 @@ class Outcome:
 
 
 def run_variant(variant: Variant, args: argparse.Namespace) -> Outcome:
-    params = load_params(args.params)
+    params = args.loaded_params
     model_params = replace(params.model, tie_weights=variant.tie_weights) if variant.tie_weights is not None else params.model
     pre = replace(params.pretrain, lr=params.pretrain.lr * variant.lr_mult,
                   batch_size=variant.batch_size or params.pretrain.batch_size, dtype=variant.dtype or params.pretrain.dtype)
@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     for path in (args.shards, args.tokenizer):
         if not path.is_dir():
             raise PipelineError(f"{path}: not found (build it: make seed-cache && dvc repro tokenize)")
+    args.loaded_params = load_params(args.params)  # once: an edit of the file during a run changes no variant
     enc = load_tokenizer(args.tokenizer)
     train = ShardDataset(args.shards, "train")
     args.val = ShardDataset(args.shards, "val")

@@ -127,9 +127,10 @@ def test_dpo_loss_is_log2_with_zero_margins_when_policy_is_reference(enc):
     objective = dpo_objective(copy.deepcopy(model), tokenize_pairs(enc, sums(6, preferences=True), "chat", CONTEXT))
     loss, metrics = objective.loss(model, objective.train_batch(0, 0, 0, 1))
     assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
+    # Zero up to float noise: the cached reference pass batches by length, the policy pass does not, so a margin
+    # can be ±1e-7 and rewards/accuracies (the share of margins > 0) is that noise's sign at step 0.
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert metrics[name].item() == pytest.approx(0.0, abs=1e-5)
-    assert metrics["rewards/accuracies"].item() == 0.0  # no pair is preferred yet
     assert metrics["logps/chosen"].item() < 0 and metrics["logps/rejected"].item() < 0
 
 

@@ -1,9 +1,12 @@
-"""One error type for bad input, and the stage entry wrapper that turns it into one line and exit 1."""
+"""How problems reach the user: one error type for bad input, the stage entry wrapper that turns it into one
+line and exit 1, and a way to silence a library's own chatter around a call."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 
 class PipelineError(Exception):
@@ -12,6 +15,18 @@ class PipelineError(Exception):
 
 def one_line(message: str) -> str:
     return " ".join(str(message).split())
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str) -> Iterator[None]:
+    """Only errors from the logger ``name`` (an exporter's or transformers' warnings) while the block runs."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def exit_on_error(main: Callable[..., object]) -> Callable[..., object]:

@@ -21,8 +21,6 @@ failed parity check leaves no exported files behind.
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 import shutil
 import tempfile
@@ -40,7 +38,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from pipeline.atomic import atomic_path, write_json
 from pipeline.checkpoint import CONFIG, load_with_tokenizer
 from pipeline.config import ExportParams
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, quiet_logger
 from pipeline.export_classifier import export_classifier
 from pipeline.generate import stream_tokens
 from pipeline.hashing import sha256_file
@@ -148,17 +146,6 @@ def strip_source_paths(model: ir.Model) -> None:
     for graph in (model.graph, *model.functions.values()):
         for node in ir.traversal.RecursiveGraphIterator(graph):
             node.metadata_props.pop(STACK_TRACE, None)
-
-
-@contextlib.contextmanager
-def quiet_logger(name: str):
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def quantize_int8(src: Path, dst: Path) -> None:

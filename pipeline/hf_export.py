@@ -12,9 +12,7 @@ tokenizer ids and greedy decoding against ours; a failed check leaves the old di
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from safetensors.torch import save_file
 from pipeline.atomic import atomic_path
 from pipeline.checkpoint import load_with_tokenizer
 from pipeline.config import ExportParams
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, quiet_logger
 from pipeline.generate import stream_tokens
 from pipeline.gpt2_layout import config_to_hf, to_gpt2
 from pipeline.instructions import ALPACA_PREAMBLE
@@ -130,22 +128,11 @@ def write_hf(model: GPT, enc: tiktoken.Encoding, meta: dict, out: Path, template
     hf_tokenizer(enc, meta, cfg.context_length, template).save_pretrained(out)
 
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    logger = logging.getLogger("transformers")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def load_hf(directory: Path):
     """(model, tokenizer) through transformers' Auto classes, as a user of the directory would load them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _quiet_transformers():
+    with quiet_logger("transformers"):
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(directory)
     return model, tokenizer
@@ -168,7 +155,7 @@ def greedy_agreement(ours: GPT, theirs, prompt: list[int], tokens: int) -> int:
     """Tokens that transformers' greedy ``generate`` shares with ours before the first difference (no EOS stop)."""
     opts = SamplingOptions(max_new_tokens=tokens, temperature=0.0)
     mine = [int(t) for t in stream_tokens(ours, torch.tensor([prompt]), opts)]
-    with _quiet_transformers():
+    with quiet_logger("transformers"):
         out = theirs.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                               max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, eos_token_id=None,
                               pad_token_id=0)

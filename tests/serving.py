@@ -105,3 +105,10 @@ def running_server(models: dict[str, ServedModel], concurrency: int = 2, max_que
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+def tiny_model_dirs(root: Path) -> dict[str, Path]:
+    """An Alpaca-tuned, a chat-tuned and a base tiny model under ``root``: what the server tests serve."""
+    return {"sft": save_tiny_model(root / "sft", "alpaca", seed=0),
+            "chat": save_tiny_model(root / "chat", "chat", seed=1),
+            "base": save_tiny_model(root / "base", None, seed=2)}

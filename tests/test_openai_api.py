@@ -15,7 +15,7 @@ from langchain_ollama import ChatOllama
 
 from pipeline.checkpoint import load_model
 from pipeline.embeddings import embed
-from tests.serving import load_served, running_server, save_tiny_model
+from tests.serving import load_served, running_server, tiny_model_dirs
 from tests.test_serve import SlowTokens
 
 QUESTION = [{"role": "user", "content": "Name a colour."}]
@@ -24,9 +24,7 @@ QUESTION = [{"role": "user", "content": "Name a colour."}]
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {"sft": save_tiny_model(root / "sft", "alpaca", seed=0),
-            "chat": save_tiny_model(root / "chat", "chat", seed=1),
-            "base": save_tiny_model(root / "base", None, seed=2)}
+    return tiny_model_dirs(root)
 
 
 @pytest.fixture(scope="module")

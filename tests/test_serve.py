@@ -16,7 +16,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.serve_models import StopScanner, chat_prompt_ids, fit_prompt
 from pipeline.tokenizer import train_char
-from tests.serving import load_served, running_server, save_tiny_model
+from tests.serving import load_served, running_server, tiny_model_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,9 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    return {"sft": save_tiny_model(root / "sft", "alpaca", seed=0),
-            "chat": save_tiny_model(root / "chat", "chat", seed=1),
-            "base": save_tiny_model(root / "base", None, seed=2)}
+    return tiny_model_dirs(root)
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,20 +15,35 @@ from pipeline.errors import PipelineError
 from tests.project import make_project
 from tests.trivial_project import make_trivial_project
 
+STAGES = {"download", "train", "report"}  # the trivial project's stages
+
 
 @pytest.fixture
 def project(tmp_path) -> Path:
     return make_trivial_project(tmp_path / "project")
 
 
-def task_runs(flow_run_id) -> dict[str, object]:
-    """{task run name: task run} of one flow run, read back from the Prefect API."""
+def task_runs(flow_run_id, expected: set[str]) -> dict[str, object]:
+    """{task run name: task run} of one flow run, once every expected task run has a final state.
+
+    The server records task-run states from events, asynchronously: read right after the flow returns, a
+    task run can still have no state. So this drains the client's events and waits for that condition.
+    """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.events.worker import EventsWorker
 
+    EventsWorker.drain_all()
+    deadline = time.monotonic() + 120
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {run.name: run for run in runs}
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            by_name = {run.name: run for run in runs}
+            recorded = {name for name, run in by_name.items() if run.state is not None and run.state.is_final()}
+            if expected <= recorded:
+                return by_name
+            assert time.monotonic() < deadline, f"task runs {sorted(expected - recorded)} never reached a final state"
+            time.sleep(0.1)
 
 
 def run_artifacts(flow_run_id, key: str = flow.ARTIFACT_KEY) -> list[str]:
@@ -73,7 +89,7 @@ def test_first_run_runs_every_stage_second_run_skips_them(prefect_harness, proje
     state = flow.pipeline_flow(project=str(project), return_state=True)
     assert state.is_completed(), state.message
     assert state.result() == {"download": "ran", "train": "ran", "report": "ran"}
-    runs = task_runs(state.state_details.flow_run_id)
+    runs = task_runs(state.state_details.flow_run_id, STAGES)
     assert sorted(runs) == ["download", "report", "train"]
     assert all(run.state.is_completed() for run in runs.values())
     report = run_artifact(state.state_details.flow_run_id)
@@ -84,7 +100,7 @@ def test_first_run_runs_every_stage_second_run_skips_them(prefect_harness, proje
 
     again = flow.pipeline_flow(project=str(project), return_state=True)
     assert again.result() == {"download": "skipped", "train": "skipped", "report": "skipped"}
-    assert all(run.state.is_completed() for run in task_runs(again.state_details.flow_run_id).values())
+    assert all(run.state.is_completed() for run in task_runs(again.state_details.flow_run_id, STAGES).values())
 
     set_params(project, "train", lr=0.2)
     assert flow.pipeline_flow(project=str(project)) == {"download": "skipped", "train": "ran", "report": "ran"}
@@ -111,7 +127,7 @@ def test_failing_stage_fails_the_run_with_the_stage_error(prefect_harness, proje
     state = flow.pipeline_flow(project=str(project), return_state=True)
     assert state.is_failed()
     assert "stage 'train' failed: error: params.yaml: train.fail is true" in state.message
-    runs = task_runs(state.state_details.flow_run_id)
+    runs = task_runs(state.state_details.flow_run_id, {"download", "train"})
     assert runs["download"].state.is_completed()
     assert runs["train"].state.is_failed()
     assert "error: params.yaml: train.fail is true" in runs["train"].state.message
@@ -124,7 +140,7 @@ def test_network_stage_is_retried(prefect_harness, project, monkeypatch):
     (project / ".flaky").touch()  # the download fails once with a transient error
     state = flow.pipeline_flow(stages=["download"], project=str(project), return_state=True)
     assert state.is_completed(), state.message
-    download = task_runs(state.state_details.flow_run_id)["download"]
+    download = task_runs(state.state_details.flow_run_id, {"download"})["download"]
     assert download.run_count == 2
     assert (project / "data/raw.txt").is_file()
 

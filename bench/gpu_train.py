@@ -3,6 +3,7 @@
 
     python -m bench.gpu_train                      # defaults: gpt2-124m, context 1024, batch 16
     python -m bench.gpu_train --batch 32 --no-compile
+    python -m bench.gpu_train --batch 32 --model-only   # compile the model alone, not the loss
 
 The step is the training loop's own arithmetic (pipeline.train's optimizer groups and fused AdamW, runtime's
 autocast, the model's forward, gradient clipping) on random tokens, without the loop's logging and checkpoints,
@@ -33,6 +34,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--model-only", action="store_true",
+                        help="compile the model alone, the loss eager (by default forward + loss are one graph, as the loop's)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("error: bench.gpu_train needs a CUDA device (CPU figures: python -m bench.train)")
@@ -42,15 +45,25 @@ def main() -> None:
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
     optimizer = make_optimizer(model, TrainParams(lr=6e-4), device)
-    step_model = model if args.no_compile else torch.compile(model)
+
+    def forward_loss(module: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        logits, _ = module(ids[:, :-1])
+        return lm_loss(logits, ids[:, 1:])
+
+    if args.no_compile:
+        loss_fn = forward_loss
+    elif args.model_only:
+        compiled = torch.compile(model)
+        loss_fn = lambda _, ids: forward_loss(compiled, ids)  # noqa: E731
+    else:
+        loss_fn = torch.compile(forward_loss)
     n_params = model.num_params()
     peak = perf.matmul_flops("cuda", dtype)
 
     def step() -> None:
         ids = torch.randint(0, cfg.vocab_size, (args.batch, args.context + 1), device=device)
         with autocast(device, dtype):
-            logits, _ = step_model(ids[:, :-1])
-        loss = lm_loss(logits, ids[:, 1:])
+            loss = loss_fn(model, ids)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -71,7 +84,8 @@ def main() -> None:
     print(json.dumps({
         "device": torch.cuda.get_device_name(device), "torch": torch.__version__, "preset": args.preset,
         "params_m": round(n_params / 1e6, 1), "context": args.context, "batch": args.batch,
-        "compile": not args.no_compile, "dtype": "bf16", "warmup_s": round(warmup_s, 1),
+        "compiled": "none" if args.no_compile else "model" if args.model_only else "model+loss",
+        "dtype": "bf16", "warmup_s": round(warmup_s, 1),
         "step_ms": round(1000 * seconds / args.steps, 1), "tokens_per_s": round(tok_s),
         "bf16_matmul_tflops": round(peak / 1e12, 1), "mfu": round(mfu, 3),
         "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1),

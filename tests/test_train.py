@@ -173,3 +173,32 @@ def test_rerunning_a_finished_run_keeps_its_metrics_and_removes_interrupted_writ
                for r in caplog.records)
     again = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert again.keys() == first.keys() and again["summary"] == first["summary"]
+
+
+def _train_tiny(tmp_path: Path, name: str, **overrides):
+    params = TrainParams(**{**asdict(PARAMS), "max_steps": 6, "eval_every": 6, "checkpoint_every": 6, **overrides})
+    return train(tiny_model(), CountingObjective(params.seed, params.batch_size), params,
+                 checkpoint_dir=tmp_path / name / "ckpt", report_dir=tmp_path / name / "report", desc=name)
+
+
+def test_compile_trains_forward_and_loss_as_one_graph_to_the_eager_result(tmp_path):
+    eager = _train_tiny(tmp_path, "eager", dtype="fp32")
+    compiled = _train_tiny(tmp_path, "compiled", dtype="fp32", compile=True)
+    assert compiled.metrics["val/loss"] == pytest.approx(eager.metrics["val/loss"], rel=1e-4)
+    for (name, a), (_, b) in zip(eager.model.state_dict().items(), compiled.model.state_dict().items(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3, msg=name)  # fused kernels round differently
+
+
+def test_a_compiler_failure_falls_back_to_eager_with_the_same_weights(tmp_path, monkeypatch, caplog):
+    def broken_compile(fn):
+        def fails(*args, **kwargs):
+            raise RuntimeError("inductor: no C++ compiler found\nlong traceback")
+        return fails
+
+    eager = _train_tiny(tmp_path, "eager")
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with caplog.at_level(logging.WARNING):
+        fallback = _train_tiny(tmp_path, "fallback", compile=True)
+    assert any("torch.compile failed (RuntimeError: inductor: no C++ compiler found); training eagerly" in r.message
+               for r in caplog.records)
+    assert weights_digest(fallback.model) == weights_digest(eager.model)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import itertools
 import json
 import os
 import random
@@ -160,15 +161,15 @@ def raw_encode(project: Path, val_fraction: float, batch_bytes: int, threads: in
     enc = load_tokenizer(project / "data/tokenizer")
     corpus, documents = read_raw(project / "data/raw")
     train, val = split_tail(corpus, documents, val_fraction)  # the stage's segments: the same texts
-    documents = train + val
     seconds = cpu = 0.0
     tokens = 0
-    for texts, _, _ in group_batches(read_blocks(corpus, documents, piece_bytes(batch_bytes, threads)), batch_bytes):
+    blocks = itertools.chain(*(read_blocks(corpus, split, piece_bytes(batch_bytes, threads)) for split in (train, val)))
+    for texts, _, _ in group_batches(blocks, batch_bytes):
         started, cpu_started = time.perf_counter(), time.process_time()
         tokens += sum(map(len, enc.encode_ordinary_batch(texts, num_threads=threads)))
         seconds += time.perf_counter() - started
         cpu += time.process_time() - cpu_started
-    return {"tokens": tokens, "documents": len(documents), "seconds": seconds, "cpu_seconds": cpu}
+    return {"tokens": tokens, "documents": len(train) + len(val), "seconds": seconds, "cpu_seconds": cpu}
 
 
 def main() -> None:

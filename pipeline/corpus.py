@@ -30,7 +30,7 @@ from pipeline.config import CACHE_ENV, CorpusSource, DataParams, Source, load_pa
 from pipeline.datasets import RecordCounts, detect, open_stream, record_texts
 from pipeline.errors import PipelineError
 from pipeline.hashing import CHUNK, sha256_file
-from pipeline.textstream import Segments
+from pipeline.textstream import CHUNK_DOCUMENTS, DocumentTable
 from pipeline.unwrap import unwrap as unwrap_lines
 
 CORPUS, DOCUMENTS = "corpus.txt", "documents.bin"
@@ -345,8 +345,9 @@ def copy_json_source(source: Source, cache: DownloadCache, where: str, out: Path
             "format": "jsonl" if was_jsonl else "json"}
 
 
-def read_raw(directory: str | Path) -> tuple[Path, Segments]:
-    """The download stage's corpus file and its documents' byte ranges, checked against the manifest."""
+def read_raw(directory: str | Path) -> tuple[Path, DocumentTable]:
+    """The download stage's corpus file and its documents' byte ranges (read from disk as needed), checked against
+    the manifest."""
     directory = Path(directory)
     manifest_path, corpus, table = directory / "manifest.json", directory / CORPUS, directory / DOCUMENTS
     if not manifest_path.is_file():
@@ -362,12 +363,15 @@ def read_raw(directory: str | Path) -> tuple[Path, Segments]:
             raise PipelineError(f"{path}: not found (run `dvc repro download`)")
     if table.stat().st_size != 8 * count:
         raise PipelineError(f"{table}: {table.stat().st_size} bytes, the manifest says {count} documents of 8 bytes")
-    documents = Segments.from_ends(np.fromfile(table, dtype="<u8"))
-    if corpus.stat().st_size != expected or documents.total() != expected or (documents.lengths <= 0).any():
+    with table.open("rb") as f:  # ends rising from the first to the corpus's last byte, read a chunk at a time
+        last, rising = 0, True
+        while rising and (ends := np.fromfile(f, dtype="<u8", count=CHUNK_DOCUMENTS).astype(np.int64)).size:
+            rising, last = bool((np.diff(ends, prepend=last) > 0).all()), int(ends[-1])
+    if corpus.stat().st_size != expected or last != expected or not rising:
         raise PipelineError(f"{corpus}: {corpus.stat().st_size} bytes, the manifest says {expected}")
     if expected == 0:
         raise PipelineError(f"{corpus}: empty corpus")
-    return corpus, documents
+    return corpus, DocumentTable(table, count)
 
 
 def cli_cache(argv: list[str]) -> int:

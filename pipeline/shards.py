@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.hashing import sha256_file
-from pipeline.textstream import Segment, read_blocks
+from pipeline.textstream import Segment, read_blocks, total_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -174,7 +174,7 @@ def write_shards(
     }
     for split, segments in splits.items():
         writer = ShardWriter(directory, split, dtype, shard_tokens)
-        text_bytes = sum(s.length for s in segments)
+        text_bytes = total_bytes(segments)
         with tqdm(total=text_bytes, unit="B", unit_scale=True, desc=f"tokenize {split}", leave=False) as bar:
             for tokens, n_bytes in encode_segments(enc, corpus, segments, batch_bytes, threads):
                 writer.write(tokens)

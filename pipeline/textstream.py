@@ -29,6 +29,7 @@ _LINE_START = re.compile(rb"\n(?=[\x21-\x7e\xc2-\xf4])")
 _WORD_START = re.compile(rb"[^\s](?= [A-Za-z\xc3-\xf4])")
 _SEARCH_BYTES = 1 << 20
 MIN_SPLIT_BYTES = 1024  # about 250 tokens: a validation split smaller than that measures nothing
+CHUNK_DOCUMENTS = 65536  # document table entries read or converted at a time
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,8 @@ class Segments(Sequence):
         return Segment(int(self.offsets[index]), int(self.lengths[index]))
 
     def __iter__(self) -> Iterator[Segment]:
-        for start in range(0, len(self), 65536):  # in slices: Python ints for every document would cost ~70 B each
-            stop = start + 65536
-            for offset, length in zip(self.offsets[start:stop].tolist(), self.lengths[start:stop].tolist(), strict=True):
-                yield Segment(offset, length)
+        for offsets, lengths in self.chunks():  # in slices: Python ints for every document would cost ~70 B each
+            yield from map(Segment, offsets.tolist(), lengths.tolist())
 
     def __add__(self, other: Sequence[Segment]) -> Segments:
         other = Segments.of(other)
@@ -88,8 +87,103 @@ class Segments(Sequence):
     def total(self) -> int:
         return int(self.lengths.sum())
 
+    def chunks(self, size: int = CHUNK_DOCUMENTS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(offsets, lengths)`` arrays of at most ``size`` documents, in order."""
+        for start in range(0, len(self), size):
+            yield self.offsets[start : start + size], self.lengths[start : start + size]
+
     def __repr__(self) -> str:
         return f"Segments({len(self)} documents, {self.total():,} bytes)"
+
+
+class DocumentTable(Sequence):
+    """The back-to-back documents of a corpus file, by their end offsets in a table on disk (the download stage's
+    ``documents.bin``), clipped to the bytes ``[start, stop)``: read ``CHUNK_DOCUMENTS`` entries at a time, so
+    memory does not grow with the number of documents. ``clip`` gives the documents of a byte range (a split).
+    """
+
+    def __init__(self, table: str | Path, count: int, start: int = 0, stop: int | None = None):
+        self.table, self.count, self.start = Path(table), count, start
+        self.stop = (int(self._ends(count - 1, 1)[0]) if count else 0) if stop is None else stop
+        with self.table.open("rb") as f:  # the documents touching [start, stop): ends above start .. first end >= stop
+            self._first = _bisect_ends(f, count, start, right=True)
+            self._last = _bisect_ends(f, count, self.stop, right=False)
+
+    def _ends(self, index: int, n: int) -> np.ndarray:
+        with self.table.open("rb") as f:
+            f.seek(8 * index)
+            return np.fromfile(f, dtype="<u8", count=n).astype(np.int64)
+
+    def clip(self, start: int, stop: int) -> DocumentTable:
+        return DocumentTable(self.table, self.count, start, stop)
+
+    def total(self) -> int:
+        return max(self.stop - self.start, 0)
+
+    def __len__(self) -> int:
+        return self._last - self._first + 1 if self.stop > self.start else 0
+
+    def chunks(self, size: int = CHUNK_DOCUMENTS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(offsets, lengths)`` arrays of at most ``size`` documents, in order."""
+        with self.table.open("rb") as f:
+            for first in range(self._first, self._first + len(self), size):
+                n = min(size, self._first + len(self) - first)
+                f.seek(8 * max(first - 1, 0))
+                ends = np.fromfile(f, dtype="<u8", count=n + (first > 0)).astype(np.int64)
+                begins = ends[:-1] if first > 0 else np.concatenate([[0], ends[:-1]])
+                begins, ends = np.maximum(begins, self.start), np.minimum(ends[-n:], self.stop)
+                yield begins, ends - begins
+
+    def __iter__(self) -> Iterator[Segment]:
+        for offsets, lengths in self.chunks():
+            yield from map(Segment, offsets.tolist(), lengths.tolist())
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            first, stop, step = index.indices(len(self))
+            if step != 1:
+                return Segments.of(list(self))[index]
+            if stop <= first:
+                return self.clip(self.start, self.start)
+            return self.clip(self[first].offset, self[stop - 1].offset + self[stop - 1].length)
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        position = self._first + index % len(self)
+        ends = self._ends(max(position - 1, 0), 2 if position else 1)
+        begin, end = max(int(ends[0]) if position else 0, self.start), min(int(ends[-1]), self.stop)
+        return Segment(begin, end - begin)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(other) == len(self) and all(a == b for a, b in zip(self, other, strict=True))
+
+    def __repr__(self) -> str:
+        return f"DocumentTable({self.table}, {len(self)} documents, {self.total():,} bytes)"
+
+
+def _bisect_ends(f, count: int, value: int, right: bool) -> int:
+    """The first index whose end is above ``value`` (``right``) or at least ``value``, by binary search on disk."""
+    lo, hi = 0, count
+    while lo < hi:
+        middle = (lo + hi) // 2
+        f.seek(8 * middle)
+        end = int.from_bytes(f.read(8), "little")
+        if end < value or (right and end == value):
+            lo = middle + 1
+        else:
+            hi = middle
+    return lo
+
+
+def chunks_of(segments: Sequence[Segment]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(offsets, lengths)`` arrays of any sequence of segments, a bounded number at a time."""
+    return (segments if isinstance(segments, Segments | DocumentTable) else Segments.of(segments)).chunks()
+
+
+def total_bytes(segments: Sequence[Segment]) -> int:
+    """The bytes of all the segments (without a pass in Python over each one where the type knows it)."""
+    if isinstance(segments, Segments | DocumentTable):
+        return segments.total()
+    return sum(s.length for s in segments)
 
 
 def _cut_at(match: re.Match) -> int:
@@ -151,37 +245,51 @@ def sample_text(path: str | Path, segments: Sequence[Segment], budget: int, seed
 
     What a tokenizer trains on when the corpus is larger than memory or time allow: windows spread over the
     whole corpus see every part of it. A window's edges are moved to character boundaries (a few bytes lost).
+    The segments are walked once, a chunk at a time, so memory does not grow with their number.
     """
-    path, segments = Path(path), Segments.of(segments)
-    ends = np.cumsum(segments.lengths)
-    total = int(ends[-1]) if len(ends) else 0
+    path = Path(path)
+    total = total_bytes(segments)
     count = -(-total // SAMPLE_WINDOW)
-    chosen = sorted(random.Random(seed).sample(range(count), min(count, -(-budget // SAMPLE_WINDOW))))
+    windows = iter(sorted(random.Random(seed).sample(range(count), min(count, -(-budget // SAMPLE_WINDOW)))))
+    window, seen = next(windows, None), 0
     with path.open("rb") as f:
-        for window in chosen:
-            position, stop = window * SAMPLE_WINDOW, min((window + 1) * SAMPLE_WINDOW, total)
-            while position < stop:  # a window may span several segments: read each piece
-                index = int(np.searchsorted(ends, position, side="right"))
-                start_in = position - (int(ends[index]) - int(segments.lengths[index]))
-                length = min(stop, int(ends[index])) - position
-                f.seek(int(segments.offsets[index]) + start_in)
-                buf = f.read(length)
-                buf = buf[len(buf) - len(buf.lstrip(bytes(range(0x80, 0xC0)))) :]  # no continuation bytes first
-                buf = buf[: fallback_cut(buf)] if position + length < int(ends[index]) else buf
-                position += length
-                if buf:
-                    yield buf.decode("utf-8", errors="strict")
+        for offsets, lengths in chunks_of(segments):
+            ends = seen + np.cumsum(lengths)
+            seen = int(ends[-1]) if len(ends) else seen
+            while window is not None:
+                position, stop = window * SAMPLE_WINDOW, min((window + 1) * SAMPLE_WINDOW, total)
+                position = max(position, int(ends[0] - lengths[0])) if len(ends) else position  # resumed in this chunk
+                if position >= seen:
+                    break
+                while position < min(stop, seen):  # a window may span several segments: read each piece
+                    index = int(np.searchsorted(ends, position, side="right"))
+                    start_in = position - (int(ends[index]) - int(lengths[index]))
+                    length = min(stop, int(ends[index])) - position
+                    f.seek(int(offsets[index]) + start_in)
+                    buf = f.read(length)
+                    buf = buf[len(buf) - len(buf.lstrip(bytes(range(0x80, 0xC0)))) :]  # no continuation bytes first
+                    buf = buf[: fallback_cut(buf)] if position + length < int(ends[index]) else buf
+                    position += length
+                    if buf:
+                        yield buf.decode("utf-8", errors="strict")
+                if position < stop:
+                    break  # the window goes on in the next chunk
+                window = next(windows, None)
 
 
-def split_tail(path: str | Path, documents: Sequence[Segment], fraction: float) -> tuple[Segments, Segments]:
+def split_tail(
+    path: str | Path, documents: Sequence[Segment], fraction: float
+) -> tuple[Sequence[Segment], Sequence[Segment]]:
     """Split documents into (head, tail) with about ``fraction`` of the bytes in the tail.
 
     The cut falls inside a document if need be, so a single novel or story gets both splits: at the first line
     start (a run of newlines, then a visible character) at or after the target byte, else the last one before it,
     else at a space before a word; the head and the tail each keep at least ``MIN_SPLIT_BYTES``. Each side is
-    then encoded as a document of its own. Deterministic: no random choice.
+    then encoded as a document of its own. Deterministic: no random choice. A ``DocumentTable`` splits into two
+    (byte ranges of its file, nothing loaded); other sequences into ``Segments``.
     """
-    path, documents = Path(path), Segments.of(documents)
+    path = Path(path)
+    documents = documents if isinstance(documents, DocumentTable) else Segments.of(documents)
     total = documents.total()
     smaller = min(fraction, 1 - fraction)
     if total * smaller < MIN_SPLIT_BYTES:
@@ -191,9 +299,7 @@ def split_tail(path: str | Path, documents: Sequence[Segment], fraction: float) 
             f"each split needs at least {MIN_SPLIT_BYTES:,} bytes, so the corpus at least {need:,}"
         )
     target = round(total * (1 - fraction))
-    ends = np.cumsum(documents.lengths)
-    index = int(np.searchsorted(ends, target, side="right"))  # the document holding byte ``target``
-    doc, seen = documents[index], int(ends[index]) - documents[index].length
+    index, doc, seen = _document_at(documents, target)
     lo, hi = max(MIN_SPLIT_BYTES - seen, 0), min(total - MIN_SPLIT_BYTES - seen, doc.length)
     cut = _cut_near(path, doc, target - seen, lo, hi)
     if cut is None:
@@ -201,9 +307,23 @@ def split_tail(path: str | Path, documents: Sequence[Segment], fraction: float) 
             f"{path}: no line start or space before a word within {_SEARCH_BYTES:,} bytes of byte {target:,} "
             f"(the document at byte {doc.offset:,}) to cut the train/val split at shards.val_fraction={fraction}"
         )
+    if isinstance(documents, DocumentTable):  # back to back: each split is a byte range of the file
+        return documents.clip(documents.start, doc.offset + cut), documents.clip(doc.offset + cut, documents.stop)
     head = documents[:index] + ([Segment(doc.offset, cut)] if cut > 0 else [])
     tail = ([Segment(doc.offset + cut, doc.length - cut)] if cut < doc.length else []) + documents[index + 1 :]
     return head, tail
+
+
+def _document_at(documents: Segments | DocumentTable, position: int) -> tuple[int, Segment, int]:
+    """(index, segment, bytes before it) of the document holding byte ``position`` of the documents' text."""
+    index = seen = 0
+    for offsets, lengths in documents.chunks():
+        ends = seen + np.cumsum(lengths)
+        if int(ends[-1]) > position:
+            k = int(np.searchsorted(ends, position, side="right"))
+            return index + k, Segment(int(offsets[k]), int(lengths[k])), int(ends[k] - lengths[k])
+        index, seen = index + len(lengths), int(ends[-1])
+    raise PipelineError(f"byte {position:,} is past the documents' {seen:,} bytes")
 
 
 def _cut_near(path: Path, doc: Segment, wanted: int, lo: int, hi: int) -> int | None:

@@ -14,7 +14,7 @@ from pipeline.errors import exit_on_error
 from pipeline.instructions import instruction_texts
 from pipeline.shards import encode_threads, write_shards
 from pipeline.stage_timing import timed
-from pipeline.textstream import Segment, Segments, read_blocks, sample_text, split_tail
+from pipeline.textstream import Segment, read_blocks, sample_text, split_tail, total_bytes
 from pipeline.tokenizer import save_tokenizer, train_tokenizer
 
 RAW, TOKENIZER, SHARDS = Path("data/raw"), Path("data/tokenizer"), Path("data/shards")
@@ -24,7 +24,7 @@ PARAMS = ("tokenizer", "shards")
 
 def training_texts(params: TokenizerParams, corpus: Path, train: Sequence[Segment], block_bytes: int) -> Iterator[str]:
     """The train split (or a seeded sample of ``tokenizer.train_bytes`` of it), then the instruction text."""
-    if params.train_bytes is not None and params.train_bytes < Segments.of(train).total():
+    if params.train_bytes is not None and params.train_bytes < total_bytes(train):
         texts = sample_text(corpus, train, params.train_bytes, params.seed)
     else:
         texts = (text for text, _, _ in read_blocks(corpus, train, block_bytes))
@@ -40,7 +40,6 @@ def main() -> None:
     tok, sh = params.tokenizer, params.shards
     corpus, documents = read_raw(RAW)
     train, val = split_tail(corpus, documents, sh.val_fraction)
-    del documents  # the splits hold their own arrays
     started, cpu_started = time.perf_counter(), time.process_time()
     enc = train_tokenizer(tok.kind, training_texts(tok, corpus, train, sh.batch_bytes), tok.vocab_size)
     train_seconds, train_cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started

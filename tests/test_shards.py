@@ -9,7 +9,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.shards import MANIFEST, ShardDataset, ShardWriter, dtype_for_vocab, write_shards
-from pipeline.textstream import Segment, Segments, fallback_cut, read_blocks, safe_cut, sample_text, split_tail
+from pipeline.textstream import DocumentTable, Segment, Segments, fallback_cut, read_blocks, safe_cut, sample_text, split_tail
 from pipeline.tokenizer import train_tokenizer
 
 FINGERPRINT = "f" * 64
@@ -256,3 +256,23 @@ def test_segments_arrays_behave_as_a_list_of_segments():
         int(ends[69_999]), 70_001)
     assert documents[:2] + [Segment(9, 1)] == [Segment(0, 1), Segment(1, 2), Segment(9, 1)]
     assert documents.total() == int(ends[-1]) and Segments.of(listed) == documents
+
+
+def test_document_table_on_disk_splits_and_samples_as_the_arrays_do(tmp_path, monkeypatch):
+    """150,000 documents (three chunks of the table): the same segments, splits and tokenizer sample as in memory."""
+    data = "".join(f"Línea {i} de{' texto' * (i % 7)}.\n" for i in range(150_000)).encode()
+    ends = np.cumsum([len(line.encode()) + 1 for line in data.decode().split("\n")[:-1]])
+    path, table = tmp_path / "corpus.txt", tmp_path / "documents.bin"
+    path.write_bytes(data)
+    table.write_bytes(ends.astype("<u8").tobytes())
+    documents, listed = DocumentTable(table, len(ends)), Segments.from_ends(ends)
+    assert len(documents) == 150_000 and documents.total() == len(data) and documents == listed
+    assert documents[70_000] == listed[70_000] and documents[-1] == listed[-1] and documents[10:20] == listed[10:20]
+    for fraction in (0.1, 0.5):
+        head, tail = split_tail(path, documents, fraction)
+        assert isinstance(head, DocumentTable) and (head, tail) == split_tail(path, listed, fraction)
+        assert head.total() + tail.total() == len(data) and len(head) + len(tail) in (150_000, 150_001)
+    sample = list(sample_text(path, tail, 3 << 20, seed=5))  # windows that run across chunks of the table
+    whole = Segments.chunks
+    monkeypatch.setattr(Segments, "chunks", lambda self, size=None: whole(self, 10**9))  # the arrays in one piece
+    assert sample == list(sample_text(path, Segments.of(list(tail)), 3 << 20, seed=5)) and len(sample) > 1000

@@ -21,4 +21,4 @@ lint: setup
 
 # Offline: put the shared demo files into the download cache so the default URLs resolve without network.
 seed-cache: setup
-	python -m pipeline cache add ../shared/data/quijote.txt ../shared/data/instruction-data.json ../shared/data/instruction-data-with-preference.json
+	python -m pipeline cache add ../shared/data/quijote.txt ../shared/data/instruction-data.json ../shared/data/instruction-data-with-preference.json ../shared/data/the-verdict.txt

@@ -13,7 +13,7 @@ import yaml
 
 from pipeline import lora
 from pipeline.checkpoint import ADAPTER, load_model, save_model
-from pipeline.classifier import build_classifier, class_logits, cli, collate_texts
+from pipeline.classifier import build_classifier, class_logits, cli, collate_texts, encode_texts
 from pipeline.classify_metrics import scores
 from pipeline.config import LoRAParams
 from pipeline.errors import PipelineError
@@ -118,6 +118,16 @@ def test_class_logits_are_read_at_the_last_real_token_whatever_the_padding():
     alone = class_logits(model, torch.tensor([[5, 6, 7]]), torch.tensor([3]))
     batch = collate_texts([[5, 6, 7], [1, 2, 3, 4, 5, 6]], pad_id=63)
     torch.testing.assert_close(class_logits(model, batch["input_ids"], batch["lengths"])[0:1], alone)
+
+
+def test_texts_end_in_endoftext_and_long_ones_are_cut_to_the_context_with_it():
+    enc = train_bpe(["thank you, word by word, is text here"] * 20, 300)
+    long = "word " * 40
+    encoded = encode_texts(enc, ["Thank you!", long, "<|endoftext|> is text here"], [1, 0, 1], context_length=16)
+    assert encoded.ids[0] == [*enc.encode_ordinary("Thank you!"), enc.eot_token]
+    assert encoded.ids[1] == [*enc.encode_ordinary(long)[:15], enc.eot_token]  # the start kept, the marker last
+    assert encoded.ids[2][:-1] == enc.encode_ordinary("<|endoftext|> is text here")  # a look-alike stays text
+    assert encoded.truncated == 1 and encoded.labels == [1, 0, 1]
 
 
 @pytest.mark.parametrize("trainable, expected", [

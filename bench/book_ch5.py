@@ -24,6 +24,8 @@ import yaml
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from pipeline.profile import merge_params  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 VERDICT = ROOT.parent / "shared" / "data" / "the-verdict.txt"
 # The book's printed log (ch05, train_model_simple, eval_freq 5): (global step, train loss, val loss). Its step 0 is
@@ -45,19 +47,12 @@ REGIMES = {
 }
 
 
-def merge(base: dict, overrides: dict) -> dict:
-    out = dict(base)
-    for key, value in overrides.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def run_regime(project: Path, overrides: dict) -> None:
     """Clone (first time), write the regime's params, `dvc repro pretrain` (a no-op when already done)."""
     if not project.exists():
         subprocess.run(["git", "clone", "-q", str(ROOT), str(project)], check=True)
-    params = merge(merge(yaml.safe_load((ROOT / "params.yaml").read_text()),
-                         yaml.safe_load((ROOT / "params-book-ch5.yaml").read_text())), overrides)
+    params = merge_params(merge_params(yaml.safe_load((ROOT / "params.yaml").read_text()),
+                                       yaml.safe_load((ROOT / "params-book-ch5.yaml").read_text())), overrides)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     if VERDICT.is_file():  # the profile's URL + sha256, served from the download cache when offline
         subprocess.run([sys.executable, "-m", "pipeline", "cache", "add", str(VERDICT)], cwd=project, check=True)

@@ -54,7 +54,9 @@ def main() -> None:
         loss_fn = forward_loss
     elif args.model_only:
         compiled = torch.compile(model)
-        loss_fn = lambda _, ids: forward_loss(compiled, ids)  # noqa: E731
+
+        def loss_fn(_: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+            return forward_loss(compiled, ids)
     else:
         loss_fn = torch.compile(forward_loss)
     n_params = model.num_params()

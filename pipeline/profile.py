@@ -35,10 +35,11 @@ def _has(data: dict, dotted: str) -> bool:
     return True
 
 
-def _merge(base: dict, overrides: dict) -> dict:
+def merge_params(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` laid over it, section by section (a profile over params.yaml)."""
     out = dict(base)
     for key, value in overrides.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = merge_params(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
@@ -63,7 +64,7 @@ def _hydra(value: object) -> str:
 def set_param_args(profile: Path, params: Path = Path("params.yaml")) -> list[str]:
     """``-S key=value`` pairs for every leaf of ``profile``, after checking the merged params are valid."""
     base, overrides = _read(params), _read(profile)
-    parse_params(_merge(base, overrides), f"{params} + {profile}")
+    parse_params(merge_params(base, overrides), f"{params} + {profile}")
     args = []
     for key, value in _flatten(overrides).items():
         text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()

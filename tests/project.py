@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.profile import merge_params
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 PROJECT_FILES = ["pipeline", "stages", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
@@ -85,13 +87,6 @@ def tiny_params() -> dict:
     }
 
 
-def _merge(base: dict, overrides: dict) -> dict:
-    out = dict(base)
-    for key, value in overrides.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def venv_env() -> dict[str, str]:
     """The environment with this interpreter's bin/ first on PATH, so `python` in dvc.yaml is the venv's."""
     env = dict(os.environ)
@@ -129,7 +124,7 @@ def make_project(dest: Path, overrides: dict | None = None, corpus: str | None =
         sft, dpo = generated_instructions(60), generated_instructions(60, seed=1, preferences=True)
     (inputs / "sft.json").write_text(json.dumps(sft))
     (inputs / "dpo.json").write_text(json.dumps(dpo))
-    params = _merge(tiny_params(), overrides or {})
+    params = merge_params(tiny_params(), overrides or {})
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q", "-b", "main"], dest)
     run(["git", "config", "user.email", "tests@example.invalid"], dest)

@@ -17,9 +17,9 @@ from pipeline.config import ConfigError, ModelParams, PretrainParams, load_param
 from pipeline.errors import PipelineError
 from pipeline.pretraining import prepare
 from pipeline.profile import set_param_args
-from pipeline.shards import ShardDataset, write_shards
-from pipeline.textstream import Segment
-from pipeline.tokenizer import save_tokenizer, train_tokenizer
+from pipeline.shards import ShardDataset
+from pipeline.tokenizer import train_tokenizer
+from tests.workspace import tokenize_corpus
 
 MODEL = ModelParams(preset="cpu-tiny", context_length=32, tie_weights=False)
 
@@ -27,14 +27,7 @@ MODEL = ModelParams(preset="cpu-tiny", context_length=32, tie_weights=False)
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, corpus_text) -> Path:
     root = tmp_path_factory.mktemp("epochs")
-    corpus = root / "corpus.txt"
-    corpus.write_text(corpus_text[:20_000], encoding="utf-8")
-    enc = train_tokenizer("bpe", [corpus_text[:20_000]], 300)
-    fingerprint = save_tokenizer(enc, root / "data/tokenizer", "bpe")
-    raw = corpus.read_bytes()
-    cut = raw.index(b"\n", int(len(raw) * 0.9)) + 1
-    write_shards(enc, corpus, {"train": [Segment(0, cut)], "val": [Segment(cut, len(raw) - cut)]}, root / "data/shards",
-                 fingerprint=fingerprint, shard_tokens=10**6, batch_bytes=10**6)
+    tokenize_corpus(root, corpus_text[:20_000], train_tokenizer("bpe", [corpus_text[:20_000]], 300), "bpe", 0.9)
     return root
 
 

@@ -24,9 +24,8 @@ from pipeline.model import GPT, PRESETS
 from pipeline.onnx_generate import OnnxGenerator
 from pipeline.onnx_generate import filter_logits as np_filter_logits
 from pipeline.sampling import SamplingOptions
-from pipeline.shards import ShardDataset, write_shards
-from pipeline.textstream import Segment
-from pipeline.tokenizer import save_tokenizer, train_bpe
+from pipeline.tokenizer import train_bpe
+from tests.workspace import tokenize_corpus, train_briefly
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ExportParams(parity_tokens=16)
@@ -36,27 +35,11 @@ PARAMS = ExportParams(parity_tokens=16)
 def workspace(tmp_path_factory, corpus_text) -> Path:
     """data/tokenizer, data/shards and a briefly trained tiny models/dpo (int8 agreement needs a real model)."""
     root = tmp_path_factory.mktemp("export")
-    corpus = root / "corpus.txt"
-    corpus.write_text(corpus_text, encoding="utf-8")
     enc = train_bpe([corpus_text], 512)
-    fingerprint = save_tokenizer(enc, root / "data/tokenizer", "bpe")
-    data = corpus.read_bytes()
-    cut = data.index(b"\n", int(len(data) * 0.9)) + 1
-    write_shards(enc, corpus, {"train": [Segment(0, cut)], "val": [Segment(cut, len(data) - cut)]},
-                 root / "data/shards", fingerprint=fingerprint, shard_tokens=10**6, batch_bytes=10**6)
+    fingerprint, _ = tokenize_corpus(root, corpus_text, enc, "bpe", 0.9)
     torch.manual_seed(0)
-    model = GPT(replace(PRESETS["cpu-tiny"], vocab_size=enc.n_vocab))
-    train = ShardDataset(root / "data/shards", "train")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(30):
-        x, y = train.sample(8, model.cfg.context_length, generator)
-        logits, _ = model(x)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    save_model(root / "models/dpo", model.eval(), tokenizer={"path": "data/tokenizer", "fingerprint": fingerprint})
+    model = train_briefly(GPT(replace(PRESETS["cpu-tiny"], vocab_size=enc.n_vocab)), root / "data/shards", 30)
+    save_model(root / "models/dpo", model, tokenizer={"path": "data/tokenizer", "fingerprint": fingerprint})
     return root
 
 

@@ -31,9 +31,8 @@ from pipeline.gguf_export import (
 from pipeline.instructions import read_records
 from pipeline.model import GPT, PRESETS
 from pipeline.serve_models import chat_prompt_ids
-from pipeline.shards import ShardDataset, write_shards
-from pipeline.textstream import Segment
 from pipeline.tokenizer import gpt2, save_tokenizer, train_bpe, train_char
+from tests.workspace import tokenize_corpus, train_briefly
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTRUCTIONS = ROOT.parent / "shared/data/instruction-data.json"
@@ -107,26 +106,11 @@ def render_go(program: Path, template: str, messages: list[tuple[str, str]], tmp
 def workspace(tmp_path_factory, corpus_text) -> Path:
     """A bpe tokenizer, shards whose validation split holds ≥ 2,048 positions, and a briefly trained tiny chat model."""
     root = tmp_path_factory.mktemp("gguf")
-    corpus = root / "corpus.txt"
-    corpus.write_text(corpus_text, encoding="utf-8")
     enc = train_bpe([corpus_text], 512)
-    fingerprint = save_tokenizer(enc, root / "data/tokenizer", "bpe")
-    data = corpus.read_bytes()
-    cut = data.index(b"\n", int(len(data) * 0.6)) + 1
-    write_shards(enc, corpus, {"train": [Segment(0, cut)], "val": [Segment(cut, len(data) - cut)]},
-                 root / "data/shards", fingerprint=fingerprint, shard_tokens=10**6, batch_bytes=10**6)
+    fingerprint, _ = tokenize_corpus(root, corpus_text, enc, "bpe", 0.6)
     torch.manual_seed(0)
-    model = GPT(replace(PRESETS["cpu-tiny"], vocab_size=enc.n_vocab, qkv_bias=False))
-    train = ShardDataset(root / "data/shards", "train")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(60):
-        x, y = train.sample(8, model.cfg.context_length, generator)
-        loss = torch.nn.functional.cross_entropy(model(x)[0].flatten(0, 1), y.flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    save_model(root / "models/dpo", model.eval(), tokenizer={"path": "data/tokenizer", "fingerprint": fingerprint},
+    model = train_briefly(GPT(replace(PRESETS["cpu-tiny"], vocab_size=enc.n_vocab, qkv_bias=False)), root / "data/shards", 60)
+    save_model(root / "models/dpo", model, tokenizer={"path": "data/tokenizer", "fingerprint": fingerprint},
                instructions={"template": "chat"})
     return root
 

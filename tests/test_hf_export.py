@@ -25,10 +25,9 @@ from pipeline.hf_export import EDGE_TEXTS, export_hf_model, hf_tokenizer, write_
 from pipeline.instructions import encode_prompt, load_examples, load_preferences
 from pipeline.model import GPT, PRESETS, GPTConfig
 from pipeline.sampling import SamplingOptions
-from pipeline.shards import write_shards
-from pipeline.textstream import Segment
 from pipeline.tokenizer import END_OF_TURN, SPECIAL_TOKENS, USER, load_tokenizer, read_metadata, save_tokenizer, train_tokenizer
 from tests.project import SHARED_DATA, generated_instructions
+from tests.workspace import tokenize_corpus
 
 PARAMS = ExportParams(parity_tokens=32)
 
@@ -81,15 +80,9 @@ def memorized_model(enc) -> GPT:
 def workspace(tmp_path_factory, corpus_text) -> Path:
     """data/tokenizer (bpe), data/shards, and models/dpo (a memorized passage; recorded as tuned with the chat template)."""
     root = tmp_path_factory.mktemp("hf-export")
-    corpus = root / "corpus.txt"
-    corpus.write_text(corpus_text, encoding="utf-8")
     enc = train_tokenizer("bpe", [corpus_text], 512)
-    fingerprint = save_tokenizer(enc, root / "data/tokenizer", "bpe")
-    data = corpus.read_bytes()
-    cut = data.index(b"\n", int(len(data) * 0.9)) + 1
-    write_shards(enc, corpus, {"train": [Segment(0, cut)], "val": [Segment(cut, len(data) - cut)]},
-                 root / "data/shards", fingerprint=fingerprint, shard_tokens=10**6, batch_bytes=10**6)
-    (root / "val.txt").write_bytes(data[cut:])
+    fingerprint, cut = tokenize_corpus(root, corpus_text, enc, "bpe", 0.9)
+    (root / "val.txt").write_bytes((root / "corpus.txt").read_bytes()[cut:])
     model = memorized_model(enc)
     save_model(root / "models/dpo", model.eval(), tokenizer={"path": "data/tokenizer", "fingerprint": fingerprint},
                instructions={"template": "chat"})

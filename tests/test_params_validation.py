@@ -11,8 +11,8 @@ import yaml
 
 from pipeline.config import Params, Source, load_params, parse_params
 from pipeline.errors import exit_on_error
-from pipeline.profile import set_param_args
-from tests.project import ROOT, _merge, tiny_params
+from pipeline.profile import merge_params, set_param_args
+from tests.project import ROOT, tiny_params
 
 _TRAIN = {
     "batch_size": [0, 2.5],
@@ -196,7 +196,7 @@ def test_invalid_value_is_one_line_naming_the_key(key, tmp_path, capsys):
     stage = exit_on_error(load_params)
     for value in examples:
         path = tmp_path / "params.yaml"
-        path.write_text(yaml.safe_dump(_merge(tiny_params(), _override(key, value))))
+        path.write_text(yaml.safe_dump(merge_params(tiny_params(), _override(key, value))))
         with pytest.raises(SystemExit) as exc:
             stage(path)
         err = capsys.readouterr().err

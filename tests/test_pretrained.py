@@ -21,10 +21,8 @@ from pipeline import pretrained
 from pipeline.errors import PipelineError
 from pipeline.model import GPT, GPTConfig
 from pipeline.profile import set_param_args
-from pipeline.shards import write_shards
-from pipeline.textstream import Segment
 from pipeline.tokenizer import gpt2 as gpt2_tokenizer
-from pipeline.tokenizer import save_tokenizer
+from tests.workspace import tokenize_corpus
 
 GPT2_TOKENIZER = {"kind": "gpt2", "fingerprint": "f" * 64}
 ENV = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
@@ -197,14 +195,7 @@ def test_size_check_refuses_what_cannot_fit():
 def workspace(tmp_path_factory, corpus_text) -> Path:
     """data/tokenizer (kind gpt2) and data/shards of a small text; stages run with this as their working directory."""
     root = tmp_path_factory.mktemp("init-from")
-    enc = gpt2_tokenizer()
-    fingerprint = save_tokenizer(enc, root / "data/tokenizer", "gpt2")
-    corpus = root / "corpus.txt"
-    corpus.write_text(corpus_text[:30_000], encoding="utf-8")
-    data = corpus.read_bytes()
-    cut = data.index(b"\n", int(len(data) * 0.8)) + 1
-    write_shards(enc, corpus, {"train": [Segment(0, cut)], "val": [Segment(cut, len(data) - cut)]},
-                 root / "data/shards", fingerprint=fingerprint, shard_tokens=10**6, batch_bytes=10**6)
+    tokenize_corpus(root, corpus_text[:30_000], gpt2_tokenizer(), "gpt2", 0.8)
     hf = random_gpt2(50257, seed=5, n_positions=64, n_embd=16, n_head=2)
     hf.save_pretrained(root / "gpt2-local")
     # A pre-filled Hugging Face cache holding "openai-community/gpt2" at the pinned commit.

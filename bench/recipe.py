@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import load_params
+from pipeline.config import PretrainParams, load_params
 from pipeline.errors import PipelineError, exit_on_error
 from pipeline.evaluation import language_model_metrics, token_byte_lengths, unigram_log_probs
 from pipeline.model import GPT
+from pipeline.optim import muon_groups
 from pipeline.pretraining import prepare
 from pipeline.runtime import DTYPE_NAMES, autocast, choose_dtype
 from pipeline.shards import ShardDataset
@@ -43,7 +44,7 @@ class Variant:
     dtype: str | None = None  # None: params.yaml's (auto)
     lr_mult: float = 1.0
     batch_size: int | None = None
-    optimizer: str = "adamw"  # adamw | muon (torch.optim.Muon, bf16 Newton–Schulz) | muon-fp32
+    optimizer: str = "adamw"  # adamw | muon (torch.optim.Muon, bf16 Newton–Schulz) | muon-fp32 | muon-bf16 (ours)
     tie_weights: bool | None = None
 
 
@@ -57,68 +58,24 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("batch_32", batch_size=32),
     Variant("muon", optimizer="muon"),
     Variant("muon_fp32", optimizer="muon-fp32"),
+    Variant("muon_bf16", optimizer="muon-bf16"),
     Variant("untied_head", tie_weights=False),
 )}
 
 
-def newton_schulz_fp32(g: torch.Tensor, steps: int, coefficients: tuple[float, float, float], eps: float) -> torch.Tensor:
-    """The quintic Newton–Schulz orthogonalisation Muon uses, in fp32 (torch's runs it in bf16)."""
-    a, b, c = coefficients
-    x = g.float()
-    transposed = x.size(0) > x.size(1)
-    if transposed:
-        x = x.T
-    x = x / (x.norm() + eps)
-    for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if transposed else x
-
-
-class MuonFP32(torch.optim.Optimizer):
-    """Muon with torch.optim.Muon's defaults (Nesterov momentum 0.95, 5 NS steps, ``match_rms_adamw`` lr scale),
-    its orthogonalisation in fp32: on CPUs without AMX bf16 matmuls are slower than fp32 ones."""
-
-    def __init__(self, params, lr: float, weight_decay: float, momentum: float = 0.95, ns_steps: int = 5,
-                 ns_coefficients: tuple[float, float, float] = (3.4445, -4.775, 2.0315), eps: float = 1e-7):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps,
-                                      ns_coefficients=ns_coefficients, eps=eps))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                buf.lerp_(p.grad, 1 - group["momentum"])
-                update = p.grad.lerp(buf, group["momentum"])  # Nesterov
-                update = newton_schulz_fp32(update, group["ns_steps"], group["ns_coefficients"], group["eps"])
-                scale = 0.2 * math.sqrt(max(p.shape[0], p.shape[1]))  # the update's RMS matches AdamW's
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-group["lr"] * scale)
-
-
-def make_optimizers(model: GPT, variant: Variant, lr: float, weight_decay: float, betas) -> list[torch.optim.Optimizer]:
-    """AdamW for everything, or Muon for the blocks' matrices and AdamW for embeddings, head, norms and biases."""
-    from pipeline.config import TrainParams
-
-    if variant.optimizer == "adamw":
-        return [make_optimizer(model, TrainParams(lr=lr, weight_decay=weight_decay, beta1=betas[0], beta2=betas[1]),
-                               torch.device("cpu"))]
-    matrices = [p for p in model.blocks.parameters() if p.dim() == 2]
-    chosen = {id(p) for p in matrices}
-    rest = [p for p in {id(p): p for p in model.parameters()}.values() if id(p) not in chosen]
-    adamw = torch.optim.AdamW([
-        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
-    ], lr=lr, betas=betas)
-    if variant.optimizer == "muon":
-        muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
-    elif variant.optimizer == "muon-fp32":
-        muon = MuonFP32(matrices, lr=lr, weight_decay=weight_decay)
-    else:
-        raise PipelineError(f"unknown optimizer '{variant.optimizer}' (adamw | muon | muon-fp32)")
+def make_optimizers(model: GPT, variant: Variant, pre: PretrainParams) -> list[torch.optim.Optimizer]:
+    """The pipeline's optimizer (``pipeline.train.make_optimizer``: AdamW, or ``MuonWithAdamW`` with its
+    Newton–Schulz in fp32 or bf16), or torch's own ``torch.optim.Muon`` (bf16 Newton–Schulz) beside AdamW."""
+    if variant.optimizer in ("adamw", "muon-fp32", "muon-bf16"):
+        ns_dtype = torch.bfloat16 if variant.optimizer == "muon-bf16" else torch.float32
+        pipeline_params = replace(pre, optimizer="adamw" if variant.optimizer == "adamw" else "muon")
+        return [make_optimizer(model, pipeline_params, torch.device("cpu"), ns_dtype)]
+    if variant.optimizer != "muon":
+        raise PipelineError(f"unknown optimizer '{variant.optimizer}' (adamw | muon | muon-fp32 | muon-bf16)")
+    groups = muon_groups(model, pre.weight_decay)
+    muon = torch.optim.Muon(groups[0]["params"], lr=pre.lr, weight_decay=pre.weight_decay, adjust_lr_fn="match_rms_adamw")
+    adamw = torch.optim.AdamW([{k: v for k, v in g.items() if k != "muon"} for g in groups[1:]], lr=pre.lr,
+                              betas=(pre.beta1, pre.beta2))
     return [muon, adamw]
 
 
@@ -142,7 +99,7 @@ def run_variant(variant: Variant, args: argparse.Namespace) -> Outcome:
     model, objective = setup.model, setup.objective
     device = torch.device("cpu")
     dtype = choose_dtype(pre.dtype, device, model.cfg, pre.batch_size * model.cfg.context_length).dtype
-    optimizers = make_optimizers(model, variant, pre.lr, pre.weight_decay, (pre.beta1, pre.beta2))
+    optimizers = make_optimizers(model, variant, pre)
     peaks = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
     torch.manual_seed(pre.seed)
     model.train()

@@ -197,6 +197,8 @@ class TrainParams:
     beta2: float = _half_open_fraction(0.95)
     grad_clip: float = rule(1.0, lambda v: v >= 0, ">= 0 (0 disables clipping)")
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    # adamw (the book's) | muon: Muon for the blocks' matrices, AdamW for embeddings, head, norms (pipeline/optim.py)
+    optimizer: Literal["adamw", "muon"] = "adamw"
     compile: bool = False
     device: str = rule("auto", lambda v: bool(_DEVICE.match(v)), "auto, cpu, mps, cuda or cuda:N")
     eval_every: int = _positive(100)

@@ -12,7 +12,6 @@ tokenize stage) does not pay for it.
 """
 from __future__ import annotations
 
-import array
 import hashlib
 import json
 import os
@@ -96,7 +95,7 @@ class ShardWriter:
 
 
 def piece_bytes(batch_bytes: int, threads: int) -> int:
-    """A few pieces per thread and batch, so ``encode_ordinary_batch`` keeps every thread busy."""
+    """A few pieces per thread and batch, so every encode thread stays busy."""
     return max(batch_bytes // (4 * threads), 4096)
 
 
@@ -116,13 +115,22 @@ def group_batches(
         yield texts, ends, size
 
 
-def _flatten(token_lists: list[list[int]], ends: list[bool], eot: int) -> np.ndarray:
-    out = array.array("I")  # array.extend from a list beats np.array(list) (bench/tokenize.py)
-    for tokens, ends_segment in zip(token_lists, ends, strict=False):
-        out.extend(tokens)
+def encode_piece(enc: tiktoken.Encoding, text: str) -> np.ndarray:
+    """``encode_ordinary`` straight into a uint32 array: tiktoken's Rust core fills the buffer with the GIL
+    released, so no Python int is ever made for a token (building and flattening lists of them cost the
+    tokenize stage a fifth of its time at 2 GB, BENCHMARKS.md). No special token is allowed or refused: a
+    literal ``<|endoftext|>`` in the text is ordinary text, exactly as ``encode_ordinary`` treats it."""
+    return enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+
+
+def _join(pieces: list[np.ndarray], ends: list[bool], eot: np.ndarray) -> np.ndarray:
+    """One batch's tokens, EOT after each piece that ends a segment."""
+    parts: list[np.ndarray] = []
+    for tokens, ends_segment in zip(pieces, ends, strict=True):
+        parts.append(tokens)
         if ends_segment:
-            out.append(eot)
-    return np.frombuffer(out, dtype=np.uint32)
+            parts.append(eot)
+    return np.concatenate(parts)
 
 
 def encode_segments(
@@ -130,19 +138,20 @@ def encode_segments(
 ) -> Iterator[tuple[np.ndarray, int]]:
     """``(uint32 tokens, text bytes)`` per batch, EOT after each segment.
 
-    Each batch is a few pieces per thread for ``encode_ordinary_batch``; the next batch is encoded
-    in the background while the caller writes this one, so the cores never wait for the disk.
+    Each batch is a few pieces per thread, encoded on ``threads`` threads; the next batch is already
+    encoding while the caller writes this one, so the cores never wait for the disk.
     """
     blocks = read_blocks(path, segments, piece_bytes(batch_bytes, threads))
-    with ThreadPoolExecutor(1) as background:
+    eot = np.array([enc.eot_token], dtype=np.uint32)
+    with ThreadPoolExecutor(threads) as pool:
         pending = None
         for texts, ends, size in group_batches(blocks, batch_bytes):
-            future = background.submit(enc.encode_ordinary_batch, texts, num_threads=threads)
+            futures = [pool.submit(encode_piece, enc, text) for text in texts]
             if pending is not None:
-                yield _flatten(pending[0].result(), pending[1], enc.eot_token), pending[2]
-            pending = (future, ends, size)
+                yield _join([f.result() for f in pending[0]], pending[1], eot), pending[2]
+            pending = (futures, ends, size)
         if pending is not None:
-            yield _flatten(pending[0].result(), pending[1], enc.eot_token), pending[2]
+            yield _join([f.result() for f in pending[0]], pending[1], eot), pending[2]
 
 
 def write_shards(

@@ -32,6 +32,7 @@ from pipeline import distributed, perf, resume
 from pipeline.config import TrainParams
 from pipeline.errors import PipelineError
 from pipeline.model import GPT, flops_per_token
+from pipeline.optim import MuonWithAdamW, muon_groups
 from pipeline.runtime import DTYPE_NAMES, autocast, choose_dtype, local_device
 
 log = logging.getLogger(__name__)
@@ -75,10 +76,14 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: GPT, params: TrainParams, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the model's decay/no-decay groups, fused kernels where this torch has them."""
-    groups = model.optimizer_groups(params.weight_decay)
+def make_optimizer(model: GPT, params: TrainParams, device: torch.device,
+                   ns_dtype: torch.dtype = torch.float32) -> torch.optim.Optimizer:
+    """``params.optimizer``: AdamW over the model's decay/no-decay groups (fused kernels where this torch has
+    them), or Muon for the blocks' matrices with AdamW for the rest, its Newton–Schulz in ``ns_dtype``."""
     kwargs = dict(lr=params.lr, betas=(params.beta1, params.beta2))
+    if params.optimizer == "muon":
+        return MuonWithAdamW(muon_groups(model, params.weight_decay), ns_dtype=ns_dtype, **kwargs)
+    groups = model.optimizer_groups(params.weight_decay)
     try:
         return torch.optim.AdamW(groups, fused=device.type in ("cuda", "cpu"), **kwargs)
     except (RuntimeError, TypeError):
@@ -167,7 +172,7 @@ class _Trainer:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
         self.raw = model.to(self.device)
         self.key = run_key(self.raw, params, data_fingerprint, self.ctx.world_size)
-        self.optimizer = make_optimizer(self.raw, params, self.device)
+        self.optimizer = make_optimizer(self.raw, params, self.device, self.dtype)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: lr_factor(s, params.warmup_steps, params.max_steps, params.min_lr_ratio),

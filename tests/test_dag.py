@@ -19,7 +19,7 @@ LAYERS = [
      "datasets", "unwrap", "corpus", "tokenizer", "shards", "instructions", "labelled"},  # data and the params
     {"model", "generate", "perf", "runtime", "checkpoint", "lora", "embeddings", "gpt2_layout",
      "pretrained"},  # the model, where it runs, its files
-    {"losses", "objectives", "distributed", "resume", "train", "pretraining", "answers", "classifier"},  # training
+    {"losses", "objectives", "distributed", "resume", "optim", "train", "pretraining", "answers", "classifier"},  # training
     {"evaluation", "rouge", "judge", "judge_report", "classify_metrics"},  # evaluation
     {"export", "onnx_generate", "serve_models", "serve", "export_classifier", "model_card", "chat_page",
      "gguf_export", "llama_cpp_check", "embed_api", "openai_api", "hf_export"},  # export, serving

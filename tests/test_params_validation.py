@@ -26,6 +26,7 @@ _TRAIN = {
     "beta2": [1.0, "0.9x"],
     "grad_clip": [-1],
     "dtype": ["fp16"],
+    "optimizer": ["sgd", 3],
     "compile": ["no"],
     "device": ["gpu", "cuda:x"],
     "eval_every": [0],

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.shards import MANIFEST, ShardDataset, ShardWriter, dtype_for_vocab, write_shards
+from pipeline.shards import MANIFEST, ShardDataset, ShardWriter, dtype_for_vocab, encode_piece, write_shards
 from pipeline.textstream import DocumentTable, Segment, Segments, fallback_cut, read_blocks, safe_cut, sample_text, split_tail
 from pipeline.tokenizer import train_tokenizer
 
@@ -53,6 +53,15 @@ def test_block_wise_encoding_equals_whole_text_encoding(corpus, bpe, kind):
             per_doc.append(current)
             current = []
     assert per_doc == [enc.encode_ordinary(d) for d in docs]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "gpt2", "char"])
+def test_encode_piece_is_encode_ordinary_even_for_a_literal_end_of_text(corpus_text, bpe, kind):
+    enc = bpe if kind == "bpe" else train_tokenizer(kind, [corpus_text[:20_000]], 600)
+    text = corpus_text[:3000] + " <|endoftext|> ¿Qué?\r\n"
+    tokens = encode_piece(enc, text)
+    assert tokens.dtype == np.uint32 and tokens.tolist() == enc.encode_ordinary(text)
+    assert enc.eot_token not in tokens.tolist() and encode_piece(enc, "").size == 0
 
 
 def test_split_tail_cuts_a_single_document_at_a_line_boundary(corpus):

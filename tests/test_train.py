@@ -52,6 +52,13 @@ def test_lr_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor():
     assert lr_factor(3, 5, 5, 0.1) == pytest.approx(4 / 5)  # warmup only
 
 
+def test_muon_trains_the_counting_task_as_well(tmp_path):
+    params = TrainParams(**{**asdict(PARAMS), "optimizer": "muon", "dtype": "fp32"})
+    result = train(tiny_model(), CountingObjective(params.seed, params.batch_size), params,
+                   checkpoint_dir=tmp_path / "ckpt", report_dir=tmp_path / "report", desc="muon")
+    assert result.metrics["val/loss"] < math.log(64) * 0.6
+
+
 def test_training_learns_and_logs_dvclive_metrics(tmp_path):
     params = PARAMS
     result = train(tiny_model(), CountingObjective(params.seed, params.batch_size), params,
@@ -71,16 +78,18 @@ def test_training_learns_and_logs_dvclive_metrics(tmp_path):
     assert kept == ["step_00000024", "step_00000018"]  # keep_checkpoints=2, newest first
 
 
-def test_sigkilled_run_resumes_to_bitwise_identical_weights(tmp_path):
-    straight = _worker(tmp_path / "straight", PARAMS)
-    killed = _worker(tmp_path / "killed", PARAMS, kill_after=PARAMS.checkpoint_every)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_sigkilled_run_resumes_to_bitwise_identical_weights(tmp_path, optimizer):
+    params = TrainParams(**{**asdict(PARAMS), "optimizer": optimizer})
+    straight = _worker(tmp_path / "straight", params)
+    killed = _worker(tmp_path / "killed", params, kill_after=PARAMS.checkpoint_every)
     killed.communicate(timeout=120)
     assert killed.returncode == -signal.SIGKILL
     steps = [int(p.name.split("_")[1]) for p in resume.list_checkpoints(tmp_path / "killed" / "checkpoints")]
     assert steps == [PARAMS.checkpoint_every], "killed right after the first checkpoint, so it is the only one"
 
     _finish(straight)
-    resumed = _worker(tmp_path / "killed", PARAMS)
+    resumed = _worker(tmp_path / "killed", params)
     out, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 0, err[-3000:]
     assert "resuming from" in err

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -45,7 +45,7 @@ class Variant:
     lr_mult: float = 1.0
     batch_size: int | None = None
     optimizer: str = "adamw"  # adamw | muon (torch.optim.Muon, bf16 Newton–Schulz) | muon-fp32 | muon-bf16 (ours)
-    tie_weights: bool | None = None
+    model: dict = field(default_factory=dict)  # ModelParams overrides (the head's tying, architecture options)
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
@@ -59,7 +59,13 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("muon", optimizer="muon"),
     Variant("muon_fp32", optimizer="muon-fp32"),
     Variant("muon_bf16", optimizer="muon-bf16"),
-    Variant("untied_head", tie_weights=False),
+    Variant("untied_head", model={"tie_weights": False}),
+    Variant("rope", model={"pos_emb": "rope"}),
+    Variant("rmsnorm", model={"norm": "rmsnorm"}),
+    Variant("relu2", model={"mlp": "relu2"}),
+    Variant("swiglu", model={"mlp": "swiglu"}),
+    Variant("qk_norm", model={"qk_norm": True}),
+    Variant("modern", model={"pos_emb": "rope", "norm": "rmsnorm", "mlp": "relu2", "qk_norm": True}),
 )}
 
 
@@ -92,7 +98,7 @@ class Outcome:
 
 def run_variant(variant: Variant, args: argparse.Namespace) -> Outcome:
     params = args.loaded_params
-    model_params = replace(params.model, tie_weights=variant.tie_weights) if variant.tie_weights is not None else params.model
+    model_params = replace(params.model, **variant.model)
     pre = replace(params.pretrain, lr=params.pretrain.lr * variant.lr_mult,
                   batch_size=variant.batch_size or params.pretrain.batch_size, dtype=variant.dtype or params.pretrain.dtype)
     setup = prepare(model_params, pre, params.seed, args.tokenizer, args.shards)

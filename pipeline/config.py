@@ -163,6 +163,12 @@ class ModelParams:
     dropout: float | None = _half_open_fraction(None)
     qkv_bias: bool | None = None
     tie_weights: bool | None = None
+    # Architecture options beyond GPT-2 (docs/training.md, "Architecture options"); None → the preset's (GPT-2's)
+    pos_emb: Literal["learned", "rope"] | None = None
+    rope_base: float | None = _positive(None)
+    norm: Literal["layernorm", "rmsnorm"] | None = None
+    mlp: Literal["gelu", "relu2", "swiglu"] | None = None
+    qk_norm: bool | None = None
 
     def __post_init__(self) -> None:
         if self.n_embd is not None and self.n_head is not None and self.n_embd % self.n_head:

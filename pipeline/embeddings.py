@@ -1,4 +1,4 @@
-"""Text embeddings from our GPT: the final hidden states (after the last LayerNorm, before the vocabulary head),
+"""Text embeddings from our GPT: the final hidden states (after the last norm, before the vocabulary head),
 mean-pooled over the input's tokens and L2-normalised, so that a dot product of two embeddings is their cosine.
 
 This is what Ollama's ``/api/embed`` returns for a generative model; a GPT trained only to predict the next token
@@ -17,7 +17,7 @@ from pipeline.model import GPT
 def final_hidden_states(model: GPT, ids: Sequence[int]) -> torch.Tensor:
     """(len(ids), n_embd): the residual stream after ``final_norm``, i.e. what the head reads."""
     idx = torch.tensor([list(ids)], dtype=torch.long)
-    x = model.tok_emb(idx) + model.pos_emb(torch.arange(idx.shape[1]))
+    x = model.embed(idx)
     for block in model.blocks:
         x, _ = block(x)
     return model.final_norm(x)[0]

@@ -82,10 +82,10 @@ class SharedCacheGPT(torch.nn.Module):
         total = past_length + length
         seqlens_k = (total - 1).to(torch.int32).expand(batch)  # the op's convention: last filled index per row
         total32 = total.to(torch.int32)
-        x = model.tok_emb(input_ids) + model.pos_emb(past_length + torch.arange(length))
+        x = model.embed(input_ids, past_length)
         present: list[torch.Tensor] = []
         for i, block in enumerate(model.blocks):
-            q, k, v = block.att.qkv(block.norm1(x)).split(cfg.n_embd, dim=2)
+            q, k, v = (z.flatten(2) for z in block.att.project(block.norm1(x), past_length))
             past_key, past_value = cache[2 * i], cache[2 * i + 1]
             y, key, value = torch.onnx.ops.symbolic_multi_out(
                 "com.microsoft::GroupQueryAttention",

@@ -29,6 +29,7 @@ import torch
 from pipeline.atomic import atomic_path
 from pipeline.config import ExportParams
 from pipeline.errors import PipelineError
+from pipeline.gpt2_layout import require_gpt2
 from pipeline.instructions import ALPACA_PREAMBLE
 from pipeline.model import GPT
 from pipeline.tokenizer import ASSISTANT, CHAR_PATTERN, END_OF_TURN, EOT, GPT2_PATTERN
@@ -43,6 +44,7 @@ GPT4_PATTERN = (r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[
                 r"|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = {GPT4_PATTERN: "llama-bpe", GPT2_PATTERN: "gpt-2"}
 MODELFILE = "Modelfile"
+FORMAT = "the GGUF GPT-2 format (llama.cpp's gpt2 architecture)"
 
 
 def pre_tokenizer(enc: tiktoken.Encoding, kind: str) -> str:
@@ -223,6 +225,7 @@ def write_gguf(model: GPT, tokenizer: GGUFTokenizer, template: str | None, path:
                name: str) -> None:
     """Write ``model`` with its tokenizer as one GGUF file (``gguf_type`` f32, f16 or q8_0)."""
     cfg = model.cfg
+    require_gpt2(cfg, FORMAT, "gguf")
     writer = gguf.GGUFWriter(path, "gpt2")
     writer.add_name(name)
     writer.add_context_length(cfg.context_length)
@@ -285,6 +288,7 @@ def export_gguf(model_dir: Path, tokenizer_dir: Path, shards_dir: Path, out_dir:
     if cfg.n_classes:
         raise PipelineError(f"{model_dir}: a classifier has no place in llama.cpp's gpt2 architecture (a language "
                             "model's head); set export.formats: [onnx] to export it")
+    require_gpt2(cfg, FORMAT, "gguf")
     template = (loaded.meta.get("instructions") or {}).get("template")
     tokenizer = GGUFTokenizer.of(enc, read_metadata(tokenizer_dir)["kind"], cfg.vocab_size)
     dataset = ShardDataset(shards_dir, "val", expected_fingerprint=loaded.tokenizer_fingerprint)

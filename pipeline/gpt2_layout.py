@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.model import GPTConfig
+from pipeline.model import CHOICES, GPTConfig
 
 PREFIX = "transformer."
 HEAD = "lm_head.weight"
@@ -37,6 +37,24 @@ _BLOCK = (
 )
 _TOP = (("wte.weight", "tok_emb.weight"), ("wpe.weight", "pos_emb.weight"),
         ("ln_f.weight", "final_norm.weight"), ("ln_f.bias", "final_norm.bias"))
+# What each architecture option beyond GPT-2 computes (GPTConfig field → value → its name in a refusal).
+_NOT_GPT2 = {
+    "pos_emb": {"rope": "rotary position embeddings"},
+    "norm": {"rmsnorm": "RMSNorm"},
+    "mlp": {"relu2": "a ReLU² MLP", "swiglu": "a SwiGLU MLP"},
+    "qk_norm": {True: "query/key normalisation"},
+}
+_GPT2_VALUES = {name: values[0] for name, values in CHOICES.items()} | {"qk_norm": "false"}
+
+
+def require_gpt2(cfg: GPTConfig, fmt: str, formats_key: str) -> None:
+    """Refuse, in one line, a model whose architecture options a GPT-2 file format (``fmt``) cannot hold."""
+    for name, names in _NOT_GPT2.items():
+        value = getattr(cfg, name)
+        if value in names:
+            shown = str(value).lower() if isinstance(value, bool) else value
+            raise PipelineError(f"model.{name}={shown}: {fmt} cannot hold {names[value]}; export a model trained "
+                                f"with {name}: {_GPT2_VALUES[name]} (or drop {formats_key} from export.formats)")
 
 
 def normalize_keys(state: dict[str, torch.Tensor], origin: str) -> dict[str, torch.Tensor]:

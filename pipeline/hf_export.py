@@ -26,7 +26,7 @@ from pipeline.checkpoint import load_with_tokenizer
 from pipeline.config import ExportParams
 from pipeline.errors import PipelineError, quiet_logger
 from pipeline.generate import stream_tokens
-from pipeline.gpt2_layout import config_to_hf, to_gpt2
+from pipeline.gpt2_layout import config_to_hf, require_gpt2, to_gpt2
 from pipeline.instructions import ALPACA_PREAMBLE
 from pipeline.model import GPT
 from pipeline.sampling import SamplingOptions
@@ -34,6 +34,7 @@ from pipeline.shards import ShardDataset
 from pipeline.tokenizer import ASSISTANT, END_OF_TURN, EOT, SYSTEM, USER, read_metadata
 
 WEIGHTS = "model.safetensors"
+FORMAT = "the Hugging Face GPT-2 format"
 CARD = "README.md"
 TEXT_WINDOWS = 32  # validation windows decoded to text for the tokenizer check
 LOGIT_WINDOWS, LOGIT_TOKENS = 4, 256  # of which the first rows and tokens go through both models
@@ -117,6 +118,7 @@ def write_hf(model: GPT, enc: tiktoken.Encoding, meta: dict, out: Path, template
     from transformers import GenerationConfig
 
     cfg = model.cfg
+    require_gpt2(cfg, FORMAT, "hf")
     stops = [enc.eot_token, enc.encode_single_token(END_OF_TURN)]
     out.mkdir()
     save_file(to_gpt2(model.state_dict(), cfg), str(out / WEIGHTS), metadata={"format": "pt"})
@@ -226,6 +228,7 @@ def export_hf_model(model_dir: Path, tokenizer_dir: Path, shards_dir: Path, out_
     if model.cfg.n_classes:
         raise PipelineError(f"{model_dir}: a classifier is not a GPT2LMHeadModel (a language model's head); set "
                             "export.formats without hf to export it")
+    require_gpt2(model.cfg, FORMAT, "hf")
     ctx = model.cfg.context_length
     if not 1 <= params.parity_tokens < ctx:
         raise PipelineError(f"export.parity_tokens={params.parity_tokens} must be in 1..{ctx - 1} (context_length {ctx})")

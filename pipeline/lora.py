@@ -30,7 +30,7 @@ from pipeline.model import GPT
 # Target names users write: groups of layers, or any suffix of a linear layer's qualified name.
 ALIASES: dict[str, tuple[str, ...]] = {
     "attention": ("att.qkv", "att.out_proj"),
-    "mlp": ("ff.fc", "ff.proj"),
+    "mlp": ("ff.fc", "ff.gate", "ff.proj"),  # ff.gate: SwiGLU's
     "head": ("out_head",),
 }
 ATTRIBUTE = "lora"  # where apply_lora records what it did on the model (an ``AdapterInfo``)

@@ -40,7 +40,8 @@ HF_CONFIG = "config.json"
 SAFETENSORS = "model.safetensors"
 PICKLE_BIN = "pytorch_model.bin"
 GPT2_VOCAB = 50257
-SHAPE_FIELDS = ("context_length", "n_embd", "n_head", "n_layer", "qkv_bias", "tie_weights")
+SHAPE_FIELDS = ("context_length", "n_embd", "n_head", "n_layer", "qkv_bias", "tie_weights", "pos_emb", "rope_base",
+                "norm", "mlp", "qk_norm")
 
 
 @dataclass
@@ -222,7 +223,8 @@ def load_weights(source: Source, cfg: GPTConfig) -> GPT:
 
 
 def param_count(cfg: GPTConfig) -> int:
-    """Parameters of ``GPT(cfg)`` (a tied head counted once), computed from the shape without building it."""
+    """Parameters of ``GPT(cfg)`` (a tied head counted once), computed from the shape without building it; ``cfg``
+    is a checkpoint's, so GPT-2's layers (no architecture options)."""
     d = cfg.n_embd
     block = 4 * d + 3 * d * d + (3 * d if cfg.qkv_bias else 0) + d * d + d + 8 * d * d + 5 * d
     head = 0 if cfg.tie_weights else cfg.vocab_size * d

@@ -23,7 +23,8 @@ Batch = dict[str, torch.Tensor]
 def model_config(model: ModelParams, vocab_size: int, origin: str = "params.yaml") -> GPTConfig:
     """The preset with the explicit fields of ``model`` applied; the vocabulary is always the tokenizer's."""
     overrides = {name: getattr(model, name) for name in
-                 ("context_length", "n_embd", "n_head", "n_layer", "dropout", "qkv_bias", "tie_weights")}
+                 ("context_length", "n_embd", "n_head", "n_layer", "dropout", "qkv_bias", "tie_weights",
+                  "pos_emb", "rope_base", "norm", "mlp", "qk_norm")}
     try:
         return config_from_preset(model.preset, vocab_size=vocab_size, **overrides)
     except ModelConfigError as exc:
@@ -43,9 +44,9 @@ def training_context(params: PretrainParams, cfg: GPTConfig, origin: str = "para
 
 def pytorch_default_init(model: GPT) -> GPT:
     """The book's initialisation: every layer's own PyTorch default (Linear: Kaiming-uniform weights and uniform
-    biases; Embedding: N(0, 1); LayerNorm: ones and zeros) instead of GPT-2's N(0, 0.02)."""
+    biases; Embedding: N(0, 1); LayerNorm and RMSNorm: ones and zeros) instead of GPT-2's N(0, 0.02)."""
     for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm)):
+        if isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm)):
             module.reset_parameters()
     return model
 

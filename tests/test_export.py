@@ -198,6 +198,20 @@ print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
     assert modules == "['torch']"  # only the blocking entry: nothing imported torch
 
 
+def test_architecture_options_export_with_parity(workspace):
+    """Rope, RMSNorm, SwiGLU and qk-norm trace into the graph: onnxruntime matches torch, greedy tokens too."""
+    fingerprint = json.loads((workspace / "models/dpo" / CONFIG).read_text())["tokenizer"]["fingerprint"]
+    cfg = replace(load_model(workspace / "models/dpo")[0].cfg, pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True)
+    torch.manual_seed(0)
+    modern = train_briefly(GPT(cfg), workspace / "data/shards", 30)
+    save_model(workspace / "models/modern", modern, tokenizer={"path": "data/tokenizer", "fingerprint": fingerprint})
+    metrics = run_export(workspace, replace(PARAMS, quantize_int8=False), model="modern", out="models/onnx-modern")
+    assert metrics["parity"]["passed"] and metrics["parity"]["max_abs_logit_diff"] < PARAMS.parity_atol
+    assert metrics["parity"]["greedy_tokens_matched"] == PARAMS.parity_tokens
+    config = json.loads((workspace / "models/onnx-modern" / CONFIG).read_text())
+    assert config["model"]["pos_emb"] == "rope" and config["model"]["mlp"] == "swiglu"
+
+
 def test_failed_parity_leaves_nothing_behind(workspace):
     with pytest.raises(PipelineError, match="export parity failed") as failure:
         run_export(workspace, replace(PARAMS, parity_atol=1e-12, quantize_int8=False), out="models/failed")

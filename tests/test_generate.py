@@ -24,6 +24,24 @@ def test_kv_cache_greedy_equals_no_cache_greedy(model, batch):
     assert torch.equal(cached, naive)
 
 
+@pytest.mark.parametrize("options", [{"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True},
+                                     {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "relu2", "qk_norm": True}])
+def test_kv_cache_generation_equals_full_recompute_with_architecture_options(options):
+    torch.manual_seed(0)
+    modern = GPT(GPTConfig(vocab_size=211, context_length=96, n_embd=48, n_head=4, n_layer=3, **options)).eval()
+    prompt = torch.randint(0, 211, (2, 12), generator=torch.Generator().manual_seed(3))
+    cached = generate(modern, prompt, SamplingOptions(max_new_tokens=40, temperature=0))
+    assert torch.equal(cached, generate_without_cache(modern, prompt, max_new_tokens=40))
+    with torch.inference_mode():
+        logits, past = modern(cached[:, :12])
+        steps = [logits[:, -1]]
+        for i in range(12, cached.shape[1] - 1):
+            logits, past = modern(cached[:, i:i + 1], past=past)
+            steps.append(logits[:, -1])
+        full, _ = modern(cached[:, :-1])
+    assert torch.allclose(torch.stack(steps, dim=1), full[:, 11:], atol=1e-5)
+
+
 def test_same_seed_same_sample_different_seed_different_sample(model):
     prompt = torch.randint(0, 211, (1, 5), generator=torch.Generator().manual_seed(0))
     opts = SamplingOptions(max_new_tokens=30, temperature=1.0, top_k=50, top_p=0.95, seed=11)

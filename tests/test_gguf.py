@@ -253,6 +253,49 @@ def test_stage_refuses_a_char_tokenizer_with_one_line_and_no_output(tmp_path):
     assert not (tmp_path / "models/gguf").exists() and not (tmp_path / "reports").exists()
 
 
+ARCHITECTURE_REFUSALS = [
+    ({"pos_emb": "rope"}, "model.pos_emb=rope: the GGUF GPT-2 format (llama.cpp's gpt2 architecture) cannot hold "
+                          "rotary position embeddings; export a model trained with pos_emb: learned (or drop gguf from "
+                          "export.formats)"),
+    ({"norm": "rmsnorm"}, "model.norm=rmsnorm: the GGUF GPT-2 format (llama.cpp's gpt2 architecture) cannot hold "
+                          "RMSNorm; export a model trained with norm: layernorm (or drop gguf from export.formats)"),
+    ({"mlp": "relu2"}, "model.mlp=relu2: the GGUF GPT-2 format (llama.cpp's gpt2 architecture) cannot hold a ReLU² "
+                       "MLP; export a model trained with mlp: gelu (or drop gguf from export.formats)"),
+    ({"mlp": "swiglu"}, "model.mlp=swiglu: the GGUF GPT-2 format (llama.cpp's gpt2 architecture) cannot hold a "
+                        "SwiGLU MLP; export a model trained with mlp: gelu (or drop gguf from export.formats)"),
+    ({"qk_norm": True}, "model.qk_norm=true: the GGUF GPT-2 format (llama.cpp's gpt2 architecture) cannot hold "
+                        "query/key normalisation; export a model trained with qk_norm: false (or drop gguf from "
+                        "export.formats)"),
+]
+
+
+@pytest.mark.parametrize(("options", "message"), ARCHITECTURE_REFUSALS)
+def test_architecture_options_are_refused_naming_the_option(tmp_path, options, message):
+    enc = train_bpe(["abc abd abe"], 300)
+    fingerprint = save_tokenizer(enc, tmp_path / "data/tokenizer", "bpe")
+    model = GPT(replace(PRESETS["cpu-tiny"], vocab_size=enc.n_vocab, **options))
+    save_model(tmp_path / "models/dpo", model, tokenizer={"path": str(tmp_path / "data/tokenizer"),
+                                                           "fingerprint": fingerprint})
+    with pytest.raises(PipelineError) as exc:
+        export_gguf(tmp_path / "models/dpo", tmp_path / "data/tokenizer", tmp_path / "data/shards",
+                    tmp_path / "models/gguf", ExportParams())
+    assert str(exc.value) == message
+    with pytest.raises(PipelineError, match="cannot hold"):
+        write_gguf(model, GGUFTokenizer.of(enc, "bpe", enc.n_vocab), None, tmp_path / "m.gguf", "f32", "m")
+    assert not (tmp_path / "models/gguf").exists() and not (tmp_path / "m.gguf").exists()
+
+
+def test_stage_refuses_a_rope_model_with_one_line_and_no_output(tmp_path):
+    enc = train_bpe(["abc abd abe"], 300)
+    fingerprint = save_tokenizer(enc, tmp_path / "data/tokenizer", "bpe")
+    model = GPT(replace(PRESETS["cpu-tiny"], vocab_size=enc.n_vocab, pos_emb="rope"))
+    save_model(tmp_path / "models/dpo", model, tokenizer={"path": "data/tokenizer", "fingerprint": fingerprint})
+    done = stage_export(tmp_path, {})  # every format, gguf first
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [f"error: {ARCHITECTURE_REFUSALS[0][1]}"]
+    assert not (tmp_path / "models/gguf").exists() and not (tmp_path / "reports").exists()
+
+
 def test_a_classifier_is_refused_before_anything_is_written(tmp_path):
     enc = train_char(["abc"], 272)
     fingerprint = save_tokenizer(enc, tmp_path / "data/tokenizer", "char")

@@ -244,6 +244,32 @@ def test_stage_writes_hf_metrics_and_marks_the_format_left_out(workspace):
     assert "transformers max |Δlogit|" in done.stderr
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    ({"pos_emb": "rope"}, "model.pos_emb=rope: the Hugging Face GPT-2 format cannot hold rotary position embeddings; "
+                          "export a model trained with pos_emb: learned (or drop hf from export.formats)"),
+    ({"norm": "rmsnorm"}, "model.norm=rmsnorm: the Hugging Face GPT-2 format cannot hold RMSNorm; export a model "
+                          "trained with norm: layernorm (or drop hf from export.formats)"),
+    ({"mlp": "relu2"}, "model.mlp=relu2: the Hugging Face GPT-2 format cannot hold a ReLU² MLP; export a model "
+                       "trained with mlp: gelu (or drop hf from export.formats)"),
+    ({"mlp": "swiglu"}, "model.mlp=swiglu: the Hugging Face GPT-2 format cannot hold a SwiGLU MLP; export a model "
+                        "trained with mlp: gelu (or drop hf from export.formats)"),
+    ({"qk_norm": True}, "model.qk_norm=true: the Hugging Face GPT-2 format cannot hold query/key normalisation; "
+                        "export a model trained with qk_norm: false (or drop hf from export.formats)"),
+])
+def test_architecture_options_are_refused_naming_the_option(workspace, tmp_path, options, message):
+    fingerprint = json.loads((workspace / "models/dpo/config.json").read_text())["tokenizer"]["fingerprint"]
+    cfg = replace(load_model(workspace / "models/dpo")[0].cfg, **options)
+    save_model(tmp_path / "modern", GPT(cfg), tokenizer={"path": "data/tokenizer", "fingerprint": fingerprint})
+    with pytest.raises(PipelineError) as exc:
+        export_hf_model(tmp_path / "modern", workspace / "data/tokenizer", workspace / "data/shards", tmp_path / "hf",
+                        PARAMS)
+    assert str(exc.value) == message
+    with pytest.raises(PipelineError, match="cannot hold"):
+        write_hf(GPT(cfg), load_tokenizer(workspace / "data/tokenizer"), read_metadata(workspace / "data/tokenizer"),
+                 tmp_path / "direct", "alpaca")
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "direct").exists()
+
+
 def test_stage_refuses_an_unknown_format_with_one_line(tmp_path):
     done = _stage(tmp_path, {"formats": ["tflite"]})
     assert done.returncode == 1

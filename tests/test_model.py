@@ -156,3 +156,130 @@ def test_model_config_fields_and_types_are_checked(tiny, tmp_path, edit, message
     with pytest.raises(PipelineError, match=message) as exc:
         load_model(tmp_path / "m")
     assert str(path) in str(exc.value)
+
+
+# ------------------------------------------------------------------------------------ architecture options
+OPTIONS = {"rope": {"pos_emb": "rope"}, "rmsnorm": {"norm": "rmsnorm"}, "relu2": {"mlp": "relu2"},
+           "swiglu": {"mlp": "swiglu"}, "qk_norm": {"qk_norm": True}}
+MODERN = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True}
+
+
+def small(**options) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=97, context_length=32, n_embd=32, n_head=4, n_layer=2, **options)).eval()
+
+
+def test_default_is_gpt2_with_the_same_tensors_and_count_as_before():
+    model = small()
+    block = {"norm1.weight": (32,), "norm1.bias": (32,), "att.qkv.weight": (96, 32), "att.out_proj.weight": (32, 32),
+             "att.out_proj.bias": (32,), "norm2.weight": (32,), "norm2.bias": (32,), "ff.fc.weight": (128, 32),
+             "ff.fc.bias": (128,), "ff.proj.weight": (32, 128), "ff.proj.bias": (32,)}
+    expected = {"tok_emb.weight": (97, 32), "pos_emb.weight": (32, 32)}
+    expected |= {f"blocks.{i}.{name}": shape for i in range(2) for name, shape in block.items()}
+    expected |= {"final_norm.weight": (32,), "final_norm.bias": (32,), "out_head.weight": (97, 32)}
+    assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == list(expected.items())
+    assert (model.num_params(), model.num_params(non_embedding=False)) == (28384, 29408)
+    assert all(isinstance(m, torch.nn.LayerNorm) for m in (model.final_norm, model.blocks[0].norm1))
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_each_option_changes_the_forward(name):
+    x = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    base, option = small(), small(**OPTIONS[name])
+    shared = {k: v for k, v in base.state_dict().items() if k in option.state_dict()
+              and option.state_dict()[k].shape == v.shape}
+    option.load_state_dict(shared, strict=False)  # same weights where the shapes agree: the difference is the option
+    assert not torch.allclose(base(x)[0], option(x)[0], atol=1e-4)
+
+
+def test_option_tensors():
+    rope = small(pos_emb="rope")
+    assert rope.pos_emb is None and "pos_emb.weight" not in rope.state_dict()
+    assert rope.num_params() == rope.num_params(non_embedding=False) == small().num_params()
+    rms = small(norm="rmsnorm")
+    assert all(isinstance(m, torch.nn.RMSNorm) for m in (rms.final_norm, rms.blocks[1].norm1, rms.blocks[1].norm2))
+    assert "final_norm.bias" not in rms.state_dict()
+    swiglu = small(mlp="swiglu")
+    assert swiglu.blocks[0].ff.gate.weight.shape == swiglu.blocks[0].ff.fc.weight.shape == (64, 32)  # 8/3·32 → 64
+    assert GPTConfig(n_embd=768, mlp="swiglu").mlp_hidden == 2048 and GPTConfig(n_embd=256, n_head=4, mlp="swiglu").mlp_hidden == 704
+    wide = GPT(GPTConfig(vocab_size=8, context_length=8, n_embd=768, n_head=12, n_layer=1, mlp="swiglu"))
+    gelu = GPT(GPTConfig(vocab_size=8, context_length=8, n_embd=768, n_head=12, n_layer=1))
+    assert abs(wide.num_params() / gelu.num_params() - 1) < 0.01  # SwiGLU's width keeps the parameters
+    assert abs(wide.blocks[0].ff.proj.weight.std().item() - 0.02 / 2**0.5) < 2e-3  # residual init scaled as GPT-2's
+    qk = small(qk_norm=True)
+    assert qk.state_dict()["blocks.0.att.q_norm.weight"].shape == (8,)
+    assert small(mlp="relu2").state_dict().keys() == small().state_dict().keys()
+
+
+@pytest.mark.parametrize("options", [MODERN, {"pos_emb": "rope"}, {"mlp": "relu2", "qk_norm": True}])
+def test_kv_cache_matches_full_forward_with_options(options):
+    model = small(**options)
+    x = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(2))
+    full, _ = model(x)
+    first, past = model(x[:, :7])
+    middle, past = model(x[:, 7:15], past=past)
+    last, _ = model(x[:, 15:], past=past)
+    assert torch.allclose(torch.cat([first, middle, last], dim=1), full, atol=1e-5)
+
+
+def test_rope_is_relative_and_causal():
+    """Attention scores of rotated q and k depend on the distance of their positions, not the positions."""
+    from pipeline.model import apply_rope, rope_angles
+
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(i: int, j: int) -> float:
+        return float((apply_rope(q, *rope_angles(i, 1, 8, 10000.0, q.device)) *
+                      apply_rope(k, *rope_angles(j, 1, 8, 10000.0, q.device))).sum())
+
+    assert abs(score(5, 2) - score(13, 10)) < 1e-5 and abs(score(5, 2) - score(5, 4)) > 1e-3
+    model = small(**MODERN)
+    x = torch.randint(0, 97, (1, 16))
+    y = x.clone()
+    y[0, 10:] = (y[0, 10:] + 1) % 97
+    assert torch.allclose(model(x)[0][:, :10], model(y)[0][:, :10], atol=1e-6)
+
+
+def test_options_train_under_bf16_autocast():
+    model = small(**MODERN).train()
+    x = torch.randint(0, 97, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = model(x)
+    torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x.flatten()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"pos_emb": "alibi"}, "model.pos_emb must be learned or rope, got 'alibi'"),
+    ({"norm": "batchnorm"}, "model.norm must be layernorm or rmsnorm, got 'batchnorm'"),
+    ({"mlp": "geglu"}, "model.mlp must be gelu, relu2 or swiglu, got 'geglu'"),
+    ({"qk_norm": "yes"}, "model.qk_norm must be true or false, got 'yes'"),
+    ({"rope_base": 0.0}, "model.rope_base must be a positive number, got 0.0"),
+    ({"rope_base": True}, "model.rope_base must be a positive number, got True"),
+    ({"pos_emb": "rope", "n_embd": 36, "n_head": 4}, "model.pos_emb=rope rotates pairs .* must be even, got 9"),
+])
+def test_bad_options_name_the_field(options, message):
+    with pytest.raises(ModelConfigError, match=message):
+        GPTConfig(**options)
+
+
+def test_options_round_trip_through_the_model_directory_and_old_configs_load(tmp_path):
+    model = small(**MODERN, rope_base=500.0)
+    save_model(tmp_path / "m", model, tokenizer={"fingerprint": "abc"})
+    loaded, meta = load_model(tmp_path / "m")
+    assert loaded.cfg == model.cfg and meta["model"]["pos_emb"] == "rope"
+    x = torch.randint(0, 97, (1, 9))
+    assert torch.equal(loaded(x)[0], model(x)[0])
+    old = {k: v for k, v in small().cfg.to_dict().items() if k not in ("pos_emb", "rope_base", "norm", "mlp", "qk_norm")}
+    assert GPTConfig.from_dict(old) == small().cfg  # a checkpoint from before the options: GPT-2's defaults
+
+
+def test_embeddings_read_the_hidden_states_of_every_option():
+    from pipeline.embeddings import final_hidden_states
+
+    for options in ({}, MODERN):
+        model = small(**options)
+        ids = [5, 17, 3, 88, 41]
+        with torch.inference_mode():
+            logits, _ = model(torch.tensor([ids]))
+            assert torch.allclose(model.out_head(final_hidden_states(model, ids)), logits[0], atol=1e-5)

@@ -88,6 +88,11 @@ INVALID: dict[str, list] = {
     "model.dropout": [1.0, -0.1],
     "model.qkv_bias": ["no"],
     "model.tie_weights": [2],
+    "model.pos_emb": ["alibi", True],
+    "model.rope_base": [0, -1.5, "big"],
+    "model.norm": ["batchnorm"],
+    "model.mlp": ["geglu", 4],
+    "model.qk_norm": ["yes"],
     "pretrain.context_length": [0],
     "pretrain.sampling": ["sequential"],
     "pretrain.stride": [0, {"sampling": "random", "stride": 32}],
@@ -223,3 +228,14 @@ def test_shipped_params_validate():
 def test_shipped_profiles_validate_over_params(profile):
     args = set_param_args(ROOT / profile, ROOT / "params.yaml")  # merges, validates, raises ConfigError if bad
     assert args and all(a == "-S" or "=" in a for a in args)
+
+
+def test_architecture_options_reach_the_model_config():
+    from pipeline.pretraining import model_config
+
+    model = parse_params({"model": {"preset": "cpu-tiny", "pos_emb": "rope", "rope_base": 500, "norm": "rmsnorm",
+                                    "mlp": "swiglu", "qk_norm": True}}).model
+    cfg = model_config(model, 300)
+    assert (cfg.pos_emb, cfg.rope_base, cfg.norm, cfg.mlp, cfg.qk_norm) == ("rope", 500.0, "rmsnorm", "swiglu", True)
+    default = model_config(parse_params({"model": {"preset": "cpu-tiny"}}).model, 300)
+    assert (default.pos_emb, default.norm, default.mlp, default.qk_norm) == ("learned", "layernorm", "gelu", False)

@@ -125,6 +125,12 @@ def test_param_count_matches_the_built_model():
         assert pretrained.param_count(cfg) == GPT(cfg).num_params(non_embedding=False)
 
 
+def test_architecture_options_disagree_with_a_gpt2_checkpoint():
+    with pytest.raises(PipelineError, match=r"model.pos_emb=rope disagrees with model.init_from=gpt2 \(pos_emb=learned\)"):
+        pretrained.check_shape(GPTConfig(), {"n_layer": 12, "pos_emb": "rope"}, "gpt2")
+    pretrained.check_shape(GPTConfig(), {"mlp": "gelu", "qk_norm": False, "norm": None}, "gpt2")
+
+
 class Payload:
     """Any object that is not a tensor: unpickling it needs this module's code."""
 

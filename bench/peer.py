@@ -5,8 +5,10 @@
 
 nanoGPT reads ``data/<dataset>/{train,val}.bin`` (uint16 tokens) and ``meta.pkl`` (its vocabulary size) below its
 working directory: both are written from our shards into a temp dir and nanoGPT runs there in a subprocess, on the
-CPU, fp32, no compile (it uses no autocast on a CPU). Its hyperparameters are its train.py defaults (lr 6e-4,
-min_lr lr/10, AdamW betas 0.9/0.95, weight decay 0.1, clip 1.0, no dropout, no bias), fixed here in advance; only
+CPU, fp32, no compile (it uses no autocast on a CPU). Ours trains in ``pretrain.dtype`` (``auto``: the dtype this
+machine measured faster, ``pipeline.runtime``; ``--dtype fp32`` for the same arithmetic as nanoGPT's) with
+``pretrain.optimizer``. nanoGPT's hyperparameters are its train.py defaults (lr 6e-4, min_lr lr/10, AdamW betas
+0.9/0.95, weight decay 0.1, clip 1.0, no dropout, no bias), fixed here in advance; only
 what the shape and step count force is set: batch, context, width, depth, heads, max_iters, lr_decay_iters =
 max_iters and warmup = ours (``pretrain.warmup_steps``, scaled with ``--steps``). Both final models are scored by
 one function on the first ``--eval-batches`` validation windows in order. Our time-to-loss is read from our run's
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 from pipeline.config import load_params
 from pipeline.errors import PipelineError, exit_on_error
 from pipeline.pretraining import prepare
+from pipeline.runtime import DTYPE_NAMES, choose_dtype
 from pipeline.shards import ShardDataset
 from pipeline.train import train
 
@@ -123,16 +126,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=None, help="default: params.yaml pretrain.max_steps")
     ap.add_argument("--eval-every", type=int, default=None, help="our evaluations for time-to-loss (default steps/10)")
     ap.add_argument("--eval-batches", type=int, default=4)
+    ap.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default=None,
+                    help="our training dtype (default: params.yaml pretrain.dtype); nanoGPT's is always fp32")
     args = ap.parse_args(argv)
     if not (args.nanogpt / "train.py").is_file():
         raise PipelineError(f"--nanogpt {args.nanogpt}: no train.py there")
     params = load_params(args.params)
     steps = args.steps or params.pretrain.max_steps
     warmup = max(1, round(params.pretrain.warmup_steps * steps / params.pretrain.max_steps))  # same share of the run
-    pre = replace(params.pretrain, max_steps=steps, warmup_steps=warmup, dtype="fp32", log_every=1, checkpoint_every=10**9,
+    pre = replace(params.pretrain, max_steps=steps, warmup_steps=warmup, dtype=args.dtype or params.pretrain.dtype,
+                  log_every=1, checkpoint_every=10**9,
                   eval_every=args.eval_every or max(1, steps // 10), eval_batches=args.eval_batches)
     setup = prepare(params.model, pre, params.seed, args.tokenizer, args.shards)
     cfg, batch = setup.model.cfg, pre.batch_size
+    ours_dtype = DTYPE_NAMES[choose_dtype(pre.dtype, torch.device("cpu"), cfg, batch * cfg.context_length).dtype]
     val = ShardDataset(args.shards, "val")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -153,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     peer_time = statistics.mean(peer_seconds) * steps  # every step at its mean, iter 0 (warm-up + eval) left out
     ours_time = crossing_time([statistics.median(ours_seconds[1:] or ours_seconds)] + ours_seconds[1:],
                               ours_points, peer_loss)
-    print(f"steps={steps} shape={params.model.preset}/b{batch}/ctx{cfg.context_length} fp32 "
+    print(f"steps={steps} shape={params.model.preset}/b{batch}/ctx{cfg.context_length} ours={ours_dtype}/"
+          f"{pre.optimizer} nanogpt=fp32/adamw "
           f"threads={torch.get_num_threads()} nanogpt_train_s={peer_time:.1f} ours_to_target_s={ours_time:.1f} "
           f"our evaluations: {' '.join(f'{s}:{v:.4f}' for s, v in ours_points)}", file=sys.stderr)
     print(f"ours_tok_s={ours_tok_s:.0f} nanogpt_tok_s={peer_tok_s:.0f} ours_val_loss={ours_loss:.4f} "

@@ -70,6 +70,7 @@ def write_nanogpt_data(shards: Path, dest: Path, vocab_size: int) -> None:
 
 def run_nanogpt(nanogpt: Path, workdir: Path, cfg, batch: int, steps: int, warmup: int) -> tuple[list[float], Path]:
     """nanoGPT's train.py in ``workdir``; returns its per-iteration seconds and the checkpoint after ``steps`` steps."""
+    nanogpt = nanogpt.resolve()  # it runs with ``workdir`` as its cwd
     args = {
         "dataset": "ours", "out_dir": str(workdir / "out"), "device": "cpu", "dtype": "float32", "compile": False,
         "batch_size": batch, "block_size": cfg.context_length, "gradient_accumulation_steps": 1,
@@ -77,7 +78,7 @@ def run_nanogpt(nanogpt: Path, workdir: Path, cfg, batch: int, steps: int, warmu
         "max_iters": steps, "lr_decay_iters": steps, "warmup_iters": warmup,
         "eval_interval": steps, "eval_iters": 1, "log_interval": 1,
     }
-    (workdir / "configurator.py").symlink_to(nanogpt.resolve() / "configurator.py")  # train.py reads it from its cwd
+    (workdir / "configurator.py").symlink_to(nanogpt / "configurator.py")  # train.py reads it from its cwd
     cmd = [sys.executable, str(nanogpt / "train.py")] + [f"--{k}={v}" for k, v in args.items()]
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(nanogpt)})

@@ -44,7 +44,9 @@ class Variant:
     dtype: str | None = None  # None: params.yaml's (auto)
     lr_mult: float = 1.0
     batch_size: int | None = None
-    optimizer: str = "adamw"  # adamw | muon (torch.optim.Muon, bf16 Newton–Schulz) | muon-fp32 | muon-bf16 (ours)
+    # None: params.yaml's, as the pipeline runs it | adamw | muon (torch.optim.Muon, bf16 Newton–Schulz) |
+    # muon-fp32 | muon-bf16 (the pipeline's Muon, Newton–Schulz in that dtype)
+    optimizer: str | None = None
     model: dict = field(default_factory=dict)  # ModelParams overrides (the head's tying, architecture options)
 
 
@@ -56,6 +58,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("lr_x2", lr_mult=2.0),
     Variant("batch_8", batch_size=8),
     Variant("batch_32", batch_size=32),
+    Variant("adamw", optimizer="adamw"),
     Variant("muon", optimizer="muon"),
     Variant("muon_fp32", optimizer="muon-fp32"),
     Variant("muon_bf16", optimizer="muon-bf16"),
@@ -69,13 +72,16 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
 )}
 
 
-def make_optimizers(model: GPT, variant: Variant, pre: PretrainParams) -> list[torch.optim.Optimizer]:
-    """The pipeline's optimizer (``pipeline.train.make_optimizer``: AdamW, or ``MuonWithAdamW`` with its
-    Newton–Schulz in fp32 or bf16), or torch's own ``torch.optim.Muon`` (bf16 Newton–Schulz) beside AdamW."""
+def make_optimizers(model: GPT, variant: Variant, pre: PretrainParams, dtype: torch.dtype) -> list[torch.optim.Optimizer]:
+    """The pipeline's optimizer (``pipeline.train.make_optimizer``: params.yaml's as the stage runs it, AdamW, or
+    ``MuonWithAdamW`` with its Newton–Schulz in fp32 or bf16), or ``torch.optim.Muon`` (bf16) beside AdamW."""
+    cpu = torch.device("cpu")
+    if variant.optimizer is None:
+        return [make_optimizer(model, pre, cpu, dtype)]
     if variant.optimizer in ("adamw", "muon-fp32", "muon-bf16"):
         ns_dtype = torch.bfloat16 if variant.optimizer == "muon-bf16" else torch.float32
         pipeline_params = replace(pre, optimizer="adamw" if variant.optimizer == "adamw" else "muon")
-        return [make_optimizer(model, pipeline_params, torch.device("cpu"), ns_dtype)]
+        return [make_optimizer(model, pipeline_params, cpu, ns_dtype)]
     if variant.optimizer != "muon":
         raise PipelineError(f"unknown optimizer '{variant.optimizer}' (adamw | muon | muon-fp32 | muon-bf16)")
     groups = muon_groups(model, pre.weight_decay)
@@ -105,7 +111,7 @@ def run_variant(variant: Variant, args: argparse.Namespace) -> Outcome:
     model, objective = setup.model, setup.objective
     device = torch.device("cpu")
     dtype = choose_dtype(pre.dtype, device, model.cfg, pre.batch_size * model.cfg.context_length).dtype
-    optimizers = make_optimizers(model, variant, pre)
+    optimizers = make_optimizers(model, variant, pre, dtype)
     peaks = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
     torch.manual_seed(pre.seed)
     model.train()

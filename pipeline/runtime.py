@@ -73,12 +73,18 @@ def pick_dtype(fp32_gflops: float, bf16_gflops: float) -> torch.dtype:
 
 
 def matmul_shapes(cfg: GPTConfig, tokens: int) -> list[tuple[int, int, int]]:
-    """(m, k, n) of one block's matmuls and the head, for ``tokens`` positions: what a training step multiplies."""
-    d = cfg.n_embd
-    return [(tokens, d, 3 * d), (tokens, d, d), (tokens, d, 4 * d), (tokens, 4 * d, d), (tokens, d, cfg.vocab_size)]
+    """(m, k, n) of what a training step multiplies for ``tokens`` positions, per block and the head: each
+    forward product and its two backward ones (the input's gradient, and the weight's, whose inner dimension is
+    the tokens: these run faster than the forward's, so a rate timed on the forward alone is no peak and an MFU
+    against it can pass 100%)."""
+    d, hidden = cfg.n_embd, cfg.mlp_hidden
+    weights = [(d, 3 * d), (d, d), (d, hidden), (hidden, d), (d, cfg.vocab_size)]
+    if cfg.mlp == "swiglu":
+        weights.append((d, hidden))
+    return [shape for k, n in weights for shape in ((tokens, k, n), (tokens, n, k), (k, tokens, n))]
 
 
-def _measure(shapes: list[tuple[int, int, int]], repeats: int = 5, min_seconds: float = 0.02) -> tuple[float, float]:
+def _measure(shapes: list[tuple[int, int, int]], repeats: int = 5, min_seconds: float = 0.05) -> tuple[float, float]:
     """(fp32, bf16) GFLOP/s of ``shapes`` on the CPU: the best of ``repeats`` timed blocks of at least
     ``min_seconds`` each, the two dtypes alternating so that a neighbour's load hits both alike."""
     flops = sum(2 * m * k * n for m, k, n in shapes)

@@ -50,3 +50,13 @@ def test_a_real_measurement_gives_positive_rates(tmp_path):
     choice = runtime.measured_cpu_dtype([(64, 64, 64)], tmp_path / "rates.json")
     assert choice.fp32_gflops > 0 and choice.bf16_gflops > 0
     assert choice.dtype == runtime.pick_dtype(choice.fp32_gflops, choice.bf16_gflops)
+
+
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
+def test_the_timed_shapes_are_every_product_of_a_training_step(mlp):
+    cfg = config_from_preset("cpu-tiny", vocab_size=512, mlp=mlp)
+    d, h, tokens = cfg.n_embd, cfg.mlp_hidden, 256
+    shapes = runtime.matmul_shapes(cfg, tokens)
+    for k, n in ((d, 3 * d), (d, h), (h, d), (d, 512)):
+        assert {(tokens, k, n), (tokens, n, k), (k, tokens, n)} <= set(shapes)  # forward, input grad, weight grad
+    assert len(shapes) == 3 * (6 if mlp == "swiglu" else 5)

@@ -123,11 +123,17 @@ def encode_piece(enc: tiktoken.Encoding, text: str) -> np.ndarray:
     return enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
 
 
-def _join(pieces: list[np.ndarray], ends: list[bool], eot: np.ndarray) -> np.ndarray:
-    """One batch's tokens, EOT after each piece that ends a segment."""
+def _encode_share(enc: tiktoken.Encoding, texts: list[str]) -> list[np.ndarray]:
+    return [encode_piece(enc, text) for text in texts]
+
+
+def _join(shares: list[list[np.ndarray]], ends: list[bool], eot: np.ndarray) -> np.ndarray:
+    """One batch's tokens in text order (text i was encoded in share i % threads), EOT after each piece that
+    ends a segment."""
+    threads = len(shares)
     parts: list[np.ndarray] = []
-    for tokens, ends_segment in zip(pieces, ends, strict=True):
-        parts.append(tokens)
+    for i, ends_segment in enumerate(ends):
+        parts.append(shares[i % threads][i // threads])
         if ends_segment:
             parts.append(eot)
     return np.concatenate(parts)
@@ -138,15 +144,17 @@ def encode_segments(
 ) -> Iterator[tuple[np.ndarray, int]]:
     """``(uint32 tokens, text bytes)`` per batch, EOT after each segment.
 
-    Each batch is a few pieces per thread, encoded on ``threads`` threads; the next batch is already
-    encoding while the caller writes this one, so the cores never wait for the disk.
+    Each batch is dealt out to ``threads`` threads, one task each that encodes its share of the texts in turn:
+    a task per text (what ``encode_ordinary_batch`` does) costs more than encoding a short document when the
+    corpus is a dataset of millions of them (BENCHMARKS.md). The next batch is already encoding while the
+    caller writes this one, so the cores never wait for the disk.
     """
     blocks = read_blocks(path, segments, piece_bytes(batch_bytes, threads))
     eot = np.array([enc.eot_token], dtype=np.uint32)
     with ThreadPoolExecutor(threads) as pool:
         pending = None
         for texts, ends, size in group_batches(blocks, batch_bytes):
-            futures = [pool.submit(encode_piece, enc, text) for text in texts]
+            futures = [pool.submit(_encode_share, enc, texts[k::threads]) for k in range(threads)]
             if pending is not None:
                 yield _join([f.result() for f in pending[0]], pending[1], eot), pending[2]
             pending = (futures, ends, size)

@@ -32,9 +32,10 @@ from pathlib import Path
 
 import yaml
 
+from bench.tokenize import text_batches
 from pipeline.config import load_params
 from pipeline.corpus import read_raw
-from pipeline.shards import encode_threads, group_batches, piece_bytes
+from pipeline.shards import encode_threads, piece_bytes
 from pipeline.textstream import read_blocks, split_tail
 from pipeline.tokenizer import load_tokenizer
 
@@ -164,7 +165,7 @@ def raw_encode(project: Path, val_fraction: float, batch_bytes: int, threads: in
     seconds = cpu = 0.0
     tokens = 0
     blocks = itertools.chain(*(read_blocks(corpus, split, piece_bytes(batch_bytes, threads)) for split in (train, val)))
-    for texts, _, _ in group_batches(blocks, batch_bytes):
+    for texts in text_batches(blocks, batch_bytes):
         started, cpu_started = time.perf_counter(), time.process_time()
         tokens += sum(map(len, enc.encode_ordinary_batch(texts, num_threads=threads)))
         seconds += time.perf_counter() - started

@@ -23,11 +23,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from pipeline.config import load_params
 from pipeline.corpus import clean_text
-from pipeline.shards import encode_threads, group_batches, piece_bytes
+from pipeline.shards import encode_threads, piece_bytes
 from pipeline.textstream import Segment, read_blocks, split_tail
 from pipeline.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
@@ -86,10 +87,23 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def text_batches(blocks: Iterable[tuple[str, int, bool]], batch_bytes: int) -> Iterator[list[str]]:
+    """``read_blocks``' texts in batches of about ``batch_bytes``: what raw ``encode_ordinary_batch`` is given."""
+    texts, size = [], 0
+    for text, n_bytes, _ in blocks:
+        texts.append(text)
+        size += n_bytes
+        if size >= batch_bytes:
+            yield texts
+            texts, size = [], 0
+    if texts:
+        yield texts
+
+
 def raw_encode(enc, corpus: Path, documents: list[Segment], batch_bytes: int, threads: int) -> dict:
     """encode_ordinary_batch alone, on the same pieces and threads, with the text already in memory."""
     blocks = read_blocks(corpus, documents, piece_bytes(batch_bytes, threads))
-    batches = [texts for texts, _, _ in group_batches(blocks, batch_bytes)]
+    batches = list(text_batches(blocks, batch_bytes))
     tokens, started, cpu = 0, time.perf_counter(), time.process_time()
     for texts in batches:
         tokens += sum(map(len, enc.encode_ordinary_batch(texts, num_threads=threads)))

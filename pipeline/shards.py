@@ -12,6 +12,7 @@ tokenize stage) does not pay for it.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -26,7 +27,8 @@ from tqdm import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.hashing import sha256_file
-from pipeline.textstream import Segment, read_blocks, total_bytes
+from pipeline.textstream import Segment, decode_utf8, read_runs, total_bytes
+from pipeline.tokenizer import EOT
 
 if TYPE_CHECKING:
     import torch
@@ -99,22 +101,6 @@ def piece_bytes(batch_bytes: int, threads: int) -> int:
     return max(batch_bytes // (4 * threads), 4096)
 
 
-def group_batches(
-    blocks: Iterable[tuple[str, int, bool]], batch_bytes: int
-) -> Iterator[tuple[list[str], list[bool], int]]:
-    """``(texts, ends_segment flags, bytes)`` per batch of about ``batch_bytes``."""
-    texts, ends, size = [], [], 0
-    for text, n_bytes, ends_segment in blocks:
-        texts.append(text)
-        ends.append(ends_segment)
-        size += n_bytes
-        if size >= batch_bytes:
-            yield texts, ends, size
-            texts, ends, size = [], [], 0
-    if texts:
-        yield texts, ends, size
-
-
 def encode_piece(enc: tiktoken.Encoding, text: str) -> np.ndarray:
     """``encode_ordinary`` straight into a uint32 array: tiktoken's Rust core fills the buffer with the GIL
     released, so no Python int is ever made for a token (building and flattening lists of them cost the
@@ -123,43 +109,54 @@ def encode_piece(enc: tiktoken.Encoding, text: str) -> np.ndarray:
     return enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
 
 
-def _encode_share(enc: tiktoken.Encoding, texts: list[str]) -> list[np.ndarray]:
-    return [encode_piece(enc, text) for text in texts]
+def encode_run(enc: tiktoken.Encoding, path: Path, offset: int, buf: bytes, ends: list[int]) -> np.ndarray:
+    """The tokens of a run of documents (``textstream.read_runs``), EOT after each one that ends in it.
 
-
-def _join(shares: list[list[np.ndarray]], ends: list[bool], eot: np.ndarray) -> np.ndarray:
-    """One batch's tokens in text order (text i was encoded in share i % threads), EOT after each piece that
-    ends a segment."""
-    threads = len(shares)
-    parts: list[np.ndarray] = []
-    for i, ends_segment in enumerate(ends):
-        parts.append(shares[i % threads][i // threads])
-        if ends_segment:
-            parts.append(eot)
-    return np.concatenate(parts)
+    The documents are encoded as one text with the EOT token's text between them: tiktoken encodes the text
+    between two allowed special tokens on its own, so this is exactly each document encoded whole, without a
+    call (and the GIL) per document. A run in which the EOT text occurs literally is encoded document by
+    document instead, so that text stays ordinary text.
+    """
+    bounds = list(zip([0, *ends], [*ends, len(buf)], strict=True))  # the last one: after the last end, maybe empty
+    separator = EOT.encode()
+    if separator not in buf:
+        try:
+            text = separator.join(buf[begin:end] for begin, end in bounds).decode("utf-8")
+        except UnicodeDecodeError:
+            for begin, end in bounds:  # the document at fault raises, naming its byte in the file
+                decode_utf8(buf[begin:end], path, offset + begin)
+            raise
+        return enc.encode_to_numpy(text, allowed_special={EOT}, disallowed_special=())
+    eot = np.array([enc.eot_token], dtype=np.uint32)
+    tokens = []
+    for i, (begin, end) in enumerate(bounds):
+        tokens.append(encode_piece(enc, decode_utf8(buf[begin:end], path, offset + begin)))
+        if i < len(ends):
+            tokens.append(eot)
+    return np.concatenate(tokens)
 
 
 def encode_segments(
     enc: tiktoken.Encoding, path: Path, segments: Sequence[Segment], batch_bytes: int, threads: int
 ) -> Iterator[tuple[np.ndarray, int]]:
-    """``(uint32 tokens, text bytes)`` per batch, EOT after each segment.
+    """``(uint32 tokens, text bytes)`` per run of documents, in order, EOT after each segment.
 
-    Each batch is dealt out to ``threads`` threads, one task each that encodes its share of the texts in turn:
-    a task per text (what ``encode_ordinary_batch`` does) costs more than encoding a short document when the
-    corpus is a dataset of millions of them (BENCHMARKS.md). The next batch is already encoding while the
-    caller writes this one, so the cores never wait for the disk.
+    Runs of about ``batch_bytes / (4 * threads)`` go to ``threads`` encoder threads; while the caller writes
+    one run's tokens, up to ``batch_bytes`` of the following runs are already read and encoding, so the cores
+    never wait for the disk and memory stays bounded.
     """
-    blocks = read_blocks(path, segments, piece_bytes(batch_bytes, threads))
-    eot = np.array([enc.eot_token], dtype=np.uint32)
+    in_flight: collections.deque = collections.deque()
+    held = 0
     with ThreadPoolExecutor(threads) as pool:
-        pending = None
-        for texts, ends, size in group_batches(blocks, batch_bytes):
-            futures = [pool.submit(_encode_share, enc, texts[k::threads]) for k in range(threads)]
-            if pending is not None:
-                yield _join([f.result() for f in pending[0]], pending[1], eot), pending[2]
-            pending = (futures, ends, size)
-        if pending is not None:
-            yield _join([f.result() for f in pending[0]], pending[1], eot), pending[2]
+        for offset, buf, ends in read_runs(path, segments, piece_bytes(batch_bytes, threads)):
+            in_flight.append((pool.submit(encode_run, enc, path, offset, buf, ends), len(buf)))
+            held += len(buf)
+            while held > batch_bytes:
+                future, n_bytes = in_flight.popleft()
+                held -= n_bytes
+                yield future.result(), n_bytes
+        for future, n_bytes in in_flight:
+            yield future.result(), n_bytes
 
 
 def write_shards(

@@ -9,7 +9,17 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.shards import MANIFEST, ShardDataset, ShardWriter, dtype_for_vocab, encode_piece, write_shards
-from pipeline.textstream import DocumentTable, Segment, Segments, fallback_cut, read_blocks, safe_cut, sample_text, split_tail
+from pipeline.textstream import (
+    DocumentTable,
+    Segment,
+    Segments,
+    fallback_cut,
+    read_blocks,
+    read_runs,
+    safe_cut,
+    sample_text,
+    split_tail,
+)
 from pipeline.tokenizer import train_tokenizer
 
 FINGERPRINT = "f" * 64
@@ -165,6 +175,55 @@ def test_write_shards_round_trip(tmp_path, corpus, bpe):
         expected.append(bpe.eot_token)
     assert tokens == expected
     assert manifest["total_tokens"] == len(expected)
+
+
+@pytest.fixture()
+def short_documents(tmp_path, corpus_text):
+    """Hundreds of short documents back to back (a dataset's shape), one long one, one holding the EOT text."""
+    words = corpus_text.split()
+    docs = [" ".join(words[i : i + 7 + i % 40]) + ("\r\n" if i % 3 else "\n\n¿Sí?") for i in range(0, 12_000, 29)]
+    docs[57] = corpus_text[:30_000]  # longer than a run: read in pieces cut at safe positions
+    docs[200] = "Dijo <|endoftext|> y calló."  # ordinary text, never the EOT token
+    path = tmp_path / "corpus.txt"
+    path.write_text("".join(docs), encoding="utf-8")
+    return path, docs, Segments.from_ends(np.cumsum([len(d.encode()) for d in docs]))
+
+
+def test_read_runs_reads_consecutive_documents_at_once_and_cuts_long_ones_safely(short_documents):
+    path, docs, segments = short_documents
+    data = path.read_bytes()
+    runs = list(read_runs(path, segments, 4096))
+    assert len(runs) < len(docs) / 3 and max(len(buf) for _, buf, _ in runs) <= 4096
+    assert b"".join(buf for _, buf, _ in runs) == data and all(data[o : o + len(b)] == b for o, b, _ in runs)
+    assert [offset + end for offset, _, ends in runs for end in ends] == [s.offset + s.length for s in segments]
+    long = [(buf, ends) for offset, buf, ends in runs if segments[57].offset <= offset < segments[58].offset]
+    assert len(long) > 7 and [ends for _, ends in long] == [[]] * (len(long) - 1) + [[len(long[-1][0])]]
+    gaps = [segments[0], Segment(segments[2].offset, 0), segments[2], segments[1]]  # not back to back, one empty
+    assert list(read_runs(path, gaps, 4096)) == [
+        (s.offset, data[s.offset : s.offset + s.length], [s.length]) for s in (segments[0], segments[2], segments[1])
+    ]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "gpt2", "char"])
+def test_write_shards_of_many_short_documents_is_each_document_encoded_whole(tmp_path, short_documents, bpe, kind):
+    path, docs, segments = short_documents
+    enc = bpe if kind == "bpe" else train_tokenizer(kind, docs, 600)
+    manifest = write_shards(enc, path, {"train": segments}, tmp_path / "shards", fingerprint=FINGERPRINT,
+                            shard_tokens=5000, batch_bytes=16_000, threads=2)
+    tokens = np.concatenate([np.asarray(a) for a in ShardDataset(tmp_path / "shards", "train").arrays]).tolist()
+    assert tokens == [t for doc in docs for t in [*enc.encode_ordinary(doc), enc.eot_token]]
+    assert tokens.count(enc.eot_token) == len(docs) == manifest["splits"]["train"]["documents"]
+
+
+def test_write_shards_names_the_byte_of_invalid_utf8_inside_a_run(tmp_path, short_documents, bpe):
+    path, _, segments = short_documents
+    data = bytearray(path.read_bytes())
+    bad = segments[120].offset + 3
+    data[bad] = 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(PipelineError, match=rf"corpus.txt: not valid UTF-8 at byte {bad}$"):
+        write_shards(bpe, path, {"train": segments}, tmp_path / "shards", fingerprint=FINGERPRINT,
+                     shard_tokens=5000, batch_bytes=16_000, threads=2)
 
 
 def test_dtype_follows_the_vocab_and_the_writer_refuses_ids_beyond_it(tmp_path):

@@ -1,6 +1,6 @@
 """A dataset-sized corpus through the download and tokenize stages: throughput against raw tiktoken, and memory.
 
-    python -m bench.corpus [--gb 2] [--small-gb 0.2] [--dir DIR] [--keep]
+    python -m bench.corpus [--gb 2] [--small-gb 0.2] [--rounds 2] [--dir DIR] [--keep]
 
 Writes ``--gb`` of text as dataset shards under ``--dir`` (default: the system temp dir): alternately JSONL.gz
 and Parquet (10,000-row groups), ~100 MB of text each, records of 1–6 paragraphs drawn (seeded) from the shared
@@ -10,10 +10,13 @@ runs ``python -m stages.download`` and ``python -m stages.tokenize`` — the sta
 would cache the corpus twice) — and measures each process's wall time, CPU time and peak RSS:
   pipeline  download (read + decompress + parse + clean + write corpus.txt) + tokenize's encode+write, i.e. the
             tokenize wall time less its tokenizer training (reported apart, from its metrics.json);
-  raw       in this process, ``encode_ordinary_batch`` on all cores over the same text already decoded, in the
-            stage's own pieces (reading and decoding not timed) — the ceiling;
-on ``--small-gb`` of the shards first, then on all of them: peak RSS must not grow with the corpus. The corpus is
-deleted at the end unless ``--keep``. The last line is a key=value summary.
+  raw       in this process, ``encode_ordinary_batch`` on all cores over the same documents already decoded,
+            in batches of ``shards.batch_bytes`` (reading and decoding not timed) — the ceiling;
+on ``--small-gb`` of the shards first, then on all of them: peak RSS must not grow with the corpus. On the big
+corpus pipeline and raw runs alternate (pipeline, raw, pipeline, raw for ``--rounds 2``) and each pipeline run
+is compared with the raw runs next to it: this VM's speed drifts by a third over minutes, the same code and
+data included. ``ratio`` is the mean over rounds. The corpus is deleted at the end unless ``--keep``. The last
+line is a key=value summary.
 """
 from __future__ import annotations
 
@@ -179,6 +182,7 @@ def main() -> None:
     parser.add_argument("--small-gb", type=float, default=0.2, help="a smaller corpus: peak RSS must not grow with size")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "llm-pipeline-bench-corpus")
     parser.add_argument("--keep", action="store_true", help="keep the generated shards for the next run")
+    parser.add_argument("--rounds", type=int, default=2, help="pipeline runs on the big corpus, raw runs between them")
     args = parser.parse_args()
     shards = load_params(ROOT / "params.yaml").shards
     threads = encode_threads()
@@ -194,17 +198,22 @@ def main() -> None:
         print(f"small: {json.dumps(small)}", flush=True)
         shutil.rmtree(args.dir / "small")
         big_project = make_project(args.dir / "big", files)
-        big = pipeline_run(big_project)
-        print(f"big: {json.dumps(big)}", flush=True)
-        raw = raw_encode(big_project, shards.val_fraction, shards.batch_bytes, threads)
-        print(f"raw: {json.dumps(raw)}", flush=True)
+        bigs, raws = [pipeline_run(big_project)], []  # the first run makes data/raw and the tokenizer raw needs
+        print(f"big: {json.dumps(bigs[0])}", flush=True)
+        for round_ in range(args.rounds):  # raw, pipeline, raw, ...: each pipeline run between two raw runs
+            raws.append(raw_encode(big_project, shards.val_fraction, shards.batch_bytes, threads))
+            print(f"raw: {json.dumps(raws[-1])}", flush=True)
+            if round_ < args.rounds - 1:
+                bigs.append(pipeline_run(big_project))
+                print(f"big: {json.dumps(bigs[-1])}", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(args.dir, ignore_errors=True)
-    assert big["tokens"] == raw["tokens"] + raw["documents"], "pipeline and raw tokens differ beyond the EOTs"
+    for big in bigs:
+        assert big["tokens"] == raws[0]["tokens"] + raws[0]["documents"], "pipeline and raw tokens differ beyond the EOTs"
 
     print(f"{'path':<40} {'GB':>6} {'MB/s':>7} {'tokens/s':>11} {'wall s':>8} {'CPU s':>8} {'peak RSS MB':>12}")
-    for name, run in (("pipeline (small)", small), ("pipeline", big)):
+    for name, run in (("pipeline (small)", small), *((f"pipeline round {i + 1}", big) for i, big in enumerate(bigs))):
         print(f"{name + ' download+encode+write':<40} {run['text_bytes'] / 1e9:>6.2f} "
               f"{run['text_bytes'] / 1e6 / run['seconds']:>7.2f} {run['tokens'] / run['seconds']:>11,.0f} "
               f"{run['seconds']:>8.1f} {run['cpu_seconds']:>8.1f} "
@@ -212,17 +221,25 @@ def main() -> None:
         print(f"{'  of which download':<40} {'':>6} {run['text_bytes'] / 1e6 / run['download_seconds']:>7.2f} "
               f"{'':>11} {run['download_seconds']:>8.1f} {'':>8} {run['peak_rss_download_mb']:>12.0f}")
         print(f"{'  tokenizer training (apart)':<40} {TRAIN_BYTES / 1e9:>6.3f} {'':>7} {'':>11} {run['train_seconds']:>8.1f}")
-    print(f"{'raw encode_ordinary_batch':<40} {big['text_bytes'] / 1e9:>6.2f} {big['text_bytes'] / 1e6 / raw['seconds']:>7.2f} "
-          f"{raw['tokens'] / raw['seconds']:>11,.0f} {raw['seconds']:>8.1f} {raw['cpu_seconds']:>8.1f}")
-    ratio = raw["seconds"] / big["seconds"]
-    cpu_ratio = raw["cpu_seconds"] / big["cpu_seconds"]
-    print(f"corpus_gb={big['text_bytes'] / 1e9:.2f} small_gb={small['text_bytes'] / 1e9:.2f} documents={big['documents']} "
-          f"tokens={big['tokens']} threads={threads} pipeline_mb_s={big['text_bytes'] / 1e6 / big['seconds']:.2f} "
-          f"raw_mb_s={big['text_bytes'] / 1e6 / raw['seconds']:.2f} pipeline_tokens_s={big['tokens'] / big['seconds']:.0f} "
-          f"ratio={ratio:.3f} cpu_ratio={cpu_ratio:.3f} train_seconds={big['train_seconds']:.1f} "
-          f"peak_rss_mb={max(big['peak_rss_download_mb'], big['peak_rss_tokenize_mb']):.0f} "
-          f"peak_rss_small_mb={max(small['peak_rss_download_mb'], small['peak_rss_tokenize_mb']):.0f}")
+    text_bytes = bigs[0]["text_bytes"]
+    for i, raw in enumerate(raws):
+        print(f"{f'raw encode_ordinary_batch {i + 1}':<40} {text_bytes / 1e9:>6.2f} {text_bytes / 1e6 / raw['seconds']:>7.2f} "
+              f"{raw['tokens'] / raw['seconds']:>11,.0f} {raw['seconds']:>8.1f} {raw['cpu_seconds']:>8.1f}")
+    def around(key: str) -> list[float]:  # the raw runs next to each pipeline run: after the first, around the rest
+        return [raws[0][key]] + [(raws[i - 1][key] + raws[i][key]) / 2 for i in range(1, len(bigs))]
 
+    ratios = [r / big["seconds"] for r, big in zip(around("seconds"), bigs, strict=True)]
+    cpu_ratios = [r / big["cpu_seconds"] for r, big in zip(around("cpu_seconds"), bigs, strict=True)]
+    seconds = sum(big["seconds"] for big in bigs) / len(bigs)
+    raw_seconds = sum(raw["seconds"] for raw in raws) / len(raws)
+    peak = max(max(big["peak_rss_download_mb"], big["peak_rss_tokenize_mb"]) for big in bigs)
+    print(f"ratio per round (raw around it / pipeline): {', '.join(f'{r:.3f}' for r in ratios)}")
+    print(f"corpus_gb={text_bytes / 1e9:.2f} small_gb={small['text_bytes'] / 1e9:.2f} documents={bigs[0]['documents']} "
+          f"tokens={bigs[0]['tokens']} threads={threads} rounds={len(bigs)} pipeline_mb_s={text_bytes / 1e6 / seconds:.2f} "
+          f"raw_mb_s={text_bytes / 1e6 / raw_seconds:.2f} pipeline_tokens_s={bigs[0]['tokens'] / seconds:.0f} "
+          f"ratio={sum(ratios) / len(ratios):.3f} cpu_ratio={sum(cpu_ratios) / len(cpu_ratios):.3f} "
+          f"train_seconds={bigs[0]['train_seconds']:.1f} peak_rss_mb={peak:.0f} "
+          f"peak_rss_small_mb={max(small['peak_rss_download_mb'], small['peak_rss_tokenize_mb']):.0f}")
 
 if __name__ == "__main__":
     main()

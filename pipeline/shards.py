@@ -16,6 +16,7 @@ import collections
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from pipeline.errors import PipelineError
 from pipeline.hashing import sha256_file
 from pipeline.textstream import Segment, decode_utf8, read_runs, total_bytes
-from pipeline.tokenizer import EOT
+from pipeline.tokenizer import EOT, clone_encoding
 
 if TYPE_CHECKING:
     import torch
@@ -141,15 +142,23 @@ def encode_segments(
 ) -> Iterator[tuple[np.ndarray, int]]:
     """``(uint32 tokens, text bytes)`` per run of documents, in order, EOT after each segment.
 
-    Runs of about ``batch_bytes / (4 * threads)`` go to ``threads`` encoder threads; while the caller writes
-    one run's tokens, up to ``batch_bytes`` of the following runs are already read and encoding, so the cores
-    never wait for the disk and memory stays bounded.
+    Runs of about ``batch_bytes / (4 * threads)`` go to ``threads`` encoder threads, each with its own copy of
+    the tokenizer (``tokenizer.clone_encoding``). While the caller writes one run's tokens, up to
+    ``batch_bytes`` of the following runs are already read and encoding, so the cores never wait for the disk
+    and memory stays bounded.
     """
+    own = threading.local()
+
+    def encode(offset: int, buf: bytes, ends: list[int]) -> np.ndarray:
+        if not hasattr(own, "enc"):
+            own.enc = clone_encoding(enc)
+        return encode_run(own.enc, path, offset, buf, ends)
+
     in_flight: collections.deque = collections.deque()
     held = 0
     with ThreadPoolExecutor(threads) as pool:
         for offset, buf, ends in read_runs(path, segments, piece_bytes(batch_bytes, threads)):
-            in_flight.append((pool.submit(encode_run, enc, path, offset, buf, ends), len(buf)))
+            in_flight.append((pool.submit(encode, offset, buf, ends), len(buf)))
             held += len(buf)
             while held > batch_bytes:
                 future, n_bytes = in_flight.popleft()

@@ -121,6 +121,18 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> tiktoke
     raise PipelineError(f"tokenizer.kind must be one of {', '.join(KINDS)}, got {kind!r}")
 
 
+def clone_encoding(enc: tiktoken.Encoding) -> tiktoken.Encoding:
+    """The same tokenizer as a new object, for one encoder thread alone.
+
+    Threads that share one Encoding share its regexes' match caches, and all but the first thread to use them
+    take a slower path through a shared pool: an encoder thread with its own Encoding encoded 1.4–2× faster,
+    and steadily so, where a shared one swung between runs (BENCHMARKS.md, "Corpus at dataset scale").
+    """
+    state = enc.__getstate__()  # our encodings are never registered by name, so this is their full state
+    return tiktoken.Encoding(state["name"], pat_str=state["pat_str"], mergeable_ranks=state["mergeable_ranks"],
+                             special_tokens=state["special_tokens"], explicit_n_vocab=enc.n_vocab)
+
+
 def _ranks_text(ranks: dict[bytes, int]) -> bytes:
     lines = (f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
     return "".join(lines).encode()

@@ -17,6 +17,7 @@ from pipeline.tokenizer import (
     SPECIAL_TOKENS,
     SYSTEM,
     USER,
+    clone_encoding,
     load_tokenizer,
     save_tokenizer,
     tokenizer_fingerprint,
@@ -92,6 +93,17 @@ def test_save_load_round_trip(trained, tmp_path, kind):
     meta = json.loads((tmp_path / "metadata.json").read_text())
     assert meta["kind"] == kind and meta["vocab_size"] == enc.n_vocab and meta["fingerprint"] == fingerprint
     assert meta["special_tokens"][ASSISTANT] == enc.encode_single_token(ASSISTANT)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char", "gpt2"])
+def test_a_clone_is_the_same_tokenizer_in_a_new_object(trained, tmp_path, kind):
+    enc = trained[kind]
+    clone = clone_encoding(enc)
+    assert clone is not enc and clone._core_bpe is not enc._core_bpe  # its own regexes, so its own caches
+    assert (clone.n_vocab, clone.eot_token, clone.name) == (enc.n_vocab, enc.eot_token, enc.name)
+    text = SAMPLE + EOT + SAMPLE
+    assert clone.encode(text, allowed_special={EOT}) == enc.encode(text, allowed_special={EOT})
+    assert save_tokenizer(clone, tmp_path / "clone", kind) == save_tokenizer(enc, tmp_path / "enc", kind)
 
 
 def test_edited_rank_file_is_refused(trained, tmp_path):

@@ -198,14 +198,12 @@ def main() -> None:
         print(f"small: {json.dumps(small)}", flush=True)
         shutil.rmtree(args.dir / "small")
         big_project = make_project(args.dir / "big", files)
-        bigs, raws = [pipeline_run(big_project)], []  # the first run makes data/raw and the tokenizer raw needs
-        print(f"big: {json.dumps(bigs[0])}", flush=True)
-        for round_ in range(args.rounds):  # raw, pipeline, raw, ...: each pipeline run between two raw runs
+        bigs, raws = [], []
+        for _ in range(args.rounds):  # pipeline first: it makes the data/raw and tokenizer that raw encodes with
+            bigs.append(pipeline_run(big_project))
+            print(f"big: {json.dumps(bigs[-1])}", flush=True)
             raws.append(raw_encode(big_project, shards.val_fraction, shards.batch_bytes, threads))
             print(f"raw: {json.dumps(raws[-1])}", flush=True)
-            if round_ < args.rounds - 1:
-                bigs.append(pipeline_run(big_project))
-                print(f"big: {json.dumps(bigs[-1])}", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(args.dir, ignore_errors=True)
@@ -225,6 +223,7 @@ def main() -> None:
     for i, raw in enumerate(raws):
         print(f"{f'raw encode_ordinary_batch {i + 1}':<40} {text_bytes / 1e9:>6.2f} {text_bytes / 1e6 / raw['seconds']:>7.2f} "
               f"{raw['tokens'] / raw['seconds']:>11,.0f} {raw['seconds']:>8.1f} {raw['cpu_seconds']:>8.1f}")
+
     def around(key: str) -> list[float]:  # the raw runs next to each pipeline run: after the first, around the rest
         return [raws[0][key]] + [(raws[i - 1][key] + raws[i][key]) / 2 for i in range(1, len(bigs))]
 
@@ -240,6 +239,7 @@ def main() -> None:
           f"ratio={sum(ratios) / len(ratios):.3f} cpu_ratio={sum(cpu_ratios) / len(cpu_ratios):.3f} "
           f"train_seconds={bigs[0]['train_seconds']:.1f} peak_rss_mb={peak:.0f} "
           f"peak_rss_small_mb={max(small['peak_rss_download_mb'], small['peak_rss_tokenize_mb']):.0f}")
+
 
 if __name__ == "__main__":
     main()

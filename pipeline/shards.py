@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 _LITTLE_ENDIAN = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+_EOT_BYTES = EOT.encode()
 
 
 def dtype_for_vocab(n_vocab: int) -> np.dtype:
@@ -119,10 +120,9 @@ def encode_run(enc: tiktoken.Encoding, path: Path, offset: int, buf: bytes, ends
     document instead, so that text stays ordinary text.
     """
     bounds = list(zip([0, *ends], [*ends, len(buf)], strict=True))  # the last one: after the last end, maybe empty
-    separator = EOT.encode()
-    if separator not in buf:
+    if _EOT_BYTES not in buf:
         try:
-            text = separator.join(buf[begin:end] for begin, end in bounds).decode("utf-8")
+            text = _EOT_BYTES.join(buf[begin:end] for begin, end in bounds).decode("utf-8")
         except UnicodeDecodeError:
             for begin, end in bounds:  # the document at fault raises, naming its byte in the file
                 decode_utf8(buf[begin:end], path, offset + begin)

@@ -66,6 +66,8 @@ def tokenizer_for(cfg: GPTConfig):
 def bench_shape(cfg: GPTConfig, rounds: int, threads: int, opset: int) -> dict:
     from llama_cpp import Llama
 
+    from pipeline.llama_cpp_check import no_weight_repacking
+
     enc, kind = tokenizer_for(cfg)
     model = random_model(replace(cfg, vocab_size=enc.n_vocab))
     prompt = np.random.default_rng(0).integers(0, enc.n_vocab, PROMPT).tolist()
@@ -79,8 +81,9 @@ def bench_shape(cfg: GPTConfig, rounds: int, threads: int, opset: int) -> dict:
             path = Path(tmp) / f"bench-{gguf_type}.gguf"
             write_gguf(model, tokenizer, None, path, gguf_type, "bench")
             sizes[gguf_type] = path.stat().st_size / 1e6
-            llamas[gguf_type] = Llama(model_path=str(path), n_ctx=cfg.context_length, n_threads=threads,
-                                      n_threads_batch=threads, verbose=False)
+            with no_weight_repacking():  # the AMX repack of q8_0 segfaults (docs/export.md)
+                llamas[gguf_type] = Llama(model_path=str(path), n_ctx=cfg.context_length, n_threads=threads,
+                                          n_threads_batch=threads, verbose=False)
         decode: dict[str, list[float]] = {}
         for round_ in range(rounds):
             streams = {"torch": stream_tokens(model, torch.tensor([prompt]), greedy),

@@ -349,6 +349,7 @@ class ExportParams:
     formats: tuple[Literal["onnx", "gguf", "hf"], ...] = ("onnx", "gguf", "hf")
     gguf_types: tuple[Literal["f32", "f16", "q8_0"], ...] = ("f16", "q8_0")  # one file each; the Modelfile uses the first
     gguf_check_positions: int = _positive(2048)  # real validation positions of the llama.cpp agreement check
+    gguf_check_timeout: float = _positive(900.0)  # seconds per file for llama.cpp's checks (its child is killed after)
 
     def __post_init__(self) -> None:
         for name in ("formats", "gguf_types"):

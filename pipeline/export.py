@@ -36,7 +36,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from pipeline.atomic import atomic_path, write_json
-from pipeline.checkpoint import CONFIG, load_with_tokenizer
+from pipeline.checkpoint import CONFIG, load_with_tokenizer, read_model_config
 from pipeline.config import ExportParams
 from pipeline.errors import PipelineError, quiet_logger
 from pipeline.export_classifier import export_classifier
@@ -110,6 +110,22 @@ def check_opset(opset: int) -> None:
             f"export.opset={opset} is not supported: use {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1} "
             f"(the dynamo exporter writes opset ≥ 18; onnxruntime {ort.__version__} runs up to 25)"
         )
+
+
+def check_parity_tokens(parity_tokens: int, ctx: int) -> None:
+    if not 1 <= parity_tokens < ctx:
+        raise PipelineError(
+            f"export.parity_tokens={parity_tokens} must be in 1..{ctx - 1} (context_length {ctx} "
+            "holds a prompt and the generated tokens)"
+        )
+
+
+def check_params(params: ExportParams, model_dir: Path) -> None:
+    """What the ONNX and HF exports would refuse in ``export`` params, checked before any format writes a file."""
+    check_opset(params.opset)
+    shape = read_model_config(model_dir)["model"]
+    if not shape.get("n_classes"):
+        check_parity_tokens(params.parity_tokens, shape["context_length"])
 
 
 def export_graph(model: GPT, path: Path, opset: int) -> None:
@@ -390,11 +406,7 @@ def export_model(
         texts = [row[: 2 + 13 * i % max(1, ctx - 2)].tolist() for i, row in
                  enumerate(real_windows(shards_dir, loaded.tokenizer_fingerprint, ctx))]
         return export_classifier(model, loaded.meta, tokenizer_dir, out_dir, texts, params, seed, **metadata)
-    if not 1 <= params.parity_tokens < ctx:
-        raise PipelineError(
-            f"export.parity_tokens={params.parity_tokens} must be in 1..{ctx - 1} (context_length {ctx} "
-            "holds a prompt and the generated tokens)"
-        )
+    check_parity_tokens(params.parity_tokens, ctx)
     windows = real_windows(shards_dir, loaded.tokenizer_fingerprint, ctx)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()

@@ -17,6 +17,7 @@ Beside the weights: ``tokenizer.chat_template`` (Jinja, for llama-server) and an
 from __future__ import annotations
 
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch
 
 from pipeline.atomic import atomic_path
 from pipeline.config import ExportParams
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, one_line
 from pipeline.gpt2_layout import require_gpt2
 from pipeline.instructions import ALPACA_PREAMBLE
 from pipeline.model import GPT
@@ -152,13 +153,19 @@ def stop_strings(template: str | None) -> list[str]:
     return [EOT, END_OF_TURN] if template == "chat" else [EOT]
 
 
+# Ollama reads ``#`` lines of a Modelfile as comments: the one known crash, for whoever runs these files.
+AMX_NOTE = ("# q8_0 on Intel CPUs with AMX (lscpu flag amx_int8): llama.cpp repacks q8_0 weights for AMX and can\n"
+            "# segfault on the first token (ggml-org/llama.cpp#20824). llama.cpp: run with --no-repack. Ollama has\n"
+            "# no such switch: use the f16 file here, or see docs/export.md (GGUF on CPUs with AMX).\n")
+
+
 def modelfile(gguf_name: str, template: str | None, context_length: int) -> str:
     """An Ollama Modelfile: ``ollama create NAME -f Modelfile`` from the directory holding ``gguf_name``.
 
     Sampling defaults are Ollama's own, except ``repeat_penalty 1`` (our sampler has none) and ``num_ctx``, which
     must not exceed the model's learned positions."""
     stops = "".join(f'PARAMETER stop "{s}"\n' for s in stop_strings(template))
-    return (f"FROM ./{gguf_name}\n"
+    return (f"{AMX_NOTE}FROM ./{gguf_name}\n"
             f'TEMPLATE """{go_template(template)}"""\n'
             f"{stops}"
             f"PARAMETER num_ctx {context_length}\n"
@@ -276,9 +283,16 @@ def val_text(windows: np.ndarray, enc: tiktoken.Encoding) -> list[str]:
 
 def export_gguf(model_dir: Path, tokenizer_dir: Path, shards_dir: Path, out_dir: Path, params: ExportParams) -> dict:
     """``out_dir``/<model>-<type>.gguf per ``export.gguf_types`` and a Modelfile (replaced atomically, only when
-    every check passed); verified in llama.cpp when llama-cpp-python is importable. Returns the metrics."""
+    every check passed); verified in llama.cpp, in a child process, when llama-cpp-python is installed. Returns
+    the metrics.
+
+    A check that fails (tokenizer, agreement, chat template) fails the export: nothing is published. When
+    llama.cpp itself dies (a signal) or hangs on a file, the file is still published, marked unverified with the
+    reason in the metrics and one ``warning:`` line: the crash is the runtime's on this CPU, not the file's, and
+    the other formats' outputs stay whole."""
     from pipeline.checkpoint import load_with_tokenizer
-    from pipeline.llama_cpp_check import runtime_name, verify
+    from pipeline.isolated import ChildCrashed
+    from pipeline.llama_cpp_check import CRASH_ADVICE, check_in_child, runtime_name
     from pipeline.serve_models import chat_prompt_ids
     from pipeline.shards import ShardDataset
     from pipeline.tokenizer import read_metadata
@@ -306,8 +320,14 @@ def export_gguf(model_dir: Path, tokenizer_dir: Path, shards_dir: Path, out_dir:
     if runtime is None:
         metrics["unverified"] = "llama_cpp is not importable (pip install llama-cpp-python): the files were not loaded"
     name = model_dir.name
-    with atomic_path(out_dir) as tmp:
+    crashes = []
+    with atomic_path(out_dir) as tmp, tempfile.TemporaryDirectory(prefix="gguf-check-") as scratch:
         tmp.mkdir()
+        np.save(Path(scratch) / "windows.npy", windows)  # the child's copy of the validation windows
+        request = {"model_dir": str(model_dir.resolve()), "tokenizer_dir": str(tokenizer_dir.resolve()),
+                   "windows": str(Path(scratch) / "windows.npy"),
+                   "texts": val_text(windows, enc) + [enc.decode(ids) for ids in chat_ids],
+                   "greedy_tokens": params.parity_tokens, "chats": chats, "chat_ids": chat_ids}
         for gguf_type in params.gguf_types:
             path = tmp / f"{name}-{gguf_type}.gguf"
             print(f"export: {model_dir} → {path.name}", file=sys.stderr)
@@ -315,9 +335,16 @@ def export_gguf(model_dir: Path, tokenizer_dir: Path, shards_dir: Path, out_dir:
             metrics["files"][gguf_type] = path.name
             metrics["size_mb"][gguf_type] = round(path.stat().st_size / 1e6, 3)
             if runtime:
-                texts = val_text(windows, enc) + [enc.decode(ids) for ids in chat_ids]
-                metrics[gguf_type] = verify(path, gguf_type, model, enc, texts, windows, params.parity_tokens,
-                                            chats, chat_ids)
+                try:
+                    metrics[gguf_type] = check_in_child("check_file", path, params.gguf_check_timeout,
+                                                        gguf_type=gguf_type, **request)
+                except ChildCrashed as exc:
+                    reason = one_line(str(exc).replace(str(tmp), str(out_dir)))  # the path the user will find
+                    print(f"warning: {reason}", file=sys.stderr)
+                    metrics[gguf_type] = {"passed": False, "crashed": exc.cause, "reason": reason}
+                    crashes.append(f"{gguf_type}: llama.cpp crashed ({exc.cause})")
+        if crashes:
+            metrics["unverified"] = "; ".join(crashes) + f" — published unverified ({CRASH_ADVICE})"
         (tmp / MODELFILE).write_text(modelfile(metrics["files"][params.gguf_types[0]], template, cfg.context_length),
                                      encoding="utf-8")
     return metrics

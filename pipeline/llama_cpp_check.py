@@ -6,11 +6,19 @@ next token ours?) with an f32 KV cache, so only the weights' storage type and gg
 goes through an f16 table and f16/q8_0 round the weights, which flips near-ties — token-for-token greedy
 equality over long runs is too strict a test, so greedy agreement is reported (with the first divergence and
 our logit margin there), and the teacher-forced share must reach ``MIN_TOP1``.
+
+llama.cpp is native code with CPU-specific paths, so it only ever runs in a child process (``pipeline.isolated``):
+the export and the tests call ``check_in_child`` and never import ``llama_cpp`` themselves. In the child, the file
+is loaded without weight repacking: on CPUs with AMX, llama.cpp repacks q8_0 weights into its AMX buffer type and
+the first decode segfaults there (ggml-org/llama.cpp#20824); without repacking the same file decodes correctly.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
+import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +28,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.generate import stream_tokens
+from pipeline.isolated import run_isolated
 from pipeline.model import GPT
 from pipeline.sampling import SamplingOptions
 
@@ -30,23 +39,50 @@ EDGE_CASE = ("Año 1605: 1234567 x 89.5%  —  ¡Olé! café naïve Ma\u0301laga
              "don't I'LL we've <|endoftext|><|user|>hi<|end|><|assistant|>  trailing   ")
 
 
+RUNTIME = "llama.cpp (llama-cpp-python)"
+# What a user can do when llama.cpp dies on one of our files: the check's one line ends with it.
+CRASH_ADVICE = ("the file itself was written; load it with llama.cpp's --no-repack, or use the f16 file, and see "
+                "docs/export.md (GGUF on CPUs with AMX)")
+
+
 def runtime_name() -> str | None:
-    """``llama.cpp via llama-cpp-python X`` when the runtime is importable, else None."""
-    try:
-        import llama_cpp
-    except ImportError:
+    """``llama.cpp via llama-cpp-python X`` when the runtime is installed, else None (found, never imported)."""
+    if importlib.util.find_spec("llama_cpp") is None:
         return None
-    return f"llama.cpp via llama-cpp-python {llama_cpp.__version__}"
+    return f"llama.cpp via llama-cpp-python {importlib.metadata.version('llama_cpp_python')}"
+
+
+@contextlib.contextmanager
+def no_weight_repacking() -> Iterator[None]:
+    """Models loaded in the block keep their weights in llama.cpp's plain CPU buffers (``--no-repack``).
+
+    llama-cpp-python's ``Llama`` has no argument for ``use_extra_bufts``; it builds its model params from
+    ``llama_model_default_params`` at load time, so the defaults are changed for the load only."""
+    from llama_cpp import llama_cpp as lib
+
+    defaults = lib.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False  # the extra buffer types are the repacked ones (AMX, CPU_REPACK)
+        return params
+
+    lib.llama_model_default_params = without_extra_buffers
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = defaults
 
 
 def load(path: Path, context_length: int):
-    """The GGUF file in llama.cpp: all logits kept (teacher forcing), f32 KV cache, quiet."""
+    """The GGUF file in llama.cpp: all logits kept (teacher forcing), f32 KV cache, no weight repacking, quiet."""
     from llama_cpp import GGML_TYPE_F32, Llama
 
     try:
-        return Llama(model_path=str(path), n_ctx=context_length, n_batch=context_length, n_ubatch=context_length,
-                     n_threads=len(os.sched_getaffinity(0)), logits_all=True, type_k=GGML_TYPE_F32,
-                     type_v=GGML_TYPE_F32, verbose=False)
+        with no_weight_repacking():
+            return Llama(model_path=str(path), n_ctx=context_length, n_batch=context_length, n_ubatch=context_length,
+                         n_threads=len(os.sched_getaffinity(0)), logits_all=True, type_k=GGML_TYPE_F32,
+                         type_v=GGML_TYPE_F32, verbose=False)
     except (ValueError, RuntimeError) as exc:
         raise PipelineError(f"{path}: llama.cpp cannot load it ({exc})") from None
 
@@ -158,3 +194,42 @@ def verify(path: Path, gguf_type: str, model: GPT, enc: tiktoken.Encoding, texts
                 "passed": True}
     finally:
         llm.close()
+
+
+# ---------------------------------------------------------------------------------------------- the child's side
+
+
+def check_file(gguf: str, gguf_type: str, model_dir: str, tokenizer_dir: str, windows: str, texts: list[str],
+               greedy_tokens: int, chats: list, chat_ids: list) -> dict:
+    """In the child: every check of ``verify`` on one file, against the model saved in ``model_dir`` and the
+    validation windows saved (``.npy``) at ``windows``."""
+    from pipeline.checkpoint import load_with_tokenizer
+
+    loaded = load_with_tokenizer(Path(model_dir), Path(tokenizer_dir))
+    return verify(Path(gguf), gguf_type, loaded.model.eval(), loaded.enc, texts, np.load(windows, allow_pickle=False),
+                  greedy_tokens, [[tuple(turn) for turn in chat] for chat in chats], chat_ids)
+
+
+def check_tokenizer(gguf: str, tokenizer_dir: str, context_length: int, texts: list[str], chats: list,
+                    chat_ids: list) -> dict:
+    """In the child: llama.cpp's tokenizer and chat template against ours, on one file (no decoding)."""
+    from pipeline.tokenizer import load_tokenizer
+
+    enc = load_tokenizer(Path(tokenizer_dir))
+    llm = load(Path(gguf), context_length)
+    try:
+        compared, mismatch = tokenizer_mismatches(llm, enc, [*texts, EDGE_CASE])
+        chat_ok = chat_template_check(llm, enc, [[tuple(t) for t in c] for c in chats], chat_ids) if chats else None
+    finally:
+        llm.close()
+    return {"tokenizer_tokens_compared": compared, "mismatch": mismatch, "chat_template_matches": chat_ok}
+
+
+# ---------------------------------------------------------------------------------------------- the caller's side
+
+
+def check_in_child(check: str, gguf: Path, timeout: float, **request) -> dict:
+    """``check`` (``check_file`` or ``check_tokenizer``) on ``gguf`` in a child process: its figures, a
+    PipelineError for a failed check, or ChildCrashed when llama.cpp dies or hangs."""
+    return run_isolated(f"{__name__}:{check}", {"gguf": str(gguf), **request}, subject=str(gguf), runtime=RUNTIME,
+                        advice=CRASH_ADVICE, timeout=timeout)

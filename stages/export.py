@@ -1,6 +1,5 @@
-"""export stage: models/<export.model> → models/onnx (fp32 + int8, tokenizer, config, model card; parity checked
-against torch), models/gguf (GGUF files + Ollama Modelfile; checked in llama.cpp when it is installed) and models/hf
-(transformers' GPT-2 layout, tokenizer.json, chat templates; checked through transformers), as export.formats lists."""
+"""export stage: models/<export.model> → models/onnx (parity checked against torch), models/gguf (+ Ollama Modelfile;
+checked in llama.cpp, in a child process) and models/hf (checked through transformers), as export.formats lists."""
 from __future__ import annotations
 
 import sys
@@ -9,7 +8,7 @@ from pathlib import Path
 from pipeline import config
 from pipeline.atomic import atomic_path, write_json
 from pipeline.errors import exit_on_error
-from pipeline.export import check_opset, export_model
+from pipeline.export import check_params, export_model
 from pipeline.gguf_export import export_gguf
 from pipeline.hf_export import export_hf_model
 from pipeline.provenance import provenance
@@ -46,7 +45,8 @@ def hf_line(hf: dict) -> str:
 
 
 def gguf_line(gguf: dict) -> str:
-    checked = ", ".join(f"{t} top-1 {gguf[t]['top1_agreement']:.1%}" for t in gguf["files"] if t in gguf)
+    checked = ", ".join(f"{t} top-1 {gguf[t]['top1_agreement']:.1%}" if gguf[t]["passed"] else f"{t} UNVERIFIED"
+                        for t in gguf["files"] if t in gguf)
     verified = f"verified by {gguf['verified_by']}: {checked}" if gguf["verified_by"] else gguf["unverified"]
     return f"export: {', '.join(gguf['files'].values())} → {OUT['gguf']}/; {verified}"
 
@@ -58,8 +58,8 @@ def main() -> None:
     p = params.export
     model_dir = Path("models") / p.model
     metrics: dict = {"formats": list(p.formats)}
-    if "onnx" in p.formats:
-        check_opset(p.opset)  # a params mistake fails before any format's work
+    if {"onnx", "hf"} & set(p.formats):
+        check_params(p, model_dir)  # a params mistake fails before any format's work
     if "gguf" in p.formats:  # first: it refuses what it cannot export (a char tokenizer, a classifier) at once
         metrics["gguf"] = export_gguf(model_dir, TOKENIZER, SHARDS, OUT["gguf"], p)
     if "onnx" in p.formats:

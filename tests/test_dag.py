@@ -15,7 +15,7 @@ OUTPUT_ROOTS = ("data/", "models/", "reports/", "checkpoints/", "cache/")
 
 # The data's direction through the house: a module may import its own layer and the ones above it, never a later one.
 LAYERS = [
-    {"errors", "atomic", "stage_timing", "hashing", "config", "provenance", "profile", "sampling", "textstream",
+    {"errors", "atomic", "isolated", "stage_timing", "hashing", "config", "provenance", "profile", "sampling", "textstream",
      "datasets", "unwrap", "corpus", "tokenizer", "shards", "instructions", "labelled"},  # data and the params
     {"model", "generate", "perf", "runtime", "checkpoint", "lora", "embeddings", "gpt2_layout",
      "pretrained"},  # the model, where it runs, its files

@@ -1,6 +1,7 @@
 """GGUF export: the files load in llama.cpp (llama-cpp-python) and agree with our model and tokenizer; the Ollama
 Modelfile's TEMPLATE, rendered by Go's text/template, is our prompt. Neither check is ever skipped: without `go`
-or `llama_cpp` these tests fail and say what to install."""
+or `llama_cpp` these tests fail and say what to install. llama.cpp runs only in the checks' child process, never
+in pytest's: a crash there (forced here with a stand-in `llama_cpp` that kills itself) is one line, not a dead run."""
 from __future__ import annotations
 
 import json
@@ -29,6 +30,8 @@ from pipeline.gguf_export import (
     write_gguf,
 )
 from pipeline.instructions import read_records
+from pipeline.isolated import run_isolated
+from pipeline.llama_cpp_check import CRASH_ADVICE, RUNTIME, check_in_child, runtime_name
 from pipeline.model import GPT, PRESETS
 from pipeline.serve_models import chat_prompt_ids
 from pipeline.tokenizer import gpt2, save_tokenizer, train_bpe, train_char
@@ -70,12 +73,12 @@ func main() {
 """
 
 
-def require_llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError as exc:  # a loud failure, never a skip: the proof is the point of these tests
-        pytest.fail(f"llama_cpp is not importable ({exc}): `pip install llama-cpp-python` (scripts/setup.sh does)")
-    return llama_cpp
+def require_llama_cpp() -> str:
+    """The runtime's name; found, not imported (only the child process loads it)."""
+    name = runtime_name()
+    if name is None:  # a loud failure, never a skip: the proof is the point of these tests
+        pytest.fail("llama_cpp is not installed: `pip install llama-cpp-python` (scripts/setup.sh does)")
+    return name
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +153,8 @@ def test_modelfile_template_rendered_by_go_is_our_prompt(go_render, tmp_path, te
         rendered = render_go(go_render, go_template(template), turns, tmp_path)
         assert enc.encode(rendered, allowed_special="all") == chat_prompt_ids(enc, template, turns), rendered
     text = modelfile("dpo-f16.gguf", template, 64)
-    assert text.startswith("FROM ./dpo-f16.gguf\n") and f'TEMPLATE """{go_template(template)}"""' in text
+    assert text.startswith("# q8_0 on Intel CPUs with AMX") and "--no-repack" in text and "llama.cpp#20824" in text
+    assert "\nFROM ./dpo-f16.gguf\n" in text and f'TEMPLATE """{go_template(template)}"""' in text
     assert 'PARAMETER stop "<|endoftext|>"' in text and "PARAMETER num_ctx 64" in text
     assert ('PARAMETER stop "<|end|>"' in text) == (template == "chat")
 
@@ -180,7 +184,7 @@ def test_export_writes_gguf_files_and_modelfile_verified_in_llama_cpp(workspace,
     assert "output.weight" not in {t.name for t in reader.tensors}  # tied head: llama.cpp reuses token_embd
     # The Modelfile's TEMPLATE is our chat prompt, rendered by Go.
     modelfile_text = (out / MODELFILE).read_text()
-    assert modelfile_text.startswith("FROM ./dpo-f32.gguf\n")
+    assert "\nFROM ./dpo-f32.gguf\n" in modelfile_text
     template = modelfile_text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
     from pipeline.tokenizer import load_tokenizer
 
@@ -194,8 +198,6 @@ def test_llama_cpp_tokenizes_real_instructions_and_gpt2_text_as_we_do(tmp_path):
     """The gpt2 kind (GPT-2's own 50k vocabulary through llama.cpp's "gpt-2" pre-tokenizer) and the instruction
     prompts of the shared data (or generated ones) in the Alpaca format."""
     require_llama_cpp()
-    from pipeline.llama_cpp_check import EDGE_CASE, chat_template_check, load, tokenizer_mismatches
-
     enc = gpt2()
     torch.manual_seed(0)
     model = GPT(replace(PRESETS["cpu-tiny"], vocab_size=enc.n_vocab, n_embd=32, n_head=2, n_layer=1))
@@ -203,6 +205,7 @@ def test_llama_cpp_tokenizes_real_instructions_and_gpt2_text_as_we_do(tmp_path):
     tokenizer = GGUFTokenizer.of(enc, "gpt2", enc.n_vocab)
     assert tokenizer.pre == "gpt-2"
     write_gguf(model, tokenizer, "alpaca", path, "f32", "gpt2-tokenizer")
+    save_tokenizer(enc, tmp_path / "tokenizer", "gpt2")
     if INSTRUCTIONS.is_file():
         records = read_records(INSTRUCTIONS)[:200]
     else:
@@ -211,19 +214,17 @@ def test_llama_cpp_tokenizes_real_instructions_and_gpt2_text_as_we_do(tmp_path):
         records = generated_instructions(50)
     prompts = [enc.decode(chat_prompt_ids(enc, "alpaca", [("user", r["instruction"] + r.get("input", ""))]))
                for r in records]
-    llm = load(path, model.cfg.context_length)
-    try:
-        compared, mismatch = tokenizer_mismatches(llm, enc, [*prompts, EDGE_CASE])
-        # The Alpaca chat template (earlier turns as the Input transcript), rendered by llama-cpp-python's Jinja.
-        assert chat_template_check(llm, enc, CONVERSATIONS, [chat_prompt_ids(enc, "alpaca", c) for c in CONVERSATIONS])
-    finally:
-        llm.close()
-    assert mismatch is None and compared > 5000
+    # The Alpaca chat template (earlier turns as the Input transcript), rendered by llama-cpp-python's Jinja.
+    found = check_in_child("check_tokenizer", path, 300, tokenizer_dir=str(tmp_path / "tokenizer"),
+                           context_length=model.cfg.context_length, texts=prompts, chats=CONVERSATIONS,
+                           chat_ids=[chat_prompt_ids(enc, "alpaca", c) for c in CONVERSATIONS])
+    assert found["mismatch"] is None and found["tokenizer_tokens_compared"] > 5000
+    assert found["chat_template_matches"] is True
 
 
-def stage_export(root: Path, export: dict) -> subprocess.CompletedProcess:
+def stage_export(root: Path, export: dict, first_on_path: Path | None = None) -> subprocess.CompletedProcess:
     (root / "params.yaml").write_text(json.dumps({"seed": 1, "export": export}))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in (first_on_path, ROOT) if p)}
     return subprocess.run([sys.executable, "-m", "stages.export"], cwd=root, env=env, capture_output=True, text=True,
                           timeout=600)
 
@@ -238,6 +239,52 @@ def test_stage_writes_gguf_and_modelfile_and_says_which_runtime_verified_them(wo
     assert metrics["formats"] == ["gguf"] and metrics["gguf"]["verified_by"].startswith("llama.cpp via")
     assert metrics["gguf"]["q8_0"]["top1_agreement"] >= 0.95
     assert "verified by llama.cpp via llama-cpp-python" in done.stderr.splitlines()[-1]
+
+
+def repack_setting() -> dict:
+    """In a child: llama.cpp's model defaults inside and after ``no_weight_repacking``."""
+    from llama_cpp import llama_cpp as lib
+
+    from pipeline.llama_cpp_check import no_weight_repacking
+
+    with no_weight_repacking():
+        inside = lib.llama_model_default_params().use_extra_bufts
+    return {"inside": inside, "after": lib.llama_model_default_params().use_extra_bufts}
+
+
+def test_the_checks_load_files_without_llama_cpps_weight_repacking():
+    """The AMX repack of q8_0 is the path that segfaults (docs/export.md); llama.cpp's own default is to repack."""
+    require_llama_cpp()
+    found = run_isolated(f"{__name__}:repack_setting", {}, subject="llama.cpp", runtime=RUNTIME, advice="", timeout=120)
+    assert found == {"inside": False, "after": True}
+
+
+# Imported in the check's child process in place of llama-cpp-python: it dies as llama.cpp's AMX path did.
+CRASHING_LLAMA_CPP = "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n"
+
+
+def test_a_llama_cpp_crash_is_one_line_and_every_output_is_whole(workspace, tmp_path):
+    """The decision documented in docs/export.md: the files are published marked unverified, the stage goes on."""
+    require_llama_cpp()
+    (tmp_path / "stand-in/llama_cpp").mkdir(parents=True)
+    (tmp_path / "stand-in/llama_cpp/__init__.py").write_text(CRASHING_LLAMA_CPP)
+    done = stage_export(workspace, {"formats": ["gguf", "onnx"], "gguf_types": ["f16", "q8_0"], "quantize_int8": False,
+                                    "parity_tokens": 16},
+                        first_on_path=tmp_path / "stand-in")
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: models/gguf/dpo-{t}.gguf: llama.cpp (llama-cpp-python) crashed (SIGSEGV) in its "
+                        f"child process; {CRASH_ADVICE}" for t in ("f16", "q8_0")]
+    assert sorted(p.name for p in (workspace / "models/gguf").iterdir()) == [MODELFILE, "dpo-f16.gguf", "dpo-q8_0.gguf"]
+    reader = gguf.GGUFReader(workspace / "models/gguf/dpo-q8_0.gguf")  # whole: every tensor is there
+    assert {t.name for t in reader.tensors} >= {"token_embd.weight", "blk.0.attn_qkv.weight", "output_norm.bias"}
+    assert {"model.onnx", "config.json", "README.md", "tokenizer"} <= {p.name for p in (workspace / "models/onnx").iterdir()}
+    metrics = json.loads((workspace / "reports/export/metrics.json").read_text())
+    assert metrics["parity"]["max_abs_logit_diff"] <= 1e-4  # the ONNX export ran after the crashes, whole
+    for t in ("f16", "q8_0"):
+        assert metrics["gguf"][t] == {"passed": False, "crashed": "SIGSEGV", "reason": warnings[0 if t == "f16" else 1][9:]}
+    assert metrics["gguf"]["unverified"].startswith("f16: llama.cpp crashed (SIGSEGV); q8_0: llama.cpp crashed (SIGSEGV)")
+    assert done.stderr.splitlines()[-1].endswith("f16 UNVERIFIED, q8_0 UNVERIFIED")
 
 
 def test_stage_refuses_a_char_tokenizer_with_one_line_and_no_output(tmp_path):
@@ -290,9 +337,22 @@ def test_stage_refuses_a_rope_model_with_one_line_and_no_output(tmp_path):
     fingerprint = save_tokenizer(enc, tmp_path / "data/tokenizer", "bpe")
     model = GPT(replace(PRESETS["cpu-tiny"], vocab_size=enc.n_vocab, pos_emb="rope"))
     save_model(tmp_path / "models/dpo", model, tokenizer={"path": "data/tokenizer", "fingerprint": fingerprint})
-    done = stage_export(tmp_path, {})  # every format, gguf first
+    done = stage_export(tmp_path, {"parity_tokens": 16})  # every format, gguf first
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [f"error: {ARCHITECTURE_REFUSALS[0][1]}"]
+    assert not (tmp_path / "models/gguf").exists() and not (tmp_path / "reports").exists()
+
+
+def test_stage_refuses_parity_tokens_beyond_the_context_before_any_format_writes(tmp_path):
+    enc = train_bpe(["abc abd abe"], 300)
+    fingerprint = save_tokenizer(enc, tmp_path / "data/tokenizer", "bpe")
+    model = GPT(replace(PRESETS["cpu-tiny"], vocab_size=enc.n_vocab))
+    save_model(tmp_path / "models/dpo", model, tokenizer={"path": "data/tokenizer", "fingerprint": fingerprint})
+    done = stage_export(tmp_path, {"parity_tokens": model.cfg.context_length})  # gguf would run first
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"error: export.parity_tokens={model.cfg.context_length} must be in 1..{model.cfg.context_length - 1} "
+        f"(context_length {model.cfg.context_length} holds a prompt and the generated tokens)"]
     assert not (tmp_path / "models/gguf").exists() and not (tmp_path / "reports").exists()
 
 

@@ -161,6 +161,7 @@ INVALID: dict[str, list] = {
     "export.formats": [[], ["onnx", "onnx"], ["safetensors"]],
     "export.gguf_types": [[], ["q4_0"]],
     "export.gguf_check_positions": [0],
+    "export.gguf_check_timeout": [0, -1.5],
 }
 
 

@@ -9,10 +9,13 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 setup:
 	@bash scripts/setup.sh
 
+# Each run names its CPU first: compiled runtimes take CPU-specific paths (docs/export.md, GGUF on CPUs with AMX).
 pipeline: setup
+	@bash scripts/cpu_summary.sh
 	dvc repro
 
 test: setup
+	@bash scripts/cpu_summary.sh
 	ruff check .
 	python -m pytest
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from pipeline import cli
-from pipeline.config import Params, parse_params
+from pipeline.common.config import Params, parse_params
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted([ROOT / "README.md", ROOT / "README.es.md", *(ROOT / "docs").glob("*.md")])
@@ -70,7 +70,7 @@ def test_every_params_key_in_the_docs_exists(page):
     mentioned = params_mentions(page)
     unknown = sorted(name for name in mentioned  # `sft.split_*` stands for every key it matches
                      if not fnmatch.filter(section_fields(name.split(".")[0]), name.split(".")[1]))
-    assert not unknown, f"{page.name} mentions params keys that pipeline/config.py does not define: {unknown}"
+    assert not unknown, f"{page.name} mentions params keys that pipeline/common/config.py does not define: {unknown}"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())

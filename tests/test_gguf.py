@@ -15,10 +15,11 @@ import gguf
 import pytest
 import torch
 
-from pipeline.checkpoint import save_model
-from pipeline.config import ExportParams, parse_params
-from pipeline.errors import PipelineError
-from pipeline.gguf_export import (
+from pipeline.common.config import ExportParams, parse_params
+from pipeline.common.errors import PipelineError
+from pipeline.data.instructions import read_records
+from pipeline.data.tokenizer import gpt2, save_tokenizer, train_bpe, train_char
+from pipeline.export.gguf import (
     MODELFILE,
     GGUFTokenizer,
     byte_to_unicode,
@@ -28,10 +29,9 @@ from pipeline.gguf_export import (
     modelfile,
     write_gguf,
 )
-from pipeline.instructions import read_records
-from pipeline.model import GPT, PRESETS
-from pipeline.serve_models import chat_prompt_ids
-from pipeline.tokenizer import gpt2, save_tokenizer, train_bpe, train_char
+from pipeline.model.checkpoint import save_model
+from pipeline.model.gpt import GPT, PRESETS
+from pipeline.serve.served_model import chat_prompt_ids
 from tests.workspace import tokenize_corpus, train_briefly
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,7 +182,7 @@ def test_export_writes_gguf_files_and_modelfile_verified_in_llama_cpp(workspace,
     modelfile_text = (out / MODELFILE).read_text()
     assert modelfile_text.startswith("FROM ./dpo-f32.gguf\n")
     template = modelfile_text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
 
     enc = load_tokenizer(workspace / "data/tokenizer")
     for turns in CONVERSATIONS:
@@ -194,7 +194,7 @@ def test_llama_cpp_tokenizes_real_instructions_and_gpt2_text_as_we_do(tmp_path):
     """The gpt2 kind (GPT-2's own 50k vocabulary through llama.cpp's "gpt-2" pre-tokenizer) and the instruction
     prompts of the shared data (or generated ones) in the Alpaca format."""
     require_llama_cpp()
-    from pipeline.llama_cpp_check import EDGE_CASE, chat_template_check, load, tokenizer_mismatches
+    from pipeline.export.gguf_check import EDGE_CASE, chat_template_check, load, tokenizer_mismatches
 
     enc = gpt2()
     torch.manual_seed(0)

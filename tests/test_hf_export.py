@@ -16,16 +16,16 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-from pipeline import pretrained
-from pipeline.checkpoint import load_model, save_model
-from pipeline.config import ConfigError, ExportParams, parse_params
-from pipeline.errors import PipelineError
-from pipeline.generate import stream_tokens
-from pipeline.hf_export import EDGE_TEXTS, export_hf_model, hf_tokenizer, write_hf
-from pipeline.instructions import encode_prompt, load_examples, load_preferences
-from pipeline.model import GPT, PRESETS, GPTConfig
-from pipeline.sampling import SamplingOptions
-from pipeline.tokenizer import END_OF_TURN, SPECIAL_TOKENS, USER, load_tokenizer, read_metadata, save_tokenizer, train_tokenizer
+from pipeline.common.config import ConfigError, ExportParams, parse_params
+from pipeline.common.errors import PipelineError
+from pipeline.data.instructions import encode_prompt, load_examples, load_preferences
+from pipeline.data.tokenizer import END_OF_TURN, SPECIAL_TOKENS, USER, load_tokenizer, read_metadata, save_tokenizer, train_tokenizer
+from pipeline.export.hf import EDGE_TEXTS, export_hf_model, hf_tokenizer, write_hf
+from pipeline.model import gpt2_weights as pretrained
+from pipeline.model.checkpoint import load_model, save_model
+from pipeline.model.generate import stream_tokens
+from pipeline.model.gpt import GPT, PRESETS, GPTConfig
+from pipeline.model.sampling import SamplingOptions
 from tests.project import SHARED_DATA, generated_instructions
 from tests.workspace import tokenize_corpus
 

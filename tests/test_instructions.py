@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from pipeline.errors import PipelineError
-from pipeline.instructions import (
+from pipeline.common.errors import PipelineError
+from pipeline.data.instructions import (
     PreferencePair,
     decode_response,
     encode_prompt,
@@ -18,9 +18,9 @@ from pipeline.instructions import (
     tokenize_examples,
     tokenize_pairs,
 )
-from pipeline.losses import IGNORE_INDEX
-from pipeline.objectives import collate, collate_pairs
-from pipeline.tokenizer import ASSISTANT, END_OF_TURN, SYSTEM, USER, train_char
+from pipeline.data.tokenizer import ASSISTANT, END_OF_TURN, SYSTEM, USER, train_char
+from pipeline.train.losses import IGNORE_INDEX
+from pipeline.train.objectives import collate, collate_pairs
 from tests.project import generated_instructions
 
 # The book's ch07 `format_input` + "\n\n### Response:\n", spelled out independently of the code under test.

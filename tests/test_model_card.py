@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.model_card import model_card
+from pipeline.serve.model_card import model_card
 
 
 def write(path: Path, data: dict) -> None:

@@ -17,11 +17,11 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from pipeline import pretrained
-from pipeline.errors import PipelineError
-from pipeline.model import GPT, GPTConfig
-from pipeline.profile import set_param_args
-from pipeline.tokenizer import gpt2 as gpt2_tokenizer
+from pipeline.common.errors import PipelineError
+from pipeline.common.profile import set_param_args
+from pipeline.data.tokenizer import gpt2 as gpt2_tokenizer
+from pipeline.model import gpt2_weights as pretrained
+from pipeline.model.gpt import GPT, GPTConfig
 from tests.workspace import tokenize_corpus
 
 GPT2_TOKENIZER = {"kind": "gpt2", "fingerprint": "f" * 64}

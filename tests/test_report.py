@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main as cli_main
-from pipeline.errors import PipelineError
-from pipeline.report import collect, write_report
-from pipeline.stage_timing import timed
+from pipeline.common.errors import PipelineError
+from pipeline.common.stage_timing import timed
+from pipeline.orchestration.report import collect, write_report
 
 STAGES = ["tokenize", "pretrain", "evaluate", "sft", "dpo", "judge"]
 

@@ -44,8 +44,8 @@ def save_tiny_model(
 def save_answering_model(directory: Path, answers: dict[str, str], context_length: int = 96,
                          template: str = "alpaca", steps: int = 150) -> Path:
     """A tiny model trained to answer each question of ``answers`` (one user message) with its answer."""
-    from pipeline.data.instructions import encode_response
-    from pipeline.serve.served_model import chat_prompt_ids, fit_prompt
+    from pipeline.data.prompts import chat_prompt_ids, encode_response
+    from pipeline.serve.served_model import fit_prompt
 
     enc = train_char([], 256 + 16)
     examples = [(fit_prompt(chat_prompt_ids(enc, template, [("user", q)]), context_length, None)[0],

@@ -18,6 +18,7 @@ import torch
 from pipeline.common.config import ExportParams, parse_params
 from pipeline.common.errors import PipelineError
 from pipeline.data.instructions import read_records
+from pipeline.data.prompts import chat_prompt_ids
 from pipeline.data.tokenizer import gpt2, save_tokenizer, train_bpe, train_char
 from pipeline.export.gguf import (
     MODELFILE,
@@ -31,7 +32,6 @@ from pipeline.export.gguf import (
 )
 from pipeline.model.checkpoint import save_model
 from pipeline.model.gpt import GPT, PRESETS
-from pipeline.serve.served_model import chat_prompt_ids
 from tests.workspace import tokenize_corpus, train_briefly
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from pipeline.common.config import ConfigError, ExportParams, parse_params
 from pipeline.common.errors import PipelineError
-from pipeline.data.instructions import encode_prompt, load_examples, load_preferences
+from pipeline.data.instructions import load_examples, load_preferences
+from pipeline.data.prompts import encode_prompt
 from pipeline.data.tokenizer import END_OF_TURN, SPECIAL_TOKENS, USER, load_tokenizer, read_metadata, save_tokenizer, train_tokenizer
 from pipeline.export.hf import EDGE_TEXTS, export_hf_model, hf_tokenizer, write_hf
 from pipeline.model import gpt2_weights as pretrained

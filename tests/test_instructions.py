@@ -8,16 +8,13 @@ import pytest
 from pipeline.common.errors import PipelineError
 from pipeline.data.instructions import (
     PreferencePair,
-    decode_response,
-    encode_prompt,
-    encode_response,
-    format_prompt,
     load_examples,
     load_preferences,
     split_dataset,
     tokenize_examples,
     tokenize_pairs,
 )
+from pipeline.data.prompts import decode_response, encode_prompt, encode_response, format_prompt
 from pipeline.data.tokenizer import ASSISTANT, END_OF_TURN, SYSTEM, USER, train_char
 from pipeline.train.losses import IGNORE_INDEX
 from pipeline.train.objectives import collate, collate_pairs

@@ -20,7 +20,7 @@ import yaml
 
 from pipeline.common.config import ConfigError, JudgeParams
 from pipeline.common.errors import PipelineError
-from pipeline.data.instructions import encode_response
+from pipeline.data.prompts import chat_prompt_ids, encode_response
 from pipeline.data.tokenizer import train_char
 from pipeline.evaluation.judge import (
     STRICT_RETRY,
@@ -33,7 +33,7 @@ from pipeline.evaluation.judge import (
 )
 from pipeline.evaluation.judge_report import bootstrap_mean, summarize, write_outputs
 from pipeline.evaluation.rouge import rouge_l_f1
-from pipeline.serve.served_model import chat_prompt_ids, fit_prompt
+from pipeline.serve.served_model import fit_prompt
 from tests.project import make_project
 from tests.serving import load_served, running_server, save_tiny_model
 

@@ -14,8 +14,9 @@ import ollama
 import pytest
 
 from pipeline.cli import main
+from pipeline.data.prompts import chat_prompt_ids
 from pipeline.data.tokenizer import train_char
-from pipeline.serve.served_model import StopScanner, chat_prompt_ids, fit_prompt
+from pipeline.serve.served_model import StopScanner, fit_prompt
 from tests.serving import load_served, running_server, tiny_model_dirs
 
 ROOT = Path(__file__).resolve().parents[1]

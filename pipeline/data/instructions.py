@@ -6,10 +6,7 @@ Accepted records (a JSON array, or JSON Lines with one object per line):
                or chat pairs: {"prompt": [messages], "chosen": [assistant message], "rejected": [...]} or
                {"chosen": [whole conversation], "rejected": [whole conversation]} sharing all but the last turn.
 
-Templates: ``alpaca`` is the prompt of "Build a Large Language Model (From Scratch)" ch07; ``chat`` wraps each turn in
-the tokenizer's reserved markers (<|system|>, <|user|>, <|assistant|> … <|end|>). Every response ends with EOT.
-
-This module never imports torch: the server's torch-free ONNX path formats prompts here; collation into tensors
+The prompt templates live in pipeline/data/prompts.py; this module never imports torch: collation into tensors
 lives with the objectives (pipeline/train/objectives.py).
 """
 from __future__ import annotations
@@ -24,16 +21,9 @@ from typing import Generic, TypeVar
 import tiktoken
 
 from pipeline.common.errors import PipelineError
-from pipeline.data.tokenizer import ASSISTANT, END_OF_TURN, SYSTEM, USER
+from pipeline.data.prompts import ROLE_MARKERS, Message, encode_prompt, encode_response
 
-TEMPLATES = ("alpaca", "chat")
 INSTRUCTION_FIELDS = ("instruction", "input", "output", "chosen", "rejected")  # the text a tokenizer learns from
-ALPACA_PREAMBLE = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-)
-ROLE_MARKERS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
-
-Message = tuple[str, str]  # (role, content)
 
 
 @dataclass(frozen=True)
@@ -282,79 +272,6 @@ def split_dataset(
         raise PipelineError(f"{origin}: {n} records are too few for a train/val/test split of {train}/{val}/{test:.2f}")
     picked = [items[i] for i in order]
     return picked[:n_train], picked[n_train : n_train + n_val], picked[n_train + n_val :]
-
-
-# ---------------------------------------------------------------------------------------------- templates
-
-
-def _prompt_segments(
-    instruction: str, input: str, template: str, context: Sequence[Message]
-) -> list[tuple[str, bool]]:
-    """The prompt as (text, is_special_token) pieces, so text and token ids are built from one definition."""
-    if template == "alpaca":
-        if context:
-            raise PipelineError(
-                "template 'alpaca' cannot render a chat with a system message or earlier turns; use template: chat"
-            )
-        text = f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{instruction}"
-        if input:
-            text += f"\n\n### Input:\n{input}"
-        return [(text + "\n\n### Response:\n", False)]
-    if template == "chat":
-        user = f"{instruction}\n\n{input}" if input else instruction
-        segments = []
-        for role, content in (*context, ("user", user)):
-            segments += [(ROLE_MARKERS[role], True), (content, False), (END_OF_TURN, True)]
-        return segments + [(ASSISTANT, True)]
-    raise PipelineError(f"unknown instruction template {template!r} (known: {', '.join(TEMPLATES)})")
-
-
-def format_prompt(instruction: str, input: str = "", template: str = "alpaca", context: Sequence[Message] = ()) -> str:
-    """The prompt text a model sees before its answer; the Alpaca one ends with '### Response:\\n'."""
-    return "".join(text for text, _ in _prompt_segments(instruction, input, template, context))
-
-
-def _special_id(enc: tiktoken.Encoding, marker: str, template: str) -> int:
-    try:
-        return enc.encode_single_token(marker)
-    except KeyError:
-        raise PipelineError(
-            f"tokenizer '{enc.name}' has no {marker} token, which template '{template}' needs"
-        ) from None
-
-
-def encode_prompt(
-    enc: tiktoken.Encoding, instruction: str, input: str = "", template: str = "alpaca", context: Sequence[Message] = ()
-) -> list[int]:
-    """Token ids of ``format_prompt``: user text is encoded as ordinary text, markers as their special ids.
-
-    (Text that merely looks like a marker, e.g. a literal '<|end|>' in an instruction, stays text.)
-    """
-    ids: list[int] = []
-    for text, special in _prompt_segments(instruction, input, template, context):
-        ids += [_special_id(enc, text, template)] if special else enc.encode_ordinary(text)
-    return ids
-
-
-def encode_response(enc: tiktoken.Encoding, text: str, template: str = "alpaca") -> list[int]:
-    """An answer as the model must produce it: the text, <|end|> for the chat template, then EOT."""
-    ids = enc.encode_ordinary(text)
-    if template == "chat":
-        ids.append(_special_id(enc, END_OF_TURN, template))
-    return ids + [enc.eot_token]
-
-
-def decode_response(enc: tiktoken.Encoding, ids: Sequence[int]) -> str:
-    """Generated ids → answer text, cut at the first EOT or end-of-turn marker."""
-    stops = {enc.eot_token}
-    if END_OF_TURN in enc.special_tokens_set:
-        stops.add(enc.encode_single_token(END_OF_TURN))
-    kept = []
-    for token in ids:
-        if token in stops:
-            break
-        kept.append(token)
-    return enc.decode(kept).strip()
 
 
 # ---------------------------------------------------------------------------------------------- tokenized datasets

@@ -15,7 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.common.atomic import atomic_path
-from pipeline.data.instructions import Example, decode_response, encode_prompt
+from pipeline.data.instructions import Example
+from pipeline.data.prompts import decode_response, encode_prompt
 from pipeline.model.generate import generate
 from pipeline.model.gpt import GPT
 from pipeline.model.sampling import SamplingOptions

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from pipeline.common.atomic import write_json
 from pipeline.common.config import ConfigError, JudgeParams
 from pipeline.common.errors import PipelineError, one_line
-from pipeline.data.instructions import format_prompt
+from pipeline.data.prompts import format_prompt
 from pipeline.evaluation.rouge import rouge_l_f1
 
 DEFAULT_HOST = "http://127.0.0.1:11434"

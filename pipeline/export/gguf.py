@@ -29,7 +29,7 @@ import torch
 from pipeline.common.atomic import atomic_path
 from pipeline.common.config import ExportParams
 from pipeline.common.errors import PipelineError
-from pipeline.data.instructions import ALPACA_PREAMBLE
+from pipeline.data.prompts import ALPACA_PREAMBLE
 from pipeline.data.tokenizer import ASSISTANT, CHAR_PATTERN, END_OF_TURN, EOT, GPT2_PATTERN
 from pipeline.model.gpt import GPT
 from pipeline.model.gpt2_layout import require_gpt2
@@ -119,7 +119,7 @@ def vocabulary(enc: tiktoken.Encoding, size: int) -> tuple[list[str], list[int]]
 
 
 def chat_template(template: str | None) -> str:
-    """Jinja for ``tokenizer.chat_template``: the prompt ``serve_models.chat_prompt_ids`` builds, as text."""
+    """Jinja for ``tokenizer.chat_template``: the prompt ``prompts.chat_prompt_ids`` builds, as text."""
     if template == "chat":
         return ("{%- for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '" + END_OF_TURN + "' }}"
                 "{%- endfor %}{%- if add_generation_prompt %}{{ '" + ASSISTANT + "' }}{%- endif %}")
@@ -277,11 +277,11 @@ def val_text(windows: np.ndarray, enc: tiktoken.Encoding) -> list[str]:
 def export_gguf(model_dir: Path, tokenizer_dir: Path, shards_dir: Path, out_dir: Path, params: ExportParams) -> dict:
     """``out_dir``/<model>-<type>.gguf per ``export.gguf_types`` and a Modelfile (replaced atomically, only when
     every check passed); verified in llama.cpp when llama-cpp-python is importable. Returns the metrics."""
+    from pipeline.data.prompts import chat_prompt_ids
     from pipeline.data.shards import ShardDataset
     from pipeline.data.tokenizer import read_metadata
     from pipeline.export.gguf_check import runtime_name, verify
     from pipeline.model.checkpoint import load_with_tokenizer
-    from pipeline.serve.served_model import chat_prompt_ids
 
     loaded = load_with_tokenizer(model_dir, tokenizer_dir)
     model, enc, cfg = loaded.model.eval(), loaded.enc, loaded.model.cfg

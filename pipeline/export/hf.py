@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from pipeline.common.atomic import atomic_path
 from pipeline.common.config import ExportParams
 from pipeline.common.errors import PipelineError, quiet_logger
-from pipeline.data.instructions import ALPACA_PREAMBLE
+from pipeline.data.prompts import ALPACA_PREAMBLE
 from pipeline.data.shards import ShardDataset
 from pipeline.data.tokenizer import ASSISTANT, END_OF_TURN, EOT, SYSTEM, USER, read_metadata
 from pipeline.model.checkpoint import load_with_tokenizer

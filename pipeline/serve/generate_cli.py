@@ -3,7 +3,7 @@
     python -m pipeline generate --model models/base "En un lugar de la Mancha"
     echo "Name a primary color." | python -m pipeline generate --model models/sft --json
 
-The model loads through the server's loader (``serve_models.load_model_dir``: a torch model directory or the
+The model loads through the server's loader (``served_model.load_model_dir``: a torch model directory or the
 ONNX export) and generates through the server's ``generate_text``, so the terminal, the Ollama API and the chat
 page give the same text for the same options and seed. The sampling options are shared with ``chat``.
 """

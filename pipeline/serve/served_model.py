@@ -19,7 +19,7 @@ from typing import Protocol
 import tiktoken
 
 from pipeline.common.errors import PipelineError
-from pipeline.data.instructions import encode_prompt
+from pipeline.data.prompts import chat_prompt_ids
 from pipeline.data.tokenizer import END_OF_TURN
 from pipeline.model.sampling import SamplingOptions
 
@@ -78,22 +78,6 @@ class ServedModel:
 
     def chat_ids(self, messages: Sequence[tuple[str, str]]) -> list[int]:
         return chat_prompt_ids(self.encoding, self.template, messages)
-
-
-def chat_prompt_ids(encoding: tiktoken.Encoding, template: str | None, messages: Sequence[tuple[str, str]]) -> list[int]:
-    """Prompt ids for a conversation of (role, content) that ends with a user message.
-
-    ``chat`` models see every turn in their markers; ``alpaca`` models (single-turn by design) get the last
-    user message as the instruction and the earlier turns, as a transcript, in the ``### Input:`` field;
-    base models (no template) continue the messages' text joined by blank lines.
-    """
-    if template is None:
-        return encoding.encode_ordinary("\n\n".join(content for _, content in messages))
-    *context, (_, last) = messages
-    if template == "chat":
-        return encode_prompt(encoding, last, "", "chat", tuple(context))
-    transcript = "\n".join(f"{role}: {content}" for role, content in context)
-    return encode_prompt(encoding, last, transcript, template)
 
 
 def human_count(n: int) -> str:

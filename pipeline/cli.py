@@ -14,7 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cache": ("pipeline.data.corpus", "manage the content-addressed download cache (cache add FILE...)"),
     "generate": ("pipeline.serve.generate_cli", "continue a prompt with a model, streamed to the terminal (or --json)"),
     "chat": ("pipeline.serve.chat_cli", "chat with an SFT/DPO model in the terminal (/reset, /exit)"),
-    "serve": ("pipeline.serve.ollama_api", "serve base/SFT/DPO/ONNX models over the Ollama HTTP API"),
+    "serve": ("pipeline.serve.app", "serve base/SFT/DPO/ONNX models over the Ollama HTTP API"),
     "flow": ("pipeline.orchestration.flow", "run or schedule the pipeline with Prefect (flow run | flow serve)"),
     "sweep": ("pipeline.orchestration.compare", "queue and run several `dvc exp run -S ...` variants"),
     "compare": ("pipeline.orchestration.compare", "compare DVC experiments: params, metrics, loss curves"),

@@ -13,7 +13,7 @@ import uvicorn
 from pipeline.data.tokenizer import save_tokenizer, train_char
 from pipeline.model.checkpoint import save_model
 from pipeline.model.gpt import GPT, config_from_preset
-from pipeline.serve.ollama_api import bind, create_app
+from pipeline.serve.app import bind, create_app
 from pipeline.serve.served_model import ServedModel, load_model_dir
 
 

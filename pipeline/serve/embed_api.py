@@ -10,7 +10,8 @@ import time
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.serve.ollama_api import ApiError, Engine, parse
+from pipeline.serve.engine import Engine
+from pipeline.serve.request_parsing import ApiError, parse
 from pipeline.serve.served_model import ServedModel
 
 
@@ -60,7 +61,7 @@ def check_dimensions(model: ServedModel, dimensions: int | None, width: int) -> 
 
 
 def register(app: FastAPI, engine: Engine) -> None:
-    """Add ``/api/embed`` and ``/api/embeddings`` to ``app`` (the Ollama API of ``pipeline.serve.ollama_api``)."""
+    """Add ``/api/embed`` and ``/api/embeddings`` to ``app`` (beside the Ollama API of pipeline/serve/ollama_api.py)."""
 
     @app.post("/api/embed")
     async def embed(http: Request) -> dict:

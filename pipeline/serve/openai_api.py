@@ -12,7 +12,6 @@ parts, or any field we do not know) gets a 400 in OpenAI's error shape naming it
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import secrets
@@ -28,7 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.common.errors import PipelineError, one_line
 from pipeline.serve.embed_api import embed_all, embedding_ids
-from pipeline.serve.ollama_api import ApiError, Engine, Options
+from pipeline.serve.engine import ClientClosed, Engine
+from pipeline.serve.request_parsing import ApiError, Options
 from pipeline.serve.served_model import ServedModel
 
 SYSTEM_FINGERPRINT = "fp_llm_pipeline"
@@ -80,7 +80,7 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
-class Sampling(BaseModel):
+class CompletionFields(BaseModel):
     """The fields shared by chat and text completions."""
 
     model_config = ConfigDict(extra="allow")
@@ -104,12 +104,12 @@ class ChatMessage(BaseModel):
     content: str | list[dict] | None = None
 
 
-class ChatCompletionRequest(Sampling):
+class ChatCompletionRequest(CompletionFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
-class CompletionRequest(Sampling):
+class CompletionRequest(CompletionFields):
     prompt: str | list[str] | list[int] | list[list[int]]
 
 
@@ -220,30 +220,14 @@ def finish_reason(final: dict) -> str:
 Choice = Callable[[str | None, dict | None], dict]
 
 
-async def collect(run: AsyncIterator, http: Request) -> tuple[str, dict]:
-    """The whole answer; a client that hangs up before it is done cancels the generation."""
-    pieces: list[str] = []
-    final: dict = {}
-
-    async def drain() -> None:
-        async for kind, payload in run:
-            if kind == "text":
-                pieces.append(payload)
-            else:
-                final.update(payload)
-
-    task = asyncio.ensure_future(drain())
-    while not task.done():
-        await asyncio.wait([task], timeout=0.25)
-        if not task.done() and await http.is_disconnected():
-            task.cancel()
+async def complete(run: AsyncIterator, http: Request) -> tuple[str, dict]:
+    """The whole answer (``engine.collect``), its failures in OpenAI's error shape."""
     try:
-        await task
-    except asyncio.CancelledError:
+        return await complete(run, http)
+    except ClientClosed:
         raise OpenAIError(499, "client closed the request") from None
     except PipelineError as exc:
         raise OpenAIError(400, one_line(str(exc))) from None
-    return "".join(pieces), final
 
 
 async def sse(run: AsyncIterator, head: dict, choice: Choice, include_usage: bool) -> AsyncIterator[str]:
@@ -281,7 +265,7 @@ def start(engine: Engine, model: ServedModel, prompt_ids: list[int], options: Op
 
 
 def register(app: FastAPI, engine: Engine) -> None:
-    """Add the ``/v1`` routes to ``app`` (the server of ``pipeline.serve.ollama_api``), answering from ``engine``."""
+    """Add the ``/v1`` routes to ``app`` (pipeline/serve/app.py), answering from ``engine``."""
 
     @app.exception_handler(OpenAIError)
     async def openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
@@ -324,7 +308,7 @@ def register(app: FastAPI, engine: Engine) -> None:
 
             include = bool(request.stream_options and request.stream_options.include_usage)
             return stream_response(sse(run, {**head, "object": "chat.completion.chunk"}, choice, include))
-        text, final = await collect(run, http)
+        text, final = await complete(run, http)
         return {**head, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                              "finish_reason": finish_reason(final)}],
@@ -344,7 +328,7 @@ def register(app: FastAPI, engine: Engine) -> None:
 
             include = bool(request.stream_options and request.stream_options.include_usage)
             return stream_response(sse(run, head, choice, include))
-        text, final = await collect(run, http)
+        text, final = await complete(run, http)
         return {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason(final)}],
                 "usage": usage(final)}
 
@@ -379,23 +363,3 @@ def register(app: FastAPI, engine: Engine) -> None:
         tokens = sum(map(len, ids))
         return {"object": "list", "data": data, "model": served.name,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-
-
-class ApiKey:
-    """With a key configured, every route but ``/`` needs ``Authorization: Bearer <key>``; a 401 otherwise,
-    in OpenAI's error shape under ``/v1`` and Ollama's elsewhere. (Without a key, the header is ignored.)"""
-
-    def __init__(self, app, key: str):
-        self.app, self.key = app, key.encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] == "/":
-            return await self.app(scope, receive, send)
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        if scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.key):
-            return await self.app(scope, receive, send)
-        message = "invalid or missing API key (send Authorization: Bearer <key>)"
-        body = OpenAIError(401, message, code="invalid_api_key").body() if scope["path"].startswith("/v1/") \
-            else {"error": message}
-        await JSONResponse(body, status_code=401)(scope, receive, send)

@@ -14,17 +14,7 @@ import yaml
 
 from pipeline.common.config import ConfigError, parse_params, read_yaml
 from pipeline.common.errors import PipelineError, one_line
-
-
-def _flatten(data: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{dotted}."))
-        else:
-            out[dotted] = value
-    return out
+from pipeline.common.json_files import flatten
 
 
 def _has(data: dict, dotted: str) -> bool:
@@ -66,7 +56,7 @@ def set_param_args(profile: Path, params: Path = Path("params.yaml")) -> list[st
     base, overrides = _read(params), _read(profile)
     parse_params(merge_params(base, overrides), f"{params} + {profile}")
     args = []
-    for key, value in _flatten(overrides).items():
+    for key, value in flatten(overrides).items():
         text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
         if any(c.isspace() for c in text) and isinstance(value, dict | list):
             text = _hydra(value)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from pipeline.common.errors import PipelineError
 from pipeline.common.hashing import sha256_file
+from pipeline.common.json_files import read_json
 from pipeline.data.textstream import Segment, decode_utf8, read_runs, total_bytes
 from pipeline.data.tokenizer import EOT, clone_encoding
 
@@ -216,14 +217,7 @@ def write_shards(
 
 def read_manifest(directory: str | Path) -> dict:
     path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise PipelineError(f"{path}: shard manifest not found (run `dvc repro tokenize`)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise PipelineError(f"{path}: not a shard manifest (a JSON object)")
+    manifest = read_json(path, "shard manifest", "run `dvc repro tokenize`")
     if manifest.get("format") != FORMAT_VERSION or manifest.get("dtype") not in _LITTLE_ENDIAN:
         raise PipelineError(f"{path}: unsupported shard manifest (format {manifest.get('format')!r}, "
                             f"dtype {manifest.get('dtype')!r})")

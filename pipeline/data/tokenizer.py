@@ -22,6 +22,7 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
 from pipeline.common.errors import PipelineError
+from pipeline.common.json_files import read_json
 
 EOT = "<|endoftext|>"
 SYSTEM = "<|system|>"
@@ -169,12 +170,7 @@ def save_tokenizer(enc: tiktoken.Encoding, directory: str | Path, kind: str, **m
 
 def read_metadata(directory: str | Path) -> dict:
     path = Path(directory) / METADATA_FILE
-    if not path.is_file():
-        raise PipelineError(f"{path}: tokenizer not found (run `dvc repro tokenize`)")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{path}: not valid JSON ({exc})") from None
+    meta = read_json(path, "tokenizer", "run `dvc repro tokenize`")
     missing = [k for k in ("kind", "pattern", "special_tokens", "fingerprint", "vocab_size") if k not in meta]
     if missing:
         raise PipelineError(f"{path}: missing keys {missing}")

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from pipeline.common.atomic import write_json
 from pipeline.common.config import ConfigError, JudgeParams
 from pipeline.common.errors import PipelineError, one_line
+from pipeline.common.json_files import read_jsonl
 from pipeline.data.prompts import format_prompt
 from pipeline.evaluation.rouge import rouge_l_f1
 
@@ -128,16 +129,8 @@ def parse_score(text: str, lo: int, hi: int) -> int | None:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise PipelineError(f"{path}: responses file not found (has its stage run?)")
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PipelineError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+    for number, record in read_jsonl(path, "responses file", "has its stage run?"):
         for key, kind in (("id", int), ("instruction", str), ("input", str), ("output", str), ("response", str)):
             if not isinstance(record, dict) or not isinstance(record.get(key), kind):
                 raise PipelineError(f"{path}:{number}: field '{key}' must be a {kind.__name__}")

@@ -15,7 +15,6 @@ seed but is not torch's random stream.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ import tiktoken
 
 from pipeline.common.errors import PipelineError
 from pipeline.common.hashing import sha256_file
+from pipeline.common.json_files import read_json
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.model.sampling import SamplingOptions
 
@@ -78,12 +78,7 @@ def sample_next(logits: np.ndarray, opts: SamplingOptions, rng: np.random.Genera
 
 def read_onnx_config(directory: str | Path) -> dict:
     path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise PipelineError(f"{path}: ONNX export config not found (run `dvc repro export`)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{path}: not valid JSON ({exc})") from None
+    config = read_json(path, "ONNX export config", "run `dvc repro export`")
     if not isinstance(config.get("model"), dict) or not isinstance(config.get("onnx"), dict) \
             or "files" not in config["onnx"]:
         raise PipelineError(f"{path}: not an ONNX export config (needs 'model' and 'onnx.files')")

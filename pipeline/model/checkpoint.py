@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.common.atomic import atomic_path
 from pipeline.common.errors import PipelineError, one_line
 from pipeline.common.hashing import sha256_file
+from pipeline.common.json_files import read_json
 from pipeline.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from pipeline.model import lora
 from pipeline.model.gpt import GPT, GPTConfig, ModelConfigError
@@ -86,12 +87,7 @@ def save_trained(directory: str | Path, model: GPT, base: str | Path, **metadata
 
 def read_model_config(directory: str | Path) -> dict:
     path = Path(directory) / CONFIG
-    if not path.is_file():
-        raise PipelineError(f"{path}: model config not found (has the stage that writes {directory} run?)")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{path}: not valid JSON ({exc})") from None
+    meta = read_json(path, "model config", f"has the stage that writes {directory} run?", shape=object)
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
         raise PipelineError(f"{path}: not a model config (no 'model' mapping)")
     tokenizer = meta.get("tokenizer")

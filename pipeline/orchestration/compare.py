@@ -25,6 +25,7 @@ import pandas as pd
 
 from pipeline.common.atomic import atomic_path
 from pipeline.common.errors import PipelineError, one_line
+from pipeline.common.json_files import flatten
 from pipeline.orchestration import dvc_ops
 
 OUT_DIR = Path("reports/compare")
@@ -54,7 +55,7 @@ def _experiment(name: str, rev: str, kind: str, data: dict) -> Experiment:
     params: dict[str, Any] = {}
     for file, content in (data.get("params") or {}).items():
         prefix = "" if file == "params.yaml" else f"{file}:"
-        params.update({f"{prefix}{k}": v for k, v in dvc_ops.flatten(content.get("data") or {}).items()})
+        params.update({f"{prefix}{k}": v for k, v in flatten(content.get("data") or {}, lists=False).items()})
     metrics: dict[str, Any] = {}
     unavailable = []
     for file, content in (data.get("metrics") or {}).items():
@@ -62,7 +63,7 @@ def _experiment(name: str, rev: str, kind: str, data: dict) -> Experiment:
             unavailable.append(f"{file} ({_error_text(content['error'])})")
             continue
         label = _metrics_label(file)
-        metrics.update({f"{label}: {k}": v for k, v in dvc_ops.flatten(content.get("data") or {}).items()})
+        metrics.update({f"{label}: {k}": v for k, v in flatten(content.get("data") or {}, lists=False).items()})
     return Experiment(name, rev, kind, params, metrics, tuple(unavailable))
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.common.errors import PipelineError, one_line
+from pipeline.common.json_files import flatten, read_json
 
 REPORT_SUFFIXES = (".md", ".png", ".csv", ".html", ".jsonl")
 # What `dvc repro` prints when it runs a stage's command, or checks its outputs out of the run cache instead
@@ -260,20 +261,6 @@ def read_metrics(project: Path, stages: Iterable[StageInfo]) -> dict[str, dict[s
     for stage in stages:
         for path in stage.metrics:
             file = project / path
-            if not file.is_file():
-                continue
-            try:
-                found[path] = flatten(json.loads(file.read_text(encoding="utf-8")))
-            except json.JSONDecodeError as exc:
-                raise PipelineError(f"{file}: not valid JSON ({exc})") from None
+            if file.is_file():
+                found[path] = flatten(read_json(file, "metrics file", shape=object), lists=False)
     return found
-
-
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """{"val": {"loss": 1}} → {"val.loss": 1}; lists are left out (they are not scalar metrics)."""
-    if not isinstance(data, dict):
-        return {prefix: data} if prefix and not isinstance(data, list) else {}
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat

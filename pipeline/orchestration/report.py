@@ -22,6 +22,7 @@ from typing import Any
 from pipeline.common.atomic import atomic_path
 from pipeline.common.config import read_yaml
 from pipeline.common.errors import PipelineError
+from pipeline.common.json_files import flatten, read_json, read_jsonl
 from pipeline.common.provenance import git_state, package_versions, params_hash
 from pipeline.common.stage_timing import TIMING_FILE
 
@@ -48,22 +49,7 @@ class StageReport:
 
 def _json(path: Path) -> Any:
     """A stage's JSON file; a corrupt one is an error naming it (the page must not quietly drop a stage's numbers)."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise PipelineError(f"{path}: not readable JSON ({exc}); rerun the stage that writes it") from None
-
-
-def _jsonl(path: Path) -> list[dict]:
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [_json_line(path, n, line) for n, line in enumerate(lines, 1) if line.strip()]
-
-
-def _json_line(path: Path, number: int, line: str) -> Any:
-    try:
-        return json.loads(line)
-    except ValueError as exc:
-        raise PipelineError(f"{path}: line {number} is not valid JSON ({exc}); rerun the stage that writes it") from None
+    return read_json(path, "stage report", "rerun the stage that writes it", shape=object)
 
 
 def _curve(path: Path) -> list[tuple[float, float]]:
@@ -96,7 +82,7 @@ def read_stage(name: str, directory: Path) -> StageReport:
         elif path.name == "samples.json":
             stage.samples = [s for s in _json(path) if isinstance(s, dict)] if isinstance(_json(path), list) else []
         elif path.name == "responses.jsonl":
-            stage.responses = [r for r in _jsonl(path) if isinstance(r, dict)]
+            stage.responses = [r for _, r in read_jsonl(path, "responses file") if isinstance(r, dict)]
         elif path.name == "report.md":
             stage.markdown = path.read_text(encoding="utf-8")
         else:
@@ -109,15 +95,6 @@ def collect(reports: Path, stage_order: list[str]) -> list[StageReport]:
     folders = {p.name: p for p in reports.iterdir() if p.is_dir() and p.name not in SKIP_DIRS} if reports.is_dir() else {}
     names = [n for n in stage_order if n in folders] + sorted(set(folders) - set(stage_order))
     return [read_stage(name, folders[name]) for name in names]
-
-
-def flat(data: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(data, dict):
-        return {prefix.rstrip("."): data} if prefix else {}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
 
 
 def cell(value: Any) -> str:
@@ -138,7 +115,7 @@ def highlights(stages: list[StageReport]) -> list[str]:
     """Lines worth reading first: warnings (a fallback scorer) and the model against the unigram baseline."""
     lines = []
     for stage in stages:
-        metrics = flat(stage.metrics)
+        metrics = flatten(stage.metrics)
         if metrics.get("fallback") is True:
             reason = " ".join(str(metrics.get("fallback_reason", "")).split())
             lines.append(f"> **Warning ({stage.name}): the fallback scorer {metrics.get('scorer', '')} was used, not "
@@ -206,7 +183,7 @@ def loss_figure(stages: list[StageReport], path: Path) -> bool:
 def stage_section(stage: StageReport, reports: Path) -> list[str]:
     lines = [f"## {stage.name}", ""]
     if stage.metrics:
-        lines += [*table(["metric", "value"], [[k, v] for k, v in flat(stage.metrics).items()]), ""]
+        lines += [*table(["metric", "value"], [[k, v] for k, v in flatten(stage.metrics).items()]), ""]
     for image in stage.images:
         lines += [f"![{stage.name}: {image.stem}]({image.relative_to(reports).as_posix()})", ""]
     if stage.samples:
@@ -318,7 +295,7 @@ def compare_runs(runs: list[Path], out_dir: Path) -> tuple[str, list[Path]]:
     names = list(dict.fromkeys(s.name for stages in collected for s in stages))
     by_run = [{s.name: s for s in stages} for stages in collected]
     lines = ["# Runs side by side", "", *(f"- **{label}**: `{r.resolve()}`" for label, r in zip(labels, runs, strict=True)), ""]
-    params = [flat(read_yaml(r.parent / "params.yaml") or {}) if (r.parent / "params.yaml").is_file() else {} for r in runs]
+    params = [flatten(read_yaml(r.parent / "params.yaml") or {}) if (r.parent / "params.yaml").is_file() else {} for r in runs]
     differ = [k for k in dict.fromkeys(k for p in params for k in p) if len({json.dumps(p.get(k), default=str) for p in params}) > 1]
     lines += ["## Params that differ", "", *(table(["param", *labels], [[k, *(p.get(k, "") for p in params)] for k in differ])
                                               if differ else ["None: the runs share their params."]), ""]
@@ -328,7 +305,7 @@ def compare_runs(runs: list[Path], out_dir: Path) -> tuple[str, list[Path]]:
     if overlay_figure([(label, run) for label, run in zip(labels, by_run, strict=True)], names, figure):
         lines += ["## Loss curves", "", f"![loss curves]({figure.name})", ""]
     for name in names:
-        metrics = [flat(run[name].metrics) if name in run else {} for run in by_run]
+        metrics = [flatten(run[name].metrics) if name in run else {} for run in by_run]
         keys = list(dict.fromkeys(k for m in metrics for k in m))
         if keys:
             lines += [f"## {name}", "", *table(["metric", *labels], [[k, *(m.get(k, "") for m in metrics)] for k in keys]), ""]

@@ -6,9 +6,10 @@ training summary) and, when the model sits in a project (``<project>/models/<nam
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
+
+from pipeline.common.errors import PipelineError
+from pipeline.common.json_files import flatten, read_json
 
 # The metrics worth a glance, by the last part of their key (the rest are in the reports).
 KEY_METRICS = ("val_loss", "perplexity", "bits_per_byte", "unigram_loss", "accuracy", "loss", "rewards/accuracies",
@@ -17,26 +18,15 @@ STAGE_REPORTS = {"pretrain": "evaluate", "sft": "sft", "dpo": "dpo", "export": "
 
 
 def _json(path: Path) -> dict:
+    """What the card can show from ``path``: a missing or broken file leaves its part of the card empty."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json(path, "JSON file")
+    except PipelineError:
         return {}
-    return data if isinstance(data, dict) else {}
-
-
-def flat(data: dict, prefix: str = "") -> dict[str, Any]:
-    """{"val": {"loss": 1}} → {"val/loss": 1}."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(flat(value, f"{prefix}{key}/"))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def key_metrics(metrics: dict) -> dict[str, float]:
-    return {k: v for k, v in flat(metrics).items()
+    return {k: v for k, v in flatten(metrics, sep="/").items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k.split("/", 1)[-1] in KEY_METRICS}
 
 

@@ -189,7 +189,7 @@ def check_hf(model: GPT, enc: tiktoken.Encoding, directory: Path, windows: np.nd
             "tokenizer_texts": n_texts, "greedy_tokens_matched": greedy, "passed": True}
 
 
-def model_card(cfg: dict, source: str, template: str, metrics: dict) -> str:
+def hf_readme(cfg: dict, source: str, template: str, metrics: dict) -> str:
     return f"""# {source} for transformers
 
 A GPT-2-architecture model ({cfg['n_layer']} layers, {cfg['n_head']} heads, width {cfg['n_embd']}, context
@@ -216,7 +216,7 @@ def export_hf(model: GPT, enc: tiktoken.Encoding, meta: dict, out_dir: Path, win
     with atomic_path(out_dir) as tmp:
         write_hf(model, enc, meta, tmp, template, source=source, **extra)
         metrics = check_hf(model, enc, tmp, windows, params)
-        (tmp / CARD).write_text(model_card(model.cfg.to_dict(), source, template, metrics), encoding="utf-8")
+        (tmp / CARD).write_text(hf_readme(model.cfg.to_dict(), source, template, metrics), encoding="utf-8")
     return metrics
 
 

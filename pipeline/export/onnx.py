@@ -289,7 +289,7 @@ def _size_mb(path: Path) -> float:
     return round(path.stat().st_size / 1e6, 3)
 
 
-def model_card(config: dict, metrics: dict) -> str:
+def onnx_readme(config: dict, metrics: dict) -> str:
     model, onnx = config["model"], config["onnx"]
     parity, int8 = metrics["parity"], metrics.get("int8")
     sizes = metrics["size_mb"]
@@ -419,5 +419,5 @@ def export_model(
         metrics["size_mb"] = {variant: _size_mb(tmp / name) for variant, name in variants.items()}
         metrics["size_mb"]["torch_weights"] = round(weight_bytes / 1e6, 3)
         metrics["fp32_size_vs_weights"] = round(metrics["size_mb"]["fp32"] / metrics["size_mb"]["torch_weights"], 4)
-        (tmp / MODEL_CARD).write_text(model_card(config, metrics), encoding="utf-8")
+        (tmp / MODEL_CARD).write_text(onnx_readme(config, metrics), encoding="utf-8")
     return metrics

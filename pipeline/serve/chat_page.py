@@ -12,7 +12,7 @@ from importlib.resources import files
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from pipeline.serve.model_card import model_card
+from pipeline.serve.model_card import served_model_card
 
 
 @cache
@@ -35,4 +35,4 @@ def add_card_route(app: FastAPI, find_model) -> None:
     @app.get("/chat/card/{name}")
     async def card(name: str) -> JSONResponse:
         model = find_model(name)
-        return JSONResponse(model_card(model.source, model.size, model.details.get("parameter_size")))
+        return JSONResponse(served_model_card(model.source, model.size, model.details.get("parameter_size")))

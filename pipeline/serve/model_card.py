@@ -40,7 +40,7 @@ def training_data(config: dict, project: Path | None) -> list[str]:
     return sources + [f"corpus: {source}" for source in corpus]
 
 
-def model_card(directory: str | Path, size_bytes: int, parameter_size: str | None) -> dict:
+def served_model_card(directory: str | Path, size_bytes: int, parameter_size: str | None) -> dict:
     """The card of the model served from ``directory`` (a torch model directory or the ONNX export)."""
     directory = Path(directory).resolve()
     config = _json(directory / "config.json")

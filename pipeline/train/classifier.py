@@ -22,9 +22,9 @@ from pipeline.model import lora
 from pipeline.model.checkpoint import load_with_tokenizer, read_model_config
 from pipeline.model.gpt import GPT
 from pipeline.model.gpt import last_token_logits as class_logits
+from pipeline.train.loop import Batch
 from pipeline.train.objectives import EpochSampler
 
-Batch = dict[str, torch.Tensor]
 TRAINABLE = ("head", "last_block", "all", "lora")
 
 

@@ -23,9 +23,8 @@ from pipeline.common.errors import PipelineError
 from pipeline.data.instructions import Tokenized
 from pipeline.data.shards import ShardDataset, read_manifest
 from pipeline.model.gpt import GPT
+from pipeline.train.loop import Batch
 from pipeline.train.losses import IGNORE_INDEX, dpo_loss, lm_loss, sequence_logprobs
-
-Batch = dict[str, torch.Tensor]
 
 
 def _batch_seed(seed: int, step: int, micro_step: int, rank: int) -> int:

@@ -12,12 +12,10 @@ from pipeline.common.config import ModelParams, PretrainParams
 from pipeline.common.errors import PipelineError
 from pipeline.data.shards import ShardDataset
 from pipeline.data.tokenizer import load_tokenizer, read_metadata, tokenizer_fingerprint
-from pipeline.model import gpt2_weights as pretrained
+from pipeline.model import gpt2_weights
 from pipeline.model.gpt import GPT, GPTConfig, ModelConfigError, config_from_preset
 from pipeline.model.runtime import local_device
 from pipeline.train.objectives import PretrainObjective
-
-Batch = dict[str, torch.Tensor]
 
 
 def model_config(model: ModelParams, vocab_size: int, origin: str = "params.yaml") -> GPTConfig:
@@ -67,15 +65,15 @@ def prepare(model: ModelParams, params: PretrainParams, init_seed: int, tokenize
     enc = load_tokenizer(tokenizer_dir)
     fingerprint = tokenizer_fingerprint(tokenizer_dir)
     source = None
-    if model.init_from != pretrained.SCRATCH and model.init != "gpt2":
+    if model.init_from != gpt2_weights.SCRATCH and model.init != "gpt2":
         raise PipelineError(f"{origin}: model.init={model.init} initialises a model from scratch; model.init_from={model.init_from} "
                             "brings its own weights")
-    if model.init_from == pretrained.SCRATCH:
+    if model.init_from == gpt2_weights.SCRATCH:
         cfg = model_config(model, enc.n_vocab, origin)
     else:
-        source = pretrained.resolve(model.init_from, model.revision)
-        cfg = pretrained.checkpoint_config(source, enc.n_vocab, read_metadata(tokenizer_dir), model.dropout)
-        pretrained.check_shape(cfg, {name: getattr(model, name) for name in pretrained.SHAPE_FIELDS}, source.label, origin)
+        source = gpt2_weights.resolve(model.init_from, model.revision)
+        cfg = gpt2_weights.checkpoint_config(source, enc.n_vocab, read_metadata(tokenizer_dir), model.dropout)
+        gpt2_weights.check_shape(cfg, {name: getattr(model, name) for name in gpt2_weights.SHAPE_FIELDS}, source.label, origin)
     context = training_context(params, cfg, origin)
     train = ShardDataset(shards_dir, "train", expected_fingerprint=fingerprint)
     val = ShardDataset(shards_dir, "val", expected_fingerprint=fingerprint)
@@ -90,7 +88,7 @@ def prepare(model: ModelParams, params: PretrainParams, init_seed: int, tokenize
         return PretrainSetup(pytorch_default_init(gpt) if model.init == "pytorch" else gpt, objective, fingerprint, params)
     training = params.max_steps > 0
     device = local_device(params.device)
-    needed = pretrained.training_bytes(cfg, training, params.batch_size, context)
-    pretrained.check_fits(cfg, source.label, needed, pretrained.available_bytes(device), str(device), training)
-    gpt = pretrained.load_weights(source, cfg)
-    return PretrainSetup(gpt, objective, fingerprint, params, pretrained.provenance(source))
+    needed = gpt2_weights.training_bytes(cfg, training, params.batch_size, context)
+    gpt2_weights.check_fits(cfg, source.label, needed, gpt2_weights.available_bytes(device), str(device), training)
+    gpt = gpt2_weights.load_weights(source, cfg)
+    return PretrainSetup(gpt, objective, fingerprint, params, gpt2_weights.provenance(source))

@@ -20,7 +20,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from pipeline.common.errors import PipelineError
 from pipeline.common.profile import set_param_args
 from pipeline.data.tokenizer import gpt2 as gpt2_tokenizer
-from pipeline.model import gpt2_weights as pretrained
+from pipeline.model import gpt2_weights
 from pipeline.model.gpt import GPT, GPTConfig
 from tests.workspace import tokenize_corpus
 
@@ -76,8 +76,8 @@ def write_variants(model: GPT2LMHeadModel, root: Path) -> dict[str, Path]:
 
 
 def load_ours(path: str | Path, n_vocab: int, tokenizer: dict = GPT2_TOKENIZER) -> GPT:
-    source = pretrained.resolve(str(path))
-    return pretrained.load_weights(source, pretrained.checkpoint_config(source, n_vocab, tokenizer, None)).eval()
+    source = gpt2_weights.resolve(str(path))
+    return gpt2_weights.load_weights(source, gpt2_weights.checkpoint_config(source, n_vocab, tokenizer, None)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -122,13 +122,13 @@ def test_untied_head_and_extra_vocabulary_rows(tmp_path):
 def test_param_count_matches_the_built_model():
     for cfg in (GPTConfig(vocab_size=300, context_length=16, n_embd=32, n_head=4, n_layer=3, qkv_bias=True),
                 GPTConfig(vocab_size=300, context_length=16, n_embd=32, n_head=4, n_layer=2, tie_weights=False)):
-        assert pretrained.param_count(cfg) == GPT(cfg).num_params(non_embedding=False)
+        assert gpt2_weights.param_count(cfg) == GPT(cfg).num_params(non_embedding=False)
 
 
 def test_architecture_options_disagree_with_a_gpt2_checkpoint():
     with pytest.raises(PipelineError, match=r"model.pos_emb=rope disagrees with model.init_from=gpt2 \(pos_emb=learned\)"):
-        pretrained.check_shape(GPTConfig(), {"n_layer": 12, "pos_emb": "rope"}, "gpt2")
-    pretrained.check_shape(GPTConfig(), {"mlp": "gelu", "qk_norm": False, "norm": None}, "gpt2")
+        gpt2_weights.check_shape(GPTConfig(), {"n_layer": 12, "pos_emb": "rope"}, "gpt2")
+    gpt2_weights.check_shape(GPTConfig(), {"mlp": "gelu", "qk_norm": False, "norm": None}, "gpt2")
 
 
 class Payload:
@@ -185,13 +185,13 @@ def test_bad_checkpoint_is_one_line(tmp_path, case, capsys):
 
 def test_size_check_refuses_what_cannot_fit():
     xl = GPTConfig(vocab_size=50272, context_length=1024, n_embd=1600, n_head=25, n_layer=48, qkv_bias=True)
-    needed = pretrained.training_bytes(xl, True, 8, 1024)
-    assert needed > 16 * pretrained.param_count(xl) > 23 * 2**30  # weights, gradients and AdamW alone: 23 GiB
-    assert pretrained.training_bytes(xl, False, 8, 1024) == 4 * pretrained.param_count(xl)
+    needed = gpt2_weights.training_bytes(xl, True, 8, 1024)
+    assert needed > 16 * gpt2_weights.param_count(xl) > 23 * 2**30  # weights, gradients and AdamW alone: 23 GiB
+    assert gpt2_weights.training_bytes(xl, False, 8, 1024) == 4 * gpt2_weights.param_count(xl)
     with pytest.raises(PipelineError, match=r"model.init_from=gpt2-xl: 1,558M parameters need about .* GiB for continuing "
                                             r"pretraining .* but cuda:0 has 24.0 GiB free"):
-        pretrained.check_fits(xl, "gpt2-xl", needed, 24 * 2**30, "cuda:0", True)
-    pretrained.check_fits(xl, "gpt2-xl", needed, needed, "cpu", True)
+        gpt2_weights.check_fits(xl, "gpt2-xl", needed, 24 * 2**30, "cuda:0", True)
+    gpt2_weights.check_fits(xl, "gpt2-xl", needed, needed, "cpu", True)
 
 
 # ------------------------------------------------------------------------------------------- the pretrain stage
@@ -205,7 +205,7 @@ def workspace(tmp_path_factory, corpus_text) -> Path:
     hf = random_gpt2(50257, seed=5, n_positions=64, n_embd=16, n_head=2)
     hf.save_pretrained(root / "gpt2-local")
     # A pre-filled Hugging Face cache holding "openai-community/gpt2" at the pinned commit.
-    repo, commit = pretrained.NAMED["gpt2"]
+    repo, commit = gpt2_weights.NAMED["gpt2"]
     snapshot = root / "hf-home/hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / commit
     shutil.copytree(root / "gpt2-local", snapshot)
     (snapshot.parents[1] / "refs").mkdir()
@@ -231,7 +231,7 @@ def test_max_steps_zero_writes_the_checkpoint_as_it_is_with_provenance(workspace
     model_dir = workspace / "as-is/models/base"
     meta = json.loads((model_dir / "config.json").read_text())
     weights = workspace / "gpt2-local/model.safetensors"
-    assert meta["init_from"]["files"] == {"model.safetensors": pretrained._sha256(weights)}
+    assert meta["init_from"]["files"] == {"model.safetensors": gpt2_weights._sha256(weights)}
     assert meta["model"]["vocab_size"] == 50272 and meta["model"]["n_layer"] == 2 and meta["training"]["steps"] == 0
     assert (workspace / "as-is/checkpoints/pretrain").is_dir()  # DVC's declared output exists with no step taken
     ours = load_file(str(model_dir / "model.safetensors"))
@@ -245,7 +245,7 @@ def test_hub_name_from_a_prefilled_cache_offline_then_continues_pretraining(work
     done = stage(workspace, "hub", {"init_from": "gpt2"}, {"max_steps": 2, "lr": 1e-3}, env)
     assert done.returncode == 0, done.stderr[-2000:]
     meta = json.loads((workspace / "hub/models/base/config.json").read_text())
-    repo, commit = pretrained.NAMED["gpt2"]
+    repo, commit = gpt2_weights.NAMED["gpt2"]
     assert meta["init_from"]["repo"] == repo and meta["init_from"]["revision"] == commit == meta["init_from"]["commit"]
     assert len(meta["init_from"]["files"]["model.safetensors"]) == 64 and meta["training"]["steps"] == 2
     trained = load_file(str(workspace / "hub/models/base/model.safetensors"))["blocks.0.ff.fc.weight"]

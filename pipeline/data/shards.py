@@ -107,7 +107,7 @@ def piece_bytes(batch_bytes: int, threads: int) -> int:
 def encode_piece(enc: tiktoken.Encoding, text: str) -> np.ndarray:
     """``encode_ordinary`` straight into a uint32 array: tiktoken's Rust core fills the buffer with the GIL
     released, so no Python int is ever made for a token (building and flattening lists of them cost the
-    tokenize stage a fifth of its time at 2 GB, BENCHMARKS.md). No special token is allowed or refused: a
+    tokenize stage dearly, BENCHMARKS.md). No special token is allowed or refused: a
     literal ``<|endoftext|>`` in the text is ordinary text, exactly as ``encode_ordinary`` treats it."""
     return enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
 

@@ -126,8 +126,8 @@ def clone_encoding(enc: tiktoken.Encoding) -> tiktoken.Encoding:
     """The same tokenizer as a new object, for one encoder thread alone.
 
     Threads that share one Encoding share its regexes' match caches, and all but the first thread to use them
-    take a slower path through a shared pool: an encoder thread with its own Encoding encoded 1.4–2× faster,
-    and steadily so, where a shared one swung between runs (BENCHMARKS.md, "Corpus at dataset scale").
+    take a slower path through a shared pool: an encoder thread with its own Encoding encodes faster, and
+    steadily so, where a shared one swings between runs (BENCHMARKS.md, "Corpus at dataset scale").
     """
     state = enc.__getstate__()  # our encodings are never registered by name, so this is their full state
     return tiktoken.Encoding(state["name"], pat_str=state["pat_str"], mergeable_ranks=state["mergeable_ranks"],

@@ -123,9 +123,8 @@ class OnnxCache:
 class OnnxGenerator:
     """The exported model in an onnxruntime session, decoding into preallocated KV buffers (``OnnxCache``).
 
-    With the buffers shared between past and present, a decode step no longer copies the cache: at 896 cached
-    tokens on the gpt2-124m shape that copy (the Concat of a grow-by-concat graph) was about a fifth of the step
-    (BENCHMARKS.md).
+    With the buffers shared between past and present, a decode step no longer copies the cache (the Concat of a
+    grow-by-concat graph; what that cost is in BENCHMARKS.md).
     """
 
     def __init__(self, directory: str | Path, variant: str = "fp32", threads: int | None = None):

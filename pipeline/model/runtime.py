@@ -2,8 +2,8 @@
 
 Training, evaluation, the DPO reference pass, the server's torch path and the benchmarks all ask here, so a rule
 ("auto means bf16 only where this machine multiplies the model's shapes clearly faster in it") is decided once.
-Some CPUs (AMX) run bf16 matmuls several times faster than fp32, others (avx512_bf16 only) slower: the flags
-cannot tell, so the choice is measured (BENCHMARKS.md has the figures).
+Some CPUs (AMX) run bf16 matmuls faster than fp32, others (avx512_bf16 only) slower: the flags cannot tell, so
+the choice is measured (BENCHMARKS.md has the figures).
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """The ONE training loop: pretraining, SFT and DPO differ only in the Objective passed in.
 
-The loop owns everything that is not the objective's arithmetic: device and bf16 autocast, AdamW groups,
-linear warmup + cosine decay, clipping, accumulation, DDP (torchrun env), eval cadence, atomic
-checkpoints and exact resume, the progress bar, and dvclive metrics in ``report_dir``
-(``metrics.json`` + ``plots/metrics/**.tsv`` with ``step`` on x, which `dvc plots` / `dvc exp show` read).
+The loop owns everything that is not the objective's arithmetic: device, dtype (params, or measured on this
+machine: ``runtime.choose_dtype``) and autocast, the optimizer (``optimizer: muon`` in params.yaml, Muon for the
+blocks' matrices and AdamW for the rest, or AdamW alone), linear warmup + cosine decay, clipping, accumulation,
+DDP (torchrun env), eval cadence, atomic checkpoints and exact resume, the progress bar, and dvclive metrics in
+``report_dir`` (``metrics.json`` + ``plots/metrics/**.tsv`` with ``step`` on x, which `dvc plots` / `dvc exp show` read).
 
 Exact resume: batches are a pure function of (step, micro_step, rank) and the checkpoint holds model,
 optimizer, scheduler and RNG states, so a run killed and resumed ends with the same weights, bit for bit.

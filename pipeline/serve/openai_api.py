@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.common.errors import PipelineError, one_line
 from pipeline.serve.embed_api import embed_all, embedding_ids
-from pipeline.serve.engine import ClientClosed, Engine
+from pipeline.serve.engine import ClientClosed, Engine, collect
 from pipeline.serve.request_parsing import ApiError, Options
 from pipeline.serve.served_model import ServedModel
 
@@ -223,7 +223,7 @@ Choice = Callable[[str | None, dict | None], dict]
 async def complete(run: AsyncIterator, http: Request) -> tuple[str, dict]:
     """The whole answer (``engine.collect``), its failures in OpenAI's error shape."""
     try:
-        return await complete(run, http)
+        return await collect(run, http)
     except ClientClosed:
         raise OpenAIError(499, "client closed the request") from None
     except PipelineError as exc:

@@ -1,10 +1,10 @@
 """`python -m pipeline serve`: our models behind the Ollama HTTP API, for any Ollama client.
 
-The server process and its app: one FastAPI app answers the Ollama API (pipeline/serve/ollama_api.py), its embedding routes
-(pipeline/serve/embed_api.py), the OpenAI-compatible ``/v1`` routes (pipeline/serve/openai_api.py) and, at ``/``,
-"Ollama is running" (a browser gets the chat page, pipeline/serve/chat_page.py). Around every route: the API-key
-check and a count of requests by path in ``app.state.requests``. This module owns the command line (which models,
-which socket); generation lives in pipeline/serve/engine.py.
+The server process and its app: one FastAPI app answers the Ollama API (pipeline/serve/ollama_api.py), its
+embedding routes (pipeline/serve/embed_api.py), the OpenAI-compatible ``/v1`` routes (pipeline/serve/openai_api.py)
+and, at ``/``, "Ollama is running" (a browser gets the chat page, pipeline/serve/chat_page.py). Around every route:
+the API-key check and a count of requests by path in ``app.state.requests``. This module owns the command line
+(which models, which socket); generation lives in pipeline/serve/engine.py.
 """
 from __future__ import annotations
 

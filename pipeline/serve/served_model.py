@@ -1,8 +1,9 @@
 """Our models as the server and the terminal commands see them: loading and text generation.
 
 A served model couples a token generator (torch for the base/SFT/DPO directories, onnxruntime for the export)
-with its tokenizer and prompt template (rendered by pipeline/data/prompts.py). Generation runs synchronously in a worker thread and hands text to a
-callback piece by piece: whole UTF-8 characters only, and never a piece that could be the start of a stop string.
+with its tokenizer and prompt template (rendered by pipeline/data/prompts.py). Generation runs synchronously in a
+worker thread and hands text to a callback piece by piece: whole UTF-8 characters only, and never a piece that
+could be the start of a stop string.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """The docs stay true: every params key they mention exists in the params schema, every params YAML they show
-validates, and every `python -m pipeline …` command they show parses (its `--help` runs and knows each option)."""
+validates, every `python -m pipeline …` command they show parses (its `--help` runs and knows each option), and
+ARCHITECTURE.md's tree of rooms names exactly the modules under pipeline/."""
 from __future__ import annotations
 
 import contextlib

@@ -24,7 +24,7 @@ import yaml
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pipeline.profile import merge_params  # noqa: E402
+from pipeline.common.profile import merge_params  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VERDICT = ROOT.parent / "shared" / "data" / "the-verdict.txt"
@@ -69,9 +69,9 @@ def train_loss_eval_mode(project: Path) -> float:
     """models/base on every non-overlapping train window, dropout off: what the book prints as its train loss."""
     import torch
 
-    from pipeline.checkpoint import load_model
-    from pipeline.losses import lm_loss
-    from pipeline.shards import ShardDataset
+    from pipeline.data.shards import ShardDataset
+    from pipeline.model.checkpoint import load_model
+    from pipeline.train.losses import lm_loss
 
     model, _ = load_model(project / "models/base")
     context = model.cfg.context_length

@@ -14,9 +14,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from pipeline.export import quiet_logger
-from pipeline.model import GPT
-from pipeline.onnx_generate import INPUT_IDS, LOGITS, past_names, present_names, session_options
+from pipeline.export.onnx import quiet_logger
+from pipeline.export.onnx_generate import INPUT_IDS, LOGITS, past_names, present_names, session_options
+from pipeline.model.gpt import GPT
 
 
 class ConcatCacheGPT(torch.nn.Module):

@@ -36,11 +36,11 @@ from pathlib import Path
 import yaml
 
 from bench.tokenize import text_batches
-from pipeline.config import load_params
-from pipeline.corpus import read_raw
-from pipeline.shards import encode_threads, piece_bytes
-from pipeline.textstream import read_blocks, split_tail
-from pipeline.tokenizer import load_tokenizer
+from pipeline.common.config import load_params
+from pipeline.data.corpus import read_raw
+from pipeline.data.shards import encode_threads, piece_bytes
+from pipeline.data.textstream import read_blocks, split_tail
+from pipeline.data.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -50,7 +50,7 @@ TRAIN_BYTES = 32 << 20
 
 def paragraphs() -> list[str]:
     """The shared texts' paragraphs (blank-line separated), unwrapped: the raw material of the records."""
-    from pipeline.corpus import clean_text
+    from pipeline.data.corpus import clean_text
 
     texts = []
     for name in ("quijote.txt", "tinyshakespeare.txt", "the-verdict.txt"):

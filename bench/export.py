@@ -8,7 +8,7 @@ Decoding one token reads every weight once, so it is bound by memory bandwidth. 
 is measured in the same run — a sum over a 1 GiB tensor, with the same threads as the models — and the floor
 is weight bytes ÷ bandwidth: the fp32 bytes for torch and onnxruntime fp32, the int8 file's bytes for int8.
 The host's bandwidth drifts (28–74 GB/s between runs here), so the work goes in rounds: in each, every variant
-decodes its tokens in one block (the real generators: ``pipeline.generate.stream_tokens`` and
+decodes its tokens in one block (the real generators: ``pipeline.model.generate.stream_tokens`` and
 ``OnnxGenerator.stream``), the probes read in blocks of their own, in a fresh random order; a variant's ratio to
 the floor is taken within each round, against that round's bandwidth, and its median over rounds is reported.
 Blocks rather than token-by-token turns: alternating single tokens left every other thread pool's workers
@@ -37,15 +37,15 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from bench.concat_cache import concat_greedy_stream, concat_session, export_concat_graph
-from pipeline.atomic import write_json
-from pipeline.checkpoint import CONFIG
-from pipeline.config import load_params
-from pipeline.export import export_graph, onnx_config, write_variants
-from pipeline.generate import stream_tokens
-from pipeline.model import GPT, PRESETS, GPTConfig
-from pipeline.onnx_generate import VARIANT_FILES, OnnxGenerator, session_options
-from pipeline.pretraining import model_config
-from pipeline.sampling import SamplingOptions
+from pipeline.common.atomic import write_json
+from pipeline.common.config import load_params
+from pipeline.export.onnx import export_graph, onnx_config, write_variants
+from pipeline.export.onnx_generate import VARIANT_FILES, OnnxGenerator, session_options
+from pipeline.model.checkpoint import CONFIG
+from pipeline.model.generate import stream_tokens
+from pipeline.model.gpt import GPT, PRESETS, GPTConfig
+from pipeline.model.sampling import SamplingOptions
+from pipeline.train.pretrain_setup import model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

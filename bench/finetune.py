@@ -3,7 +3,7 @@
     python -m bench.finetune                 # default preset and params.yaml's sft/dpo batch and dtype
     python -m bench.finetune --steps 40 --rounds 3
 
-Both objectives run through the real loop (pipeline.train) on the shared instruction data (or generated
+Both objectives run through the real loop (pipeline.train.loop) on the shared instruction data (or generated
 records when ../shared/data is absent), tokenized as the stages do. Tokens/s (every position computed, padding
 included, first log window left out) is the loop's, median of ``--rounds`` runs. The DPO baseline is the same
 objective recomputing the frozen reference's log-probs at every step (what a naive DPO does) instead of reading
@@ -24,20 +24,20 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import load_params
-from pipeline.instructions import (
+from pipeline.common.config import load_params
+from pipeline.data.instructions import (
     Example,
     PreferencePair,
     split_dataset,
     tokenize_examples,
     tokenize_pairs,
 )
-from pipeline.losses import sequence_logprobs
-from pipeline.model import GPT, config_from_preset
-from pipeline.objectives import DPOObjective, SFTObjective, reference_logprobs
-from pipeline.runtime import autocast, resolve_dtype
-from pipeline.tokenizer import load_tokenizer, train_bpe
-from pipeline.train import make_optimizer, train
+from pipeline.data.tokenizer import load_tokenizer, train_bpe
+from pipeline.model.gpt import GPT, config_from_preset
+from pipeline.model.runtime import autocast, resolve_dtype
+from pipeline.train.loop import make_optimizer, train
+from pipeline.train.losses import sequence_logprobs
+from pipeline.train.objectives import DPOObjective, SFTObjective, reference_logprobs
 from tests.project import SHARED_DATA, generated_instructions
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from pipeline.dvc_ops import dvc_env
+from pipeline.orchestration.dvc_ops import dvc_env
 from tests.project import make_project
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from pipeline.generate import generate, generate_without_cache
-from pipeline.model import GPT, config_from_preset
-from pipeline.sampling import SamplingOptions
+from pipeline.model.generate import generate, generate_without_cache
+from pipeline.model.gpt import GPT, config_from_preset
+from pipeline.model.sampling import SamplingOptions
 
 
 def timed(fn) -> tuple[float, torch.Tensor]:

@@ -25,15 +25,15 @@ import numpy as np
 import torch
 
 from bench.export import decode_ms, in_blocks, onnx_dir, random_model
-from pipeline.config import load_params
-from pipeline.export import write_variants
-from pipeline.generate import stream_tokens
-from pipeline.gguf_export import GGUFTokenizer, write_gguf
-from pipeline.model import PRESETS, GPTConfig
-from pipeline.onnx_generate import OnnxGenerator
-from pipeline.pretraining import model_config
-from pipeline.sampling import SamplingOptions
-from pipeline.tokenizer import gpt2, train_bpe
+from pipeline.common.config import load_params
+from pipeline.data.tokenizer import gpt2, train_bpe
+from pipeline.export.gguf import GGUFTokenizer, write_gguf
+from pipeline.export.onnx import write_variants
+from pipeline.export.onnx_generate import OnnxGenerator
+from pipeline.model.generate import stream_tokens
+from pipeline.model.gpt import PRESETS, GPTConfig
+from pipeline.model.sampling import SamplingOptions
+from pipeline.train.pretrain_setup import model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT, NEW_TOKENS = 64, 32
@@ -66,7 +66,7 @@ def tokenizer_for(cfg: GPTConfig):
 def bench_shape(cfg: GPTConfig, rounds: int, threads: int, opset: int) -> dict:
     from llama_cpp import Llama
 
-    from pipeline.llama_cpp_check import no_weight_repacking
+    from pipeline.export.gguf_check import no_weight_repacking
 
     enc, kind = tokenizer_for(cfg)
     model = random_model(replace(cfg, vocab_size=enc.n_vocab))

@@ -5,7 +5,7 @@
     python -m bench.gpu_train --batch 32 --no-compile
     python -m bench.gpu_train --batch 32 --model-only   # compile the model alone, not the loss
 
-The step is the training loop's own arithmetic (pipeline.train's optimizer groups and fused AdamW, runtime's
+The step is the training loop's own arithmetic (pipeline.train.loop's optimizer groups and fused AdamW, runtime's
 autocast, the model's forward, gradient clipping) on random tokens, without the loop's logging and checkpoints,
 so it runs where DVC and dvclive are not installed (a bare GPU machine).
 """
@@ -17,12 +17,12 @@ import time
 
 import torch
 
-from pipeline import perf
-from pipeline.config import TrainParams
-from pipeline.losses import lm_loss
-from pipeline.model import GPT, config_from_preset, flops_per_token
-from pipeline.runtime import autocast
-from pipeline.train import make_optimizer
+from pipeline.common.config import TrainParams
+from pipeline.model import perf
+from pipeline.model.gpt import GPT, config_from_preset, flops_per_token
+from pipeline.model.runtime import autocast
+from pipeline.train.loop import make_optimizer
+from pipeline.train.losses import lm_loss
 
 
 def main() -> None:

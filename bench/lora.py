@@ -3,7 +3,7 @@
     python -m bench.lora                                  # cpu-medium (default preset) and gpt2-124m
     python -m bench.lora --presets cpu-medium --steps 30 --base models/base
 
-Each (preset, method) pair runs SFT through the real loop (pipeline.train) in its own process, so peak RSS is
+Each (preset, method) pair runs SFT through the real loop (pipeline.train.loop) in its own process, so peak RSS is
 that run's alone; the same seed, data, batches, lr and number of steps for both methods. ``--base`` starts from
 trained weights (it must match the preset's shape); otherwise the model is the seeded random init, where the
 memory and speed figures hold but the loss gap says little. Tokens/s: the loop's, first log window left out.
@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 
 from bench.finetune import records, tokenizer
-from pipeline import lora, resume
-from pipeline.checkpoint import load_model
-from pipeline.config import LoRAParams, load_params
-from pipeline.instructions import Example, split_dataset, tokenize_examples
-from pipeline.model import GPT, config_from_preset
-from pipeline.objectives import SFTObjective
-from pipeline.train import train
+from pipeline.common.config import LoRAParams, load_params
+from pipeline.data.instructions import Example, split_dataset, tokenize_examples
+from pipeline.model import lora
+from pipeline.model.checkpoint import load_model
+from pipeline.model.gpt import GPT, config_from_preset
+from pipeline.train import resume
+from pipeline.train.loop import train
+from pipeline.train.objectives import SFTObjective
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@
 As in "Build a Large Language Model (From Scratch)" ch. 3–5: separate query/key/value projections, an
 explicit causal mask buffer and softmax attention, hand-written LayerNorm and GELU, fp32 throughout, and
 the default ``torch.optim.AdamW`` with a plain ``loss.backward(); optimizer.step()`` loop. Same shapes and
-parameter count as ``pipeline.model.GPT`` (tied head included), so tokens/s compare like for like.
+parameter count as ``pipeline.model.gpt.GPT`` (tied head included), so tokens/s compare like for like.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn as nn
 
-from pipeline.model import GPTConfig
+from pipeline.model.gpt import GPTConfig
 
 
 class LayerNorm(nn.Module):

@@ -6,7 +6,7 @@
 nanoGPT reads ``data/<dataset>/{train,val}.bin`` (uint16 tokens) and ``meta.pkl`` (its vocabulary size) below its
 working directory: both are written from our shards into a temp dir and nanoGPT runs there in a subprocess, on the
 CPU, fp32, no compile (it uses no autocast on a CPU). Ours trains in ``pretrain.dtype`` (``auto``: the dtype this
-machine measured faster, ``pipeline.runtime``; ``--dtype fp32`` for the same arithmetic as nanoGPT's) with
+machine measured faster, ``pipeline.model.runtime``; ``--dtype fp32`` for the same arithmetic as nanoGPT's) with
 ``pretrain.optimizer``. nanoGPT's hyperparameters are its train.py defaults (lr 6e-4, min_lr lr/10, AdamW betas
 0.9/0.95, weight decay 0.1, clip 1.0, no dropout, no bias), fixed here in advance; only
 what the shape and step count force is set: batch, context, width, depth, heads, max_iters, lr_decay_iters =
@@ -34,12 +34,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import load_params
-from pipeline.errors import PipelineError, exit_on_error
-from pipeline.pretraining import prepare
-from pipeline.runtime import DTYPE_NAMES, choose_dtype
-from pipeline.shards import ShardDataset
-from pipeline.train import train
+from pipeline.common.config import load_params
+from pipeline.common.errors import PipelineError, exit_on_error
+from pipeline.data.shards import ShardDataset
+from pipeline.model.runtime import DTYPE_NAMES, choose_dtype
+from pipeline.train.loop import train
+from pipeline.train.pretrain_setup import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 ITER_LINE = re.compile(r"^iter (\d+): loss [\d.]+, time ([\d.]+)ms")

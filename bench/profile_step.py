@@ -3,8 +3,8 @@
     python -m bench.profile_step                          # params.yaml's preset/batch/context on data/shards
     python -m bench.profile_step --shards DIR --tokenizer DIR --steps 6 --rounds 3
 
-The phases are timed around the same calls ``pipeline.train`` makes (on a CPU every op is synchronous, so
-``perf_counter`` around a phase is its time). The loop's own overhead is the median step of ``pipeline.train.train``
+The phases are timed around the same calls ``pipeline.train.loop`` makes (on a CPU every op is synchronous, so
+``perf_counter`` around a phase is its time). The loop's own overhead is the median step of ``pipeline.train.loop.train``
 (from its per-step log) minus the median of the hand-timed step; both run alternately, ``--rounds`` times, so a
 machine loaded by others slows both alike. A short ``torch.profiler`` trace of the hand-timed step lists the top
 operators. The last line is a ``key=value`` summary.
@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from pipeline.config import load_params
-from pipeline.pretraining import prepare
-from pipeline.runtime import autocast, choose_dtype
-from pipeline.train import lr_factor, make_optimizer, train
+from pipeline.common.config import load_params
+from pipeline.model.runtime import autocast, choose_dtype
+from pipeline.train.loop import lr_factor, make_optimizer, train
+from pipeline.train.pretrain_setup import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("data", "forward", "backward", "optimizer")
@@ -74,7 +74,7 @@ def hand_timed_steps(args: argparse.Namespace, trace: bool = False) -> tuple[lis
 
 
 def loop_steps(args: argparse.Namespace) -> list[float]:
-    """Seconds of each step of ``pipeline.train.train`` itself, from its per-step tokens/s log."""
+    """Seconds of each step of ``pipeline.train.loop.train`` itself, from its per-step tokens/s log."""
     pre, setup = _setup(args, args.steps)
     with tempfile.TemporaryDirectory() as tmp:
         result = train(setup.model, setup.objective, pre,
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     for k in PHASES:
         print(f"{k:<12}{med[k] * 1e3:>10.1f}{100 * med[k] / loop_s:>15.1f}%")
     print(f"{'loop other':<12}{overhead * 1e3:>10.1f}{100 * overhead / loop_s:>15.1f}%")
-    print(f"{'loop step':<12}{loop_s * 1e3:>10.1f}{100.0:>15.1f}%   (median of {len(loop)} steps of pipeline.train)")
+    print(f"{'loop step':<12}{loop_s * 1e3:>10.1f}{100.0:>15.1f}%   (median of {len(loop)} steps of pipeline.train.loop)")
     print(f"threads={torch.get_num_threads()} hand_step_ms={hand_s * 1e3:.1f} loop_step_ms={loop_s * 1e3:.1f} "
           + " ".join(f"{k}_pct={100 * med[k] / loop_s:.1f}" for k in PHASES)
           + f" loop_overhead_pct={100 * overhead / loop_s:.1f}")

@@ -6,7 +6,7 @@
 
 Each variant trains the default preset (params.yaml ``model`` + ``pretrain``) from the same initial seed on the
 same batches for ``--budget-s`` seconds of training (evaluation excluded), then scores the first validation
-windows with the evaluate stage's metric (``pipeline.evaluation.language_model_metrics``). The schedule is
+windows with the evaluate stage's metric (``pipeline.evaluation.base_model.language_model_metrics``). The schedule is
 today's (linear warmup + cosine to ``min_lr_ratio``) stretched over the wall budget instead of ``max_steps``,
 so every variant ends its decay when its time is up. The variants run one after another in one process, so
 a machine loaded by others can favour some: rerun with ``--variants`` in another order to check a close call.
@@ -22,16 +22,16 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import PretrainParams, load_params
-from pipeline.errors import PipelineError, exit_on_error
-from pipeline.evaluation import language_model_metrics, token_byte_lengths, unigram_log_probs
-from pipeline.model import GPT
-from pipeline.optim import muon_groups
-from pipeline.pretraining import prepare
-from pipeline.runtime import DTYPE_NAMES, autocast, choose_dtype
-from pipeline.shards import ShardDataset
-from pipeline.tokenizer import load_tokenizer
-from pipeline.train import lr_factor, make_optimizer
+from pipeline.common.config import PretrainParams, load_params
+from pipeline.common.errors import PipelineError, exit_on_error
+from pipeline.data.shards import ShardDataset
+from pipeline.data.tokenizer import load_tokenizer
+from pipeline.evaluation.base_model import language_model_metrics, token_byte_lengths, unigram_log_probs
+from pipeline.model.gpt import GPT
+from pipeline.model.runtime import DTYPE_NAMES, autocast, choose_dtype
+from pipeline.train.loop import lr_factor, make_optimizer
+from pipeline.train.optim import muon_groups
+from pipeline.train.pretrain_setup import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
 
 
 def make_optimizers(model: GPT, variant: Variant, pre: PretrainParams, dtype: torch.dtype) -> list[torch.optim.Optimizer]:
-    """The pipeline's optimizer (``pipeline.train.make_optimizer``: params.yaml's as the stage runs it, AdamW, or
+    """The pipeline's optimizer (``pipeline.train.loop.make_optimizer``: params.yaml's as the stage runs it, AdamW, or
     ``MuonWithAdamW`` with its Newton–Schulz in fp32 or bf16), or ``torch.optim.Muon`` (bf16) beside AdamW."""
     cpu = torch.device("cpu")
     if variant.optimizer is None:

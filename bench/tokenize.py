@@ -6,7 +6,7 @@ Builds a corpus of Quijote copies (one document each; ../shared/data/quijote.txt
 under /tmp, trains the params.yaml tokenizer on one copy, then measures on the same text and threads:
   raw    ``enc.encode_ordinary_batch`` over the text already in memory, in the stage's own pieces (results
          dropped) — the ceiling;
-  stage  ``pipeline.shards.write_shards`` exactly as the tokenize stage calls it (file → pieces → encode →
+  stage  ``pipeline.data.shards.write_shards`` exactly as the tokenize stage calls it (file → pieces → encode →
          uint16 shards + sha256 + manifest), in a subprocess that imports what the stage imports, so its
          peak RSS is its own. It runs on a smaller corpus too: peak RSS must not grow with corpus size.
 Raw and stage runs alternate (raw, stage, raw, stage, raw): each stage run is compared with the mean of the
@@ -26,11 +26,11 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from pipeline.config import load_params
-from pipeline.corpus import clean_text
-from pipeline.shards import encode_threads, piece_bytes
-from pipeline.textstream import Segment, read_blocks, split_tail
-from pipeline.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from pipeline.common.config import load_params
+from pipeline.data.corpus import clean_text
+from pipeline.data.shards import encode_threads, piece_bytes
+from pipeline.data.textstream import Segment, read_blocks, split_tail
+from pipeline.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,8 +61,8 @@ def build_corpus(text: str, megabytes: int) -> tuple[Path, list[Segment]]:
 def stage_path(corpus: Path, doc_bytes: int, tokenizer: Path, out: Path) -> dict:
     """The tokenize stage's encode+write path with the params.yaml shard settings, measured in this process."""
     import stages.tokenize  # noqa: F401  (the stage's imports count towards its RSS)
-    from pipeline.shards import write_shards
-    from pipeline.tokenizer import tokenizer_fingerprint
+    from pipeline.data.shards import write_shards
+    from pipeline.data.tokenizer import tokenizer_fingerprint
 
     shards = load_params(ROOT / "params.yaml").shards
     size = corpus.stat().st_size

@@ -1,4 +1,4 @@
-"""Training throughput and MFU: our loop (pipeline.train) against the naive textbook model, same shapes, same run.
+"""Training throughput and MFU: our loop (pipeline.train.loop) against the naive textbook model, same shapes, same run.
 
     python -m bench.train                       # CPU presets + gpt2-124m at context 256
     python -m bench.train --presets cpu-medium  # just one
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline import perf
-from pipeline.config import TrainParams, load_params
-from pipeline.model import GPT, config_from_preset, flops_per_token
-from pipeline.runtime import resolve_dtype
-from pipeline.train import train
+from pipeline.common.config import TrainParams, load_params
+from pipeline.model import perf
+from pipeline.model.gpt import GPT, config_from_preset, flops_per_token
+from pipeline.model.runtime import resolve_dtype
+from pipeline.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ class RandomTokens:
         return [self.train_batch(-1, 0, 0, 1)]
 
     def loss(self, model, batch):
-        from pipeline.losses import lm_loss
+        from pipeline.train.losses import lm_loss
 
         return lm_loss(model(batch["input_ids"])[0], batch["targets"]), {}
 
@@ -131,7 +131,7 @@ def loss_curves(steps: int, project: Path, out_png: Path) -> dict[str, float]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.pretraining import prepare
+    from pipeline.train.pretrain_setup import prepare
 
     params = load_params(project / "params.yaml")
     final = {}

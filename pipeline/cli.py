@@ -8,17 +8,17 @@ from __future__ import annotations
 import importlib
 import sys
 
-from pipeline.errors import PipelineError, one_line
+from pipeline.common.errors import PipelineError, one_line
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "cache": ("pipeline.corpus", "manage the content-addressed download cache (cache add FILE...)"),
-    "generate": ("pipeline.generate_cli", "continue a prompt with a model, streamed to the terminal (or --json)"),
-    "chat": ("pipeline.chat", "chat with an SFT/DPO model in the terminal (/reset, /exit)"),
-    "serve": ("pipeline.serve", "serve base/SFT/DPO/ONNX models over the Ollama HTTP API"),
-    "flow": ("pipeline.flow", "run or schedule the pipeline with Prefect (flow run | flow serve)"),
-    "sweep": ("pipeline.compare", "queue and run several `dvc exp run -S ...` variants"),
-    "compare": ("pipeline.compare", "compare DVC experiments: params, metrics, loss curves"),
-    "classify": ("pipeline.classifier", "label texts with a classifier (classify --model models/classifier TEXT...)"),
+    "cache": ("pipeline.data.corpus", "manage the content-addressed download cache (cache add FILE...)"),
+    "generate": ("pipeline.serve.generate_cli", "continue a prompt with a model, streamed to the terminal (or --json)"),
+    "chat": ("pipeline.serve.chat_cli", "chat with an SFT/DPO model in the terminal (/reset, /exit)"),
+    "serve": ("pipeline.serve.app", "serve base/SFT/DPO/ONNX models over the Ollama HTTP API"),
+    "flow": ("pipeline.orchestration.flow", "run or schedule the pipeline with Prefect (flow run | flow serve)"),
+    "sweep": ("pipeline.orchestration.compare", "queue and run several `dvc exp run -S ...` variants"),
+    "compare": ("pipeline.orchestration.compare", "compare DVC experiments: params, metrics, loss curves"),
+    "classify": ("pipeline.train.classifier", "label texts with a classifier (classify --model models/classifier TEXT...)"),
 }
 
 

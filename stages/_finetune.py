@@ -9,18 +9,18 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline import distributed
-from pipeline.answers import generate_responses, sampling_options, write_responses
-from pipeline.atomic import write_json
-from pipeline.checkpoint import CONFIG, ModelAndTokenizer, load_with_tokenizer, save_trained
-from pipeline.config import DPOParams, SFTParams
-from pipeline.errors import PipelineError
-from pipeline.hashing import sha256_file
-from pipeline.instructions import Example, Loaded, check_recipe, load_examples, split_dataset
-from pipeline.objectives import data_fingerprint
-from pipeline.provenance import provenance
-from pipeline.runtime import is_main
-from pipeline.train import TrainResult, train
+from pipeline.common.atomic import write_json
+from pipeline.common.config import DPOParams, SFTParams
+from pipeline.common.errors import PipelineError
+from pipeline.common.hashing import sha256_file
+from pipeline.common.provenance import provenance
+from pipeline.data.instructions import Example, Loaded, check_recipe, load_examples, split_dataset
+from pipeline.evaluation.answers import generate_responses, sampling_options, write_responses
+from pipeline.model.checkpoint import CONFIG, ModelAndTokenizer, load_with_tokenizer, save_trained
+from pipeline.model.runtime import is_main
+from pipeline.train import distributed
+from pipeline.train.loop import TrainResult, train
+from pipeline.train.objectives import data_fingerprint
 
 TOKENIZER = Path("data/tokenizer")
 

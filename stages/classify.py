@@ -6,18 +6,19 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline import config, distributed
-from pipeline.atomic import write_json
-from pipeline.checkpoint import load_with_tokenizer, save_trained
-from pipeline.classifier import ClassifyObjective, build_classifier, encode_texts
-from pipeline.classify_metrics import evaluate_splits, plot_confusion
-from pipeline.corpus import DownloadCache
-from pipeline.errors import exit_on_error
-from pipeline.instructions import load_examples, split_dataset
-from pipeline.labelled import balance, classify_texts, split
-from pipeline.provenance import provenance
-from pipeline.runtime import is_main
-from pipeline.train import train
+from pipeline.common import config
+from pipeline.common.atomic import write_json
+from pipeline.common.errors import exit_on_error
+from pipeline.common.provenance import provenance
+from pipeline.data.corpus import DownloadCache
+from pipeline.data.instructions import load_examples, split_dataset
+from pipeline.data.labelled import balance, classify_texts, split
+from pipeline.evaluation.classify_metrics import evaluate_splits, plot_confusion
+from pipeline.model.checkpoint import load_with_tokenizer, save_trained
+from pipeline.model.runtime import is_main
+from pipeline.train import distributed
+from pipeline.train.classifier import ClassifyObjective, build_classifier, encode_texts
+from pipeline.train.loop import train
 
 TONE_DATA = Path("data/raw/dpo.json")
 SFT_DATA = Path("data/raw/sft.json")

@@ -4,12 +4,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline.atomic import atomic_path, write_json
-from pipeline.config import load_params
-from pipeline.corpus import CORPUS, DOCUMENTS, DownloadCache, build_corpus, copy_json_source
-from pipeline.errors import exit_on_error
-from pipeline.hashing import sha256_file
-from pipeline.stage_timing import timed
+from pipeline.common.atomic import atomic_path, write_json
+from pipeline.common.config import load_params
+from pipeline.common.errors import exit_on_error
+from pipeline.common.hashing import sha256_file
+from pipeline.common.stage_timing import timed
+from pipeline.data.corpus import CORPUS, DOCUMENTS, DownloadCache, build_corpus, copy_json_source
 
 OUT = Path("data/raw")
 PARAMS = ("data", "corpus", "sft.data", "dpo.data")

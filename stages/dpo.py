@@ -8,12 +8,13 @@ import copy
 import sys
 from pathlib import Path
 
-from pipeline import config, lora
-from pipeline.errors import exit_on_error
-from pipeline.instructions import load_preferences, split_dataset, tokenize_pairs
-from pipeline.objectives import DPOObjective, reference_logprobs, without_dropout
-from pipeline.runtime import autocast, is_main, local_device, resolve_dtype
-from pipeline.stage_timing import timed
+from pipeline.common import config
+from pipeline.common.errors import exit_on_error
+from pipeline.common.stage_timing import timed
+from pipeline.data.instructions import load_preferences, split_dataset, tokenize_pairs
+from pipeline.model import lora
+from pipeline.model.runtime import autocast, is_main, local_device, resolve_dtype
+from pipeline.train.objectives import DPOObjective, reference_logprobs, without_dropout
 from stages import _finetune
 
 PARAMS = ("dpo",)

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline.atomic import atomic_path, write_json
-from pipeline.checkpoint import load_with_tokenizer
-from pipeline.config import load_params
-from pipeline.errors import exit_on_error
-from pipeline.evaluation import (
+from pipeline.common.atomic import atomic_path, write_json
+from pipeline.common.config import load_params
+from pipeline.common.errors import exit_on_error
+from pipeline.common.stage_timing import timed
+from pipeline.data.shards import ShardDataset
+from pipeline.evaluation.base_model import (
     language_model_metrics,
     markdown_report,
     plot_loss,
@@ -18,10 +19,9 @@ from pipeline.evaluation import (
     token_byte_lengths,
     unigram_log_probs,
 )
-from pipeline.runtime import local_device, resolve_dtype
-from pipeline.sampling import SamplingOptions
-from pipeline.shards import ShardDataset
-from pipeline.stage_timing import timed
+from pipeline.model.checkpoint import load_with_tokenizer
+from pipeline.model.runtime import local_device, resolve_dtype
+from pipeline.model.sampling import SamplingOptions
 
 MODEL = Path("models/base")
 TOKENIZER = Path("data/tokenizer")

@@ -5,14 +5,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline import config
-from pipeline.atomic import atomic_path, write_json
-from pipeline.errors import exit_on_error
-from pipeline.export import check_params, export_model
-from pipeline.gguf_export import export_gguf
-from pipeline.hf_export import export_hf_model
-from pipeline.provenance import provenance
-from pipeline.stage_timing import timed
+from pipeline.common import config
+from pipeline.common.atomic import atomic_path, write_json
+from pipeline.common.errors import exit_on_error
+from pipeline.common.provenance import provenance
+from pipeline.common.stage_timing import timed
+from pipeline.export.gguf import export_gguf
+from pipeline.export.hf import export_hf_model
+from pipeline.export.onnx import check_params, export_model
 
 TOKENIZER = Path("data/tokenizer")
 SHARDS = Path("data/shards")

@@ -4,11 +4,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline import config
-from pipeline.errors import exit_on_error
-from pipeline.judge import load_responses, run_judge
-from pipeline.judge_report import summarize, write_outputs
-from pipeline.stage_timing import timed
+from pipeline.common import config
+from pipeline.common.errors import exit_on_error
+from pipeline.common.stage_timing import timed
+from pipeline.evaluation.judge import load_responses, run_judge
+from pipeline.evaluation.judge_report import summarize, write_outputs
 
 RESPONSES = {"sft": "reports/sft/responses.jsonl", "dpo": "reports/dpo/responses.jsonl"}
 CACHE_DIR = "cache/judge"

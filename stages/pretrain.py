@@ -4,14 +4,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline import config, distributed
-from pipeline.checkpoint import save_model
-from pipeline.errors import exit_on_error
-from pipeline.pretraining import prepare
-from pipeline.provenance import provenance
-from pipeline.runtime import is_main
-from pipeline.stage_timing import timed
-from pipeline.train import train
+from pipeline.common import config
+from pipeline.common.errors import exit_on_error
+from pipeline.common.provenance import provenance
+from pipeline.common.stage_timing import timed
+from pipeline.model.checkpoint import save_model
+from pipeline.model.runtime import is_main
+from pipeline.train import distributed
+from pipeline.train.loop import train
+from pipeline.train.pretrain_setup import prepare
 
 TOKENIZER = Path("data/tokenizer")
 SHARDS = Path("data/shards")

@@ -8,10 +8,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline.config import load_params, read_yaml
-from pipeline.errors import exit_on_error
-from pipeline.report import write_report
-from pipeline.stage_timing import timed
+from pipeline.common.config import load_params, read_yaml
+from pipeline.common.errors import exit_on_error
+from pipeline.common.stage_timing import timed
+from pipeline.orchestration.report import write_report
 
 PARAMS = ()
 HTML = Path("reports/index.html")

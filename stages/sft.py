@@ -4,13 +4,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline import config, lora
-from pipeline.errors import exit_on_error
-from pipeline.hashing import sha256_file
-from pipeline.instructions import load_examples, split_dataset, tokenize_examples
-from pipeline.objectives import SFTObjective
-from pipeline.runtime import is_main
-from pipeline.stage_timing import timed
+from pipeline.common import config
+from pipeline.common.errors import exit_on_error
+from pipeline.common.hashing import sha256_file
+from pipeline.common.stage_timing import timed
+from pipeline.data.instructions import load_examples, split_dataset, tokenize_examples
+from pipeline.model import lora
+from pipeline.model.runtime import is_main
+from pipeline.train.objectives import SFTObjective
 from stages import _finetune
 
 PARAMS = ("sft",)

@@ -7,15 +7,15 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from pipeline.atomic import atomic_path, write_json
-from pipeline.config import TokenizerParams, load_params
-from pipeline.corpus import read_raw
-from pipeline.errors import exit_on_error
-from pipeline.instructions import instruction_texts
-from pipeline.shards import encode_threads, write_shards
-from pipeline.stage_timing import timed
-from pipeline.textstream import Segment, read_blocks, sample_text, split_tail, total_bytes
-from pipeline.tokenizer import save_tokenizer, train_tokenizer
+from pipeline.common.atomic import atomic_path, write_json
+from pipeline.common.config import TokenizerParams, load_params
+from pipeline.common.errors import exit_on_error
+from pipeline.common.stage_timing import timed
+from pipeline.data.corpus import read_raw
+from pipeline.data.instructions import instruction_texts
+from pipeline.data.shards import encode_threads, write_shards
+from pipeline.data.textstream import Segment, read_blocks, sample_text, split_tail, total_bytes
+from pipeline.data.tokenizer import save_tokenizer, train_tokenizer
 
 RAW, TOKENIZER, SHARDS = Path("data/raw"), Path("data/tokenizer"), Path("data/shards")
 METRICS = Path("reports/tokenize/metrics.json")

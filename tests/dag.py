@@ -12,12 +12,12 @@ PACKAGES = ("pipeline", "stages")
 OUTPUT_NEUTRAL = {
     "pipeline/__init__.py",  # empty package marker
     "stages/__init__.py",  # empty package marker
-    "pipeline/errors.py",  # the wording of error lines and the exit code; never what a stage writes
+    "pipeline/common/errors.py",  # the wording of error lines and the exit code; never what a stage writes
 }
 
 
 def module_file(module: str) -> str | None:
-    """`pipeline.model` → 'pipeline/model.py' (or the package's __init__.py), None outside the project."""
+    """`pipeline.model.gpt` → 'pipeline/model/gpt.py' (or the package's __init__.py), None outside the project."""
     for candidate in (module.replace(".", "/") + ".py", module.replace(".", "/") + "/__init__.py"):
         if (ROOT / candidate).is_file():
             return candidate

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.profile import merge_params
+from pipeline.common.profile import merge_params
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 import uvicorn
 
-from pipeline.checkpoint import save_model
-from pipeline.model import GPT, config_from_preset
-from pipeline.serve import bind, create_app
-from pipeline.serve_models import ServedModel, load_model_dir
-from pipeline.tokenizer import save_tokenizer, train_char
+from pipeline.data.tokenizer import save_tokenizer, train_char
+from pipeline.model.checkpoint import save_model
+from pipeline.model.gpt import GPT, config_from_preset
+from pipeline.serve.app import bind, create_app
+from pipeline.serve.served_model import ServedModel, load_model_dir
 
 
 def save_tiny_model(
@@ -44,8 +44,8 @@ def save_tiny_model(
 def save_answering_model(directory: Path, answers: dict[str, str], context_length: int = 96,
                          template: str = "alpaca", steps: int = 150) -> Path:
     """A tiny model trained to answer each question of ``answers`` (one user message) with its answer."""
-    from pipeline.instructions import encode_response
-    from pipeline.serve_models import chat_prompt_ids, fit_prompt
+    from pipeline.data.prompts import chat_prompt_ids, encode_response
+    from pipeline.serve.served_model import fit_prompt
 
     enc = train_char([], 256 + 16)
     examples = [(fit_prompt(chat_prompt_ids(enc, template, [("user", q)]), context_length, None)[0],

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bench import peer
-from pipeline.model import config_from_preset
+from pipeline.model.gpt import config_from_preset
 
 
 def test_nanogpt_dir_without_train_py_is_one_error_line(tmp_path, capsys):

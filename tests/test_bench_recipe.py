@@ -7,9 +7,9 @@ import pytest
 import yaml
 
 from bench import recipe
-from pipeline.shards import write_shards
-from pipeline.textstream import Segment
-from pipeline.tokenizer import save_tokenizer, train_tokenizer
+from pipeline.data.shards import write_shards
+from pipeline.data.textstream import Segment
+from pipeline.data.tokenizer import save_tokenizer, train_tokenizer
 
 ROOT = recipe.ROOT
 

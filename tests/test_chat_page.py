@@ -20,8 +20,8 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-import pipeline.serve
-from pipeline.sampling import SamplingOptions
+import pipeline.serve.engine
+from pipeline.model.sampling import SamplingOptions
 from tests.serving import load_served, running_server, save_answering_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,8 +103,8 @@ def test_root_answers_api_clients_as_ollama_and_browsers_with_the_page(model_dir
 def test_chat_page_streams_and_stops_in_chromium(model_dir, tmp_path, monkeypatch):
     models = load_served({"sft": model_dir})
     gate = models["sft:latest"].tokens = GatedTokens(models["sft:latest"].tokens)
-    generations = Generations(pipeline.serve.generate_text)
-    monkeypatch.setattr(pipeline.serve, "generate_text", generations)
+    generations = Generations(pipeline.serve.engine.generate_text)
+    monkeypatch.setattr(pipeline.serve.engine, "generate_text", generations)
     with running_server(models) as (url, _):
         driver = browser(tmp_path, monkeypatch)
         try:

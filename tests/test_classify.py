@@ -11,15 +11,15 @@ import pytest
 import torch
 import yaml
 
-from pipeline import lora
-from pipeline.checkpoint import ADAPTER, load_model, save_model
-from pipeline.classifier import build_classifier, class_logits, cli, collate_texts, encode_texts
-from pipeline.classify_metrics import scores
-from pipeline.config import LoRAParams
-from pipeline.errors import PipelineError
-from pipeline.labelled import LabelledText, balance, labelled, read_table, split, tone_records
-from pipeline.model import GPT, config_from_preset
-from pipeline.tokenizer import save_tokenizer, train_bpe
+from pipeline.common.config import LoRAParams
+from pipeline.common.errors import PipelineError
+from pipeline.data.labelled import LabelledText, balance, labelled, read_table, split, tone_records
+from pipeline.data.tokenizer import save_tokenizer, train_bpe
+from pipeline.evaluation.classify_metrics import scores
+from pipeline.model import lora
+from pipeline.model.checkpoint import ADAPTER, load_model, save_model
+from pipeline.model.gpt import GPT, config_from_preset
+from pipeline.train.classifier import build_classifier, class_logits, cli, collate_texts, encode_texts
 from tests.project import SHARED_DATA, tiny_params
 
 ROWS = [{"text": "free prize, call now", "label": "spam"}, {"text": "see you at lunch", "label": "ham"},
@@ -196,7 +196,7 @@ def test_stage_writes_classifier_scores_plots_and_the_cli_labels_text(tmp_path, 
     assert (project / "reports/classify/plots/metrics/val/accuracy.tsv").is_file()
     model, meta = load_model(project / "models/classifier")
     assert model.cfg.n_classes == 2 and meta["labels"] == ["impolite", "polite"]
-    from pipeline.serve_models import load_model_dir
+    from pipeline.serve.served_model import load_model_dir
 
     with pytest.raises(PipelineError, match="models/classifier: a classifier, not a language model"):
         load_model_dir("c", project / "models/classifier")
@@ -257,8 +257,8 @@ def test_merged_lora_classifier_equals_its_adapter_form():
 def test_classifier_exports_to_onnx_with_a_parity_gate(tmp_path):
     import onnxruntime as ort
 
-    from pipeline.config import ExportParams
-    from pipeline.export_classifier import FILE, export_classifier
+    from pipeline.common.config import ExportParams
+    from pipeline.export.onnx_classifier import FILE, export_classifier
 
     fingerprint = save_tokenizer(train_bpe(["hello there, how are you"] * 20, 300), tmp_path / "tok", "bpe")
     model = build_classifier(_base(vocab=300), 3, "all", LoRAParams(), seed=0).eval()

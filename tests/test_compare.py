@@ -6,8 +6,8 @@ import shutil
 import pandas as pd
 import pytest
 
-from pipeline import compare, dvc_ops
-from pipeline.errors import PipelineError
+from pipeline.common.errors import PipelineError
+from pipeline.orchestration import compare, dvc_ops
 from tests.project import make_project, run
 from tests.trivial_project import make_trivial_project
 

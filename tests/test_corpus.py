@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main as cli_main
-from pipeline.config import CorpusSource, Source, resolve_cache_dir
-from pipeline.corpus import (
+from pipeline.common.config import CorpusSource, Source, resolve_cache_dir
+from pipeline.common.errors import PipelineError
+from pipeline.data.corpus import (
     DownloadCache,
     build_corpus,
     clean_text,
@@ -18,7 +19,6 @@ from pipeline.corpus import (
     source_files,
     strip_gutenberg,
 )
-from pipeline.errors import PipelineError
 from tests.project import generated_corpus
 
 GUTENBERG = (
@@ -152,8 +152,8 @@ def test_cache_cli_add_and_list(tmp_path, monkeypatch, capsys):
 
 
 def test_jsonl_instruction_data_is_accepted_and_stored_as_a_json_list(tmp_path):
-    from pipeline.config import Source
-    from pipeline.corpus import DownloadCache, copy_json_source
+    from pipeline.common.config import Source
+    from pipeline.data.corpus import DownloadCache, copy_json_source
 
     records = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(3)]
     source = tmp_path / "sft.jsonl"

@@ -20,9 +20,9 @@ import pytest
 import yaml
 import zstandard
 
-from pipeline.config import parse_params
-from pipeline.corpus import DownloadCache, build_corpus
-from pipeline.errors import PipelineError
+from pipeline.common.config import parse_params
+from pipeline.common.errors import PipelineError
+from pipeline.data.corpus import DownloadCache, build_corpus
 from tests.project import make_project, venv_env
 
 

@@ -1,5 +1,6 @@
 """The docs stay true: every params key they mention exists in the params schema, every params YAML they show
-validates, and every `python -m pipeline …` command they show parses (its `--help` runs and knows each option)."""
+validates, every `python -m pipeline …` command they show parses (its `--help` runs and knows each option), and
+ARCHITECTURE.md's tree of rooms names exactly the modules under pipeline/."""
 from __future__ import annotations
 
 import contextlib
@@ -14,7 +15,7 @@ import pytest
 import yaml
 
 from pipeline import cli
-from pipeline.config import Params, parse_params
+from pipeline.common.config import Params, parse_params
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted([ROOT / "README.md", ROOT / "README.es.md", *(ROOT / "docs").glob("*.md")])
@@ -70,7 +71,7 @@ def test_every_params_key_in_the_docs_exists(page):
     mentioned = params_mentions(page)
     unknown = sorted(name for name in mentioned  # `sft.split_*` stands for every key it matches
                      if not fnmatch.filter(section_fields(name.split(".")[0]), name.split(".")[1]))
-    assert not unknown, f"{page.name} mentions params keys that pipeline/config.py does not define: {unknown}"
+    assert not unknown, f"{page.name} mentions params keys that pipeline/common/config.py does not define: {unknown}"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -134,3 +135,27 @@ def test_links_between_pages_resolve(page):
         if anchor and linked.suffix == ".md":
             headings = re.findall(r"^#+ (.+)$", linked.read_text(encoding="utf-8"), flags=re.M)
             assert anchor in {slug(h) for h in headings}, f"{page.name}: link to {target}: no such heading"
+
+
+def architecture_tree() -> list[str]:
+    """The modules ARCHITECTURE.md's tree of rooms names, as paths under pipeline/ (``model/gpt.py``)."""
+    text = (ROOT / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    tree = re.search(r"^## The rooms\n+```\n(.*?)^```", text, flags=re.M | re.S).group(1)
+    named, package = [], ""
+    for line in tree.splitlines()[1:]:  # the first line is pipeline/ itself
+        entry = re.match(r"(\w+/|\w+\.py(?:, \w+\.py)*)", line.lstrip("│├└─ ")).group(1)
+        if entry.endswith("/"):
+            package = entry
+        else:
+            top = not line.startswith(("│", " "))
+            named += [("" if top else package) + name for name in entry.split(", ")]
+    return named
+
+
+def test_architecture_names_every_module_and_no_other():
+    named = architecture_tree()
+    actual = sorted(str(p.relative_to(ROOT / "pipeline")) for p in (ROOT / "pipeline").rglob("*.py")
+                    if p.name != "__init__.py")
+    assert len(named) == len(set(named)), f"ARCHITECTURE.md names a module twice: {sorted(named)}"
+    assert not set(actual) - set(named), f"ARCHITECTURE.md's tree misses pipeline/{sorted(set(actual) - set(named))}"
+    assert not set(named) - set(actual), f"ARCHITECTURE.md's tree names modules that do not exist: {sorted(set(named) - set(actual))}"

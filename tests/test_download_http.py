@@ -14,9 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from pipeline.cli import main as cli_main
-from pipeline.config import Source, load_params
-from pipeline.corpus import DownloadCache
-from pipeline.errors import PipelineError
+from pipeline.common.config import Source, load_params
+from pipeline.common.errors import PipelineError
+from pipeline.data.corpus import DownloadCache
 from tests.conftest import ROOT
 from tests.project import generated_corpus, make_project
 

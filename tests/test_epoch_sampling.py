@@ -13,12 +13,12 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import ConfigError, ModelParams, PretrainParams, load_params, parse_params
-from pipeline.errors import PipelineError
-from pipeline.pretraining import prepare
-from pipeline.profile import set_param_args
-from pipeline.shards import ShardDataset
-from pipeline.tokenizer import train_tokenizer
+from pipeline.common.config import ConfigError, ModelParams, PretrainParams, load_params, parse_params
+from pipeline.common.errors import PipelineError
+from pipeline.common.profile import set_param_args
+from pipeline.data.shards import ShardDataset
+from pipeline.data.tokenizer import train_tokenizer
+from pipeline.train.pretrain_setup import prepare
 from tests.workspace import tokenize_corpus
 
 MODEL = ModelParams(preset="cpu-tiny", context_length=32, tie_weights=False)

@@ -15,16 +15,16 @@ import onnx
 import pytest
 import torch
 
-from pipeline.checkpoint import CONFIG, load_model, save_model
-from pipeline.config import ExportParams
-from pipeline.errors import PipelineError
-from pipeline.export import export_model
-from pipeline.generate import filter_logits, generate
-from pipeline.model import GPT, PRESETS
-from pipeline.onnx_generate import OnnxGenerator
-from pipeline.onnx_generate import filter_logits as np_filter_logits
-from pipeline.sampling import SamplingOptions
-from pipeline.tokenizer import train_bpe
+from pipeline.common.config import ExportParams
+from pipeline.common.errors import PipelineError
+from pipeline.data.tokenizer import train_bpe
+from pipeline.export.onnx import export_model
+from pipeline.export.onnx_generate import OnnxGenerator
+from pipeline.export.onnx_generate import filter_logits as np_filter_logits
+from pipeline.model.checkpoint import CONFIG, load_model, save_model
+from pipeline.model.generate import filter_logits, generate
+from pipeline.model.gpt import GPT, PRESETS
+from pipeline.model.sampling import SamplingOptions
 from tests.workspace import tokenize_corpus, train_briefly
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,8 +180,8 @@ def test_generation_works_in_a_process_where_torch_cannot_be_imported(exported):
     script = f"""
 import sys
 sys.modules["torch"] = None  # any `import torch` now raises ImportError
-from pipeline.onnx_generate import OnnxGenerator
-from pipeline.sampling import SamplingOptions
+from pipeline.export.onnx_generate import OnnxGenerator
+from pipeline.model.sampling import SamplingOptions
 gen = OnnxGenerator({str(out)!r}, "int8")
 ids = gen.tokenizer.encode("Dijo don Quijote a Sancho:")
 tokens = gen.generate(ids, SamplingOptions(max_new_tokens=12, temperature=0.8, top_k=40, seed=5))

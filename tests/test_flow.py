@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import dvc_ops, flow
-from pipeline.errors import PipelineError
+from pipeline.common.errors import PipelineError
+from pipeline.orchestration import dvc_ops, flow
 from tests.project import make_project
 from tests.trivial_project import make_trivial_project
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.generate import filter_logits, generate, generate_without_cache, stream_tokens
-from pipeline.model import GPT, GPTConfig
-from pipeline.sampling import SamplingOptions
+from pipeline.model.generate import filter_logits, generate, generate_without_cache, stream_tokens
+from pipeline.model.gpt import GPT, GPTConfig
+from pipeline.model.sampling import SamplingOptions
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,13 @@ import gguf
 import pytest
 import torch
 
-from pipeline.checkpoint import save_model
-from pipeline.config import ExportParams, parse_params
-from pipeline.errors import PipelineError
-from pipeline.gguf_export import (
+from pipeline.common.config import ExportParams, parse_params
+from pipeline.common.errors import PipelineError
+from pipeline.common.isolated import run_isolated
+from pipeline.data.instructions import read_records
+from pipeline.data.prompts import chat_prompt_ids
+from pipeline.data.tokenizer import gpt2, save_tokenizer, train_bpe, train_char
+from pipeline.export.gguf import (
     MODELFILE,
     GGUFTokenizer,
     byte_to_unicode,
@@ -29,12 +32,9 @@ from pipeline.gguf_export import (
     modelfile,
     write_gguf,
 )
-from pipeline.instructions import read_records
-from pipeline.isolated import run_isolated
-from pipeline.llama_cpp_check import CRASH_ADVICE, RUNTIME, check_in_child, runtime_name
-from pipeline.model import GPT, PRESETS
-from pipeline.serve_models import chat_prompt_ids
-from pipeline.tokenizer import gpt2, save_tokenizer, train_bpe, train_char
+from pipeline.export.gguf_check import CRASH_ADVICE, RUNTIME, check_in_child, runtime_name
+from pipeline.model.checkpoint import save_model
+from pipeline.model.gpt import GPT, PRESETS
 from tests.workspace import tokenize_corpus, train_briefly
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,7 +186,7 @@ def test_export_writes_gguf_files_and_modelfile_verified_in_llama_cpp(workspace,
     modelfile_text = (out / MODELFILE).read_text()
     assert "\nFROM ./dpo-f32.gguf\n" in modelfile_text
     template = modelfile_text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
 
     enc = load_tokenizer(workspace / "data/tokenizer")
     for turns in CONVERSATIONS:
@@ -245,7 +245,7 @@ def repack_setting() -> dict:
     """In a child: llama.cpp's model defaults inside and after ``no_weight_repacking``."""
     from llama_cpp import llama_cpp as lib
 
-    from pipeline.llama_cpp_check import no_weight_repacking
+    from pipeline.export.gguf_check import no_weight_repacking
 
     with no_weight_repacking():
         inside = lib.llama_model_default_params().use_extra_bufts

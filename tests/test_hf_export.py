@@ -16,16 +16,17 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-from pipeline import pretrained
-from pipeline.checkpoint import load_model, save_model
-from pipeline.config import ConfigError, ExportParams, parse_params
-from pipeline.errors import PipelineError
-from pipeline.generate import stream_tokens
-from pipeline.hf_export import EDGE_TEXTS, export_hf_model, hf_tokenizer, write_hf
-from pipeline.instructions import encode_prompt, load_examples, load_preferences
-from pipeline.model import GPT, PRESETS, GPTConfig
-from pipeline.sampling import SamplingOptions
-from pipeline.tokenizer import END_OF_TURN, SPECIAL_TOKENS, USER, load_tokenizer, read_metadata, save_tokenizer, train_tokenizer
+from pipeline.common.config import ConfigError, ExportParams, parse_params
+from pipeline.common.errors import PipelineError
+from pipeline.data.instructions import load_examples, load_preferences
+from pipeline.data.prompts import encode_prompt
+from pipeline.data.tokenizer import END_OF_TURN, SPECIAL_TOKENS, USER, load_tokenizer, read_metadata, save_tokenizer, train_tokenizer
+from pipeline.export.hf import EDGE_TEXTS, export_hf_model, hf_tokenizer, write_hf
+from pipeline.model import gpt2_weights
+from pipeline.model.checkpoint import load_model, save_model
+from pipeline.model.generate import stream_tokens
+from pipeline.model.gpt import GPT, PRESETS, GPTConfig
+from pipeline.model.sampling import SamplingOptions
 from tests.project import SHARED_DATA, generated_instructions
 from tests.workspace import tokenize_corpus
 
@@ -187,9 +188,9 @@ def test_tokenizer_json_encodes_like_ours_for_every_kind(workspace, tmp_path, ki
 
 def test_round_trip_through_init_from_is_bit_for_bit(exported, workspace):
     out, _ = exported
-    source = pretrained.resolve(str(out))
-    cfg = pretrained.checkpoint_config(source, 512, read_metadata(workspace / "data/tokenizer"), None)
-    back = pretrained.load_weights(source, cfg)
+    source = gpt2_weights.resolve(str(out))
+    cfg = gpt2_weights.checkpoint_config(source, 512, read_metadata(workspace / "data/tokenizer"), None)
+    back = gpt2_weights.load_weights(source, cfg)
     original = load_model(workspace / "models/dpo")[0]
     assert back.cfg == original.cfg  # qkv_bias false survives the GPT-2 layout's zero bias
     for name, tensor in original.state_dict().items():
@@ -207,16 +208,16 @@ def test_untied_model_with_qkv_bias_round_trips_and_loads_in_transformers(worksp
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     with torch.no_grad():
         assert (model(ids)[0] - theirs(ids).logits).abs().max() <= 1e-4
-    source = pretrained.resolve(str(tmp_path / "hf"))
-    back = pretrained.load_weights(source, pretrained.checkpoint_config(source, 512, meta, None))
+    source = gpt2_weights.resolve(str(tmp_path / "hf"))
+    back = gpt2_weights.load_weights(source, gpt2_weights.checkpoint_config(source, 512, meta, None))
     assert back.cfg == model.cfg and all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
 def test_init_from_an_export_refuses_another_tokenizer(exported):
     out, _ = exported
-    source = pretrained.resolve(str(out))
+    source = gpt2_weights.resolve(str(out))
     with pytest.raises(PipelineError, match=r"exported with tokenizer [0-9a-f]{12}, but data/tokenizer is 000000000000"):
-        pretrained.checkpoint_config(source, 512, {"kind": "bpe", "fingerprint": "0" * 64}, None)
+        gpt2_weights.checkpoint_config(source, 512, {"kind": "bpe", "fingerprint": "0" * 64}, None)
 
 
 def test_failed_parity_exports_nothing(workspace):

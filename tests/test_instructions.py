@@ -5,22 +5,19 @@ import json
 
 import pytest
 
-from pipeline.errors import PipelineError
-from pipeline.instructions import (
+from pipeline.common.errors import PipelineError
+from pipeline.data.instructions import (
     PreferencePair,
-    decode_response,
-    encode_prompt,
-    encode_response,
-    format_prompt,
     load_examples,
     load_preferences,
     split_dataset,
     tokenize_examples,
     tokenize_pairs,
 )
-from pipeline.losses import IGNORE_INDEX
-from pipeline.objectives import collate, collate_pairs
-from pipeline.tokenizer import ASSISTANT, END_OF_TURN, SYSTEM, USER, train_char
+from pipeline.data.prompts import decode_response, encode_prompt, encode_response, format_prompt
+from pipeline.data.tokenizer import ASSISTANT, END_OF_TURN, SYSTEM, USER, train_char
+from pipeline.train.losses import IGNORE_INDEX
+from pipeline.train.objectives import collate, collate_pairs
 from tests.project import generated_instructions
 
 # The book's ch07 `format_input` + "\n\n### Response:\n", spelled out independently of the code under test.

@@ -1,4 +1,4 @@
-"""pipeline.isolated: what a child process's death, hang, refusal or failure becomes in the parent. The targets
+"""pipeline.common.isolated: what a child process's death, hang, refusal or failure becomes in the parent. The targets
 below run in the child (it imports this module by name)."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from pipeline.errors import PipelineError
-from pipeline.isolated import ChildCrashed, run_isolated
+from pipeline.common.errors import PipelineError
+from pipeline.common.isolated import ChildCrashed, run_isolated
 
 ONE_LINE = {"subject": "models/gguf/m.gguf", "runtime": "the runtime", "advice": "do this"}
 

@@ -18,10 +18,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, JudgeParams
-from pipeline.errors import PipelineError
-from pipeline.instructions import encode_response
-from pipeline.judge import (
+from pipeline.common.config import ConfigError, JudgeParams
+from pipeline.common.errors import PipelineError
+from pipeline.data.prompts import chat_prompt_ids, encode_response
+from pipeline.data.tokenizer import train_char
+from pipeline.evaluation.judge import (
     STRICT_RETRY,
     Item,
     JudgeUnavailable,
@@ -30,10 +31,9 @@ from pipeline.judge import (
     parse_score,
     run_judge,
 )
-from pipeline.judge_report import bootstrap_mean, summarize, write_outputs
-from pipeline.rouge import rouge_l_f1
-from pipeline.serve_models import chat_prompt_ids, fit_prompt
-from pipeline.tokenizer import train_char
+from pipeline.evaluation.judge_report import bootstrap_mean, summarize, write_outputs
+from pipeline.evaluation.rouge import rouge_l_f1
+from pipeline.serve.served_model import fit_prompt
 from tests.project import make_project
 from tests.serving import load_served, running_server, save_tiny_model
 

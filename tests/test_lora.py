@@ -9,12 +9,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pipeline import lora, resume
-from pipeline.checkpoint import ADAPTER, WEIGHTS, load_model, save_model, save_trained
-from pipeline.config import ConfigError, LoRAParams, TrainParams, parse_params
-from pipeline.errors import PipelineError
-from pipeline.model import GPT, config_from_preset
-from pipeline.train import make_optimizer
+from pipeline.common.config import ConfigError, LoRAParams, TrainParams, parse_params
+from pipeline.common.errors import PipelineError
+from pipeline.model import lora
+from pipeline.model.checkpoint import ADAPTER, WEIGHTS, load_model, save_model, save_trained
+from pipeline.model.gpt import GPT, config_from_preset
+from pipeline.train import resume
+from pipeline.train.loop import make_optimizer
 from tests.test_train import _finish, _worker
 from tests.train_worker import tiny_model, weights_digest
 
@@ -196,7 +197,7 @@ def test_sft_and_dpo_stages_with_lora_merge_or_keep_an_adapter(tmp_path, monkeyp
     assert len((project / "reports/dpo/responses.jsonl").read_text().splitlines()) == 4
     dpo_metrics = json.loads((project / "reports/dpo/metrics.json").read_text())
     assert math.isfinite(dpo_metrics["train"]["rewards"]["margins"])  # against the reference = adapters off
-    from pipeline.serve_models import load_model_dir
+    from pipeline.serve.served_model import load_model_dir
 
     served = load_model_dir("dpo:latest", "models/dpo")  # the server loads the adapter directory too
     assert served.context_length == dpo.cfg.context_length and served.template == "chat"

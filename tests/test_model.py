@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from pipeline.checkpoint import load_model, save_model
-from pipeline.errors import PipelineError
-from pipeline.model import GPT, PRESETS, GPTConfig, ModelConfigError, config_from_preset, flops_per_token
+from pipeline.common.errors import PipelineError
+from pipeline.model.checkpoint import load_model, save_model
+from pipeline.model.gpt import GPT, PRESETS, GPTConfig, ModelConfigError, config_from_preset, flops_per_token
 
 
 @pytest.fixture
@@ -224,7 +224,7 @@ def test_kv_cache_matches_full_forward_with_options(options):
 
 def test_rope_is_relative_and_causal():
     """Attention scores of rotated q and k depend on the distance of their positions, not the positions."""
-    from pipeline.model import apply_rope, rope_angles
+    from pipeline.model.gpt import apply_rope, rope_angles
 
     q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
 
@@ -275,7 +275,7 @@ def test_options_round_trip_through_the_model_directory_and_old_configs_load(tmp
 
 
 def test_embeddings_read_the_hidden_states_of_every_option():
-    from pipeline.embeddings import final_hidden_states
+    from pipeline.model.embeddings import final_hidden_states
 
     for options in ({}, MODERN):
         model = small(**options)

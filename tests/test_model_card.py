@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.model_card import model_card
+from pipeline.serve.model_card import served_model_card
 
 
 def write(path: Path, data: dict) -> None:
@@ -20,7 +20,7 @@ def test_base_model_card_names_the_corpus_and_the_evaluation(tmp_path):
     write(tmp_path / "data/raw/manifest.json", {"documents": [{"source": "inputs/corpus.txt"}, {"source": "books/b.txt"},
                                                               {"source": "inputs/corpus.txt"}]})
     write(tmp_path / "reports/evaluate/metrics.json", {"val_loss": 5.1, "unigram_loss": 5.5, "tokens": 512})
-    card = model_card(tmp_path / "models/base", 2_500_000, "0.1M")
+    card = served_model_card(tmp_path / "models/base", 2_500_000, "0.1M")
     assert card["stage"] == "pretrain" and card["size_mb"] == 2.5 and card["parameters"] == "0.1M"
     assert card["training_data"] == ["corpus: inputs/corpus.txt", "corpus: books/b.txt"]
     assert card["metrics"] == {"val_loss": 5.1, "unigram_loss": 5.5} and card["training"] == {"steps": 6}
@@ -34,7 +34,7 @@ def test_export_card_takes_the_recipe_of_the_model_it_came_from(tmp_path):
     write(tmp_path / "models/onnx/config.json", {"model": SHAPE, "onnx": {"opset": 23}, "source": {"directory": "models/dpo"}})
     write(tmp_path / "reports/export/metrics.json", {"parity": {"max_abs_logit_diff": 3e-7, "calls": 20},
                                                      "int8": {"top1_agreement": 0.99}})
-    card = model_card(tmp_path / "models/onnx", 600_000, None)
+    card = served_model_card(tmp_path / "models/onnx", 600_000, None)
     assert card["stage"] == "export" and card["template"] == "chat"
     assert card["training_data"] == [f"data/raw/dpo.json (sha256 {'cd' * 6}…)"]
     assert card["metrics"] == {"parity/max_abs_logit_diff": 3e-7, "int8/top1_agreement": 0.99}
@@ -42,5 +42,5 @@ def test_export_card_takes_the_recipe_of_the_model_it_came_from(tmp_path):
 
 def test_a_model_outside_a_project_has_no_metrics(tmp_path):
     write(tmp_path / "elsewhere/config.json", {"model": SHAPE})
-    card = model_card(tmp_path / "elsewhere", 1000, None)
+    card = served_model_card(tmp_path / "elsewhere", 1000, None)
     assert card["metrics"] == {} and card["metrics_file"] is None and card["stage"] == "unknown"

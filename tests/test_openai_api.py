@@ -13,8 +13,8 @@ import openai
 import pytest
 from langchain_ollama import ChatOllama
 
-from pipeline.checkpoint import load_model
-from pipeline.embeddings import embed
+from pipeline.model.checkpoint import load_model
+from pipeline.model.embeddings import embed
 from tests.serving import load_served, running_server, tiny_model_dirs
 from tests.test_serve import SlowTokens
 
@@ -196,7 +196,7 @@ def test_other_bad_requests(server):
 
 def test_a_model_without_hidden_states_refuses_embeddings_with_a_400(model_dirs):
     """The ONNX graph outputs logits only (OnnxGenerator has no ``embed``): such a model answers 400, both APIs."""
-    from pipeline.onnx_generate import OnnxGenerator
+    from pipeline.export.onnx_generate import OnnxGenerator
 
     assert not hasattr(OnnxGenerator, "embed")
     models = load_served({"logits-only": model_dirs["base"]})

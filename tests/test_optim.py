@@ -1,11 +1,11 @@
-"""pipeline.optim: Muon takes the blocks' matrices, its Newton–Schulz orthogonalises, each half equals torch's."""
+"""pipeline.train.optim: Muon takes the blocks' matrices, its Newton–Schulz orthogonalises, each half equals torch's."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pipeline.model import GPT, config_from_preset
-from pipeline.optim import MuonWithAdamW, muon_groups, newton_schulz
+from pipeline.model.gpt import GPT, config_from_preset
+from pipeline.train.optim import MuonWithAdamW, muon_groups, newton_schulz
 
 
 @pytest.mark.parametrize("tied", [True, False])

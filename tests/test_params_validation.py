@@ -9,9 +9,9 @@ import typing
 import pytest
 import yaml
 
-from pipeline.config import Params, Source, load_params, parse_params
-from pipeline.errors import exit_on_error
-from pipeline.profile import merge_params, set_param_args
+from pipeline.common.config import Params, Source, load_params, parse_params
+from pipeline.common.errors import exit_on_error
+from pipeline.common.profile import merge_params, set_param_args
 from tests.project import ROOT, tiny_params
 
 _TRAIN = {
@@ -232,7 +232,7 @@ def test_shipped_profiles_validate_over_params(profile):
 
 
 def test_architecture_options_reach_the_model_config():
-    from pipeline.pretraining import model_config
+    from pipeline.train.pretrain_setup import model_config
 
     model = parse_params({"model": {"preset": "cpu-tiny", "pos_emb": "rope", "rope_base": 500, "norm": "rmsnorm",
                                     "mlp": "swiglu", "qk_norm": True}}).model

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import flow
+from pipeline.orchestration import flow
 from tests.dag import code_deps
 from tests.project import make_project, run
 
@@ -29,7 +29,7 @@ def changed_stages(project: Path) -> set[str]:
     return {name.split(":")[-1] for name in status}
 
 
-@pytest.mark.parametrize("module", ["pipeline/objectives.py", "pipeline/model.py", "pipeline/config.py"])
+@pytest.mark.parametrize("module", ["pipeline/train/objectives.py", "pipeline/model/gpt.py", "pipeline/common/config.py"])
 def test_editing_a_module_reruns_exactly_the_stages_that_import_it(reproduced, module):
     path = reproduced / module
     original = path.read_text(encoding="utf-8")
@@ -41,11 +41,11 @@ def test_editing_a_module_reruns_exactly_the_stages_that_import_it(reproduced, m
     finally:
         path.write_text(original, encoding="utf-8")
     assert changed_stages(reproduced) == set()
-    if module == "pipeline/objectives.py":
+    if module == "pipeline/train/objectives.py":
         assert {"sft", "dpo"} <= importers
-    if module == "pipeline/model.py":
+    if module == "pipeline/model/gpt.py":
         assert MODEL_STAGES <= importers
-    if module == "pipeline/config.py":
+    if module == "pipeline/common/config.py":
         assert importers == set(stages)
 
 

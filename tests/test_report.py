@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main as cli_main
-from pipeline.errors import PipelineError
-from pipeline.report import collect, write_report
-from pipeline.stage_timing import timed
+from pipeline.common.errors import PipelineError
+from pipeline.common.stage_timing import timed
+from pipeline.orchestration.report import collect, write_report
 
 STAGES = ["tokenize", "pretrain", "evaluate", "sft", "dpo", "judge"]
 
@@ -103,7 +103,7 @@ def test_report_renders_whatever_stage_folders_exist(tmp_path):
 
 
 @pytest.mark.parametrize("file, content, message", [
-    ("evaluate/metrics.json", "{", "reports/evaluate/metrics.json: not readable JSON"),
+    ("evaluate/metrics.json", "{", "reports/evaluate/metrics.json: not valid JSON"),
     ("sft/responses.jsonl", '{"id": 1}\n{oops\n', "reports/sft/responses.jsonl: line 2 is not valid JSON"),
 ])
 def test_a_corrupt_stage_file_is_one_error_line_and_no_page(tmp_path, monkeypatch, capsys, file, content, message):

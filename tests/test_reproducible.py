@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline import dvc_ops
-from pipeline.errors import PipelineError
-from pipeline.provenance import provenance
+from pipeline.common.errors import PipelineError
+from pipeline.common.provenance import provenance
+from pipeline.orchestration import dvc_ops
 from tests.project import make_project
 from tests.trivial_project import make_trivial_project
 

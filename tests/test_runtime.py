@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from pipeline import runtime
-from pipeline.model import config_from_preset
+from pipeline.model import runtime
+from pipeline.model.gpt import config_from_preset
 
 
 @pytest.mark.parametrize(("fp32", "bf16", "expected"), [

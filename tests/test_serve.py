@@ -14,8 +14,9 @@ import ollama
 import pytest
 
 from pipeline.cli import main
-from pipeline.serve_models import StopScanner, chat_prompt_ids, fit_prompt
-from pipeline.tokenizer import train_char
+from pipeline.data.prompts import chat_prompt_ids
+from pipeline.data.tokenizer import train_char
+from pipeline.serve.served_model import StopScanner, fit_prompt
 from tests.serving import load_served, running_server, tiny_model_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -272,11 +273,11 @@ def test_cli_refuses_a_missing_model_dir(tmp_path, capsys):
 
 
 def test_onnx_export_is_served(tmp_path, model_dirs):
-    from pipeline.atomic import write_json
-    from pipeline.checkpoint import load_model
-    from pipeline.export import export_graph
-    from pipeline.hashing import sha256_file
-    from pipeline.onnx_generate import TOKENIZER_DIR, VARIANT_FILES
+    from pipeline.common.atomic import write_json
+    from pipeline.common.hashing import sha256_file
+    from pipeline.export.onnx import export_graph
+    from pipeline.export.onnx_generate import TOKENIZER_DIR, VARIANT_FILES
+    from pipeline.model.checkpoint import load_model
 
     model, meta = load_model(model_dirs["sft"])
     onnx_dir = tmp_path / "onnx"

@@ -16,18 +16,18 @@ import pytest
 import torch
 import yaml
 
-from pipeline import resume
-from pipeline.answers import generate_responses
-from pipeline.checkpoint import load_model, save_model
-from pipeline.config import TrainParams
-from pipeline.hashing import sha256_file
-from pipeline.instructions import Example, PreferencePair, tokenize_examples, tokenize_pairs
-from pipeline.losses import IGNORE_INDEX, dpo_loss, lm_loss
-from pipeline.model import GPT, config_from_preset
-from pipeline.objectives import DPOObjective, EpochSampler, SFTObjective, reference_logprobs
-from pipeline.sampling import SamplingOptions
-from pipeline.tokenizer import save_tokenizer, train_bpe, train_char
-from pipeline.train import train
+from pipeline.common.config import TrainParams
+from pipeline.common.hashing import sha256_file
+from pipeline.data.instructions import Example, PreferencePair, tokenize_examples, tokenize_pairs
+from pipeline.data.tokenizer import save_tokenizer, train_bpe, train_char
+from pipeline.evaluation.answers import generate_responses
+from pipeline.model.checkpoint import load_model, save_model
+from pipeline.model.gpt import GPT, config_from_preset
+from pipeline.model.sampling import SamplingOptions
+from pipeline.train import resume
+from pipeline.train.loop import train
+from pipeline.train.losses import IGNORE_INDEX, dpo_loss, lm_loss
+from pipeline.train.objectives import DPOObjective, EpochSampler, SFTObjective, reference_logprobs
 from tests.project import SHARED_DATA, generated_instructions, make_project, tiny_params
 from tests.train_worker import weights_digest
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import PipelineError
-from pipeline.shards import MANIFEST, ShardDataset, ShardWriter, dtype_for_vocab, encode_piece, write_shards
-from pipeline.textstream import (
+from pipeline.common.errors import PipelineError
+from pipeline.data.shards import MANIFEST, ShardDataset, ShardWriter, dtype_for_vocab, encode_piece, write_shards
+from pipeline.data.textstream import (
     DocumentTable,
     Segment,
     Segments,
@@ -20,7 +20,7 @@ from pipeline.textstream import (
     sample_text,
     split_tail,
 )
-from pipeline.tokenizer import train_tokenizer
+from pipeline.data.tokenizer import train_tokenizer
 
 FINGERPRINT = "f" * 64
 

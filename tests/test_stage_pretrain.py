@@ -145,8 +145,8 @@ def test_stage_relaunches_itself_under_torchrun(project, tmp_path):
 
 
 def test_gpu_profile_becomes_valid_dvc_set_params(tmp_path):
-    from pipeline.config import ConfigError
-    from pipeline.profile import set_param_args
+    from pipeline.common.config import ConfigError
+    from pipeline.common.profile import set_param_args
 
     root = Path(__file__).resolve().parents[1]
     args = set_param_args(root / "params-gpu.yaml", root / "params.yaml")

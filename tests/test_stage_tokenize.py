@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.shards import ShardDataset
-from pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
+from pipeline.data.shards import ShardDataset
+from pipeline.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from tests.conftest import ROOT
 from tests.project import generated_corpus, make_project, venv_env
 
@@ -76,7 +76,7 @@ def test_dvc_repro_tokenize_then_no_op(tmp_path):
 
     shard = project / "data/shards/train_0000.bin"
     shard.write_bytes(shard.read_bytes()[:-3])
-    reader = ("from pipeline.errors import exit_on_error\nfrom pipeline.shards import ShardDataset\n"
+    reader = ("from pipeline.common.errors import exit_on_error\nfrom pipeline.data.shards import ShardDataset\n"
               "exit_on_error(lambda: ShardDataset('data/shards', 'train'))()\n")
     out = run([sys.executable, "-c", reader], project)
     assert_failed_cleanly(out, project, "data/shards/train_0000.bin: ", [])

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-import pipeline.generate_cli
-from pipeline.chat import Conversation
+import pipeline.serve.generate_cli
 from pipeline.cli import main
-from pipeline.sampling import SamplingOptions
-from pipeline.serve_models import generate_text, load_model_dir
+from pipeline.model.sampling import SamplingOptions
+from pipeline.serve.chat_cli import Conversation
+from pipeline.serve.served_model import generate_text, load_model_dir
 from tests.serving import save_answering_model, save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +106,7 @@ def interrupted_after_one_piece(model, prompt_ids, opts, stops, emit, cancelled)
 
 
 def test_ctrl_c_in_the_middle_of_an_answer(models, capsys, monkeypatch):
-    monkeypatch.setattr(pipeline.generate_cli, "generate_text", interrupted_after_one_piece)
+    monkeypatch.setattr(pipeline.serve.generate_cli, "generate_text", interrupted_after_one_piece)
     assert main(["generate", "--model", str(models["sft"]), "Name a color."]) == 130
     captured = capsys.readouterr()
     assert captured.out == "Bl" and captured.err.strip().endswith("\n(interrupted)")

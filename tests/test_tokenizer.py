@@ -8,8 +8,8 @@ import sys
 import pytest
 import tiktoken
 
-from pipeline.errors import PipelineError
-from pipeline.tokenizer import (
+from pipeline.common.errors import PipelineError
+from pipeline.data.tokenizer import (
     ASSISTANT,
     END_OF_TURN,
     EOT,
@@ -133,8 +133,8 @@ def test_loading_imports_no_torch_and_no_network(trained, tmp_path):
         "import socket, sys\n"
         "def refuse(*a, **k): raise OSError('network used')\n"
         "socket.socket.connect = refuse\n"
-        "from pipeline.tokenizer import load_tokenizer, train_tokenizer\n"
-        "import pipeline.shards\n"
+        "from pipeline.data.tokenizer import load_tokenizer, train_tokenizer\n"
+        "import pipeline.data.shards\n"
         f"enc = load_tokenizer({str(tmp_path)!r})\n"
         "assert train_tokenizer('gpt2', [], 0).encode_ordinary('Hello world') == [15496, 995]\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"

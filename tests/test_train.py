@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import resume
-from pipeline.checkpoint import load_model
-from pipeline.config import TrainParams
-from pipeline.train import lr_factor, train
+from pipeline.common.config import TrainParams
+from pipeline.model.checkpoint import load_model
+from pipeline.train import resume
+from pipeline.train.loop import lr_factor, train
 from tests.train_worker import CountingObjective, tiny_model, weights_digest
 
 ROOT = Path(__file__).resolve().parents[1]

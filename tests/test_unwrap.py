@@ -9,8 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.corpus import clean_text
-from pipeline.unwrap import unwrap, wrap_width
+from pipeline.data.corpus import clean_text
+from pipeline.data.unwrap import unwrap, wrap_width
 from tests.conftest import ROOT
 from tests.project import generated_book, generated_instructions, make_project, venv_env
 

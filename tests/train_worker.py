@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline import lora
-from pipeline.checkpoint import save_model
-from pipeline.config import LoRAParams, TrainParams
-from pipeline.model import GPT, config_from_preset
-from pipeline.train import Batch, train
+from pipeline.common.config import LoRAParams, TrainParams
+from pipeline.model import lora
+from pipeline.model.checkpoint import save_model
+from pipeline.model.gpt import GPT, config_from_preset
+from pipeline.train.loop import Batch, train
 
 VOCAB, CONTEXT = 64, 32
 

@@ -6,10 +6,10 @@ from pathlib import Path
 import tiktoken
 import torch
 
-from pipeline.model import GPT
-from pipeline.shards import ShardDataset, write_shards
-from pipeline.textstream import Segment
-from pipeline.tokenizer import save_tokenizer
+from pipeline.data.shards import ShardDataset, write_shards
+from pipeline.data.textstream import Segment
+from pipeline.data.tokenizer import save_tokenizer
+from pipeline.model.gpt import GPT
 
 
 def tokenize_corpus(root: Path, text: str, enc: tiktoken.Encoding, kind: str, train_fraction: float) -> tuple[str, int]:

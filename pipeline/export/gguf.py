@@ -1,0 +1,350 @@
+"""GGUF export for llama.cpp and Ollama: our GPT as llama.cpp's ``gpt2`` architecture, tokenizer embedded.
+
+The model maps one to one onto llama.cpp's GPT-2 graph (pre-LN blocks, fused QKV, tanh-GELU MLP, learned
+positions, LayerNorm eps 1e-5); a model trained without QKV bias gets zero biases, which llama.cpp requires.
+Linear weights are stored as they are ((out, in) in torch is ggml's {in, out}); a tied head is left out and
+llama.cpp reuses ``token_embd``.
+
+The tokenizer travels as llama.cpp's byte-level BPE (``tokenizer.ggml.model = gpt2``): every token as GPT-2's
+byte-to-unicode string, the merges recovered from tiktoken's ranks, our special tokens as CONTROL tokens. The
+split regex cannot travel — llama.cpp only knows a fixed set of pre-tokenizers (``tokenizer.ggml.pre``) — so
+each of our patterns maps to the one that reproduces it (``PRE_TOKENIZERS``); a pattern none reproduces (the
+``char`` kind's one character per piece) is refused.
+
+Beside the weights: ``tokenizer.chat_template`` (Jinja, for llama-server) and an Ollama ``Modelfile`` whose Go
+``TEMPLATE`` renders the same prompt as our server.
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import tiktoken
+import torch
+
+from pipeline.common.atomic import atomic_path
+from pipeline.common.config import ExportParams
+from pipeline.common.errors import PipelineError, one_line
+from pipeline.data.prompts import ALPACA_PREAMBLE
+from pipeline.data.tokenizer import ASSISTANT, CHAR_PATTERN, END_OF_TURN, EOT, GPT2_PATTERN
+from pipeline.model.gpt import GPT
+from pipeline.model.gpt2_layout import require_gpt2
+
+GGUF_TYPES = ("f32", "f16", "q8_0")
+FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+# The GPT-4 pattern rustbpe trains with (our ``bpe`` kind): llama.cpp's "llama-bpe" pre-tokenizer is the same
+# regex (case-insensitive contractions spelt out, greedy instead of possessive quantifiers: the same splits) and,
+# like tiktoken, takes a piece that is a whole vocabulary entry as one token.
+GPT4_PATTERN = (r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]"
+                r"|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = {GPT4_PATTERN: "llama-bpe", GPT2_PATTERN: "gpt-2"}
+MODELFILE = "Modelfile"
+FORMAT = "the GGUF GPT-2 format (llama.cpp's gpt2 architecture)"
+
+
+def pre_tokenizer(enc: tiktoken.Encoding, kind: str) -> str:
+    """llama.cpp's name for the pre-tokenizer that splits text as ``enc``'s pattern does."""
+    pattern = enc._pat_str
+    if pattern in PRE_TOKENIZERS:
+        return PRE_TOKENIZERS[pattern]
+    why = "one character per piece" if pattern == CHAR_PATTERN else f"the split pattern {pattern!r}"
+    raise PipelineError(f"tokenizer.kind={kind}: llama.cpp has no pre-tokenizer that reproduces {why}; GGUF export "
+                        "needs tokenizer.kind bpe or gpt2 (or drop gguf from export.formats)")
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for every byte (the alphabet byte-level BPE vocabularies are written in)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def _split_below(token: bytes, ranks: dict[bytes, int]) -> list[bytes]:
+    """``token``'s bytes merged as BPE does, with only the merges of lower rank than ``token`` itself."""
+    limit = ranks[token]
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 1:
+        candidates = [(ranks.get(a + b, limit), i) for i, (a, b) in enumerate(zip(parts, parts[1:], strict=False))]
+        rank, i = min(candidates)
+        if rank >= limit:
+            break
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def merges(ranks: dict[bytes, int]) -> Iterator[tuple[bytes, bytes]]:
+    """The merge list, in rank order, that rebuilds every multi-byte token from two lower-ranked ones."""
+    for token, _ in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) < 2:
+            continue
+        rank = ranks[token]
+        splits = [(token[:k], token[k:]) for k in range(1, len(token))
+                  if ranks.get(token[:k], rank) < rank and ranks.get(token[k:], rank) < rank]
+        # BPE's own split is one of these: when it is the only one, no need to replay the merges.
+        parts = list(splits[0]) if len(splits) == 1 else _split_below(token, ranks)
+        if len(parts) != 2:
+            raise PipelineError(f"tokenizer: token {token!r} is not the merge of two earlier tokens; "
+                                "not a byte-level BPE vocabulary")
+        yield parts[0], parts[1]
+
+
+def vocabulary(enc: tiktoken.Encoding, size: int) -> tuple[list[str], list[int]]:
+    """Token strings and types for ids 0..size-1 (ids the tokenizer does not use: UNUSED padding)."""
+    state = enc.__getstate__()
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [gguf.TokenType.UNUSED] * size
+    byte_char = byte_to_unicode()
+    for token, rank in state["mergeable_ranks"].items():
+        tokens[rank], types[rank] = "".join(byte_char[b] for b in token), gguf.TokenType.NORMAL
+    for text, rank in state["special_tokens"].items():
+        tokens[rank], types[rank] = text, gguf.TokenType.CONTROL
+    return tokens, [int(t) for t in types]
+
+
+# ---------------------------------------------------------------------------------------------- prompt formats
+
+
+def chat_template(template: str | None) -> str:
+    """Jinja for ``tokenizer.chat_template``: the prompt ``prompts.chat_prompt_ids`` builds, as text."""
+    if template == "chat":
+        return ("{%- for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '" + END_OF_TURN + "' }}"
+                "{%- endfor %}{%- if add_generation_prompt %}{{ '" + ASSISTANT + "' }}{%- endif %}")
+    if template == "alpaca":
+        preamble = ALPACA_PREAMBLE.replace("'", "\\'")
+        return ("{{- '" + preamble + "\\n\\n### Instruction:\\n' + messages[-1]['content'] }}"
+                "{%- if messages | length > 1 %}{{ '\\n\\n### Input:\\n' }}"
+                "{%- for m in messages[:-1] %}{{ m['role'] + ': ' + m['content'] }}"
+                "{%- if not loop.last %}{{ '\\n' }}{%- endif %}{%- endfor %}{%- endif %}"
+                "{{- '\\n\\n### Response:\\n' }}")
+    return "{%- for m in messages %}{%- if not loop.first %}{{ '\\n\\n' }}{%- endif %}{{ m['content'] }}{%- endfor %}"
+
+
+def go_template(template: str | None) -> str:
+    """Ollama's TEMPLATE (Go text/template over ``.Messages``) for the same prompt as ``chat_template``."""
+    if template == "chat":
+        return ("{{- range .Messages }}<|{{ .Role }}|>{{ .Content }}" + END_OF_TURN + "{{ end }}" + ASSISTANT)
+    if template == "alpaca":
+        return (
+            "{{- range $i, $m := .Messages }}{{- if eq (len (slice $.Messages $i)) 1 }}" + ALPACA_PREAMBLE +
+            "\n\n### Instruction:\n{{ $m.Content }}"
+            "{{- if gt $i 0 }}\n\n### Input:\n"
+            "{{ range $j, $c := slice $.Messages 0 $i }}{{ if $j }}\n{{ end }}{{ $c.Role }}: {{ $c.Content }}{{ end }}"
+            "{{- end }}\n\n### Response:\n{{ end }}{{- end }}"
+        )
+    return "{{- range $i, $m := .Messages }}{{ if $i }}\n\n{{ end }}{{ $m.Content }}{{ end }}"
+
+
+def stop_strings(template: str | None) -> list[str]:
+    return [EOT, END_OF_TURN] if template == "chat" else [EOT]
+
+
+# Ollama reads ``#`` lines of a Modelfile as comments: the one known crash, for whoever runs these files.
+AMX_NOTE = ("# q8_0 on Intel CPUs with AMX (lscpu flag amx_int8): llama.cpp repacks q8_0 weights for AMX and can\n"
+            "# segfault on the first token (ggml-org/llama.cpp#20824). llama.cpp: run with --no-repack. Ollama has\n"
+            "# no such switch: use the f16 file here, or see docs/export.md (GGUF on CPUs with AMX).\n")
+
+
+def modelfile(gguf_name: str, template: str | None, context_length: int) -> str:
+    """An Ollama Modelfile: ``ollama create NAME -f Modelfile`` from the directory holding ``gguf_name``.
+
+    Sampling defaults are Ollama's own, except ``repeat_penalty 1`` (our sampler has none) and ``num_ctx``, which
+    must not exceed the model's learned positions."""
+    stops = "".join(f'PARAMETER stop "{s}"\n' for s in stop_strings(template))
+    return (f"{AMX_NOTE}FROM ./{gguf_name}\n"
+            f'TEMPLATE """{go_template(template)}"""\n'
+            f"{stops}"
+            f"PARAMETER num_ctx {context_length}\n"
+            "PARAMETER temperature 0.8\nPARAMETER top_k 40\nPARAMETER top_p 0.9\nPARAMETER repeat_penalty 1\n")
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+
+def gguf_tensors(model: GPT) -> Iterator[tuple[str, torch.Tensor]]:
+    """(llama.cpp name, tensor) for every weight of llama.cpp's gpt2 graph."""
+    cfg = model.cfg
+    yield "token_embd.weight", model.tok_emb.weight
+    yield "position_embd.weight", model.pos_emb.weight
+    for i, block in enumerate(model.blocks):
+        qkv_bias = block.att.qkv.bias if block.att.qkv.bias is not None else torch.zeros(3 * cfg.n_embd)
+        yield from ((f"blk.{i}.{name}", t) for name, t in (
+            ("attn_norm.weight", block.norm1.weight), ("attn_norm.bias", block.norm1.bias),
+            ("attn_qkv.weight", block.att.qkv.weight), ("attn_qkv.bias", qkv_bias),
+            ("attn_output.weight", block.att.out_proj.weight), ("attn_output.bias", block.att.out_proj.bias),
+            ("ffn_norm.weight", block.norm2.weight), ("ffn_norm.bias", block.norm2.bias),
+            ("ffn_up.weight", block.ff.fc.weight), ("ffn_up.bias", block.ff.fc.bias),
+            ("ffn_down.weight", block.ff.proj.weight), ("ffn_down.bias", block.ff.proj.bias),
+        ))
+    yield "output_norm.weight", model.final_norm.weight
+    yield "output_norm.bias", model.final_norm.bias
+    if not cfg.tie_weights:
+        yield "output.weight", model.out_head.weight
+
+
+def encode_tensor(tensor: torch.Tensor, gguf_type: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """Norms and biases stay f32 (as llama.cpp's converters keep them); matrices take ``gguf_type``, except
+    rows q8_0's 32-wide blocks cannot tile, which fall back to f16."""
+    data = tensor.detach().float().cpu().numpy()
+    if data.ndim < 2 or gguf_type == "f32":
+        return data, gguf.GGMLQuantizationType.F32
+    if gguf_type == "q8_0" and data.shape[-1] % 32 == 0:
+        return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    return data.astype(np.float16), gguf.GGMLQuantizationType.F16
+
+
+@dataclass(frozen=True)
+class GGUFTokenizer:
+    """The tokenizer as GGUF keys (the merges take seconds for GPT-2's 50k: built once per export)."""
+
+    pre: str
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+    eot_id: int
+    end_of_turn_id: int
+
+    @classmethod
+    def of(cls, enc: tiktoken.Encoding, kind: str, vocab_size: int) -> GGUFTokenizer:
+        pre = pre_tokenizer(enc, kind)
+        tokens, types = vocabulary(enc, vocab_size)
+        byte_char = byte_to_unicode()
+        lines = [" ".join("".join(byte_char[b] for b in part) for part in pair)
+                 for pair in merges(enc.__getstate__()["mergeable_ranks"])]
+        return cls(pre, tokens, types, lines, enc.eot_token, enc.encode_single_token(END_OF_TURN))
+
+
+def write_gguf(model: GPT, tokenizer: GGUFTokenizer, template: str | None, path: Path, gguf_type: str,
+               name: str) -> None:
+    """Write ``model`` with its tokenizer as one GGUF file (``gguf_type`` f32, f16 or q8_0)."""
+    cfg = model.cfg
+    require_gpt2(cfg, FORMAT, "gguf")
+    writer = gguf.GGUFWriter(path, "gpt2")
+    writer.add_name(name)
+    writer.add_context_length(cfg.context_length)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_feed_forward_length(4 * cfg.n_embd)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_head_count(cfg.n_head)
+    writer.add_layer_norm_eps(1e-5)
+    writer.add_file_type(FILE_TYPES[gguf_type])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(tokenizer.pre)
+    writer.add_token_list(tokenizer.tokens)
+    writer.add_token_types(tokenizer.types)
+    writer.add_token_merges(tokenizer.merges)
+    writer.add_bos_token_id(tokenizer.eot_id)
+    writer.add_eos_token_id(tokenizer.eot_id)
+    if template == "chat":
+        writer.add_eot_token_id(tokenizer.end_of_turn_id)
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
+    writer.add_chat_template(chat_template(template))
+    for tensor_name, tensor in gguf_tensors(model):
+        data, qtype = encode_tensor(tensor, gguf_type)
+        writer.add_tensor(tensor_name, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+
+# ---------------------------------------------------------------------------------------------- the export
+
+# Instructions the checks render in the model's prompt format (with a system message and earlier turns too).
+SAMPLE_CHATS: tuple[tuple[tuple[str, str], ...], ...] = (
+    (("user", "Name three colours of the rainbow."),),
+    (("user", "Rewrite the sentence in the passive voice:\n\nThe knight rode the horse."),),
+    (("system", "Answer briefly."), ("user", "¿Quién escribió el Quijote?"), ("assistant", "Cervantes, en 1605."),
+     ("user", "How many pages does it have?")),
+)
+
+
+def val_text(windows: np.ndarray, enc: tiktoken.Encoding) -> list[str]:
+    """The validation windows as text (one string per window: tokenized again, it must give our ids)."""
+    return [enc.decode(row.tolist()) for row in windows]
+
+
+def export_gguf(model_dir: Path, tokenizer_dir: Path, shards_dir: Path, out_dir: Path, params: ExportParams) -> dict:
+    """``out_dir``/<model>-<type>.gguf per ``export.gguf_types`` and a Modelfile (replaced atomically, only when
+    every check passed); verified in llama.cpp, in a child process, when llama-cpp-python is installed. Returns
+    the metrics.
+
+    A check that fails (tokenizer, agreement, chat template) fails the export: nothing is published. When
+    llama.cpp itself dies (a signal) or hangs on a file, the file is still published, marked unverified with the
+    reason in the metrics and one ``warning:`` line: the crash is the runtime's on this CPU, not the file's, and
+    the other formats' outputs stay whole."""
+    from pipeline.common.isolated import ChildCrashed
+    from pipeline.data.prompts import chat_prompt_ids
+    from pipeline.data.shards import ShardDataset
+    from pipeline.data.tokenizer import read_metadata
+    from pipeline.export.gguf_check import CRASH_ADVICE, check_in_child, runtime_name
+    from pipeline.model.checkpoint import load_with_tokenizer
+
+    loaded = load_with_tokenizer(model_dir, tokenizer_dir)
+    model, enc, cfg = loaded.model.eval(), loaded.enc, loaded.model.cfg
+    if cfg.n_classes:
+        raise PipelineError(f"{model_dir}: a classifier has no place in llama.cpp's gpt2 architecture (a language "
+                            "model's head); set export.formats: [onnx] to export it")
+    require_gpt2(cfg, FORMAT, "gguf")
+    template = (loaded.meta.get("instructions") or {}).get("template")
+    tokenizer = GGUFTokenizer.of(enc, read_metadata(tokenizer_dir)["kind"], cfg.vocab_size)
+    dataset = ShardDataset(shards_dir, "val", expected_fingerprint=loaded.tokenizer_fingerprint)
+    batches = [x.numpy() for x, _ in dataset.sequential(
+        -(-params.gguf_check_positions // cfg.context_length), cfg.context_length, max_batches=1)]
+    if not batches:
+        raise PipelineError(f"{shards_dir}: the validation split holds no window of context_length "
+                            f"{cfg.context_length} tokens to check the GGUF export on")
+    windows = np.concatenate(batches)
+    chats = [list(c) for c in SAMPLE_CHATS if template == "chat" or c[0][0] != "system"]
+    chat_ids = [chat_prompt_ids(enc, template, chat) for chat in chats]
+    runtime = runtime_name()
+    metrics: dict = {"pre_tokenizer": tokenizer.pre, "template": template or "raw", "files": {}, "size_mb": {},
+                     "verified_by": runtime}
+    if runtime is None:
+        metrics["unverified"] = "llama_cpp is not importable (pip install llama-cpp-python): the files were not loaded"
+    name = model_dir.name
+    crashes = []
+    with atomic_path(out_dir) as tmp, tempfile.TemporaryDirectory(prefix="gguf-check-") as scratch:
+        tmp.mkdir()
+        np.save(Path(scratch) / "windows.npy", windows)  # the child's copy of the validation windows
+        request = {"model_dir": str(model_dir.resolve()), "tokenizer_dir": str(tokenizer_dir.resolve()),
+                   "windows": str(Path(scratch) / "windows.npy"),
+                   "texts": val_text(windows, enc) + [enc.decode(ids) for ids in chat_ids],
+                   "greedy_tokens": params.parity_tokens, "chats": chats, "chat_ids": chat_ids}
+        for gguf_type in params.gguf_types:
+            path = tmp / f"{name}-{gguf_type}.gguf"
+            print(f"export: {model_dir} → {path.name}", file=sys.stderr)
+            write_gguf(model, tokenizer, template, path, gguf_type, f"llm-pipeline-{name}")
+            metrics["files"][gguf_type] = path.name
+            metrics["size_mb"][gguf_type] = round(path.stat().st_size / 1e6, 3)
+            if runtime:
+                try:
+                    metrics[gguf_type] = check_in_child("check_file", path, params.gguf_check_timeout,
+                                                        gguf_type=gguf_type, **request)
+                except ChildCrashed as exc:
+                    reason = one_line(str(exc).replace(str(tmp), str(out_dir)))  # the path the user will find
+                    print(f"warning: {reason}", file=sys.stderr)
+                    metrics[gguf_type] = {"passed": False, "crashed": exc.cause, "reason": reason}
+                    crashes.append(f"{gguf_type}: llama.cpp crashed ({exc.cause})")
+        if crashes:
+            metrics["unverified"] = "; ".join(crashes) + f" — published unverified ({CRASH_ADVICE})"
+        (tmp / MODELFILE).write_text(modelfile(metrics["files"][params.gguf_types[0]], template, cfg.context_length),
+                                     encoding="utf-8")
+    return metrics

@@ -1,0 +1,268 @@
+"""``model.init_from``: start from a GPT-2 checkpoint (a named one from the Hugging Face Hub, or local files).
+
+Named checkpoints are fetched with ``huggingface_hub`` at a pinned revision (its cache, ``HF_HUB_OFFLINE``,
+``HF_ENDPOINT`` and progress bars apply), and only when a stage asks: nothing touches the network at import.
+The config is read first, so a shape that disagrees with ``model.*`` or a model that cannot fit in memory is
+refused before gigabytes are downloaded. Weights load from safetensors, or from a ``.bin`` with
+``torch.load(weights_only=True)`` (never pickled code).
+
+Vocabulary: OpenAI's GPT-2 has 50,257 tokens; our ``gpt2`` tokenizer kind has the same ids plus 15 special tokens
+(chat markers, reserved). Their new embedding rows start as the mean of GPT-2's rows — every new token starts
+as the "average" token, so its logit does not stand out before training teaches it (Hewitt, 2021, "Initializing
+new word embeddings for pretrained language models"). A checkpoint we exported ourselves (``models/hf``) records
+our tokenizer's fingerprint and must meet the same tokenizer.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline.common.errors import PipelineError
+from pipeline.model.checkpoint import read_weights_file
+from pipeline.model.gpt import GPT, GPTConfig, ModelConfigError
+from pipeline.model.gpt2_layout import HEAD, config_from_hf, from_gpt2, normalize_keys
+
+SCRATCH = "scratch"
+# OpenAI's GPT-2 sizes on the Hub, at revisions seen in public Hugging Face caches (override with model.revision).
+NAMED: dict[str, tuple[str, str]] = {
+    "gpt2": ("openai-community/gpt2", "607a30d783dfa663caf39e06633721c8d4cfcd7e"),
+    "gpt2-medium": ("openai-community/gpt2-medium", "6dcaa7a952f72f9298047fd5137cd6e4f05f41da"),
+    "gpt2-large": ("openai-community/gpt2-large", "32b71b12589c2f8d625668d2335a01cac3249519"),
+    "gpt2-xl": ("openai-community/gpt2-xl", "15ea56dee5df4983c59b2538573817e1667135e2"),
+}
+HF_CONFIG = "config.json"
+SAFETENSORS = "model.safetensors"
+PICKLE_BIN = "pytorch_model.bin"
+GPT2_VOCAB = 50257
+SHAPE_FIELDS = ("context_length", "n_embd", "n_head", "n_layer", "qkv_bias", "tie_weights", "pos_emb", "rope_base",
+                "norm", "mlp", "qk_norm")
+
+
+@dataclass
+class Source:
+    """Where a checkpoint comes from: its config, and how to get its weights (a local file or a Hub fetch)."""
+
+    label: str  # what the user wrote in model.init_from
+    hf_config: dict
+    config_path: Path
+    provenance: dict
+    weights_path: Path | None = None
+    repo: str | None = None
+    revision: str | None = None
+    files: dict[str, str] = field(default_factory=dict)  # file name → sha256, filled when read
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PipelineError(f"{path}: not a readable JSON config ({exc})") from None
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path}: not a JSON object")
+    return data
+
+
+def _local_source(init_from: str) -> Source:
+    path = Path(init_from).expanduser()
+    if path.is_dir():
+        directory, weights = path, next((path / n for n in (SAFETENSORS, PICKLE_BIN) if (path / n).is_file()), None)
+        if weights is None:
+            raise PipelineError(f"model.init_from={init_from}: no {SAFETENSORS} or {PICKLE_BIN} in that directory")
+    else:
+        directory, weights = path.parent, path
+    config_path = directory / HF_CONFIG
+    if not config_path.is_file():
+        raise PipelineError(f"model.init_from={init_from}: {config_path} not found (a GPT-2 config.json must sit beside the weights)")
+    return Source(init_from, _read_json(config_path), config_path, {"path": str(path.resolve())}, weights_path=weights)
+
+
+def _hub_download(repo: str, filename: str, revision: str, label: str) -> Path:
+    """One file through huggingface_hub (cache, HF_HUB_OFFLINE, HF_ENDPOINT); failures become one line."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision))
+    except LocalEntryNotFoundError as exc:  # (a subclass of EntryNotFoundError: caught first)
+        raise PipelineError(
+            f"model.init_from={label}: {repo}@{revision[:12]} {filename} is not in the Hugging Face cache and the Hub "
+            f"cannot be reached ({_first_line(exc)}); connect once or pre-fill the cache (HF_HOME)"
+        ) from None
+    except RevisionNotFoundError:
+        raise PipelineError(f"model.revision={revision}: no such revision of {repo} on the Hub") from None
+    except RepositoryNotFoundError:
+        raise PipelineError(f"model.init_from={label}: repository {repo} not found on the Hub") from None
+    except EntryNotFoundError:
+        raise  # the caller tries the next weights file
+    except (HfHubHTTPError, OSError) as exc:
+        raise PipelineError(f"model.init_from={label}: downloading {repo} {filename} failed ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _hub_source(name: str, revision: str | None) -> Source:
+    repo, pinned = NAMED[name]
+    revision = revision or pinned
+    config_path = _hub_download(repo, HF_CONFIG, revision, name)
+    # The cache stores files under snapshots/<commit>/: the commit a branch or tag resolved to.
+    provenance = {"repo": repo, "revision": revision, "commit": config_path.parent.name}
+    return Source(name, _read_json(config_path), config_path, provenance, repo=repo, revision=revision)
+
+
+def resolve(init_from: str, revision: str | None = None) -> Source:
+    """The checkpoint ``model.init_from`` names; reads only its config (the weights come later, after the checks)."""
+    if init_from in NAMED:
+        return _hub_source(init_from, revision)
+    if Path(init_from).expanduser().exists():
+        return _local_source(init_from)
+    known = ", ".join([SCRATCH, *NAMED])
+    raise PipelineError(f"model.init_from={init_from!r} is neither a known checkpoint ({known}) nor an existing file or directory")
+
+
+def weights_path(source: Source) -> Path:
+    """The weights file, downloading it for a Hub source (safetensors preferred, else the pickle-free .bin)."""
+    if source.weights_path is not None:
+        return source.weights_path
+    from huggingface_hub.errors import EntryNotFoundError
+
+    for filename in (SAFETENSORS, PICKLE_BIN):
+        try:
+            source.weights_path = _hub_download(source.repo, filename, source.revision, source.label)
+            return source.weights_path
+        except EntryNotFoundError:
+            continue
+    raise PipelineError(f"model.init_from={source.label}: {source.repo} has neither {SAFETENSORS} nor {PICKLE_BIN}")
+
+
+def checkpoint_config(source: Source, n_vocab: int, tokenizer: dict, dropout: float | None) -> GPTConfig:
+    """Our GPTConfig for the checkpoint, with the tokenizer's vocabulary; refuses a tokenizer with other ids."""
+    fields = config_from_hf(source.hf_config, str(source.config_path))
+    ours = source.hf_config.get("llm_pipeline", {}).get("tokenizer", {}).get("fingerprint")
+    stored = fields["vocab_size"]
+    if ours is not None:
+        if ours != tokenizer.get("fingerprint"):
+            raise PipelineError(
+                f"model.init_from={source.label}: exported with tokenizer {ours[:12]}, but data/tokenizer is "
+                f"{str(tokenizer.get('fingerprint'))[:12]} (same tokenizer params needed)"
+            )
+    elif tokenizer.get("kind") != "gpt2":
+        raise PipelineError(
+            f"model.init_from={source.label} needs tokenizer.kind: gpt2 (GPT-2's token ids), got {tokenizer.get('kind')!r}"
+        )
+    elif stored not in (GPT2_VOCAB, n_vocab):
+        raise PipelineError(
+            f"model.init_from={source.label}: vocab_size {stored} is not GPT-2's {GPT2_VOCAB} tokens, so its ids are not "
+            f"those of tokenizer.kind gpt2 ({n_vocab} tokens)"
+        )
+    if stored > n_vocab:
+        raise PipelineError(f"model.init_from={source.label}: vocab_size {stored} > the tokenizer's {n_vocab} tokens")
+    fields["vocab_size"] = n_vocab
+    if dropout is not None:
+        fields["dropout"] = dropout
+    try:
+        return GPTConfig(**fields)
+    except ModelConfigError as exc:
+        raise PipelineError(f"{source.config_path}: {exc}") from None
+
+
+def check_shape(cfg: GPTConfig, explicit: dict[str, object], label: str, origin: str = "params.yaml") -> None:
+    """Explicit model.* values must equal the checkpoint's (``explicit``: field → value, only those set)."""
+    for name, value in explicit.items():
+        if value is not None and getattr(cfg, name) != value:
+            raise PipelineError(f"{origin}: model.{name}={value} disagrees with model.init_from={label} ({name}={getattr(cfg, name)})")
+
+
+def load_weights(source: Source, cfg: GPTConfig) -> GPT:
+    """Build our GPT for ``cfg`` from the checkpoint's weights (extra vocabulary rows: the mean of the stored ones)."""
+    path = weights_path(source)
+    source.files = {path.name: _sha256(path)}
+    state = normalize_keys(read_weights_file(path), str(path))
+    stored = source.hf_config.get("vocab_size", GPT2_VOCAB)
+    shapes = {"wte.weight": (stored, cfg.n_embd), "wpe.weight": (cfg.context_length, cfg.n_embd)}
+    for name, shape in shapes.items():
+        if name in state and tuple(state[name].shape) != shape:
+            raise PipelineError(f"{path}: {name} has shape {tuple(state[name].shape)}, its config.json says {shape}")
+    ours = from_gpt2(state, cfg, str(path))
+    rows = ["tok_emb.weight"] + ([] if cfg.tie_weights else ["out_head.weight"])
+    for name in rows:
+        if ours[name].shape[0] < cfg.vocab_size:
+            extra = ours[name].mean(dim=0, keepdim=True).expand(cfg.vocab_size - ours[name].shape[0], -1)
+            ours[name] = torch.cat([ours[name], extra])
+    if not cfg.tie_weights and HEAD not in state:
+        raise PipelineError(f"{path}: untied head (tie_word_embeddings false) but no {HEAD}")
+    if cfg.tie_weights:
+        ours["out_head.weight"] = ours["tok_emb.weight"]
+    with torch.device("meta"):
+        model = GPT(cfg)  # no random init of weights that are about to be replaced
+    model.load_state_dict(ours, assign=True)
+    if cfg.tie_weights:
+        model.out_head.weight = model.tok_emb.weight
+    return model
+
+
+def param_count(cfg: GPTConfig) -> int:
+    """Parameters of ``GPT(cfg)`` (a tied head counted once), computed from the shape without building it; ``cfg``
+    is a checkpoint's, so GPT-2's layers (no architecture options)."""
+    d = cfg.n_embd
+    block = 4 * d + 3 * d * d + (3 * d if cfg.qkv_bias else 0) + d * d + d + 8 * d * d + 5 * d
+    head = 0 if cfg.tie_weights else cfg.vocab_size * d
+    return (cfg.vocab_size + cfg.context_length) * d + cfg.n_layer * block + 2 * d + head
+
+
+def training_bytes(cfg: GPTConfig, training: bool, batch_size: int, context: int) -> int:
+    """Memory the run needs, roughly: fp32 weights (4 B/param) and, to train, their gradients and AdamW's two
+    moments (12 B/param more) plus activations (about 34·d bytes per token and layer, and the logits twice)."""
+    n_params = param_count(cfg)
+    if not training:
+        return 4 * n_params
+    tokens = batch_size * context
+    activations = tokens * (34 * cfg.n_embd * cfg.n_layer + 2 * 4 * cfg.vocab_size)
+    return 16 * n_params + activations
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory of the device training will use: GPU memory, or the host's MemAvailable (Linux), else free pages."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        return int(next(line for line in lines if line.startswith("MemAvailable:")).split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits(cfg: GPTConfig, label: str, needed: int, available: int, device: str, training: bool) -> None:
+    """Refuse, before any weights are read, a run that cannot fit in ``available`` bytes."""
+    if needed > available:
+        what = "continuing pretraining (weights, gradients, AdamW moments, activations)" if training else "its weights"
+        raise PipelineError(
+            f"model.init_from={label}: {param_count(cfg) / 1e6:,.0f}M parameters need about {needed / 2**30:.1f} GiB "
+            f"for {what}, but {device} has {available / 2**30:.1f} GiB free (lower pretrain.batch_size or use a smaller model)"
+        )
+
+
+def provenance(source: Source) -> dict:
+    """What models/base records about its starting point: repo, revision, commit or path, and file hashes."""
+    return {"init_from": source.label, **source.provenance, "files": dict(source.files)}

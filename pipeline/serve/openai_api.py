@@ -1,0 +1,365 @@
+"""The OpenAI-compatible routes of ``python -m pipeline serve``, as Ollama serves them under ``/v1``.
+
+``GET /v1/models``, ``GET /v1/models/{model}``, ``POST /v1/chat/completions``, ``POST /v1/completions`` and
+``POST /v1/embeddings``. Generation goes through the same ``Engine`` as the Ollama routes (one pool, one queue,
+one KV-cache generator); streaming is Server-Sent Events: ``data: {chunk}`` lines ending with ``data: [DONE]``.
+
+What is honoured: ``max_tokens`` / ``max_completion_tokens`` (capped by the room the context leaves after the
+prompt), ``temperature``, ``top_p``, ``seed``, ``stop``, ``stream``, ``stream_options.include_usage``; unset options
+take Ollama's defaults (temperature 0.8, top_p 0.9, top_k 40). A field we do not implement that carries a value
+other than its default (``n`` > 1, ``tools``, ``response_format`` other than text, ``logprobs``, penalties, image
+parts, or any field we do not know) gets a 400 in OpenAI's error shape naming it, never a silent ignore.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import struct
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.common.errors import PipelineError, one_line
+from pipeline.serve.embed_api import embed_all, embedding_ids
+from pipeline.serve.engine import ClientClosed, Engine, collect
+from pipeline.serve.request_parsing import ApiError, Options
+from pipeline.serve.served_model import ServedModel
+
+SYSTEM_FINGERPRINT = "fp_llm_pipeline"
+
+# Fields we accept only with these values: what official clients send when the feature is not asked for.
+DEFAULT_ONLY: dict[str, tuple] = {
+    "n": (None, 1),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "functions": (None, []),
+    "tool_choice": (None, "none"),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "response_format": (None, {"type": "text"}),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+}
+IGNORED = {"user", "store", "metadata", "service_tier", "safety_identifier", "prompt_cache_key"}  # no effect on output
+
+
+class OpenAIError(Exception):
+    """An error as OpenAI's API reports it: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+    def body(self) -> dict:
+        kind = {401: "authentication_error", 404: "invalid_request_error", 503: "server_error"}.get(
+            self.status, "invalid_request_error")
+        return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
+
+
+# ---------------------------------------------------------------------------------------------- requests
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool | None = None
+
+
+class CompletionFields(BaseModel):
+    """The fields shared by chat and text completions."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)  # as the Ollama routes' options: refused, not a 5xx, outside
+    seed: int | None = Field(None, ge=0, lt=2**64)
+    stop: str | list[str] | None = None
+
+    def options(self, max_tokens: int | None = None) -> Options:
+        return Options(temperature=self.temperature, top_p=self.top_p, seed=self.seed,
+                       num_predict=max_tokens or self.max_tokens, stop=self.stop)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict] | None = None
+
+
+class ChatCompletionRequest(CompletionFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(CompletionFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1)
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = None
+
+
+def param_of(loc: tuple) -> str:
+    """Pydantic's location as OpenAI names a param: ``messages[0].role`` (union members' tags left out)."""
+    name = ""
+    for part in loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif part != "body" and "[" not in part and part not in ("str", "int", "float", "bool"):
+            name += f".{part}" if name else part
+    return name or "body"
+
+
+async def parse(http: Request, schema: type[BaseModel]) -> Any:
+    """The JSON body as ``schema``; a field present with a value we cannot honour is a 400 naming it."""
+    try:
+        data = json.loads(await http.body() or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OpenAIError(400, f"invalid JSON in the request body: {exc}") from None
+    if not isinstance(data, dict):
+        raise OpenAIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    try:
+        request = schema.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        param = param_of(error.get("loc", ()))
+        raise OpenAIError(400, one_line(f"invalid request: {param}: {error.get('msg')}"), param) from None
+    for field, value in (request.model_extra or {}).items():
+        if field in IGNORED or value is None:
+            continue
+        if field not in DEFAULT_ONLY:
+            raise OpenAIError(400, f"unsupported field '{field}': this server does not implement it", field)
+        if value not in DEFAULT_ONLY[field]:
+            accepted = " or ".join(json.dumps(v) for v in DEFAULT_ONLY[field] if v is not None) or "null"
+            raise OpenAIError(400, f"unsupported field '{field}': this server does not implement it "
+                                   f"(accepted: {accepted})", field)
+    return request
+
+
+def find_model(engine: Engine, name: str) -> ServedModel:
+    try:
+        return engine.model(name)
+    except ApiError as exc:
+        raise OpenAIError(404, f"The model '{name}' does not exist", "model", "model_not_found") from exc
+
+
+def text_of(message: ChatMessage, index: int) -> str:
+    """A message's text; content parts other than text (images, audio, files) are refused."""
+    if message.content is None or isinstance(message.content, str):
+        return message.content or ""
+    texts = []
+    for j, part in enumerate(message.content):
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            where = f"messages[{index}].content[{j}]"
+            raise OpenAIError(400, f"{where}: unsupported content part of type {part.get('type')!r} (text only)", where)
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def chat_turns(request: ChatCompletionRequest) -> list[tuple[str, str]]:
+    turns = []
+    for i, message in enumerate(request.messages):
+        if message.role == "tool" or (message.model_extra or {}).get("tool_calls"):
+            raise OpenAIError(400, f"messages[{i}]: unsupported tool message (this server does not implement tools)",
+                              f"messages[{i}]")
+        turns.append(("system" if message.role == "developer" else message.role, text_of(message, i)))
+    if turns[-1][0] != "user":
+        raise OpenAIError(400, f"messages: the last message must be the user's, got {turns[-1][0]!r}", "messages")
+    return turns
+
+
+def completion_prompt(model: ServedModel, prompt: str | list) -> list[int]:
+    """Text is rendered as /api/generate renders it (the model's template, as Ollama does); ids pass as they are."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], list | str):  # a batch of prompts
+        if len(prompt) != 1:
+            raise OpenAIError(400, "prompt: several prompts in one request are not supported (send one)", "prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, list):
+        if not prompt or any(not 0 <= t < model.encoding.n_vocab for t in prompt):
+            raise OpenAIError(400, f"prompt: token ids must be non-empty and in [0, {model.encoding.n_vocab})", "prompt")
+        return list(prompt)
+    if not prompt:
+        raise OpenAIError(400, "prompt: empty", "prompt")
+    return model.chat_ids([("user", prompt)]) if model.template else model.encoding.encode_ordinary(prompt)
+
+
+def usage(final: dict) -> dict:
+    prompt, completion = final["prompt_eval_count"], final["eval_count"]
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def finish_reason(final: dict) -> str:
+    return "length" if final["done_reason"] == "length" else "stop"
+
+
+# ---------------------------------------------------------------------------------------------- responses
+
+# (piece of text or None, final fields or None) → one choice object
+Choice = Callable[[str | None, dict | None], dict]
+
+
+async def complete(run: AsyncIterator, http: Request) -> tuple[str, dict]:
+    """The whole answer (``engine.collect``), its failures in OpenAI's error shape."""
+    try:
+        return await collect(run, http)
+    except ClientClosed:
+        raise OpenAIError(499, "client closed the request") from None
+    except PipelineError as exc:
+        raise OpenAIError(400, one_line(str(exc))) from None
+
+
+async def sse(run: AsyncIterator, head: dict, choice: Choice, include_usage: bool) -> AsyncIterator[str]:
+    """``data: chunk`` events; the last chunk carries ``finish_reason``, then usage (if asked) and ``[DONE]``."""
+    extra = {"usage": None} if include_usage else {}
+
+    def event(body: dict) -> str:
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    try:
+        async for kind, payload in run:
+            if kind == "text":
+                yield event({**head, "choices": [choice(payload, None)], **extra})
+            else:
+                yield event({**head, "choices": [choice(None, payload)], **extra})
+                if include_usage:
+                    yield event({**head, "choices": [], "usage": usage(payload)})
+    except Exception as exc:  # the headers are sent: report in the stream
+        yield event({"error": OpenAIError(500, one_line(f"generation failed: {exc}")).body()["error"]})
+    yield "data: [DONE]\n\n"
+
+
+def stream_response(body: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def start(engine: Engine, model: ServedModel, prompt_ids: list[int], options: Options) -> AsyncIterator:
+    try:
+        return engine.start(model, prompt_ids, options)
+    except ApiError as exc:
+        raise OpenAIError(exc.status, str(exc)) from None
+
+
+# ---------------------------------------------------------------------------------------------- the routes
+
+
+def register(app: FastAPI, engine: Engine) -> None:
+    """Add the ``/v1`` routes to ``app`` (pipeline/serve/app.py), answering from ``engine``."""
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    def card(model: ServedModel) -> dict:
+        created = int(datetime.fromisoformat(model.modified_at).timestamp())
+        return {"id": model.name, "object": "model", "created": created, "owned_by": "llm-pipeline"}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [card(m) for m in engine.models.values()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict:
+        return card(find_model(engine, name))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: Request):
+        request = await parse(http, ChatCompletionRequest)
+        served = find_model(engine, request.model)
+        turns = chat_turns(request)
+        try:
+            prompt_ids = served.chat_ids(turns)
+        except PipelineError as exc:
+            raise OpenAIError(400, one_line(str(exc)), "messages") from None
+        run = start(engine, served, prompt_ids, request.options(request.max_completion_tokens))
+        head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": served.name,
+                "system_fingerprint": SYSTEM_FINGERPRINT}
+        if request.stream:
+            sent_role = False
+
+            def choice(text: str | None, final: dict | None) -> dict:
+                nonlocal sent_role
+                delta = {} if text is None else {"content": text}
+                if not sent_role:
+                    delta, sent_role = {"role": "assistant", **delta}, True
+                return {"index": 0, "delta": delta, "logprobs": None,
+                        "finish_reason": finish_reason(final) if final else None}
+
+            include = bool(request.stream_options and request.stream_options.include_usage)
+            return stream_response(sse(run, {**head, "object": "chat.completion.chunk"}, choice, include))
+        text, final = await complete(run, http)
+        return {**head, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                             "finish_reason": finish_reason(final)}],
+                "usage": usage(final)}
+
+    @app.post("/v1/completions")
+    async def completions(http: Request):
+        request = await parse(http, CompletionRequest)
+        served = find_model(engine, request.model)
+        run = start(engine, served, completion_prompt(served, request.prompt), request.options())
+        head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
+                "model": served.name, "system_fingerprint": SYSTEM_FINGERPRINT}
+        if request.stream:
+            def choice(text: str | None, final: dict | None) -> dict:
+                return {"index": 0, "text": text or "", "logprobs": None,
+                        "finish_reason": finish_reason(final) if final else None}
+
+            include = bool(request.stream_options and request.stream_options.include_usage)
+            return stream_response(sse(run, head, choice, include))
+        text, final = await complete(run, http)
+        return {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason(final)}],
+                "usage": usage(final)}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(http: Request) -> dict:
+        request = await parse(http, EmbeddingRequest)
+        served = find_model(engine, request.model)
+        items = request.input
+        if isinstance(items, str) or (items and isinstance(items[0], int)):
+            items = [items]
+        if not items:
+            raise OpenAIError(400, "the input is empty", "input")
+        ids = []
+        for i, item in enumerate(items):
+            if isinstance(item, str):
+                ids.append(embedding_ids(served, item))
+            elif any(not 0 <= t < served.encoding.n_vocab for t in item):
+                raise OpenAIError(400, f"token ids must be in [0, {served.encoding.n_vocab})", f"input[{i}]")
+            else:
+                ids.append(item[: served.context_length])
+        try:
+            vectors = await embed_all(engine, served, ids)
+        except ApiError as exc:
+            raise OpenAIError(exc.status, str(exc), "input" if "input" in str(exc) else "model") from None
+        if request.dimensions is not None and request.dimensions != len(vectors[0]):
+            raise OpenAIError(400, f"model '{served.name}' embeds into {len(vectors[0])} dimensions; other "
+                                   "'dimensions' are not supported", "dimensions")
+        data = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()
+                 if request.encoding_format == "base64" else v}
+                for i, v in enumerate(vectors)]
+        tokens = sum(map(len, ids))
+        return {"object": "list", "data": data, "model": served.name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

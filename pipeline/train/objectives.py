@@ -290,7 +290,8 @@ class DPOObjective:
         _require(train, "dpo training split")
         _require(val, "dpo validation split")
         self.train, self.val, self.ref_train, self.ref_val = train, val, ref_train, ref_val
-        lengths = [len(p) + max(map(len, r)) for p, r in zip(train.prompts, train.responses, strict=False)]  # longer answer
+        # the longer of the two answers sets the pair's width
+        lengths = [len(p) + max(map(len, r)) for p, r in zip(train.prompts, train.responses, strict=False)]
         self.sampler = EpochSampler(lengths, batch_size, grad_accum, seed)
         self.beta, self.reduction = beta, reduction
         self.batch_size, self.max_eval_batches = batch_size, eval_batches

@@ -87,7 +87,7 @@ class DownloadCache:
         error: Exception | None = None
         for attempt in range(self.retries + 1):
             if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))  # exponential backoff
             try:
                 return self._download(url, sha256, where)
             except _Transient as exc:
@@ -110,8 +110,8 @@ class DownloadCache:
         import requests
 
         try:
-            with requests.get(url, stream=True, timeout=(self.timeout_s, self.timeout_s)) as resp:
-                if resp.status_code >= 500 or resp.status_code in (408, 429):
+            with requests.get(url, stream=True, timeout=(self.timeout_s, self.timeout_s)) as resp:  # (connect, read)
+                if resp.status_code >= 500 or resp.status_code in (408, 429):  # server trouble, timeout, rate limit: retry
                     raise _Transient(f"HTTP {resp.status_code}")
                 if resp.status_code >= 400:
                     raise PipelineError(f"{where}: {url}: HTTP {resp.status_code} {resp.reason}")
@@ -138,6 +138,7 @@ class DownloadCache:
                 received += len(chunk)
                 bar.update(len(chunk))
                 yield chunk
+        # compressed: Content-Length counts the bytes on the wire, received the decoded ones
         if total and "Content-Encoding" not in resp.headers and received != total:
             raise _Transient(f"connection dropped after {received} of {total} bytes")
 
@@ -153,10 +154,10 @@ class DownloadCache:
                     digest.update(chunk)
             target = self.object_path(digest.hexdigest())
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, target)
+            os.replace(tmp, target)  # atomic: the entry appears whole or not at all
         finally:
-            Path(tmp).unlink(missing_ok=True)
-        with (self.root / "sources.tsv").open("a", encoding="utf-8") as index:
+            Path(tmp).unlink(missing_ok=True)  # a failed write leaves no temp file behind
+        with (self.root / "sources.tsv").open("a", encoding="utf-8") as index:  # where each hash came from (cache list)
             index.write(f"{target.name}\t{origin}\n")
         return target
 
@@ -208,7 +209,7 @@ def source_files(source: Source, cache: DownloadCache, where: str) -> list[tuple
     if path.is_dir():
         if source.sha256:
             raise PipelineError(f"{where}: sha256 pins a single file, but {path} is a directory")
-        files = sorted(
+        files = sorted(  # hidden files and directories (.git, .DS_Store) are skipped
             p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
         if not files:
@@ -232,7 +233,7 @@ def normalize(text: str) -> str:
     """No BOM, LF line ends, Unicode NFC, one final newline: the same text always gives the same bytes."""
     text = text.removeprefix("\ufeff")
     if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        text = text.replace("\r\n", "\n").replace("\r", "\n")  # Windows line ends, then lone CRs
     text = unicodedata.normalize("NFC", text)
     if text.endswith("\n") and not text.endswith("\n\n") and not text.startswith("\n"):
         return text  # already in shape: no copy (most dataset records)
@@ -246,7 +247,7 @@ def clean_text(raw: bytes, origin: str, *, gutenberg: bool, normalise: bool, unw
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise PipelineError(f"{origin}: not valid UTF-8 at byte {exc.start} (convert it to UTF-8)") from None
-    is_book = unwrap == "gutenberg" and _GUTENBERG_START.search(text) is not None
+    is_book = unwrap == "gutenberg" and _GUTENBERG_START.search(text) is not None  # before strip_gutenberg drops the marker
     if gutenberg:
         text = strip_gutenberg(text)
     if normalise:
@@ -269,7 +270,7 @@ def build_corpus(
     """
     if not sources:
         raise PipelineError("corpus.sources: empty (give at least one URL, file or directory)")
-    ends, offset, table = array.array("Q"), 0, []
+    ends, offset, table = array.array("Q"), 0, []  # ends: uint64s, 8 bytes per document rather than a Python int each
     with (directory / CORPUS).open("wb", buffering=CHUNK) as out:
         for i, source in enumerate(sources):
             where = f"corpus.sources[{i}]"
@@ -312,7 +313,7 @@ def _parse_records(raw: bytes, where: str, label: str) -> tuple[list, bool]:
         raise PipelineError(f"{where}: {label}: not valid UTF-8 ({exc})") from None
     except json.JSONDecodeError as exc:
         lines = [(n, line) for n, line in enumerate(raw.decode("utf-8").splitlines(), 1) if line.strip()]
-        if len(lines) < 2:
+        if len(lines) < 2:  # a single line that does not parse is broken JSON, not JSONL
             raise PipelineError(f"{where}: {label}: not valid JSON ({exc})") from None
     records = []
     for number, line in lines:

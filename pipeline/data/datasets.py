@@ -51,7 +51,7 @@ def open_stream(path: Path, compression: str | None, member: str | None, where: 
         except zipfile.BadZipFile as exc:
             raise PipelineError(f"{where}: not a zip archive ({exc})") from None
         with archive:
-            names = [n for n in archive.namelist() if not n.endswith("/")]
+            names = [n for n in archive.namelist() if not n.endswith("/")]  # files, not directory entries
             if member is None and len(names) == 1:
                 member = names[0]
             if member is None or member not in names:
@@ -65,6 +65,7 @@ def open_stream(path: Path, compression: str | None, member: str | None, where: 
     elif compression == "zstd":
         import zstandard
 
+        # read_across_frames: a file of several concatenated frames reads as one stream
         with path.open("rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True) as stream:
             yield stream
     else:
@@ -115,18 +116,18 @@ def _parquet(stream: IO[bytes], where: str, columns: list[str]) -> Iterator[tupl
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:  # read as it goes (no pre-buffered row group), on this thread: 30% less peak memory per parse process
+    try:  # read as it goes (no pre-buffered row group), on this thread: less peak memory per parse process (BENCHMARKS.md)
         parquet = pq.ParquetFile(stream, pre_buffer=False, buffer_size=1 << 20)
     except (pa.ArrowInvalid, OSError) as exc:
         raise PipelineError(f"{where}: not a Parquet file ({exc})") from None
     names = parquet.schema_arrow.names
     if columns[0] not in names:
         raise PipelineError(f"{where}: no column {columns[0]!r} (columns: {', '.join(names)}); set text_field")
-    wanted = [c for c in dict.fromkeys(columns) if c in names]
+    wanted = [c for c in dict.fromkeys(columns) if c in names]  # each once, in order; a missing filter column reads as None
     number = 0
     for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=wanted, use_threads=False):
         values = [batch.column(i).to_pylist() for i in range(len(wanted))]
-        for row in zip(*values, strict=True):
+        for row in zip(*values, strict=True):  # columns → rows
             number += 1
             yield number, dict(zip(wanted, row, strict=True))
 

@@ -83,7 +83,7 @@ def read_records(path: str | Path) -> list[object]:
     if not path.is_file():
         raise PipelineError(f"{path}: dataset file not found")
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark is dropped
     except UnicodeDecodeError as exc:
         raise PipelineError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not text.strip():
@@ -96,7 +96,7 @@ def read_records(path: str | Path) -> list[object]:
         return data
     if isinstance(data, dict):
         return [data]
-    records: list[object] = []
+    records: list[object] = []  # not one JSON document: JSON Lines
     for line in text.splitlines():
         if not line.strip():
             continue
@@ -114,7 +114,7 @@ def _load(path: str | Path, parse: Callable[[int, object], T], strict: bool) -> 
     records, skipped = [], []
     for index, record in enumerate(raw):
         try:
-            if isinstance(record, _Malformed):
+            if isinstance(record, _Malformed):  # a JSONL line that did not parse: reported like any malformed record
                 raise record
             records.append(parse(index, record))
         except _Malformed as exc:
@@ -257,7 +257,7 @@ def split_dataset(
     The test fraction is what train and val leave over (default 85/5/10, as in the book's ch07).
     """
     test = 1.0 - train - val
-    if train <= 0 or val < 0 or test < -1e-9:
+    if train <= 0 or val < 0 or test < -1e-9:  # float slack: 1.0 - 0.9 - 0.1 is a hair below 0
         raise PipelineError(f"{origin}: split fractions train={train}, val={val} must be ≥ 0 and sum to ≤ 1")
     n = len(items)
     order = list(range(n))
@@ -312,10 +312,11 @@ def _tokenize(
     prompts, responses, ids, truncated, dropped = [], [], [], 0, 0
     for item, answers in items:
         prompt = encode_prompt(enc, item.instruction, item.input, template, item.context)
-        if len(prompt) >= context_length:
+        if len(prompt) >= context_length:  # no room left for a single answer token
             dropped += 1
             continue
         encoded = [encode_response(enc, answer, template) for answer in answers]
+        # + 1: collate keeps context_length + 1 tokens (inputs and targets shifted by one)
         truncated += sum(len(prompt) + len(answer) > context_length + 1 for answer in encoded)
         prompts.append(prompt)
         responses.append(encoded)
@@ -330,5 +331,5 @@ RECIPE_FIELDS = {"data": str, "data_sha256": str, "template": str, "strict": boo
 def check_recipe(recipe: dict, where: str) -> None:
     """The SFT recipe a model directory records (data file, template, split) has every field, each of its type."""
     for key, kind in RECIPE_FIELDS.items():
-        if type(recipe.get(key)) is not kind:
+        if type(recipe.get(key)) is not kind:  # exact type: a bool is no int, an int no float
             raise PipelineError(f"{where}.{key} is missing or not a {kind.__name__} (rerun it: dvc repro sft)")

@@ -51,7 +51,7 @@ def _format_of(name: str, requested: str, origin: str) -> str:
 def _unzip(path: Path, member: str | None, origin: str) -> tuple[bytes, str]:
     try:
         with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if not n.endswith("/") and not n.startswith("__MACOSX")]
+            names = [n for n in archive.namelist() if not n.endswith("/") and not n.startswith("__MACOSX")]  # no macOS metadata
             if member is None and len(names) != 1:
                 raise PipelineError(f"{origin}: a zip of {len(names)} files needs classify.member (one of: {', '.join(names[:8])})")
             name = member or names[0]
@@ -82,7 +82,7 @@ def read_table(path: Path, *, fmt: str = "auto", member: str | None = None, colu
         elif kind == "jsonl":
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
         else:
-            quoting = csv.QUOTE_NONE if kind == "tsv" else csv.QUOTE_MINIMAL
+            quoting = csv.QUOTE_NONE if kind == "tsv" else csv.QUOTE_MINIMAL  # TSV texts hold bare quotes (SMSSpamCollection)
             reader = csv.DictReader(io.StringIO(text, newline=""), fieldnames=list(columns) or None,
                                     delimiter="\t" if kind == "tsv" else ",", quoting=quoting)
             records = list(reader)
@@ -118,7 +118,7 @@ def tone_records(path: str | Path) -> tuple[list[LabelledText], int]:
         if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("output", "chosen", "rejected")):
             raise PipelineError(f"{path}: record {i} lacks the 'output', 'chosen' and 'rejected' texts the tone data needs")
         output, chosen, rejected = (record[k].strip() for k in ("output", "chosen", "rejected"))
-        key = ((), record.get("instruction", ""), record.get("input", ""))
+        key = ((), record.get("instruction", ""), record.get("input", ""))  # the shape of Example.key
         if chosen == rejected or output not in (chosen, rejected):
             dropped += 1
         elif output == chosen:
@@ -135,6 +135,7 @@ def balance(texts: Sequence[LabelledText], seed: int) -> list[LabelledText]:
         by_label.setdefault(t.label, []).append(i)
     smallest = min(len(v) for v in by_label.values())
     rng = random.Random(seed)
+    # labels in sorted order, so the seeded draws do not depend on the data's order; kept rows in their first order
     keep = sorted(i for label in sorted(by_label) for i in rng.sample(by_label[label], smallest))
     return [texts[i] for i in keep]
 

@@ -37,11 +37,11 @@ def _prompt_segments(
             text += f"\n\n### Input:\n{input}"
         return [(text + "\n\n### Response:\n", False)]
     if template == "chat":
-        user = f"{instruction}\n\n{input}" if input else instruction
+        user = f"{instruction}\n\n{input}" if input else instruction  # the chat template has no separate input field
         segments = []
         for role, content in (*context, ("user", user)):
             segments += [(ROLE_MARKERS[role], True), (content, False), (END_OF_TURN, True)]
-        return segments + [(ASSISTANT, True)]
+        return segments + [(ASSISTANT, True)]  # the open assistant turn the answer continues
     raise PipelineError(f"unknown instruction template {template!r} (known: {', '.join(TEMPLATES)})")
 
 
@@ -77,7 +77,7 @@ def encode_response(enc: tiktoken.Encoding, text: str, template: str = "alpaca")
     ids = enc.encode_ordinary(text)
     if template == "chat":
         ids.append(_special_id(enc, END_OF_TURN, template))
-    return ids + [enc.eot_token]
+    return ids + [enc.eot_token]  # EOT: learnt, so generation knows where to stop
 
 
 def decode_response(enc: tiktoken.Encoding, ids: Sequence[int]) -> str:

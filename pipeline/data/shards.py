@@ -56,7 +56,7 @@ class ShardWriter:
 
     def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int):
         self.directory, self.split, self.shard_tokens = Path(directory), split, shard_tokens
-        self.dtype = _LITTLE_ENDIAN[np.dtype(dtype).name]
+        self.dtype = _LITTLE_ENDIAN[np.dtype(dtype).name]  # explicit '<': the files read the same on every machine
         self.shards: list[dict] = []
         self._file = None
         self._hash = hashlib.sha256()
@@ -75,6 +75,7 @@ class ShardWriter:
             if self._file is None:
                 self._file = (self.directory / self._name()).open("wb")
                 self._hash, self._count = hashlib.sha256(), 0
+            # head: what still fits in the current shard; the rest goes on to the next one
             head, tokens = tokens[: self.shard_tokens - self._count], tokens[self.shard_tokens - self._count :]
             self._file.write(head.data)  # the array's own buffer: no copy
             self._hash.update(head.data)
@@ -105,23 +106,20 @@ def piece_bytes(batch_bytes: int, threads: int) -> int:
 
 
 def encode_piece(enc: tiktoken.Encoding, text: str) -> np.ndarray:
-    """``encode_ordinary`` straight into a uint32 array: tiktoken's Rust core fills the buffer with the GIL
-    released, so no Python int is ever made for a token (building and flattening lists of them cost the
-    tokenize stage dearly, BENCHMARKS.md). No special token is allowed or refused: a
-    literal ``<|endoftext|>`` in the text is ordinary text, exactly as ``encode_ordinary`` treats it."""
+    """``encode_ordinary`` straight into a uint32 array."""
+    # tiktoken's Rust core fills the buffer with the GIL released: no Python int is ever made for a token (lists
+    # of them cost the tokenize stage dearly, BENCHMARKS.md). No special token is allowed or refused: a literal
+    # <|endoftext|> in the text is ordinary text, exactly as encode_ordinary treats it.
     return enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
 
 
 def encode_run(enc: tiktoken.Encoding, path: Path, offset: int, buf: bytes, ends: list[int]) -> np.ndarray:
-    """The tokens of a run of documents (``textstream.read_runs``), EOT after each one that ends in it.
-
-    The documents are encoded as one text with the EOT token's text between them: tiktoken encodes the text
-    between two allowed special tokens on its own, so this is exactly each document encoded whole, without a
-    call (and the GIL) per document. A run in which the EOT text occurs literally is encoded document by
-    document instead, so that text stays ordinary text.
-    """
+    """The tokens of a run of documents (``textstream.read_runs``), EOT after each one that ends in it."""
     bounds = list(zip([0, *ends], [*ends, len(buf)], strict=True))  # the last one: after the last end, maybe empty
     if _EOT_BYTES not in buf:
+        # One text with the EOT token's text between the documents: tiktoken encodes the text between two allowed
+        # special tokens on its own, so this is exactly each document encoded whole, without a call (and the GIL)
+        # per document.
         try:
             text = _EOT_BYTES.join(buf[begin:end] for begin, end in bounds).decode("utf-8")
         except UnicodeDecodeError:
@@ -129,6 +127,7 @@ def encode_run(enc: tiktoken.Encoding, path: Path, offset: int, buf: bytes, ends
                 decode_utf8(buf[begin:end], path, offset + begin)
             raise
         return enc.encode_to_numpy(text, allowed_special={EOT}, disallowed_special=())
+    # The EOT text occurs literally in this run: document by document, so that text stays ordinary text.
     eot = np.array([enc.eot_token], dtype=np.uint32)
     tokens = []
     for i, (begin, end) in enumerate(bounds):
@@ -143,12 +142,10 @@ def encode_segments(
 ) -> Iterator[tuple[np.ndarray, int]]:
     """``(uint32 tokens, text bytes)`` per run of documents, in order, EOT after each segment.
 
-    Runs of about ``batch_bytes / (4 * threads)`` go to ``threads`` encoder threads, each with its own copy of
-    the tokenizer (``tokenizer.clone_encoding``). While the caller writes one run's tokens, up to
-    ``batch_bytes`` of the following runs are already read and encoding, so the cores never wait for the disk
-    and memory stays bounded.
+    Runs of about ``batch_bytes / (4 * threads)`` go to ``threads`` encoder threads; at most ``batch_bytes`` of
+    text is in flight.
     """
-    own = threading.local()
+    own = threading.local()  # each encoder thread its own copy of the tokenizer (tokenizer.clone_encoding)
 
     def encode(offset: int, buf: bytes, ends: list[int]) -> np.ndarray:
         if not hasattr(own, "enc"):
@@ -161,6 +158,8 @@ def encode_segments(
         for offset, buf, ends in read_runs(path, segments, piece_bytes(batch_bytes, threads)):
             in_flight.append((pool.submit(encode, offset, buf, ends), len(buf)))
             held += len(buf)
+            # While the caller writes one run's tokens, up to batch_bytes of the following runs are already read
+            # and encoding: the cores never wait for the disk, and memory stays bounded.
             while held > batch_bytes:
                 future, n_bytes = in_flight.popleft()
                 held -= n_bytes
@@ -238,7 +237,7 @@ def _manifest_problem(manifest: dict) -> str | None:
             return f"{where or 'the manifest'} is not an object"
         for key, kind in fields.items():
             value = data.get(key)
-            if not isinstance(value, kind) or isinstance(value, bool):
+            if not isinstance(value, kind) or isinstance(value, bool):  # bool is an int subclass: true is no count
                 return f"'{where}{key}' is missing or not a {kind.__name__}"
         return None
 
@@ -290,7 +289,7 @@ class ShardDataset:
     def _open(self, shard: dict, verify: bool) -> np.memmap:
         name = shard["file"]
         path = self.directory / name
-        if Path(name).name != name:
+        if Path(name).name != name:  # no directories in a name: the manifest cannot point outside `directory`
             raise PipelineError(f"{self.directory / MANIFEST}: shard name {name!r} is not a plain file name")
         if shard["dtype"] != self.dtype.name:
             raise PipelineError(f"{path}: dtype {shard['dtype']} differs from the manifest's {self.dtype.name}")
@@ -305,12 +304,13 @@ class ShardDataset:
             )
         if verify and sha256_file(path) != shard["sha256"]:
             raise PipelineError(f"{path}: sha256 does not match the manifest (corrupt shard)")
-        return np.memmap(path, dtype=self.dtype, mode="r", shape=(shard["tokens"],))
+        return np.memmap(path, dtype=self.dtype, mode="r", shape=(shard["tokens"],))  # paged in on demand
 
     def _window_starts(self, context_length: int) -> np.ndarray:
         """Cumulative count of window starts per shard (a window needs context_length + 1 tokens)."""
         if context_length < 1:
             raise PipelineError(f"context_length must be >= 1, got {context_length}")
+        # starts p with p + context_length + 1 <= size: the last input token still has its target
         counts = np.array([max(a.size - context_length, 0) for a in self.arrays], dtype=np.int64)
         if counts.sum() == 0:
             raise PipelineError(
@@ -322,7 +322,9 @@ class ShardDataset:
     def _stack(self, positions: Iterable[tuple[int, int]], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
 
+        # (B, context_length + 1), int64: what nn.Embedding and cross_entropy take
         windows = np.stack([self.arrays[s][p : p + context_length + 1] for s, p in positions]).astype(np.int64)
+        # x = window[:-1], y = window[1:]: the next token of every position; copies, so each is contiguous
         return torch.from_numpy(windows[:, :-1].copy()), torch.from_numpy(windows[:, 1:].copy())
 
     def strided(self, context_length: int, stride: int) -> list[tuple[int, int]]:
@@ -341,9 +343,10 @@ class ShardDataset:
         import torch
 
         cumulative = self._window_starts(context_length)
+        # one index over every shard's starts, so each start is equally likely whatever its shard's size
         draws = torch.randint(int(cumulative[-1]), (batch_size,), generator=generator).numpy()
-        shards = np.searchsorted(cumulative, draws, side="right")
-        offsets = draws - np.concatenate([[0], cumulative])[shards]
+        shards = np.searchsorted(cumulative, draws, side="right")  # the shard each draw falls in
+        offsets = draws - np.concatenate([[0], cumulative])[shards]  # its start within that shard
         return self._stack(zip(shards.tolist(), offsets.tolist(), strict=False), context_length)
 
     def sequential(
@@ -356,7 +359,7 @@ class ShardDataset:
         )
         batches = 0
         while max_batches is None or batches < max_batches:
-            chunk = [pos for _, pos in zip(range(batch_size), positions, strict=False)]
+            chunk = [pos for _, pos in zip(range(batch_size), positions, strict=False)]  # the next batch_size windows
             if not chunk:
                 return
             yield self._stack(chunk, context_length)

@@ -111,7 +111,7 @@ class DocumentTable(Sequence):
 
     def _ends(self, index: int, n: int) -> np.ndarray:
         with self.table.open("rb") as f:
-            f.seek(8 * index)
+            f.seek(8 * index)  # one little-endian uint64 end offset per document
             return np.fromfile(f, dtype="<u8", count=n).astype(np.int64)
 
     def clip(self, start: int, stop: int) -> DocumentTable:
@@ -128,7 +128,7 @@ class DocumentTable(Sequence):
         with self.table.open("rb") as f:
             for first in range(self._first, self._first + len(self), size):
                 n = min(size, self._first + len(self) - first)
-                f.seek(8 * max(first - 1, 0))
+                f.seek(8 * max(first - 1, 0))  # from the previous document's end: it is this one's begin
                 ends = np.fromfile(f, dtype="<u8", count=n + (first > 0)).astype(np.int64)
                 begins = ends[:-1] if first > 0 else np.concatenate([[0], ends[:-1]])
                 begins, ends = np.maximum(begins, self.start), np.minimum(ends[-n:], self.stop)
@@ -192,10 +192,10 @@ def _cut_at(match: re.Match) -> int:
 
 def safe_cut(buf: bytes) -> int:
     """The last safe cut position in ``buf`` (see the module docstring), else -1."""
-    window = 4096
+    window = 4096  # search the tail first, then a window 16 times larger: the last cut is usually near the end
     while True:
         start = max(len(buf) - window, 0)
-        last = collections.deque(_SAFE_CUT.finditer(buf, start), maxlen=1)
+        last = collections.deque(_SAFE_CUT.finditer(buf, start), maxlen=1)  # keeps only the last match
         if last:
             return _cut_at(last[0])
         if start == 0:
@@ -206,7 +206,7 @@ def safe_cut(buf: bytes) -> int:
 def fallback_cut(buf: bytes) -> int:
     """Where to cut a block with no safe cut (one enormous line): at a UTF-8 character boundary, never mid-char."""
     cut = len(buf)
-    while cut > 0 and buf[cut - 1] & 0xC0 == 0x80:
+    while cut > 0 and buf[cut - 1] & 0xC0 == 0x80:  # 10xxxxxx: a continuation byte, step back over it
         cut -= 1
     if cut > 0 and buf[cut - 1] >= 0xC0:  # a lead byte whose continuation bytes are past the end
         cut -= 1
@@ -217,9 +217,8 @@ def read_runs(path: str | Path, segments: Sequence[Segment], run_bytes: int) -> 
     """Yield ``(offset, buf, ends)``: consecutive segments read at once, at most ``run_bytes`` at a time.
 
     ``ends`` are the positions in ``buf`` where a segment finishes; ``len(buf)`` is not among them when ``buf``
-    stops inside a segment longer than ``run_bytes``, which is read in pieces cut at safe positions. One read
-    per run rather than per segment: a dataset corpus has millions of short documents. Empty segments are
-    skipped. ``offset`` is where ``buf`` starts in the file, for error messages.
+    stops inside a segment longer than ``run_bytes``, which is read in pieces cut at safe positions. Empty
+    segments are skipped. ``offset`` is where ``buf`` starts in the file, for error messages.
     """
     path = Path(path)
     with path.open("rb") as f:
@@ -228,6 +227,8 @@ def read_runs(path: str | Path, segments: Sequence[Segment], run_bytes: int) -> 
             for offset, length in zip(offsets.tolist(), lengths.tolist(), strict=True):
                 if length == 0:
                     continue
+                # One read per run rather than per segment: a dataset corpus has millions of short documents. The run
+                # ends where the next segment is not adjacent in the file or would not fit.
                 if ends and (offset != start + size or size + length > run_bytes):
                     yield start, _read_exactly(f, path, start, size), ends
                     size, ends = 0, []
@@ -295,7 +296,7 @@ def sample_text(path: str | Path, segments: Sequence[Segment], budget: int, seed
     """
     path = Path(path)
     total = total_bytes(segments)
-    count = -(-total // SAMPLE_WINDOW)
+    count = -(-total // SAMPLE_WINDOW)  # ceil: the windows that tile the text
     windows = iter(sorted(random.Random(seed).sample(range(count), min(count, -(-budget // SAMPLE_WINDOW)))))
     window, seen = next(windows, None), 0
     with path.open("rb") as f:
@@ -380,7 +381,7 @@ def _cut_near(path: Path, doc: Segment, wanted: int, lo: int, hi: int) -> int | 
     start = max(lo, wanted - _SEARCH_BYTES, 0)
     with path.open("rb") as f:
         f.seek(doc.offset + start)
-        buf = f.read(min(hi, wanted + _SEARCH_BYTES) + 1 - start)
+        buf = f.read(min(hi, wanted + _SEARCH_BYTES) + 1 - start)  # + 1: a cut at hi needs the byte its lookahead reads
     for pattern in (_LINE_START, _WORD_START):
         cuts = [m.end() + start for m in pattern.finditer(buf)]
         cuts = [c for c in cuts if lo <= c <= hi and 0 < c < doc.length]

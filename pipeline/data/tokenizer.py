@@ -49,7 +49,7 @@ CHAR_PATTERN = r"[\s\S]"
 def _with_specials(kind: str, pattern: str, ranks: dict[bytes, int], eot_id: int | None = None) -> tiktoken.Encoding:
     """Append the special tokens after the mergeable ranks (EOT may keep an id of its own, as GPT-2's does)."""
     special: dict[str, int] = {}
-    next_id = len(ranks) if eot_id is None else max(len(ranks), eot_id + 1)
+    next_id = len(ranks) if eot_id is None else max(len(ranks), eot_id + 1)  # after the ranks and a kept EOT id
     for token in SPECIAL_TOKENS:
         if token == EOT and eot_id is not None:
             special[token] = eot_id
@@ -57,6 +57,7 @@ def _with_specials(kind: str, pattern: str, ranks: dict[bytes, int], eot_id: int
         special[token] = next_id
         next_id += 1
     n_vocab = max([*ranks.values(), *special.values()]) + 1
+    # explicit_n_vocab: tiktoken checks that there are n_vocab tokens and the largest id is n_vocab - 1
     return tiktoken.Encoding(
         f"llm-pipeline-{kind}", pat_str=pattern, mergeable_ranks=ranks, special_tokens=special, explicit_n_vocab=n_vocab
     )
@@ -67,7 +68,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> tiktoken.Encoding:
     import rustbpe
 
     trainer = rustbpe.Tokenizer()
-    trainer.train_from_iterator(iter(texts), vocab_size - len(SPECIAL_TOKENS))
+    trainer.train_from_iterator(iter(texts), vocab_size - len(SPECIAL_TOKENS))  # room left beside the special tokens
     ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
     return _with_specials("bpe", trainer.get_pattern(), ranks)
 
@@ -98,8 +99,9 @@ def train_char(texts: Iterable[str], vocab_size: int) -> tiktoken.Encoding:
     counts: collections.Counter[str] = collections.Counter()
     for text in texts:
         counts.update(text)
-    ranks = {bytes([b]): b for b in range(256)}
+    ranks = {bytes([b]): b for b in range(256)}  # every byte a token: any text encodes, seen in training or not
     room = vocab_size - len(SPECIAL_TOKENS) - len(ranks)
+    # ASCII is already among the 256 bytes; most frequent first, ties by character, so the result is deterministic
     multibyte = sorted((c for c in counts if len(c.encode()) > 1), key=lambda c: (-counts[c], c))
     for char in multibyte[: max(room, 0)]:
         ranks[char.encode()] = len(ranks)
@@ -123,24 +125,23 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> tiktoke
 
 
 def clone_encoding(enc: tiktoken.Encoding) -> tiktoken.Encoding:
-    """The same tokenizer as a new object, for one encoder thread alone.
-
-    Threads that share one Encoding share its regexes' match caches, and all but the first thread to use them
-    take a slower path through a shared pool: an encoder thread with its own Encoding encodes faster, and
-    steadily so, where a shared one swings between runs (BENCHMARKS.md, "Corpus at dataset scale").
-    """
+    """The same tokenizer as a new object, for one encoder thread alone."""
+    # Threads that share one Encoding share its regexes' match caches, and all but the first thread to use them
+    # take a slower path through a shared pool: a thread with its own Encoding encodes faster, and steadily so,
+    # where a shared one swings between runs (BENCHMARKS.md, "Corpus at dataset scale").
     state = enc.__getstate__()  # our encodings are never registered by name, so this is their full state
     return tiktoken.Encoding(state["name"], pat_str=state["pat_str"], mergeable_ranks=state["mergeable_ranks"],
                              special_tokens=state["special_tokens"], explicit_n_vocab=enc.n_vocab)
 
 
 def _ranks_text(ranks: dict[bytes, int]) -> bytes:
+    # tiktoken's rank-file format: `base64(token) rank` lines, in rank order
     lines = (f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
     return "".join(lines).encode()
 
 
 def _fingerprint(ranks_text: bytes, pattern: str, special_tokens: dict[str, int]) -> str:
-    digest = hashlib.sha256(ranks_text)
+    digest = hashlib.sha256(ranks_text)  # ranks, pattern and special tokens: everything that decides the ids
     digest.update(json.dumps({"pattern": pattern, "special_tokens": special_tokens}, sort_keys=True).encode())
     return digest.hexdigest()
 
@@ -185,7 +186,7 @@ def _read_ranks(path: Path) -> tuple[bytes, dict[bytes, int]]:
     for number, line in enumerate(text.splitlines(), 1):
         try:
             token, rank = line.split()
-            ranks[base64.b64decode(token, validate=True)] = int(rank)
+            ranks[base64.b64decode(token, validate=True)] = int(rank)  # validate: refuse stray characters, not skip them
         except (ValueError, binascii.Error):
             raise PipelineError(f"{path}:{number}: not a `base64 rank` line") from None
     return text, ranks

@@ -29,6 +29,7 @@ def _soft_break(line: str, following: str, width: int) -> bool:
     """Whether the break between ``line`` and ``following`` is a wrap inside a paragraph."""
     if not line.strip() or not following.strip() or following[0].isspace() or following.startswith(DIALOGUE_DASHES):
         return False
+    # the line + a space + the next line's first word would pass the width: the wrapper had to break here
     return len(line.rstrip()) + 1 + len(following.split(maxsplit=1)[0]) > width - round(_SLACK * width)
 
 

@@ -12,8 +12,8 @@ or, for a LoRA run with ``lora.merge: false``, an adapter on top of another mode
                        "base_fingerprint", "rank", ...}}
 ``load_model`` applies such an adapter to its base and merges it, so every consumer gets a plain GPT.
 
-Loading verifies the recorded sha256 of the weights (a file garbled after its header still parses) and the
-types of config.json, so a damaged directory is refused with one line naming the file.
+Loading verifies the recorded sha256 of the weights and the types of config.json, so a damaged directory is
+refused with one line naming the file.
 """
 from __future__ import annotations
 
@@ -45,14 +45,14 @@ def _state_dict_once(model: GPT) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     if model.cfg.tie_weights:
         state.pop("out_head.weight", None)
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}  # safetensors writes contiguous CPU tensors
 
 
 def save_model(directory: str | Path, model: GPT, **metadata: object) -> None:
     """Write ``model`` (unwrapped from DDP/compile by the caller) and its config into ``directory`` atomically."""
     if lora.adapter_info(model) is not None:
         raise ValueError("save_model: the model carries unmerged adapters (merge them, or use save_adapter)")
-    with atomic_path(directory) as tmp:
+    with atomic_path(directory) as tmp:  # written beside, renamed into place only when complete
         tmp.mkdir()
         save_file(_state_dict_once(model), str(tmp / WEIGHTS))
         record = {"model": model.cfg.to_dict(), "sha256": {WEIGHTS: sha256_file(tmp / WEIGHTS)}, **metadata}
@@ -108,14 +108,14 @@ def verify_weights(directory: Path, meta: dict, name: str = WEIGHTS) -> Path:
     if not isinstance(expected, str):
         raise PipelineError(f"{directory / CONFIG}: no sha256 recorded for {name} (written by an older version: "
                             "re-run the stage that writes it)")
-    if sha256_file(weights_path) != expected:
+    if sha256_file(weights_path) != expected:  # a file garbled after its header still parses: only the hash tells
         raise PipelineError(f"{weights_path}: contents do not match the sha256 recorded in {CONFIG} "
                             "(corrupted or replaced; restore it with `dvc checkout` or re-run its stage)")
     return weights_path
 
 
 def load_state_into(model: GPT, weights: dict[str, torch.Tensor], origin: str) -> None:
-    if model.cfg.tie_weights:
+    if model.cfg.tie_weights:  # tied, the head is tok_emb.weight; a foreign file may still hold a copy
         weights = {k: v for k, v in weights.items() if k != "out_head.weight"}
     expected = set(_state_dict_once(model))
     missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
@@ -129,7 +129,7 @@ def load_state_into(model: GPT, weights: dict[str, torch.Tensor], origin: str) -
             raise PipelineError(
                 f"{origin}: {name} has shape {tuple(tensor.shape)}, config expects {tuple(own[name].shape)}"
             )
-    model.load_state_dict(weights, strict=False)
+    model.load_state_dict(weights, strict=False)  # not strict: the tied head has no entry (the checks above stand in)
 
 
 def _load_adapted(directory: Path, meta: dict, cfg: GPTConfig) -> GPT:
@@ -139,6 +139,7 @@ def _load_adapted(directory: Path, meta: dict, cfg: GPTConfig) -> GPT:
     base, _ = load_model(base_dir)
     model = GPT(cfg)
     own = model.state_dict()
+    # a layer whose shape differs (a classifier's new head) keeps GPT(cfg)'s init until the adapter file fills it
     base_state = {k: v for k, v in base.state_dict().items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(base_state, strict=False)  # a new head (train_fully) comes from the adapter file
     try:
@@ -152,7 +153,7 @@ def _load_adapted(directory: Path, meta: dict, cfg: GPTConfig) -> GPT:
     except (SafetensorError, OSError) as exc:
         raise PipelineError(f"{path}: missing or corrupt adapter file ({exc})") from None
     lora.load_adapter_state(model, tensors, str(path))
-    return lora.merge(model)
+    return lora.merge(model)  # every consumer gets a plain GPT
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
@@ -203,7 +204,7 @@ def load_with_tokenizer(model_dir: str | Path, tokenizer_dir: str | Path | None 
             f"{fingerprint[:12]} (rerun the stages from tokenize: dvc repro)"
         )
     enc = load_tokenizer(tokenizer_dir)
-    if enc.n_vocab > model.cfg.vocab_size:
+    if enc.n_vocab > model.cfg.vocab_size:  # spare embedding rows are harmless; a token without a row is not
         raise PipelineError(
             f"{model_dir / CONFIG}: vocab_size {model.cfg.vocab_size} < the tokenizer's {enc.n_vocab} tokens"
         )
@@ -222,7 +223,7 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError) as exc:
             raise PipelineError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # pickled code raises UnpicklingError, not runs
     except pickle.UnpicklingError as exc:
         raise PipelineError(f"{path}: refused, loading it would run pickled code ({_first_line(exc)})") from None
     except (RuntimeError, OSError, EOFError, ValueError) as exc:

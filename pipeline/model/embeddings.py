@@ -16,11 +16,11 @@ from pipeline.model.gpt import GPT
 @torch.inference_mode()
 def final_hidden_states(model: GPT, ids: Sequence[int]) -> torch.Tensor:
     """(len(ids), n_embd): the residual stream after ``final_norm``, i.e. what the head reads."""
-    idx = torch.tensor([list(ids)], dtype=torch.long)
+    idx = torch.tensor([list(ids)], dtype=torch.long)  # (1, T): a batch of one
     x = model.embed(idx)
-    for block in model.blocks:
+    for block in model.blocks:  # GPT.forward without the head: no logits are computed
         x, _ = block(x)
-    return model.final_norm(x)[0]
+    return model.final_norm(x)[0]  # (T, n_embd)
 
 
 def embed(model: GPT, ids: Sequence[int]) -> list[float]:
@@ -28,4 +28,4 @@ def embed(model: GPT, ids: Sequence[int]) -> list[float]:
     if not 1 <= len(ids) <= model.cfg.context_length:
         raise ValueError(f"an embedding needs 1..{model.cfg.context_length} tokens, got {len(ids)}")
     pooled = final_hidden_states(model, ids).mean(dim=0)
-    return torch.nn.functional.normalize(pooled, dim=0).tolist()
+    return torch.nn.functional.normalize(pooled, dim=0).tolist()  # unit length: a dot product is the cosine

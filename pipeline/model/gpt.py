@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from pipeline.common.errors import PipelineError
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # one (k, v) per layer, each (B, n_head, T_past, head_dim)
 # The architecture options and their values; the first value of each is GPT-2's (the default).
 CHOICES: dict[str, tuple[str, ...]] = {
     "pos_emb": ("learned", "rope"),
@@ -36,14 +36,14 @@ class ModelConfigError(PipelineError, ValueError):
 
 @dataclass(frozen=True)
 class GPTConfig:
-    vocab_size: int = 50257
-    context_length: int = 1024
+    vocab_size: int = 50257  # GPT-2's BPE vocabulary
+    context_length: int = 1024  # the most positions one forward sees (nanoGPT's block_size)
     n_embd: int = 768
     n_head: int = 12
     n_layer: int = 12
     dropout: float = 0.0
-    qkv_bias: bool = False
-    tie_weights: bool = True
+    qkv_bias: bool = False  # the book's GPT_CONFIG_124M has none; OpenAI's GPT-2 checkpoints do
+    tie_weights: bool = True  # out_head shares tok_emb's matrix, as GPT-2 does
     n_classes: int = 0  # > 0: a classifier (the book's ch. 6): an n-class head instead of the vocabulary head
     pos_emb: str = "learned"  # learned: GPT-2's position table | rope: rotary embeddings of q and k
     rope_base: float = 10000.0  # rope: the wavelength base of the rotation frequencies
@@ -90,10 +90,10 @@ class GPTConfig:
 
     @property
     def mlp_hidden(self) -> int:
-        """The MLP's inner width: 4·d, or for SwiGLU 8/3·d rounded to a multiple of 64 (three matrices, about
-        the parameters of two 4·d ones)."""
+        """The MLP's inner width: 4·d, or for SwiGLU about 8/3·d."""
         if self.mlp != "swiglu":
             return 4 * self.n_embd
+        # three matrices of 8/3·d hold about the parameters of two of 4·d; rounded to a multiple of 64
         return max(64, 64 * round(8 * self.n_embd / 3 / 64))
 
     def to_dict(self) -> dict:
@@ -133,18 +133,18 @@ def make_norm(cfg: GPTConfig, size: int) -> nn.Module:
 
 def rope_angles(start: int | torch.Tensor, length: int, head_dim: int, base: float,
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, (length, 1, head_dim / 2), of positions start..start+length-1: computed, not stored, so a
-    model built on the meta device or loaded from a file needs no buffer (their cost is a vector per layer)."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    """cos and sin, each (length, 1, head_dim / 2), of positions start..start+length-1."""
+    # Computed on every call, not stored: a model built on the meta device or loaded from a file needs no buffer.
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)  # (head_dim/2,)
     positions = (start + torch.arange(length, device=device)).float()
-    angles = (positions[:, None] * inv_freq[None, :]).unsqueeze(1)
+    angles = (positions[:, None] * inv_freq[None, :]).unsqueeze(1)  # (length, 1, head_dim/2): broadcasts over heads
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each pair (x[i], x[i + head_dim/2]) of ``x`` (B, T, H, head_dim) by its position's angle."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)  # the two halves, not interleaved pairs: x[i] turns with x[i + head_dim/2]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # the angles are fp32; the result keeps x's dtype
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
@@ -154,10 +154,10 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.qkv_bias)
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.qkv_bias)  # q, k and v of all heads in one matmul
         self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.dropout = cfg.dropout
-        self.rope_base = cfg.rope_base if cfg.pos_emb == "rope" else None
+        self.dropout = cfg.dropout  # a probability: SDPA applies it to the attention weights
+        self.rope_base = cfg.rope_base if cfg.pos_emb == "rope" else None  # None: learned positions, no rotation
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm, self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-5), nn.RMSNorm(cfg.head_dim, eps=1e-5)
@@ -165,8 +165,8 @@ class MultiHeadAttention(nn.Module):
     def project(self, x: torch.Tensor, start: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v as (B, T, n_head, head_dim) for tokens at positions start..: q and k normalised (qk_norm), then
         rotated (rope). The ONNX export calls this too, so both compute the same heads."""
-        b, t, c = x.shape
-        q, k, v = (z.view(b, t, self.n_head, self.head_dim) for z in self.qkv(x).split(c, dim=2))
+        b, t, c = x.shape  # batch, sequence length, n_embd
+        q, k, v = (z.view(b, t, self.n_head, self.head_dim) for z in self.qkv(x).split(c, dim=2))  # each (B, T, nh, hs)
         if self.qk_norm:  # in fp32: RMSNorm's fused kernel wants input and weight in one dtype
             q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
         if self.rope_base is not None:
@@ -178,23 +178,25 @@ class MultiHeadAttention(nn.Module):
         self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         b, t, c = x.shape
-        q, k, v = (z.transpose(1, 2) for z in self.project(x, 0 if past is None else past[0].shape[2]))
+        # The new tokens' positions continue after the cached ones; heads move forward to be a batch dim.
+        q, k, v = (z.transpose(1, 2) for z in self.project(x, 0 if past is None else past[0].shape[2]))  # (B, nh, T, hs)
         if past is not None:
-            k = torch.cat((past[0], k), dim=2)
+            k = torch.cat((past[0], k), dim=2)  # (B, nh, T_past + T, hs)
             v = torch.cat((past[1], v), dim=2)
         dropout = self.dropout if self.training else 0.0
         if past is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        elif t == 1:
+        elif t == 1:  # one new token may see every cached key: no mask
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         else:
-            # New queries sit at the end of the sequence: query i may see keys up to past_len + i.
+            # is_causal would align the mask top-left; here the new queries sit at the end of the sequence:
+            # query i may see keys up to past_len + i.
             past_len = k.shape[2] - t
             rows = torch.arange(t, device=x.device).unsqueeze(1) + past_len
-            mask = torch.arange(k.shape[2], device=x.device).unsqueeze(0) <= rows
+            mask = torch.arange(k.shape[2], device=x.device).unsqueeze(0) <= rows  # (T, T_past + T), True = may attend
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        y = y.transpose(1, 2).contiguous().view(b, t, c)
-        return self.out_proj(y), (k, v)
+        y = y.transpose(1, 2).contiguous().view(b, t, c)  # re-assemble the heads side by side: (B, T, C)
+        return self.out_proj(y), (k, v)  # (k, v): this layer's cache, past and new keys together
 
 
 class FeedForward(nn.Module):
@@ -213,7 +215,7 @@ class FeedForward(nn.Module):
             return self.proj(F.silu(self.gate(x)) * self.fc(x))
         if self.kind == "relu2":
             return self.proj(F.relu(self.fc(x)).square())
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))  # GPT-2's tanh approximation (the book's GELU)
 
 
 class TransformerBlock(nn.Module):
@@ -225,12 +227,12 @@ class TransformerBlock(nn.Module):
         self.att = MultiHeadAttention(cfg)
         self.norm2 = make_norm(cfg, cfg.n_embd)
         self.ff = FeedForward(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)  # the book's drop_shortcut
 
     def forward(self, x, past=None):
         a, present = self.att(self.norm1(x), past)
-        x = x + self.drop(a)
-        x = x + self.drop(self.ff(self.norm2(x)))
+        x = x + self.drop(a)  # shortcut connection around attention
+        x = x + self.drop(self.ff(self.norm2(x)))  # and around the feed-forward
         return x, present
 
 
@@ -246,9 +248,10 @@ class GPT(nn.Module):
         self.final_norm = make_norm(cfg, cfg.n_embd)
         self.out_head = nn.Linear(cfg.n_embd, cfg.n_classes or cfg.vocab_size, bias=False)
         if cfg.tie_weights:
-            self.out_head.weight = self.tok_emb.weight
+            self.out_head.weight = self.tok_emb.weight  # weight tying: one (vocab_size, n_embd) matrix in and out
         self.apply(self._init_weights)
-        # GPT-2: residual projections scaled down so the residual stream's variance does not grow with depth.
+        # GPT-2: residual projections scaled down so the residual stream's variance does not grow with depth
+        # (two residual additions per block, hence 2 * n_layer).
         for name, p in self.named_parameters():
             if name.endswith(("out_proj.weight", "ff.proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
@@ -266,11 +269,11 @@ class GPT(nn.Module):
         return n - self.pos_emb.weight.numel() if non_embedding and self.pos_emb is not None else n
 
     def embed(self, idx: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
-        """The residual stream's start for tokens at positions start..: token embeddings plus, with learned
-        positions, their rows of the position table (rope adds positions in attention instead)."""
+        """The residual stream's start, (B, T, n_embd), for tokens at positions start..: token embeddings plus,
+        with learned positions, their rows of the position table."""
         x = self.tok_emb(idx)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(start + torch.arange(idx.shape[1], device=idx.device))
+        if self.pos_emb is not None:  # rope adds positions in attention instead
+            x = x + self.pos_emb(start + torch.arange(idx.shape[1], device=idx.device))  # (T, C) broadcasts over B
         return self.drop_emb(x)
 
     def forward(
@@ -284,7 +287,7 @@ class GPT(nn.Module):
         ``last_only`` computes the vocabulary head for the final position only (generation needs no more).
         """
         _, t = idx.shape
-        start = 0 if past is None else past[0][0].shape[2]
+        start = 0 if past is None else past[0][0].shape[2]  # tokens already in the cache: the first new position
         if start + t > self.cfg.context_length:
             raise ValueError(
                 f"sequence of {start + t} tokens exceeds context_length={self.cfg.context_length}"
@@ -296,14 +299,14 @@ class GPT(nn.Module):
             present.append(kv)
         x = self.final_norm(x)
         if last_only:
-            x = x[:, -1:, :]
-        return self.out_head(x), present
+            x = x[:, -1:, :]  # (B, 1, C): a slice, not an index, keeps the time dim
+        return self.out_head(x), present  # logits (B, T, vocab_size), or (B, T, n_classes) for a classifier
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: decay on matrices (dim ≥ 2), none on biases, norms and nothing twice."""
-        params = {id(p): p for p in self.parameters() if p.requires_grad}.values()
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
+        params = {id(p): p for p in self.parameters() if p.requires_grad}.values()  # by id: a tensor once
+        decay = [p for p in params if p.dim() >= 2]  # linear weights and embeddings (a tied head is tok_emb)
+        no_decay = [p for p in params if p.dim() < 2]  # biases and norm gains
         return [
             {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
@@ -314,12 +317,14 @@ GPTModel = GPT
 
 
 def last_token_logits(model: nn.Module, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """(B, n_out): the head's output at each row's last real token of right-padded ``idx`` (the book's
-    classifier reads the last token; under the causal mask it has seen the whole text and none of the padding)."""
+    """(B, n_out): the head's output at each row's last real token of right-padded ``idx``."""
     logits, _ = model(idx)
+    # The book's classifier reads the last token: under the causal mask it has seen the whole text and none of
+    # the padding after it.
     return logits[torch.arange(idx.shape[0], device=idx.device), lengths - 1]
 
 
 def flops_per_token(cfg: GPTConfig, n_params: int, seq_len: int) -> float:
     """Training FLOPs per token, forward + backward: 6N + 12·L·d·T (PaLM appendix B)."""
+    # 6N: 2 per parameter forward, 4 backward; 12·L·d·T: attention's scores and weighted sum, which N does not count.
     return 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * seq_len

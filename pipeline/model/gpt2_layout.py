@@ -75,6 +75,7 @@ def config_from_hf(hf: dict, origin: str) -> dict:
     if hf.get("model_type") != "gpt2":
         raise PipelineError(f"{origin}: model_type {hf.get('model_type')!r} is not a GPT-2 checkpoint (model_type 'gpt2')")
     n_embd = hf.get("n_embd", 768)
+    # (value, what our GPT computes): a checkpoint with anything else would load, but compute another function
     unsupported = {
         "activation_function": (hf.get("activation_function", "gelu_new"), GELU_TANH),
         "layer_norm_epsilon": (hf.get("layer_norm_epsilon", 1e-5), (1e-5,)),
@@ -86,7 +87,7 @@ def config_from_hf(hf: dict, origin: str) -> dict:
     for key, (value, accepted) in unsupported.items():
         if value not in accepted:
             raise PipelineError(f"{origin}: {key}={value!r} is not supported (our GPT computes {accepted[0]!r})")
-    ours = hf.get("llm_pipeline", {}).get("model", {})
+    ours = hf.get("llm_pipeline", {}).get("model", {})  # what our own exports add to config.json
     return {
         "vocab_size": hf.get("vocab_size", 50257),
         "context_length": hf.get("n_positions", 1024),
@@ -109,6 +110,7 @@ def from_gpt2(state: dict[str, torch.Tensor], cfg: GPTConfig, origin: str) -> di
     missing = [name for name in expected if name not in state]
     if missing:
         raise PipelineError(f"{origin}: not a complete GPT-2 checkpoint of {cfg.n_layer} layers (missing {missing[:3]})")
+    # a tied checkpoint may still carry lm_head.weight, a copy of wte
     unexpected = sorted(set(state) - set(expected) - ({HEAD} if cfg.tie_weights else set()))
     if unexpected:
         raise PipelineError(f"{origin}: unexpected tensors for a {cfg.n_layer}-layer GPT-2: {unexpected[:3]}")
@@ -120,10 +122,10 @@ def from_gpt2(state: dict[str, torch.Tensor], cfg: GPTConfig, origin: str) -> di
                 if torch.count_nonzero(tensor):
                     raise PipelineError(f"{origin}: h.{i}.attn.c_attn.bias is not zero but the config says qkv_bias false")
                 continue
-            ours[f"blocks.{i}.{mine}"] = tensor.t() if conv1d else tensor
+            ours[f"blocks.{i}.{mine}"] = tensor.t() if conv1d else tensor  # Conv1D's (in, out) → nn.Linear's (out, in)
     if not cfg.tie_weights:
         ours["out_head.weight"] = state[HEAD]
-    return {name: tensor.to(torch.float32).contiguous() for name, tensor in ours.items()}
+    return {name: tensor.to(torch.float32).contiguous() for name, tensor in ours.items()}  # fp32, whatever the file held
 
 
 def to_gpt2(state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
@@ -132,7 +134,7 @@ def to_gpt2(state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.T
     for i in range(cfg.n_layer):
         for theirs, mine, conv1d in _BLOCK:
             name = f"blocks.{i}.{mine}"
-            if mine == "att.qkv.bias" and not cfg.qkv_bias:
+            if mine == "att.qkv.bias" and not cfg.qkv_bias:  # GPT-2's layout always has one: zeros compute the same
                 tensor = torch.zeros(3 * cfg.n_embd, dtype=state[f"blocks.{i}.att.qkv.weight"].dtype)
             else:
                 tensor = state[name].t() if conv1d else state[name]
@@ -153,7 +155,7 @@ def config_to_hf(cfg: GPTConfig, eos_id: int, **extra: object) -> dict:
         "n_head": cfg.n_head,
         "n_layer": cfg.n_layer,
         "n_inner": None,
-        "activation_function": "gelu_new",
+        "activation_function": "gelu_new",  # the tanh GELU, as our FeedForward computes
         "resid_pdrop": cfg.dropout,
         "embd_pdrop": cfg.dropout,
         "attn_pdrop": cfg.dropout,
@@ -162,7 +164,7 @@ def config_to_hf(cfg: GPTConfig, eos_id: int, **extra: object) -> dict:
         "scale_attn_weights": True,
         "use_cache": True,
         "tie_word_embeddings": cfg.tie_weights,
-        "bos_token_id": eos_id,
+        "bos_token_id": eos_id,  # GPT-2 uses <|endoftext|> for both
         "eos_token_id": eos_id,
         "torch_dtype": "float32",
         **extra,

@@ -7,10 +7,8 @@ refused before gigabytes are downloaded. Weights load from safetensors, or from 
 ``torch.load(weights_only=True)`` (never pickled code).
 
 Vocabulary: OpenAI's GPT-2 has 50,257 tokens; our ``gpt2`` tokenizer kind has the same ids plus 15 special tokens
-(chat markers, reserved). Their new embedding rows start as the mean of GPT-2's rows — every new token starts
-as the "average" token, so its logit does not stand out before training teaches it (Hewitt, 2021, "Initializing
-new word embeddings for pretrained language models"). A checkpoint we exported ourselves (``models/hf``) records
-our tokenizer's fingerprint and must meet the same tokenizer.
+(chat markers, reserved), whose new embedding rows start as the mean of GPT-2's rows. A checkpoint we exported
+ourselves (``models/hf``) records our tokenizer's fingerprint and must meet the same tokenizer.
 """
 from __future__ import annotations
 
@@ -208,6 +206,8 @@ def load_weights(source: Source, cfg: GPTConfig) -> GPT:
     rows = ["tok_emb.weight"] + ([] if cfg.tie_weights else ["out_head.weight"])
     for name in rows:
         if ours[name].shape[0] < cfg.vocab_size:
+            # The mean row: every new token starts as the "average" token, so its logit does not stand out before
+            # training teaches it (Hewitt, 2021, "Initializing new word embeddings for pretrained language models").
             extra = ours[name].mean(dim=0, keepdim=True).expand(cfg.vocab_size - ours[name].shape[0], -1)
             ours[name] = torch.cat([ours[name], extra])
     if not cfg.tie_weights and HEAD not in state:
@@ -216,9 +216,9 @@ def load_weights(source: Source, cfg: GPTConfig) -> GPT:
         ours["out_head.weight"] = ours["tok_emb.weight"]
     with torch.device("meta"):
         model = GPT(cfg)  # no random init of weights that are about to be replaced
-    model.load_state_dict(ours, assign=True)
+    model.load_state_dict(ours, assign=True)  # assign: meta parameters have no storage to copy into
     if cfg.tie_weights:
-        model.out_head.weight = model.tok_emb.weight
+        model.out_head.weight = model.tok_emb.weight  # assign=True set two separate parameters: tie them again
     return model
 
 
@@ -226,20 +226,20 @@ def param_count(cfg: GPTConfig) -> int:
     """Parameters of ``GPT(cfg)`` (a tied head counted once), computed from the shape without building it; ``cfg``
     is a checkpoint's, so GPT-2's layers (no architecture options)."""
     d = cfg.n_embd
+    # two LayerNorms (4d), qkv (3d², bias 3d), out_proj (d² + d), the MLP's fc and proj (8d² + 4d + d)
     block = 4 * d + 3 * d * d + (3 * d if cfg.qkv_bias else 0) + d * d + d + 8 * d * d + 5 * d
     head = 0 if cfg.tie_weights else cfg.vocab_size * d
-    return (cfg.vocab_size + cfg.context_length) * d + cfg.n_layer * block + 2 * d + head
+    return (cfg.vocab_size + cfg.context_length) * d + cfg.n_layer * block + 2 * d + head  # wte, wpe, blocks, ln_f
 
 
 def training_bytes(cfg: GPTConfig, training: bool, batch_size: int, context: int) -> int:
-    """Memory the run needs, roughly: fp32 weights (4 B/param) and, to train, their gradients and AdamW's two
-    moments (12 B/param more) plus activations (about 34·d bytes per token and layer, and the logits twice)."""
+    """Memory the run needs, roughly: fp32 weights and, to train, their gradients, AdamW's moments and activations."""
     n_params = param_count(cfg)
     if not training:
-        return 4 * n_params
+        return 4 * n_params  # fp32 weights: 4 B/param
     tokens = batch_size * context
-    activations = tokens * (34 * cfg.n_embd * cfg.n_layer + 2 * 4 * cfg.vocab_size)
-    return 16 * n_params + activations
+    activations = tokens * (34 * cfg.n_embd * cfg.n_layer + 2 * 4 * cfg.vocab_size)  # ~34·d B per token and layer; fp32 logits twice
+    return 16 * n_params + activations  # weights, gradients and AdamW's two moments: 4 B/param each
 
 
 def available_bytes(device: torch.device) -> int:
@@ -249,7 +249,7 @@ def available_bytes(device: torch.device) -> int:
         return int(free)
     with contextlib.suppress(OSError, ValueError, StopIteration):
         lines = Path("/proc/meminfo").read_text().splitlines()
-        return int(next(line for line in lines if line.startswith("MemAvailable:")).split()[1]) * 1024
+        return int(next(line for line in lines if line.startswith("MemAvailable:")).split()[1]) * 1024  # kB
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 

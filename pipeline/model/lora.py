@@ -5,8 +5,7 @@ adds its output to the wrapped ``nn.Linear``) rather than with peft, because for
 our GPT is a plain module whose projections are ``nn.Linear`` with known names, so wrapping them is ~100
 lines, while peft brings transformers/accelerate as dependencies, renames every state-dict key behind a
 ``PeftModel`` wrapper and still needs our own code for the checkpoint format, the base fingerprint and the
-loaders. Unlike the book (``alpha * x·A·B``) the update is scaled by ``alpha / rank``, as in the LoRA paper
-and peft, so ``alpha`` means the same as in their docs and changing the rank does not change the lr.
+loaders.
 
 What is trainable while adapters are on: the A and B matrices, plus the layers named in ``train_fully``
 (the classifier's new head). Everything else is frozen, so the optimizer only ever sees those tensors, and a
@@ -37,17 +36,19 @@ ATTRIBUTE = "lora"  # where apply_lora records what it did on the model (an ``Ad
 
 
 class LoRALayer(nn.Module):
-    """The low-rank path: x·A·B·(alpha/rank). B starts at zero, so training starts from the base model."""
+    """The low-rank path: x·A·B·(alpha/rank)."""
 
     def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float, generator: torch.Generator):
         super().__init__()
         self.A = nn.Parameter(torch.empty(in_dim, rank))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5), generator=generator)
-        self.B = nn.Parameter(torch.zeros(rank, out_dim))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5), generator=generator)  # the book's init (nn.Linear's default)
+        self.B = nn.Parameter(torch.zeros(rank, out_dim))  # zero: A·B = 0, so training starts from the base model
+        # Unlike the book (alpha · x·A·B), alpha / rank as in the LoRA paper and peft: alpha means what their docs say,
+        # and changing the rank does not change the effective lr.
         self.scaling = alpha / rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x @ self.A @ self.B) * self.scaling
+        return (x @ self.A @ self.B) * self.scaling  # (..., in) @ (in, rank) @ (rank, out): never the full matrix
 
     def delta_weight(self) -> torch.Tensor:
         """The update in ``nn.Linear``'s (out, in) layout."""
@@ -59,8 +60,8 @@ class LinearWithLoRA(nn.Module):
         super().__init__()
         self.linear = linear
         self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha, generator)
-        self.dropout = nn.Dropout(dropout)
-        self.enabled = True
+        self.dropout = nn.Dropout(dropout)  # LoRA dropout: on the adapter's input only
+        self.enabled = True  # False: the base layer alone (see disabled())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.linear(x)
@@ -69,7 +70,7 @@ class LinearWithLoRA(nn.Module):
     @torch.no_grad()
     def merged(self) -> nn.Linear:
         linear = self.linear
-        linear.weight += self.lora.delta_weight().to(linear.weight.dtype)
+        linear.weight += self.lora.delta_weight().to(linear.weight.dtype)  # in place: W + ΔW, the adapter gone
         return linear
 
 
@@ -111,21 +112,22 @@ def resolve_targets(model: GPT, targets: Sequence[str], where: str) -> list[str]
     chosen: list[str] = []
     for target in targets:
         hits = [n for suffix in ALIASES.get(target, (target,)) for n in linear
-                if n == suffix or n.endswith("." + suffix)]
+                if n == suffix or n.endswith("." + suffix)]  # whole name parts: "proj" does not match "out_proj"
         if not hits:
             raise PipelineError(f"{where}.targets: '{target}' matches no linear layer of the model "
                                 f"(targets: {', '.join(ALIASES)}, or a layer: {', '.join(known)})")
-        chosen += [n for n in hits if n not in chosen]
+        chosen += [n for n in hits if n not in chosen]  # each layer once, in the order first named
     return chosen
 
 
 def base_fingerprint(model: nn.Module, names: Sequence[str] | None = None) -> str:
     """sha256 of the frozen weights by their plain names (``.linear`` wrappers left out), in name order."""
     digest = hashlib.sha256()
+    # plain names: the same base hashes alike before and after wrapping; the adapters are no part of it
     state = {k.replace(".linear.", "."): v for k, v in model.state_dict().items() if ".lora." not in k}
     for name in sorted(names if names is not None else state):
         digest.update(name.encode())
-        digest.update(state[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(state[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())  # raw bytes: any dtype
     return digest.hexdigest()
 
 
@@ -133,7 +135,7 @@ def _frozen_names(model: nn.Module, train_fully: Sequence[str]) -> list[str]:
     """Plain names of every tensor the adapters leave untouched (a tied head's second name excluded)."""
     names = [k.replace(".linear.", ".") for k in model.state_dict() if ".lora." not in k]
     if getattr(model, "cfg", None) is not None and model.cfg.tie_weights:
-        names = [n for n in names if n != "out_head.weight"]
+        names = [n for n in names if n != "out_head.weight"]  # the same tensor as tok_emb.weight
     return [n for n in names if not any(n == m or n.startswith(m + ".") for m in train_fully)]
 
 
@@ -155,18 +157,18 @@ def apply_lora(model: GPT, params: LoRAParams, where: str, seed: int, train_full
             raise PipelineError(f"{where}.rank {params.rank} exceeds the size of layer {name} "
                                 f"({layer.in_features} → {layer.out_features})")
     frozen = _frozen_names(model, train_fully)
-    fingerprint = base_fingerprint(model, frozen)
-    for p in model.parameters():
+    fingerprint = base_fingerprint(model, frozen)  # of the base as it is now, before anything trains
+    for p in model.parameters():  # freeze everything, then thaw the modules trained in full
         p.requires_grad_(False)
     for name in train_fully:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # the same seed, the same A matrices
     for name in layers:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         wrapped = LinearWithLoRA(linear[name], params.rank, params.alpha, params.dropout, generator)
-        setattr(owner, child, wrapped.to(linear[name].weight.device))
+        setattr(owner, child, wrapped.to(linear[name].weight.device))  # A and B are made on the CPU
     info = AdapterInfo(params.rank, params.alpha, params.dropout, layers, list(train_fully), fingerprint, params.merge)
     setattr(model, ATTRIBUTE, info)
     return model
@@ -234,7 +236,7 @@ def rebuild(model: GPT, info: AdapterInfo, origin: str) -> GPT:
                             f"but its base is now {found[:12]} (retrain the adapter)")
     params = LoRAParams(rank=info.rank, alpha=info.alpha, dropout=info.dropout, targets=tuple(info.layers),
                         merge=info.merge)
-    return apply_lora(model, params, origin, seed=0, train_fully=info.train_fully)
+    return apply_lora(model, params, origin, seed=0, train_fully=info.train_fully)  # any seed: the caller loads A, B
 
 
 def trainable_summary(model: nn.Module) -> tuple[int, int]:

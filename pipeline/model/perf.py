@@ -18,15 +18,12 @@ def synchronize(device: torch.device) -> None:
 
 @functools.cache
 def matmul_flops(device_type: str, dtype: torch.dtype, size: int | None = None, repeats: int = 5) -> float:
-    """Measured FLOP/s of a square matmul in ``dtype`` on this device: the best of ``repeats``.
-
-    The best, not the median: it is a peak, and on a shared machine a slow repeat measures the neighbours.
-    """
+    """Measured FLOP/s of a square matmul in ``dtype`` on this device: the best of ``repeats``."""
     device = torch.device(device_type)
     size = size or (8192 if device.type == "cuda" else 2048)  # 1024 under-reads bf16 on CPU
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    inner = 10 if device.type == "cuda" else 2
+    inner = 10 if device.type == "cuda" else 2  # several matmuls per timing: the sync and the timer cost little
     a @ b  # warm-up: kernels, allocator
     synchronize(device)
     times = []
@@ -36,6 +33,7 @@ def matmul_flops(device_type: str, dtype: torch.dtype, size: int | None = None, 
             a @ b
         synchronize(device)
         times.append((time.perf_counter() - start) / inner)
+    # The best, not the median: it is a peak, and on a shared machine a slow repeat measures the neighbours.
     return 2 * size**3 / min(times)
 
 

@@ -42,8 +42,8 @@ def local_device(requested: str) -> torch.device:
         if not torch.cuda.is_available():
             raise PipelineError(f"device '{requested}' requested but no CUDA device is available")
         if device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # torchrun: one GPU per local worker
+        torch.cuda.set_device(device)  # so a bare "cuda" (and NCCL) means this worker's GPU
     return device
 
 
@@ -74,20 +74,20 @@ def pick_dtype(fp32_gflops: float, bf16_gflops: float) -> torch.dtype:
 
 def matmul_shapes(cfg: GPTConfig, tokens: int) -> list[tuple[int, int, int]]:
     """(m, k, n) of what a training step multiplies for ``tokens`` positions, per block and the head: each
-    forward product and its two backward ones (the input's gradient, and the weight's, whose inner dimension is
-    the tokens: these run faster than the forward's, so a rate timed on the forward alone is no peak and an MFU
-    against it can pass 100%)."""
+    forward product and its two backward ones."""
     d, hidden = cfg.n_embd, cfg.mlp_hidden
-    weights = [(d, 3 * d), (d, d), (d, hidden), (hidden, d), (d, cfg.vocab_size)]
+    weights = [(d, 3 * d), (d, d), (d, hidden), (hidden, d), (d, cfg.vocab_size)]  # qkv, out_proj, fc, proj, head
     if cfg.mlp == "swiglu":
-        weights.append((d, hidden))
+        weights.append((d, hidden))  # SwiGLU's gate
+    # The forward, the input's gradient, and the weight's, whose inner dimension is the tokens: the backward ones run
+    # faster than the forward's, so a rate timed on the forward alone is no peak and an MFU against it can pass 100%.
     return [shape for k, n in weights for shape in ((tokens, k, n), (tokens, n, k), (k, tokens, n))]
 
 
 def _measure(shapes: list[tuple[int, int, int]], repeats: int = 5, min_seconds: float = 0.05) -> tuple[float, float]:
     """(fp32, bf16) GFLOP/s of ``shapes`` on the CPU: the best of ``repeats`` timed blocks of at least
-    ``min_seconds`` each, the two dtypes alternating so that a neighbour's load hits both alike."""
-    flops = sum(2 * m * k * n for m, k, n in shapes)
+    ``min_seconds`` each."""
+    flops = sum(2 * m * k * n for m, k, n in shapes)  # a multiply and an add per term
     operands = {dtype: [(torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)) for m, k, n in shapes]
                 for dtype in (torch.float32, torch.bfloat16)}
 
@@ -95,13 +95,13 @@ def _measure(shapes: list[tuple[int, int, int]], repeats: int = 5, min_seconds: 
         start = time.perf_counter()
         for _ in range(inner):
             for a, b in operands[dtype]:
-                a @ b
+                a @ b  # the result is dropped: only the time counts
         return (time.perf_counter() - start) / inner
 
     inner = {dtype: max(1, int(min_seconds / max(block(dtype, 1), 1e-6))) for dtype in operands}  # also warms up
     best = {dtype: float("inf") for dtype in operands}
     for _ in range(repeats):
-        for dtype in operands:
+        for dtype in operands:  # the dtypes alternate, so a neighbour's load hits both alike
             best[dtype] = min(best[dtype], block(dtype, inner[dtype]))
     return flops / best[torch.float32] / 1e9, flops / best[torch.bfloat16] / 1e9
 
@@ -120,14 +120,15 @@ def _cpu_model() -> str:
 
 
 def measured_cpu_dtype(shapes: list[tuple[int, int, int]], cache_file: Path | None = None) -> DtypeChoice:
-    """fp32 or bf16 by timing ``shapes`` in both, once per machine: later runs reuse the stored rates, so timing
-    noise can never flip the choice between two runs of the same params (DVC would see other outputs)."""
+    """fp32 or bf16 by timing ``shapes`` in both, once per machine (the rates are stored in ``cache_file``)."""
     cache_file = cache_file or resolve_cache_dir() / "dtype-rates.json"
-    key = _cache_key(shapes)
+    key = _cache_key(shapes)  # CPU model + torch version + shapes
     try:
         stored = json.loads(cache_file.read_text(encoding="utf-8")) if cache_file.is_file() else {}
     except (OSError, json.JSONDecodeError):
         stored = {}
+    # Stored rates are reused, so timing noise can never flip the choice between two runs of the same params
+    # (DVC would see other outputs).
     if key in stored:
         fp32, bf16 = stored[key]["fp32"], stored[key]["bf16"]
         return DtypeChoice(pick_dtype(fp32, bf16), "cached", fp32, bf16)
@@ -141,7 +142,7 @@ def choose_dtype(requested: str, device: torch.device, cfg: GPTConfig | None = N
     multiplies the model's own matmul shapes faster here (a 2048² square when no model is given)."""
     if requested == "fp32":
         return DtypeChoice(torch.float32, "forced")
-    if device.type == "cuda":
+    if device.type == "cuda":  # no timing on a GPU: bf16 wherever the device has it
         supported = torch.cuda.is_bf16_supported()
         if requested == "bf16" and not supported:
             raise PipelineError(f"params: dtype 'bf16' requested but {torch.cuda.get_device_name(device)} lacks bf16")

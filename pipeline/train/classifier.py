@@ -35,14 +35,14 @@ def build_classifier(base: GPT, n_classes: int, trainable: str, lora_params: LoR
     if trainable != "lora" and lora_params.rank > 0:
         raise PipelineError(f"classify.lora.rank {lora_params.rank} is set but classify.trainable is '{trainable}' "
                             "(use trainable: lora)")
-    model = GPT(replace(base.cfg, n_classes=n_classes, tie_weights=False))
+    model = GPT(replace(base.cfg, n_classes=n_classes, tie_weights=False))  # an (n_classes, d) head shares nothing
     model.load_state_dict({k: v for k, v in base.state_dict().items() if k != "out_head.weight"}, strict=False)
-    torch.nn.init.normal_(model.out_head.weight, mean=0.0, std=0.02, generator=torch.Generator().manual_seed(seed))
+    torch.nn.init.normal_(model.out_head.weight, mean=0.0, std=0.02, generator=torch.Generator().manual_seed(seed))  # GPT-2's init
     if trainable == "lora":
         return lora.apply_lora(model, lora_params, "classify.lora", seed, train_fully=("out_head",))
     if trainable != "all":
         keep = [model.out_head] + ([model.blocks[-1], model.final_norm] if trainable == "last_block" else [])
-        for p in model.parameters():
+        for p in model.parameters():  # freeze everything, then thaw what `trainable` names
             p.requires_grad_(False)
         for module in keep:
             for p in module.parameters():
@@ -65,7 +65,7 @@ def encode_texts(enc: tiktoken.Encoding, texts: Sequence[str], labels: Sequence[
     ids, truncated = [], 0
     for text in texts:
         tokens = enc.encode_ordinary(text)
-        if len(tokens) > context_length - 1:
+        if len(tokens) > context_length - 1:  # - 1: room for the closing <|endoftext|>
             tokens, truncated = tokens[: context_length - 1], truncated + 1
         ids.append([*tokens, enc.eot_token])
     return Encoded(ids, list(labels), truncated)
@@ -77,6 +77,7 @@ def collate_texts(ids: Sequence[list[int]], pad_id: int, labels: Sequence[int] |
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
     for row, x in enumerate(ids):
         input_ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+    # lengths: the head reads each row at lengths - 1, its last real token
     batch = {"input_ids": input_ids, "lengths": torch.tensor([len(x) for x in ids], dtype=torch.long)}
     if labels is not None:
         batch["labels"] = torch.tensor(list(labels), dtype=torch.long)
@@ -104,7 +105,7 @@ class ClassifyObjective:
             yield self._batch(self.val, range(start, min(start + self.batch_size, n)))
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = class_logits(model, batch["input_ids"], batch["lengths"]).float()
+        logits = class_logits(model, batch["input_ids"], batch["lengths"]).float()  # (B, n_classes), fp32 for the loss
         accuracy = (logits.argmax(-1) == batch["labels"]).float().mean()
         return F.cross_entropy(logits, batch["labels"]), {"accuracy": accuracy}
 
@@ -118,7 +119,7 @@ def predict(model: GPT, ids: Sequence[list[int]], pad_id: int, batch_size: int =
     model.eval()
     device = next(model.parameters()).device
     out = torch.empty(len(ids), model.cfg.n_classes)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths batch together: little padding
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         batch = collate_texts([ids[i] for i in chunk], pad_id)
@@ -143,7 +144,7 @@ def cli(argv: list[str]) -> int:
         raise PipelineError(f"{model_dir}: not a classifier (written by the classify stage?)")
     loaded = load_with_tokenizer(model_dir, Path(args.tokenizer or meta["tokenizer"]["path"]))
     encoded = encode_texts(loaded.enc, args.texts, [0] * len(args.texts), loaded.model.cfg.context_length)
-    probabilities = predict(loaded.model, encoded.ids, loaded.enc.eot_token)
+    probabilities = predict(loaded.model, encoded.ids, loaded.enc.eot_token)  # padded with <|endoftext|>, as the book does
     for text, row in zip(args.texts, probabilities.tolist(), strict=True):
         best = max(range(len(labels)), key=lambda k: row[k])
         print(f"{labels[best]}\t{text}")

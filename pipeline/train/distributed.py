@@ -58,7 +58,7 @@ def torchrun_command(module: str, nproc_per_node: int, nnodes: int = 1, rdzv_end
             raise PipelineError("params: nnodes > 1 needs rdzv_endpoint (host:port of the rendezvous)")
         cmd += [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}"]
     else:
-        cmd += ["--standalone"]
+        cmd += ["--standalone"]  # one node: a local rendezvous, no endpoint needed
     return cmd + ["-m", module]
 
 
@@ -70,6 +70,6 @@ def relaunch_under_torchrun(module: str, nproc_per_node: int, nnodes: int = 1, r
     if under_torchrun() or nproc_per_node * nnodes <= 1:
         return
     cmd = torchrun_command(module, nproc_per_node, nnodes, rdzv_endpoint)
-    sys.stdout.flush()
+    sys.stdout.flush()  # execv replaces the process: what is still buffered would be lost
     sys.stderr.flush()
     os.execv(cmd[0], cmd)

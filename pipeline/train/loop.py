@@ -70,11 +70,11 @@ class TrainResult:
 def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
     """Multiplier of the peak lr at ``step``: linear warmup to 1, then cosine down to ``min_lr_ratio``."""
     if step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return (step + 1) / warmup_steps  # step + 1: the first step already learns
     decay_steps = max_steps - warmup_steps
-    if decay_steps <= 0:
+    if decay_steps <= 0:  # all warmup: nothing left to decay over
         return 1.0
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)  # past max_steps the lr stays at the floor
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -88,7 +88,7 @@ def make_optimizer(model: GPT, params: TrainParams, device: torch.device,
     groups = model.optimizer_groups(params.weight_decay)
     try:
         return torch.optim.AdamW(groups, fused=device.type in ("cuda", "cpu"), **kwargs)
-    except (RuntimeError, TypeError):
+    except (RuntimeError, TypeError):  # this torch has no fused kernel here: foreach is the portable fast path
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
@@ -97,8 +97,8 @@ def run_key(model: GPT, params: TrainParams, data_fingerprint: str, world_size: 
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
-    math_params = {k: v for k, v in asdict(params).items() if k not in _CADENCE_PARAMS}
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())  # raw bytes: numpy has no bf16
+    math_params = {k: v for k, v in asdict(params).items() if k not in _CADENCE_PARAMS}  # cadence may change on resume
     identity = {"model": model.cfg.to_dict(), "params": math_params, "data": data_fingerprint,
                 "world_size": world_size, "weights": digest.hexdigest()}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -114,6 +114,7 @@ class MetricsLog:
             from dvclive import Live
 
             self.live = Live(dir=str(report_dir), resume=False, report=None, save_dvc_exp=False, dvcyaml=None)
+            # dvclive starts its files afresh; the checkpoint's history refills them
             for row in self.history:
                 self._emit(row["step"], row["metrics"])
             self.flush()
@@ -154,10 +155,10 @@ def _all_reduce_mean(values: dict[str, float], ctx: distributed.DistContext) -> 
     if not ctx.enabled or not values:
         return values
     names = sorted(values)
-    t = torch.tensor([values[n] for n in names], dtype=torch.float64)
+    t = torch.tensor([values[n] for n in names], dtype=torch.float64)  # one collective for all the metrics
     if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
+        t = t.cuda()  # NCCL reduces GPU tensors only
+    dist.all_reduce(t)  # a sum over the ranks
     return {n: float(v) / ctx.world_size for n, v in zip(names, t.tolist(), strict=False)}
 
 
@@ -172,9 +173,9 @@ class _Trainer:
         self.dtype = self.dtype_choice.dtype
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
-        self.raw = model.to(self.device)
+        self.raw = model.to(self.device)  # the bare module: what is saved, evaluated and returned
         self.key = run_key(self.raw, params, data_fingerprint, self.ctx.world_size)
-        self.optimizer = make_optimizer(self.raw, params, self.device, self.dtype)
+        self.optimizer = make_optimizer(self.raw, params, self.device, self.dtype)  # Muon's Newton–Schulz in the training dtype
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: lr_factor(s, params.warmup_steps, params.max_steps, params.min_lr_ratio),
@@ -182,17 +183,17 @@ class _Trainer:
         self.timed: list[list[float]] = []  # [tokens, seconds] of each log window, kept across resumes
         self.step, self.tokens_seen, history = self._restore()
         self.metrics = MetricsLog(self.report_dir, self.ctx.is_main, history)
-        self.train_model = self._wrap(self.raw)
+        self.train_model = self._wrap(self.raw)  # DDP-wrapped under torchrun, else the raw module
         # compile: the objective's whole loss (forward, fp32 upcast, cross-entropy) as one graph, so the upcast
-        # logits are never materialised (measured: 1.22x the tokens/s of compiling the model alone, on an H200)
+        # logits are never materialised (the gain over compiling the model alone: BENCHMARKS.md)
         self.loss_fn = torch.compile(objective.loss) if params.compile else objective.loss
-        self.compile_checked = not params.compile
+        self.compile_checked = not params.compile  # the first compiled step may still fall back to eager
         measured = {torch.float32: self.dtype_choice.fp32_gflops, torch.bfloat16: self.dtype_choice.bf16_gflops}
         rate = measured.get(self.dtype)
-        self.peak_flops = rate * 1e9 if rate else perf.matmul_flops(self.device.type, self.dtype)
+        self.peak_flops = rate * 1e9 if rate else perf.matmul_flops(self.device.type, self.dtype)  # MFU's denominator
         self._announce()
         self.n_params = self.raw.num_params()
-        unique = {id(p): p for p in self.raw.parameters()}.values()
+        unique = {id(p): p for p in self.raw.parameters()}.values()  # by id: a tied matrix counts once
         self.trainable = (sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique))
         if self.ctx.is_main:
             log.warning("%s: training %s of %s parameters (%.2f%%)", desc, f"{self.trainable[0]:,}",
@@ -217,12 +218,12 @@ class _Trainer:
     def _restore(self) -> tuple[int, int, list[dict]]:
         restored = resume.restore_latest(self.checkpoint_dir, self.raw, self.key)
         if restored is None:
-            torch.manual_seed(self.params.seed + self.ctx.rank)
+            torch.manual_seed(self.params.seed + self.ctx.rank)  # + rank: each rank its own dropout masks
             return 0, 0, []
         trainer, state = restored.trainer, restored.state
         self.optimizer.load_state_dict(trainer["optimizer"])
         self.scheduler.load_state_dict(trainer["scheduler"])
-        torch.set_rng_state(trainer["rng"]["torch"][self.ctx.rank])
+        torch.set_rng_state(trainer["rng"]["torch"][self.ctx.rank])  # each rank continues its own stream
         if self.device.type == "cuda" and trainer["rng"].get("cuda"):
             torch.cuda.set_rng_state(trainer["rng"]["cuda"][self.ctx.rank], self.device)
         if self.ctx.is_main:
@@ -238,6 +239,7 @@ class _Trainer:
         if not self.ctx.enabled:
             return {k: [v] for k, v in local.items()}
         gathered: list[dict] = [None] * self.ctx.world_size
+        # A collective: every rank calls it, though only rank 0 writes the checkpoint.
         dist.all_gather_object(gathered, {k: v.cpu() for k, v in local.items()})
         return {k: [g[k] for g in gathered] for k in local}
 
@@ -248,6 +250,7 @@ class _Trainer:
             state = {
                 "run_key": self.key,
                 "tokens_seen": self.tokens_seen,
+                # where the batches resume: they are a pure function of (step, micro_step, rank)
                 "data_position": {"next_step": self.step, "micro_steps": self.params.grad_accum,
                                   "world_size": self.ctx.world_size},
                 "history": self.metrics.history,
@@ -256,18 +259,18 @@ class _Trainer:
             resume.save_checkpoint(self.checkpoint_dir, self.step, self.raw, trainer, state)
             resume.prune(self.checkpoint_dir, self.key, self.params.keep_checkpoints)
         if self.ctx.enabled:
-            dist.barrier()
+            dist.barrier()  # no rank runs on while rank 0 writes
 
     # -- one step ------------------------------------------------------------------------------
     def _forward_backward(self, batch: Batch, last_micro: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         sync = contextlib.nullcontext()
         if self.ctx.enabled and not last_micro:
-            sync = self.train_model.no_sync()
+            sync = self.train_model.no_sync()  # DDP all-reduces the gradients on the last micro-step only
         with sync:
             with autocast(self.device, self.dtype):
                 loss, extras = self.loss_fn(self.train_model, batch)
-            (loss / self.params.grad_accum).backward()
-        return loss.detach(), {k: v.detach() for k, v in extras.items()}
+            (loss / self.params.grad_accum).backward()  # the summed gradients are the mean over the micro-steps
+        return loss.detach(), {k: v.detach() for k, v in extras.items()}  # values for the log, not graphs
 
     def _checked_forward_backward(self, batch: Batch, last_micro: bool):
         """The first compiled call is where torch.compile fails when it fails: fall back to eager then."""
@@ -279,7 +282,7 @@ class _Trainer:
         except Exception as exc:  # noqa: BLE001 — any compiler failure means "run eagerly"
             log.warning("torch.compile failed (%s: %s); training eagerly", exc.__class__.__name__,
                         str(exc).splitlines()[0] if str(exc) else "")
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=True)  # drop whatever the failed call left in .grad
             self.loss_fn = self.objective.loss
             return self._forward_backward(batch, last_micro)
 
@@ -293,17 +296,17 @@ class _Trainer:
                 self.objective.train_batch(self.step, micro, self.ctx.rank, self.ctx.world_size), self.device
             )
             loss, extras = self._checked_forward_backward(batch, micro == p.grad_accum - 1)
-            loss_sum += loss.float()
+            loss_sum += loss.float()  # stays on the device: no host sync per micro-step
             for k, v in extras.items():
                 extra_sums[k] = extra_sums.get(k, 0) + v.float()
             tokens += self.objective.count_tokens(batch)
             self.seq_len = _seq_len(batch, self.seq_len)
         self.step_lr = self.scheduler.get_last_lr()[0]  # the lr this step uses, for the log
         grad_norm = None
-        if p.grad_clip > 0:
+        if p.grad_clip > 0:  # under DDP the gradients are already averaged: every rank clips the same ones
             grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), p.grad_clip)
         self.optimizer.step()
-        self.scheduler.step()
+        self.scheduler.step()  # after optimizer.step, as torch requires: the next step's lr
         self.optimizer.zero_grad(set_to_none=True)
         extras = {k: v / p.grad_accum for k, v in extra_sums.items()}
         return loss_sum / p.grad_accum, extras, tokens, grad_norm
@@ -318,8 +321,8 @@ class _Trainer:
         for batch in self.objective.eval_batches():
             batch = _to_device(batch, self.device)
             with autocast(self.device, self.dtype):
-                loss, extras = self.objective.loss(self.raw, batch)
-            weight = max(1, self.objective.count_tokens(batch))
+                loss, extras = self.objective.loss(self.raw, batch)  # the raw module, eagerly: no DDP, no compile
+            weight = max(1, self.objective.count_tokens(batch))  # a batch's mean loss weighs as its tokens
             weight_sum += weight
             for name, value in {"loss": loss, **extras}.items():
                 totals[name] = totals.get(name, 0.0) + float(value) * weight
@@ -340,7 +343,7 @@ class _Trainer:
             t0 = time.perf_counter()
             loss, extras, tokens, grad_norm = self._train_step()
             self.step += 1
-            self.tokens_seen += tokens * self.ctx.world_size
+            self.tokens_seen += tokens * self.ctx.world_size  # all ranks: this rank's count times the ranks
             window.add(loss, extras, tokens)
             bar.update(1)
             if self.step % p.log_every == 0 or self.step == p.max_steps:
@@ -369,7 +372,7 @@ class _Trainer:
         return TrainResult(self.raw, {**self.metrics.latest(), **summary, "step": self.step})
 
     def _log_train(self, row: dict[str, float], window: "_Window", grad_norm, bar: tqdm) -> None:
-        tok_s = window.tokens * self.ctx.world_size / max(window.seconds, 1e-9)
+        tok_s = window.tokens * self.ctx.world_size / max(window.seconds, 1e-9)  # all ranks together
         row["train/lr"] = self.step_lr
         if grad_norm is not None:
             row["train/grad_norm"] = float(grad_norm)
@@ -386,9 +389,8 @@ class _Trainer:
         return perf.mfu(flops, tokens_per_s, self.peak_flops * self.ctx.world_size)
 
     def _summary(self, timed: list[list[float]]) -> dict[str, float]:
-        """The run's throughput over all its sessions (a resumed-and-finished run re-reports it), leaving out the
-        first log window (warm-up, compilation) when there are more."""
-        steady = timed[1:] or timed
+        """The run's throughput over all its sessions (a resumed-and-finished run re-reports it)."""
+        steady = timed[1:] or timed  # the first log window holds warm-up and compilation: left out when there are more
         tokens, seconds = sum(t for t, _ in steady), sum(s for _, s in steady)
         if seconds <= 0:
             return {}

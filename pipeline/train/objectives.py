@@ -28,8 +28,9 @@ from pipeline.train.losses import IGNORE_INDEX, dpo_loss, lm_loss, sequence_logp
 
 
 def _batch_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
+    # A hash, not seed + step: neighbouring (step, micro_step, rank) get unrelated streams.
     digest = hashlib.sha256(f"pretrain:{seed}:{step}:{micro_step}:{rank}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)  # manual_seed takes a non-negative int64
 
 
 @dataclass
@@ -37,8 +38,7 @@ class PretrainObjective:
     """Next-token cross-entropy on train windows; eval on the first val windows, in order.
 
     ``sampling`` ``random``: each batch is windows at random offsets. ``epochs`` (the book's DataLoader over
-    GPTDatasetV1): windows every ``stride`` tokens, reshuffled each epoch with a generator seeded from (seed, epoch),
-    the last partial batch dropped; batch n of the run is a pure function of n, so a resumed run is exact.
+    GPTDatasetV1): windows every ``stride`` tokens, reshuffled each epoch with a generator seeded from (seed, epoch).
     """
 
     train: ShardDataset
@@ -52,7 +52,7 @@ class PretrainObjective:
     grad_accum: int = 1
 
     def __post_init__(self) -> None:
-        needed = self.batch_size * self.context_length + 1
+        needed = self.batch_size * self.context_length + 1  # + 1: the targets are the inputs shifted by one token
         if self.train.num_tokens < needed:
             raise PipelineError(
                 f"{self.train.directory}: the train split has {self.train.num_tokens} tokens, fewer than one batch "
@@ -62,7 +62,7 @@ class PretrainObjective:
                       self.val.sequential(self.batch_size, self.context_length, self.eval_batch_count)]
         epochs = self.sampling == "epochs"
         self._positions = self.train.strided(self.context_length, self.stride or self.context_length) if epochs else []
-        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)  # the current epoch's shuffle, built on first use
         if epochs and self.batches_per_epoch == 0:
             raise PipelineError(
                 f"{self.train.directory}: {len(self._positions)} train windows (stride {self.stride or self.context_length}) "
@@ -71,12 +71,12 @@ class PretrainObjective:
 
     @property
     def batches_per_epoch(self) -> int:
-        return len(self._positions) // self.batch_size
+        return len(self._positions) // self.batch_size  # the last partial batch is dropped, as the book's drop_last=True
 
     def _epoch_batch(self, number: int) -> list[tuple[int, int]]:
         epoch, k = divmod(number, self.batches_per_epoch)
         if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)  # one order per (seed, epoch)
             self._epoch, self._order = epoch, torch.randperm(len(self._positions), generator=generator)
         return [self._positions[i] for i in self._order[k * self.batch_size : (k + 1) * self.batch_size].tolist()]
 
@@ -88,6 +88,7 @@ class PretrainObjective:
 
     def train_batch(self, step: int, micro_step: int, rank: int, world_size: int) -> Batch:
         if self.sampling == "epochs":
+            # the run's n-th batch, ranks interleaved: a pure function of n, so a resumed run is exact
             number = (step * self.grad_accum + micro_step) * world_size + rank
             x, y = self.train.windows(self._epoch_batch(number), self.context_length)
         else:
@@ -115,20 +116,21 @@ def collate(
 ) -> dict[str, torch.Tensor]:
     """(prompt, response) id lists → ``input_ids`` and next-token ``targets``, (B, T) with T ≤ context_length.
 
-    Each sequence is cut to context_length + 1 tokens (inputs and targets are it shifted by one), right-padded to
-    the longest in the batch with ``pad_id``; padding targets — and prompt targets when ``mask_prompt`` — are -100.
+    Rows are right-padded with ``pad_id``; padding targets, and prompt targets when ``mask_prompt``, are -100.
     """
     rows = []
     for prompt, response in sequences:
-        ids = (prompt + response)[: context_length + 1]
+        ids = (prompt + response)[: context_length + 1]  # + 1: inputs and targets are it shifted by one
         targets = ids[1:]
         if mask_prompt:
+            # targets[j] is ids[j + 1]: the first len(prompt) - 1 targets are prompt tokens, and the next one,
+            # the response's first token, is learnt
             masked = min(len(prompt) - 1, len(targets))
             targets = [IGNORE_INDEX] * masked + targets[masked:]
         rows.append((ids[:-1], targets))
-    width = max(len(inputs) for inputs, _ in rows)
+    width = max(len(inputs) for inputs, _ in rows)  # the longest row in this batch, not context_length
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    target_ids = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    target_ids = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # padding is never learnt
     for row, (inputs, targets) in enumerate(rows):
         input_ids[row, : len(inputs)] = torch.tensor(inputs, dtype=torch.long)
         target_ids[row, : len(targets)] = torch.tensor(targets, dtype=torch.long)
@@ -138,45 +140,43 @@ def collate(
 def collate_pairs(
     data: Tokenized, indices: Sequence[int], context_length: int, pad_id: int
 ) -> dict[str, torch.Tensor]:
-    """Preference pairs → one (2B, T) batch: rows [0, B) the chosen answers, rows [B, 2B) the rejected ones.
-
-    Prompts are always masked: DPO compares the log-probabilities of the answers only.
-    """
+    """Preference pairs → one (2B, T) batch: rows [0, B) the chosen answers, rows [B, 2B) the rejected ones."""
     chosen = [(data.prompts[i], data.responses[i][0]) for i in indices]
     rejected = [(data.prompts[i], data.responses[i][1]) for i in indices]
+    # one batch, so one forward for both; prompts always masked: DPO compares the answers' log-probs only
     return collate(chosen + rejected, context_length, pad_id, mask_prompt=True)
 
 
 class EpochSampler:
     """Which items make up each micro-batch: reshuffled every epoch, a pure function of its arguments.
 
-    Items of similar length share a batch (sorted by length within windows of ``window`` batches, whose batches are
-    then shuffled, as Hugging Face's ``group_by_length`` does), so little compute goes to padding.
+    Items of similar length share a batch (as Hugging Face's ``group_by_length`` does).
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, grad_accum: int, seed: int, window: int = 32):
         self.lengths, self.batch_size, self.grad_accum, self.seed, self.window = (
             list(lengths), batch_size, grad_accum, seed, window)
-        self.batches_per_epoch = -(-len(self.lengths) // batch_size)
+        self.batches_per_epoch = -(-len(self.lengths) // batch_size)  # ceil: the last batch may be short
         self._epoch, self._batches = -1, []
 
     def indices(self, step: int, micro_step: int, rank: int, world_size: int) -> list[int]:
-        number = (step * self.grad_accum + micro_step) * world_size + rank
+        number = (step * self.grad_accum + micro_step) * world_size + rank  # the run's n-th batch, ranks interleaved
         epoch, k = divmod(number, self.batches_per_epoch)
-        if epoch != self._epoch:
+        if epoch != self._epoch:  # built once per epoch, on first use
             self._batches, self._epoch = self._epoch_batches(epoch), epoch
         return self._batches[k]
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        rng = random.Random(self.seed * 1_000_003 + epoch)
+        rng = random.Random(self.seed * 1_000_003 + epoch)  # one order per (seed, epoch)
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
         size = self.batch_size * self.window
         batches = []
         for start in range(0, len(order), size):
+            # sorted by length within a window of `window` batches: similar lengths, little compute spent on padding
             window = sorted(order[start : start + size], key=lambda i: self.lengths[i])
             batches += [window[i : i + self.batch_size] for i in range(0, len(window), self.batch_size)]
-        rng.shuffle(batches)
+        rng.shuffle(batches)  # so the epoch does not run from short to long within each window
         return batches
 
 
@@ -212,7 +212,7 @@ class SFTObjective:
         _require(train, "sft training split")
         _require(val, "sft validation split")
         self.train, self.val = train, val
-        lengths = [len(p) + len(r[0]) for p, r in zip(train.prompts, train.responses, strict=False)]
+        lengths = [len(p) + len(r[0]) for p, r in zip(train.prompts, train.responses, strict=False)]  # SFT learns r[0]
         self.sampler = EpochSampler(lengths, batch_size, grad_accum, seed)
         self.batch_size, self.max_eval_batches = batch_size, eval_batches
         self.context_length, self.pad_id, self.mask_prompt = context_length, pad_id, mask_prompt
@@ -252,19 +252,19 @@ def reference_logprobs(
     """log πref(chosen), log πref(rejected) of every pair, (N, 2): one forward per pair, done once before training.
 
     The reference is frozen, so recomputing these every step (as a naive DPO does) only repeats this work.
-    Pairs go through in order of length, so the batches carry almost no padding.
     """
     reference.eval()
     device = next(reference.parameters()).device
-    out = torch.empty(len(data), 2)
+    out = torch.empty(len(data), 2)  # on the CPU: (N, 2), chosen then rejected
+    # in order of length, so the batches carry almost no padding
     by_length = sorted(range(len(data)), key=lambda i: len(data.prompts[i]) + max(map(len, data.responses[i])))
     chunks = [by_length[start : start + batch_size] for start in range(0, len(data), batch_size)]
     for indices in tqdm(chunks, desc=desc, leave=False):
         batch = collate_pairs(data, indices, context_length, pad_id)
         with autocast():
             logits, _ = reference(batch["input_ids"].to(device))
-        logps = sequence_logprobs(logits, batch["targets"].to(device), reduction).float().cpu()
-        out[indices] = torch.stack(logps.chunk(2), dim=1)
+        logps = sequence_logprobs(logits, batch["targets"].to(device), reduction).float().cpu()  # (2B,), chosen first
+        out[indices] = torch.stack(logps.chunk(2), dim=1)  # (B, 2)
     return out
 
 
@@ -290,6 +290,7 @@ class DPOObjective:
         _require(train, "dpo training split")
         _require(val, "dpo validation split")
         self.train, self.val, self.ref_train, self.ref_val = train, val, ref_train, ref_val
+        # the longer of the two answers sets the pair's width
         lengths = [len(p) + max(map(len, r)) for p, r in zip(train.prompts, train.responses, strict=False)]
         self.sampler = EpochSampler(lengths, batch_size, grad_accum, seed)
         self.beta, self.reduction = beta, reduction
@@ -298,7 +299,7 @@ class DPOObjective:
 
     def _batch(self, data: Tokenized, ref: torch.Tensor, indices: Sequence[int]) -> Batch:
         batch = collate_pairs(data, indices, self.context_length, self.pad_id)
-        batch["ref_logps"] = torch.cat([ref[indices, 0], ref[indices, 1]])
+        batch["ref_logps"] = torch.cat([ref[indices, 0], ref[indices, 1]])  # (2B,), in the rows' order: chosen first
         return batch
 
     def train_batch(self, step: int, micro_step: int, rank: int, world_size: int) -> Batch:
@@ -314,7 +315,7 @@ class DPOObjective:
         return sequence_logprobs(logits, batch["targets"], self.reduction)
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        chosen, rejected = self.policy_logprobs(model, batch).chunk(2)
+        chosen, rejected = self.policy_logprobs(model, batch).chunk(2)  # rows [0, B) chosen, [B, 2B) rejected
         ref_chosen, ref_rejected = batch["ref_logps"].chunk(2)
         return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta)
 

@@ -23,22 +23,18 @@ def newton_schulz(g: torch.Tensor, steps: int, dtype: torch.dtype, eps: float = 
     """An approximately semi-orthogonal matrix near ``g`` (its singular values pushed towards 1), in ``dtype``."""
     a, b, c = NS_COEFFICIENTS
     x = g.to(dtype)
-    transposed = x.size(0) > x.size(1)
+    transposed = x.size(0) > x.size(1)  # iterate on the wide shape: its Gram matrix x·xᵀ is the smaller one
     if transposed:
         x = x.T
-    x = x / x.norm().clamp(min=eps)
+    x = x / x.norm().clamp(min=eps)  # Frobenius norm ≥ spectral norm: every singular value starts ≤ 1
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.T  # (rows, rows)
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # a·x + (b·G + c·G²)·x
     return x.T if transposed else x
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
-    """Muon for the groups marked ``muon: True``, AdamW (decoupled weight decay, bias-corrected) for the rest.
-
-    Muon's update is scaled by ``0.2·sqrt(max(rows, cols))`` so its RMS matches AdamW's (torch's
-    ``adjust_lr_fn="match_rms_adamw"``): one learning rate and one schedule serve both kinds of weight.
-    """
+    """Muon for the groups marked ``muon: True``, AdamW (decoupled weight decay, bias-corrected) for the rest."""
 
     def __init__(self, groups: Iterable[dict], lr: float, betas: tuple[float, float] = (0.9, 0.95),
                  momentum: float = 0.95, ns_steps: int = 5, ns_dtype: torch.dtype = torch.float32, eps: float = 1e-8):
@@ -52,7 +48,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay (AdamW's), for both kinds
                 if group["muon"]:
                     self._muon_update(p, group)
                 else:
@@ -60,11 +56,12 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     def _muon_update(self, p: torch.Tensor, group: dict) -> None:
         buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-        buf.lerp_(p.grad, 1 - group["momentum"])
-        nesterov = p.grad.lerp(buf, group["momentum"])
+        buf.lerp_(p.grad, 1 - group["momentum"])  # buf = μ·buf + (1 − μ)·g
+        nesterov = p.grad.lerp(buf, group["momentum"])  # Nesterov: the gradient moved towards the momentum
         update = newton_schulz(nesterov, group["ns_steps"], self.ns_dtype)
+        # RMS matched to AdamW's (torch's adjust_lr_fn="match_rms_adamw"): one lr and one schedule serve both kinds
         scale = 0.2 * math.sqrt(max(p.shape))
-        p.add_(update.to(p.dtype), alpha=-group["lr"] * scale)
+        p.add_(update.to(p.dtype), alpha=-group["lr"] * scale)  # back from ns_dtype to the parameter's dtype
 
     def _adamw_update(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]
@@ -74,16 +71,17 @@ class MuonWithAdamW(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p)
         beta1, beta2 = group["betas"]
         state["step"] += 1
-        state["exp_avg"].lerp_(p.grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-        bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
-        denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
-        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bias1)
+        state["exp_avg"].lerp_(p.grad, 1 - beta1)  # m = β1·m + (1 − β1)·g
+        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)  # v = β2·v + (1 − β2)·g²
+        bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]  # m and v start at zero: corrected up
+        denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])  # sqrt(v̂) + eps
+        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bias1)  # p −= lr · m̂ / (sqrt(v̂) + eps)
 
 
 def muon_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Muon for the 2-D weights inside ``model.blocks``; AdamW for the rest (decay on matrices only)."""
-    params = {id(p): (name, p) for name, p in model.named_parameters() if p.requires_grad}.values()
+    params = {id(p): (name, p) for name, p in model.named_parameters() if p.requires_grad}.values()  # by id: once each
+    # tok_emb and out_head are matrices too, but not hidden layers: they stay on AdamW
     hidden = [p for name, p in params if name.startswith("blocks.") and p.dim() == 2]
     chosen = {id(p) for p in hidden}
     rest = [p for _, p in params if id(p) not in chosen]

@@ -80,13 +80,13 @@ def prepare(model: ModelParams, params: PretrainParams, init_seed: int, tokenize
     objective = PretrainObjective(train, val, params.batch_size, context, params.seed, params.eval_batches,
                                   params.sampling, params.stride, params.grad_accum)
     if params.epochs is not None:
-        per_step = params.grad_accum * params.nproc_per_node * params.nnodes
+        per_step = params.grad_accum * params.nproc_per_node * params.nnodes  # batches one optimizer step takes, all workers
         params = replace(params, max_steps=math.ceil(params.epochs * objective.batches_per_epoch / per_step))
-    torch.manual_seed(init_seed)
+    torch.manual_seed(init_seed)  # the initial weights depend on init_seed alone
     if source is None:
         gpt = GPT(cfg)
         return PretrainSetup(pytorch_default_init(gpt) if model.init == "pytorch" else gpt, objective, fingerprint, params)
-    training = params.max_steps > 0
+    training = params.max_steps > 0  # no steps: only the weights must fit
     device = local_device(params.device)
     needed = gpt2_weights.training_bytes(cfg, training, params.batch_size, context)
     gpt2_weights.check_fits(cfg, source.label, needed, gpt2_weights.available_bytes(device), str(device), training)

@@ -63,13 +63,13 @@ def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
     if not checkpoint_dir.is_dir():
         return []
     found = [p for p in checkpoint_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
-    return sorted(found, key=lambda p: p.name, reverse=True)
+    return sorted(found, key=lambda p: p.name, reverse=True)  # zero-padded steps: name order is step order
 
 
 def save_checkpoint(checkpoint_dir: Path, step: int, model: GPT, trainer: dict, state: dict) -> Path:
     """Write a complete checkpoint for ``step`` atomically; returns its directory."""
     final = checkpoint_path(checkpoint_dir, step)
-    with atomic_path(final) as tmp:
+    with atomic_path(final) as tmp:  # a hidden temp directory, renamed to `final` when complete
         tmp.mkdir()
         info = lora.adapter_info(model)
         if info is None:
@@ -78,11 +78,12 @@ def save_checkpoint(checkpoint_dir: Path, step: int, model: GPT, trainer: dict, 
             (tmp / ADAPTER_DIR).mkdir()
             save_file(lora.adapter_state(model), str(tmp / ADAPTER_DIR / ADAPTER))
             (tmp / ADAPTER_DIR / "adapter.json").write_text(json.dumps(info.to_dict(), indent=1) + "\n")
-        torch.save(trainer, tmp / TRAINER)
+        torch.save(trainer, tmp / TRAINER)  # tensors and plain data only, so it loads with weights_only=True
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         hashes = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in files}
+        # state.json last: it vouches for every file written before it
         (tmp / STATE).write_text(json.dumps({**state, "step": step, "files": hashes}, indent=1) + "\n")
-    fsync_tree(final)
+    fsync_tree(final)  # on disk before training goes on: a crash after this point keeps the checkpoint
     if os.environ.get(KILL_AFTER_CHECKPOINT) == str(step):
         os.kill(os.getpid(), signal.SIGKILL)  # the tests' deterministic crash: checkpoint `step` is on disk, no later
     return final
@@ -109,6 +110,7 @@ def load_checkpoint(path: Path, model: GPT, state: dict) -> Restored:
     info = lora.adapter_info(model)
     weights_path = path / MODEL_DIR / WEIGHTS if info is None else path / ADAPTER_DIR / ADAPTER
     try:
+        # on the CPU: RNG states must be CPU tensors, and the optimizer's load_state_dict moves its state to the params' device
         trainer = torch.load(path / TRAINER, map_location="cpu", weights_only=True)
         weights = load_file(str(weights_path))
     except (OSError, RuntimeError, SafetensorError) as exc:
@@ -116,8 +118,8 @@ def load_checkpoint(path: Path, model: GPT, state: dict) -> Restored:
     if info is None:
         load_state_into(model, weights, str(weights_path))
         return Restored(path, state, trainer)
-    recorded = json.loads((path / ADAPTER_DIR / "adapter.json").read_text())
-    if recorded.get("base_fingerprint") != info.base_fingerprint:
+    recorded = json.loads((path / ADAPTER_DIR / "adapter.json").read_text())  # its hash was verified above
+    if recorded.get("base_fingerprint") != info.base_fingerprint:  # an adapter is only valid on its own base
         raise CorruptCheckpoint(f"{path}: adapter trained on base {str(recorded.get('base_fingerprint'))[:12]}, "
                                 f"not on this base {info.base_fingerprint[:12]}")
     lora.load_adapter_state(model, weights, str(weights_path))
@@ -130,7 +132,7 @@ def remove_interrupted(checkpoint_dir: Path) -> list[Path]:
         return []
     leftovers = sorted(p for p in checkpoint_dir.iterdir() if p.name.startswith(f".{PREFIX}"))
     for path in leftovers:
-        if path.is_dir() and not path.is_symlink():
+        if path.is_dir() and not path.is_symlink():  # a link is unlinked, never followed
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
@@ -151,7 +153,7 @@ def restore_latest(checkpoint_dir: Path, model: GPT, run_key: str) -> Restored |
     for path in list_checkpoints(checkpoint_dir):
         try:
             state = read_state(path)
-            if state.get("run_key") != run_key:
+            if state.get("run_key") != run_key:  # another run's checkpoint: not ours, but not corrupt either
                 continue
             restored = load_checkpoint(path, model, state)
         except CorruptCheckpoint as exc:
@@ -171,7 +173,7 @@ def prune(checkpoint_dir: Path, run_key: str, keep: int) -> None:
         try:
             ours = read_state(path).get("run_key") == run_key
         except CorruptCheckpoint:
-            ours = False
+            ours = False  # an unreadable checkpoint is dropped too
         if ours and kept < keep:
             kept += 1
             continue

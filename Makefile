@@ -17,10 +17,12 @@ pipeline: setup
 test: setup
 	@bash scripts/cpu_summary.sh
 	ruff check .
+	ruff format --check .
 	python -m pytest
 
 lint: setup
 	ruff check .
+	ruff format --check .
 
 # Offline: put the shared demo files into the download cache so the default URLs resolve without network.
 seed-cache: setup

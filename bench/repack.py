@@ -6,6 +6,7 @@ decodes. The export's checks always load without repacking (pipeline/export/gguf
 
     python -m bench.repack            # prints the CPU line, then one line per load
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,7 +41,11 @@ def decode_once(gguf: str, repack: bool) -> dict:
 
 
 def main() -> None:
-    print(subprocess.run(["bash", str(ROOT / "scripts/cpu_summary.sh")], capture_output=True, text=True).stdout.strip())
+    print(
+        subprocess.run(
+            ["bash", str(ROOT / "scripts/cpu_summary.sh")], capture_output=True, text=True
+        ).stdout.strip()
+    )
     params = load_params(ROOT / "params.yaml")
     enc = train_bpe(["En un lugar de la Mancha, de cuyo nombre no quiero acordarme " * 200], 512)
     torch.manual_seed(0)
@@ -51,8 +56,14 @@ def main() -> None:
         for repack in (True, False):
             label = "with repacking (llama.cpp's default)" if repack else "without repacking (--no-repack)"
             try:
-                found = run_isolated("bench.repack:decode_once", {"gguf": str(path), "repack": repack},
-                                     subject=path.name, runtime="llama.cpp", advice="", timeout=300)
+                found = run_isolated(
+                    "bench.repack:decode_once",
+                    {"gguf": str(path), "repack": repack},
+                    subject=path.name,
+                    runtime="llama.cpp",
+                    advice="",
+                    timeout=300,
+                )
                 print(f"q8_0 {label}: decoded, next token {found['next_token']}")
             except ChildCrashed as exc:
                 print(f"q8_0 {label}: crashed ({exc.cause})")

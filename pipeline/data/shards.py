@@ -10,6 +10,7 @@ Documents are separated by EOT. The writer holds at most two encode batches in m
 grow with the corpus. torch is imported only by the reader's tensor methods, so writing shards (the
 tokenize stage) does not pay for it.
 """
+
 from __future__ import annotations
 
 import collections
@@ -56,7 +57,9 @@ class ShardWriter:
 
     def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int):
         self.directory, self.split, self.shard_tokens = Path(directory), split, shard_tokens
-        self.dtype = _LITTLE_ENDIAN[np.dtype(dtype).name]  # explicit '<': the files read the same on every machine
+        self.dtype = _LITTLE_ENDIAN[
+            np.dtype(dtype).name
+        ]  # explicit '<': the files read the same on every machine
         self.shards: list[dict] = []
         self._file = None
         self._hash = hashlib.sha256()
@@ -76,7 +79,10 @@ class ShardWriter:
                 self._file = (self.directory / self._name()).open("wb")
                 self._hash, self._count = hashlib.sha256(), 0
             # head: what still fits in the current shard; the rest goes on to the next one
-            head, tokens = tokens[: self.shard_tokens - self._count], tokens[self.shard_tokens - self._count :]
+            head, tokens = (
+                tokens[: self.shard_tokens - self._count],
+                tokens[self.shard_tokens - self._count :],
+            )
             self._file.write(head.data)  # the array's own buffer: no copy
             self._hash.update(head.data)
             self._count += head.size
@@ -96,7 +102,12 @@ class ShardWriter:
         self._file.close()
         self._file = None
         self.shards.append(
-            {"file": self._name(), "tokens": self._count, "dtype": self.dtype.name, "sha256": self._hash.hexdigest()}
+            {
+                "file": self._name(),
+                "tokens": self._count,
+                "dtype": self.dtype.name,
+                "sha256": self._hash.hexdigest(),
+            }
         )
 
 
@@ -115,7 +126,9 @@ def encode_piece(enc: tiktoken.Encoding, text: str) -> np.ndarray:
 
 def encode_run(enc: tiktoken.Encoding, path: Path, offset: int, buf: bytes, ends: list[int]) -> np.ndarray:
     """The tokens of a run of documents (``textstream.read_runs``), EOT after each one that ends in it."""
-    bounds = list(zip([0, *ends], [*ends, len(buf)], strict=True))  # the last one: after the last end, maybe empty
+    bounds = list(
+        zip([0, *ends], [*ends, len(buf)], strict=True)
+    )  # the last one: after the last end, maybe empty
     if _EOT_BYTES not in buf:
         # One text with the EOT token's text between the documents: tiktoken encodes the text between two allowed
         # special tokens on its own, so this is exactly each document encoded whole, without a call (and the GIL)
@@ -218,8 +231,10 @@ def read_manifest(directory: str | Path) -> dict:
     path = Path(directory) / MANIFEST
     manifest = read_json(path, "shard manifest", "run `dvc repro tokenize`")
     if manifest.get("format") != FORMAT_VERSION or manifest.get("dtype") not in _LITTLE_ENDIAN:
-        raise PipelineError(f"{path}: unsupported shard manifest (format {manifest.get('format')!r}, "
-                            f"dtype {manifest.get('dtype')!r})")
+        raise PipelineError(
+            f"{path}: unsupported shard manifest (format {manifest.get('format')!r}, "
+            f"dtype {manifest.get('dtype')!r})"
+        )
     if problem := _manifest_problem(manifest):
         raise PipelineError(f"{path}: invalid shard manifest: {problem} (re-run `dvc repro tokenize`)")
     return manifest
@@ -232,12 +247,15 @@ _SHARD_FIELDS = {"file": str, "dtype": str, "tokens": int, "sha256": str}
 
 def _manifest_problem(manifest: dict) -> str | None:
     """The first missing or mistyped field of a shard manifest, named by its path; None when it is sound."""
+
     def wrong(data: object, fields: dict[str, type], where: str) -> str | None:
         if not isinstance(data, dict):
             return f"{where or 'the manifest'} is not an object"
         for key, kind in fields.items():
             value = data.get(key)
-            if not isinstance(value, kind) or isinstance(value, bool):  # bool is an int subclass: true is no count
+            if not isinstance(value, kind) or isinstance(
+                value, bool
+            ):  # bool is an int subclass: true is no count
                 return f"'{where}{key}' is missing or not a {kind.__name__}"
         return None
 
@@ -292,7 +310,9 @@ class ShardDataset:
         if Path(name).name != name:  # no directories in a name: the manifest cannot point outside `directory`
             raise PipelineError(f"{self.directory / MANIFEST}: shard name {name!r} is not a plain file name")
         if shard["dtype"] != self.dtype.name:
-            raise PipelineError(f"{path}: dtype {shard['dtype']} differs from the manifest's {self.dtype.name}")
+            raise PipelineError(
+                f"{path}: dtype {shard['dtype']} differs from the manifest's {self.dtype.name}"
+            )
         if not path.is_file():
             raise PipelineError(f"{path}: shard missing")
         expected = shard["tokens"] * self.dtype.itemsize
@@ -319,11 +339,15 @@ class ShardDataset:
             )
         return np.cumsum(counts)
 
-    def _stack(self, positions: Iterable[tuple[int, int]], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stack(
+        self, positions: Iterable[tuple[int, int]], context_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
 
         # (B, context_length + 1), int64: what nn.Embedding and cross_entropy take
-        windows = np.stack([self.arrays[s][p : p + context_length + 1] for s, p in positions]).astype(np.int64)
+        windows = np.stack([self.arrays[s][p : p + context_length + 1] for s, p in positions]).astype(
+            np.int64
+        )
         # x = window[:-1], y = window[1:]: the next token of every position; copies, so each is contiguous
         return torch.from_numpy(windows[:, :-1].copy()), torch.from_numpy(windows[:, 1:].copy())
 
@@ -332,7 +356,9 @@ class ShardDataset:
         self._window_starts(context_length)
         return [(s, p) for s, a in enumerate(self.arrays) for p in range(0, a.size - context_length, stride)]
 
-    def windows(self, positions: Iterable[tuple[int, int]], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def windows(
+        self, positions: Iterable[tuple[int, int]], context_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The windows at ``positions`` (from ``strided``): inputs and targets shifted by one."""
         return self._stack(positions, context_length)
 
@@ -355,11 +381,15 @@ class ShardDataset:
         """Non-overlapping windows from the start of each shard, in order; the last batch may be smaller."""
         self._window_starts(context_length)
         positions = (
-            (s, p) for s, a in enumerate(self.arrays) for p in range(0, a.size - context_length, context_length)
+            (s, p)
+            for s, a in enumerate(self.arrays)
+            for p in range(0, a.size - context_length, context_length)
         )
         batches = 0
         while max_batches is None or batches < max_batches:
-            chunk = [pos for _, pos in zip(range(batch_size), positions, strict=False)]  # the next batch_size windows
+            chunk = [
+                pos for _, pos in zip(range(batch_size), positions, strict=False)
+            ]  # the next batch_size windows
             if not chunk:
                 return
             yield self._stack(chunk, context_length)

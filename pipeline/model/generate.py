@@ -1,4 +1,5 @@
 """Text generation with the KV cache: temperature, top-k, top-p, EOS stop, seeded."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -12,7 +13,9 @@ from pipeline.model.sampling import SamplingOptions
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """Set to -inf every logit outside the top-k and outside the smallest nucleus of mass top_p."""
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (..., 1): the k-th largest, broadcast per row
+        kth = torch.topk(logits, top_k, dim=-1).values[
+            ..., -1:
+        ]  # (..., 1): the k-th largest, broadcast per row
         logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th survive
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
@@ -30,9 +33,13 @@ def sample_next(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Ge
         return logits.argmax(dim=-1, keepdim=True)
     # Shifted so the best logit is 0 before dividing: any temperature > 0 (even 1e-300) stays finite.
     logits = logits.double()  # fp64: such temperatures lie below fp32's range
-    logits = filter_logits((logits - logits.amax(dim=-1, keepdim=True)) / opts.temperature, opts.top_k, opts.top_p)
+    logits = filter_logits(
+        (logits - logits.amax(dim=-1, keepdim=True)) / opts.temperature, opts.top_k, opts.top_p
+    )
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)  # seeded: the same options, the same text
+    return torch.multinomial(
+        probs, num_samples=1, generator=generator
+    )  # seeded: the same options, the same text
 
 
 @torch.inference_mode()
@@ -43,21 +50,31 @@ def stream_tokens(model: GPT, prompt_ids: torch.Tensor, opts: SamplingOptions) -
     """
     model.eval()
     device = prompt_ids.device
-    generator = torch.Generator(device=device).manual_seed(opts.seed)  # on the model's device: multinomial draws there
-    limit = min(opts.max_new_tokens, model.cfg.context_length - prompt_ids.shape[1])  # prompt + new fit the context
+    generator = torch.Generator(device=device).manual_seed(
+        opts.seed
+    )  # on the model's device: multinomial draws there
+    limit = min(
+        opts.max_new_tokens, model.cfg.context_length - prompt_ids.shape[1]
+    )  # prompt + new fit the context
     if limit <= 0:
         return
     finished = torch.zeros(prompt_ids.shape[0], 1, dtype=torch.bool, device=device)  # (B, 1)
-    logits, past = model(prompt_ids, last_only=True)  # prefill: the whole prompt in one forward, its cache kept
+    logits, past = model(
+        prompt_ids, last_only=True
+    )  # prefill: the whole prompt in one forward, its cache kept
     for step in range(limit):
         nxt = sample_next(logits[:, -1, :], opts, generator)  # (B, 1)
         if opts.eos_id is not None:
-            nxt = nxt.masked_fill(finished, opts.eos_id)  # finished rows keep receiving eos_id: the batch stays rectangular
+            nxt = nxt.masked_fill(
+                finished, opts.eos_id
+            )  # finished rows keep receiving eos_id: the batch stays rectangular
             finished |= nxt == opts.eos_id
         yield nxt
         if bool(finished.all()) or step == limit - 1:  # no forward for a token that will not be sampled
             return
-        logits, past = model(nxt, past=past, last_only=True)  # decode: one new token, the cache holds the rest
+        logits, past = model(
+            nxt, past=past, last_only=True
+        )  # decode: one new token, the cache holds the rest
 
 
 def generate(model: GPT, prompt_ids: torch.Tensor, opts: SamplingOptions) -> torch.Tensor:

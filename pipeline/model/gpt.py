@@ -10,6 +10,7 @@ The defaults are the book's GPT-2. Four options swap in what later models use: r
 The KV cache is explicit tensors in and out (``past`` / ``present``), not hidden module state: the
 torch generator, the ONNX export and the server all drive the same forward.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,16 +60,20 @@ class GPTConfig:
             if value <= 0:
                 raise ModelConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
-            raise ModelConfigError(
-                f"model.n_head={self.n_head} does not divide model.n_embd={self.n_embd}"
-            )
+            raise ModelConfigError(f"model.n_head={self.n_head} does not divide model.n_embd={self.n_embd}")
         for name in ("qkv_bias", "tie_weights", "qk_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ModelConfigError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, int | float)
+            or not 0.0 <= self.dropout < 1.0
+        ):
             raise ModelConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.n_classes < 0 or (self.n_classes and self.tie_weights):
-            raise ModelConfigError(f"model.n_classes={self.n_classes} needs n_classes >= 0 and an untied head")
+            raise ModelConfigError(
+                f"model.n_classes={self.n_classes} needs n_classes >= 0 and an untied head"
+            )
         self._check_architecture()
 
     def _check_architecture(self) -> None:
@@ -78,11 +83,18 @@ class GPTConfig:
                 options = ", ".join(allowed[:-1]) + f" or {allowed[-1]}"
                 raise ModelConfigError(f"model.{name} must be {options}, got {getattr(self, name)!r}")
         base = self.rope_base
-        if isinstance(base, bool) or not isinstance(base, int | float) or not math.isfinite(base) or base <= 0:
+        if (
+            isinstance(base, bool)
+            or not isinstance(base, int | float)
+            or not math.isfinite(base)
+            or base <= 0
+        ):
             raise ModelConfigError(f"model.rope_base must be a positive number, got {base!r}")
         if self.pos_emb == "rope" and self.head_dim % 2:
-            raise ModelConfigError(f"model.pos_emb=rope rotates pairs of dimensions: the head size "
-                                   f"n_embd / n_head must be even, got {self.head_dim}")
+            raise ModelConfigError(
+                f"model.pos_emb=rope rotates pairs of dimensions: the head size "
+                f"n_embd / n_head must be even, got {self.head_dim}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -113,9 +125,15 @@ PRESETS: dict[str, GPTConfig] = {
     "cpu-tiny": GPTConfig(vocab_size=4096, context_length=64, n_embd=64, n_head=4, n_layer=2),
     "cpu-small": GPTConfig(vocab_size=4096, context_length=128, n_embd=256, n_head=4, n_layer=4),
     "cpu-medium": GPTConfig(vocab_size=8192, context_length=256, n_embd=384, n_head=6, n_layer=6),
-    "gpt2-124m": GPTConfig(vocab_size=50257, context_length=1024, n_embd=768, n_head=12, n_layer=12, dropout=0.1),
-    "gpt2-355m": GPTConfig(vocab_size=50257, context_length=1024, n_embd=1024, n_head=16, n_layer=24, dropout=0.1),
-    "gpt2-774m": GPTConfig(vocab_size=50257, context_length=1024, n_embd=1280, n_head=20, n_layer=36, dropout=0.1),
+    "gpt2-124m": GPTConfig(
+        vocab_size=50257, context_length=1024, n_embd=768, n_head=12, n_layer=12, dropout=0.1
+    ),
+    "gpt2-355m": GPTConfig(
+        vocab_size=50257, context_length=1024, n_embd=1024, n_head=16, n_layer=24, dropout=0.1
+    ),
+    "gpt2-774m": GPTConfig(
+        vocab_size=50257, context_length=1024, n_embd=1280, n_head=20, n_layer=36, dropout=0.1
+    ),
 }
 
 
@@ -131,13 +149,18 @@ def make_norm(cfg: GPTConfig, size: int) -> nn.Module:
     return nn.RMSNorm(size, eps=1e-5) if cfg.norm == "rmsnorm" else nn.LayerNorm(size)
 
 
-def rope_angles(start: int | torch.Tensor, length: int, head_dim: int, base: float,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_angles(
+    start: int | torch.Tensor, length: int, head_dim: int, base: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, each (length, 1, head_dim / 2), of positions start..start+length-1."""
     # Computed on every call, not stored: a model built on the meta device or loaded from a file needs no buffer.
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)  # (head_dim/2,)
+    inv_freq = base ** (
+        -torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
+    )  # (head_dim/2,)
     positions = (start + torch.arange(length, device=device)).float()
-    angles = (positions[:, None] * inv_freq[None, :]).unsqueeze(1)  # (length, 1, head_dim/2): broadcasts over heads
+    angles = (positions[:, None] * inv_freq[None, :]).unsqueeze(
+        1
+    )  # (length, 1, head_dim/2): broadcasts over heads
     return angles.cos(), angles.sin()
 
 
@@ -154,19 +177,27 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.qkv_bias)  # q, k and v of all heads in one matmul
+        self.qkv = nn.Linear(
+            cfg.n_embd, 3 * cfg.n_embd, bias=cfg.qkv_bias
+        )  # q, k and v of all heads in one matmul
         self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.dropout = cfg.dropout  # a probability: SDPA applies it to the attention weights
-        self.rope_base = cfg.rope_base if cfg.pos_emb == "rope" else None  # None: learned positions, no rotation
+        self.rope_base = (
+            cfg.rope_base if cfg.pos_emb == "rope" else None
+        )  # None: learned positions, no rotation
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm, self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-5), nn.RMSNorm(cfg.head_dim, eps=1e-5)
 
-    def project(self, x: torch.Tensor, start: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(
+        self, x: torch.Tensor, start: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v as (B, T, n_head, head_dim) for tokens at positions start..: q and k normalised (qk_norm), then
         rotated (rope). The ONNX export calls this too, so both compute the same heads."""
         b, t, c = x.shape  # batch, sequence length, n_embd
-        q, k, v = (z.view(b, t, self.n_head, self.head_dim) for z in self.qkv(x).split(c, dim=2))  # each (B, T, nh, hs)
+        q, k, v = (
+            z.view(b, t, self.n_head, self.head_dim) for z in self.qkv(x).split(c, dim=2)
+        )  # each (B, T, nh, hs)
         if self.qk_norm:  # in fp32: RMSNorm's fused kernel wants input and weight in one dtype
             q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
         if self.rope_base is not None:
@@ -179,7 +210,9 @@ class MultiHeadAttention(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         b, t, c = x.shape
         # The new tokens' positions continue after the cached ones; heads move forward to be a batch dim.
-        q, k, v = (z.transpose(1, 2) for z in self.project(x, 0 if past is None else past[0].shape[2]))  # (B, nh, T, hs)
+        q, k, v = (
+            z.transpose(1, 2) for z in self.project(x, 0 if past is None else past[0].shape[2])
+        )  # (B, nh, T, hs)
         if past is not None:
             k = torch.cat((past[0], k), dim=2)  # (B, nh, T_past + T, hs)
             v = torch.cat((past[1], v), dim=2)
@@ -193,7 +226,9 @@ class MultiHeadAttention(nn.Module):
             # query i may see keys up to past_len + i.
             past_len = k.shape[2] - t
             rows = torch.arange(t, device=x.device).unsqueeze(1) + past_len
-            mask = torch.arange(k.shape[2], device=x.device).unsqueeze(0) <= rows  # (T, T_past + T), True = may attend
+            mask = (
+                torch.arange(k.shape[2], device=x.device).unsqueeze(0) <= rows
+            )  # (T, T_past + T), True = may attend
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(b, t, c)  # re-assemble the heads side by side: (B, T, C)
         return self.out_proj(y), (k, v)  # (k, v): this layer's cache, past and new keys together
@@ -215,7 +250,9 @@ class FeedForward(nn.Module):
             return self.proj(F.silu(self.gate(x)) * self.fc(x))
         if self.kind == "relu2":
             return self.proj(F.relu(self.fc(x)).square())
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))  # GPT-2's tanh approximation (the book's GELU)
+        return self.proj(
+            F.gelu(self.fc(x), approximate="tanh")
+        )  # GPT-2's tanh approximation (the book's GELU)
 
 
 class TransformerBlock(nn.Module):
@@ -248,7 +285,9 @@ class GPT(nn.Module):
         self.final_norm = make_norm(cfg, cfg.n_embd)
         self.out_head = nn.Linear(cfg.n_embd, cfg.n_classes or cfg.vocab_size, bias=False)
         if cfg.tie_weights:
-            self.out_head.weight = self.tok_emb.weight  # weight tying: one (vocab_size, n_embd) matrix in and out
+            self.out_head.weight = (
+                self.tok_emb.weight
+            )  # weight tying: one (vocab_size, n_embd) matrix in and out
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled down so the residual stream's variance does not grow with depth
         # (two residual additions per block, hence 2 * n_layer).
@@ -273,7 +312,9 @@ class GPT(nn.Module):
         with learned positions, their rows of the position table."""
         x = self.tok_emb(idx)
         if self.pos_emb is not None:  # rope adds positions in attention instead
-            x = x + self.pos_emb(start + torch.arange(idx.shape[1], device=idx.device))  # (T, C) broadcasts over B
+            x = x + self.pos_emb(
+                start + torch.arange(idx.shape[1], device=idx.device)
+            )  # (T, C) broadcasts over B
         return self.drop_emb(x)
 
     def forward(
@@ -287,7 +328,9 @@ class GPT(nn.Module):
         ``last_only`` computes the vocabulary head for the final position only (generation needs no more).
         """
         _, t = idx.shape
-        start = 0 if past is None else past[0][0].shape[2]  # tokens already in the cache: the first new position
+        start = (
+            0 if past is None else past[0][0].shape[2]
+        )  # tokens already in the cache: the first new position
         if start + t > self.cfg.context_length:
             raise ValueError(
                 f"sequence of {start + t} tokens exceeds context_length={self.cfg.context_length}"

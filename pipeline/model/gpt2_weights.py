@@ -10,6 +10,7 @@ Vocabulary: OpenAI's GPT-2 has 50,257 tokens; our ``gpt2`` tokenizer kind has th
 (chat markers, reserved), whose new embedding rows start as the mean of GPT-2's rows. A checkpoint we exported
 ourselves (``models/hf``) records our tokenizer's fingerprint and must meet the same tokenizer.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,8 +39,19 @@ HF_CONFIG = "config.json"
 SAFETENSORS = "model.safetensors"
 PICKLE_BIN = "pytorch_model.bin"
 GPT2_VOCAB = 50257
-SHAPE_FIELDS = ("context_length", "n_embd", "n_head", "n_layer", "qkv_bias", "tie_weights", "pos_emb", "rope_base",
-                "norm", "mlp", "qk_norm")
+SHAPE_FIELDS = (
+    "context_length",
+    "n_embd",
+    "n_head",
+    "n_layer",
+    "qkv_bias",
+    "tie_weights",
+    "pos_emb",
+    "rope_base",
+    "norm",
+    "mlp",
+    "qk_norm",
+)
 
 
 @dataclass
@@ -77,15 +89,24 @@ def _read_json(path: Path) -> dict:
 def _local_source(init_from: str) -> Source:
     path = Path(init_from).expanduser()
     if path.is_dir():
-        directory, weights = path, next((path / n for n in (SAFETENSORS, PICKLE_BIN) if (path / n).is_file()), None)
+        directory, weights = (
+            path,
+            next((path / n for n in (SAFETENSORS, PICKLE_BIN) if (path / n).is_file()), None),
+        )
         if weights is None:
-            raise PipelineError(f"model.init_from={init_from}: no {SAFETENSORS} or {PICKLE_BIN} in that directory")
+            raise PipelineError(
+                f"model.init_from={init_from}: no {SAFETENSORS} or {PICKLE_BIN} in that directory"
+            )
     else:
         directory, weights = path.parent, path
     config_path = directory / HF_CONFIG
     if not config_path.is_file():
-        raise PipelineError(f"model.init_from={init_from}: {config_path} not found (a GPT-2 config.json must sit beside the weights)")
-    return Source(init_from, _read_json(config_path), config_path, {"path": str(path.resolve())}, weights_path=weights)
+        raise PipelineError(
+            f"model.init_from={init_from}: {config_path} not found (a GPT-2 config.json must sit beside the weights)"
+        )
+    return Source(
+        init_from, _read_json(config_path), config_path, {"path": str(path.resolve())}, weights_path=weights
+    )
 
 
 def _hub_download(repo: str, filename: str, revision: str, label: str) -> Path:
@@ -113,7 +134,9 @@ def _hub_download(repo: str, filename: str, revision: str, label: str) -> Path:
     except EntryNotFoundError:
         raise  # the caller tries the next weights file
     except (HfHubHTTPError, OSError) as exc:
-        raise PipelineError(f"model.init_from={label}: downloading {repo} {filename} failed ({_first_line(exc)})") from None
+        raise PipelineError(
+            f"model.init_from={label}: downloading {repo} {filename} failed ({_first_line(exc)})"
+        ) from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -136,7 +159,9 @@ def resolve(init_from: str, revision: str | None = None) -> Source:
     if Path(init_from).expanduser().exists():
         return _local_source(init_from)
     known = ", ".join([SCRATCH, *NAMED])
-    raise PipelineError(f"model.init_from={init_from!r} is neither a known checkpoint ({known}) nor an existing file or directory")
+    raise PipelineError(
+        f"model.init_from={init_from!r} is neither a known checkpoint ({known}) nor an existing file or directory"
+    )
 
 
 def weights_path(source: Source) -> Path:
@@ -151,7 +176,9 @@ def weights_path(source: Source) -> Path:
             return source.weights_path
         except EntryNotFoundError:
             continue
-    raise PipelineError(f"model.init_from={source.label}: {source.repo} has neither {SAFETENSORS} nor {PICKLE_BIN}")
+    raise PipelineError(
+        f"model.init_from={source.label}: {source.repo} has neither {SAFETENSORS} nor {PICKLE_BIN}"
+    )
 
 
 def checkpoint_config(source: Source, n_vocab: int, tokenizer: dict, dropout: float | None) -> GPTConfig:
@@ -175,7 +202,9 @@ def checkpoint_config(source: Source, n_vocab: int, tokenizer: dict, dropout: fl
             f"those of tokenizer.kind gpt2 ({n_vocab} tokens)"
         )
     if stored > n_vocab:
-        raise PipelineError(f"model.init_from={source.label}: vocab_size {stored} > the tokenizer's {n_vocab} tokens")
+        raise PipelineError(
+            f"model.init_from={source.label}: vocab_size {stored} > the tokenizer's {n_vocab} tokens"
+        )
     fields["vocab_size"] = n_vocab
     if dropout is not None:
         fields["dropout"] = dropout
@@ -189,7 +218,9 @@ def check_shape(cfg: GPTConfig, explicit: dict[str, object], label: str, origin:
     """Explicit model.* values must equal the checkpoint's (``explicit``: field → value, only those set)."""
     for name, value in explicit.items():
         if value is not None and getattr(cfg, name) != value:
-            raise PipelineError(f"{origin}: model.{name}={value} disagrees with model.init_from={label} ({name}={getattr(cfg, name)})")
+            raise PipelineError(
+                f"{origin}: model.{name}={value} disagrees with model.init_from={label} ({name}={getattr(cfg, name)})"
+            )
 
 
 def load_weights(source: Source, cfg: GPTConfig) -> GPT:
@@ -201,7 +232,9 @@ def load_weights(source: Source, cfg: GPTConfig) -> GPT:
     shapes = {"wte.weight": (stored, cfg.n_embd), "wpe.weight": (cfg.context_length, cfg.n_embd)}
     for name, shape in shapes.items():
         if name in state and tuple(state[name].shape) != shape:
-            raise PipelineError(f"{path}: {name} has shape {tuple(state[name].shape)}, its config.json says {shape}")
+            raise PipelineError(
+                f"{path}: {name} has shape {tuple(state[name].shape)}, its config.json says {shape}"
+            )
     ours = from_gpt2(state, cfg, str(path))
     rows = ["tok_emb.weight"] + ([] if cfg.tie_weights else ["out_head.weight"])
     for name in rows:
@@ -218,7 +251,9 @@ def load_weights(source: Source, cfg: GPTConfig) -> GPT:
         model = GPT(cfg)  # no random init of weights that are about to be replaced
     model.load_state_dict(ours, assign=True)  # assign: meta parameters have no storage to copy into
     if cfg.tie_weights:
-        model.out_head.weight = model.tok_emb.weight  # assign=True set two separate parameters: tie them again
+        model.out_head.weight = (
+            model.tok_emb.weight
+        )  # assign=True set two separate parameters: tie them again
     return model
 
 
@@ -229,7 +264,9 @@ def param_count(cfg: GPTConfig) -> int:
     # two LayerNorms (4d), qkv (3d², bias 3d), out_proj (d² + d), the MLP's fc and proj (8d² + 4d + d)
     block = 4 * d + 3 * d * d + (3 * d if cfg.qkv_bias else 0) + d * d + d + 8 * d * d + 5 * d
     head = 0 if cfg.tie_weights else cfg.vocab_size * d
-    return (cfg.vocab_size + cfg.context_length) * d + cfg.n_layer * block + 2 * d + head  # wte, wpe, blocks, ln_f
+    return (
+        (cfg.vocab_size + cfg.context_length) * d + cfg.n_layer * block + 2 * d + head
+    )  # wte, wpe, blocks, ln_f
 
 
 def training_bytes(cfg: GPTConfig, training: bool, batch_size: int, context: int) -> int:
@@ -238,7 +275,9 @@ def training_bytes(cfg: GPTConfig, training: bool, batch_size: int, context: int
     if not training:
         return 4 * n_params  # fp32 weights: 4 B/param
     tokens = batch_size * context
-    activations = tokens * (34 * cfg.n_embd * cfg.n_layer + 2 * 4 * cfg.vocab_size)  # ~34·d B per token and layer; fp32 logits twice
+    activations = tokens * (
+        34 * cfg.n_embd * cfg.n_layer + 2 * 4 * cfg.vocab_size
+    )  # ~34·d B per token and layer; fp32 logits twice
     return 16 * n_params + activations  # weights, gradients and AdamW's two moments: 4 B/param each
 
 
@@ -256,7 +295,11 @@ def available_bytes(device: torch.device) -> int:
 def check_fits(cfg: GPTConfig, label: str, needed: int, available: int, device: str, training: bool) -> None:
     """Refuse, before any weights are read, a run that cannot fit in ``available`` bytes."""
     if needed > available:
-        what = "continuing pretraining (weights, gradients, AdamW moments, activations)" if training else "its weights"
+        what = (
+            "continuing pretraining (weights, gradients, AdamW moments, activations)"
+            if training
+            else "its weights"
+        )
         raise PipelineError(
             f"model.init_from={label}: {param_count(cfg) / 1e6:,.0f}M parameters need about {needed / 2**30:.1f} GiB "
             f"for {what}, but {device} has {available / 2**30:.1f} GiB free (lower pretrain.batch_size or use a smaller model)"

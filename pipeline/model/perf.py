@@ -3,6 +3,7 @@
 MFU is only honest against the rate of the dtype actually used, measured on this machine (a shared
 2-core CPU drifts ±20%; nominal datasheet peaks do not apply), so the loop and the benchmark measure it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,7 +24,9 @@ def matmul_flops(device_type: str, dtype: torch.dtype, size: int | None = None, 
     size = size or (8192 if device.type == "cuda" else 2048)  # 1024 under-reads bf16 on CPU
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    inner = 10 if device.type == "cuda" else 2  # several matmuls per timing: the sync and the timer cost little
+    inner = (
+        10 if device.type == "cuda" else 2
+    )  # several matmuls per timing: the sync and the timer cost little
     a @ b  # warm-up: kernels, allocator
     synchronize(device)
     times = []

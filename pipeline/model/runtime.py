@@ -5,6 +5,7 @@ Training, evaluation, the DPO reference pass, the server's torch path and the be
 Some CPUs (AMX) run bf16 matmuls faster than fp32, others (avx512_bf16 only) slower: the flags cannot tell, so
 the choice is measured (BENCHMARKS.md has the figures).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,7 +43,9 @@ def local_device(requested: str) -> torch.device:
         if not torch.cuda.is_available():
             raise PipelineError(f"device '{requested}' requested but no CUDA device is available")
         if device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # torchrun: one GPU per local worker
+            device = torch.device(
+                "cuda", int(os.environ.get("LOCAL_RANK", 0))
+            )  # torchrun: one GPU per local worker
         torch.cuda.set_device(device)  # so a bare "cuda" (and NCCL) means this worker's GPU
     return device
 
@@ -58,8 +61,11 @@ class DtypeChoice:
     bf16_gflops: float | None = None
 
     def as_metrics(self) -> dict[str, float | str]:
-        rates = {f"{name}_gflops": round(rate, 1) for name, rate in
-                 (("fp32", self.fp32_gflops), ("bf16", self.bf16_gflops)) if rate is not None}
+        rates = {
+            f"{name}_gflops": round(rate, 1)
+            for name, rate in (("fp32", self.fp32_gflops), ("bf16", self.bf16_gflops))
+            if rate is not None
+        }
         return {"chosen": DTYPE_NAMES[self.dtype], "source": self.source, **rates}
 
 
@@ -76,7 +82,13 @@ def matmul_shapes(cfg: GPTConfig, tokens: int) -> list[tuple[int, int, int]]:
     """(m, k, n) of what a training step multiplies for ``tokens`` positions, per block and the head: each
     forward product and its two backward ones."""
     d, hidden = cfg.n_embd, cfg.mlp_hidden
-    weights = [(d, 3 * d), (d, d), (d, hidden), (hidden, d), (d, cfg.vocab_size)]  # qkv, out_proj, fc, proj, head
+    weights = [
+        (d, 3 * d),
+        (d, d),
+        (d, hidden),
+        (hidden, d),
+        (d, cfg.vocab_size),
+    ]  # qkv, out_proj, fc, proj, head
     if cfg.mlp == "swiglu":
         weights.append((d, hidden))  # SwiGLU's gate
     # The forward, the input's gradient, and the weight's, whose inner dimension is the tokens: the backward ones run
@@ -84,12 +96,16 @@ def matmul_shapes(cfg: GPTConfig, tokens: int) -> list[tuple[int, int, int]]:
     return [shape for k, n in weights for shape in ((tokens, k, n), (tokens, n, k), (k, tokens, n))]
 
 
-def _measure(shapes: list[tuple[int, int, int]], repeats: int = 5, min_seconds: float = 0.05) -> tuple[float, float]:
+def _measure(
+    shapes: list[tuple[int, int, int]], repeats: int = 5, min_seconds: float = 0.05
+) -> tuple[float, float]:
     """(fp32, bf16) GFLOP/s of ``shapes`` on the CPU: the best of ``repeats`` timed blocks of at least
     ``min_seconds`` each."""
     flops = sum(2 * m * k * n for m, k, n in shapes)  # a multiply and an add per term
-    operands = {dtype: [(torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)) for m, k, n in shapes]
-                for dtype in (torch.float32, torch.bfloat16)}
+    operands = {
+        dtype: [(torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)) for m, k, n in shapes]
+        for dtype in (torch.float32, torch.bfloat16)
+    }
 
     def block(dtype: torch.dtype, inner: int) -> float:
         start = time.perf_counter()
@@ -98,7 +114,9 @@ def _measure(shapes: list[tuple[int, int, int]], repeats: int = 5, min_seconds: 
                 a @ b  # the result is dropped: only the time counts
         return (time.perf_counter() - start) / inner
 
-    inner = {dtype: max(1, int(min_seconds / max(block(dtype, 1), 1e-6))) for dtype in operands}  # also warms up
+    inner = {
+        dtype: max(1, int(min_seconds / max(block(dtype, 1), 1e-6))) for dtype in operands
+    }  # also warms up
     best = {dtype: float("inf") for dtype in operands}
     for _ in range(repeats):
         for dtype in operands:  # the dtypes alternate, so a neighbour's load hits both alike
@@ -137,7 +155,9 @@ def measured_cpu_dtype(shapes: list[tuple[int, int, int]], cache_file: Path | No
     return DtypeChoice(pick_dtype(fp32, bf16), "measured", fp32, bf16)
 
 
-def choose_dtype(requested: str, device: torch.device, cfg: GPTConfig | None = None, tokens: int = 4096) -> DtypeChoice:
+def choose_dtype(
+    requested: str, device: torch.device, cfg: GPTConfig | None = None, tokens: int = 4096
+) -> DtypeChoice:
     """``fp32``/``bf16`` as asked; ``auto``: bf16 on CUDA devices that have it, and on a CPU whichever dtype
     multiplies the model's own matmul shapes faster here (a 2048² square when no model is given)."""
     if requested == "fp32":
@@ -145,15 +165,21 @@ def choose_dtype(requested: str, device: torch.device, cfg: GPTConfig | None = N
     if device.type == "cuda":  # no timing on a GPU: bf16 wherever the device has it
         supported = torch.cuda.is_bf16_supported()
         if requested == "bf16" and not supported:
-            raise PipelineError(f"params: dtype 'bf16' requested but {torch.cuda.get_device_name(device)} lacks bf16")
-        return DtypeChoice(torch.bfloat16 if supported else torch.float32, "forced" if requested == "bf16" else "device")
+            raise PipelineError(
+                f"params: dtype 'bf16' requested but {torch.cuda.get_device_name(device)} lacks bf16"
+            )
+        return DtypeChoice(
+            torch.bfloat16 if supported else torch.float32, "forced" if requested == "bf16" else "device"
+        )
     if requested == "bf16":
         return DtypeChoice(torch.bfloat16, "forced")
     shapes = matmul_shapes(cfg, tokens) if cfg is not None else [(2048, 2048, 2048)]
     return measured_cpu_dtype(shapes)
 
 
-def resolve_dtype(requested: str, device: torch.device, cfg: GPTConfig | None = None, tokens: int = 4096) -> torch.dtype:
+def resolve_dtype(
+    requested: str, device: torch.device, cfg: GPTConfig | None = None, tokens: int = 4096
+) -> torch.dtype:
     """The dtype of :func:`choose_dtype`, for callers that need only the dtype."""
     return choose_dtype(requested, device, cfg, tokens).dtype
 

@@ -10,6 +10,7 @@ take Ollama's defaults (temperature 0.8, top_p 0.9, top_k 40). A field we do not
 other than its default (``n`` > 1, ``tools``, ``response_format`` other than text, ``logprobs``, penalties, image
 parts, or any field we do not know) gets a 400 in OpenAI's error shape naming it, never a silent ignore.
 """
+
 from __future__ import annotations
 
 import base64
@@ -56,7 +57,14 @@ DEFAULT_ONLY: dict[str, tuple] = {
     "reasoning_effort": (None,),
     "web_search_options": (None,),
 }
-IGNORED = {"user", "store", "metadata", "service_tier", "safety_identifier", "prompt_cache_key"}  # no effect on output
+IGNORED = {
+    "user",
+    "store",
+    "metadata",
+    "service_tier",
+    "safety_identifier",
+    "prompt_cache_key",
+}  # no effect on output
 
 
 class OpenAIError(Exception):
@@ -68,7 +76,8 @@ class OpenAIError(Exception):
 
     def body(self) -> dict:
         kind = {401: "authentication_error", 404: "invalid_request_error", 503: "server_error"}.get(
-            self.status, "invalid_request_error")
+            self.status, "invalid_request_error"
+        )
         return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
 
 
@@ -89,13 +98,20 @@ class CompletionFields(BaseModel):
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)  # as the Ollama routes' options: refused, not a 5xx, outside
+    top_p: float | None = Field(
+        None, gt=0, le=1
+    )  # as the Ollama routes' options: refused, not a 5xx, outside
     seed: int | None = Field(None, ge=0, lt=2**64)
     stop: str | list[str] | None = None
 
     def options(self, max_tokens: int | None = None) -> Options:
-        return Options(temperature=self.temperature, top_p=self.top_p, seed=self.seed,
-                       num_predict=max_tokens or self.max_tokens, stop=self.stop)
+        return Options(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            num_predict=max_tokens or self.max_tokens,
+            stop=self.stop,
+        )
 
 
 class ChatMessage(BaseModel):
@@ -153,8 +169,11 @@ async def parse(http: Request, schema: type[BaseModel]) -> Any:
             raise OpenAIError(400, f"unsupported field '{field}': this server does not implement it", field)
         if value not in DEFAULT_ONLY[field]:
             accepted = " or ".join(json.dumps(v) for v in DEFAULT_ONLY[field] if v is not None) or "null"
-            raise OpenAIError(400, f"unsupported field '{field}': this server does not implement it "
-                                   f"(accepted: {accepted})", field)
+            raise OpenAIError(
+                400,
+                f"unsupported field '{field}': this server does not implement it (accepted: {accepted})",
+                field,
+            )
     return request
 
 
@@ -173,7 +192,9 @@ def text_of(message: ChatMessage, index: int) -> str:
     for j, part in enumerate(message.content):
         if part.get("type") != "text" or not isinstance(part.get("text"), str):
             where = f"messages[{index}].content[{j}]"
-            raise OpenAIError(400, f"{where}: unsupported content part of type {part.get('type')!r} (text only)", where)
+            raise OpenAIError(
+                400, f"{where}: unsupported content part of type {part.get('type')!r} (text only)", where
+            )
         texts.append(part["text"])
     return "".join(texts)
 
@@ -182,11 +203,16 @@ def chat_turns(request: ChatCompletionRequest) -> list[tuple[str, str]]:
     turns = []
     for i, message in enumerate(request.messages):
         if message.role == "tool" or (message.model_extra or {}).get("tool_calls"):
-            raise OpenAIError(400, f"messages[{i}]: unsupported tool message (this server does not implement tools)",
-                              f"messages[{i}]")
+            raise OpenAIError(
+                400,
+                f"messages[{i}]: unsupported tool message (this server does not implement tools)",
+                f"messages[{i}]",
+            )
         turns.append(("system" if message.role == "developer" else message.role, text_of(message, i)))
     if turns[-1][0] != "user":
-        raise OpenAIError(400, f"messages: the last message must be the user's, got {turns[-1][0]!r}", "messages")
+        raise OpenAIError(
+            400, f"messages: the last message must be the user's, got {turns[-1][0]!r}", "messages"
+        )
     return turns
 
 
@@ -194,11 +220,15 @@ def completion_prompt(model: ServedModel, prompt: str | list) -> list[int]:
     """Text is rendered as /api/generate renders it (the model's template, as Ollama does); ids pass as they are."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], list | str):  # a batch of prompts
         if len(prompt) != 1:
-            raise OpenAIError(400, "prompt: several prompts in one request are not supported (send one)", "prompt")
+            raise OpenAIError(
+                400, "prompt: several prompts in one request are not supported (send one)", "prompt"
+            )
         prompt = prompt[0]
     if isinstance(prompt, list):
         if not prompt or any(not 0 <= t < model.encoding.n_vocab for t in prompt):
-            raise OpenAIError(400, f"prompt: token ids must be non-empty and in [0, {model.encoding.n_vocab})", "prompt")
+            raise OpenAIError(
+                400, f"prompt: token ids must be non-empty and in [0, {model.encoding.n_vocab})", "prompt"
+            )
         return list(prompt)
     if not prompt:
         raise OpenAIError(400, "prompt: empty", "prompt")
@@ -293,8 +323,12 @@ def register(app: FastAPI, engine: Engine) -> None:
         except PipelineError as exc:
             raise OpenAIError(400, one_line(str(exc)), "messages") from None
         run = start(engine, served, prompt_ids, request.options(request.max_completion_tokens))
-        head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": served.name,
-                "system_fingerprint": SYSTEM_FINGERPRINT}
+        head = {
+            "id": f"chatcmpl-{secrets.token_hex(12)}",
+            "created": int(time.time()),
+            "model": served.name,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+        }
         if request.stream:
             sent_role = False
 
@@ -303,34 +337,60 @@ def register(app: FastAPI, engine: Engine) -> None:
                 delta = {} if text is None else {"content": text}
                 if not sent_role:
                     delta, sent_role = {"role": "assistant", **delta}, True
-                return {"index": 0, "delta": delta, "logprobs": None,
-                        "finish_reason": finish_reason(final) if final else None}
+                return {
+                    "index": 0,
+                    "delta": delta,
+                    "logprobs": None,
+                    "finish_reason": finish_reason(final) if final else None,
+                }
 
             include = bool(request.stream_options and request.stream_options.include_usage)
             return stream_response(sse(run, {**head, "object": "chat.completion.chunk"}, choice, include))
         text, final = await complete(run, http)
-        return {**head, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                             "finish_reason": finish_reason(final)}],
-                "usage": usage(final)}
+        return {
+            **head,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": finish_reason(final),
+                }
+            ],
+            "usage": usage(final),
+        }
 
     @app.post("/v1/completions")
     async def completions(http: Request):
         request = await parse(http, CompletionRequest)
         served = find_model(engine, request.model)
         run = start(engine, served, completion_prompt(served, request.prompt), request.options())
-        head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
-                "model": served.name, "system_fingerprint": SYSTEM_FINGERPRINT}
+        head = {
+            "id": f"cmpl-{secrets.token_hex(12)}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": served.name,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+        }
         if request.stream:
+
             def choice(text: str | None, final: dict | None) -> dict:
-                return {"index": 0, "text": text or "", "logprobs": None,
-                        "finish_reason": finish_reason(final) if final else None}
+                return {
+                    "index": 0,
+                    "text": text or "",
+                    "logprobs": None,
+                    "finish_reason": finish_reason(final) if final else None,
+                }
 
             include = bool(request.stream_options and request.stream_options.include_usage)
             return stream_response(sse(run, head, choice, include))
         text, final = await complete(run, http)
-        return {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason(final)}],
-                "usage": usage(final)}
+        return {
+            **head,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason(final)}],
+            "usage": usage(final),
+        }
 
     @app.post("/v1/embeddings")
     async def embeddings(http: Request) -> dict:
@@ -354,12 +414,26 @@ def register(app: FastAPI, engine: Engine) -> None:
         except ApiError as exc:
             raise OpenAIError(exc.status, str(exc), "input" if "input" in str(exc) else "model") from None
         if request.dimensions is not None and request.dimensions != len(vectors[0]):
-            raise OpenAIError(400, f"model '{served.name}' embeds into {len(vectors[0])} dimensions; other "
-                                   "'dimensions' are not supported", "dimensions")
-        data = [{"object": "embedding", "index": i,
-                 "embedding": base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()
-                 if request.encoding_format == "base64" else v}
-                for i, v in enumerate(vectors)]
+            raise OpenAIError(
+                400,
+                f"model '{served.name}' embeds into {len(vectors[0])} dimensions; other "
+                "'dimensions' are not supported",
+                "dimensions",
+            )
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()
+                if request.encoding_format == "base64"
+                else v,
+            }
+            for i, v in enumerate(vectors)
+        ]
         tokens = sum(map(len, ids))
-        return {"object": "list", "data": data, "model": served.name,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return {
+            "object": "list",
+            "data": data,
+            "model": served.name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }

@@ -1,27 +1,28 @@
 """The objectives' arithmetic: next-token cross-entropy (pretraining and SFT) and DPO."""
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100  # the target value the losses skip (padding, masked prompt); torch's cross-entropy default
+IGNORE_INDEX = (
+    -100
+)  # the target value the losses skip (padding, masked prompt); torch's cross-entropy default
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over targets that are not IGNORE_INDEX (padding, masked prompt)."""
     # (B·T, V) against (B·T,), as the book's calc_loss_batch flattens them; fp32 for the softmax over the vocabulary
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
-    )
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
-def sequence_logprobs(
-    logits: torch.Tensor, targets: torch.Tensor, reduction: str = "sum"
-) -> torch.Tensor:
+def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
     """Per-sequence log-probability of the unmasked targets, (B,): their sum or their per-token mean."""
     mask = targets != IGNORE_INDEX  # (B, T): False on the prompt and the padding
     safe = targets.masked_fill(~mask, 0)  # gather needs a valid index; these positions are masked out below
-    logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)  # (B, T), in fp32
+    logps = (
+        torch.log_softmax(logits.float(), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    )  # (B, T), in fp32
     total = (logps * mask).sum(dim=-1)  # masked positions contribute nothing
     if reduction == "sum":
         return total

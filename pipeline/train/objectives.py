@@ -6,6 +6,7 @@ vocabulary: ``input_ids`` (B, T) and next-token ``targets`` (B, T), IGNORE_INDEX
 Pretraining batches are random windows of the train split drawn with a generator seeded from (seed, step,
 micro_step, rank); SFT/DPO batches come from an epoch sampler that is a pure function of its arguments.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,17 +53,26 @@ class PretrainObjective:
     grad_accum: int = 1
 
     def __post_init__(self) -> None:
-        needed = self.batch_size * self.context_length + 1  # + 1: the targets are the inputs shifted by one token
+        needed = (
+            self.batch_size * self.context_length + 1
+        )  # + 1: the targets are the inputs shifted by one token
         if self.train.num_tokens < needed:
             raise PipelineError(
                 f"{self.train.directory}: the train split has {self.train.num_tokens} tokens, fewer than one batch "
                 f"(pretrain.batch_size={self.batch_size} × context {self.context_length} + 1 = {needed})"
             )
-        self._eval = [{"input_ids": x, "targets": y} for x, y in
-                      self.val.sequential(self.batch_size, self.context_length, self.eval_batch_count)]
+        self._eval = [
+            {"input_ids": x, "targets": y}
+            for x, y in self.val.sequential(self.batch_size, self.context_length, self.eval_batch_count)
+        ]
         epochs = self.sampling == "epochs"
-        self._positions = self.train.strided(self.context_length, self.stride or self.context_length) if epochs else []
-        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)  # the current epoch's shuffle, built on first use
+        self._positions = (
+            self.train.strided(self.context_length, self.stride or self.context_length) if epochs else []
+        )
+        self._epoch, self._order = (
+            -1,
+            torch.empty(0, dtype=torch.long),
+        )  # the current epoch's shuffle, built on first use
         if epochs and self.batches_per_epoch == 0:
             raise PipelineError(
                 f"{self.train.directory}: {len(self._positions)} train windows (stride {self.stride or self.context_length}) "
@@ -71,14 +81,20 @@ class PretrainObjective:
 
     @property
     def batches_per_epoch(self) -> int:
-        return len(self._positions) // self.batch_size  # the last partial batch is dropped, as the book's drop_last=True
+        return (
+            len(self._positions) // self.batch_size
+        )  # the last partial batch is dropped, as the book's drop_last=True
 
     def _epoch_batch(self, number: int) -> list[tuple[int, int]]:
         epoch, k = divmod(number, self.batches_per_epoch)
         if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)  # one order per (seed, epoch)
+            generator = torch.Generator().manual_seed(
+                self.seed * 1_000_003 + epoch
+            )  # one order per (seed, epoch)
             self._epoch, self._order = epoch, torch.randperm(len(self._positions), generator=generator)
-        return [self._positions[i] for i in self._order[k * self.batch_size : (k + 1) * self.batch_size].tolist()]
+        return [
+            self._positions[i] for i in self._order[k * self.batch_size : (k + 1) * self.batch_size].tolist()
+        ]
 
     @property
     def fingerprint(self) -> str:
@@ -105,7 +121,6 @@ class PretrainObjective:
 
     def count_tokens(self, batch: Batch) -> int:
         return batch["targets"].numel()
-
 
 
 # -------------------------------------------------------------------- instruction batches
@@ -155,12 +170,19 @@ class EpochSampler:
 
     def __init__(self, lengths: Sequence[int], batch_size: int, grad_accum: int, seed: int, window: int = 32):
         self.lengths, self.batch_size, self.grad_accum, self.seed, self.window = (
-            list(lengths), batch_size, grad_accum, seed, window)
+            list(lengths),
+            batch_size,
+            grad_accum,
+            seed,
+            window,
+        )
         self.batches_per_epoch = -(-len(self.lengths) // batch_size)  # ceil: the last batch may be short
         self._epoch, self._batches = -1, []
 
     def indices(self, step: int, micro_step: int, rank: int, world_size: int) -> list[int]:
-        number = (step * self.grad_accum + micro_step) * world_size + rank  # the run's n-th batch, ranks interleaved
+        number = (
+            step * self.grad_accum + micro_step
+        ) * world_size + rank  # the run's n-th batch, ranks interleaved
         epoch, k = divmod(number, self.batches_per_epoch)
         if epoch != self._epoch:  # built once per epoch, on first use
             self._batches, self._epoch = self._epoch_batches(epoch), epoch
@@ -212,7 +234,9 @@ class SFTObjective:
         _require(train, "sft training split")
         _require(val, "sft validation split")
         self.train, self.val = train, val
-        lengths = [len(p) + len(r[0]) for p, r in zip(train.prompts, train.responses, strict=False)]  # SFT learns r[0]
+        lengths = [
+            len(p) + len(r[0]) for p, r in zip(train.prompts, train.responses, strict=False)
+        ]  # SFT learns r[0]
         self.sampler = EpochSampler(lengths, batch_size, grad_accum, seed)
         self.batch_size, self.max_eval_batches = batch_size, eval_batches
         self.context_length, self.pad_id, self.mask_prompt = context_length, pad_id, mask_prompt
@@ -257,13 +281,17 @@ def reference_logprobs(
     device = next(reference.parameters()).device
     out = torch.empty(len(data), 2)  # on the CPU: (N, 2), chosen then rejected
     # in order of length, so the batches carry almost no padding
-    by_length = sorted(range(len(data)), key=lambda i: len(data.prompts[i]) + max(map(len, data.responses[i])))
+    by_length = sorted(
+        range(len(data)), key=lambda i: len(data.prompts[i]) + max(map(len, data.responses[i]))
+    )
     chunks = [by_length[start : start + batch_size] for start in range(0, len(data), batch_size)]
     for indices in tqdm(chunks, desc=desc, leave=False):
         batch = collate_pairs(data, indices, context_length, pad_id)
         with autocast():
             logits, _ = reference(batch["input_ids"].to(device))
-        logps = sequence_logprobs(logits, batch["targets"].to(device), reduction).float().cpu()  # (2B,), chosen first
+        logps = (
+            sequence_logprobs(logits, batch["targets"].to(device), reduction).float().cpu()
+        )  # (2B,), chosen first
         out[indices] = torch.stack(logps.chunk(2), dim=1)  # (B, 2)
     return out
 
@@ -299,11 +327,15 @@ class DPOObjective:
 
     def _batch(self, data: Tokenized, ref: torch.Tensor, indices: Sequence[int]) -> Batch:
         batch = collate_pairs(data, indices, self.context_length, self.pad_id)
-        batch["ref_logps"] = torch.cat([ref[indices, 0], ref[indices, 1]])  # (2B,), in the rows' order: chosen first
+        batch["ref_logps"] = torch.cat(
+            [ref[indices, 0], ref[indices, 1]]
+        )  # (2B,), in the rows' order: chosen first
         return batch
 
     def train_batch(self, step: int, micro_step: int, rank: int, world_size: int) -> Batch:
-        return self._batch(self.train, self.ref_train, self.sampler.indices(step, micro_step, rank, world_size))
+        return self._batch(
+            self.train, self.ref_train, self.sampler.indices(step, micro_step, rank, world_size)
+        )
 
     def eval_batches(self) -> Iterator[Batch]:
         for indices in _eval_chunks(len(self.val), self.batch_size, self.max_eval_batches):

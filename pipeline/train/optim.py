@@ -9,6 +9,7 @@ optimizer and one state dict, whichever is chosen.
 The Newton–Schulz matmuls run in the dtype the stage measured faster on this machine (``pipeline.model.runtime``):
 torch's own ``torch.optim.Muon`` always uses bf16, which is the slower dtype on CPUs without fast bf16.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,10 +37,28 @@ def newton_schulz(g: torch.Tensor, steps: int, dtype: torch.dtype, eps: float = 
 class MuonWithAdamW(torch.optim.Optimizer):
     """Muon for the groups marked ``muon: True``, AdamW (decoupled weight decay, bias-corrected) for the rest."""
 
-    def __init__(self, groups: Iterable[dict], lr: float, betas: tuple[float, float] = (0.9, 0.95),
-                 momentum: float = 0.95, ns_steps: int = 5, ns_dtype: torch.dtype = torch.float32, eps: float = 1e-8):
-        super().__init__(list(groups), dict(lr=lr, betas=betas, momentum=momentum, ns_steps=ns_steps, eps=eps,
-                                            weight_decay=0.0, muon=False))
+    def __init__(
+        self,
+        groups: Iterable[dict],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.95),
+        momentum: float = 0.95,
+        ns_steps: int = 5,
+        ns_dtype: torch.dtype = torch.float32,
+        eps: float = 1e-8,
+    ):
+        super().__init__(
+            list(groups),
+            dict(
+                lr=lr,
+                betas=betas,
+                momentum=momentum,
+                ns_steps=ns_steps,
+                eps=eps,
+                weight_decay=0.0,
+                muon=False,
+            ),
+        )
         self.ns_dtype = ns_dtype
 
     @torch.no_grad()
@@ -48,7 +67,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay (AdamW's), for both kinds
+                p.mul_(
+                    1 - group["lr"] * group["weight_decay"]
+                )  # decoupled weight decay (AdamW's), for both kinds
                 if group["muon"]:
                     self._muon_update(p, group)
                 else:
@@ -73,14 +94,19 @@ class MuonWithAdamW(torch.optim.Optimizer):
         state["step"] += 1
         state["exp_avg"].lerp_(p.grad, 1 - beta1)  # m = β1·m + (1 − β1)·g
         state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)  # v = β2·v + (1 − β2)·g²
-        bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]  # m and v start at zero: corrected up
+        bias1, bias2 = (
+            1 - beta1 ** state["step"],
+            1 - beta2 ** state["step"],
+        )  # m and v start at zero: corrected up
         denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])  # sqrt(v̂) + eps
         p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bias1)  # p −= lr · m̂ / (sqrt(v̂) + eps)
 
 
 def muon_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Muon for the 2-D weights inside ``model.blocks``; AdamW for the rest (decay on matrices only)."""
-    params = {id(p): (name, p) for name, p in model.named_parameters() if p.requires_grad}.values()  # by id: once each
+    params = {
+        id(p): (name, p) for name, p in model.named_parameters() if p.requires_grad
+    }.values()  # by id: once each
     # tok_emb and out_head are matrices too, but not hidden layers: they stay on AdamW
     hidden = [p for name, p in params if name.startswith("blocks.") and p.dim() == 2]
     chosen = {id(p) for p in hidden}

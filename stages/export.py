@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from pipeline.common import config
-from pipeline.common.atomic import atomic_path, write_json
+from pipeline.common.atomic import atomic_paths, write_json
 from pipeline.common.errors import exit_on_error
 from pipeline.common.provenance import provenance
 from pipeline.common.stage_timing import timed
@@ -22,13 +22,10 @@ METRICS = Path("reports/export/metrics.json")
 PARAMS = ("seed", "export")
 
 
-def not_exported(fmt: str, formats: tuple[str, ...]) -> None:
+def not_exported(out: Path, formats: tuple[str, ...]) -> None:
     """A format left out of export.formats still leaves its (declared) output: a directory that says why."""
-    with atomic_path(OUT[fmt]) as tmp:
-        tmp.mkdir()
-        (tmp / "README.md").write_text(
-            f"Not exported: export.formats is {list(formats)}.\n", encoding="utf-8"
-        )
+    out.mkdir()
+    (out / "README.md").write_text(f"Not exported: export.formats is {list(formats)}.\n", encoding="utf-8")
 
 
 def onnx_line(metrics: dict) -> str:
@@ -72,24 +69,25 @@ def main() -> None:
     metrics: dict = {"formats": list(p.formats)}
     if {"onnx", "hf"} & set(p.formats):
         check_params(p, model_dir)  # a params mistake fails before any format's work
-    if (
-        "gguf" in p.formats
-    ):  # first: it refuses what it cannot export (a char tokenizer, a classifier) at once
-        metrics["gguf"] = export_gguf(model_dir, TOKENIZER, SHARDS, OUT["gguf"], p)
-    if "onnx" in p.formats:
-        metrics |= export_model(
-            model_dir, TOKENIZER, SHARDS, OUT["onnx"], p, params.seed, provenance=provenance(PARAMS)
-        )
-        print(onnx_line(metrics), file=sys.stderr)
-    if "gguf" in metrics:
-        print(gguf_line(metrics["gguf"]), file=sys.stderr)
-    if "hf" in p.formats:
-        metrics["hf"] = export_hf_model(
-            model_dir, TOKENIZER, SHARDS, OUT["hf"], p, provenance=provenance(PARAMS)
-        )
-        print(hf_line(metrics["hf"]), file=sys.stderr)
-    for fmt in set(OUT) - set(p.formats):
-        not_exported(fmt, p.formats)
+    with atomic_paths(*OUT.values()) as staged:  # every format is published together, or none is
+        out = dict(zip(OUT, staged, strict=True))
+        # gguf first: it refuses what it cannot export (a char tokenizer, a classifier) at once
+        if "gguf" in p.formats:
+            metrics["gguf"] = export_gguf(model_dir, TOKENIZER, SHARDS, out["gguf"], p, shown_as=OUT["gguf"])
+        if "onnx" in p.formats:
+            metrics |= export_model(
+                model_dir, TOKENIZER, SHARDS, out["onnx"], p, params.seed, provenance=provenance(PARAMS)
+            )
+            print(onnx_line(metrics), file=sys.stderr)
+        if "gguf" in metrics:
+            print(gguf_line(metrics["gguf"]), file=sys.stderr)
+        if "hf" in p.formats:
+            metrics["hf"] = export_hf_model(
+                model_dir, TOKENIZER, SHARDS, out["hf"], p, provenance=provenance(PARAMS)
+            )
+            print(hf_line(metrics["hf"]), file=sys.stderr)
+        for fmt in set(OUT) - set(p.formats):
+            not_exported(out[fmt], p.formats)
     write_json(METRICS, metrics)
 
 

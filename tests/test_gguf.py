@@ -16,6 +16,7 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
+import yaml
 
 from pipeline.common.config import ExportParams, parse_params
 from pipeline.common.errors import PipelineError
@@ -295,7 +296,7 @@ def test_llama_cpp_tokenizes_real_instructions_and_gpt2_text_as_we_do(tmp_path):
 
 
 def stage_export(root: Path, export: dict, first_on_path: Path | None = None) -> subprocess.CompletedProcess:
-    (root / "params.yaml").write_text(json.dumps({"seed": 1, "export": export}))
+    (root / "params.yaml").write_text(yaml.safe_dump({"seed": 1, "export": export}))  # 1e-30 stays a float
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in (first_on_path, ROOT) if p)}
     return subprocess.run(
         [sys.executable, "-m", "stages.export"],
@@ -391,6 +392,22 @@ def test_a_llama_cpp_crash_is_one_line_and_every_output_is_whole(workspace, tmp_
         "f16: llama.cpp crashed (SIGSEGV); q8_0: llama.cpp crashed (SIGSEGV)"
     )
     assert done.stderr.splitlines()[-1].endswith("f16 UNVERIFIED, q8_0 UNVERIFIED")
+
+
+def test_a_format_that_fails_late_publishes_no_format(workspace):
+    """The GGUF files are built and checked first; the ONNX parity check then fails: models/gguf stays as it was."""
+    require_llama_cpp()
+    models = workspace / "models"
+    before = {p.relative_to(models): p.read_bytes() for p in models.rglob("*") if p.is_file()}
+    done = stage_export(
+        workspace,
+        {"formats": ["gguf", "onnx"], "gguf_types": ["f16"], "parity_atol": 1e-30, "parity_tokens": 16},
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("error: export parity failed"), done.stderr
+    assert "export: models/dpo → dpo-f16.gguf" in done.stderr  # it was built, then withdrawn with the rest
+    after = {p.relative_to(models): p.read_bytes() for p in models.rglob("*") if p.is_file()}
+    assert after == before  # nothing published, nothing left behind (no hidden temp directories either)
 
 
 def test_stage_refuses_a_char_tokenizer_with_one_line_and_no_output(tmp_path):

@@ -325,11 +325,16 @@ def val_text(windows: np.ndarray, enc: tiktoken.Encoding) -> list[str]:
 
 
 def export_gguf(
-    model_dir: Path, tokenizer_dir: Path, shards_dir: Path, out_dir: Path, params: ExportParams
+    model_dir: Path,
+    tokenizer_dir: Path,
+    shards_dir: Path,
+    out_dir: Path,
+    params: ExportParams,
+    shown_as: Path | None = None,
 ) -> dict:
     """``out_dir``/<model>-<type>.gguf per ``export.gguf_types`` and a Modelfile (replaced atomically, only when
     every check passed); verified in llama.cpp, in a child process, when llama-cpp-python is installed. Returns
-    the metrics.
+    the metrics. ``shown_as``: where the files will be published, if not ``out_dir`` (for messages).
 
     A check that fails (tokenizer, agreement, chat template) fails the export: nothing is published. When
     llama.cpp itself dies (a signal) or hangs on a file, the file is still published, marked unverified with the
@@ -405,7 +410,9 @@ def export_gguf(
                         "check_file", path, params.gguf_check_timeout, gguf_type=gguf_type, **request
                     )
                 except ChildCrashed as exc:
-                    reason = one_line(str(exc).replace(str(tmp), str(out_dir)))  # the path the user will find
+                    reason = one_line(
+                        str(exc).replace(str(tmp), str(shown_as or out_dir))
+                    )  # the path the user will find
                     print(f"warning: {reason}", file=sys.stderr)
                     metrics[gguf_type] = {"passed": False, "crashed": exc.cause, "reason": reason}
                     crashes.append(f"{gguf_type}: llama.cpp crashed ({exc.cause})")

@@ -1,0 +1,85 @@
+"""Our GPT as an lm-evaluation-harness model: ``PipelineLM`` answers the harness's three request kinds
+(``loglikelihood``, ``loglikelihood_rolling``, ``generate_until``) from a model directory, in process.
+
+It subclasses the harness's ``TemplateLM``, so a (context, continuation) pair is split into tokens exactly as the
+harness's API models (``local-completions`` against ``python -m pipeline serve``) split it: the two score the same.
+Scoring is ``pipeline.model.scoring.score_ids``. It knows nothing of tasks, benchmarks or reports.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from pipeline.model.checkpoint import load_with_tokenizer
+from pipeline.model.generate import stream_tokens
+from pipeline.model.sampling import SamplingOptions
+from pipeline.model.scoring import score_ids
+
+
+class PipelineLM(TemplateLM):
+    """A model directory (models/base, models/sft, models/dpo) scored by the harness; contexts longer than the
+    model's context keep their end, as the harness's own models do."""
+
+    def __init__(self, model_dir: str | Path, max_gen_toks: int = 32):
+        super().__init__()
+        loaded = load_with_tokenizer(model_dir)
+        self.model, self.enc = loaded.model.eval(), loaded.enc
+        self.max_length = self.model.cfg.context_length
+        self.max_gen_toks = max_gen_toks
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.enc.eot_token
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.enc.encode_ordinary(string)
+
+    def tok_decode(self, ids: list[int]) -> str:
+        return self.enc.decode(ids)
+
+    def _continuation_logprob(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+        """log p(continuation | context) and whether greedy decoding would produce it."""
+        ids = (context + continuation)[-self.max_length:]
+        scored = score_ids(self.model, ids)
+        n = len(continuation)
+        return sum(scored.logprobs[-n:]), all(scored.greedy[-n:])
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        results = []
+        for cache_key, context, continuation in requests:
+            result = self._continuation_logprob(context, continuation)
+            self.cache_hook.add_partial("loglikelihood", cache_key, result)
+            results.append(result)
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """The whole text's log-likelihood, in disjoint windows of the model's context (the harness's recipe)."""
+        results = []
+        for request in requests:
+            (text,) = request.args
+            windows = get_rolling_token_windows(self.tok_encode(text), self.prefix_token_id, self.max_length, 1)
+            total = sum(self._continuation_logprob(*make_disjoint_window(w))[0] for w in windows)
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
+            results.append(total)
+        return results
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy continuations, cut at the first of the request's ``until`` strings."""
+        results = []
+        for request in requests:
+            context, kwargs = request.args
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = min(int(kwargs.get("max_gen_toks", self.max_gen_toks)), self.max_length - 1)
+            prompt = self.tok_encode(context)[-(self.max_length - max_new):] or [self.eot_token_id]
+            opts = SamplingOptions(max_new_tokens=max_new, temperature=0.0, eos_id=self.eot_token_id)
+            ids = [int(t[0, 0]) for t in stream_tokens(self.model, torch.tensor([prompt]), opts)]
+            text = self.enc.decode([t for t in ids if t != self.eot_token_id])
+            for stop in until:
+                text = text.split(stop)[0] if stop else text
+            self.cache_hook.add_partial("generate_until", (context, kwargs), text)
+            results.append(text)
+        return results

@@ -384,7 +384,9 @@ def register(app: FastAPI, engine: Engine) -> None:
             raise OpenAIError(400, f"model '{served.name}' does not report log-probabilities (only torch model "
                                    "directories do; the ONNX export does not)", param)
         prompt_ids = completion_prompt(served, request.prompt, raw=bool(request.echo))
-        if request.echo and len(fit_prompt(prompt_ids, served.context_length, request.max_tokens)[0]) < len(prompt_ids):
+        kept = prompt_ids[-served.context_length:] if request.max_tokens == 0 else \
+            fit_prompt(prompt_ids, served.context_length, request.max_tokens)[0]
+        if request.echo and len(kept) < len(prompt_ids):
             raise OpenAIError(400, f"prompt: {len(prompt_ids)} tokens do not fit the context of "
                                    f"{served.context_length} with max_tokens {request.max_tokens} (echo scores the "
                                    "whole prompt)", "prompt")

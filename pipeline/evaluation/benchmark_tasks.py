@@ -6,7 +6,7 @@ local JSONL, built from data the pipeline already holds.
 - ``pipeline_preference``: a held-out DPO prompt with its chosen and rejected answers; ``acc`` when the chosen
   one has the higher log-likelihood (``acc_norm`` per byte, as the harness normalises).
 
-It knows documents and task files only: no model, no stage, no report.
+It knows documents, where the pipeline keeps them, and task files: no model, no scoring, no report.
 """
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ import random
 import re
 from collections.abc import Iterable
 from pathlib import Path
+
+from pipeline.common.errors import PipelineError
+from pipeline.data.instructions import check_recipe, load_examples, load_preferences, split_dataset
 
 CLOZE, PREFERENCE = "pipeline_cloze", "pipeline_preference"
 TASKS = (CLOZE, PREFERENCE)
@@ -84,6 +87,23 @@ def preference_docs(pairs: Iterable[tuple[str, str, str]], limit: int) -> list[d
     """Up to ``limit`` (prompt, chosen, rejected) items, in the order given."""
     docs = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in pairs if c.strip() and r.strip() and c != r]
     return docs[:limit]
+
+
+def dpo_validation_pairs(data: str | Path, strict: bool, split_val: float, split_seed: int,
+                         sft_recipe: dict) -> list[tuple[str, str, str]]:
+    """The DPO stage's validation pairs, rebuilt as it builds them: pairs whose prompt is in the SFT test split
+    (``sft_recipe``, as models/sft records it) left out, then the same seeded split. (prompt, chosen, rejected),
+    the prompt plain text: the instruction, then its input after a blank line."""
+    check_recipe(sft_recipe, "models/sft/config.json: instructions")
+    examples = load_examples(sft_recipe["data"], sft_recipe["strict"]).records
+    test = split_dataset(examples, sft_recipe["split_train"], sft_recipe["split_val"], sft_recipe["split_seed"],
+                         sft_recipe["data"])[2]
+    held_out = {example.key for example in test}
+    usable = [pair for pair in load_preferences(data, strict).records if pair.key not in held_out]
+    if not usable:
+        raise PipelineError(f"{data}: no preference pair outside the SFT test split to benchmark with")
+    val = split_dataset(usable, 1 - split_val, split_val, split_seed, str(data))[1]
+    return [("\n\n".join(t for t in (pair.instruction, pair.input) if t), pair.chosen, pair.rejected) for pair in val]
 
 
 def write_task(directory: Path, name: str, docs: list[dict]) -> None:

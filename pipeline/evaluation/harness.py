@@ -3,10 +3,12 @@
 
 It subclasses the harness's ``TemplateLM``, so a (context, continuation) pair is split into tokens exactly as the
 harness's API models (``local-completions`` against ``python -m pipeline serve``) split it: the two score the same.
-Scoring is ``pipeline.model.scoring.score_ids``. It knows nothing of tasks, benchmarks or reports.
+Scoring is ``pipeline.model.scoring.score_ids``. ``run_tasks`` runs harness tasks (by name, found under a task
+directory) on a model directory and keeps each task's headline numbers; it knows no report or stage.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -83,3 +85,26 @@ class PipelineLM(TemplateLM):
             self.cache_hook.add_partial("generate_until", (context, kwargs), text)
             results.append(text)
         return results
+
+
+def headline(results: dict, task: str, baseline: float | None) -> dict:
+    """A task's metrics as the benchmark reports them: each metric, its stderr, the items, the random baseline."""
+    row = {"n": int(results["n-samples"][task]["effective"]), "random_baseline": baseline}
+    for key, value in results["results"][task].items():
+        metric, _, kind = key.partition(",")
+        if kind == "none" and isinstance(value, int | float):
+            row[metric] = None if value != value else float(value)  # NaN (a stderr of one item) is null in JSON
+    return row
+
+
+def run_tasks(model_dir: str | Path, task_dir: str | Path, tasks: list[str], baselines: dict[str, float],
+              limit: int | None = None) -> dict[str, dict]:
+    """Each task of ``tasks`` (YAML under ``task_dir``, or the harness's own when online) on ``model_dir``."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local JSONL: the Hub is never asked
+    results = lm_eval.simple_evaluate(model=PipelineLM(model_dir), tasks=list(tasks), limit=limit,
+                                      task_manager=TaskManager(include_path=str(task_dir)), bootstrap_iters=100,
+                                      log_samples=False)
+    return {task: headline(results, task, baselines.get(task)) for task in tasks}

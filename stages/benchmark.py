@@ -50,6 +50,8 @@ def task_docs(p: config.DeclaredParams) -> dict[str, list[dict]]:
 @timed
 def main() -> None:
     p = config.load_params(sections=PARAMS)
+    for directory in MODELS.values():  # a missing model fails now, not after the others are scored
+        read_model_config(directory)
     docs = task_docs(p)
     with tempfile.TemporaryDirectory(prefix="benchmark-tasks-") as scratch:
         os.environ["HF_DATASETS_CACHE"] = str(Path(scratch) / "datasets")  # no cache outlives the stage

@@ -57,8 +57,7 @@ def main() -> None:
         os.environ["HF_DATASETS_CACHE"] = str(Path(scratch) / "datasets")  # no cache outlives the stage
         for name, items in docs.items():
             bt.write_task(Path(scratch), name, items)
-        scores = {model: run_tasks(directory, scratch, list(docs), bt.RANDOM_BASELINE)
-                  for model, directory in MODELS.items()}
+        scores = run_tasks(MODELS, scratch, list(docs), bt.RANDOM_BASELINE)
     write_json(OUT, {"tasks": {name: len(items) for name, items in docs.items()}, "models": scores})
     summary = "; ".join(f"{model} " + ", ".join(f"{task} acc {row['acc']:.3f}" for task, row in tasks.items())
                         for model, tasks in scores.items())

@@ -176,7 +176,7 @@ def test_the_harness_scores_the_server_as_it_scores_the_model_in_process(base_di
     from pipeline.evaluation.harness import PipelineLM
 
     tasks = [CLOZE, PREFERENCE]
-    manager = TaskManager(include_path=str(harness_tasks))
+    manager = TaskManager(include_path=str(harness_tasks), include_defaults=False)
     local = lm_eval.simple_evaluate(model=PipelineLM(base_dir), tasks=tasks, task_manager=manager, log_samples=True)
     port = free_port()
     process = subprocess.Popen(

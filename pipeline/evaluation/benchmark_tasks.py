@@ -68,11 +68,12 @@ metadata:
 
 
 def cloze_docs(texts: Iterable[str], limit: int, seed: int = 0, max_chars: int = 400) -> list[dict]:
-    """Up to ``limit`` (context, target) items: each passage's tail of at most ``max_chars`` characters, cut before
-    its last word (trailing punctuation dropped from the target, as LAMBADA's words carry none)."""
+    """Up to ``limit`` (context, target) items: each paragraph's tail of at most ``max_chars`` characters, cut
+    before its last word (trailing punctuation dropped from the target, as LAMBADA's words carry none)."""
     docs = []
     for text in texts:
-        for passage in re.split(r"\n\s*\n|\n", text):
+        for paragraph in re.split(r"\n\s*\n", text):
+            passage = " ".join(paragraph.split())  # hard-wrapped lines (Gutenberg's) join into one passage
             words = passage[-max_chars:].split()[1:]  # the first may be cut mid-word
             if len(words) <= MIN_CONTEXT_WORDS:
                 continue

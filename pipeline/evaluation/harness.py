@@ -3,8 +3,8 @@
 
 It subclasses the harness's ``TemplateLM``, so a (context, continuation) pair is split into tokens exactly as the
 harness's API models (``local-completions`` against ``python -m pipeline serve``) split it: the two score the same.
-Scoring is ``pipeline.model.scoring.score_ids``. ``run_tasks`` runs harness tasks (by name, found under a task
-directory) on a model directory and keeps each task's headline numbers; it knows no report or stage.
+Scoring is ``pipeline.model.scoring``. ``run_tasks`` runs local harness tasks (by name, found under a task
+directory) on model directories and keeps each task's headline numbers; it knows no report or stage.
 """
 from __future__ import annotations
 
@@ -18,15 +18,16 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from pipeline.model.checkpoint import load_with_tokenizer
 from pipeline.model.generate import stream_tokens
 from pipeline.model.sampling import SamplingOptions
-from pipeline.model.scoring import score_ids
+from pipeline.model.scoring import score_batch, score_ids
 
 
 class PipelineLM(TemplateLM):
     """A model directory (models/base, models/sft, models/dpo) scored by the harness; contexts longer than the
     model's context keep their end, as the harness's own models do."""
 
-    def __init__(self, model_dir: str | Path, max_gen_toks: int = 32):
+    def __init__(self, model_dir: str | Path, max_gen_toks: int = 32, batch_size: int = 16):
         super().__init__()
+        self.batch_size = batch_size  # sequences per forward pass of loglikelihood requests
         loaded = load_with_tokenizer(model_dir)
         self.model, self.enc = loaded.model.eval(), loaded.enc
         self.max_length = self.model.cfg.context_length
@@ -50,11 +51,16 @@ class PipelineLM(TemplateLM):
         return sum(scored.logprobs[-n:]), all(scored.greedy[-n:])
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        results = []
-        for cache_key, context, continuation in requests:
-            result = self._continuation_logprob(context, continuation)
-            self.cache_hook.add_partial("loglikelihood", cache_key, result)
-            results.append(result)
+        """Scored in batches of similar length (one forward pass each), answered in the requests' order."""
+        rows = [((context + continuation)[-self.max_length:], len(continuation)) for _, context, continuation in requests]
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            for i, (logprobs, greedy) in zip(chunk, score_batch(self.model, [rows[i][0] for i in chunk]), strict=True):
+                n = rows[i][1]
+                results[i] = (sum(logprobs[-n:]), all(greedy[-n:]))
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -97,14 +103,18 @@ def headline(results: dict, task: str, baseline: float | None) -> dict:
     return row
 
 
-def run_tasks(model_dir: str | Path, task_dir: str | Path, tasks: list[str], baselines: dict[str, float],
-              limit: int | None = None) -> dict[str, dict]:
-    """Each task of ``tasks`` (YAML under ``task_dir``, or the harness's own when online) on ``model_dir``."""
+def run_tasks(model_dirs: dict[str, Path], task_dir: str | Path, tasks: list[str], baselines: dict[str, float],
+              limit: int | None = None) -> dict[str, dict[str, dict]]:
+    """Each task of ``tasks`` (YAML under ``task_dir`` only: the harness's thousands of built-in task files are
+    not indexed, which alone takes half a minute) on each model directory, by model name."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local JSONL: the Hub is never asked
-    results = lm_eval.simple_evaluate(model=PipelineLM(model_dir), tasks=list(tasks), limit=limit,
-                                      task_manager=TaskManager(include_path=str(task_dir)), bootstrap_iters=100,
-                                      log_samples=False)
-    return {task: headline(results, task, baselines.get(task)) for task in tasks}
+    manager = TaskManager(include_path=str(task_dir), include_defaults=False)
+    scores = {}
+    for name, directory in model_dirs.items():
+        results = lm_eval.simple_evaluate(model=PipelineLM(directory), tasks=list(tasks), limit=limit,
+                                          task_manager=manager, bootstrap_iters=100, log_samples=False)
+        scores[name] = {task: headline(results, task, baselines.get(task)) for task in tasks}
+    return scores

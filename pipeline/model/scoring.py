@@ -41,3 +41,22 @@ def score_ids(model: GPT, ids: Sequence[int], k: int = 0) -> Scored:
         values, indices = logp.topk(k, dim=-1)
         top = [list(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
     return Scored(chosen.tolist(), top, greedy)
+
+
+@torch.inference_mode()
+def score_batch(model: GPT, rows: Sequence[Sequence[int]]) -> list[tuple[list[float], list[bool]]]:
+    """``score_ids`` without the top-k for several id lists (each 2..context_length) in one forward pass: each
+    row is padded at its end, which the causal mask keeps from every real position. Per row, (log-probabilities,
+    greedy flags) of ids[1:]."""
+    if any(not 2 <= len(ids) <= model.cfg.context_length for ids in rows):
+        raise ValueError(f"scoring needs 2..{model.cfg.context_length} tokens per row")
+    model.eval()
+    width = max(len(ids) for ids in rows)
+    device = next(model.parameters()).device
+    idx = torch.tensor([list(ids) + [0] * (width - len(ids)) for ids in rows], dtype=torch.long, device=device)
+    logits, _ = model(idx[:, :-1])
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, width-1, V)
+    targets = idx[:, 1:]
+    chosen = logp.gather(2, targets.unsqueeze(2)).squeeze(2)
+    greedy = logp.argmax(dim=-1) == targets
+    return [(chosen[i, : len(ids) - 1].tolist(), greedy[i, : len(ids) - 1].tolist()) for i, ids in enumerate(rows)]

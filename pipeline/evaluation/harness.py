@@ -22,8 +22,9 @@ from pipeline.model.scoring import score_batch, score_ids
 
 
 class PipelineLM(TemplateLM):
-    """A model directory (models/base, models/sft, models/dpo) scored by the harness; contexts longer than the
-    model's context keep their end, as the harness's own models do."""
+    """A model directory (models/base, models/sft, models/dpo) scored by the harness; a (context, continuation)
+    longer than the model's context keeps its last context_length + 1 tokens (the last is only predicted), as the
+    harness's Hugging Face model does."""
 
     def __init__(self, model_dir: str | Path, max_gen_toks: int = 32, batch_size: int = 16):
         super().__init__()
@@ -45,14 +46,15 @@ class PipelineLM(TemplateLM):
 
     def _continuation_logprob(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
         """log p(continuation | context) and whether greedy decoding would produce it."""
-        ids = (context + continuation)[-self.max_length:]
+        ids = (context + continuation)[-(self.max_length + 1):]
         scored = score_ids(self.model, ids)
         n = len(continuation)
         return sum(scored.logprobs[-n:]), all(scored.greedy[-n:])
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """Scored in batches of similar length (one forward pass each), answered in the requests' order."""
-        rows = [((context + continuation)[-self.max_length:], len(continuation)) for _, context, continuation in requests]
+        rows = [((context + continuation)[-(self.max_length + 1):], len(continuation))
+                for _, context, continuation in requests]
         order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
         for start in range(0, len(order), self.batch_size):

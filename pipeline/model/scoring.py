@@ -26,9 +26,10 @@ class Scored:
 
 @torch.inference_mode()
 def score_ids(model: GPT, ids: Sequence[int], k: int = 0) -> Scored:
-    """One forward pass over ``ids`` (2 ≤ len ≤ context_length), log-softmax in float32."""
-    if not 2 <= len(ids) <= model.cfg.context_length:
-        raise ValueError(f"scoring needs 2..{model.cfg.context_length} tokens, got {len(ids)}")
+    """One forward pass over ``ids[:-1]`` (2 ≤ len(ids) ≤ context_length + 1: the last id is only predicted),
+    log-softmax in float32."""
+    if not 2 <= len(ids) <= model.cfg.context_length + 1:
+        raise ValueError(f"scoring needs 2..{model.cfg.context_length + 1} tokens, got {len(ids)}")
     model.eval()
     idx = torch.tensor([list(ids)], dtype=torch.long, device=next(model.parameters()).device)
     logits, _ = model(idx[:, :-1])
@@ -45,11 +46,11 @@ def score_ids(model: GPT, ids: Sequence[int], k: int = 0) -> Scored:
 
 @torch.inference_mode()
 def score_batch(model: GPT, rows: Sequence[Sequence[int]]) -> list[tuple[list[float], list[bool]]]:
-    """``score_ids`` without the top-k for several id lists (each 2..context_length) in one forward pass: each
+    """``score_ids`` without the top-k for several id lists (each 2..context_length + 1) in one forward pass: each
     row is padded at its end, which the causal mask keeps from every real position. Per row, (log-probabilities,
     greedy flags) of ids[1:]."""
-    if any(not 2 <= len(ids) <= model.cfg.context_length for ids in rows):
-        raise ValueError(f"scoring needs 2..{model.cfg.context_length} tokens per row")
+    if any(not 2 <= len(ids) <= model.cfg.context_length + 1 for ids in rows):
+        raise ValueError(f"scoring needs 2..{model.cfg.context_length + 1} tokens per row")
     model.eval()
     width = max(len(ids) for ids in rows)
     device = next(model.parameters()).device

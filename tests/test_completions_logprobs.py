@@ -16,7 +16,7 @@ import torch
 from pipeline.evaluation.benchmark_tasks import CLOZE, PREFERENCE, cloze_docs, preference_docs, write_task
 from pipeline.model.checkpoint import load_model
 from tests.serving import load_served, running_server, save_tiny_model
-from tests.test_serve import ROOT, free_port
+from tests.test_serve import ROOT, SlowTokens, free_port
 
 TOLERANCE = 1e-4  # float32 log-softmax of the same weights, one forward pass each: equal up to rounding
 
@@ -123,6 +123,22 @@ def test_bad_logprobs_and_echo_get_a_400_naming_them(server, body, param):
     assert error["param"] == param and error["type"] == "invalid_request_error", error
     with pytest.raises(openai.BadRequestError):  # the official client sees the same refusal
         client(server).completions.create(**{"model": "base", "prompt": "Hola", **body})
+
+
+def test_a_model_without_scoring_refuses_logprobs_with_a_400(base_dir):
+    """Like the ONNX export (OnnxGenerator has no ``score``): a generator that only streams tokens."""
+    from pipeline.export.onnx_generate import OnnxGenerator
+
+    assert not hasattr(OnnxGenerator, "score")
+    models = load_served({"stream-only": base_dir})
+    models["stream-only:latest"].tokens = SlowTokens(models["stream-only:latest"].tokens)  # stream() only
+    with running_server(models) as (url, _):
+        for body, param in (({"logprobs": 1}, "logprobs"), ({"echo": True, "max_tokens": 0}, "echo")):
+            with pytest.raises(openai.BadRequestError) as refused:
+                client(url).completions.create(model="stream-only", prompt="Hola", **body)
+            assert refused.value.body["param"] == param and "log-probabilities" in refused.value.body["message"]
+        plain = client(url).completions.create(model="stream-only", prompt="Hola", max_tokens=2, temperature=0)
+        assert plain.usage.completion_tokens == 2  # generation itself still works
 
 
 def test_chat_still_refuses_logprobs(server):

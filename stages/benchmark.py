@@ -20,6 +20,7 @@ from pipeline.data.tokenizer import load_tokenizer
 from pipeline.evaluation import benchmark_tasks as bt
 from pipeline.evaluation.harness import run_tasks
 from pipeline.model.checkpoint import read_model_config
+from pipeline.model.runtime import local_device
 
 MODELS = {"base": Path("models/base"), "sft": Path("models/sft"), "dpo": Path("models/dpo")}
 TOKENIZER = Path("data/tokenizer")
@@ -57,7 +58,7 @@ def main() -> None:
         os.environ["HF_DATASETS_CACHE"] = str(Path(scratch) / "datasets")  # no cache outlives the stage
         for name, items in docs.items():
             bt.write_task(Path(scratch), name, items)
-        scores = run_tasks(MODELS, scratch, list(docs), bt.RANDOM_BASELINE)
+        scores = run_tasks(MODELS, scratch, list(docs), bt.RANDOM_BASELINE, device=local_device("auto"))
     write_json(OUT, {"tasks": {name: len(items) for name, items in docs.items()}, "models": scores})
     summary = "; ".join(f"{model} " + ", ".join(f"{task} acc {row['acc']:.3f}" for task, row in tasks.items())
                         for model, tasks in scores.items())

@@ -26,10 +26,11 @@ class PipelineLM(TemplateLM):
     longer than the model's context keeps its last context_length + 1 tokens (the last is only predicted), as the
     harness's Hugging Face model does."""
 
-    def __init__(self, model_dir: str | Path, max_gen_toks: int = 32, batch_size: int = 16):
+    def __init__(self, model_dir: str | Path, max_gen_toks: int = 32, batch_size: int = 16,
+                 device: str | torch.device = "cpu"):
         super().__init__()
         self.batch_size = batch_size  # sequences per forward pass of loglikelihood requests
-        loaded = load_with_tokenizer(model_dir)
+        loaded = load_with_tokenizer(model_dir, device=device)
         self.model, self.enc = loaded.model.eval(), loaded.enc
         self.max_length = self.model.cfg.context_length
         self.max_gen_toks = max_gen_toks
@@ -86,7 +87,8 @@ class PipelineLM(TemplateLM):
             max_new = min(int(kwargs.get("max_gen_toks", self.max_gen_toks)), self.max_length - 1)
             prompt = self.tok_encode(context)[-(self.max_length - max_new):] or [self.eot_token_id]
             opts = SamplingOptions(max_new_tokens=max_new, temperature=0.0, eos_id=self.eot_token_id)
-            ids = [int(t[0, 0]) for t in stream_tokens(self.model, torch.tensor([prompt]), opts)]
+            start = torch.tensor([prompt], device=next(self.model.parameters()).device)
+            ids = [int(t[0, 0]) for t in stream_tokens(self.model, start, opts)]
             text = self.enc.decode([t for t in ids if t != self.eot_token_id])
             for stop in until:
                 text = text.split(stop)[0] if stop else text
@@ -106,7 +108,7 @@ def headline(results: dict, task: str, baseline: float | None) -> dict:
 
 
 def run_tasks(model_dirs: dict[str, Path], task_dir: str | Path, tasks: list[str], baselines: dict[str, float],
-              limit: int | None = None) -> dict[str, dict[str, dict]]:
+              limit: int | None = None, device: str | torch.device = "cpu") -> dict[str, dict[str, dict]]:
     """Each task of ``tasks`` (YAML under ``task_dir`` only: the harness's thousands of built-in task files are
     not indexed, which alone takes half a minute) on each model directory, by model name."""
     import lm_eval
@@ -116,7 +118,7 @@ def run_tasks(model_dirs: dict[str, Path], task_dir: str | Path, tasks: list[str
     manager = TaskManager(include_path=str(task_dir), include_defaults=False)
     scores = {}
     for name, directory in model_dirs.items():
-        results = lm_eval.simple_evaluate(model=PipelineLM(directory), tasks=list(tasks), limit=limit,
+        results = lm_eval.simple_evaluate(model=PipelineLM(directory, device=device), tasks=list(tasks), limit=limit,
                                           task_manager=manager, bootstrap_iters=100, log_samples=False)
         scores[name] = {task: headline(results, task, baselines.get(task)) for task in tasks}
     return scores

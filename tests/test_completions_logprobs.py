@@ -167,8 +167,8 @@ def harness_tasks(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
-    text = ("En un lugar de la Mancha de cuyo nombre no quiero acordarme no ha mucho tiempo que vivía un hidalgo.\n"
-            "Tenía en su casa una ama que pasaba de los cuarenta y una sobrina que no llegaba a los veinte años.\n"
+    text = ("En un lugar de la Mancha de cuyo nombre no quiero acordarme no ha mucho tiempo que vivía un hidalgo.\n\n"
+            "Tenía en su casa una ama que pasaba de los cuarenta y una sobrina que no llegaba a los veinte años.\n\n"
             "Frisaba la edad de nuestro hidalgo con los cincuenta años y era de complexión recia y seco de carnes.")
     pairs = [("¿De qué color es el cielo?", "Azul.", "No lo sé, quizá verde."),
              ("Dime un número par.", "Cuatro.", "Siete."),
@@ -218,7 +218,7 @@ def test_the_harness_scores_the_server_as_it_scores_the_model_in_process(base_di
         process.communicate(timeout=30)
     for task in tasks:
         ours, theirs = per_item(local, task), per_item(served, task)
-        assert len(ours) == len(theirs) > 0 and all(math.isfinite(v) for v in ours)
+        assert len(ours) == len(theirs) >= 2 and all(math.isfinite(v) for v in ours)
         assert max(abs(a - b) for a, b in zip(ours, theirs, strict=True)) < HARNESS_TOLERANCE
     for metric in ("acc,none", "perplexity,none"):
         assert served["results"][CLOZE][metric] == pytest.approx(local["results"][CLOZE][metric], rel=1e-4)

@@ -125,6 +125,30 @@ def test_bad_logprobs_and_echo_get_a_400_naming_them(server, body, param):
         client(server).completions.create(**{"model": "base", "prompt": "Hola", **body})
 
 
+class EndsAtOnce:
+    """The model's scoring, but a generation that ends at once with end-of-text (as a trained model may)."""
+
+    def __init__(self, tokens, eot: int):
+        self.score, self.eot = tokens.score, eot
+
+    def stream(self, prompt_ids, opts):
+        yield self.eot
+
+
+def test_the_token_that_ended_the_answer_is_listed_and_scored(base_dir):
+    """The harness drops the last echoed token as the generated one: an answer that ends at once must still have it."""
+    models = load_served({"base": base_dir})
+    eot = models["base:latest"].encoding.eot_token
+    models["base:latest"].tokens = EndsAtOnce(models["base:latest"].tokens, eot)
+    with running_server(models) as (url, _):
+        answer = client(url).completions.create(model="base", prompt="Hola", echo=True, max_tokens=1, logprobs=1)
+    choice = answer.choices[0]
+    assert choice.text == "Hola" and choice.finish_reason == "stop" and answer.usage.completion_tokens == 0
+    assert choice.logprobs.tokens == ["H", "o", "l", "a", "<|endoftext|>"]
+    expected = own_logprobs(base_dir, [*b"Hola", eot])
+    assert abs(choice.logprobs.token_logprobs[-1] - expected[3, eot].item()) < TOLERANCE
+
+
 def test_a_model_without_scoring_refuses_logprobs_with_a_400(base_dir):
     """Like the ONNX export (OnnxGenerator has no ``score``): a generator that only streams tokens."""
     from pipeline.export.onnx_generate import OnnxGenerator

@@ -8,6 +8,7 @@ with model.init_from → sft) at the real shape, and the SFT step time is measur
 Only what a CPU cannot afford is cut: pretrain evaluates one window, SFT evaluates one batch and answers the
 held-out prompts with 4 tokens. Everything else is params-book.yaml as it stands (fp32, batch 8, lr 5e-5 …).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,12 +45,19 @@ def main() -> None:
         random_gpt2_medium(checkpoint, args.layers)
         book["model"].update(init_from=str(checkpoint), context_length=None)  # the shape is the checkpoint's
         book["pretrain"].update(batch_size=1, eval_batches=1)
-        book["sft"].update(max_steps=args.steps, eval_every=args.steps, eval_batches=1, log_every=1, max_new_tokens=4)
+        book["sft"].update(
+            max_steps=args.steps, eval_every=args.steps, eval_batches=1, log_every=1, max_new_tokens=4
+        )
         book["judge"] = {}
         root = make_project(Path(tmp) / "project", overrides=book)
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "dvc", "repro", "sft"], cwd=root, capture_output=True, text=True,
-                              env={**venv_env(), "TQDM_DISABLE": "1"})
+        done = subprocess.run(
+            [sys.executable, "-m", "dvc", "repro", "sft"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            env={**venv_env(), "TQDM_DISABLE": "1"},
+        )
         if done.returncode:
             sys.exit(done.stdout[-3000:] + done.stderr[-3000:])
         wall = time.perf_counter() - start
@@ -58,11 +66,15 @@ def main() -> None:
         n_params = sum(p.numel() for p in GPT2LMHeadModel.from_pretrained(checkpoint).parameters())
     steps = args.steps
     tokens_per_step = train["tokens_seen"] / steps
-    print(f"book profile: GPT-2 medium shape ({args.layers} layers, {n_params / 1e6:.0f}M params), fp32, SFT batch 8, "
-          f"{steps} steps; threads {torch.get_num_threads()}")
-    print(f"sft: {summary['train_seconds'] / steps:.1f} s/step over all steps, {tokens_per_step / summary['tokens_per_s']:.1f} "
-          f"s/step after the first ({summary['tokens_per_s']:.0f} tokens/s, {tokens_per_step:.0f} tokens/step); "
-          f"whole repro download..sft {wall:.0f} s")
+    print(
+        f"book profile: GPT-2 medium shape ({args.layers} layers, {n_params / 1e6:.0f}M params), fp32, SFT batch 8, "
+        f"{steps} steps; threads {torch.get_num_threads()}"
+    )
+    print(
+        f"sft: {summary['train_seconds'] / steps:.1f} s/step over all steps, {tokens_per_step / summary['tokens_per_s']:.1f} "
+        f"s/step after the first ({summary['tokens_per_s']:.0f} tokens/s, {tokens_per_step:.0f} tokens/step); "
+        f"whole repro download..sft {wall:.0f} s"
+    )
 
 
 if __name__ == "__main__":

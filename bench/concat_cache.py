@@ -4,6 +4,7 @@ Each layer's past keys/values come in as arrays of the length used so far and le
 graph's Concat copies the whole cache every step. ``bench.export`` decodes through it beside the exported
 graph (fixed-size buffers written in place by GroupQueryAttention).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -37,23 +38,44 @@ def export_concat_graph(model: GPT, path: Path, opset: int, dynamo: bool = True)
     cfg = model.cfg
     names_in, names_out = [INPUT_IDS, *past_names(cfg.n_layer)], [LOGITS, *present_names(cfg.n_layer)]
     # Trace with a past and more than one new token: the general attention path (a mask over past + new).
-    args = (torch.zeros(2, 3, dtype=torch.long), *(torch.zeros(2, cfg.n_head, 2, cfg.head_dim) for _ in names_in[1:]))
+    args = (
+        torch.zeros(2, 3, dtype=torch.long),
+        *(torch.zeros(2, cfg.n_head, 2, cfg.head_dim) for _ in names_in[1:]),
+    )
     with warnings.catch_warnings(), quiet_logger("torch.onnx"):
         warnings.simplefilter("ignore")  # exporter chatter and TracerWarnings about Python-side length checks
         if dynamo:
-            batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=1, max=cfg.context_length)
+            batch, seq = (
+                torch.export.Dim("batch", min=1),
+                torch.export.Dim("seq", min=1, max=cfg.context_length),
+            )
             past_seq = torch.export.Dim("past_seq", min=0, max=cfg.context_length)
             shapes = ({0: batch, 1: seq}, tuple({0: batch, 2: past_seq} for _ in names_in[1:]))
-            program = torch.onnx.export(ConcatCacheGPT(model).eval(), args, dynamo=True, dynamic_shapes=shapes,
-                                        opset_version=opset, input_names=names_in, output_names=names_out,
-                                        verbose=False)
+            program = torch.onnx.export(
+                ConcatCacheGPT(model).eval(),
+                args,
+                dynamo=True,
+                dynamic_shapes=shapes,
+                opset_version=opset,
+                input_names=names_in,
+                output_names=names_out,
+                verbose=False,
+            )
             program.save(str(path))
             return
         axes = {INPUT_IDS: {0: "batch", 1: "seq"}, LOGITS: {0: "batch", 1: "seq"}}
         axes |= {n: {0: "batch", 2: "past_seq"} for n in names_in[1:]}
         axes |= {n: {0: "batch", 2: "total"} for n in names_out[1:]}
-        torch.onnx.export(ConcatCacheGPT(model).eval(), args, str(path), dynamo=False, input_names=names_in,
-                          output_names=names_out, dynamic_axes=axes, opset_version=opset)
+        torch.onnx.export(
+            ConcatCacheGPT(model).eval(),
+            args,
+            str(path),
+            dynamo=False,
+            input_names=names_in,
+            output_names=names_out,
+            dynamic_axes=axes,
+            opset_version=opset,
+        )
 
 
 def concat_session(path: Path, threads: int) -> ort.InferenceSession:

@@ -18,6 +18,7 @@ is compared with the raw runs next to it: this VM's speed drifts by a third over
 data included. ``ratio`` is the mean over rounds. The corpus is deleted at the end unless ``--keep``. The last
 line is a key=value summary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,7 +56,9 @@ def paragraphs() -> list[str]:
     texts = []
     for name in ("quijote.txt", "tinyshakespeare.txt", "the-verdict.txt"):
         if (SHARED / name).is_file():
-            texts.append(clean_text((SHARED / name).read_bytes(), name, gutenberg=True, normalise=True, unwrap=True))
+            texts.append(
+                clean_text((SHARED / name).read_bytes(), name, gutenberg=True, normalise=True, unwrap=True)
+            )
     if not texts:
         from tests.project import generated_corpus
 
@@ -135,14 +138,19 @@ def run_stage(project: Path, name: str) -> dict:
     rss_file = project / f".rss-{name}"
     env = {**os.environ, "PYTHONPATH": str(project), "BENCH_RSS_FILE": str(rss_file)}
     started = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-c", _STAGE, f"stages.{name}"], cwd=project, env=env, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _STAGE, f"stages.{name}"], cwd=project, env=env, stderr=subprocess.PIPE
+    )
     stderr = child.stderr.read().decode()
     _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status):
         raise SystemExit(f"stages.{name} failed:\n{stderr}")
-    return {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
-            "peak_rss_mb": int(rss_file.read_text()) / 1024}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "peak_rss_mb": int(rss_file.read_text()) / 1024,
+    }
 
 
 def pipeline_run(project: Path) -> dict:
@@ -151,12 +159,20 @@ def pipeline_run(project: Path) -> dict:
     metrics = json.loads((project / "reports/tokenize/metrics.json").read_text())
     train_seconds = metrics["tokenizer"]["train_seconds"]
     return {
-        "text_bytes": sum(metrics["text_bytes"].values()), "tokens": metrics["tokens"]["total"],
-        "download_seconds": download["seconds"], "tokenize_seconds": tokenize["seconds"] - train_seconds,
-        "seconds": download["seconds"] + tokenize["seconds"] - train_seconds, "train_seconds": train_seconds,
-        "cpu_seconds": download["cpu_seconds"] + tokenize["cpu_seconds"] - metrics["tokenizer"]["train_cpu_seconds"],
-        "peak_rss_download_mb": download["peak_rss_mb"], "peak_rss_tokenize_mb": tokenize["peak_rss_mb"],
-        "documents": json.loads((project / "data/raw/manifest.json").read_text())["files"]["documents.bin"]["documents"],
+        "text_bytes": sum(metrics["text_bytes"].values()),
+        "tokens": metrics["tokens"]["total"],
+        "download_seconds": download["seconds"],
+        "tokenize_seconds": tokenize["seconds"] - train_seconds,
+        "seconds": download["seconds"] + tokenize["seconds"] - train_seconds,
+        "train_seconds": train_seconds,
+        "cpu_seconds": download["cpu_seconds"]
+        + tokenize["cpu_seconds"]
+        - metrics["tokenizer"]["train_cpu_seconds"],
+        "peak_rss_download_mb": download["peak_rss_mb"],
+        "peak_rss_tokenize_mb": tokenize["peak_rss_mb"],
+        "documents": json.loads((project / "data/raw/manifest.json").read_text())["files"]["documents.bin"][
+            "documents"
+        ],
     }
 
 
@@ -167,7 +183,9 @@ def raw_encode(project: Path, val_fraction: float, batch_bytes: int, threads: in
     train, val = split_tail(corpus, documents, val_fraction)  # the stage's segments: the same texts
     seconds = cpu = 0.0
     tokens = 0
-    blocks = itertools.chain(*(read_blocks(corpus, split, piece_bytes(batch_bytes, threads)) for split in (train, val)))
+    blocks = itertools.chain(
+        *(read_blocks(corpus, split, piece_bytes(batch_bytes, threads)) for split in (train, val))
+    )
     for texts in text_batches(blocks, batch_bytes):
         started, cpu_started = time.perf_counter(), time.process_time()
         tokens += sum(map(len, enc.encode_ordinary_batch(texts, num_threads=threads)))
@@ -178,11 +196,17 @@ def raw_encode(project: Path, val_fraction: float, batch_bytes: int, threads: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--gb", type=float, default=2.0, help="corpus size (GB of text) for the throughput comparison")
-    parser.add_argument("--small-gb", type=float, default=0.2, help="a smaller corpus: peak RSS must not grow with size")
+    parser.add_argument(
+        "--gb", type=float, default=2.0, help="corpus size (GB of text) for the throughput comparison"
+    )
+    parser.add_argument(
+        "--small-gb", type=float, default=0.2, help="a smaller corpus: peak RSS must not grow with size"
+    )
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "llm-pipeline-bench-corpus")
     parser.add_argument("--keep", action="store_true", help="keep the generated shards for the next run")
-    parser.add_argument("--rounds", type=int, default=2, help="pipeline runs on the big corpus, raw runs between them")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="pipeline runs on the big corpus, raw runs between them"
+    )
     args = parser.parse_args()
     shards = load_params(ROOT / "params.yaml").shards
     threads = encode_threads()
@@ -190,8 +214,11 @@ def main() -> None:
     shard_bytes = min(SHARD_TEXT_BYTES, max(int(args.gb * 1e9) // 4, 1 << 20))  # small --gb: a smoke test
     files = write_shards(args.dir / "shards", int(args.gb * 1e9), shard_bytes)
     on_disk = sum(f.stat().st_size for f in files) / 1e9
-    print(f"{len(files)} shards, {on_disk:.2f} GB on disk, written in {time.perf_counter() - started:.0f}s; "
-          f"{threads} threads, batch_bytes {shards.batch_bytes}, tokenizer.train_bytes {TRAIN_BYTES}", flush=True)
+    print(
+        f"{len(files)} shards, {on_disk:.2f} GB on disk, written in {time.perf_counter() - started:.0f}s; "
+        f"{threads} threads, batch_bytes {shards.batch_bytes}, tokenizer.train_bytes {TRAIN_BYTES}",
+        flush=True,
+    )
     try:
         small_files = files[: max(2, round(args.small_gb * 1e9 / shard_bytes))]
         small = pipeline_run(make_project(args.dir / "small", small_files))
@@ -199,7 +226,9 @@ def main() -> None:
         shutil.rmtree(args.dir / "small")
         big_project = make_project(args.dir / "big", files)
         bigs, raws = [], []
-        for _ in range(args.rounds):  # pipeline first: it makes the data/raw and tokenizer that raw encodes with
+        for _ in range(
+            args.rounds
+        ):  # pipeline first: it makes the data/raw and tokenizer that raw encodes with
             bigs.append(pipeline_run(big_project))
             print(f"big: {json.dumps(bigs[-1])}", flush=True)
             raws.append(raw_encode(big_project, shards.val_fraction, shards.batch_bytes, threads))
@@ -208,23 +237,40 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(args.dir, ignore_errors=True)
     for big in bigs:
-        assert big["tokens"] == raws[0]["tokens"] + raws[0]["documents"], "pipeline and raw tokens differ beyond the EOTs"
+        assert big["tokens"] == raws[0]["tokens"] + raws[0]["documents"], (
+            "pipeline and raw tokens differ beyond the EOTs"
+        )
 
-    print(f"{'path':<40} {'GB':>6} {'MB/s':>7} {'tokens/s':>11} {'wall s':>8} {'CPU s':>8} {'peak RSS MB':>12}")
-    for name, run in (("pipeline (small)", small), *((f"pipeline round {i + 1}", big) for i, big in enumerate(bigs))):
-        print(f"{name + ' download+encode+write':<40} {run['text_bytes'] / 1e9:>6.2f} "
-              f"{run['text_bytes'] / 1e6 / run['seconds']:>7.2f} {run['tokens'] / run['seconds']:>11,.0f} "
-              f"{run['seconds']:>8.1f} {run['cpu_seconds']:>8.1f} "
-              f"{max(run['peak_rss_download_mb'], run['peak_rss_tokenize_mb']):>12.0f}")
-        print(f"{'  of which download':<40} {'':>6} {run['text_bytes'] / 1e6 / run['download_seconds']:>7.2f} "
-              f"{'':>11} {run['download_seconds']:>8.1f} {'':>8} {run['peak_rss_download_mb']:>12.0f}")
-        print(f"{'  tokenizer training (apart)':<40} {TRAIN_BYTES / 1e9:>6.3f} {'':>7} {'':>11} {run['train_seconds']:>8.1f}")
+    print(
+        f"{'path':<40} {'GB':>6} {'MB/s':>7} {'tokens/s':>11} {'wall s':>8} {'CPU s':>8} {'peak RSS MB':>12}"
+    )
+    for name, run in (
+        ("pipeline (small)", small),
+        *((f"pipeline round {i + 1}", big) for i, big in enumerate(bigs)),
+    ):
+        print(
+            f"{name + ' download+encode+write':<40} {run['text_bytes'] / 1e9:>6.2f} "
+            f"{run['text_bytes'] / 1e6 / run['seconds']:>7.2f} {run['tokens'] / run['seconds']:>11,.0f} "
+            f"{run['seconds']:>8.1f} {run['cpu_seconds']:>8.1f} "
+            f"{max(run['peak_rss_download_mb'], run['peak_rss_tokenize_mb']):>12.0f}"
+        )
+        print(
+            f"{'  of which download':<40} {'':>6} {run['text_bytes'] / 1e6 / run['download_seconds']:>7.2f} "
+            f"{'':>11} {run['download_seconds']:>8.1f} {'':>8} {run['peak_rss_download_mb']:>12.0f}"
+        )
+        print(
+            f"{'  tokenizer training (apart)':<40} {TRAIN_BYTES / 1e9:>6.3f} {'':>7} {'':>11} {run['train_seconds']:>8.1f}"
+        )
     text_bytes = bigs[0]["text_bytes"]
     for i, raw in enumerate(raws):
-        print(f"{f'raw encode_ordinary_batch {i + 1}':<40} {text_bytes / 1e9:>6.2f} {text_bytes / 1e6 / raw['seconds']:>7.2f} "
-              f"{raw['tokens'] / raw['seconds']:>11,.0f} {raw['seconds']:>8.1f} {raw['cpu_seconds']:>8.1f}")
+        print(
+            f"{f'raw encode_ordinary_batch {i + 1}':<40} {text_bytes / 1e9:>6.2f} {text_bytes / 1e6 / raw['seconds']:>7.2f} "
+            f"{raw['tokens'] / raw['seconds']:>11,.0f} {raw['seconds']:>8.1f} {raw['cpu_seconds']:>8.1f}"
+        )
 
-    def around(key: str) -> list[float]:  # the raw runs next to each pipeline run: after the first, around the rest
+    def around(
+        key: str,
+    ) -> list[float]:  # the raw runs next to each pipeline run: after the first, around the rest
         return [raws[0][key]] + [(raws[i - 1][key] + raws[i][key]) / 2 for i in range(1, len(bigs))]
 
     ratios = [r / big["seconds"] for r, big in zip(around("seconds"), bigs, strict=True)]
@@ -233,12 +279,14 @@ def main() -> None:
     raw_seconds = sum(raw["seconds"] for raw in raws) / len(raws)
     peak = max(max(big["peak_rss_download_mb"], big["peak_rss_tokenize_mb"]) for big in bigs)
     print(f"ratio per round (raw around it / pipeline): {', '.join(f'{r:.3f}' for r in ratios)}")
-    print(f"corpus_gb={text_bytes / 1e9:.2f} small_gb={small['text_bytes'] / 1e9:.2f} documents={bigs[0]['documents']} "
-          f"tokens={bigs[0]['tokens']} threads={threads} rounds={len(bigs)} pipeline_mb_s={text_bytes / 1e6 / seconds:.2f} "
-          f"raw_mb_s={text_bytes / 1e6 / raw_seconds:.2f} pipeline_tokens_s={bigs[0]['tokens'] / seconds:.0f} "
-          f"ratio={sum(ratios) / len(ratios):.3f} cpu_ratio={sum(cpu_ratios) / len(cpu_ratios):.3f} "
-          f"train_seconds={bigs[0]['train_seconds']:.1f} peak_rss_mb={peak:.0f} "
-          f"peak_rss_small_mb={max(small['peak_rss_download_mb'], small['peak_rss_tokenize_mb']):.0f}")
+    print(
+        f"corpus_gb={text_bytes / 1e9:.2f} small_gb={small['text_bytes'] / 1e9:.2f} documents={bigs[0]['documents']} "
+        f"tokens={bigs[0]['tokens']} threads={threads} rounds={len(bigs)} pipeline_mb_s={text_bytes / 1e6 / seconds:.2f} "
+        f"raw_mb_s={text_bytes / 1e6 / raw_seconds:.2f} pipeline_tokens_s={bigs[0]['tokens'] / seconds:.0f} "
+        f"ratio={sum(ratios) / len(ratios):.3f} cpu_ratio={sum(cpu_ratios) / len(cpu_ratios):.3f} "
+        f"train_seconds={bigs[0]['train_seconds']:.1f} peak_rss_mb={peak:.0f} "
+        f"peak_rss_small_mb={max(small['peak_rss_download_mb'], small['peak_rss_tokenize_mb']):.0f}"
+    )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ the cache copied every step, handed through numpy); the ``_long`` rows decode af
 by the context): what a long cache costs each design. Weights are random: latency does not depend on them. The
 last line is a ``key=value`` summary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,14 +65,16 @@ def matmul_stream(k: int, n: int, threads: int) -> Iterator[int]:
     the kernel that every decode step is made of, on its own."""
     weight = np.full((k, n), 0.01, np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "gemv",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
         [numpy_helper.from_array(weight, "w")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
-    session = ort.InferenceSession(model.SerializeToString(), session_options(threads),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"]
+    )
     x = np.ones((1, k), np.float32)
     while True:
         session.run(None, {"x": x})
@@ -117,13 +120,19 @@ def bench_shape(cfg: GPTConfig, rounds: int, threads: int, opset: int, probe: to
         variants = write_variants(model, Path(tmp), opset, int8=True)
         export_s = time.perf_counter() - started
         sizes = {v: (Path(tmp) / f).stat().st_size for v, f in variants.items()}
-        gens = {v: OnnxGenerator(onnx_dir(Path(tmp), model, opset, variants), v, threads=threads) for v in variants}
+        gens = {
+            v: OnnxGenerator(onnx_dir(Path(tmp), model, opset, variants), v, threads=threads)
+            for v in variants
+        }
         export_concat_graph(model, Path(tmp) / "concat.onnx", opset)
         concat = concat_session(Path(tmp) / "concat.onnx", threads)
 
         def streams(ids: list[int], opts: SamplingOptions) -> dict[str, Iterator]:
-            return {"torch": stream_tokens(model, torch.tensor([ids]), opts),
-                    "ort_fp32": gens["fp32"].stream(ids, opts), "ort_int8": gens["int8"].stream(ids, opts)}
+            return {
+                "torch": stream_tokens(model, torch.tensor([ids]), opts),
+                "ort_fp32": gens["fp32"].stream(ids, opts),
+                "ort_int8": gens["int8"].stream(ids, opts),
+            }
 
         decode: dict[str, list[float]] = {}
         prefill_ms: dict[str, list[float]] = {}
@@ -146,42 +155,63 @@ def bench_shape(cfg: GPTConfig, rounds: int, threads: int, opset: int, probe: to
                 ms = decode_ms(g, NEW_TOKENS)
                 decode.setdefault(name, []).extend(ms)
                 floor_bytes = sizes["int8"] if name == "ort_int8" else weight_bytes
-                floor_ratios.setdefault(name, []).append(statistics.median(ms) / (floor_bytes / round_read * 1e3))
-            for name, g in in_blocks(streams(prefill, SamplingOptions(max_new_tokens=1, temperature=0)), 1).items():
+                floor_ratios.setdefault(name, []).append(
+                    statistics.median(ms) / (floor_bytes / round_read * 1e3)
+                )
+            for name, g in in_blocks(
+                streams(prefill, SamplingOptions(max_new_tokens=1, temperature=0)), 1
+            ).items():
                 prefill_ms.setdefault(name, []).append(g[0] * 1e3)
     bandwidth, gemv_bandwidth = statistics.median(read), statistics.median(gemv)
     return {
-        "params_m": model.num_params(non_embedding=False) / 1e6, "export_s": export_s,
-        "weights_mb": weight_bytes / 1e6, "fp32_mb": sizes["fp32"] / 1e6, "int8_mb": sizes["int8"] / 1e6,
-        "bandwidth_gbs": bandwidth / 1e9, "bandwidth_range_gbs": (min(read) / 1e9, max(read) / 1e9),
+        "params_m": model.num_params(non_embedding=False) / 1e6,
+        "export_s": export_s,
+        "weights_mb": weight_bytes / 1e6,
+        "fp32_mb": sizes["fp32"] / 1e6,
+        "int8_mb": sizes["int8"] / 1e6,
+        "bandwidth_gbs": bandwidth / 1e9,
+        "bandwidth_range_gbs": (min(read) / 1e9, max(read) / 1e9),
         "gemv_gbs": gemv_bandwidth / 1e9,
         "floor_ms": {"fp32": weight_bytes / bandwidth * 1e3, "int8": sizes["int8"] / bandwidth * 1e3},
         "decode_ms": {k: statistics.median(v) for k, v in decode.items()},
         "floor_ratio": {k: statistics.median(v) for k, v in floor_ratios.items()},
         "floor_ratio_range": {k: (min(v), max(v)) for k, v in floor_ratios.items()},
-        "prefill_ms": {k: statistics.median(v) for k, v in prefill_ms.items()}, "prefill_tokens": len(prefill),
-        "long_tokens": len(long_prompt), "n_embd": cfg.n_embd, "vocab": cfg.vocab_size,
+        "prefill_ms": {k: statistics.median(v) for k, v in prefill_ms.items()},
+        "prefill_tokens": len(prefill),
+        "long_tokens": len(long_prompt),
+        "n_embd": cfg.n_embd,
+        "vocab": cfg.vocab_size,
     }
 
 
 def report(name: str, r: dict) -> None:
-    print(f"\n{name}: {r['params_m']:.1f}M params, weights {r['weights_mb']:.1f} MB, ONNX fp32 {r['fp32_mb']:.1f} MB, "
-          f"int8 {r['int8_mb']:.1f} MB (export + quantize {r['export_s']:.1f} s)")
+    print(
+        f"\n{name}: {r['params_m']:.1f}M params, weights {r['weights_mb']:.1f} MB, ONNX fp32 {r['fp32_mb']:.1f} MB, "
+        f"int8 {r['int8_mb']:.1f} MB (export + quantize {r['export_s']:.1f} s)"
+    )
     low, high = r["bandwidth_range_gbs"]
-    print(f"read bandwidth {r['bandwidth_gbs']:.1f} GB/s (rounds: {low:.1f}–{high:.1f}) → floor fp32 "
-          f"{r['floor_ms']['fp32']:.2f} ms/token, int8 {r['floor_ms']['int8']:.2f} ms/token; decode after a "
-          f"{PROMPT}-token prompt (_long: after {r['long_tokens']})")
-    print(f"one onnxruntime MatMul of the head's shape (1×{r['n_embd']} · {r['n_embd']}×{r['vocab']}) reads "
-          f"{r['gemv_gbs']:.1f} GB/s = {r['gemv_gbs'] / r['bandwidth_gbs']:.0%} of the sum's bandwidth")
+    print(
+        f"read bandwidth {r['bandwidth_gbs']:.1f} GB/s (rounds: {low:.1f}–{high:.1f}) → floor fp32 "
+        f"{r['floor_ms']['fp32']:.2f} ms/token, int8 {r['floor_ms']['int8']:.2f} ms/token; decode after a "
+        f"{PROMPT}-token prompt (_long: after {r['long_tokens']})"
+    )
+    print(
+        f"one onnxruntime MatMul of the head's shape (1×{r['n_embd']} · {r['n_embd']}×{r['vocab']}) reads "
+        f"{r['gemv_gbs']:.1f} GB/s = {r['gemv_gbs'] / r['bandwidth_gbs']:.0%} of the sum's bandwidth"
+    )
     prefill_header = f"prefill {r['prefill_tokens']} ms"
-    print(f"{'variant':<22}{'decode ms/token':>16}{'× floor':>9}{'range over rounds':>19}"
-          f"{'speedup vs torch':>18}{prefill_header:>16}")
+    print(
+        f"{'variant':<22}{'decode ms/token':>16}{'× floor':>9}{'range over rounds':>19}"
+        f"{'speedup vs torch':>18}{prefill_header:>16}"
+    )
     torch_ms = r["decode_ms"]["torch"]
     for key, ms in r["decode_ms"].items():
         low, high = r["floor_ratio_range"][key]
         prefill = r["prefill_ms"].get(key)
-        print(f"{key:<22}{ms:>16.2f}{r['floor_ratio'][key]:>9.2f}{f'{low:.2f}–{high:.2f}':>19}{torch_ms / ms:>18.2f}"
-              f"{'' if prefill is None else f'{prefill:.1f}':>16}")
+        print(
+            f"{key:<22}{ms:>16.2f}{r['floor_ratio'][key]:>9.2f}{f'{low:.2f}–{high:.2f}':>19}{torch_ms / ms:>18.2f}"
+            f"{'' if prefill is None else f'{prefill:.1f}':>16}"
+        )
 
 
 def compare_graphs(cfg: GPTConfig, rounds: int, threads: int, opset: int) -> dict:
@@ -221,8 +251,12 @@ def compare_graphs(cfg: GPTConfig, rounds: int, threads: int, opset: int) -> dic
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=["default", "gpt2-124m"],
-                        help="'default' (params.yaml model) and/or preset names")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        default=["default", "gpt2-124m"],
+        help="'default' (params.yaml model) and/or preset names",
+    )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--graphs", action="store_true", help="compare exports of gpt2-124m (fp32) instead")
@@ -230,8 +264,10 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(ROOT / "params.yaml")
     opset = params.export.opset
     torch.set_num_threads(args.threads)
-    print(f"threads {args.threads}, rounds {args.rounds}, prompt {PROMPT} + {NEW_TOKENS} new tokens, "
-          f"onnx opset {opset}")
+    print(
+        f"threads {args.threads}, rounds {args.rounds}, prompt {PROMPT} + {NEW_TOKENS} new tokens, "
+        f"onnx opset {opset}"
+    )
     if args.graphs:
         results = compare_graphs(PRESETS["gpt2-124m"], args.rounds, args.threads, opset)
         ours = next(iter(results.values()))["ms"]
@@ -240,21 +276,35 @@ def main(argv: list[str] | None = None) -> None:
         for name, r in results.items():
             print(f"{name:<42}{r['mb']:>9.1f}{r['nodes']:>7}{r['ms']:>10.2f}{r['ms'] / ours:>8.2f}")
         keys = ["ours", "opset18", "concat", "concat_legacy"]
-        print(" ".join(f"{k}_ms={r['ms']:.2f} {k}_mb={r['mb']:.1f}" for k, r in zip(keys, results.values(), strict=False)))
+        print(
+            " ".join(
+                f"{k}_ms={r['ms']:.2f} {k}_mb={r['mb']:.1f}"
+                for k, r in zip(keys, results.values(), strict=False)
+            )
+        )
         return
     summary = {}
     for shape in args.shapes:
-        cfg = model_config(params.model, params.tokenizer.vocab_size) if shape == "default" else PRESETS[shape]
+        cfg = (
+            model_config(params.model, params.tokenizer.vocab_size) if shape == "default" else PRESETS[shape]
+        )
         tag = "default" if shape == "default" else shape.replace("gpt2-", "")
-        r = bench_shape(cfg, args.rounds, args.threads, opset, torch.ones(256 * 1024 * 1024))  # 1 GiB ≫ caches
+        r = bench_shape(
+            cfg, args.rounds, args.threads, opset, torch.ones(256 * 1024 * 1024)
+        )  # 1 GiB ≫ caches
         report(f"{shape} ({params.model.preset})" if shape == "default" else shape, r)
         d = r["decode_ms"]
         summary |= {f"{k}_ms_{tag}": round(v, 2) for k, v in d.items()}
-        summary |= {f"prefill{r['prefill_tokens']}_{k}_ms_{tag}": round(v, 1) for k, v in r["prefill_ms"].items()}
-        summary |= {f"floor_ms_{tag}": round(r["floor_ms"]["fp32"], 2),
-                    f"bandwidth_gbs_{tag}": round(r["bandwidth_gbs"], 1),
-                    f"fp32_mb_{tag}": round(r["fp32_mb"], 1), f"int8_mb_{tag}": round(r["int8_mb"], 1),
-                    f"ort_int8_speedup_{tag}": round(d["torch"] / d["ort_int8"], 2)}
+        summary |= {
+            f"prefill{r['prefill_tokens']}_{k}_ms_{tag}": round(v, 1) for k, v in r["prefill_ms"].items()
+        }
+        summary |= {
+            f"floor_ms_{tag}": round(r["floor_ms"]["fp32"], 2),
+            f"bandwidth_gbs_{tag}": round(r["bandwidth_gbs"], 1),
+            f"fp32_mb_{tag}": round(r["fp32_mb"], 1),
+            f"int8_mb_{tag}": round(r["int8_mb"], 1),
+            f"ort_int8_speedup_{tag}": round(d["torch"] / d["ort_int8"], 2),
+        }
         if shape == "gpt2-124m":
             summary["ort_fp32_floor_ratio"] = round(r["floor_ratio"]["ort_fp32"], 3)
             summary["gemv_gbs_124m"] = round(r["gemv_gbs"], 1)

@@ -10,6 +10,7 @@ against a `prefect server start` already running on 127.0.0.1 (started here, unt
 the whole command, median over ``--rounds`` alternating rounds. The full run uses two fresh identical
 copies: one reproduced by `dvc repro`, the other by the flow. The last line is a ``key=value`` summary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,9 +53,13 @@ def start_server(env: dict) -> tuple[subprocess.Popen, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     api = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -74,8 +79,13 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="flow-overhead-"))
-    env = dict(dvc_env(), PREFECT_HOME=str(work / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               TQDM_DISABLE="1", LLM_PIPELINE_CACHE=os.environ.get("LLM_PIPELINE_CACHE", str(work / "cache")))
+    env = dict(
+        dvc_env(),
+        PREFECT_HOME=str(work / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        TQDM_DISABLE="1",
+        LLM_PIPELINE_CACHE=os.environ.get("LLM_PIPELINE_CACHE", str(work / "cache")),
+    )
     env.pop("PREFECT_API_URL", None)
     summary: dict[str, float | str] = {}
     if args.project:

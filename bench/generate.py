@@ -5,6 +5,7 @@
 Batch 1, random weights, greedy (both paths must produce the same tokens, which is checked).
 Last line: key=value summary with kv_speedup.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,11 +44,15 @@ def main() -> None:
     if not torch.equal(kv_out, naive_out):
         sys.exit("error: KV-cache and no-cache greedy decoding disagree")
     kv_tps, naive_tps = args.new / kv_s, args.new / naive_s
-    print(f"model {args.preset}: {model.num_params(non_embedding=False) / 1e6:.1f}M params, "
-          f"batch 1, prompt {args.prompt}, {args.new} new tokens, {args.threads} threads")
+    print(
+        f"model {args.preset}: {model.num_params(non_embedding=False) / 1e6:.1f}M params, "
+        f"batch 1, prompt {args.prompt}, {args.new} new tokens, {args.threads} threads"
+    )
     print(f"textbook loop (full recompute): {naive_s:7.2f} s  {naive_tps:7.1f} tok/s")
     print(f"KV-cache generator            : {kv_s:7.2f} s  {kv_tps:7.1f} tok/s")
-    print(f"preset={args.preset} kv_tok_s={kv_tps:.1f} naive_tok_s={naive_tps:.1f} kv_speedup={kv_tps / naive_tps:.2f}")
+    print(
+        f"preset={args.preset} kv_tok_s={kv_tps:.1f} naive_tok_s={naive_tps:.1f} kv_speedup={kv_tps / naive_tps:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ argmax of the logits: the same greedy loop as ours). Weights are random — spee
 the GGUF files carry a real tokenizer: the default shape's is a bpe tokenizer trained here on the shared corpus
 (or generated text), gpt2-124m's GPT-2's own (with our 15 extra special tokens: vocabulary 50272).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,26 +76,43 @@ def bench_shape(cfg: GPTConfig, rounds: int, threads: int, opset: int) -> dict:
     tokenizer = GGUFTokenizer.of(enc, kind, enc.n_vocab)
     with tempfile.TemporaryDirectory(prefix="bench-gguf-") as tmp:
         variants = write_variants(model, Path(tmp), opset, int8=True)
-        gens = {v: OnnxGenerator(onnx_dir(Path(tmp), model, opset, variants), v, threads=threads) for v in variants}
+        gens = {
+            v: OnnxGenerator(onnx_dir(Path(tmp), model, opset, variants), v, threads=threads)
+            for v in variants
+        }
         llamas, sizes = {}, {}
         for gguf_type in GGUF_TYPES:
             path = Path(tmp) / f"bench-{gguf_type}.gguf"
             write_gguf(model, tokenizer, None, path, gguf_type, "bench")
             sizes[gguf_type] = path.stat().st_size / 1e6
             with no_weight_repacking():  # the AMX repack of q8_0 segfaults (docs/export.md)
-                llamas[gguf_type] = Llama(model_path=str(path), n_ctx=cfg.context_length, n_threads=threads,
-                                          n_threads_batch=threads, verbose=False)
+                llamas[gguf_type] = Llama(
+                    model_path=str(path),
+                    n_ctx=cfg.context_length,
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    verbose=False,
+                )
         decode: dict[str, list[float]] = {}
         for round_ in range(rounds):
-            streams = {"torch": stream_tokens(model, torch.tensor([prompt]), greedy),
-                       "ort_fp32": gens["fp32"].stream(prompt, greedy), "ort_int8": gens["int8"].stream(prompt, greedy)}
-            streams |= {f"llama.cpp_{t}": llama_stream(llm, prompt, NEW_TOKENS + 1) for t, llm in llamas.items()}
+            streams = {
+                "torch": stream_tokens(model, torch.tensor([prompt]), greedy),
+                "ort_fp32": gens["fp32"].stream(prompt, greedy),
+                "ort_int8": gens["int8"].stream(prompt, greedy),
+            }
+            streams |= {
+                f"llama.cpp_{t}": llama_stream(llm, prompt, NEW_TOKENS + 1) for t, llm in llamas.items()
+            }
             for name, gaps in in_blocks(streams, NEW_TOKENS + 1, seed=round_).items():
                 decode.setdefault(name, []).extend(decode_ms(gaps, NEW_TOKENS))
         for llm in llamas.values():
             llm.close()
-    return {"params_m": model.num_params(non_embedding=False) / 1e6, "vocab": enc.n_vocab, "gguf_mb": sizes,
-            "decode_ms": {k: statistics.median(v) for k, v in decode.items()}}
+    return {
+        "params_m": model.num_params(non_embedding=False) / 1e6,
+        "vocab": enc.n_vocab,
+        "gguf_mb": sizes,
+        "decode_ms": {k: statistics.median(v) for k, v in decode.items()},
+    }
 
 
 def report(name: str, r: dict) -> None:
@@ -115,8 +133,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     params = load_params(ROOT / "params.yaml")
     default = model_config(params.model, params.tokenizer.vocab_size)
-    print(f"decode after a {PROMPT}-token prompt, {NEW_TOKENS} tokens, batch 1, {args.threads} threads, "
-          f"{args.rounds} rounds")
+    print(
+        f"decode after a {PROMPT}-token prompt, {NEW_TOKENS} tokens, batch 1, {args.threads} threads, "
+        f"{args.rounds} rounds"
+    )
     summary = {}
     for name, cfg in (("default (params.yaml)", default), ("gpt2-124m", PRESETS["gpt2-124m"])):
         result = bench_shape(cfg, args.rounds, args.threads, args.opset)

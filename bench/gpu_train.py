@@ -9,6 +9,7 @@ The step is the training loop's own arithmetic (pipeline.train.loop's optimizer 
 autocast, the model's forward, gradient clipping) on random tokens, without the loop's logging and checkpoints,
 so it runs where DVC and dvclive are not installed (a bare GPU machine).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--model-only", action="store_true",
-                        help="compile the model alone, the loss eager (by default forward + loss are one graph, as the loop's)")
+    parser.add_argument(
+        "--model-only",
+        action="store_true",
+        help="compile the model alone, the loss eager (by default forward + loss are one graph, as the loop's)",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("error: bench.gpu_train needs a CUDA device (CPU figures: python -m bench.train)")
@@ -83,15 +87,26 @@ def main() -> None:
     seconds = time.perf_counter() - started
     tok_s = args.steps * args.batch * args.context / seconds
     mfu = perf.mfu(flops_per_token(cfg, n_params, args.context), tok_s, peak)
-    print(json.dumps({
-        "device": torch.cuda.get_device_name(device), "torch": torch.__version__, "preset": args.preset,
-        "params_m": round(n_params / 1e6, 1), "context": args.context, "batch": args.batch,
-        "compiled": "none" if args.no_compile else "model" if args.model_only else "model+loss",
-        "dtype": "bf16", "warmup_s": round(warmup_s, 1),
-        "step_ms": round(1000 * seconds / args.steps, 1), "tokens_per_s": round(tok_s),
-        "bf16_matmul_tflops": round(peak / 1e12, 1), "mfu": round(mfu, 3),
-        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "device": torch.cuda.get_device_name(device),
+                "torch": torch.__version__,
+                "preset": args.preset,
+                "params_m": round(n_params / 1e6, 1),
+                "context": args.context,
+                "batch": args.batch,
+                "compiled": "none" if args.no_compile else "model" if args.model_only else "model+loss",
+                "dtype": "bf16",
+                "warmup_s": round(warmup_s, 1),
+                "step_ms": round(1000 * seconds / args.steps, 1),
+                "tokens_per_s": round(tok_s),
+                "bf16_matmul_tflops": round(peak / 1e12, 1),
+                "mfu": round(mfu, 3),
+                "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

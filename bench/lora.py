@@ -10,6 +10,7 @@ memory and speed figures hold but the loss gap says little. Tokens/s: the loop's
 Optimizer state: the bytes of every tensor in the saved AdamW state. Checkpoint: the bytes of the whole
 checkpoint directory. The last line is a ``key=value`` summary of the ratios LoRA / full.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,30 +44,70 @@ def one_run(preset: str, method: str, steps: int, rank: int, base: str | None) -
     p = load_params(ROOT / "params.yaml").sft
     sft, _ = records()
     enc = tokenizer(4096, sft)
-    model = load_model(base)[0].train() if base else GPT(config_from_preset(preset, vocab_size=max(4096, enc.n_vocab)))
+    model = (
+        load_model(base)[0].train()
+        if base
+        else GPT(config_from_preset(preset, vocab_size=max(4096, enc.n_vocab)))
+    )
     examples = [Example(i, r["instruction"], r.get("input", ""), r["output"]) for i, r in enumerate(sft)]
     train_set, val_set, _ = split_dataset(examples, p.split_train, p.split_val, p.split_seed, "sft")
     ctx = min(model.cfg.context_length, 256)
     train_data, val_data = (tokenize_examples(enc, s, p.template, ctx) for s in (train_set, val_set))
-    objective = SFTObjective(train_data, val_data, batch_size=p.batch_size, grad_accum=1, eval_batches=4,
-                             context_length=ctx, pad_id=enc.eot_token, mask_prompt=True, seed=p.seed)
+    objective = SFTObjective(
+        train_data,
+        val_data,
+        batch_size=p.batch_size,
+        grad_accum=1,
+        eval_batches=4,
+        context_length=ctx,
+        pad_id=enc.eot_token,
+        mask_prompt=True,
+        seed=p.seed,
+    )
     if method == "lora":
         lora.apply_lora(model, LoRAParams(rank=rank, alpha=2.0 * rank), "bench.lora", seed=p.seed)
-    params = replace(p, max_steps=steps, warmup_steps=2, log_every=max(1, steps // 4), eval_every=steps,
-                     checkpoint_every=steps, keep_checkpoints=1, eval_batches=4, nproc_per_node=1)
+    params = replace(
+        p,
+        max_steps=steps,
+        warmup_steps=2,
+        log_every=max(1, steps // 4),
+        eval_every=steps,
+        checkpoint_every=steps,
+        keep_checkpoints=1,
+        eval_batches=4,
+        nproc_per_node=1,
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        result = train(model, objective, params, checkpoint_dir=Path(tmp) / "ckpt", report_dir=Path(tmp) / "r",
-                       desc=f"{preset} {method}")
+        result = train(
+            model,
+            objective,
+            params,
+            checkpoint_dir=Path(tmp) / "ckpt",
+            report_dir=Path(tmp) / "r",
+            desc=f"{preset} {method}",
+        )
         checkpoint = resume.list_checkpoints(Path(tmp) / "ckpt")[0]
         ckpt_bytes = sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())
         trainer = torch.load(checkpoint / resume.TRAINER, weights_only=True)
-    optimizer_bytes = sum(t.numel() * t.element_size() for state in trainer["optimizer"]["state"].values()
-                          for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
+    optimizer_bytes = sum(
+        t.numel() * t.element_size()
+        for state in trainer["optimizer"]["state"].values()
+        for t in state.values()
+        if torch.is_tensor(t) and t.dim() > 0
+    )
     m = result.metrics
-    return {"preset": preset, "method": method, "steps": steps, "tokens_per_s": m["summary/tokens_per_s"],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "optimizer_mb": optimizer_bytes / 1e6, "checkpoint_mb": ckpt_bytes / 1e6, "val_loss": m["val/loss"],
-            "trainable": m["summary/trainable_params"], "trainable_share": m["summary/trainable_share"]}
+    return {
+        "preset": preset,
+        "method": method,
+        "steps": steps,
+        "tokens_per_s": m["summary/tokens_per_s"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "optimizer_mb": optimizer_bytes / 1e6,
+        "checkpoint_mb": ckpt_bytes / 1e6,
+        "val_loss": m["val/loss"],
+        "trainable": m["summary/trainable_params"],
+        "trainable_share": m["summary/trainable_share"],
+    }
 
 
 def main() -> None:
@@ -83,21 +124,39 @@ def main() -> None:
     rows, summary = [], []
     for i, preset in enumerate(args.presets.split(",")):
         for method in ("full", "lora"):
-            cmd = [sys.executable, "-m", "bench.lora", "--one", preset, method, "--steps", str(args.steps),
-                   "--rank", str(args.rank)] + (["--base", args.base] if args.base and i == 0 else [])
-            done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+            cmd = [
+                sys.executable,
+                "-m",
+                "bench.lora",
+                "--one",
+                preset,
+                method,
+                "--steps",
+                str(args.steps),
+                "--rank",
+                str(args.rank),
+            ] + (["--base", args.base] if args.base and i == 0 else [])
+            done = subprocess.run(
+                cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"}
+            )
             if done.returncode:
                 sys.exit(done.stderr[-2000:])
             rows.append(json.loads(done.stdout.splitlines()[-1]))
         full, low = rows[-2], rows[-1]
-        summary += [f"{preset}_{k}={low[k] / full[k]:.3f}" for k in
-                    ("tokens_per_s", "peak_rss_mb", "optimizer_mb", "checkpoint_mb", "val_loss")]
-    print(f"| preset | method | trainable | tokens/s | peak RSS MB | optimizer MB | checkpoint MB | val loss @{args.steps} |")
+        summary += [
+            f"{preset}_{k}={low[k] / full[k]:.3f}"
+            for k in ("tokens_per_s", "peak_rss_mb", "optimizer_mb", "checkpoint_mb", "val_loss")
+        ]
+    print(
+        f"| preset | method | trainable | tokens/s | peak RSS MB | optimizer MB | checkpoint MB | val loss @{args.steps} |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['preset']} | {r['method']} | {r['trainable']:,.0f} ({r['trainable_share']:.2%}) | "
-              f"{r['tokens_per_s']:,.0f} | {r['peak_rss_mb']:,.0f} | {r['optimizer_mb']:.2f} | "
-              f"{r['checkpoint_mb']:.2f} | {r['val_loss']:.4f} |")
+        print(
+            f"| {r['preset']} | {r['method']} | {r['trainable']:,.0f} ({r['trainable_share']:.2%}) | "
+            f"{r['tokens_per_s']:,.0f} | {r['peak_rss_mb']:,.0f} | {r['optimizer_mb']:.2f} | "
+            f"{r['checkpoint_mb']:.2f} | {r['val_loss']:.4f} |"
+        )
     print(" ".join(summary))
 
 

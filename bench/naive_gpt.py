@@ -5,6 +5,7 @@ explicit causal mask buffer and softmax attention, hand-written LayerNorm and GE
 the default ``torch.optim.AdamW`` with a plain ``loss.backward(); optimizer.step()`` loop. Same shapes and
 parameter count as ``pipeline.model.gpt.GPT`` (tied head included), so tokens/s compare like for like.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,7 +44,9 @@ class MultiHeadAttention(nn.Module):
         self.W_value = nn.Linear(d, d, bias=cfg.qkv_bias)
         self.out_proj = nn.Linear(d, d)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.register_buffer("mask", torch.triu(torch.ones(cfg.context_length, cfg.context_length), diagonal=1))
+        self.register_buffer(
+            "mask", torch.triu(torch.ones(cfg.context_length, cfg.context_length), diagonal=1)
+        )
 
     def forward(self, x):
         b, t, d = x.shape
@@ -60,7 +63,9 @@ class MultiHeadAttention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), GELU(), nn.Linear(4 * cfg.n_embd, cfg.n_embd))
+        self.layers = nn.Sequential(
+            nn.Linear(cfg.n_embd, 4 * cfg.n_embd), GELU(), nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        )
 
     def forward(self, x):
         return self.layers(x)
@@ -98,7 +103,9 @@ class NaiveGPTModel(nn.Module):
         return self.out_head(self.final_norm(x))
 
 
-def train_step(model: NaiveGPTModel, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+def train_step(
+    model: NaiveGPTModel, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> float:
     """The book's ``train_model_simple`` inner step."""
     optimizer.zero_grad()
     logits = model(x)

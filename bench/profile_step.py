@@ -9,6 +9,7 @@ The phases are timed around the same calls ``pipeline.train.loop`` makes (on a C
 machine loaded by others slows both alike. A short ``torch.profiler`` trace of the hand-timed step lists the top
 operators. The last line is a ``key=value`` summary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,15 @@ PHASES = ("data", "forward", "backward", "optimizer")
 
 def _setup(args: argparse.Namespace, steps: int):
     params = load_params(args.params)
-    pre = replace(params.pretrain, max_steps=steps, log_every=1, eval_every=10**9, checkpoint_every=10**9,
-                  eval_batches=1, dtype=args.dtype)
+    pre = replace(
+        params.pretrain,
+        max_steps=steps,
+        log_every=1,
+        eval_every=10**9,
+        checkpoint_every=10**9,
+        eval_batches=1,
+        dtype=args.dtype,
+    )
     setup = prepare(params.model, pre, params.seed, args.tokenizer, args.shards)
     return pre, setup
 
@@ -46,7 +54,8 @@ def hand_timed_steps(args: argparse.Namespace, trace: bool = False) -> tuple[lis
     dtype = choose_dtype(pre.dtype, device, model.cfg, pre.batch_size * model.cfg.context_length).dtype
     optimizer = make_optimizer(model, pre, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, pre.warmup_steps, pre.max_steps, pre.min_lr_ratio))
+        optimizer, lambda s: lr_factor(s, pre.warmup_steps, pre.max_steps, pre.min_lr_ratio)
+    )
     model.train()
     rows, prof = [], None
     for step in range(args.steps):
@@ -77,8 +86,14 @@ def loop_steps(args: argparse.Namespace) -> list[float]:
     """Seconds of each step of ``pipeline.train.loop.train`` itself, from its per-step tokens/s log."""
     pre, setup = _setup(args, args.steps)
     with tempfile.TemporaryDirectory() as tmp:
-        result = train(setup.model, setup.objective, pre,
-                       checkpoint_dir=Path(tmp) / "ckpt", report_dir=Path(tmp) / "report", desc="loop")
+        result = train(
+            setup.model,
+            setup.objective,
+            pre,
+            checkpoint_dir=Path(tmp) / "ckpt",
+            report_dir=Path(tmp) / "report",
+            desc="loop",
+        )
         del result
         history = _history(Path(tmp) / "report")
     tokens = pre.batch_size * setup.model.cfg.context_length
@@ -120,10 +135,14 @@ def main(argv: list[str] | None = None) -> None:
     for k in PHASES:
         print(f"{k:<12}{med[k] * 1e3:>10.1f}{100 * med[k] / loop_s:>15.1f}%")
     print(f"{'loop other':<12}{overhead * 1e3:>10.1f}{100 * overhead / loop_s:>15.1f}%")
-    print(f"{'loop step':<12}{loop_s * 1e3:>10.1f}{100.0:>15.1f}%   (median of {len(loop)} steps of pipeline.train.loop)")
-    print(f"threads={torch.get_num_threads()} hand_step_ms={hand_s * 1e3:.1f} loop_step_ms={loop_s * 1e3:.1f} "
-          + " ".join(f"{k}_pct={100 * med[k] / loop_s:.1f}" for k in PHASES)
-          + f" loop_overhead_pct={100 * overhead / loop_s:.1f}")
+    print(
+        f"{'loop step':<12}{loop_s * 1e3:>10.1f}{100.0:>15.1f}%   (median of {len(loop)} steps of pipeline.train.loop)"
+    )
+    print(
+        f"threads={torch.get_num_threads()} hand_step_ms={hand_s * 1e3:.1f} loop_step_ms={loop_s * 1e3:.1f} "
+        + " ".join(f"{k}_pct={100 * med[k] / loop_s:.1f}" for k in PHASES)
+        + f" loop_overhead_pct={100 * overhead / loop_s:.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ so every variant ends its decay when its time is up. The variants run one after 
 a machine loaded by others can favour some: rerun with ``--variants`` in another order to check a close call.
 The last line is a one-line summary against today's recipe.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,32 +48,39 @@ class Variant:
     # None: params.yaml's, as the pipeline runs it | adamw | muon (torch.optim.Muon, bf16 Newton–Schulz) |
     # muon-fp32 | muon-bf16 (the pipeline's Muon, Newton–Schulz in that dtype)
     optimizer: str | None = None
-    model: dict = field(default_factory=dict)  # ModelParams overrides (the head's tying, architecture options)
+    model: dict = field(
+        default_factory=dict
+    )  # ModelParams overrides (the head's tying, architecture options)
 
 
-VARIANTS: dict[str, Variant] = {v.name: v for v in (
-    Variant("recipe"),
-    Variant("fp32", dtype="fp32"),
-    Variant("bf16", dtype="bf16"),
-    Variant("lr_x0.5", lr_mult=0.5),
-    Variant("lr_x2", lr_mult=2.0),
-    Variant("batch_8", batch_size=8),
-    Variant("batch_32", batch_size=32),
-    Variant("adamw", optimizer="adamw"),
-    Variant("muon", optimizer="muon"),
-    Variant("muon_fp32", optimizer="muon-fp32"),
-    Variant("muon_bf16", optimizer="muon-bf16"),
-    Variant("untied_head", model={"tie_weights": False}),
-    Variant("rope", model={"pos_emb": "rope"}),
-    Variant("rmsnorm", model={"norm": "rmsnorm"}),
-    Variant("relu2", model={"mlp": "relu2"}),
-    Variant("swiglu", model={"mlp": "swiglu"}),
-    Variant("qk_norm", model={"qk_norm": True}),
-    Variant("modern", model={"pos_emb": "rope", "norm": "rmsnorm", "mlp": "relu2", "qk_norm": True}),
-)}
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("recipe"),
+        Variant("fp32", dtype="fp32"),
+        Variant("bf16", dtype="bf16"),
+        Variant("lr_x0.5", lr_mult=0.5),
+        Variant("lr_x2", lr_mult=2.0),
+        Variant("batch_8", batch_size=8),
+        Variant("batch_32", batch_size=32),
+        Variant("adamw", optimizer="adamw"),
+        Variant("muon", optimizer="muon"),
+        Variant("muon_fp32", optimizer="muon-fp32"),
+        Variant("muon_bf16", optimizer="muon-bf16"),
+        Variant("untied_head", model={"tie_weights": False}),
+        Variant("rope", model={"pos_emb": "rope"}),
+        Variant("rmsnorm", model={"norm": "rmsnorm"}),
+        Variant("relu2", model={"mlp": "relu2"}),
+        Variant("swiglu", model={"mlp": "swiglu"}),
+        Variant("qk_norm", model={"qk_norm": True}),
+        Variant("modern", model={"pos_emb": "rope", "norm": "rmsnorm", "mlp": "relu2", "qk_norm": True}),
+    )
+}
 
 
-def make_optimizers(model: GPT, variant: Variant, pre: PretrainParams, dtype: torch.dtype) -> list[torch.optim.Optimizer]:
+def make_optimizers(
+    model: GPT, variant: Variant, pre: PretrainParams, dtype: torch.dtype
+) -> list[torch.optim.Optimizer]:
     """The pipeline's optimizer (``pipeline.train.loop.make_optimizer``: params.yaml's as the stage runs it, AdamW, or
     ``MuonWithAdamW`` with its Newton–Schulz in fp32 or bf16), or ``torch.optim.Muon`` (bf16) beside AdamW."""
     cpu = torch.device("cpu")
@@ -85,9 +93,14 @@ def make_optimizers(model: GPT, variant: Variant, pre: PretrainParams, dtype: to
     if variant.optimizer != "muon":
         raise PipelineError(f"unknown optimizer '{variant.optimizer}' (adamw | muon | muon-fp32 | muon-bf16)")
     groups = muon_groups(model, pre.weight_decay)
-    muon = torch.optim.Muon(groups[0]["params"], lr=pre.lr, weight_decay=pre.weight_decay, adjust_lr_fn="match_rms_adamw")
-    adamw = torch.optim.AdamW([{k: v for k, v in g.items() if k != "muon"} for g in groups[1:]], lr=pre.lr,
-                              betas=(pre.beta1, pre.beta2))
+    muon = torch.optim.Muon(
+        groups[0]["params"], lr=pre.lr, weight_decay=pre.weight_decay, adjust_lr_fn="match_rms_adamw"
+    )
+    adamw = torch.optim.AdamW(
+        [{k: v for k, v in g.items() if k != "muon"} for g in groups[1:]],
+        lr=pre.lr,
+        betas=(pre.beta1, pre.beta2),
+    )
     return [muon, adamw]
 
 
@@ -105,8 +118,12 @@ class Outcome:
 def run_variant(variant: Variant, args: argparse.Namespace) -> Outcome:
     params = args.loaded_params
     model_params = replace(params.model, **variant.model)
-    pre = replace(params.pretrain, lr=params.pretrain.lr * variant.lr_mult,
-                  batch_size=variant.batch_size or params.pretrain.batch_size, dtype=variant.dtype or params.pretrain.dtype)
+    pre = replace(
+        params.pretrain,
+        lr=params.pretrain.lr * variant.lr_mult,
+        batch_size=variant.batch_size or params.pretrain.batch_size,
+        dtype=variant.dtype or params.pretrain.dtype,
+    )
     setup = prepare(model_params, pre, params.seed, args.tokenizer, args.shards)
     model, objective = setup.model, setup.objective
     device = torch.device("cpu")
@@ -119,7 +136,9 @@ def run_variant(variant: Variant, args: argparse.Namespace) -> Outcome:
     nominal = pre.max_steps  # the schedule's shape: warmup_steps of max_steps, stretched over the budget
     while elapsed < args.budget_s:
         start = time.perf_counter()
-        factor = lr_factor(int(nominal * elapsed / args.budget_s), pre.warmup_steps, nominal, pre.min_lr_ratio)
+        factor = lr_factor(
+            int(nominal * elapsed / args.budget_s), pre.warmup_steps, nominal, pre.min_lr_ratio
+        )
         for opt, peak in zip(optimizers, peaks, strict=True):
             for group, lr in zip(opt.param_groups, peak, strict=True):
                 group["lr"] = lr * factor
@@ -137,16 +156,29 @@ def run_variant(variant: Variant, args: argparse.Namespace) -> Outcome:
         step += 1
         tokens += objective.count_tokens(batch)
         elapsed += time.perf_counter() - start
-    metrics = language_model_metrics(model, args.val, args.unigram, args.byte_lengths, 16, args.eval_batches, dtype)
-    return Outcome(variant.name, DTYPE_NAMES[dtype], tokens / elapsed, step, elapsed, metrics.val_loss,
-                   metrics.bits_per_byte)
+    metrics = language_model_metrics(
+        model, args.val, args.unigram, args.byte_lengths, 16, args.eval_batches, dtype
+    )
+    return Outcome(
+        variant.name,
+        DTYPE_NAMES[dtype],
+        tokens / elapsed,
+        step,
+        elapsed,
+        metrics.val_loss,
+        metrics.bits_per_byte,
+    )
 
 
 def _table(rows: list[Outcome], budget_s: float) -> str:
-    lines = [f"| variant | dtype | tokens/s | steps in {budget_s:.0f} s | val loss | val bpb |",
-             "|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {r.variant} | {r.dtype} | {r.tokens_per_s:,.0f} | {r.steps} | {r.val_loss:.4f} | {r.val_bpb:.4f} |"
-              for r in rows]
+    lines = [
+        f"| variant | dtype | tokens/s | steps in {budget_s:.0f} s | val loss | val bpb |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r.variant} | {r.dtype} | {r.tokens_per_s:,.0f} | {r.steps} | {r.val_loss:.4f} | {r.val_bpb:.4f} |"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -157,13 +189,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shards", type=Path, default=ROOT / "data" / "shards")
     ap.add_argument("--tokenizer", type=Path, default=ROOT / "data" / "tokenizer")
     ap.add_argument("--budget-s", type=float, default=300.0, help="seconds of training per variant")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
-    ap.add_argument("--eval-batches", type=int, default=50, help="validation windows of 16 × context, in order")
+    ap.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}"
+    )
+    ap.add_argument(
+        "--eval-batches", type=int, default=50, help="validation windows of 16 × context, in order"
+    )
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown or not names:
-        raise PipelineError(f"--variants: unknown {', '.join(unknown) or '(none given)'} (known: {', '.join(VARIANTS)})")
+        raise PipelineError(
+            f"--variants: unknown {', '.join(unknown) or '(none given)'} (known: {', '.join(VARIANTS)})"
+        )
     if args.budget_s <= 0:
         raise PipelineError(f"--budget-s must be positive, got {args.budget_s}")
     for path in (args.shards, args.tokenizer):
@@ -179,14 +217,18 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         rows.append(run_variant(VARIANTS[name], args))
         r = rows[-1]
-        print(f"{r.variant}: {r.dtype}, {r.steps} steps, {r.tokens_per_s:,.0f} tokens/s, val bpb {r.val_bpb:.4f}",
-              flush=True)
+        print(
+            f"{r.variant}: {r.dtype}, {r.steps} steps, {r.tokens_per_s:,.0f} tokens/s, val bpb {r.val_bpb:.4f}",
+            flush=True,
+        )
     print(_table(rows, args.budget_s))
     base = next((r for r in rows if r.variant == "recipe"), rows[0])
     best = min(rows, key=lambda r: r.val_bpb)
-    print(f"budget_s={args.budget_s:g} threads={torch.get_num_threads()} baseline={base.variant} "
-          f"baseline_bpb={base.val_bpb:.4f} best={best.variant} best_bpb={best.val_bpb:.4f} "
-          f"delta_bpb={best.val_bpb - base.val_bpb:+.4f}")
+    print(
+        f"budget_s={args.budget_s:g} threads={torch.get_num_threads()} baseline={base.variant} "
+        f"baseline_bpb={base.val_bpb:.4f} best={best.variant} best_bpb={best.val_bpb:.4f} "
+        f"delta_bpb={best.val_bpb - base.val_bpb:+.4f}"
+    )
 
 
 if __name__ == "__main__":

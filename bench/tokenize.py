@@ -14,6 +14,7 @@ raw runs around it and ``ratio`` is the mean over rounds (the machine is shared 
 compares CPU seconds of all threads instead, which other tenants of the machine disturb far less.
 The last line is a key=value summary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,10 +71,22 @@ def stage_path(corpus: Path, doc_bytes: int, tokenizer: Path, out: Path) -> dict
     enc = load_tokenizer(tokenizer)
     train, val = split_tail(corpus, documents, shards.val_fraction)
     started, cpu = time.perf_counter(), time.process_time()
-    manifest = write_shards(enc, corpus, {"train": train, "val": val}, out, fingerprint=tokenizer_fingerprint(tokenizer),
-                            shard_tokens=shards.shard_tokens, batch_bytes=shards.batch_bytes)
-    return {"bytes": size, "tokens": manifest["total_tokens"], "seconds": time.perf_counter() - started,
-            "cpu_seconds": time.process_time() - cpu, "peak_rss_mb": peak_rss_mb()}
+    manifest = write_shards(
+        enc,
+        corpus,
+        {"train": train, "val": val},
+        out,
+        fingerprint=tokenizer_fingerprint(tokenizer),
+        shard_tokens=shards.shard_tokens,
+        batch_bytes=shards.batch_bytes,
+    )
+    return {
+        "bytes": size,
+        "tokens": manifest["total_tokens"],
+        "seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def peak_rss_mb() -> float:
@@ -107,14 +120,26 @@ def raw_encode(enc, corpus: Path, documents: list[Segment], batch_bytes: int, th
     tokens, started, cpu = 0, time.perf_counter(), time.process_time()
     for texts in batches:
         tokens += sum(map(len, enc.encode_ordinary_batch(texts, num_threads=threads)))
-    return {"bytes": corpus.stat().st_size, "tokens": tokens, "seconds": time.perf_counter() - started,
-            "cpu_seconds": time.process_time() - cpu}
+    return {
+        "bytes": corpus.stat().st_size,
+        "tokens": tokens,
+        "seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu,
+    }
 
 
 def run_stage_subprocess(corpus: Path, doc_bytes: int, tokenizer: Path) -> dict:
     with tempfile.TemporaryDirectory(dir=WORK) as out:
-        cmd = [sys.executable, "-m", "bench.tokenize", "--stage-path", str(corpus), str(doc_bytes), str(tokenizer),
-               str(Path(out) / "shards")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.tokenize",
+            "--stage-path",
+            str(corpus),
+            str(doc_bytes),
+            str(tokenizer),
+            str(Path(out) / "shards"),
+        ]
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -122,7 +147,9 @@ def run_stage_subprocess(corpus: Path, doc_bytes: int, tokenizer: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mb", type=int, default=200, help="corpus size for the throughput comparison")
-    parser.add_argument("--small-mb", type=int, default=50, help="a smaller corpus: peak RSS must not grow with size")
+    parser.add_argument(
+        "--small-mb", type=int, default=50, help="a smaller corpus: peak RSS must not grow with size"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="stage runs, each between two raw runs")
     parser.add_argument("--stage-path", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -142,20 +169,28 @@ def main() -> None:
     train_seconds = time.perf_counter() - started
     save_tokenizer(enc, tokenizer, params.tokenizer.kind)
     threads = encode_threads()
-    print(f"corpus {big.stat().st_size / 1e6:.0f} MB ({len(big_docs)} copies), tokenizer {params.tokenizer.kind} "
-          f"vocab {enc.n_vocab} (trained in {train_seconds:.2f}s on one copy), {threads} threads, "
-          f"batch_bytes {params.shards.batch_bytes}")
+    print(
+        f"corpus {big.stat().st_size / 1e6:.0f} MB ({len(big_docs)} copies), tokenizer {params.tokenizer.kind} "
+        f"vocab {enc.n_vocab} (trained in {train_seconds:.2f}s on one copy), {threads} threads, "
+        f"batch_bytes {params.shards.batch_bytes}"
+    )
 
-    train, val = split_tail(big, big_docs, params.shards.val_fraction)  # the stage's segments: same text, same cuts
+    train, val = split_tail(
+        big, big_docs, params.shards.val_fraction
+    )  # the stage's segments: same text, same cuts
     segments = train + val
     raws = [raw_encode(enc, big, segments, params.shards.batch_bytes, threads)]
     stage_runs = []
-    for _ in range(args.rounds):  # raw, stage, raw, stage, raw: each stage run compared with the raw runs around it
+    for _ in range(
+        args.rounds
+    ):  # raw, stage, raw, stage, raw: each stage run compared with the raw runs around it
         stage_runs.append(run_stage_subprocess(big, big_docs[0].length, tokenizer))
         raws.append(raw_encode(enc, big, segments, params.shards.batch_bytes, threads))
     small_stage = run_stage_subprocess(small, small_docs[0].length, tokenizer)
     for run in stage_runs:
-        assert run["tokens"] == raws[0]["tokens"] + len(segments), "stage and raw tokens differ beyond one EOT per document"
+        assert run["tokens"] == raws[0]["tokens"] + len(segments), (
+            "stage and raw tokens differ beyond one EOT per document"
+        )
 
     mb = big.stat().st_size / 1e6
     print(f"{'path':<36} {'MB/s':>8} {'tokens/s':>12} {'seconds':>8} {'CPU s':>8}")
@@ -164,23 +199,37 @@ def main() -> None:
         if i < len(stage_runs):
             rows.append((f"stage encode+write #{i + 1}", stage_runs[i]))
         for name, r in rows:
-            print(f"{name:<36} {mb / r['seconds']:>8.2f} {r['tokens'] / r['seconds']:>12,.0f} {r['seconds']:>8.1f} "
-                  f"{r['cpu_seconds']:>8.1f}")
-    ratios = [(raws[i]["seconds"] + raws[i + 1]["seconds"]) / 2 / run["seconds"] for i, run in enumerate(stage_runs)]
+            print(
+                f"{name:<36} {mb / r['seconds']:>8.2f} {r['tokens'] / r['seconds']:>12,.0f} {r['seconds']:>8.1f} "
+                f"{r['cpu_seconds']:>8.1f}"
+            )
+    ratios = [
+        (raws[i]["seconds"] + raws[i + 1]["seconds"]) / 2 / run["seconds"] for i, run in enumerate(stage_runs)
+    ]
     ratio = sum(ratios) / len(ratios)
     raw_seconds = sum(r["seconds"] for r in raws) / len(raws)
     stage_seconds = sum(r["seconds"] for r in stage_runs) / len(stage_runs)
     peak = max(r["peak_rss_mb"] for r in stage_runs)
     # CPU seconds (all threads) barely depend on what else the shared machine runs: the stage's own overhead.
-    cpu_ratio = sum(r["cpu_seconds"] for r in raws) / len(raws) / (sum(r["cpu_seconds"] for r in stage_runs) / len(stage_runs))
-    print(f"ratio per round (stage / mean of the raw runs around it): {', '.join(f'{r:.3f}' for r in ratios)}")
-    print(f"peak RSS of the stage path: {peak:.0f} MB on {mb:.0f} MB, "
-          f"{small_stage['peak_rss_mb']:.0f} MB on {small.stat().st_size / 1e6:.0f} MB")
-    print(f"corpus_mb={mb:.0f} threads={threads} tokens={stage_runs[0]['tokens']} rounds={args.rounds} "
-          f"raw_mb_s={mb / raw_seconds:.2f} stage_mb_s={mb / stage_seconds:.2f} "
-          f"raw_tokens_s={raws[0]['tokens'] / raw_seconds:.0f} stage_tokens_s={stage_runs[0]['tokens'] / stage_seconds:.0f} "
-          f"ratio={ratio:.3f} cpu_ratio={cpu_ratio:.3f} peak_rss_mb={peak:.0f} peak_rss_small_mb={small_stage['peak_rss_mb']:.0f} "
-          f"small_mb={small.stat().st_size / 1e6:.0f}")
+    cpu_ratio = (
+        sum(r["cpu_seconds"] for r in raws)
+        / len(raws)
+        / (sum(r["cpu_seconds"] for r in stage_runs) / len(stage_runs))
+    )
+    print(
+        f"ratio per round (stage / mean of the raw runs around it): {', '.join(f'{r:.3f}' for r in ratios)}"
+    )
+    print(
+        f"peak RSS of the stage path: {peak:.0f} MB on {mb:.0f} MB, "
+        f"{small_stage['peak_rss_mb']:.0f} MB on {small.stat().st_size / 1e6:.0f} MB"
+    )
+    print(
+        f"corpus_mb={mb:.0f} threads={threads} tokens={stage_runs[0]['tokens']} rounds={args.rounds} "
+        f"raw_mb_s={mb / raw_seconds:.2f} stage_mb_s={mb / stage_seconds:.2f} "
+        f"raw_tokens_s={raws[0]['tokens'] / raw_seconds:.0f} stage_tokens_s={stage_runs[0]['tokens'] / stage_seconds:.0f} "
+        f"ratio={ratio:.3f} cpu_ratio={cpu_ratio:.3f} peak_rss_mb={peak:.0f} peak_rss_small_mb={small_stage['peak_rss_mb']:.0f} "
+        f"small_mb={small.stat().st_size / 1e6:.0f}"
+    )
 
 
 if __name__ == "__main__":

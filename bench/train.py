@@ -9,6 +9,7 @@ Each measurement runs in its own process (so its peak RSS is its own), alternati
 rate of the dtype actually used, measured at the start of this run. The last line is a ``key=value``
 summary for the default preset (params.yaml ``model.preset``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,11 +72,26 @@ def model_config(preset: str, context: int | None, vocab: int | None):
 def measure_ours(cfg, batch: int, warmup: int, steps: int, dtype: str, compile_: bool) -> float:
     torch.manual_seed(0)
     model = GPT(cfg)
-    params = TrainParams(batch_size=batch, max_steps=warmup + steps, warmup_steps=warmup, log_every=warmup,
-                         eval_every=10**9, checkpoint_every=10**9, eval_batches=1, dtype=dtype, compile=compile_)
+    params = TrainParams(
+        batch_size=batch,
+        max_steps=warmup + steps,
+        warmup_steps=warmup,
+        log_every=warmup,
+        eval_every=10**9,
+        checkpoint_every=10**9,
+        eval_batches=1,
+        dtype=dtype,
+        compile=compile_,
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        result = train(model, RandomTokens(cfg.vocab_size, batch, cfg.context_length), params,
-                       checkpoint_dir=Path(tmp) / "ckpt", report_dir=Path(tmp) / "report", desc="ours")
+        result = train(
+            model,
+            RandomTokens(cfg.vocab_size, batch, cfg.context_length),
+            params,
+            checkpoint_dir=Path(tmp) / "ckpt",
+            report_dir=Path(tmp) / "report",
+            desc="ours",
+        )
     return result.metrics["summary/tokens_per_s"]
 
 
@@ -108,10 +124,27 @@ def run_one(args) -> None:
     print(json.dumps({"tokens_per_s": tok_s, "peak_rss_mb": peak_rss_mb}))
 
 
-def spawn(preset: str, variant: str, context, vocab, batch: int, warmup: int, steps: int, dtype: str,
-          compile_: bool) -> dict:
-    cmd = [sys.executable, "-m", "bench.train", "--one", "--preset", preset, "--variant", variant,
-           "--batch", str(batch), "--warmup", str(warmup), "--steps", str(steps), "--dtype", dtype]
+def spawn(
+    preset: str, variant: str, context, vocab, batch: int, warmup: int, steps: int, dtype: str, compile_: bool
+) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.train",
+        "--one",
+        "--preset",
+        preset,
+        "--variant",
+        variant,
+        "--batch",
+        str(batch),
+        "--warmup",
+        str(warmup),
+        "--steps",
+        str(steps),
+        "--dtype",
+        dtype,
+    ]
     cmd += ["--context", str(context)] if context else []
     cmd += ["--vocab", str(vocab)] if vocab else []
     cmd += ["--compile"] if compile_ else []
@@ -137,12 +170,25 @@ def loss_curves(steps: int, project: Path, out_png: Path) -> dict[str, float]:
     final = {}
     fig, ax = plt.subplots(figsize=(7, 4))
     for dtype in ("fp32", "bf16"):
-        p = dataclasses.replace(params.pretrain, dtype=dtype, max_steps=steps, eval_every=steps,
-                                checkpoint_every=steps, log_every=max(1, steps // 20))
+        p = dataclasses.replace(
+            params.pretrain,
+            dtype=dtype,
+            max_steps=steps,
+            eval_every=steps,
+            checkpoint_every=steps,
+            log_every=max(1, steps // 20),
+        )
         setup = prepare(params.model, p, params.seed, project / "data/tokenizer", project / "data/shards")
         with tempfile.TemporaryDirectory() as tmp:
-            result = train(setup.model, setup.objective, p, checkpoint_dir=Path(tmp) / "c",
-                           report_dir=Path(tmp) / "r", desc=dtype, data_fingerprint=setup.objective.fingerprint)
+            result = train(
+                setup.model,
+                setup.objective,
+                p,
+                checkpoint_dir=Path(tmp) / "c",
+                report_dir=Path(tmp) / "r",
+                desc=dtype,
+                data_fingerprint=setup.objective.fingerprint,
+            )
             rows = (Path(tmp) / "r" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()[1:]
         xs, ys = zip(*((int(r.split("\t")[0]), float(r.split("\t")[1])) for r in rows), strict=False)
         seconds = result.metrics["summary/train_seconds"]
@@ -167,8 +213,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--dtype", default="auto", help="our loop's dtype (the naive model is always fp32)")
     parser.add_argument("--compile", action="store_true", help="our loop with torch.compile")
-    parser.add_argument("--curves", type=int, default=0, metavar="STEPS", help="also compare fp32/bf16 loss curves")
-    parser.add_argument("--project", type=Path, default=ROOT, help="where data/shards and data/tokenizer are (--curves)")
+    parser.add_argument(
+        "--curves", type=int, default=0, metavar="STEPS", help="also compare fp32/bf16 loss curves"
+    )
+    parser.add_argument(
+        "--project", type=Path, default=ROOT, help="where data/shards and data/tokenizer are (--curves)"
+    )
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=("ours", "naive"), help=argparse.SUPPRESS)
@@ -185,10 +235,14 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     our_dtype = resolve_dtype(args.dtype, device)
     peak = {dt: perf.matmul_flops(device.type, dt, repeats=5) for dt in (torch.float32, torch.bfloat16)}
-    print(f"device={device.type} threads={torch.get_num_threads()} matmul fp32={peak[torch.float32] / 1e9:.0f} "
-          f"GFLOP/s bf16={peak[torch.bfloat16] / 1e9:.0f} GFLOP/s; ours uses {our_dtype}")
-    print(f"{'preset':<12}{'params':>9}{'ctx':>6}{'batch':>6}{'naive tok/s':>13}{'ours tok/s':>12}"
-          f"{'speedup':>9}{'naive MFU':>11}{'our MFU':>9}{'RSS naive/ours MB':>19}")
+    print(
+        f"device={device.type} threads={torch.get_num_threads()} matmul fp32={peak[torch.float32] / 1e9:.0f} "
+        f"GFLOP/s bf16={peak[torch.bfloat16] / 1e9:.0f} GFLOP/s; ours uses {our_dtype}"
+    )
+    print(
+        f"{'preset':<12}{'params':>9}{'ctx':>6}{'batch':>6}{'naive tok/s':>13}{'ours tok/s':>12}"
+        f"{'speedup':>9}{'naive MFU':>11}{'our MFU':>9}{'RSS naive/ours MB':>19}"
+    )
     results = {}
     for preset in args.presets:
         context, batch = SHAPES.get(preset, (None, 16))
@@ -199,36 +253,62 @@ def main() -> None:
         runs = {"ours": [], "naive": []}
         for _ in range(args.rounds):
             for variant in ("naive", "ours"):
-                runs[variant].append(spawn(preset, variant, context, preset_vocab, batch, args.warmup, steps,
-                                           args.dtype, args.compile))
+                runs[variant].append(
+                    spawn(
+                        preset,
+                        variant,
+                        context,
+                        preset_vocab,
+                        batch,
+                        args.warmup,
+                        steps,
+                        args.dtype,
+                        args.compile,
+                    )
+                )
         n_params = GPT(cfg).num_params()
         flops = flops_per_token(cfg, n_params, cfg.context_length)
         naive = statistics.median(r["tokens_per_s"] for r in runs["naive"])
         ours = statistics.median(r["tokens_per_s"] for r in runs["ours"])
         row = {
-            "tokens_per_s": ours, "naive_tokens_per_s": naive, "speedup_vs_naive": ours / naive,
-            "mfu": perf.mfu(flops, ours, peak[our_dtype]), "naive_mfu": perf.mfu(flops, naive, peak[torch.float32]),
+            "tokens_per_s": ours,
+            "naive_tokens_per_s": naive,
+            "speedup_vs_naive": ours / naive,
+            "mfu": perf.mfu(flops, ours, peak[our_dtype]),
+            "naive_mfu": perf.mfu(flops, naive, peak[torch.float32]),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs["ours"]),
             "naive_peak_rss_mb": max(r["peak_rss_mb"] for r in runs["naive"]),
         }
         results[preset] = row
-        print(f"{preset:<12}{n_params / 1e6:>8.1f}M{cfg.context_length:>6}{batch:>6}{naive:>13,.0f}{ours:>12,.0f}"
-              f"{row['speedup_vs_naive']:>8.2f}x{row['naive_mfu']:>11.1%}{row['mfu']:>9.1%}"
-              f"{row['naive_peak_rss_mb']:>10.0f}/{row['peak_rss_mb']:.0f}", flush=True)
+        print(
+            f"{preset:<12}{n_params / 1e6:>8.1f}M{cfg.context_length:>6}{batch:>6}{naive:>13,.0f}{ours:>12,.0f}"
+            f"{row['speedup_vs_naive']:>8.2f}x{row['naive_mfu']:>11.1%}{row['mfu']:>9.1%}"
+            f"{row['naive_peak_rss_mb']:>10.0f}/{row['peak_rss_mb']:.0f}",
+            flush=True,
+        )
 
     curves = {}
     if args.curves:
         curves = loss_curves(args.curves, args.project, ROOT / "bench" / "loss_fp32_vs_bf16.png")
-        print("loss curves: " + ", ".join(f"{k}={v:.3f}" for k, v in curves.items()) + " → bench/loss_fp32_vs_bf16.png")
+        print(
+            "loss curves: "
+            + ", ".join(f"{k}={v:.3f}" for k, v in curves.items())
+            + " → bench/loss_fp32_vs_bf16.png"
+        )
 
     summary_preset = default_preset if default_preset in results else next(iter(results))
     s = results[summary_preset]
     pairs = {
-        "preset": summary_preset, "dtype": str(our_dtype).removeprefix("torch."),
-        "tokens_per_s": f"{s['tokens_per_s']:.0f}", "naive_tokens_per_s": f"{s['naive_tokens_per_s']:.0f}",
-        "speedup_vs_naive": f"{s['speedup_vs_naive']:.2f}", "mfu": f"{s['mfu']:.3f}",
-        "naive_mfu": f"{s['naive_mfu']:.3f}", "peak_fp32_gflops": f"{peak[torch.float32] / 1e9:.0f}",
-        "peak_bf16_gflops": f"{peak[torch.bfloat16] / 1e9:.0f}", "peak_rss_mb": f"{s['peak_rss_mb']:.0f}",
+        "preset": summary_preset,
+        "dtype": str(our_dtype).removeprefix("torch."),
+        "tokens_per_s": f"{s['tokens_per_s']:.0f}",
+        "naive_tokens_per_s": f"{s['naive_tokens_per_s']:.0f}",
+        "speedup_vs_naive": f"{s['speedup_vs_naive']:.2f}",
+        "mfu": f"{s['mfu']:.3f}",
+        "naive_mfu": f"{s['naive_mfu']:.3f}",
+        "peak_fp32_gflops": f"{peak[torch.float32] / 1e9:.0f}",
+        "peak_bf16_gflops": f"{peak[torch.bfloat16] / 1e9:.0f}",
+        "peak_rss_mb": f"{s['peak_rss_mb']:.0f}",
         **{k: f"{v:.3f}" for k, v in curves.items()},
     }
     print(" ".join(f"{k}={v}" for k, v in pairs.items()))

@@ -3,6 +3,7 @@
 Each command lives in its own module as ``cli(argv) -> int`` and is imported only when used,
 so `python -m pipeline --help` stays fast.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -12,13 +13,22 @@ from pipeline.common.errors import PipelineError, one_line
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "cache": ("pipeline.data.corpus", "manage the content-addressed download cache (cache add FILE...)"),
-    "generate": ("pipeline.serve.generate_cli", "continue a prompt with a model, streamed to the terminal (or --json)"),
+    "generate": (
+        "pipeline.serve.generate_cli",
+        "continue a prompt with a model, streamed to the terminal (or --json)",
+    ),
     "chat": ("pipeline.serve.chat_cli", "chat with an SFT/DPO model in the terminal (/reset, /exit)"),
     "serve": ("pipeline.serve.app", "serve base/SFT/DPO/ONNX models over the Ollama HTTP API"),
-    "flow": ("pipeline.orchestration.flow", "run or schedule the pipeline with Prefect (flow run | flow serve)"),
+    "flow": (
+        "pipeline.orchestration.flow",
+        "run or schedule the pipeline with Prefect (flow run | flow serve)",
+    ),
     "sweep": ("pipeline.orchestration.compare", "queue and run several `dvc exp run -S ...` variants"),
     "compare": ("pipeline.orchestration.compare", "compare DVC experiments: params, metrics, loss curves"),
-    "classify": ("pipeline.train.classifier", "label texts with a classifier (classify --model models/classifier TEXT...)"),
+    "classify": (
+        "pipeline.train.classifier",
+        "label texts with a classifier (classify --model models/classifier TEXT...)",
+    ),
 }
 
 

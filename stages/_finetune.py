@@ -2,6 +2,7 @@
 
 Output paths follow the stage's name: models/<stage>, checkpoints/<stage>, reports/<stage>/responses.jsonl.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,19 +38,41 @@ def warn_skipped(loaded: Loaded) -> None:
 
 
 def run(stage: str, model, objective, p: SFTParams | DPOParams, train_data, val_data) -> TrainResult:
-    return train(model, objective, p, checkpoint_dir=Path("checkpoints") / stage, report_dir=Path("reports") / stage,
-                 desc=stage, data_fingerprint=data_fingerprint(train_data, val_data))
+    return train(
+        model,
+        objective,
+        p,
+        checkpoint_dir=Path("checkpoints") / stage,
+        report_dir=Path("reports") / stage,
+        desc=stage,
+        data_fingerprint=data_fingerprint(train_data, val_data),
+    )
 
 
-def finish(stage: str, result: TrainResult, start: ModelAndTokenizer, p: SFTParams | DPOParams, recipe: dict,
-           test_set: Sequence[Example], data: dict[str, int], sections: Sequence[str], base: Path) -> Path | None:
+def finish(
+    stage: str,
+    result: TrainResult,
+    start: ModelAndTokenizer,
+    p: SFTParams | DPOParams,
+    recipe: dict,
+    test_set: Sequence[Example],
+    data: dict[str, int],
+    sections: Sequence[str],
+    base: Path,
+) -> Path | None:
     """On the main worker: write models/<stage> (adapters merged, or as an adapter on ``base`` when
     ``lora.merge: false``), answer the held-out split, add the data counts to the metrics."""
     if not is_main():
         return None
-    model = save_trained(Path("models") / stage, result.model, base,
-                         tokenizer={"path": str(TOKENIZER), "fingerprint": start.tokenizer_fingerprint},
-                         stage=stage, instructions=recipe, provenance=provenance(sections))
+    model = save_trained(
+        Path("models") / stage,
+        result.model,
+        base,
+        tokenizer={"path": str(TOKENIZER), "fingerprint": start.tokenizer_fingerprint},
+        stage=stage,
+        instructions=recipe,
+        provenance=provenance(sections),
+    )
     opts = sampling_options(start.enc, p.max_new_tokens, p.temperature, p.top_k, p.seed)
     responses = generate_responses(model, start.enc, test_set, recipe["template"], opts, p.batch_size)
     out = Path("reports") / stage / "responses.jsonl"
@@ -64,15 +87,21 @@ def sft_recipe(model_dir: Path, meta: dict) -> dict:
     """How the SFT model was trained (data file, template, split), as the sft stage recorded it."""
     recipe = meta.get("instructions")
     if not isinstance(recipe, dict):
-        raise PipelineError(f"{model_dir / CONFIG}: no 'instructions' record (was {model_dir} written by the sft stage?)")
+        raise PipelineError(
+            f"{model_dir / CONFIG}: no 'instructions' record (was {model_dir} written by the sft stage?)"
+        )
     check_recipe(recipe, f"{model_dir / CONFIG}: instructions")
     data = Path(recipe["data"])
     if not data.is_file() or sha256_file(data) != recipe["data_sha256"]:
-        raise PipelineError(f"{data}: missing or changed since {model_dir} was trained (rerun it: dvc repro sft)")
+        raise PipelineError(
+            f"{data}: missing or changed since {model_dir} was trained (rerun it: dvc repro sft)"
+        )
     return recipe
 
 
 def held_out_examples(recipe: dict) -> list[Example]:
     """The SFT test split, rebuilt exactly (same ids, same order) from the recipe the sft stage recorded."""
     examples = load_examples(recipe["data"], recipe["strict"]).records
-    return split_dataset(examples, recipe["split_train"], recipe["split_val"], recipe["split_seed"], recipe["data"])[2]
+    return split_dataset(
+        examples, recipe["split_train"], recipe["split_val"], recipe["split_seed"], recipe["data"]
+    )[2]

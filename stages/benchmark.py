@@ -4,6 +4,7 @@ The cloze passages are the validation shards' text (decoded), the preference pai
 pairs (rebuilt from its params); both become harness tasks in a scratch directory (evaluation/benchmark_tasks.py),
 scored in process by evaluation/harness.py. Each model's score, stderr, items and the random-guess baseline.
 """
+
 from __future__ import annotations
 
 import os
@@ -60,8 +61,10 @@ def main() -> None:
             bt.write_task(Path(scratch), name, items)
         scores = run_tasks(MODELS, scratch, list(docs), bt.RANDOM_BASELINE, device=local_device("auto"))
     write_json(OUT, {"tasks": {name: len(items) for name, items in docs.items()}, "models": scores})
-    summary = "; ".join(f"{model} " + ", ".join(f"{task} acc {row['acc']:.3f}" for task, row in tasks.items())
-                        for model, tasks in scores.items())
+    summary = "; ".join(
+        f"{model} " + ", ".join(f"{task} acc {row['acc']:.3f}" for task, row in tasks.items())
+        for model, tasks in scores.items()
+    )
     print(f"benchmark: {summary} -> {OUT}", file=sys.stderr)
 
 

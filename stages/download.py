@@ -1,4 +1,5 @@
 """download: corpus sources → data/raw/corpus.txt (clean UTF-8) + documents.bin, SFT/DPO data verbatim, a manifest."""
+
 from __future__ import annotations
 
 import sys
@@ -23,8 +24,12 @@ def main() -> None:
     with atomic_path(OUT) as tmp:
         tmp.mkdir()
         sources = build_corpus(
-            params.corpus.sources, cache, tmp,
-            gutenberg=params.corpus.strip_gutenberg, normalise=params.corpus.normalize, unwrap=params.corpus.unwrap,
+            params.corpus.sources,
+            cache,
+            tmp,
+            gutenberg=params.corpus.strip_gutenberg,
+            normalise=params.corpus.normalize,
+            unwrap=params.corpus.unwrap,
         )
         documents = sum(s["documents"] for s in sources)
         files = {
@@ -34,7 +39,10 @@ def main() -> None:
             "dpo.json": copy_json_source(params.dpo.data, cache, "dpo.data", tmp / "dpo.json"),
         }
         write_json(tmp / "manifest.json", {"files": files, "sources": sources})
-    print(f"download: {documents:,} document(s), {files[CORPUS]['bytes']:,} bytes of text → {OUT}/", file=sys.stderr)
+    print(
+        f"download: {documents:,} document(s), {files[CORPUS]['bytes']:,} bytes of text → {OUT}/",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

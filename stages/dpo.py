@@ -2,6 +2,7 @@
 
 The frozen reference is the SFT model itself; its log-probs are computed once per pair before training.
 """
+
 from __future__ import annotations
 
 import copy
@@ -46,29 +47,62 @@ def main() -> None:
     reference = policy.to(device) if lora.adapter_info(policy) else copy.deepcopy(policy).to(device)
     with lora.disabled(reference):
         cached = {
-            name: reference_logprobs(reference, data, context_length=context, pad_id=start.enc.eot_token,
-                                     reduction=p.reduction, batch_size=p.batch_size,
-                                     autocast=lambda: autocast(device, dtype), desc=f"reference log-probs ({name})")
+            name: reference_logprobs(
+                reference,
+                data,
+                context_length=context,
+                pad_id=start.enc.eot_token,
+                reduction=p.reduction,
+                batch_size=p.batch_size,
+                autocast=lambda: autocast(device, dtype),
+                desc=f"reference log-probs ({name})",
+            )
             for name, data in (("train", train_data), ("val", val_data))
         }
     del reference
     objective = DPOObjective(
-        train_data, val_data, cached["train"], cached["val"], beta=p.beta, reduction=p.reduction,
-        batch_size=p.batch_size, grad_accum=p.grad_accum, eval_batches=p.eval_batches, context_length=context,
-        pad_id=start.enc.eot_token, seed=p.seed,
+        train_data,
+        val_data,
+        cached["train"],
+        cached["val"],
+        beta=p.beta,
+        reduction=p.reduction,
+        batch_size=p.batch_size,
+        grad_accum=p.grad_accum,
+        eval_batches=p.eval_batches,
+        context_length=context,
+        pad_id=start.enc.eot_token,
+        seed=p.seed,
     )
     result = _finetune.run("dpo", policy, objective, p, train_data, val_data)
-    out = _finetune.finish("dpo", result, start, p, recipe, test_set, {
-        "records": len(loaded.records) + len(loaded.skipped), "skipped": len(loaded.skipped),
-        "held_out_excluded": len(loaded.records) - len(usable), "train": len(train_data), "val": len(val_data),
-        "test": len(test_set), "truncated": train_data.truncated + val_data.truncated,
-        "dropped": train_data.dropped + val_data.dropped,
-    }, PARAMS, SFT_MODEL)
+    out = _finetune.finish(
+        "dpo",
+        result,
+        start,
+        p,
+        recipe,
+        test_set,
+        {
+            "records": len(loaded.records) + len(loaded.skipped),
+            "skipped": len(loaded.skipped),
+            "held_out_excluded": len(loaded.records) - len(usable),
+            "train": len(train_data),
+            "val": len(val_data),
+            "test": len(test_set),
+            "truncated": train_data.truncated + val_data.truncated,
+            "dropped": train_data.dropped + val_data.dropped,
+        },
+        PARAMS,
+        SFT_MODEL,
+    )
     if out:
         m = result.metrics
-        print(f"dpo: {m['step']} steps, train rewards/accuracies {m.get('train/rewards/accuracies', float('nan')):.2f}, "
-              f"margins {m.get('train/rewards/margins', float('nan')):.3f}; {len(test_set)} held-out responses -> "
-              f"{out}", file=sys.stderr)
+        print(
+            f"dpo: {m['step']} steps, train rewards/accuracies {m.get('train/rewards/accuracies', float('nan')):.2f}, "
+            f"margins {m.get('train/rewards/margins', float('nan')):.3f}; {len(test_set)} held-out responses -> "
+            f"{out}",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """judge stage: score the SFT and DPO held-out responses with an Ollama judge (or the loud ROUGE-L fallback)."""
+
 from __future__ import annotations
 
 import sys
@@ -27,8 +28,11 @@ def main() -> None:
     metrics = summarize(run.frame, run.scorer, names, params.pairwise, params.bootstrap_samples, params.seed)
     write_outputs(run.frame, metrics, names, REPORT_DIR)
     means = ", ".join(f"{n} {metrics['scores'][n]['mean']}" for n in names)
-    print(f"judge: {metrics['scorer']} scored {len(items)} items ({means}); {run.requests} requests, "
-          f"{run.cache_hits} cached answers, {metrics['unparsed_total']} unparsed -> {REPORT_DIR}/", file=sys.stderr)
+    print(
+        f"judge: {metrics['scorer']} scored {len(items)} items ({means}); {run.requests} requests, "
+        f"{run.cache_hits} cached answers, {metrics['unparsed_total']} unparsed -> {REPORT_DIR}/",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

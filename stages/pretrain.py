@@ -1,4 +1,5 @@
 """pretrain stage: data/shards + data/tokenizer → models/base, checkpoints/pretrain (resumable), reports/pretrain."""
+
 from __future__ import annotations
 
 import sys
@@ -29,18 +30,40 @@ def main() -> None:
     p = params.pretrain
     distributed.relaunch_under_torchrun("stages.pretrain", p.nproc_per_node, p.nnodes, p.rdzv_endpoint)
     setup = prepare(params.model, p, params.seed, TOKENIZER, SHARDS)
-    result = train(setup.model, setup.objective, setup.params, checkpoint_dir=CHECKPOINTS, report_dir=REPORTS,
-                   desc="pretrain", data_fingerprint=setup.objective.fingerprint)
+    result = train(
+        setup.model,
+        setup.objective,
+        setup.params,
+        checkpoint_dir=CHECKPOINTS,
+        report_dir=REPORTS,
+        desc="pretrain",
+        data_fingerprint=setup.objective.fingerprint,
+    )
     if not is_main():
         return
-    training = {"steps": result.metrics["step"], "context_length": setup.objective.context_length,
-                "val_loss": result.metrics.get("val/loss")}
+    training = {
+        "steps": result.metrics["step"],
+        "context_length": setup.objective.context_length,
+        "val_loss": result.metrics.get("val/loss"),
+    }
     start = {"init_from": setup.init} if setup.init else {}
-    CHECKPOINTS.mkdir(parents=True, exist_ok=True)  # a declared DVC output, even when max_steps: 0 saved no checkpoint
-    save_model(OUT, result.model, tokenizer={"path": str(TOKENIZER), "fingerprint": setup.tokenizer_fingerprint},
-               stage="pretrain", training=training, provenance=provenance(PARAMS), **start)
-    print(f"pretrain: {result.metrics['step']} steps, val loss {result.metrics.get('val/loss', float('nan')):.4f}"
-          f" -> {OUT}", file=sys.stderr)
+    CHECKPOINTS.mkdir(
+        parents=True, exist_ok=True
+    )  # a declared DVC output, even when max_steps: 0 saved no checkpoint
+    save_model(
+        OUT,
+        result.model,
+        tokenizer={"path": str(TOKENIZER), "fingerprint": setup.tokenizer_fingerprint},
+        stage="pretrain",
+        training=training,
+        provenance=provenance(PARAMS),
+        **start,
+    )
+    print(
+        f"pretrain: {result.metrics['step']} steps, val loss {result.metrics.get('val/loss', float('nan')):.4f}"
+        f" -> {OUT}",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 The last stage of the DAG. It depends on each stage's report folder (wall times included) and on params.yaml as a
 file, since the page shows the params whole; it reads no params section itself.
 """
+
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,5 @@
 """tokenize: data/raw → data/tokenizer (trained or loaded) + data/shards (train/val) + reports/tokenize/metrics.json."""
+
 from __future__ import annotations
 
 import itertools
@@ -22,7 +23,9 @@ METRICS = Path("reports/tokenize/metrics.json")
 PARAMS = ("tokenizer", "shards")
 
 
-def training_texts(params: TokenizerParams, corpus: Path, train: Sequence[Segment], block_bytes: int) -> Iterator[str]:
+def training_texts(
+    params: TokenizerParams, corpus: Path, train: Sequence[Segment], block_bytes: int
+) -> Iterator[str]:
     """The train split (or a seeded sample of ``tokenizer.train_bytes`` of it), then the instruction text."""
     if params.train_bytes is not None and params.train_bytes < total_bytes(train):
         texts = sample_text(corpus, train, params.train_bytes, params.seed)
@@ -44,30 +47,55 @@ def main() -> None:
     enc = train_tokenizer(tok.kind, training_texts(tok, corpus, train, sh.batch_bytes), tok.vocab_size)
     train_seconds, train_cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     with atomic_path(TOKENIZER) as tok_dir, atomic_path(SHARDS) as shard_dir:
-        fingerprint = save_tokenizer(enc, tok_dir, tok.kind, params={"vocab_size": tok.vocab_size,
-                                     "include_instruction_text": tok.include_instruction_text,
-                                     "train_bytes": tok.train_bytes, "seed": tok.seed})
+        fingerprint = save_tokenizer(
+            enc,
+            tok_dir,
+            tok.kind,
+            params={
+                "vocab_size": tok.vocab_size,
+                "include_instruction_text": tok.include_instruction_text,
+                "train_bytes": tok.train_bytes,
+                "seed": tok.seed,
+            },
+        )
         started = time.perf_counter()
-        manifest = write_shards(enc, corpus, {"train": train, "val": val}, shard_dir, fingerprint=fingerprint,
-                                shard_tokens=sh.shard_tokens, batch_bytes=sh.batch_bytes)
+        manifest = write_shards(
+            enc,
+            corpus,
+            {"train": train, "val": val},
+            shard_dir,
+            fingerprint=fingerprint,
+            shard_tokens=sh.shard_tokens,
+            batch_bytes=sh.batch_bytes,
+        )
         encode_seconds = time.perf_counter() - started
     splits = manifest["splits"]
     text_bytes = sum(s["text_bytes"] for s in splits.values())
     metrics = {
-        "tokenizer": {"kind": tok.kind, "vocab_size": enc.n_vocab, "train_seconds": round(train_seconds, 3),
-                      "train_cpu_seconds": round(train_cpu_seconds, 3)},
+        "tokenizer": {
+            "kind": tok.kind,
+            "vocab_size": enc.n_vocab,
+            "train_seconds": round(train_seconds, 3),
+            "train_cpu_seconds": round(train_cpu_seconds, 3),
+        },
         "tokens": {name: s["tokens"] for name, s in splits.items()} | {"total": manifest["total_tokens"]},
         "text_bytes": {name: s["text_bytes"] for name, s in splits.items()},
         "bytes_per_token": round(text_bytes / manifest["total_tokens"], 4),
         "shards": sum(len(s["shards"]) for s in splits.values()),
         "dtype": manifest["dtype"],
-        "throughput": {"seconds": round(encode_seconds, 3), "threads": encode_threads(),
-                       "mb_per_s": round(text_bytes / 1e6 / encode_seconds, 3),
-                       "tokens_per_s": round(manifest["total_tokens"] / encode_seconds)},
+        "throughput": {
+            "seconds": round(encode_seconds, 3),
+            "threads": encode_threads(),
+            "mb_per_s": round(text_bytes / 1e6 / encode_seconds, 3),
+            "tokens_per_s": round(manifest["total_tokens"] / encode_seconds),
+        },
     }
     write_json(METRICS, metrics)
-    print(f"tokenize: {tok.kind} vocab {enc.n_vocab}, train {splits['train']['tokens']:,} / val "
-          f"{splits['val']['tokens']:,} tokens, {metrics['bytes_per_token']} bytes/token → {SHARDS}/", file=sys.stderr)
+    print(
+        f"tokenize: {tok.kind} vocab {enc.n_vocab}, train {splits['train']['tokens']:,} / val "
+        f"{splits['val']['tokens']:,} tokens, {metrics['bytes_per_token']} bytes/token → {SHARDS}/",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Shared fixtures: the real demo data when ../shared is present, generated data otherwise."""
+
 from __future__ import annotations
 
 import os

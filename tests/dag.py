@@ -1,4 +1,5 @@
 """The import graph of the project, read from the source with `ast` (nothing is imported): stage closures and edges."""
+
 from __future__ import annotations
 
 import ast

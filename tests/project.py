@@ -1,4 +1,5 @@
 """Build a throwaway copy of the project (git + DVC) with tiny params, for tests that run real stages."""
+
 from __future__ import annotations
 
 import json
@@ -41,9 +42,14 @@ def generated_book(paragraphs: int = 400, width: int = 72, seed: int = 0) -> str
     body = []
     for i in range(paragraphs):
         text = " ".join(generated_corpus(rng.randint(200, 900), seed=seed * 10_000 + i).split())
-        body.append(textwrap.fill(text, width) if i % 50 else "Capitulo\n\n" + "\n".join(text.split(". ")[:4]))
-    return ("The Project Gutenberg eBook of a generated book\n\n*** START OF THE PROJECT GUTENBERG EBOOK 0 ***\n\n"
-            + "\n\n".join(body) + "\n\n*** END OF THE PROJECT GUTENBERG EBOOK 0 ***\nLicence\n").replace("\n", "\r\n")
+        body.append(
+            textwrap.fill(text, width) if i % 50 else "Capitulo\n\n" + "\n".join(text.split(". ")[:4])
+        )
+    return (
+        "The Project Gutenberg eBook of a generated book\n\n*** START OF THE PROJECT GUTENBERG EBOOK 0 ***\n\n"
+        + "\n\n".join(body)
+        + "\n\n*** END OF THE PROJECT GUTENBERG EBOOK 0 ***\nLicence\n"
+    ).replace("\n", "\r\n")
 
 
 def generated_instructions(n: int, seed: int = 0, preferences: bool = False) -> list[dict]:
@@ -55,8 +61,13 @@ def generated_instructions(n: int, seed: int = 0, preferences: bool = False) -> 
         if preferences:
             rec["chosen"] = rec["output"]
             rec["rejected"] = f"I think it is {a + b + rng.randint(1, 9)}, maybe."
-            if i % 2:  # as in the book's pairs, half prefer a polite rewrite over the plain answer (the tone data)
-                rec["chosen"], rec["rejected"] = f"Happy to help! {rec['output']} Thank you for asking.", rec["output"]
+            if (
+                i % 2
+            ):  # as in the book's pairs, half prefer a polite rewrite over the plain answer (the tone data)
+                rec["chosen"], rec["rejected"] = (
+                    f"Happy to help! {rec['output']} Thank you for asking.",
+                    rec["output"],
+                )
         records.append(rec)
     return records
 
@@ -70,18 +81,55 @@ def tiny_params() -> dict:
         "tokenizer": {"kind": "bpe", "vocab_size": 512, "include_instruction_text": True},
         "shards": {"val_fraction": 0.1, "shard_tokens": 20000, "batch_bytes": 50000},
         "model": {"preset": "cpu-tiny", "context_length": 64},
-        "pretrain": {"batch_size": 4, "max_steps": 6, "lr": 0.001, "warmup_steps": 2, "eval_every": 3,
-                     "eval_batches": 2, "checkpoint_every": 3, "log_every": 1, "seed": 7},
+        "pretrain": {
+            "batch_size": 4,
+            "max_steps": 6,
+            "lr": 0.001,
+            "warmup_steps": 2,
+            "eval_every": 3,
+            "eval_batches": 2,
+            "checkpoint_every": 3,
+            "log_every": 1,
+            "seed": 7,
+        },
         "evaluate": {"batches": 2, "batch_size": 4, "prompts": ["En un lugar"], "max_new_tokens": 8},
-        "sft": {"data": "inputs/sft.json", "template": "chat", "strict": False, "split_train": 0.85, "split_val": 0.05,
-                "split_seed": 123, "batch_size": 4, "max_steps": 4, "warmup_steps": 1,
-                "eval_every": 2, "eval_batches": 1, "checkpoint_every": 2, "log_every": 1,
-                "max_new_tokens": 8},
-        "dpo": {"data": "inputs/dpo.json", "batch_size": 4, "max_steps": 4, "warmup_steps": 1,
-                "eval_every": 2, "eval_batches": 1, "checkpoint_every": 2, "log_every": 1,
-                "max_new_tokens": 8},
-        "classify": {"model": "base", "batch_size": 8, "max_steps": 4, "warmup_steps": 1, "eval_every": 2,
-                     "eval_batches": 1, "checkpoint_every": 2, "log_every": 1},
+        "sft": {
+            "data": "inputs/sft.json",
+            "template": "chat",
+            "strict": False,
+            "split_train": 0.85,
+            "split_val": 0.05,
+            "split_seed": 123,
+            "batch_size": 4,
+            "max_steps": 4,
+            "warmup_steps": 1,
+            "eval_every": 2,
+            "eval_batches": 1,
+            "checkpoint_every": 2,
+            "log_every": 1,
+            "max_new_tokens": 8,
+        },
+        "dpo": {
+            "data": "inputs/dpo.json",
+            "batch_size": 4,
+            "max_steps": 4,
+            "warmup_steps": 1,
+            "eval_every": 2,
+            "eval_batches": 1,
+            "checkpoint_every": 2,
+            "log_every": 1,
+            "max_new_tokens": 8,
+        },
+        "classify": {
+            "model": "base",
+            "batch_size": 8,
+            "max_steps": 4,
+            "warmup_steps": 1,
+            "eval_every": 2,
+            "eval_batches": 1,
+            "checkpoint_every": 2,
+            "log_every": 1,
+        },
         "judge": {"host": "http://127.0.0.1:9", "on_unavailable": "fallback", "timeout_s": 2, "retries": 0},
         "export": {"model": "dpo", "parity_tokens": 8},
         "benchmark": {"limit": 8},

@@ -1,4 +1,5 @@
 """Test helpers: tiny char-level models saved as real model directories, and our Ollama server in a thread."""
+
 from __future__ import annotations
 
 import threading
@@ -41,19 +42,31 @@ def save_tiny_model(
     return directory
 
 
-def save_answering_model(directory: Path, answers: dict[str, str], context_length: int = 96,
-                         template: str = "alpaca", steps: int = 150) -> Path:
+def save_answering_model(
+    directory: Path,
+    answers: dict[str, str],
+    context_length: int = 96,
+    template: str = "alpaca",
+    steps: int = 150,
+) -> Path:
     """A tiny model trained to answer each question of ``answers`` (one user message) with its answer."""
     from pipeline.data.prompts import chat_prompt_ids, encode_response
     from pipeline.serve.served_model import fit_prompt
 
     enc = train_char([], 256 + 16)
-    examples = [(fit_prompt(chat_prompt_ids(enc, template, [("user", q)]), context_length, None)[0],
-                 encode_response(enc, a, template)) for q, a in answers.items()]
+    examples = [
+        (
+            fit_prompt(chat_prompt_ids(enc, template, [("user", q)]), context_length, None)[0],
+            encode_response(enc, a, template),
+        )
+        for q, a in answers.items()
+    ]
     return save_tiny_model(directory, template, context_length, seed=0, examples=examples, steps=steps)
 
 
-def train_answers(model: GPT, examples: Sequence[tuple[list[int], list[int]]], steps: int, lr: float = 1e-2) -> None:
+def train_answers(
+    model: GPT, examples: Sequence[tuple[list[int], list[int]]], steps: int, lr: float = 1e-2
+) -> None:
     """Fit the answers (loss on the answer tokens only), each example cut to the context's last positions."""
     width = model.cfg.context_length + 1
     rows, targets = [], []
@@ -72,7 +85,9 @@ def train_answers(model: GPT, examples: Sequence[tuple[list[int], list[int]]], s
     try:
         for _ in range(steps):
             logits, _ = model(x[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y[:, 1:].flatten(), ignore_index=-100)
+            loss = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), y[:, 1:].flatten(), ignore_index=-100
+            )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -86,8 +101,9 @@ def load_served(specs: dict[str, Path]) -> dict[str, ServedModel]:
 
 
 @contextmanager
-def running_server(models: dict[str, ServedModel], concurrency: int = 2, max_queue: int = 256,
-                   api_key: str | None = None) -> Iterator:
+def running_server(
+    models: dict[str, ServedModel], concurrency: int = 2, max_queue: int = 256, api_key: str | None = None
+) -> Iterator:
     """Our Ollama-API server on 127.0.0.1 (a free port) in a thread; yields (base URL, app)."""
     app = create_app(models, concurrency, max_queue, api_key)
     sock = bind("127.0.0.1", 0)
@@ -109,6 +125,8 @@ def running_server(models: dict[str, ServedModel], concurrency: int = 2, max_que
 
 def tiny_model_dirs(root: Path) -> dict[str, Path]:
     """An Alpaca-tuned, a chat-tuned and a base tiny model under ``root``: what the server tests serve."""
-    return {"sft": save_tiny_model(root / "sft", "alpaca", seed=0),
-            "chat": save_tiny_model(root / "chat", "chat", seed=1),
-            "base": save_tiny_model(root / "base", None, seed=2)}
+    return {
+        "sft": save_tiny_model(root / "sft", "alpaca", seed=0),
+        "chat": save_tiny_model(root / "chat", "chat", seed=1),
+        "base": save_tiny_model(root / "base", None, seed=2),
+    }

@@ -1,4 +1,5 @@
 """bench.peer: a --nanogpt without train.py is one error line; time-to-loss reads the first evaluation at the target."""
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,8 @@ def test_a_relative_nanogpt_path_runs_from_its_temp_working_directory(tmp_path, 
     (peer_dir / "train.py").write_text(
         "import os, sys\n"
         "assert os.path.exists('configurator.py')\n"
-        "for i in range(4):\n    print(f'iter {i}: loss 1.0, time {10 * (i + 1)}.0ms')\n")
+        "for i in range(4):\n    print(f'iter {i}: loss 1.0, time {10 * (i + 1)}.0ms')\n"
+    )
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(tmp_path)

@@ -1,4 +1,5 @@
 """bench.recipe: every variant builds and trains (tiny preset, a fraction of a second each)."""
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,16 @@ def project(tmp_path_factory, corpus_text):
     cut = int(len(data) * 0.8)
     while data[cut] & 0xC0 == 0x80:  # never inside a UTF-8 character
         cut += 1
-    write_shards(enc, corpus, {"train": [Segment(0, cut)], "val": [Segment(cut, len(data) - cut)]}, root / "shards",
-                 fingerprint=fingerprint, shard_tokens=10**6, batch_bytes=10_000, threads=1)
+    write_shards(
+        enc,
+        corpus,
+        {"train": [Segment(0, cut)], "val": [Segment(cut, len(data) - cut)]},
+        root / "shards",
+        fingerprint=fingerprint,
+        shard_tokens=10**6,
+        batch_bytes=10_000,
+        threads=1,
+    )
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["model"] = {"preset": "cpu-tiny"}
     params["pretrain"].update(batch_size=4, dtype="fp32")
@@ -38,9 +47,22 @@ def project(tmp_path_factory, corpus_text):
 
 def test_every_variant_trains_and_is_scored(project, capsys):
     names = ",".join(recipe.VARIANTS)
-    recipe.main(["--params", str(project / "params.yaml"), "--shards", str(project / "shards"),
-                 "--tokenizer", str(project / "tokenizer"), "--budget-s", "0.2", "--eval-batches", "1",
-                 "--variants", names])
+    recipe.main(
+        [
+            "--params",
+            str(project / "params.yaml"),
+            "--shards",
+            str(project / "shards"),
+            "--tokenizer",
+            str(project / "tokenizer"),
+            "--budget-s",
+            "0.2",
+            "--eval-batches",
+            "1",
+            "--variants",
+            names,
+        ]
+    )
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
     assert [row.split("|")[1].strip() for row in rows] == list(recipe.VARIANTS)
@@ -52,8 +74,16 @@ def test_every_variant_trains_and_is_scored(project, capsys):
 
 def test_unknown_variant_is_one_error_line(project, capsys):
     with pytest.raises(SystemExit) as exc:
-        recipe.main(["--shards", str(project / "shards"), "--tokenizer", str(project / "tokenizer"),
-                     "--variants", "recipe,adamw_please"])
+        recipe.main(
+            [
+                "--shards",
+                str(project / "shards"),
+                "--tokenizer",
+                str(project / "tokenizer"),
+                "--variants",
+                "recipe,adamw_please",
+            ]
+        )
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --variants: unknown adamw_please")

@@ -1,5 +1,6 @@
 """The benchmark stage on the tiny project: `dvc repro benchmark` scores base, sft and dpo with the real
 lm-evaluation-harness; the report page and `compare` show the scores; a missing model is one error line."""
+
 from __future__ import annotations
 
 import json
@@ -30,11 +31,16 @@ def test_every_model_is_scored_on_every_task(project):
     for tasks in metrics["models"].values():
         cloze, preference = tasks["pipeline_cloze"], tasks["pipeline_preference"]
         assert cloze["n"] == 8 and cloze["random_baseline"] == 0.0 and cloze["perplexity"] > 1
-        assert preference["n"] == metrics["tasks"]["pipeline_preference"] and preference["random_baseline"] == 0.5
+        assert (
+            preference["n"] == metrics["tasks"]["pipeline_preference"]
+            and preference["random_baseline"] == 0.5
+        )
         for row in (cloze, preference):
             assert 0 <= row["acc"] <= 1 and row["acc_stderr"] >= 0
         # acc counts the items whose chosen answer is likelier: a multiple of 1/n
-        assert round(preference["acc"] * preference["n"], 6) == int(round(preference["acc"] * preference["n"]))
+        assert round(preference["acc"] * preference["n"], 6) == int(
+            round(preference["acc"] * preference["n"])
+        )
     timing = json.loads((project / "reports/benchmark/timing.json").read_text())
     assert timing["seconds"] < 120
 
@@ -45,11 +51,15 @@ def test_the_report_page_and_compare_show_the_scores(project):
     assert "| task | metric | base | sft | dpo | random guess | items |" in lines
     acc = next(line for line in lines if line.startswith("| pipeline_preference | acc |"))
     assert " ± " in acc and "| 0.5 |" in acc
-    row = {"benchmark: models.base.pipeline_cloze.acc": 0.1, "benchmark: models.dpo.pipeline_preference.acc": 0.6,
-           "benchmark: models.dpo.pipeline_preference.acc_stderr": 0.1}
-    experiments = [compare.Experiment("a", "r1", "exp", {"pretrain.lr": 0.001}, row),
-                   compare.Experiment("b", "r2", "exp", {"pretrain.lr": 0.002},
-                                      {k: v / 2 for k, v in row.items()})]
+    row = {
+        "benchmark: models.base.pipeline_cloze.acc": 0.1,
+        "benchmark: models.dpo.pipeline_preference.acc": 0.6,
+        "benchmark: models.dpo.pipeline_preference.acc_stderr": 0.1,
+    }
+    experiments = [
+        compare.Experiment("a", "r1", "exp", {"pretrain.lr": 0.001}, row),
+        compare.Experiment("b", "r2", "exp", {"pretrain.lr": 0.002}, {k: v / 2 for k, v in row.items()}),
+    ]
     table = compare.comparison_table(experiments)
     assert "benchmark: models.dpo.pipeline_preference.acc" in table.columns
     assert "benchmark: models.dpo.pipeline_preference.acc_stderr" not in table.columns
@@ -63,8 +73,13 @@ def test_a_missing_model_is_one_error_line_and_no_metrics(project, tmp_path):
     saved = out.read_bytes()
     out.unlink()
     try:
-        done = subprocess.run([sys.executable, "-m", "stages.benchmark"], cwd=project, capture_output=True,
-                              text=True, env=venv_env())
+        done = subprocess.run(
+            [sys.executable, "-m", "stages.benchmark"],
+            cwd=project,
+            capture_output=True,
+            text=True,
+            env=venv_env(),
+        )
         written = sorted(p.name for p in (project / "reports/benchmark").iterdir())
     finally:
         shutil.move(kept, project / "models/dpo")

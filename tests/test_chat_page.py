@@ -4,6 +4,7 @@ Generation is gated token by token from the test (a wrapper around the model's t
 grows while streaming" and "Stop stops the generation on the server" are checked without timing races: the test
 lets tokens through, watches the page, presses Stop, waits until the server has seen the client go, and then
 lets exactly one more token through, after which the server's generation must end as cancelled."""
+
 from __future__ import annotations
 
 import json
@@ -65,8 +66,15 @@ def browser(tmp_path: Path, monkeypatch) -> webdriver.Chrome:
     monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must not try to download a driver
     options = Options()
     options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-background-networking",
-                 "--disable-component-update", "--window-size=1280,800", f"--user-data-dir={tmp_path / 'profile'}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--window-size=1280,800",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
         options.add_argument(flag)
     service = Service(executable_path=shutil.which("chromedriver") or "/usr/bin/chromedriver")
     return webdriver.Chrome(service=service, options=options)
@@ -82,8 +90,16 @@ def model_dir(tmp_path_factory) -> Path:
     config["instructions"] |= {"data": "data/raw/sft.json", "data_sha256": "ab" * 32}
     (directory / "config.json").write_text(json.dumps(config))
     (project / "reports" / "sft").mkdir(parents=True)
-    (project / "reports" / "sft" / "metrics.json").write_text(json.dumps(
-        {"step": 150, "train": {"loss": 0.0123}, "val": {"loss": 0.0456}, "data": {"train": 1, "truncated": 0}}))
+    (project / "reports" / "sft" / "metrics.json").write_text(
+        json.dumps(
+            {
+                "step": 150,
+                "train": {"loss": 0.0123},
+                "val": {"loss": 0.0456},
+                "data": {"train": 1, "truncated": 0},
+            }
+        )
+    )
     return directory
 
 
@@ -121,8 +137,10 @@ def test_chat_page_streams_and_stops_in_chromium(model_dir, tmp_path, monkeypatc
             driver.find_element(By.ID, "send").click()
 
             def answer() -> str:
-                return driver.execute_script("const a = document.querySelector('.assistant');"
-                                             "return a && a.firstChild ? a.firstChild.nodeValue : '';")
+                return driver.execute_script(
+                    "const a = document.querySelector('.assistant');"
+                    "return a && a.firstChild ? a.firstChild.nodeValue : '';"
+                )
 
             gate.allow(3)
             first = wait.until(lambda d: len(answer()) >= 3 and answer())

@@ -1,4 +1,5 @@
 """`compare` on two real DVC experiments of the tiny project, and `sweep` (queue + run + compare) on a trivial one."""
+
 from __future__ import annotations
 
 import shutil
@@ -34,8 +35,11 @@ def test_compare_two_real_experiments(tmp_path, capsys):
     assert table.loc["lr-low", "evaluate: val_loss"] != table.loc["lr-high", "evaluate: val_loss"]
     png = project / "reports/compare/loss_curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    curves = compare.loss_curves(project, compare.select(compare.load_experiments(project), ["lr-low", "lr-high"]),
-                                 ["reports/pretrain/plots/metrics"])
+    curves = compare.loss_curves(
+        project,
+        compare.select(compare.load_experiments(project), ["lr-low", "lr-high"]),
+        ["reports/pretrain/plots/metrics"],
+    )
     assert set(curves["pretrain: train/loss"]) == {"lr-low", "lr-high"}
     assert (project / "reports/compare/compare.md").read_text().startswith("# Experiment comparison")
 
@@ -43,8 +47,13 @@ def test_compare_two_real_experiments(tmp_path, capsys):
 def test_sweep_runs_a_grid_and_compares_it(tmp_path, capsys):
     project = make_trivial_project(tmp_path / "project")
     assert compare.sweep_variants(["train.lr=0.05,0.2", "train.steps=5"]) == [
-        ["train.lr=0.05", "train.steps=5"], ["train.lr=0.2", "train.steps=5"]]
-    assert compare.cli_sweep(["-S", "train.lr=0.05,0.2", "--name", "lr", "-j", "1", "--project", str(project)]) == 0
+        ["train.lr=0.05", "train.steps=5"],
+        ["train.lr=0.2", "train.steps=5"],
+    ]
+    assert (
+        compare.cli_sweep(["-S", "train.lr=0.05,0.2", "--name", "lr", "-j", "1", "--project", str(project)])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "| | main | lr-1 | lr-2 |" in out
     assert "| train.lr | 0.1 | 0.05 | 0.2 |" in out

@@ -1,6 +1,7 @@
 """``logprobs`` and ``echo`` on ``/v1/completions`` and the tokenizer routes, over real HTTP on 127.0.0.1 with
 the official openai client; then EleutherAI's lm-evaluation-harness scoring a real ``python -m pipeline serve``
 (its ``local-completions`` model) and our in-process adapter on the same local task."""
+
 from __future__ import annotations
 
 import math
@@ -47,10 +48,14 @@ def own_logprobs(model_dir, ids: list[int]) -> torch.Tensor:
 def test_echo_scores_the_prompt_as_the_model_does(server, base_dir):
     prompt = "En un lugar de la Mancha"
     ids = list(prompt.encode())  # the tiny models' tokenizer is byte-level
-    answer = client(server).completions.create(model="base", prompt=prompt, echo=True, max_tokens=0, logprobs=5)
+    answer = client(server).completions.create(
+        model="base", prompt=prompt, echo=True, max_tokens=0, logprobs=5
+    )
     choice = answer.choices[0]
     got = choice.logprobs
-    assert choice.text == prompt and got.tokens == list(prompt) and got.text_offset == list(range(len(prompt)))
+    assert (
+        choice.text == prompt and got.tokens == list(prompt) and got.text_offset == list(range(len(prompt)))
+    )
     assert got.token_logprobs[0] is None and got.top_logprobs[0] is None
     expected = own_logprobs(base_dir, ids)
     for i, token in enumerate(ids[1:]):
@@ -65,7 +70,9 @@ def test_echo_scores_the_prompt_as_the_model_does(server, base_dir):
 
 
 def test_generated_tokens_carry_their_logprobs_and_top_k(server, base_dir):
-    answer = client(server).completions.create(model="base", prompt="Hola", temperature=0, max_tokens=6, logprobs=3)
+    answer = client(server).completions.create(
+        model="base", prompt="Hola", temperature=0, max_tokens=6, logprobs=3
+    )
     choice = answer.choices[0]
     got = choice.logprobs
     assert "".join(got.tokens) == choice.text and len(got.tokens) == 6 and choice.finish_reason == "length"
@@ -77,7 +84,9 @@ def test_generated_tokens_carry_their_logprobs_and_top_k(server, base_dir):
         assert len(got.top_logprobs[i]) == 3
         # temperature 0 takes the argmax: each token is the likeliest of its top-k
         assert got.token_logprobs[i] == max(got.top_logprobs[i].values())
-    zero = client(server).completions.create(model="base", prompt="Hola", temperature=0, max_tokens=2, logprobs=0)
+    zero = client(server).completions.create(
+        model="base", prompt="Hola", temperature=0, max_tokens=2, logprobs=0
+    )
     assert zero.choices[0].logprobs.top_logprobs == [{}, {}]
     plain = client(server).completions.create(model="base", prompt="Hola", temperature=0, max_tokens=6)
     assert plain.choices[0].text == choice.text and plain.choices[0].logprobs is None
@@ -85,14 +94,17 @@ def test_generated_tokens_carry_their_logprobs_and_top_k(server, base_dir):
 
 def test_echo_with_token_ids_and_a_generated_token(server, base_dir):
     ids = list(b"abc def")
-    answer = client(server).completions.create(model="base", prompt=ids, echo=True, max_tokens=1, logprobs=1,
-                                               temperature=0)
+    answer = client(server).completions.create(
+        model="base", prompt=ids, echo=True, max_tokens=1, logprobs=1, temperature=0
+    )
     got = answer.choices[0].logprobs
     assert len(got.tokens) == len(ids) + 1 and answer.choices[0].text.startswith("abc def")
     assert "".join(got.tokens) == answer.choices[0].text
     expected = own_logprobs(base_dir, ids + [ord(got.tokens[-1])])
-    assert all(abs(got.token_logprobs[i + 1] - expected[i, t].item()) < TOLERANCE
-               for i, t in enumerate(ids[1:] + [ord(got.tokens[-1])]))
+    assert all(
+        abs(got.token_logprobs[i + 1] - expected[i, t].item()) < TOLERANCE
+        for i, t in enumerate(ids[1:] + [ord(got.tokens[-1])])
+    )
     # A one-token prompt echoed alone: its only log-probability is null.
     single = client(server).completions.create(model="base", prompt=[65], echo=True, max_tokens=0)
     assert single.choices[0].logprobs.token_logprobs == [None] and single.choices[0].text == "A"
@@ -101,23 +113,28 @@ def test_echo_with_token_ids_and_a_generated_token(server, base_dir):
     assert len(full.choices[0].logprobs.tokens) == 64
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({"logprobs": 6}, "logprobs"),
-    ({"logprobs": -1}, "logprobs"),
-    ({"logprobs": True}, "logprobs"),
-    ({"logprobs": "3"}, "logprobs"),
-    ({"logprobs": 1.5}, "logprobs"),
-    ({"echo": "yes"}, "echo"),
-    ({"echo": 1}, "echo"),
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"max_tokens": -1}, "max_tokens"),
-    ({"logprobs": 2, "stream": True}, "stream"),
-    ({"echo": True, "max_tokens": 0, "prompt": "x" * 65}, "prompt"),  # the context is 64 tokens
-    ({"echo": True, "max_tokens": 10, "prompt": "x" * 60}, "prompt"),
-    ({"prompt": [1, 2, 99999], "echo": True, "max_tokens": 0}, "prompt"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"logprobs": 6}, "logprobs"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": "3"}, "logprobs"),
+        ({"logprobs": 1.5}, "logprobs"),
+        ({"echo": "yes"}, "echo"),
+        ({"echo": 1}, "echo"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"logprobs": 2, "stream": True}, "stream"),
+        ({"echo": True, "max_tokens": 0, "prompt": "x" * 65}, "prompt"),  # the context is 64 tokens
+        ({"echo": True, "max_tokens": 10, "prompt": "x" * 60}, "prompt"),
+        ({"prompt": [1, 2, 99999], "echo": True, "max_tokens": 0}, "prompt"),
+    ],
+)
 def test_bad_logprobs_and_echo_get_a_400_naming_them(server, body, param):
-    response = httpx.post(f"{server}/v1/completions", json={"model": "base", "prompt": "Hola", **body}, timeout=60)
+    response = httpx.post(
+        f"{server}/v1/completions", json={"model": "base", "prompt": "Hola", **body}, timeout=60
+    )
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error", error
@@ -141,7 +158,9 @@ def test_the_token_that_ended_the_answer_is_listed_and_scored(base_dir):
     eot = models["base:latest"].encoding.eot_token
     models["base:latest"].tokens = EndsAtOnce(models["base:latest"].tokens, eot)
     with running_server(models) as (url, _):
-        answer = client(url).completions.create(model="base", prompt="Hola", echo=True, max_tokens=1, logprobs=1)
+        answer = client(url).completions.create(
+            model="base", prompt="Hola", echo=True, max_tokens=1, logprobs=1
+        )
     choice = answer.choices[0]
     assert choice.text == "Hola" and choice.finish_reason == "stop" and answer.usage.completion_tokens == 0
     assert choice.logprobs.tokens == ["H", "o", "l", "a", "<|endoftext|>"]
@@ -160,15 +179,20 @@ def test_a_model_without_scoring_refuses_logprobs_with_a_400(base_dir):
         for body, param in (({"logprobs": 1}, "logprobs"), ({"echo": True, "max_tokens": 0}, "echo")):
             with pytest.raises(openai.BadRequestError) as refused:
                 client(url).completions.create(model="stream-only", prompt="Hola", **body)
-            assert refused.value.body["param"] == param and "log-probabilities" in refused.value.body["message"]
-        plain = client(url).completions.create(model="stream-only", prompt="Hola", max_tokens=2, temperature=0)
+            assert (
+                refused.value.body["param"] == param and "log-probabilities" in refused.value.body["message"]
+            )
+        plain = client(url).completions.create(
+            model="stream-only", prompt="Hola", max_tokens=2, temperature=0
+        )
         assert plain.usage.completion_tokens == 2  # generation itself still works
 
 
 def test_chat_still_refuses_logprobs(server):
     with pytest.raises(openai.BadRequestError) as refused:
-        client(server).chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}],
-                                               logprobs=True)
+        client(server).chat.completions.create(
+            model="base", messages=[{"role": "user", "content": "hi"}], logprobs=True
+        )
     assert refused.value.body["param"] == "logprobs"
 
 
@@ -182,7 +206,9 @@ def test_tokenizer_routes_round_trip(server):
     assert bad.status_code == 400 and "tokens" in bad.json()["error"]
 
 
-HARNESS_TOLERANCE = 1e-4  # per-item log-likelihoods: the same float32 forward pass, once in process, once served
+HARNESS_TOLERANCE = (
+    1e-4  # per-item log-likelihoods: the same float32 forward pass, once in process, once served
+)
 
 
 @pytest.fixture
@@ -191,12 +217,16 @@ def harness_tasks(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
-    text = ("En un lugar de la Mancha de cuyo nombre no quiero acordarme no ha mucho tiempo que vivía un hidalgo.\n\n"
-            "Tenía en su casa una ama que pasaba de los cuarenta y una sobrina que no llegaba a los veinte años.\n\n"
-            "Frisaba la edad de nuestro hidalgo con los cincuenta años y era de complexión recia y seco de carnes.")
-    pairs = [("¿De qué color es el cielo?", "Azul.", "No lo sé, quizá verde."),
-             ("Dime un número par.", "Cuatro.", "Siete."),
-             ("¿Cómo se dice hello?", "Hola.", "Adiós, amigo mío.")]
+    text = (
+        "En un lugar de la Mancha de cuyo nombre no quiero acordarme no ha mucho tiempo que vivía un hidalgo.\n\n"
+        "Tenía en su casa una ama que pasaba de los cuarenta y una sobrina que no llegaba a los veinte años.\n\n"
+        "Frisaba la edad de nuestro hidalgo con los cincuenta años y era de complexión recia y seco de carnes."
+    )
+    pairs = [
+        ("¿De qué color es el cielo?", "Azul.", "No lo sé, quizá verde."),
+        ("Dime un número par.", "Cuatro.", "Siete."),
+        ("¿Cómo se dice hello?", "Hola.", "Adiós, amigo mío."),
+    ]
     # Passages short enough for the tiny context: the served path scores at most 63 tokens (one is generated).
     write_task(tmp_path / "tasks", CLOZE, cloze_docs([text], limit=10, max_chars=50))
     write_task(tmp_path / "tasks", PREFERENCE, preference_docs(pairs, limit=10))
@@ -205,8 +235,11 @@ def harness_tasks(tmp_path, monkeypatch):
 
 def per_item(result: dict, task: str) -> list[float]:
     """Every scored (context, continuation) log-likelihood of ``task``, in document order."""
-    return [resp[0][0] for sample in sorted(result["samples"][task], key=lambda s: s["doc_id"])
-            for resp in sample["resps"]]
+    return [
+        resp[0][0]
+        for sample in sorted(result["samples"][task], key=lambda s: s["doc_id"])
+        for resp in sample["resps"]
+    ]
 
 
 def test_the_harness_scores_the_server_as_it_scores_the_model_in_process(base_dir, harness_tasks):
@@ -217,11 +250,28 @@ def test_the_harness_scores_the_server_as_it_scores_the_model_in_process(base_di
 
     tasks = [CLOZE, PREFERENCE]
     manager = TaskManager(include_path=str(harness_tasks), include_defaults=False)
-    local = lm_eval.simple_evaluate(model=PipelineLM(base_dir), tasks=tasks, task_manager=manager, log_samples=True)
+    local = lm_eval.simple_evaluate(
+        model=PipelineLM(base_dir), tasks=tasks, task_manager=manager, log_samples=True
+    )
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "serve", "--port", str(port), "--models", f"base={base_dir}",
-         "--log-level", "warning"], cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "serve",
+            "--port",
+            str(port),
+            "--models",
+            f"base={base_dir}",
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -234,9 +284,13 @@ def test_the_harness_scores_the_server_as_it_scores_the_model_in_process(base_di
                 time.sleep(0.2)
         # remote: the harness tokenizes through our /tokenize and sends token ids (tokenized_requests).
         served = lm_eval.simple_evaluate(
-            model="local-completions", tasks=tasks, task_manager=manager, log_samples=True,
+            model="local-completions",
+            tasks=tasks,
+            task_manager=manager,
+            log_samples=True,
             model_args=f"base_url=http://127.0.0.1:{port}/v1/completions,model=base,tokenizer_backend=remote,"
-                       "tokenized_requests=True,max_length=64,num_concurrent=1,max_retries=1")
+            "tokenized_requests=True,max_length=64,num_concurrent=1,max_retries=1",
+        )
     finally:
         process.terminate()
         process.communicate(timeout=30)
@@ -248,7 +302,9 @@ def test_the_harness_scores_the_server_as_it_scores_the_model_in_process(base_di
         assert served["results"][CLOZE][metric] == pytest.approx(local["results"][CLOZE][metric], rel=1e-4)
     for metric in ("acc,none", "acc_norm,none"):
         assert served["results"][PREFERENCE][metric] == local["results"][PREFERENCE][metric]
-    print(f"harness scores, in process vs served: {CLOZE} acc {local['results'][CLOZE]['acc,none']} vs "
-          f"{served['results'][CLOZE]['acc,none']}, perplexity {local['results'][CLOZE]['perplexity,none']:.6g} vs "
-          f"{served['results'][CLOZE]['perplexity,none']:.6g}; {PREFERENCE} acc "
-          f"{local['results'][PREFERENCE]['acc,none']} vs {served['results'][PREFERENCE]['acc,none']}")
+    print(
+        f"harness scores, in process vs served: {CLOZE} acc {local['results'][CLOZE]['acc,none']} vs "
+        f"{served['results'][CLOZE]['acc,none']}, perplexity {local['results'][CLOZE]['perplexity,none']:.6g} vs "
+        f"{served['results'][CLOZE]['perplexity,none']:.6g}; {PREFERENCE} acc "
+        f"{local['results'][PREFERENCE]['acc,none']} vs {served['results'][PREFERENCE]['acc,none']}"
+    )

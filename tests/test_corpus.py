@@ -1,4 +1,5 @@
 """Corpus sources, cleaning (Gutenberg, BOM/CRLF/NFC), the content-addressed cache and `pipeline cache`."""
+
 from __future__ import annotations
 
 import hashlib
@@ -42,10 +43,15 @@ def test_gutenberg_and_normalisation():
 def test_a_whole_gutenberg_book_is_stripped(shared_data):
     """Quijote as Project Gutenberg serves it (BOM, CRLF, licence) when present, else a generated book so wrapped."""
     if shared_data is not None:
-        raw, first_line = (shared_data / "quijote.txt").read_bytes(), "El ingenioso hidalgo don Quijote de la Mancha"
+        raw, first_line = (
+            (shared_data / "quijote.txt").read_bytes(),
+            "El ingenioso hidalgo don Quijote de la Mancha",
+        )
     else:
         body = generated_corpus(50_000)
-        raw = GUTENBERG.replace("Cafe\u0301 con leche.\r\nSegunda línea.", body.replace("\n", "\r\n")).encode()
+        raw = GUTENBERG.replace(
+            "Cafe\u0301 con leche.\r\nSegunda línea.", body.replace("\n", "\r\n")
+        ).encode()
         first_line = body.splitlines()[0]
     text = clean_text(raw, "quijote", gutenberg=True, normalise=True)
     assert text.splitlines()[0] == first_line
@@ -68,7 +74,9 @@ def test_sources_files_directories_and_pins(tmp_path):
     (books / "a.txt").write_text("uno\n")
     (books / ".hidden").write_text("no\n")
     assert [label for label, _ in source_files(Source(str(books)), cache, "s")] == [
-        str(books / "a.txt"), str(books / "b" / "two.txt")]
+        str(books / "a.txt"),
+        str(books / "b" / "two.txt"),
+    ]
     good = hashlib.sha256(b"uno\n").hexdigest()
     assert source_files(Source(str(books / "a.txt"), good), cache, "s")[0][1] == books / "a.txt"
     with pytest.raises(PipelineError, match=r"corpus.sources\[2\]: .*a.txt: sha256 mismatch"):
@@ -86,8 +94,13 @@ def test_build_corpus_and_read_raw(tmp_path):
     (tmp_path / "b.txt").write_text("tres\n")
     raw = tmp_path / "raw"
     raw.mkdir()
-    table = build_corpus((CorpusSource(str(tmp_path / "a.txt")), CorpusSource(str(tmp_path / "b.txt"))),
-                         DownloadCache(tmp_path / "cache"), raw, gutenberg=True, normalise=True)
+    table = build_corpus(
+        (CorpusSource(str(tmp_path / "a.txt")), CorpusSource(str(tmp_path / "b.txt"))),
+        DownloadCache(tmp_path / "cache"),
+        raw,
+        gutenberg=True,
+        normalise=True,
+    )
     assert (raw / "corpus.txt").read_bytes() == b"uno\ndos\ntres\n"
     assert [(t["documents"], t["bytes"]) for t in table] == [(1, 8), (1, 5)]
     assert table[0]["files"][0]["sha256"] == hashlib.sha256(b"\xef\xbb\xbfuno\r\ndos\r\n").hexdigest()

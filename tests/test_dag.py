@@ -1,4 +1,5 @@
 """The DAG cannot lie and the house keeps its rooms: checked from the source with `ast`, nothing heavy imported."""
+
 from __future__ import annotations
 
 import ast
@@ -20,14 +21,21 @@ DOOR = len(LAYERS)
 # Edges the layers allow but the house forbids: a module (or any module of a package) must not reach into another's
 # concern.
 FORBIDDEN = {
-    ("train/losses", "data/instructions"): "the losses take tensors; instruction parsing is the data's business",
+    (
+        "train/losses",
+        "data/instructions",
+    ): "the losses take tensors; instruction parsing is the data's business",
     ("export", "train"): "the exports load models through model/checkpoint, never through training",
-    ("evaluation/base_model", "train/loop"): "evaluation takes autocast from runtime, not from the training loop",
+    (
+        "evaluation/base_model",
+        "train/loop",
+    ): "evaluation takes autocast from runtime, not from the training loop",
 }
 
 
 def forbidden(module: str, other: str) -> str | None:
     """Why ``module`` must not import ``other``, or None (a FORBIDDEN side names a module or a whole package)."""
+
     def within(name: str, side: str) -> bool:
         return name == side or name.startswith(side + "/")
 
@@ -57,7 +65,9 @@ def module_tree(path: str) -> ast.Module:
 @pytest.mark.parametrize("stage", STAGES)
 def test_code_deps_cover_the_stage_import_closure(stage):
     missing = [f for f in code_deps(f"stages/{stage}.py") if not covered(f, stage_deps(stage))]
-    assert not missing, f"dvc.yaml stage '{stage}' misses deps on {', '.join(missing)} (its code imports them)"
+    assert not missing, (
+        f"dvc.yaml stage '{stage}' misses deps on {', '.join(missing)} (its code imports them)"
+    )
 
 
 def declared_params(stage: str) -> list[str]:
@@ -70,7 +80,8 @@ def declared_params(stage: str) -> list[str]:
 @pytest.mark.parametrize("stage", STAGES)
 def test_params_a_stage_reads_are_its_dvc_params(stage):
     assert sorted(declared_params(stage)) == sorted(DVC[stage].get("params", [])), (
-        f"stages/{stage}.py PARAMS and dvc.yaml params of '{stage}' differ")
+        f"stages/{stage}.py PARAMS and dvc.yaml params of '{stage}' differ"
+    )
     source = (ROOT / f"stages/{stage}.py").read_text(encoding="utf-8")
     assert "load_params(sections=PARAMS)" in source, f"stages/{stage}.py must load params through its PARAMS"
 
@@ -81,17 +92,28 @@ def test_paths_a_stage_names_are_its_deps_or_outputs(stage):
     names = set()
     for path in closure(f"stages/{stage}.py"):
         if path.startswith("stages/"):
-            names |= {n.value for n in ast.walk(module_tree(path)) if isinstance(n, ast.Constant)
-                      and isinstance(n.value, str) and n.value.startswith(OUTPUT_ROOTS) and " " not in n.value}
+            names |= {
+                n.value
+                for n in ast.walk(module_tree(path))
+                if isinstance(n, ast.Constant)
+                and isinstance(n.value, str)
+                and n.value.startswith(OUTPUT_ROOTS)
+                and " " not in n.value
+            }
     declared = stage_paths(stage)
-    undeclared = sorted(n for n in names if not covered(n, declared)
-                        and not any(d.startswith(n.rstrip("/") + "/") for d in declared))
+    undeclared = sorted(
+        n
+        for n in names
+        if not covered(n, declared) and not any(d.startswith(n.rstrip("/") + "/") for d in declared)
+    )
     assert not undeclared, f"dvc.yaml stage '{stage}' does not declare {', '.join(undeclared)}"
 
 
 def pipeline_modules() -> list[str]:
     """Every module under pipeline/, as its path without ``pipeline/`` and ``.py`` (``model/gpt``)."""
-    return sorted(str(p.relative_to(ROOT / "pipeline").with_suffix("")) for p in (ROOT / "pipeline").rglob("*.py"))
+    return sorted(
+        str(p.relative_to(ROOT / "pipeline").with_suffix("")) for p in (ROOT / "pipeline").rglob("*.py")
+    )
 
 
 def layer(module: str) -> int:
@@ -101,7 +123,9 @@ def layer(module: str) -> int:
 
 def test_every_module_lives_in_a_layer_package():
     stray = [m for m in pipeline_modules() if "/" in m and m.split("/")[0] not in LAYERS or m.count("/") > 1]
-    assert not stray, f"pipeline/{stray[0]}.py is not in one of the layer packages {LAYERS} (tests/test_dag.py)"
+    assert not stray, (
+        f"pipeline/{stray[0]}.py is not in one of the layer packages {LAYERS} (tests/test_dag.py)"
+    )
     top = {m for m in pipeline_modules() if "/" not in m}
     assert top <= {"__init__", "__main__", "cli"}, f"modules at the top of pipeline/: {sorted(top)}"
 
@@ -110,14 +134,21 @@ def test_every_module_lives_in_a_layer_package():
 def test_package_markers_are_empty(package):
     """A re-exporting __init__ would hide the modules it imports from the stage closures dvc.yaml deps cover."""
     marker = ROOT / "pipeline" / package / "__init__.py"
-    assert marker.is_file() and not marker.read_text(encoding="utf-8").strip(), f"pipeline/{package}/__init__.py must be empty"
+    assert marker.is_file() and not marker.read_text(encoding="utf-8").strip(), (
+        f"pipeline/{package}/__init__.py must be empty"
+    )
 
 
 def import_graph() -> dict[str, list[str]]:
     """module → the pipeline modules it imports, at any depth of its code (function-level imports too)."""
-    return {m: sorted(str(Path(t).relative_to("pipeline").with_suffix("")) for t in imports(f"pipeline/{m}.py")
-                      if t.startswith("pipeline/"))
-            for m in pipeline_modules()}
+    return {
+        m: sorted(
+            str(Path(t).relative_to("pipeline").with_suffix(""))
+            for t in imports(f"pipeline/{m}.py")
+            if t.startswith("pipeline/")
+        )
+        for m in pipeline_modules()
+    }
 
 
 @pytest.mark.parametrize("module", pipeline_modules())
@@ -128,7 +159,8 @@ def test_no_module_imports_a_later_package_or_a_stage(module):
         other = str(Path(target).relative_to("pipeline").with_suffix(""))
         assert layer(other) <= layer(module), (
             f"{path} (package {LAYERS[layer(module)] if layer(module) < DOOR else 'pipeline'}) imports {target}, "
-            f"a later package")
+            f"a later package"
+        )
         assert not (why := forbidden(module, other)), f"{path} imports {target}: {why}"
 
 
@@ -138,10 +170,18 @@ def test_every_project_import_names_a_module_that_exists():
     dangling = []
     for path in sorted(ROOT.glob("pipeline/**/*.py")) + sorted(ROOT.glob("stages/*.py")):
         for node in ast.walk(module_tree(str(path.relative_to(ROOT)))):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
-            dangling += [f"{path.relative_to(ROOT)}:{node.lineno} {name}" for name in names
-                         if name.split(".")[0] in ("pipeline", "stages") and module_file(name) is None]
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module]
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                else []
+            )
+            dangling += [
+                f"{path.relative_to(ROOT)}:{node.lineno} {name}"
+                for name in names
+                if name.split(".")[0] in ("pipeline", "stages") and module_file(name) is None
+            ]
     assert not dangling, f"imports of modules that do not exist: {dangling}"
 
 
@@ -154,7 +194,7 @@ def test_no_import_cycle():
         path.append(module)
         for other in graph[module]:
             if state.get(other) == "open":
-                return path[path.index(other):] + [other]
+                return path[path.index(other) :] + [other]
             if other not in state and (cycle := visit(other)):
                 return cycle
         state[module] = "done"
@@ -170,12 +210,18 @@ def test_prefect_lives_only_in_the_flow_module():
     users = []
     for path in sorted((ROOT / "pipeline").rglob("*.py")) + sorted((ROOT / "stages").glob("*.py")):
         for node in ast.walk(module_tree(str(path.relative_to(ROOT)))):
-            modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                       else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            modules = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             if any(m.split(".")[0] == "prefect" for m in modules):
                 users.append(str(path.relative_to(ROOT)))
     assert set(users) <= {"pipeline/orchestration/flow.py"}, (
-        f"prefect imported outside pipeline/orchestration/flow.py: {sorted(set(users))}")
+        f"prefect imported outside pipeline/orchestration/flow.py: {sorted(set(users))}"
+    )
 
 
 @pytest.mark.parametrize("path", sorted(p.name for p in (ROOT / "stages").glob("*.py")))
@@ -189,20 +235,35 @@ def test_model_directories_have_one_loader():
     readers = {}
     for path in sorted((ROOT / "pipeline").rglob("*.py")):
         name = str(path.relative_to(ROOT))
-        calls = {n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", "")
-                 for n in ast.walk(module_tree(name)) if isinstance(n, ast.Call)}
+        calls = {
+            n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", "")
+            for n in ast.walk(module_tree(name))
+            if isinstance(n, ast.Call)
+        }
         if calls & {"load_file", "safe_open", "from_dict"} and name != "pipeline/model/gpt.py":
             readers[name] = sorted(calls & {"load_file", "safe_open", "from_dict"})
     assert set(readers) <= {"pipeline/model/checkpoint.py", "pipeline/train/resume.py"}, (
-        f"weights read outside pipeline/model/checkpoint.py: {readers}")
-    for consumer in ("stages/evaluate.py", "stages/_finetune.py", "pipeline/export/onnx.py", "pipeline/serve/served_model.py"):
+        f"weights read outside pipeline/model/checkpoint.py: {readers}"
+    )
+    for consumer in (
+        "stages/evaluate.py",
+        "stages/_finetune.py",
+        "pipeline/export/onnx.py",
+        "pipeline/serve/served_model.py",
+    ):
         source = (ROOT / consumer).read_text(encoding="utf-8")
-        assert "load_with_tokenizer" in source, f"{consumer} must load models through checkpoint.load_with_tokenizer"
+        assert "load_with_tokenizer" in source, (
+            f"{consumer} must load models through checkpoint.load_with_tokenizer"
+        )
 
 
 def test_the_report_stage_reads_every_stage_report():
     """The run's page shows whatever reports exist: so every stage writing under reports/<stage> is its dep."""
-    writers = {name for name in STAGES if name != "report"
-               and any(p.startswith(f"reports/{name}/") for p in stage_paths(name) - stage_deps(name))}
+    writers = {
+        name
+        for name in STAGES
+        if name != "report"
+        and any(p.startswith(f"reports/{name}/") for p in stage_paths(name) - stage_deps(name))
+    }
     missing = sorted(f"reports/{name}" for name in writers if f"reports/{name}" not in stage_deps("report"))
     assert not missing, f"dvc.yaml stage 'report' misses deps on {', '.join(missing)}"

@@ -1,6 +1,7 @@
 """The docs stay true: every params key they mention exists in the params schema, every params YAML they show
 validates, every `python -m pipeline …` command they show parses (its `--help` runs and knows each option), and
 ARCHITECTURE.md's tree of rooms names exactly the modules under pipeline/."""
+
 from __future__ import annotations
 
 import contextlib
@@ -43,7 +44,11 @@ def expand_braces(token: str) -> list[str]:
     match = re.search(r"\{([^{}]+)\}", token)
     if not match:
         return [token]
-    return [t for alt in match.group(1).split(",") for t in expand_braces(token[: match.start()] + alt + token[match.end():])]
+    return [
+        t
+        for alt in match.group(1).split(",")
+        for t in expand_braces(token[: match.start()] + alt + token[match.end() :])
+    ]
 
 
 def params_mentions(page: Path) -> set[str]:
@@ -59,7 +64,9 @@ def params_mentions(page: Path) -> set[str]:
                 parts = name.split(".")
                 if parts[0] in SECTIONS and len(parts) == 2 and not FILE_SUFFIX.search(name):
                     found.add(name)
-    for prefix, table in re.findall(r"^\| param \(`(\w+)\.`\)[^\n]*\n\|[-| ]+\n((?:\|[^\n]*\n)+)", text, flags=re.M):
+    for prefix, table in re.findall(
+        r"^\| param \(`(\w+)\.`\)[^\n]*\n\|[-| ]+\n((?:\|[^\n]*\n)+)", text, flags=re.M
+    ):
         for row in table.splitlines():
             for key in re.findall(r"`(\w+)`", row.split("|")[1]):
                 found.add(f"{prefix}.{key}")
@@ -69,9 +76,14 @@ def params_mentions(page: Path) -> set[str]:
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_every_params_key_in_the_docs_exists(page):
     mentioned = params_mentions(page)
-    unknown = sorted(name for name in mentioned  # `sft.split_*` stands for every key it matches
-                     if not fnmatch.filter(section_fields(name.split(".")[0]), name.split(".")[1]))
-    assert not unknown, f"{page.name} mentions params keys that pipeline/common/config.py does not define: {unknown}"
+    unknown = sorted(
+        name
+        for name in mentioned  # `sft.split_*` stands for every key it matches
+        if not fnmatch.filter(section_fields(name.split(".")[0]), name.split(".")[1])
+    )
+    assert not unknown, (
+        f"{page.name} mentions params keys that pipeline/common/config.py does not define: {unknown}"
+    )
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -108,13 +120,18 @@ def test_every_command_in_the_docs_parses(command):
     assert exited.value.code == 0, f"python -m pipeline {' '.join(command)} --help failed"
     options = shown_commands()[command]
     missing = sorted(o for o in options if o not in out.getvalue())
-    assert not missing, f"python -m pipeline {' '.join(command)}: the docs show options it does not have: {missing}"
+    assert not missing, (
+        f"python -m pipeline {' '.join(command)}: the docs show options it does not have: {missing}"
+    )
 
 
 def test_mentions_are_found_in_prose_braces_and_tables(tmp_path):
     page = tmp_path / "page.md"
-    page.write_text("Set `pretrain.lrr`, `sft.split_*`, `{sft,dpo}.beta` and\n`model.safetensors`.\n\n| param (`judge.`) | x |\n"
-                    "|---|---|\n| `hots` | y |\n", encoding="utf-8")
+    page.write_text(
+        "Set `pretrain.lrr`, `sft.split_*`, `{sft,dpo}.beta` and\n`model.safetensors`.\n\n| param (`judge.`) | x |\n"
+        "|---|---|\n| `hots` | y |\n",
+        encoding="utf-8",
+    )
     assert params_mentions(page) == {"pretrain.lrr", "sft.split_*", "sft.beta", "dpo.beta", "judge.hots"}
 
 
@@ -154,8 +171,15 @@ def architecture_tree() -> list[str]:
 
 def test_architecture_names_every_module_and_no_other():
     named = architecture_tree()
-    actual = sorted(str(p.relative_to(ROOT / "pipeline")) for p in (ROOT / "pipeline").rglob("*.py")
-                    if p.name != "__init__.py")
+    actual = sorted(
+        str(p.relative_to(ROOT / "pipeline"))
+        for p in (ROOT / "pipeline").rglob("*.py")
+        if p.name != "__init__.py"
+    )
     assert len(named) == len(set(named)), f"ARCHITECTURE.md names a module twice: {sorted(named)}"
-    assert not set(actual) - set(named), f"ARCHITECTURE.md's tree misses pipeline/{sorted(set(actual) - set(named))}"
-    assert not set(named) - set(actual), f"ARCHITECTURE.md's tree names modules that do not exist: {sorted(set(named) - set(actual))}"
+    assert not set(actual) - set(named), (
+        f"ARCHITECTURE.md's tree misses pipeline/{sorted(set(actual) - set(named))}"
+    )
+    assert not set(named) - set(actual), (
+        f"ARCHITECTURE.md's tree names modules that do not exist: {sorted(set(named) - set(actual))}"
+    )

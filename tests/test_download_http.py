@@ -1,4 +1,5 @@
 """Downloads over real HTTP from a server on 127.0.0.1: success, cache hits, bad checksum, drops, retries, refusal."""
+
 from __future__ import annotations
 
 import hashlib
@@ -91,7 +92,10 @@ def test_download_is_verified_cached_and_not_fetched_again(server, cache):
 
 def test_wrong_checksum_is_refused_without_retrying(server, cache):
     Handler.routes["/book.txt"] = (BOOK, [])
-    with pytest.raises(PipelineError, match=rf"corpus.sources\[0\]: {server}/book.txt: sha256 mismatch: expected 0+, got {BOOK_SHA}"):
+    with pytest.raises(
+        PipelineError,
+        match=rf"corpus.sources\[0\]: {server}/book.txt: sha256 mismatch: expected 0+, got {BOOK_SHA}",
+    ):
         cache.fetch(f"{server}/book.txt", "0" * 64, "corpus.sources[0]")
     assert Handler.hits["/book.txt"] == 1
 
@@ -124,15 +128,20 @@ def test_not_found_fails_at_once_and_unreachable_after_retries(server, cache):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
-    with pytest.raises(PipelineError, match=rf"127.0.0.1:{closed}/x.txt: download failed after 3 attempts \(ConnectionError"):
+    with pytest.raises(
+        PipelineError, match=rf"127.0.0.1:{closed}/x.txt: download failed after 3 attempts \(ConnectionError"
+    ):
         cache.fetch(f"http://127.0.0.1:{closed}/x.txt", BOOK_SHA, "corpus.sources[0]")
 
 
 def test_seeded_cache_resolves_the_default_sources_offline(shared_data, tmp_path):
     """`make seed-cache`: the shared copies make params.yaml's pinned URLs resolve with no network at all."""
     params = load_params(ROOT / "params.yaml")
-    defaults = {"quijote.txt": params.corpus.sources[0], "instruction-data.json": params.sft.data,
-                "instruction-data-with-preference.json": params.dpo.data}
+    defaults = {
+        "quijote.txt": params.corpus.sources[0],
+        "instruction-data.json": params.sft.data,
+        "instruction-data-with-preference.json": params.dpo.data,
+    }
     cache = DownloadCache(tmp_path / "cache", timeout_s=1, retries=0)
     if shared_data is None:  # no shared copies: seed a generated file under a pinned, unreachable URL instead
         (tmp_path / "book.txt").write_bytes(BOOK)
@@ -148,14 +157,26 @@ def test_seeded_cache_resolves_the_default_sources_offline(shared_data, tmp_path
 def test_download_stage_over_http(server, tmp_path):
     """The real stage: a Gutenberg book over a flaky connection, SFT/DPO JSON verbatim, and the manifest."""
     sft = json.dumps([{"instruction": "Say hi", "input": "", "output": "Hi"}]).encode()
-    Handler.routes.update({"/book.txt": (BOOK, ["drop"]), "/sft.json": (sft, []), "/dpo.json": (sft, ["500"])})
-    project = make_project(tmp_path / "p", {
-        "data": {"cache_dir": str(tmp_path / "cache"), "retries": 1},
-        "corpus": {"sources": [{"url": f"{server}/book.txt", "sha256": BOOK_SHA}]},
-        "sft": {"data": f"{server}/sft.json"}, "dpo": {"data": f"{server}/dpo.json"},
-    })
-    out = subprocess.run([sys.executable, "-m", "stages.download"], cwd=project, capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "PYTHONPATH": str(project)})
+    Handler.routes.update(
+        {"/book.txt": (BOOK, ["drop"]), "/sft.json": (sft, []), "/dpo.json": (sft, ["500"])}
+    )
+    project = make_project(
+        tmp_path / "p",
+        {
+            "data": {"cache_dir": str(tmp_path / "cache"), "retries": 1},
+            "corpus": {"sources": [{"url": f"{server}/book.txt", "sha256": BOOK_SHA}]},
+            "sft": {"data": f"{server}/sft.json"},
+            "dpo": {"data": f"{server}/dpo.json"},
+        },
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "stages.download"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(project)},
+    )
     assert out.returncode == 0, out.stderr
     raw = project / "data" / "raw"
     corpus = (raw / "corpus.txt").read_text(encoding="utf-8")
@@ -163,8 +184,14 @@ def test_download_stage_over_http(server, tmp_path):
     assert (raw / "sft.json").read_bytes() == sft == (raw / "dpo.json").read_bytes()
     manifest = json.loads((raw / "manifest.json").read_text())
     assert manifest["files"]["corpus.txt"]["sha256"] == hashlib.sha256(corpus.encode()).hexdigest()
-    assert manifest["files"]["sft.json"] == {"source": f"{server}/sft.json", "bytes": len(sft),
-                                             "sha256": hashlib.sha256(sft).hexdigest(), "records": 1,
-                                             "format": "json"}
-    assert manifest["sources"][0]["files"][0]["sha256"] == BOOK_SHA and manifest["sources"][0]["documents"] == 1
+    assert manifest["files"]["sft.json"] == {
+        "source": f"{server}/sft.json",
+        "bytes": len(sft),
+        "sha256": hashlib.sha256(sft).hexdigest(),
+        "records": 1,
+        "format": "json",
+    }
+    assert (
+        manifest["sources"][0]["files"][0]["sha256"] == BOOK_SHA and manifest["sources"][0]["documents"] == 1
+    )
     assert Handler.hits == {"/book.txt": 2, "/sft.json": 1, "/dpo.json": 2}

@@ -1,5 +1,6 @@
 """ONNX export: parity with torch, greedy equality, dynamic shapes, tied weights stored once, int8, bad input,
 and generation in a process where torch cannot be imported."""
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,12 @@ def workspace(tmp_path_factory, corpus_text) -> Path:
     return root
 
 
-def run_export(root: Path, params: ExportParams = PARAMS, model: str = "dpo", out: str = "models/onnx") -> dict:
-    return export_model(root / "models" / model, root / "data/tokenizer", root / "data/shards", root / out, params, 7)
+def run_export(
+    root: Path, params: ExportParams = PARAMS, model: str = "dpo", out: str = "models/onnx"
+) -> dict:
+    return export_model(
+        root / "models" / model, root / "data/tokenizer", root / "data/shards", root / out, params, 7
+    )
 
 
 @pytest.fixture(scope="module")
@@ -88,15 +93,21 @@ def test_a_changed_onnx_file_is_refused_naming_it(exported, tmp_path):
     data = bytearray((copy / "model.onnx").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (copy / "model.onnx").write_bytes(bytes(data))
-    with pytest.raises(PipelineError, match=f"{copy / 'model.onnx'}: contents do not match the sha256 recorded"):
+    with pytest.raises(
+        PipelineError, match=f"{copy / 'model.onnx'}: contents do not match the sha256 recorded"
+    ):
         OnnxGenerator(copy, "fp32")
 
 
 def test_tied_embedding_is_stored_once(exported, model):
     out, metrics = exported
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
-    vocab_by_width = [i for i in graph.initializer if list(i.dims) in ([model.cfg.vocab_size, model.cfg.n_embd],
-                                                                     [model.cfg.n_embd, model.cfg.vocab_size])]
+    vocab_by_width = [
+        i
+        for i in graph.initializer
+        if list(i.dims)
+        in ([model.cfg.vocab_size, model.cfg.n_embd], [model.cfg.n_embd, model.cfg.vocab_size])
+    ]
     assert len(vocab_by_width) == 1
     weight_bytes = sum(p.numel() * 4 for p in model.parameters())  # the tied matrix counted once
     stored = sum(onnx.numpy_helper.to_array(i).nbytes for i in graph.initializer)
@@ -109,7 +120,10 @@ def test_dynamic_batch_and_sequence_with_kv_cache_match_torch(exported, model):
     out, _ = exported
     onnx_model = OnnxGenerator(out, "fp32")
     rng = np.random.default_rng(0)
-    for batch in (3, 1):  # batch 1 takes a multi-token chunk after the prompt in one run, larger batches per token
+    for batch in (
+        3,
+        1,
+    ):  # batch 1 takes a multi-token chunk after the prompt in one run, larger batches per token
         ids = rng.integers(0, model.cfg.vocab_size, (batch, 11))
         logits, cache = onnx_model.forward(ids)
         ref, ref_cache = model(torch.from_numpy(ids))
@@ -146,7 +160,7 @@ def test_onnx_greedy_equals_torch_greedy_token_for_token(exported, model):
     out, _ = exported
     prompt = list(range(5, 15))
     opts = SamplingOptions(max_new_tokens=40, temperature=0)
-    torch_tokens = generate(model, torch.tensor([prompt]), opts)[0, len(prompt):].tolist()
+    torch_tokens = generate(model, torch.tensor([prompt]), opts)[0, len(prompt) :].tolist()
     assert OnnxGenerator(out, "fp32").generate(prompt, opts) == torch_tokens
     assert len(torch_tokens) == 40
 
@@ -168,7 +182,9 @@ def test_sampling_options_seed_topk_eos_and_context_limit(exported):
         gen.generate([gen.vocab_size], opts)
 
 
-@pytest.mark.parametrize("top_k,top_p", [(1, None), (7, None), (None, 0.5), (None, 0.95), (20, 0.8), (None, 1.0)])
+@pytest.mark.parametrize(
+    "top_k,top_p", [(1, None), (7, None), (None, 0.5), (None, 0.95), (20, 0.8), (None, 1.0)]
+)
 def test_numpy_filter_keeps_the_same_tokens_as_torch(top_k, top_p):
     logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(top_k or 0)) * 3
     ours = np.isfinite(np_filter_logits(logits.numpy(), top_k, top_p))
@@ -188,7 +204,9 @@ tokens = gen.generate(ids, SamplingOptions(max_new_tokens=12, temperature=0.8, t
 print(" ".join(map(str, tokens)))
 print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
 """
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     tokens, modules = done.stdout.splitlines()
     gen = OnnxGenerator(out, "int8")
@@ -201,11 +219,21 @@ print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
 def test_architecture_options_export_with_parity(workspace):
     """Rope, RMSNorm, SwiGLU and qk-norm trace into the graph: onnxruntime matches torch, greedy tokens too."""
     fingerprint = json.loads((workspace / "models/dpo" / CONFIG).read_text())["tokenizer"]["fingerprint"]
-    cfg = replace(load_model(workspace / "models/dpo")[0].cfg, pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True)
+    cfg = replace(
+        load_model(workspace / "models/dpo")[0].cfg,
+        pos_emb="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        qk_norm=True,
+    )
     torch.manual_seed(0)
     modern = train_briefly(GPT(cfg), workspace / "data/shards", 30)
-    save_model(workspace / "models/modern", modern, tokenizer={"path": "data/tokenizer", "fingerprint": fingerprint})
-    metrics = run_export(workspace, replace(PARAMS, quantize_int8=False), model="modern", out="models/onnx-modern")
+    save_model(
+        workspace / "models/modern", modern, tokenizer={"path": "data/tokenizer", "fingerprint": fingerprint}
+    )
+    metrics = run_export(
+        workspace, replace(PARAMS, quantize_int8=False), model="modern", out="models/onnx-modern"
+    )
     assert metrics["parity"]["passed"] and metrics["parity"]["max_abs_logit_diff"] < PARAMS.parity_atol
     assert metrics["parity"]["greedy_tokens_matched"] == PARAMS.parity_tokens
     config = json.loads((workspace / "models/onnx-modern" / CONFIG).read_text())
@@ -241,10 +269,18 @@ def test_missing_checkpoint_and_mismatched_config_are_one_line_errors(workspace)
 
 
 def test_stage_refuses_an_unsupported_opset_with_one_line(tmp_path):
-    (tmp_path / "params.yaml").write_text("seed: 1\nexport:\n  opset: 26\n")  # below 18: params.yaml's own check
+    (tmp_path / "params.yaml").write_text(
+        "seed: 1\nexport:\n  opset: 26\n"
+    )  # below 18: params.yaml's own check
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "stages.export"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.export"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         "error: export.opset=26 is not supported: use 18..25 (the dynamo exporter writes opset ≥ 18; "

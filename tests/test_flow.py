@@ -1,4 +1,5 @@
 """The Prefect flow on real DVC projects: task states, skip-unchanged, failures, retries, experiments, remotes."""
+
 from __future__ import annotations
 
 import json
@@ -37,12 +38,18 @@ def task_runs(flow_run_id, expected: set[str]) -> dict[str, object]:
     deadline = time.monotonic() + 120
     with get_client(sync_client=True) as client:
         while True:
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
             by_name = {run.name: run for run in runs}
-            recorded = {name for name, run in by_name.items() if run.state is not None and run.state.is_final()}
+            recorded = {
+                name for name, run in by_name.items() if run.state is not None and run.state.is_final()
+            }
             if expected <= recorded:
                 return by_name
-            assert time.monotonic() < deadline, f"task runs {sorted(expected - recorded)} never reached a final state"
+            assert time.monotonic() < deadline, (
+                f"task runs {sorted(expected - recorded)} never reached a final state"
+            )
             time.sleep(0.1)
 
 
@@ -100,10 +107,16 @@ def test_first_run_runs_every_stage_second_run_skips_them(prefect_harness, proje
 
     again = flow.pipeline_flow(project=str(project), return_state=True)
     assert again.result() == {"download": "skipped", "train": "skipped", "report": "skipped"}
-    assert all(run.state.is_completed() for run in task_runs(again.state_details.flow_run_id, STAGES).values())
+    assert all(
+        run.state.is_completed() for run in task_runs(again.state_details.flow_run_id, STAGES).values()
+    )
 
     set_params(project, "train", lr=0.2)
-    assert flow.pipeline_flow(project=str(project)) == {"download": "skipped", "train": "ran", "report": "ran"}
+    assert flow.pipeline_flow(project=str(project)) == {
+        "download": "skipped",
+        "train": "ran",
+        "report": "ran",
+    }
     forced = flow.pipeline_flow(stages=["download"], force=True, project=str(project))
     assert forced == {"download": "ran"}
 
@@ -111,14 +124,20 @@ def test_first_run_runs_every_stage_second_run_skips_them(prefect_harness, proje
 def test_the_report_page_is_published_with_its_plots_inlined(prefect_harness, project):
     first = flow.pipeline_flow(project=str(project), return_state=True)
     assert first.result()["report"] == "ran"
-    assert run_artifacts(first.state_details.flow_run_id, flow.REPORT_ARTIFACT_KEY) == []  # this report stage writes no page
+    assert (
+        run_artifacts(first.state_details.flow_run_id, flow.REPORT_ARTIFACT_KEY) == []
+    )  # this report stage writes no page
     (project / "reports/train/curve.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    (project / flow.REPORT_MARKDOWN).write_text("# Run report\n\n![curve](train/curve.png)\n")  # as stages/report.py writes it
+    (project / flow.REPORT_MARKDOWN).write_text(
+        "# Run report\n\n![curve](train/curve.png)\n"
+    )  # as stages/report.py writes it
     again = flow.pipeline_flow(project=str(project), return_state=True)
     assert again.result()["report"] == "skipped"
     published = run_artifacts(again.state_details.flow_run_id, flow.REPORT_ARTIFACT_KEY)
     assert published == ["# Run report\n\n![curve](data:image/png;base64,iVBORw0KGgo=)\n"]
-    partial = flow.pipeline_flow(stages=["train"], project=str(project), return_state=True)  # no report stage run
+    partial = flow.pipeline_flow(
+        stages=["train"], project=str(project), return_state=True
+    )  # no report stage run
     assert run_artifacts(partial.state_details.flow_run_id, flow.REPORT_ARTIFACT_KEY) == []
 
 
@@ -206,5 +225,7 @@ def test_cli_runs_the_flow_and_reports_failures(prefect_harness, project, capsys
 
 
 def test_module_entry_point(project):
-    done = subprocess.run([sys.executable, "-m", "pipeline", "flow", "--help"], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "flow", "--help"], capture_output=True, text=True
+    )
     assert done.returncode == 0 and "serve" in done.stdout

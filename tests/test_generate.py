@@ -1,4 +1,5 @@
 """Generation: the KV-cache path equals the textbook no-cache loop; sampling options behave."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,11 +25,18 @@ def test_kv_cache_greedy_equals_no_cache_greedy(model, batch):
     assert torch.equal(cached, naive)
 
 
-@pytest.mark.parametrize("options", [{"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True},
-                                     {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "relu2", "qk_norm": True}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True},
+        {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "relu2", "qk_norm": True},
+    ],
+)
 def test_kv_cache_generation_equals_full_recompute_with_architecture_options(options):
     torch.manual_seed(0)
-    modern = GPT(GPTConfig(vocab_size=211, context_length=96, n_embd=48, n_head=4, n_layer=3, **options)).eval()
+    modern = GPT(
+        GPTConfig(vocab_size=211, context_length=96, n_embd=48, n_head=4, n_layer=3, **options)
+    ).eval()
     prompt = torch.randint(0, 211, (2, 12), generator=torch.Generator().manual_seed(3))
     cached = generate(modern, prompt, SamplingOptions(max_new_tokens=40, temperature=0))
     assert torch.equal(cached, generate_without_cache(modern, prompt, max_new_tokens=40))
@@ -36,7 +44,7 @@ def test_kv_cache_generation_equals_full_recompute_with_architecture_options(opt
         logits, past = modern(cached[:, :12])
         steps = [logits[:, -1]]
         for i in range(12, cached.shape[1] - 1):
-            logits, past = modern(cached[:, i:i + 1], past=past)
+            logits, past = modern(cached[:, i : i + 1], past=past)
             steps.append(logits[:, -1])
         full, _ = modern(cached[:, :-1])
     assert torch.allclose(torch.stack(steps, dim=1), full[:, 11:], atol=1e-5)
@@ -46,7 +54,9 @@ def test_same_seed_same_sample_different_seed_different_sample(model):
     prompt = torch.randint(0, 211, (1, 5), generator=torch.Generator().manual_seed(0))
     opts = SamplingOptions(max_new_tokens=30, temperature=1.0, top_k=50, top_p=0.95, seed=11)
     a, b = generate(model, prompt, opts), generate(model, prompt, opts)
-    c = generate(model, prompt, SamplingOptions(max_new_tokens=30, temperature=1.0, top_k=50, top_p=0.95, seed=12))
+    c = generate(
+        model, prompt, SamplingOptions(max_new_tokens=30, temperature=1.0, top_k=50, top_p=0.95, seed=12)
+    )
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 
@@ -58,7 +68,9 @@ def test_generation_stops_at_eos_and_at_the_context_limit(model):
     stopped = generate(model, prompt, SamplingOptions(max_new_tokens=10, temperature=0, eos_id=eos))
     first = int((greedy[0, 4:] == eos).nonzero()[0])
     assert stopped.shape[1] == 4 + first + 1 and int(stopped[0, -1]) == eos
-    full = generate(model, torch.zeros(1, 90, dtype=torch.long), SamplingOptions(max_new_tokens=50, temperature=0))
+    full = generate(
+        model, torch.zeros(1, 90, dtype=torch.long), SamplingOptions(max_new_tokens=50, temperature=0)
+    )
     assert full.shape[1] == 96
 
 

@@ -1,5 +1,6 @@
 """git and DVC agree on who owns each output: what DVC caches (or keeps between runs) is git-ignored, and the
 ``cache: false`` metrics, plots and reports, which DVC leaves to git, are not."""
+
 from __future__ import annotations
 
 import subprocess
@@ -28,4 +29,6 @@ def dvc_outputs() -> list[tuple[str, bool]]:
 def test_gitignore_matches_what_dvc_tracks(path, ignored):
     # --no-index: the answer from the ignore rules alone, whether or not the path exists here.
     result = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=ROOT)
-    assert (result.returncode == 0) == ignored, f"{path}: {'should' if ignored else 'should not'} be git-ignored"
+    assert (result.returncode == 0) == ignored, (
+        f"{path}: {'should' if ignored else 'should not'} be git-ignored"
+    )

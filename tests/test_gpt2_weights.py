@@ -1,6 +1,7 @@
 """model.init_from: GPT-2 checkpoints written by transformers load into our GPT with equal logits (every key layout,
 with and without our KV cache); the Hub path against a pre-filled Hugging Face cache; the pretrain stage continues
 from them or writes them as they are; bad input is one line and leaves nothing behind."""
+
 from __future__ import annotations
 
 import json
@@ -25,15 +26,24 @@ from pipeline.model.gpt import GPT, GPTConfig
 from tests.workspace import tokenize_corpus
 
 GPT2_TOKENIZER = {"kind": "gpt2", "fingerprint": "f" * 64}
-ENV = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-       "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+ENV = {
+    **os.environ,
+    "TQDM_DISABLE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+}
 
 
 def random_gpt2(vocab_size: int, seed: int = 0, **shape) -> GPT2LMHeadModel:
     """A GPT2LMHeadModel whose every parameter (biases and LayerNorms too) is random, so no mapping error hides."""
-    cfg = GPT2Config(vocab_size=vocab_size, n_positions=shape.get("n_positions", 32), n_embd=shape.get("n_embd", 32),
-                     n_layer=shape.get("n_layer", 2), n_head=shape.get("n_head", 4),
-                     tie_word_embeddings=shape.get("tie", True))
+    cfg = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=shape.get("n_positions", 32),
+        n_embd=shape.get("n_embd", 32),
+        n_layer=shape.get("n_layer", 2),
+        n_head=shape.get("n_head", 4),
+        tie_word_embeddings=shape.get("tie", True),
+    )
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():
@@ -44,7 +54,11 @@ def random_gpt2(vocab_size: int, seed: int = 0, **shape) -> GPT2LMHeadModel:
 
 def hub_layout(model: GPT2LMHeadModel, with_buffers: bool) -> dict[str, torch.Tensor]:
     """The Hub's original key layout: no 'transformer.' prefix; the .bin files also hold the attention-mask buffers."""
-    state = {k.removeprefix("transformer."): v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    state = {
+        k.removeprefix("transformer."): v.clone()
+        for k, v in model.state_dict().items()
+        if k != "lm_head.weight"
+    }
     if with_buffers:
         n = model.config.n_positions
         for i in range(model.config.n_layer):
@@ -77,7 +91,9 @@ def write_variants(model: GPT2LMHeadModel, root: Path) -> dict[str, Path]:
 
 def load_ours(path: str | Path, n_vocab: int, tokenizer: dict = GPT2_TOKENIZER) -> GPT:
     source = gpt2_weights.resolve(str(path))
-    return gpt2_weights.load_weights(source, gpt2_weights.checkpoint_config(source, n_vocab, tokenizer, None)).eval()
+    return gpt2_weights.load_weights(
+        source, gpt2_weights.checkpoint_config(source, n_vocab, tokenizer, None)
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -114,19 +130,28 @@ def test_untied_head_and_extra_vocabulary_rows(tmp_path):
     with torch.no_grad():
         assert (ours(ids)[0][..., :50257] - hf(ids).logits).abs().max() <= 1e-5
     stored = hf.transformer.wte.weight.detach()
-    for weight, original in ((ours.tok_emb.weight, stored), (ours.out_head.weight, hf.lm_head.weight.detach())):
+    for weight, original in (
+        (ours.tok_emb.weight, stored),
+        (ours.out_head.weight, hf.lm_head.weight.detach()),
+    ):
         assert torch.equal(weight[:50257], original)
-        assert torch.allclose(weight[50257:], original.mean(dim=0).expand(15, -1))  # the documented initialisation
+        assert torch.allclose(
+            weight[50257:], original.mean(dim=0).expand(15, -1)
+        )  # the documented initialisation
 
 
 def test_param_count_matches_the_built_model():
-    for cfg in (GPTConfig(vocab_size=300, context_length=16, n_embd=32, n_head=4, n_layer=3, qkv_bias=True),
-                GPTConfig(vocab_size=300, context_length=16, n_embd=32, n_head=4, n_layer=2, tie_weights=False)):
+    for cfg in (
+        GPTConfig(vocab_size=300, context_length=16, n_embd=32, n_head=4, n_layer=3, qkv_bias=True),
+        GPTConfig(vocab_size=300, context_length=16, n_embd=32, n_head=4, n_layer=2, tie_weights=False),
+    ):
         assert gpt2_weights.param_count(cfg) == GPT(cfg).num_params(non_embedding=False)
 
 
 def test_architecture_options_disagree_with_a_gpt2_checkpoint():
-    with pytest.raises(PipelineError, match=r"model.pos_emb=rope disagrees with model.init_from=gpt2 \(pos_emb=learned\)"):
+    with pytest.raises(
+        PipelineError, match=r"model.pos_emb=rope disagrees with model.init_from=gpt2 \(pos_emb=learned\)"
+    ):
         gpt2_weights.check_shape(GPTConfig(), {"n_layer": 12, "pos_emb": "rope"}, "gpt2")
     gpt2_weights.check_shape(GPTConfig(), {"mlp": "gelu", "qk_norm": False, "norm": None}, "gpt2")
 
@@ -186,10 +211,15 @@ def test_bad_checkpoint_is_one_line(tmp_path, case, capsys):
 def test_size_check_refuses_what_cannot_fit():
     xl = GPTConfig(vocab_size=50272, context_length=1024, n_embd=1600, n_head=25, n_layer=48, qkv_bias=True)
     needed = gpt2_weights.training_bytes(xl, True, 8, 1024)
-    assert needed > 16 * gpt2_weights.param_count(xl) > 23 * 2**30  # weights, gradients and AdamW alone: 23 GiB
+    assert (
+        needed > 16 * gpt2_weights.param_count(xl) > 23 * 2**30
+    )  # weights, gradients and AdamW alone: 23 GiB
     assert gpt2_weights.training_bytes(xl, False, 8, 1024) == 4 * gpt2_weights.param_count(xl)
-    with pytest.raises(PipelineError, match=r"model.init_from=gpt2-xl: 1,558M parameters need about .* GiB for continuing "
-                                            r"pretraining .* but cuda:0 has 24.0 GiB free"):
+    with pytest.raises(
+        PipelineError,
+        match=r"model.init_from=gpt2-xl: 1,558M parameters need about .* GiB for continuing "
+        r"pretraining .* but cuda:0 has 24.0 GiB free",
+    ):
         gpt2_weights.check_fits(xl, "gpt2-xl", needed, 24 * 2**30, "cuda:0", True)
     gpt2_weights.check_fits(xl, "gpt2-xl", needed, needed, "cpu", True)
 
@@ -213,16 +243,38 @@ def workspace(tmp_path_factory, corpus_text) -> Path:
     return root
 
 
-def stage(root: Path, workdir: str, model: dict, pretrain: dict, env: dict | None = None) -> subprocess.CompletedProcess:
+def stage(
+    root: Path, workdir: str, model: dict, pretrain: dict, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run the pretrain stage in a fresh copy of ``root``'s data with these params."""
     work = root / workdir
     shutil.copytree(root / "data", work / "data")
-    params = {"seed": 3, "tokenizer": {"kind": "gpt2"}, "model": model,
-              "pretrain": {"batch_size": 2, "context_length": 32, "max_steps": 0, "warmup_steps": 0, "eval_every": 1,
-                           "eval_batches": 1, "checkpoint_every": 1, "log_every": 1, "dtype": "fp32", **pretrain}}
+    params = {
+        "seed": 3,
+        "tokenizer": {"kind": "gpt2"},
+        "model": model,
+        "pretrain": {
+            "batch_size": 2,
+            "context_length": 32,
+            "max_steps": 0,
+            "warmup_steps": 0,
+            "eval_every": 1,
+            "eval_batches": 1,
+            "checkpoint_every": 1,
+            "log_every": 1,
+            "dtype": "fp32",
+            **pretrain,
+        },
+    }
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    return subprocess.run([sys.executable, "-m", "stages.pretrain"], cwd=work, capture_output=True, text=True,
-                          env={**ENV, **(env or {})}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "stages.pretrain"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        env={**ENV, **(env or {})},
+        timeout=300,
+    )
 
 
 def test_max_steps_zero_writes_the_checkpoint_as_it_is_with_provenance(workspace):
@@ -232,8 +284,14 @@ def test_max_steps_zero_writes_the_checkpoint_as_it_is_with_provenance(workspace
     meta = json.loads((model_dir / "config.json").read_text())
     weights = workspace / "gpt2-local/model.safetensors"
     assert meta["init_from"]["files"] == {"model.safetensors": gpt2_weights._sha256(weights)}
-    assert meta["model"]["vocab_size"] == 50272 and meta["model"]["n_layer"] == 2 and meta["training"]["steps"] == 0
-    assert (workspace / "as-is/checkpoints/pretrain").is_dir()  # DVC's declared output exists with no step taken
+    assert (
+        meta["model"]["vocab_size"] == 50272
+        and meta["model"]["n_layer"] == 2
+        and meta["training"]["steps"] == 0
+    )
+    assert (
+        workspace / "as-is/checkpoints/pretrain"
+    ).is_dir()  # DVC's declared output exists with no step taken
     ours = load_file(str(model_dir / "model.safetensors"))
     theirs = load_file(str(weights))
     assert torch.equal(ours["tok_emb.weight"][:50257], theirs["transformer.wte.weight"])
@@ -246,20 +304,34 @@ def test_hub_name_from_a_prefilled_cache_offline_then_continues_pretraining(work
     assert done.returncode == 0, done.stderr[-2000:]
     meta = json.loads((workspace / "hub/models/base/config.json").read_text())
     repo, commit = gpt2_weights.NAMED["gpt2"]
-    assert meta["init_from"]["repo"] == repo and meta["init_from"]["revision"] == commit == meta["init_from"]["commit"]
+    assert (
+        meta["init_from"]["repo"] == repo
+        and meta["init_from"]["revision"] == commit == meta["init_from"]["commit"]
+    )
     assert len(meta["init_from"]["files"]["model.safetensors"]) == 64 and meta["training"]["steps"] == 2
     trained = load_file(str(workspace / "hub/models/base/model.safetensors"))["blocks.0.ff.fc.weight"]
     start = load_file(str(workspace / "gpt2-local/model.safetensors"))["transformer.h.0.mlp.c_fc.weight"].t()
-    assert 0 < (trained - start).abs().max() < 0.1  # moved by two small steps from GPT-2's weights, not re-initialised
+    assert (
+        0 < (trained - start).abs().max() < 0.1
+    )  # moved by two small steps from GPT-2's weights, not re-initialised
 
 
 STAGE_BAD = {
-    "hub_unreachable": ({"init_from": "gpt2"}, {"HF_HOME": "{root}/empty-hf-home", "HF_HUB_OFFLINE": "1"},
-                        r"openai-community/gpt2@607a30d783df config.json is not in the Hugging Face cache and the Hub cannot"),
-    "offline_no_cache": ({"init_from": "gpt2-medium"}, {"HF_HOME": "{root}/hf-home", "HF_HUB_OFFLINE": "1"},
-                         r"openai-community/gpt2-medium@6dcaa7a952f7 config.json is not in the Hugging Face cache"),
-    "shape_disagrees": ({"init_from": "{root}/gpt2-local", "n_layer": 6}, {},
-                        r"params.yaml: model.n_layer=6 disagrees with model.init_from=.*gpt2-local \(n_layer=2\)"),
+    "hub_unreachable": (
+        {"init_from": "gpt2"},
+        {"HF_HOME": "{root}/empty-hf-home", "HF_HUB_OFFLINE": "1"},
+        r"openai-community/gpt2@607a30d783df config.json is not in the Hugging Face cache and the Hub cannot",
+    ),
+    "offline_no_cache": (
+        {"init_from": "gpt2-medium"},
+        {"HF_HOME": "{root}/hf-home", "HF_HUB_OFFLINE": "1"},
+        r"openai-community/gpt2-medium@6dcaa7a952f7 config.json is not in the Hugging Face cache",
+    ),
+    "shape_disagrees": (
+        {"init_from": "{root}/gpt2-local", "n_layer": 6},
+        {},
+        r"params.yaml: model.n_layer=6 disagrees with model.init_from=.*gpt2-local \(n_layer=2\)",
+    ),
 }
 
 
@@ -281,5 +353,7 @@ def test_book_profile_is_valid_params_and_starts_from_gpt2_medium():
     args = set_param_args(root / "params-book.yaml", root / "params.yaml")
     pairs = dict(a.lstrip("+").split("=", 1) for a in args[1::2])
     assert pairs["model.init_from"] == "gpt2-medium" and pairs["tokenizer.kind"] == "gpt2"
-    assert pairs["sft.lr"] == "5.0e-05" and pairs["sft.weight_decay"] == "0.1" and pairs["sft.batch_size"] == "8"
+    assert (
+        pairs["sft.lr"] == "5.0e-05" and pairs["sft.weight_decay"] == "0.1" and pairs["sft.batch_size"] == "8"
+    )
     assert pairs["dpo.lr"] == "5.0e-06" and pairs["judge.style"] == "score100"

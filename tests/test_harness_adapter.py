@@ -1,6 +1,7 @@
 """PipelineLM, our lm-evaluation-harness model, on a tiny model directory: its rolling log-likelihood is the
 model's own (one forward pass, checked here apart from the adapter, and in windows past the context), its greedy
 generations are the server's temperature-0 completions cut at the harness's stop strings."""
+
 from __future__ import annotations
 
 import openai
@@ -17,7 +18,9 @@ TOLERANCE = 1e-4  # float32 sums of the same log-softmax, batched or not
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("harness") / "base", template=None, context_length=64, seed=3)
+    return save_tiny_model(
+        tmp_path_factory.mktemp("harness") / "base", template=None, context_length=64, seed=3
+    )
 
 
 def request(kind: str, *args) -> Instance:
@@ -45,7 +48,7 @@ def test_rolling_loglikelihood_is_the_models_own(model_dir):
     ids = [lm.eot_token_id, *long.encode()]
     # window 1 predicts the first 64 tokens from end-of-text on; window 2 the rest, from the 64 ids before each
     first = own_sum(model_dir, ids[:65])
-    rest = own_sum(model_dir, ids[len(ids) - 65:]) - own_sum(model_dir, ids[len(ids) - 65: 65])
+    rest = own_sum(model_dir, ids[len(ids) - 65 :]) - own_sum(model_dir, ids[len(ids) - 65 : 65])
     assert abs(windowed - (first + rest)) < 10 * TOLERANCE
 
 
@@ -55,8 +58,11 @@ def test_loglikelihood_matches_rolling_on_a_split_text(model_dir):
     got = lm.loglikelihood([request("loglikelihood", c, t) for c, t in pairs])
     for (context, target), (logprob, _) in zip(pairs, got, strict=True):
         ids = list((context + target).encode())
-        expected = own_sum(model_dir, ids) - own_sum(model_dir, ids[: len(context.encode())]) \
-            if len(context.encode()) > 1 else own_sum(model_dir, ids)
+        expected = (
+            own_sum(model_dir, ids) - own_sum(model_dir, ids[: len(context.encode())])
+            if len(context.encode()) > 1
+            else own_sum(model_dir, ids)
+        )
         assert abs(logprob - expected) < TOLERANCE
 
 

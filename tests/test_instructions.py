@@ -1,4 +1,5 @@
 """Instruction and preference data: formats, templates, splits, collation and the errors bad records get."""
+
 from __future__ import annotations
 
 import json
@@ -68,14 +69,24 @@ def test_json_and_jsonl_alpaca_and_chat_records_load_alike(tmp_path):
     records = [
         {"instruction": "Add 1 and 2.", "input": "", "output": "3"},
         {"instruction": "Translate.", "input": "hola", "output": "hello"},
-        {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"},
-                      {"role": "assistant", "content": "Hello!"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "Be kind."},
+                {"role": "user", "content": "Hi?"},
+                {"role": "assistant", "content": "Hello!"},
+            ]
+        },
     ]
     from_json = load_examples(write(tmp_path / "a.json", records))
     from_jsonl = load_examples(write(tmp_path / "a.jsonl", records, jsonl=True))
     assert from_json.records == from_jsonl.records and not from_json.skipped
     chat = from_json.records[2]
-    assert (chat.id, chat.instruction, chat.output, chat.context) == (2, "Hi?", "Hello!", (("system", "Be kind."),))
+    assert (chat.id, chat.instruction, chat.output, chat.context) == (
+        2,
+        "Hi?",
+        "Hello!",
+        (("system", "Be kind."),),
+    )
     assert from_json.records[1].input == "hola"
 
 
@@ -95,7 +106,9 @@ def test_malformed_records_are_skipped_and_counted_or_fail_when_strict(tmp_path)
     assert "record 2: field '<record>'" in loaded.skipped[1]
     assert "record 3: field 'input' must be a string" in loaded.skipped[2]
     assert "record 4: field 'messages[1].role'" in loaded.skipped[3]
-    with pytest.raises(PipelineError, match=r"bad.json: record 1: field 'output' is missing \(strict: true\)") as err:
+    with pytest.raises(
+        PipelineError, match=r"bad.json: record 1: field 'output' is missing \(strict: true\)"
+    ) as err:
         load_examples(path, strict=True)
     assert "\n" not in str(err.value)
 
@@ -127,10 +140,15 @@ def test_preference_formats(tmp_path):
     records = [
         {"instruction": "Reply.", "input": "hi", "chosen": "Hello.", "rejected": "Go away."},
         {"prompt": "Reply politely.", "chosen": "Sure.", "rejected": "No."},
-        {"prompt": [user], "chosen": [{"role": "assistant", "content": "A bit."}],
-         "rejected": [{"role": "assistant", "content": "Whatever."}]},
-        {"chosen": [user, {"role": "assistant", "content": "Yes, wear a coat."}],
-         "rejected": [user, {"role": "assistant", "content": "Figure it out."}]},
+        {
+            "prompt": [user],
+            "chosen": [{"role": "assistant", "content": "A bit."}],
+            "rejected": [{"role": "assistant", "content": "Whatever."}],
+        },
+        {
+            "chosen": [user, {"role": "assistant", "content": "Yes, wear a coat."}],
+            "rejected": [user, {"role": "assistant", "content": "Figure it out."}],
+        },
     ]
     pairs = load_preferences(write(tmp_path / "p.json", records)).records
     assert [(p.instruction, p.input, p.chosen, p.rejected) for p in pairs] == [
@@ -146,8 +164,10 @@ def test_bad_preference_records(tmp_path):
     records = [
         {"instruction": "Same.", "chosen": "Answer.", "rejected": "Answer. "},
         {"instruction": "Missing.", "chosen": "A."},
-        {"chosen": [user, {"role": "assistant", "content": "A"}],
-         "rejected": [{"role": "user", "content": "Other?"}, {"role": "assistant", "content": "B"}]},
+        {
+            "chosen": [user, {"role": "assistant", "content": "A"}],
+            "rejected": [{"role": "user", "content": "Other?"}, {"role": "assistant", "content": "B"}],
+        },
         {"instruction": "Fine.", "chosen": "Good.", "rejected": "Bad."},
     ]
     path = write(tmp_path / "p.json", records)
@@ -179,7 +199,9 @@ def test_split_is_deterministic_disjoint_and_85_5_10():
 def test_collate_pads_masks_and_appends_eot(enc):
     prompt = encode_prompt(enc, "Hi", "")
     long_answer, short_answer = encode_response(enc, "Hello there."), encode_response(enc, "Yo.")
-    batch = collate([(prompt, long_answer), (prompt, short_answer)], context_length=200, pad_id=0, mask_prompt=True)
+    batch = collate(
+        [(prompt, long_answer), (prompt, short_answer)], context_length=200, pad_id=0, mask_prompt=True
+    )
     x, y = batch["input_ids"], batch["targets"]
     n = len(prompt) + len(long_answer) - 1
     assert x.shape == y.shape == (2, n)

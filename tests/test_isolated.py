@@ -1,5 +1,6 @@
 """pipeline.common.isolated: what a child process's death, hang, refusal or failure becomes in the parent. The targets
 below run in the child (it imports this module by name)."""
+
 from __future__ import annotations
 
 import os
@@ -49,7 +50,9 @@ def test_a_signal_is_one_line_naming_the_file_the_runtime_the_signal_and_what_to
 def test_a_hang_is_killed_after_the_timeout():
     with pytest.raises(ChildCrashed) as exc:
         run_isolated(f"{__name__}:hang", {}, timeout=3, **ONE_LINE)
-    assert str(exc.value) == "models/gguf/m.gguf: the runtime did not finish within 3 s and was killed; do this"
+    assert (
+        str(exc.value) == "models/gguf/m.gguf: the runtime did not finish within 3 s and was killed; do this"
+    )
     assert exc.value.cause == "timeout"
 
 
@@ -62,5 +65,6 @@ def test_a_refusal_keeps_its_message_and_is_no_crash():
 def test_any_other_failure_is_one_line_with_the_childs_last_words():
     with pytest.raises(PipelineError) as exc:
         run_isolated(f"{__name__}:fail", {}, timeout=120, **ONE_LINE)
-    assert str(exc.value) == ("models/gguf/m.gguf: the runtime failed in its child process: RuntimeError: an "
-                              "unexpected failure")
+    assert str(exc.value) == (
+        "models/gguf/m.gguf: the runtime failed in its child process: RuntimeError: an unexpected failure"
+    )

@@ -4,6 +4,7 @@ The judge model is a tiny char-level GPT trained here, in seconds, to answer the
 "90" for a good answer (the scored path), "none" twice for a bad one (the unparsed path), "Good." and then "4"
 after the stricter retry (the retry path), and "1" to every pairwise question (a pure position bias).
 """
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,9 @@ from tests.project import make_project
 from tests.serving import load_served, running_server, save_tiny_model
 
 CONTEXT = 64
-ITEMS = [Item(i, f"What is {i} plus {i}?", "" if i % 2 else "Answer briefly.", f"It is {2 * i}.") for i in range(6)]
+ITEMS = [
+    Item(i, f"What is {i} plus {i}?", "" if i % 2 else "Answer briefly.", f"It is {2 * i}.") for i in range(6)
+]
 SFT = [f"It is {2 * i}." for i in range(6)]
 DPO = [f"No idea, {i}." for i in range(6)]
 # Puts the response last, where the tiny judge (which sees only the prompt's tail) can read it.
@@ -86,8 +89,18 @@ def write_responses(root: Path, items=ITEMS, sft=SFT, dpo=DPO) -> dict[str, Path
     for name, responses in (("sft", sft), ("dpo", dpo)):
         path = root / "reports" / name / "responses.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        lines = [json.dumps({"id": it.id, "instruction": it.instruction, "input": it.input, "output": it.reference,
-                             "response": r}) for it, r in zip(items, responses, strict=False)]
+        lines = [
+            json.dumps(
+                {
+                    "id": it.id,
+                    "instruction": it.instruction,
+                    "input": it.input,
+                    "output": it.reference,
+                    "response": r,
+                }
+            )
+            for it, r in zip(items, responses, strict=False)
+        ]
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         paths[name] = path
     return paths
@@ -132,7 +145,9 @@ def test_rouge_l_f1():
     assert rouge_l_f1("a b c", "x y z") == 0.0
     assert rouge_l_f1("a b", "") == 0.0
     # LCS("the cat sat on the mat", "the cat on the mat") = 5: P = 5/5, R = 5/6.
-    assert rouge_l_f1("the cat sat on the mat", "the cat on the mat") == pytest.approx(2 * 1 * (5 / 6) / (1 + 5 / 6))
+    assert rouge_l_f1("the cat sat on the mat", "the cat on the mat") == pytest.approx(
+        2 * 1 * (5 / 6) / (1 + 5 / 6)
+    )
 
 
 def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
@@ -153,8 +168,10 @@ def test_templates_are_validated_with_the_param_named():
         Prompts(JudgeParams(pairwise_template="{response_1} only"))
     book = Prompts(JudgeParams()).score(ITEMS[0], "It is 0.")
     assert book.startswith("Given the input `Below is an instruction") and "### Response" not in book
-    assert book.endswith("score the model response `It is 0.` on a scale from 0 to 100, where 100 is the best "
-                         "score. Respond with the integer number only.")
+    assert book.endswith(
+        "score the model response `It is 0.` on a scale from 0 to 100, where 100 is the best "
+        "score. Respond with the integer number only."
+    )
 
 
 def test_responses_files_are_checked(tmp_path):
@@ -174,8 +191,16 @@ def test_responses_files_are_checked(tmp_path):
 
 
 def judge_params(url: str, **overrides) -> JudgeParams:
-    base = {"host": url, "model": "judge", "style": "score100", "prompt_template": RESPONSE_LAST,
-            "retries": 1, "backoff_s": 0.0, "timeout_s": 60.0, "bootstrap_samples": 200}
+    base = {
+        "host": url,
+        "model": "judge",
+        "style": "score100",
+        "prompt_template": RESPONSE_LAST,
+        "retries": 1,
+        "backoff_s": 0.0,
+        "timeout_s": 60.0,
+        "bootstrap_samples": 200,
+    }
     return JudgeParams(**{**base, **overrides})
 
 
@@ -198,11 +223,19 @@ def test_scored_and_unparsed_paths_then_a_cached_rerun_sends_nothing(judge_serve
     assert sent == first.requests == 30 and first.cache_hits == 0
 
     metrics = summarize(frame, first.scorer, ["sft", "dpo"], True, 200, seed=1)
-    assert metrics["scores"]["sft"] == {"mean": 90.0, "ci95_low": 90.0, "ci95_high": 90.0, "scored": 6,
-                                        "retried": 0, "unparsed": 0}
+    assert metrics["scores"]["sft"] == {
+        "mean": 90.0,
+        "ci95_low": 90.0,
+        "ci95_high": 90.0,
+        "scored": 6,
+        "retried": 0,
+        "unparsed": 0,
+    }
     assert metrics["scores"]["dpo"]["unparsed"] == 6 and metrics["scores"]["dpo"]["mean"] is None
     pair = metrics["pairwise"]
-    assert pair["dpo_win_rate"] == 0.5 and pair["consistent_rate"] == 0.0 and pair["first_position_rate"] == 1.0
+    assert (
+        pair["dpo_win_rate"] == 0.5 and pair["consistent_rate"] == 0.0 and pair["first_position_rate"] == 1.0
+    )
     assert metrics["unparsed_total"] == 6
 
     before = chats(app)
@@ -213,13 +246,21 @@ def test_scored_and_unparsed_paths_then_a_cached_rerun_sends_nothing(judge_serve
 
 def test_rubric_answer_read_after_the_stricter_retry(judge_server, tmp_path):
     url, app = judge_server
-    run = run_judge(judge_params(url, style="rubric5", prompt_template=None, pairwise=False),
-                    ITEMS[:3], {"sft": SFT[:3], "dpo": DPO[:3]}, tmp_path / "cache")
+    run = run_judge(
+        judge_params(url, style="rubric5", prompt_template=None, pairwise=False),
+        ITEMS[:3],
+        {"sft": SFT[:3], "dpo": DPO[:3]},
+        tmp_path / "cache",
+    )
     assert run.frame["sft_score"].tolist() == [4.0] * 3 and set(run.frame["dpo_status"]) == {"retried"}
     assert set(run.frame["sft_raw"]) == {"Good. | 4"}
     assert run.requests == 12  # 6 questions, each retried once
-    write_outputs(run.frame, summarize(run.frame, run.scorer, ["sft", "dpo"], False, 200, 1), ["sft", "dpo"],
-                  tmp_path / "report")
+    write_outputs(
+        run.frame,
+        summarize(run.frame, run.scorer, ["sft", "dpo"], False, 200, 1),
+        ["sft", "dpo"],
+        tmp_path / "report",
+    )
     report = (tmp_path / "report" / "report.md").read_text()
     assert "Judge: `judge`" in report and "| sft | 4.00 |" in report and "FALLBACK" not in report
     assert (tmp_path / "report" / "scores.png").read_bytes()[:4] == b"\x89PNG"
@@ -237,15 +278,21 @@ def test_model_not_pulled_gets_its_own_message(judge_server, tmp_path, capfd):
     assert "`ollama pull llama3.1:8b`" in message and "try pulling it first" in message
     assert chats(app) - before <= 2  # a 404 is not retried, and stops the other workers
 
-    fallback = run_judge(judge_params(url, model="llama3.1:8b"), ITEMS, {"sft": SFT, "dpo": DPO}, tmp_path / "cache")
-    assert fallback.scorer["scorer"] == "rouge-l-fallback" and "not pulled" in fallback.scorer["fallback_reason"]
+    fallback = run_judge(
+        judge_params(url, model="llama3.1:8b"), ITEMS, {"sft": SFT, "dpo": DPO}, tmp_path / "cache"
+    )
+    assert (
+        fallback.scorer["scorer"] == "rouge-l-fallback" and "not pulled" in fallback.scorer["fallback_reason"]
+    )
     assert "JUDGE FALLBACK: NO LLM JUDGED THESE ANSWERS" in capfd.readouterr().err
 
 
 def test_server_down_fails_clearly_or_falls_back_loudly(tmp_path, capfd):
     host = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(JudgeUnavailable) as error:
-        run_judge(judge_params(host, on_unavailable="fail"), ITEMS, {"sft": SFT, "dpo": DPO}, tmp_path / "cache")
+        run_judge(
+            judge_params(host, on_unavailable="fail"), ITEMS, {"sft": SFT, "dpo": DPO}, tmp_path / "cache"
+        )
     message = str(error.value)
     assert f"no Ollama judge answers at {host}" in message
     assert "`ollama serve`" in message and "`ollama pull judge`" in message
@@ -268,8 +315,14 @@ def test_server_down_fails_clearly_or_falls_back_loudly(tmp_path, capfd):
 def dvc_repro(project: Path, *flags: str) -> subprocess.CompletedProcess:
     """`dvc repro --single-item judge` with this interpreter's environment first on PATH (the stage runs `python`)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", *flags, "judge"], cwd=project,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", "repro", "--single-item", *flags, "judge"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_dvc_repro_judge_offline_then_against_our_server(judge_server, tmp_path):
@@ -281,11 +334,18 @@ def test_dvc_repro_judge_offline_then_against_our_server(judge_server, tmp_path)
     assert "JUDGE FALLBACK" in offline.stderr
     metrics = json.loads((project / "reports/judge/metrics.json").read_text())
     assert metrics["scorer"] == "rouge-l-fallback" and metrics["items"] == 6
-    assert (project / "reports/judge/items.csv").is_file() and (project / "reports/judge/scores.png").is_file()
+    assert (project / "reports/judge/items.csv").is_file() and (
+        project / "reports/judge/scores.png"
+    ).is_file()
 
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["judge"] |= {"host": url, "model": "judge", "prompt_template": RESPONSE_LAST, "on_unavailable": "fail",
-                        "timeout_s": 60}
+    params["judge"] |= {
+        "host": url,
+        "model": "judge",
+        "prompt_template": RESPONSE_LAST,
+        "on_unavailable": "fail",
+        "timeout_s": 60,
+    }
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     before = chats(app)
     judged = dvc_repro(project)

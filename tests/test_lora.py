@@ -1,4 +1,5 @@
 """LoRA: adapters start at the base, only they train, merge and disable are exact, checkpoints resume bit for bit."""
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,11 @@ def test_adapters_start_at_the_base_and_only_they_are_trainable_and_optimised():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(("lora.A", "lora.B")) for n in trainable)
     assert len(trainable) == 2 * 4 * model.cfg.n_layer  # qkv, out_proj, fc, proj per block
-    optimised = [p for group in make_optimizer(model, TrainParams(), torch.device("cpu")).param_groups
-                 for p in group["params"]]
+    optimised = [
+        p
+        for group in make_optimizer(model, TrainParams(), torch.device("cpu")).param_groups
+        for p in group["params"]
+    ]
     assert {id(p) for p in optimised} == {id(p) for n, p in model.named_parameters() if n in trainable}
     n_trainable, n_all = lora.trainable_summary(model)
     assert n_trainable == sum(p.numel() for n, p in model.named_parameters() if n in trainable)
@@ -75,11 +79,14 @@ def test_same_seed_same_adapters():
     assert weights_digest(a) == weights_digest(b)
 
 
-@pytest.mark.parametrize("params, message", [
-    (replace(RANK8, targets=("attention", "nope")), "sft.lora.targets: 'nope' matches no linear layer"),
-    (replace(RANK8, rank=80), "sft.lora.rank 80 exceeds the size of layer blocks.0.att.qkv (64 → 192)"),
-    (replace(RANK8, targets=("head",)), "sft.lora.targets: the head is tied to the token embedding"),
-])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        (replace(RANK8, targets=("attention", "nope")), "sft.lora.targets: 'nope' matches no linear layer"),
+        (replace(RANK8, rank=80), "sft.lora.rank 80 exceeds the size of layer blocks.0.att.qkv (64 → 192)"),
+        (replace(RANK8, targets=("head",)), "sft.lora.targets: the head is tied to the token embedding"),
+    ],
+)
 def test_bad_lora_settings_are_one_line_errors(params, message):
     with pytest.raises(PipelineError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
         lora.apply_lora(_model(), params, "sft.lora", seed=0)
@@ -94,19 +101,24 @@ def test_lora_on_an_untied_head_trains_and_merges():
     torch.testing.assert_close(lora.merge(model)(_ids())[0], adapted, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("section, value, message", [
-    ("pretrain", {"rank": 4}, "pretrain.lora.rank must be 0: LoRA needs trained weights"),
-    ("sft", {"rank": -1}, "sft.lora.rank must be >= 0"),
-    ("dpo", {"rank": 4, "alpha": 0}, "dpo.lora.alpha must be > 0"),
-    ("sft", {"rank": 4, "targets": []}, "sft.lora.targets must be a non-empty list"),
-    ("sft", {"rank": 4, "ranks": 3}, "unknown key 'sft.lora.ranks'"),
-])
+@pytest.mark.parametrize(
+    "section, value, message",
+    [
+        ("pretrain", {"rank": 4}, "pretrain.lora.rank must be 0: LoRA needs trained weights"),
+        ("sft", {"rank": -1}, "sft.lora.rank must be >= 0"),
+        ("dpo", {"rank": 4, "alpha": 0}, "dpo.lora.alpha must be > 0"),
+        ("sft", {"rank": 4, "targets": []}, "sft.lora.targets must be a non-empty list"),
+        ("sft", {"rank": 4, "ranks": 3}, "unknown key 'sft.lora.ranks'"),
+    ],
+)
 def test_bad_lora_params_name_the_key(section, value, message):
     with pytest.raises(ConfigError, match=f"^params.yaml: {message}"):
         parse_params({section: {"lora": value}})
 
 
-def test_unmerged_adapter_directory_loads_as_the_merged_model_and_refuses_a_changed_base(tmp_path, monkeypatch):
+def test_unmerged_adapter_directory_loads_as_the_merged_model_and_refuses_a_changed_base(
+    tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     base = _model()
     save_model("models/base", base)
@@ -135,8 +147,19 @@ def test_merged_result_is_a_plain_model_directory(tmp_path):
     torch.testing.assert_close(load_model(tmp_path / "sft")[0](_ids())[0], expected, atol=1e-5, rtol=1e-5)
 
 
-LORA_PARAMS = TrainParams(batch_size=8, max_steps=24, warmup_steps=4, lr=1e-2, eval_every=12, eval_batches=2,
-                          checkpoint_every=6, keep_checkpoints=2, log_every=3, seed=5, lora=replace(RANK8, rank=4))
+LORA_PARAMS = TrainParams(
+    batch_size=8,
+    max_steps=24,
+    warmup_steps=4,
+    lr=1e-2,
+    eval_every=12,
+    eval_batches=2,
+    checkpoint_every=6,
+    keep_checkpoints=2,
+    log_every=3,
+    seed=5,
+    lora=replace(RANK8, rank=4),
+)
 
 
 def test_sigkilled_lora_run_resumes_to_the_same_merged_weights(tmp_path):
@@ -174,21 +197,30 @@ def test_adapter_checkpoint_of_another_base_is_refused(tmp_path):
 def test_sft_and_dpo_stages_with_lora_merge_or_keep_an_adapter(tmp_path, monkeypatch, caplog):
     from tests.test_sft_dpo import _run_here, _stage_project
 
-    project = _stage_project(tmp_path, {"sft": {"lora": {"rank": 8}}, "dpo": {"lora": {"rank": 4, "merge": False}}})
+    project = _stage_project(
+        tmp_path, {"sft": {"lora": {"rank": 8}}, "dpo": {"lora": {"rank": 4, "merge": False}}}
+    )
     base, _ = load_model(project / "models/base")
     with caplog.at_level("WARNING"):
         _run_here("sft", project, monkeypatch)
         _run_here("dpo", project, monkeypatch)
     announced = [r.getMessage() for r in caplog.records if "parameters (" in r.getMessage()]
-    assert announced[0].startswith("sft: training 16,384 of ") and announced[1].startswith("dpo: training 8,192 of ")
+    assert announced[0].startswith("sft: training 16,384 of ") and announced[1].startswith(
+        "dpo: training 8,192 of "
+    )
     sft_metrics = json.loads((project / "reports/sft/metrics.json").read_text())
-    assert sft_metrics["summary"]["trainable_params"] == 16384 and sft_metrics["summary"]["trainable_share"] < 0.2
+    assert (
+        sft_metrics["summary"]["trainable_params"] == 16384
+        and sft_metrics["summary"]["trainable_share"] < 0.2
+    )
     # sft merged: a plain model directory that differs from the base only where adapters were.
     sft, meta = load_model(project / "models/sft")
     assert (project / "models/sft" / WEIGHTS).is_file() and "adapter" not in meta
     changed = {n for n, t in sft.state_dict().items() if not torch.equal(t, base.state_dict()[n])}
-    assert changed and all(n.endswith(("att.qkv.weight", "att.out_proj.weight", "ff.fc.weight", "ff.proj.weight"))
-                           for n in changed)
+    assert changed and all(
+        n.endswith(("att.qkv.weight", "att.out_proj.weight", "ff.fc.weight", "ff.proj.weight"))
+        for n in changed
+    )
     # dpo kept its adapter on top of models/sft; loading applies it, and the held-out answers were written.
     dpo_meta = json.loads((project / "models/dpo/config.json").read_text())
     assert dpo_meta["adapter"]["base"] == "models/sft" and not (project / "models/dpo" / WEIGHTS).exists()

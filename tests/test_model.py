@@ -1,4 +1,5 @@
 """The shared GPT core: shapes, causality, presets, weight tying, KV cache, safe model directories."""
+
 from __future__ import annotations
 
 import hashlib
@@ -58,7 +59,13 @@ def test_context_overflow_is_refused(tiny):
 
 def test_gpt2_124m_preset_matches_the_book():
     cfg = PRESETS["gpt2-124m"]
-    assert (cfg.vocab_size, cfg.context_length, cfg.n_embd, cfg.n_head, cfg.n_layer) == (50257, 1024, 768, 12, 12)
+    assert (cfg.vocab_size, cfg.context_length, cfg.n_embd, cfg.n_head, cfg.n_layer) == (
+        50257,
+        1024,
+        768,
+        12,
+        12,
+    )
     with torch.device("meta"):
         model = GPT(cfg)
     assert 124e6 < model.num_params(non_embedding=False) < 125e6  # tied head: 124M, not the untied 163M
@@ -66,7 +73,9 @@ def test_gpt2_124m_preset_matches_the_book():
 
 def test_weight_tying_is_optional():
     tied = GPT(GPTConfig(vocab_size=50, context_length=8, n_embd=16, n_head=2, n_layer=1))
-    untied = GPT(GPTConfig(vocab_size=50, context_length=8, n_embd=16, n_head=2, n_layer=1, tie_weights=False))
+    untied = GPT(
+        GPTConfig(vocab_size=50, context_length=8, n_embd=16, n_head=2, n_layer=1, tie_weights=False)
+    )
     assert tied.out_head.weight is tied.tok_emb.weight
     assert untied.num_params() - tied.num_params() == 50 * 16
 
@@ -99,7 +108,9 @@ def test_flops_per_token_formula():
 def test_optimizer_groups_decay_only_matrices(tiny):
     decay, no_decay = tiny.optimizer_groups(0.1)
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
-    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == tiny.num_params(non_embedding=False)
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == tiny.num_params(
+        non_embedding=False
+    )
 
 
 def test_model_directory_round_trip_stores_tied_head_once(tiny, tmp_path):
@@ -121,7 +132,9 @@ def test_corrupt_or_mismatched_model_directory_is_refused(tiny, tmp_path):
         load_model(tmp_path / "m")
     other = GPT(GPTConfig(vocab_size=97, context_length=32, n_embd=64, n_head=4, n_layer=2))
     save_model(tmp_path / "m", other)
-    (tmp_path / "m" / "config.json").write_text((tmp_path / "m" / "config.json").read_text().replace('"n_embd": 64', '"n_embd": 32'))
+    (tmp_path / "m" / "config.json").write_text(
+        (tmp_path / "m" / "config.json").read_text().replace('"n_embd": 64', '"n_embd": 32')
+    )
     with pytest.raises(PipelineError, match="config expects"):
         load_model(tmp_path / "m")
 
@@ -133,20 +146,27 @@ def test_model_directory_records_and_verifies_its_weights(tiny, tmp_path):
     assert config["sha256"] == {"model.safetensors": hashlib.sha256(weights.read_bytes()).hexdigest()}
     data = bytearray(weights.read_bytes())
     middle = len(data) // 2
-    data[middle - 1000:middle + 1000] = bytes(2000)  # header intact, tensors garbled: safetensors still parses it
+    data[middle - 1000 : middle + 1000] = bytes(
+        2000
+    )  # header intact, tensors garbled: safetensors still parses it
     weights.write_bytes(bytes(data))
-    with pytest.raises(PipelineError, match=f"{weights}: contents do not match the sha256 recorded in config.json"):
+    with pytest.raises(
+        PipelineError, match=f"{weights}: contents do not match the sha256 recorded in config.json"
+    ):
         load_model(tmp_path / "m")
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda c: c.update(tokenizer="data/tokenizer"), "'tokenizer' must be a mapping"),
-    (lambda c: c["model"].update(n_embd=64.0), "model.n_embd must be an integer"),
-    (lambda c: c["model"].update(tie_weights="yes"), "model.tie_weights must be true or false"),
-    (lambda c: c["model"].update(dropout="0.1"), "model.dropout must be in"),
-    (lambda c: c.pop("sha256"), "no sha256 recorded for model.safetensors"),
-    (lambda c: c.pop("model"), "not a model config"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.update(tokenizer="data/tokenizer"), "'tokenizer' must be a mapping"),
+        (lambda c: c["model"].update(n_embd=64.0), "model.n_embd must be an integer"),
+        (lambda c: c["model"].update(tie_weights="yes"), "model.tie_weights must be true or false"),
+        (lambda c: c["model"].update(dropout="0.1"), "model.dropout must be in"),
+        (lambda c: c.pop("sha256"), "no sha256 recorded for model.safetensors"),
+        (lambda c: c.pop("model"), "not a model config"),
+    ],
+)
 def test_model_config_fields_and_types_are_checked(tiny, tmp_path, edit, message):
     save_model(tmp_path / "m", tiny, tokenizer={"path": "t", "fingerprint": "abc"})
     path = tmp_path / "m" / "config.json"
@@ -159,8 +179,13 @@ def test_model_config_fields_and_types_are_checked(tiny, tmp_path, edit, message
 
 
 # ------------------------------------------------------------------------------------ architecture options
-OPTIONS = {"rope": {"pos_emb": "rope"}, "rmsnorm": {"norm": "rmsnorm"}, "relu2": {"mlp": "relu2"},
-           "swiglu": {"mlp": "swiglu"}, "qk_norm": {"qk_norm": True}}
+OPTIONS = {
+    "rope": {"pos_emb": "rope"},
+    "rmsnorm": {"norm": "rmsnorm"},
+    "relu2": {"mlp": "relu2"},
+    "swiglu": {"mlp": "swiglu"},
+    "qk_norm": {"qk_norm": True},
+}
 MODERN = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True}
 
 
@@ -171,9 +196,19 @@ def small(**options) -> GPT:
 
 def test_default_is_gpt2_with_the_same_tensors_and_count_as_before():
     model = small()
-    block = {"norm1.weight": (32,), "norm1.bias": (32,), "att.qkv.weight": (96, 32), "att.out_proj.weight": (32, 32),
-             "att.out_proj.bias": (32,), "norm2.weight": (32,), "norm2.bias": (32,), "ff.fc.weight": (128, 32),
-             "ff.fc.bias": (128,), "ff.proj.weight": (32, 128), "ff.proj.bias": (32,)}
+    block = {
+        "norm1.weight": (32,),
+        "norm1.bias": (32,),
+        "att.qkv.weight": (96, 32),
+        "att.out_proj.weight": (32, 32),
+        "att.out_proj.bias": (32,),
+        "norm2.weight": (32,),
+        "norm2.bias": (32,),
+        "ff.fc.weight": (128, 32),
+        "ff.fc.bias": (128,),
+        "ff.proj.weight": (32, 128),
+        "ff.proj.bias": (32,),
+    }
     expected = {"tok_emb.weight": (97, 32), "pos_emb.weight": (32, 32)}
     expected |= {f"blocks.{i}.{name}": shape for i in range(2) for name, shape in block.items()}
     expected |= {"final_norm.weight": (32,), "final_norm.bias": (32,), "out_head.weight": (97, 32)}
@@ -186,9 +221,14 @@ def test_default_is_gpt2_with_the_same_tensors_and_count_as_before():
 def test_each_option_changes_the_forward(name):
     x = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
     base, option = small(), small(**OPTIONS[name])
-    shared = {k: v for k, v in base.state_dict().items() if k in option.state_dict()
-              and option.state_dict()[k].shape == v.shape}
-    option.load_state_dict(shared, strict=False)  # same weights where the shapes agree: the difference is the option
+    shared = {
+        k: v
+        for k, v in base.state_dict().items()
+        if k in option.state_dict() and option.state_dict()[k].shape == v.shape
+    }
+    option.load_state_dict(
+        shared, strict=False
+    )  # same weights where the shapes agree: the difference is the option
     assert not torch.allclose(base(x)[0], option(x)[0], atol=1e-4)
 
 
@@ -197,15 +237,24 @@ def test_option_tensors():
     assert rope.pos_emb is None and "pos_emb.weight" not in rope.state_dict()
     assert rope.num_params() == rope.num_params(non_embedding=False) == small().num_params()
     rms = small(norm="rmsnorm")
-    assert all(isinstance(m, torch.nn.RMSNorm) for m in (rms.final_norm, rms.blocks[1].norm1, rms.blocks[1].norm2))
+    assert all(
+        isinstance(m, torch.nn.RMSNorm) for m in (rms.final_norm, rms.blocks[1].norm1, rms.blocks[1].norm2)
+    )
     assert "final_norm.bias" not in rms.state_dict()
     swiglu = small(mlp="swiglu")
-    assert swiglu.blocks[0].ff.gate.weight.shape == swiglu.blocks[0].ff.fc.weight.shape == (64, 32)  # 8/3·32 → 64
-    assert GPTConfig(n_embd=768, mlp="swiglu").mlp_hidden == 2048 and GPTConfig(n_embd=256, n_head=4, mlp="swiglu").mlp_hidden == 704
+    assert (
+        swiglu.blocks[0].ff.gate.weight.shape == swiglu.blocks[0].ff.fc.weight.shape == (64, 32)
+    )  # 8/3·32 → 64
+    assert (
+        GPTConfig(n_embd=768, mlp="swiglu").mlp_hidden == 2048
+        and GPTConfig(n_embd=256, n_head=4, mlp="swiglu").mlp_hidden == 704
+    )
     wide = GPT(GPTConfig(vocab_size=8, context_length=8, n_embd=768, n_head=12, n_layer=1, mlp="swiglu"))
     gelu = GPT(GPTConfig(vocab_size=8, context_length=8, n_embd=768, n_head=12, n_layer=1))
     assert abs(wide.num_params() / gelu.num_params() - 1) < 0.01  # SwiGLU's width keeps the parameters
-    assert abs(wide.blocks[0].ff.proj.weight.std().item() - 0.02 / 2**0.5) < 2e-3  # residual init scaled as GPT-2's
+    assert (
+        abs(wide.blocks[0].ff.proj.weight.std().item() - 0.02 / 2**0.5) < 2e-3
+    )  # residual init scaled as GPT-2's
     qk = small(qk_norm=True)
     assert qk.state_dict()["blocks.0.att.q_norm.weight"].shape == (8,)
     assert small(mlp="relu2").state_dict().keys() == small().state_dict().keys()
@@ -229,8 +278,12 @@ def test_rope_is_relative_and_causal():
     q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
 
     def score(i: int, j: int) -> float:
-        return float((apply_rope(q, *rope_angles(i, 1, 8, 10000.0, q.device)) *
-                      apply_rope(k, *rope_angles(j, 1, 8, 10000.0, q.device))).sum())
+        return float(
+            (
+                apply_rope(q, *rope_angles(i, 1, 8, 10000.0, q.device))
+                * apply_rope(k, *rope_angles(j, 1, 8, 10000.0, q.device))
+            ).sum()
+        )
 
     assert abs(score(5, 2) - score(13, 10)) < 1e-5 and abs(score(5, 2) - score(5, 4)) > 1e-3
     model = small(**MODERN)
@@ -249,15 +302,21 @@ def test_options_train_under_bf16_autocast():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ({"pos_emb": "alibi"}, "model.pos_emb must be learned or rope, got 'alibi'"),
-    ({"norm": "batchnorm"}, "model.norm must be layernorm or rmsnorm, got 'batchnorm'"),
-    ({"mlp": "geglu"}, "model.mlp must be gelu, relu2 or swiglu, got 'geglu'"),
-    ({"qk_norm": "yes"}, "model.qk_norm must be true or false, got 'yes'"),
-    ({"rope_base": 0.0}, "model.rope_base must be a positive number, got 0.0"),
-    ({"rope_base": True}, "model.rope_base must be a positive number, got True"),
-    ({"pos_emb": "rope", "n_embd": 36, "n_head": 4}, "model.pos_emb=rope rotates pairs .* must be even, got 9"),
-])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"pos_emb": "alibi"}, "model.pos_emb must be learned or rope, got 'alibi'"),
+        ({"norm": "batchnorm"}, "model.norm must be layernorm or rmsnorm, got 'batchnorm'"),
+        ({"mlp": "geglu"}, "model.mlp must be gelu, relu2 or swiglu, got 'geglu'"),
+        ({"qk_norm": "yes"}, "model.qk_norm must be true or false, got 'yes'"),
+        ({"rope_base": 0.0}, "model.rope_base must be a positive number, got 0.0"),
+        ({"rope_base": True}, "model.rope_base must be a positive number, got True"),
+        (
+            {"pos_emb": "rope", "n_embd": 36, "n_head": 4},
+            "model.pos_emb=rope rotates pairs .* must be even, got 9",
+        ),
+    ],
+)
 def test_bad_options_name_the_field(options, message):
     with pytest.raises(ModelConfigError, match=message):
         GPTConfig(**options)
@@ -270,7 +329,11 @@ def test_options_round_trip_through_the_model_directory_and_old_configs_load(tmp
     assert loaded.cfg == model.cfg and meta["model"]["pos_emb"] == "rope"
     x = torch.randint(0, 97, (1, 9))
     assert torch.equal(loaded(x)[0], model(x)[0])
-    old = {k: v for k, v in small().cfg.to_dict().items() if k not in ("pos_emb", "rope_base", "norm", "mlp", "qk_norm")}
+    old = {
+        k: v
+        for k, v in small().cfg.to_dict().items()
+        if k not in ("pos_emb", "rope_base", "norm", "mlp", "qk_norm")
+    }
     assert GPTConfig.from_dict(old) == small().cfg  # a checkpoint from before the options: GPT-2's defaults
 
 

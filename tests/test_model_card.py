@@ -1,4 +1,5 @@
 """Model cards read from what the stages wrote: a base model (corpus, evaluation) and an ONNX export of a tuned one."""
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,19 @@ SHAPE = {"n_layer": 2, "n_head": 4, "n_embd": 64, "context_length": 96, "vocab_s
 
 
 def test_base_model_card_names_the_corpus_and_the_evaluation(tmp_path):
-    write(tmp_path / "models/base/config.json", {"model": SHAPE, "stage": "pretrain", "training": {"steps": 6}})
-    write(tmp_path / "data/raw/manifest.json", {"documents": [{"source": "inputs/corpus.txt"}, {"source": "books/b.txt"},
-                                                              {"source": "inputs/corpus.txt"}]})
+    write(
+        tmp_path / "models/base/config.json", {"model": SHAPE, "stage": "pretrain", "training": {"steps": 6}}
+    )
+    write(
+        tmp_path / "data/raw/manifest.json",
+        {
+            "documents": [
+                {"source": "inputs/corpus.txt"},
+                {"source": "books/b.txt"},
+                {"source": "inputs/corpus.txt"},
+            ]
+        },
+    )
     write(tmp_path / "reports/evaluate/metrics.json", {"val_loss": 5.1, "unigram_loss": 5.5, "tokens": 512})
     card = served_model_card(tmp_path / "models/base", 2_500_000, "0.1M")
     assert card["stage"] == "pretrain" and card["size_mb"] == 2.5 and card["parameters"] == "0.1M"
@@ -28,12 +39,22 @@ def test_base_model_card_names_the_corpus_and_the_evaluation(tmp_path):
 
 
 def test_export_card_takes_the_recipe_of_the_model_it_came_from(tmp_path):
-    write(tmp_path / "models/dpo/config.json", {"model": SHAPE, "stage": "dpo",
-                                                "instructions": {"template": "chat", "data": "data/raw/dpo.json",
-                                                                 "data_sha256": "cd" * 32}})
-    write(tmp_path / "models/onnx/config.json", {"model": SHAPE, "onnx": {"opset": 23}, "source": {"directory": "models/dpo"}})
-    write(tmp_path / "reports/export/metrics.json", {"parity": {"max_abs_logit_diff": 3e-7, "calls": 20},
-                                                     "int8": {"top1_agreement": 0.99}})
+    write(
+        tmp_path / "models/dpo/config.json",
+        {
+            "model": SHAPE,
+            "stage": "dpo",
+            "instructions": {"template": "chat", "data": "data/raw/dpo.json", "data_sha256": "cd" * 32},
+        },
+    )
+    write(
+        tmp_path / "models/onnx/config.json",
+        {"model": SHAPE, "onnx": {"opset": 23}, "source": {"directory": "models/dpo"}},
+    )
+    write(
+        tmp_path / "reports/export/metrics.json",
+        {"parity": {"max_abs_logit_diff": 3e-7, "calls": 20}, "int8": {"top1_agreement": 0.99}},
+    )
     card = served_model_card(tmp_path / "models/onnx", 600_000, None)
     assert card["stage"] == "export" and card["template"] == "chat"
     assert card["training_data"] == [f"data/raw/dpo.json (sha256 {'cd' * 6}…)"]

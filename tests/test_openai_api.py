@@ -1,5 +1,6 @@
 """The OpenAI-compatible /v1 routes and the embedding routes, over real HTTP on 127.0.0.1, spoken to by the
 official openai client, langchain-ollama's ChatOllama and the official ollama client."""
+
 from __future__ import annotations
 
 import json
@@ -51,24 +52,42 @@ def test_models_listed_and_retrieved(server):
 def test_chat_whole_and_streamed_agree_with_the_ollama_route(server):
     url, _ = server
     api = client(url)
-    whole = api.chat.completions.create(model="chat", messages=QUESTION, seed=5, temperature=0.9, max_tokens=12)
+    whole = api.chat.completions.create(
+        model="chat", messages=QUESTION, seed=5, temperature=0.9, max_tokens=12
+    )
     choice = whole.choices[0]
-    assert whole.object == "chat.completion" and whole.id.startswith("chatcmpl-") and whole.model == "chat:latest"
+    assert (
+        whole.object == "chat.completion"
+        and whole.id.startswith("chatcmpl-")
+        and whole.model == "chat:latest"
+    )
     assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
     assert whole.usage.completion_tokens <= 12 and whole.usage.prompt_tokens > 0
     assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
 
-    chunks = list(api.chat.completions.create(model="chat", messages=QUESTION, seed=5, temperature=0.9, max_tokens=12,
-                                              stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        api.chat.completions.create(
+            model="chat",
+            messages=QUESTION,
+            seed=5,
+            temperature=0.9,
+            max_tokens=12,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
-    assert [c.choices[0].finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 2) + [choice.finish_reason]
+    assert [c.choices[0].finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 2) + [
+        choice.finish_reason
+    ]
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
     assert all(c.usage is None for c in chunks[:-1])
 
     # Same engine and options as Ollama's /api/chat: the same seed gives the same answer.
-    same = ollama.Client(host=url).chat(model="chat", messages=QUESTION,
-                                        options={"seed": 5, "temperature": 0.9, "num_predict": 12})
+    same = ollama.Client(host=url).chat(
+        model="chat", messages=QUESTION, options={"seed": 5, "temperature": 0.9, "num_predict": 12}
+    )
     assert same.message.content == choice.message.content
 
 
@@ -102,8 +121,21 @@ def test_options_max_tokens_stop_and_seed(server):
     capped = answer(temperature=0, max_completion_tokens=1000)
     assert capped.usage.prompt_tokens + capped.usage.completion_tokens <= 64
     # Defaults the official clients may send explicitly are accepted.
-    assert answer(n=1, temperature=0, max_tokens=20, frequency_penalty=0, presence_penalty=0, logprobs=False,
-                  response_format={"type": "text"}, user="me").choices[0].message.content == text
+    assert (
+        answer(
+            n=1,
+            temperature=0,
+            max_tokens=20,
+            frequency_penalty=0,
+            presence_penalty=0,
+            logprobs=False,
+            response_format={"type": "text"},
+            user="me",
+        )
+        .choices[0]
+        .message.content
+        == text
+    )
 
 
 def test_completions_whole_and_streamed(server):
@@ -112,9 +144,13 @@ def test_completions_whole_and_streamed(server):
     whole = api.completions.create(model="base", prompt="En un lugar", temperature=0, max_tokens=8)
     assert whole.object == "text_completion" and whole.usage.prompt_tokens == len(b"En un lugar")
     assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 8
-    parts = list(api.completions.create(model="base", prompt="En un lugar", temperature=0, max_tokens=8, stream=True))
+    parts = list(
+        api.completions.create(model="base", prompt="En un lugar", temperature=0, max_tokens=8, stream=True)
+    )
     assert "".join(p.choices[0].text for p in parts) == whole.choices[0].text
-    raw = ollama.Client(host=url).generate(model="base", prompt="En un lugar", options={"temperature": 0, "num_predict": 8})
+    raw = ollama.Client(host=url).generate(
+        model="base", prompt="En un lugar", options={"temperature": 0, "num_predict": 8}
+    )
     assert raw.response == whole.choices[0].text
     by_ids = api.completions.create(model="base", prompt=list(b"En un lugar"), temperature=0, max_tokens=8)
     assert by_ids.choices[0].text == whole.choices[0].text
@@ -127,7 +163,9 @@ def test_embeddings_from_every_client_are_the_pooled_hidden_states(server, model
     assert math.isclose(sum(v * v for v in expected), 1.0, rel_tol=1e-5) and len(expected) == model.cfg.n_embd
 
     api = client(url)
-    base64_default = api.embeddings.create(model="base", input=["red wine", "green tea"])  # the client asks for base64
+    base64_default = api.embeddings.create(
+        model="base", input=["red wine", "green tea"]
+    )  # the client asks for base64
     floats = api.embeddings.create(model="base", input="red wine", encoding_format="float")
     assert [d.index for d in base64_default.data] == [0, 1] and base64_default.usage.prompt_tokens == 17
     for got in (base64_default.data[0].embedding, floats.data[0].embedding):
@@ -136,7 +174,9 @@ def test_embeddings_from_every_client_are_the_pooled_hidden_states(server, model
     ours = ollama.Client(host=url).embed(model="base", input=["red wine", "green tea"])
     assert len(ours.embeddings) == 2 and ours.prompt_eval_count == 17
     assert max(abs(a - b) for a, b in zip(ours.embeddings[0], expected, strict=True)) < 1e-6
-    legacy = httpx.post(f"{url}/api/embeddings", json={"model": "base", "prompt": "red wine"}).json()["embedding"]
+    legacy = httpx.post(f"{url}/api/embeddings", json={"model": "base", "prompt": "red wine"}).json()[
+        "embedding"
+    ]
     assert max(abs(a - b) for a, b in zip(legacy, expected, strict=True)) < 1e-6
     # Longer than the context: truncated by default, refused with truncate: false.
     assert len(ollama.Client(host=url).embed(model="base", input="x" * 100).embeddings[0]) == model.cfg.n_embd
@@ -154,27 +194,35 @@ def test_langchain_chat_ollama_invoke_and_stream(server):
     assert whole.usage_metadata["output_tokens"] <= 10
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({"n": 2}, "n"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"logprobs": True}, "logprobs"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"extra_body": {"made_up_field": 1}}, "made_up_field"),
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"temperature": 3}, "temperature"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     "messages[0].content[0]"),
-    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
-    ({"messages": [{"role": "assistant", "content": "x"}]}, "messages"),
-    ({"messages": []}, "messages"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"n": 2}, "n"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logprobs": True}, "logprobs"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"extra_body": {"made_up_field": 1}}, "made_up_field"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": 3}, "temperature"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages[0].content[0]",
+        ),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "assistant", "content": "x"}]}, "messages"),
+        ({"messages": []}, "messages"),
+    ],
+)
 def test_unsupported_or_bad_fields_get_a_400_naming_them(server, body, param):
     url, _ = server
     with pytest.raises(openai.BadRequestError) as refused:
         client(url).chat.completions.create(**{"model": "sft", "messages": QUESTION, **body})
     assert refused.value.body["param"] == param, refused.value.body
-    assert refused.value.body["type"] == "invalid_request_error" and param.split("[")[0] in refused.value.body["message"]
+    assert (
+        refused.value.body["type"] == "invalid_request_error"
+        and param.split("[")[0] in refused.value.body["message"]
+    )
 
 
 def test_other_bad_requests(server):
@@ -227,11 +275,15 @@ def test_fifty_concurrent_streaming_chats_across_both_apis(server):
     def one(i: int) -> str:
         messages = [{"role": "user", "content": f"Question {i}?"}]
         if i % 2:
-            chunks = client(url).chat.completions.create(model="sft", messages=messages, seed=i, max_tokens=16,
-                                                         stream=True)
+            chunks = client(url).chat.completions.create(
+                model="sft", messages=messages, seed=i, max_tokens=16, stream=True
+            )
             return "".join(c.choices[0].delta.content or "" for c in chunks)
-        parts = list(ollama.Client(host=url, timeout=120).chat(model="sft", messages=messages, stream=True,
-                                                               options={"seed": i, "num_predict": 16}))
+        parts = list(
+            ollama.Client(host=url, timeout=120).chat(
+                model="sft", messages=messages, stream=True, options={"seed": i, "num_predict": 16}
+            )
+        )
         assert parts[-1].done
         return "".join(p.message.content for p in parts)
 
@@ -247,7 +299,14 @@ def test_fifty_concurrent_streaming_chats_across_both_apis(server):
 def test_a_client_that_goes_away_stops_its_v1_generation(model_dirs, stream):
     models = load_served({"base": model_dirs["base"]})
     slow = models["base:latest"].tokens = SlowTokens(models["base:latest"].tokens)
-    body = {"model": "base", "prompt": "abc", "max_tokens": 40, "temperature": 0, "stop": ["\x00"], "stream": stream}
+    body = {
+        "model": "base",
+        "prompt": "abc",
+        "max_tokens": 40,
+        "temperature": 0,
+        "stop": ["\x00"],
+        "stream": stream,
+    }
     with running_server(models, concurrency=1) as (url, app):
         if stream:
             with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:

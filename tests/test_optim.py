@@ -1,4 +1,5 @@
 """pipeline.train.optim: Muon takes the blocks' matrices, its Newton–Schulz orthogonalises, each half equals torch's."""
+
 from __future__ import annotations
 
 import pytest
@@ -44,11 +45,14 @@ def _tiny_with_grads(seed: int) -> GPT:
 
 def test_its_adamw_half_is_torch_adamw():
     ours, theirs = _tiny_with_grads(0), _tiny_with_grads(0)
-    groups = [{"params": [p for p in m.parameters() if p.dim() >= 2], "weight_decay": 0.1} for m in (ours, theirs)]
+    groups = [
+        {"params": [p for p in m.parameters() if p.dim() >= 2], "weight_decay": 0.1} for m in (ours, theirs)
+    ]
     rest = [[p for p in m.parameters() if p.dim() < 2] for m in (ours, theirs)]
     mine = MuonWithAdamW([{**groups[0], "muon": False}, {"params": rest[0], "weight_decay": 0.0}], lr=1e-2)
-    reference = torch.optim.AdamW([groups[1], {"params": rest[1], "weight_decay": 0.0}], lr=1e-2,
-                                  betas=(0.9, 0.95), foreach=False)
+    reference = torch.optim.AdamW(
+        [groups[1], {"params": rest[1], "weight_decay": 0.0}], lr=1e-2, betas=(0.9, 0.95), foreach=False
+    )
     for _ in range(4):
         mine.step()
         reference.step()
@@ -58,8 +62,13 @@ def test_its_adamw_half_is_torch_adamw():
 
 def test_its_muon_half_in_bf16_is_torch_muon():
     ours, theirs = _tiny_with_grads(1), _tiny_with_grads(1)
-    matrices = [[p for n, p in m.named_parameters() if n.startswith("blocks.") and p.dim() == 2] for m in (ours, theirs)]
-    mine = MuonWithAdamW([{"params": matrices[0], "weight_decay": 0.1, "muon": True}], lr=1e-2, ns_dtype=torch.bfloat16)
+    matrices = [
+        [p for n, p in m.named_parameters() if n.startswith("blocks.") and p.dim() == 2]
+        for m in (ours, theirs)
+    ]
+    mine = MuonWithAdamW(
+        [{"params": matrices[0], "weight_decay": 0.1, "muon": True}], lr=1e-2, ns_dtype=torch.bfloat16
+    )
     reference = torch.optim.Muon(matrices[1], lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
     before = [p.detach().clone() for p in matrices[0]]
     for _ in range(3):

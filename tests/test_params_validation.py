@@ -1,6 +1,7 @@
 """Every params key has a rule: the schema's fields are enumerated at run time, and each must have an invalid
 example here that stops a stage with one `error:` line naming the key and exit 1. A field added later without
 an example fails `test_invalid_value_is_one_line_naming_the_key[<its key>]`."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,8 +48,11 @@ _LORA = {
     "targets": [[], ["attention", ""]],
     "merge": ["x"],
 }
-_TRAINED = {f"{section}.{key}": v for section in ("pretrain", "sft", "dpo", "classify") for key, v in
-            [*_TRAIN.items(), *((f"lora.{k}", v) for k, v in _LORA.items())]}
+_TRAINED = {
+    f"{section}.{key}": v
+    for section in ("pretrain", "sft", "dpo", "classify")
+    for key, v in [*_TRAIN.items(), *((f"lora.{k}", v) for k, v in _LORA.items())]
+}
 
 INVALID: dict[str, list] = {
     **_TRAINED,
@@ -62,7 +66,10 @@ INVALID: dict[str, list] = {
     "corpus.sources[].format": [[{"path": "inputs/corpus.txt", "format": "xml"}]],
     "corpus.sources[].text_field": [[{"path": "inputs/corpus.txt", "text_field": ""}]],
     "corpus.sources[].member": [[{"path": "inputs/corpus.txt", "member": 3}]],
-    "corpus.sources[].revision": [[{"path": "hf://datasets/a/b/c.parquet"}], [{"path": "inputs/corpus.txt", "revision": 1}]],
+    "corpus.sources[].revision": [
+        [{"path": "hf://datasets/a/b/c.parquet"}],
+        [{"path": "inputs/corpus.txt", "revision": 1}],
+    ],
     "corpus.sources[].where": [[{"path": "inputs/corpus.txt", "where": ["lang"]}]],
     "corpus.sources[].min_chars": [[{"path": "inputs/corpus.txt", "min_chars": -1}]],
     "corpus.sources[].bad_records": [[{"path": "inputs/corpus.txt", "bad_records": "ignore"}]],
@@ -230,16 +237,39 @@ def test_shipped_params_validate():
 
 @pytest.mark.parametrize("profile", sorted(p.name for p in ROOT.glob("params-*.yaml")))
 def test_shipped_profiles_validate_over_params(profile):
-    args = set_param_args(ROOT / profile, ROOT / "params.yaml")  # merges, validates, raises ConfigError if bad
+    args = set_param_args(
+        ROOT / profile, ROOT / "params.yaml"
+    )  # merges, validates, raises ConfigError if bad
     assert args and all(a == "-S" or "=" in a for a in args)
 
 
 def test_architecture_options_reach_the_model_config():
     from pipeline.train.pretrain_setup import model_config
 
-    model = parse_params({"model": {"preset": "cpu-tiny", "pos_emb": "rope", "rope_base": 500, "norm": "rmsnorm",
-                                    "mlp": "swiglu", "qk_norm": True}}).model
+    model = parse_params(
+        {
+            "model": {
+                "preset": "cpu-tiny",
+                "pos_emb": "rope",
+                "rope_base": 500,
+                "norm": "rmsnorm",
+                "mlp": "swiglu",
+                "qk_norm": True,
+            }
+        }
+    ).model
     cfg = model_config(model, 300)
-    assert (cfg.pos_emb, cfg.rope_base, cfg.norm, cfg.mlp, cfg.qk_norm) == ("rope", 500.0, "rmsnorm", "swiglu", True)
+    assert (cfg.pos_emb, cfg.rope_base, cfg.norm, cfg.mlp, cfg.qk_norm) == (
+        "rope",
+        500.0,
+        "rmsnorm",
+        "swiglu",
+        True,
+    )
     default = model_config(parse_params({"model": {"preset": "cpu-tiny"}}).model, 300)
-    assert (default.pos_emb, default.norm, default.mlp, default.qk_norm) == ("learned", "layernorm", "gelu", False)
+    assert (default.pos_emb, default.norm, default.mlp, default.qk_norm) == (
+        "learned",
+        "layernorm",
+        "gelu",
+        False,
+    )

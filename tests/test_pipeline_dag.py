@@ -1,4 +1,5 @@
 """The real dvc.yaml end to end: the Prefect flow runs every stage once, and an edit reruns exactly its importers."""
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,9 @@ def changed_stages(project: Path) -> set[str]:
     return {name.split(":")[-1] for name in status}
 
 
-@pytest.mark.parametrize("module", ["pipeline/train/objectives.py", "pipeline/model/gpt.py", "pipeline/common/config.py"])
+@pytest.mark.parametrize(
+    "module", ["pipeline/train/objectives.py", "pipeline/model/gpt.py", "pipeline/common/config.py"]
+)
 def test_editing_a_module_reruns_exactly_the_stages_that_import_it(reproduced, module):
     path = reproduced / module
     original = path.read_text(encoding="utf-8")
@@ -54,7 +57,11 @@ def test_the_run_ends_with_its_report_page_and_a_second_repro_does_nothing(repro
     for stage in ("download", "tokenize", "pretrain", "evaluate", "sft", "dpo", "judge", "export"):
         seconds = json.loads((reproduced / "reports" / stage / "timing.json").read_text())["seconds"]
         assert f"| {stage} | {seconds:g} |" in text  # every stage timed itself; the page lists it
-    assert "parity.max_abs_logit_diff" in text and "unigram baseline" in text and "## Answers to held-out" in text
+    assert (
+        "parity.max_abs_logit_diff" in text
+        and "unigram baseline" in text
+        and "## Answers to held-out" in text
+    )
     assert "fallback scorer rouge-l-fallback" in text  # the tiny params point the judge at a closed port
     assert "data:image/png;base64," in (reproduced / "reports/index.html").read_text(encoding="utf-8")
     again = run(["dvc", "repro"], reproduced)

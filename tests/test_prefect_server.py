@@ -5,6 +5,7 @@ schedule back on. The repository's prefect.yaml deploys to a process work pool w
 runs the stages and pushes to the DVC remote. Every process is started in its own session and killed at the
 end; every wait is bounded.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,7 +36,9 @@ def free_port() -> int:
 
 def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
     with open(log, "ab") as out:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def stop(proc: subprocess.Popen, grace_s: float = 30) -> None:
@@ -54,8 +57,14 @@ def stop(proc: subprocess.Popen, grace_s: float = 30) -> None:
 
 
 def prefect(*args: str, env: dict, cwd: Path = ROOT, timeout_s: float = 120) -> str:
-    done = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout_s)
+    done = subprocess.run(
+        [sys.executable, "-m", "prefect", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -85,15 +94,27 @@ def server(tmp_path_factory):
     """(api url, client env, log dir) of a fresh `prefect server start` on a free port."""
     logs = tmp_path_factory.mktemp("logs")
     port = free_port()
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path_factory.mktemp("prefect-home")),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", DVC_NO_ANALYTICS="1")
+    env = dict(
+        os.environ,
+        PREFECT_HOME=str(tmp_path_factory.mktemp("prefect-home")),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DVC_NO_ANALYTICS="1",
+    )
     env.pop("PREFECT_API_URL", None)
-    proc = start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                 env, logs / "server.log")
+    proc = start(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env,
+        logs / "server.log",
+    )
     api = f"http://127.0.0.1:{port}/api"
     try:
-        wait_for(lambda: httpx.get(f"{api}/health", timeout=5).status_code == 200,
-                 "prefect server health", 180, proc, logs / "server.log")
+        wait_for(
+            lambda: httpx.get(f"{api}/health", timeout=5).status_code == 200,
+            "prefect server health",
+            180,
+            proc,
+            logs / "server.log",
+        )
         yield api, dict(env, PREFECT_API_URL=api), logs
     finally:
         stop(proc)
@@ -114,8 +135,19 @@ def schedule_on(api: str) -> dict | None:
 def test_served_deployment_runs_and_its_schedule_survives_a_restart(server, tmp_path):
     api, env, logs = server
     project = make_trivial_project(tmp_path / "project")
-    serve_cmd = [sys.executable, "-m", "pipeline", "flow", "serve", "--cron", "0 3 * * *",
-                 "--deployment", "nightly", "--project", str(project)]
+    serve_cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "flow",
+        "serve",
+        "--cron",
+        "0 3 * * *",
+        "--deployment",
+        "nightly",
+        "--project",
+        str(project),
+    ]
     log = logs / "serve.log"
     serve = start(serve_cmd, env, log)
     try:
@@ -127,8 +159,9 @@ def test_served_deployment_runs_and_its_schedule_survives_a_restart(server, tmp_
         run_id = re.search(r"UUID: ([0-9a-f-]{36})", trigger).group(1)
         state = wait_for(lambda: flow_run_state(api, run_id), "triggered flow run", 180, serve, log)
         assert state["type"] == "COMPLETED", state
-        tasks = httpx.post(f"{api}/task_runs/filter", timeout=10,
-                           json={"flow_runs": {"id": {"any_": [run_id]}}}).json()
+        tasks = httpx.post(
+            f"{api}/task_runs/filter", timeout=10, json={"flow_runs": {"id": {"any_": [run_id]}}}
+        ).json()
         assert sorted(t["name"] for t in tasks) == ["download", "report", "train"]
         assert all(t["state"]["type"] == "COMPLETED" for t in tasks)
         assert (project / "reports/report/report.md").is_file()
@@ -148,23 +181,34 @@ def test_prefect_yaml_deploys_to_a_work_pool_whose_worker_runs_the_pipeline(serv
     shutil.copytree(ROOT / "pipeline", origin / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     spec = (ROOT / "prefect.yaml").read_text()
     assert "https://github.com/YOUR-ORG/llm-pipeline.git" in spec
-    (origin / "prefect.yaml").write_text(spec.replace("https://github.com/YOUR-ORG/llm-pipeline.git", str(origin)))
+    (origin / "prefect.yaml").write_text(
+        spec.replace("https://github.com/YOUR-ORG/llm-pipeline.git", str(origin))
+    )
     remote = tmp_path / "dvc-remote"
-    subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(remote)], cwd=origin, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "remote", "add", "-d", "store", str(remote)], cwd=origin, check=True
+    )
     subprocess.run(["git", "add", "-A"], cwd=origin, check=True)
     subprocess.run(["git", "commit", "-qm", "code and deployments"], cwd=origin, check=True)
 
     prefect("work-pool", "create", "llm-pipeline", "--type", "process", env=env)
     prefect("--no-prompt", "deploy", "--all", env=env, cwd=origin)
-    run_id = re.search(r"UUID: ([0-9a-f-]{36})", prefect("deployment", "run", "llm-pipeline/nightly", env=env)).group(1)
+    run_id = re.search(
+        r"UUID: ([0-9a-f-]{36})", prefect("deployment", "run", "llm-pipeline/nightly", env=env)
+    ).group(1)
     workdir = tmp_path / "worker"
     workdir.mkdir()
     worker_env = dict(env, PATH=os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]]))
     log = logs / "worker.log"
     with open(log, "ab") as out:
-        worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "llm-pipeline",
-                                   "--run-once"], cwd=workdir, env=worker_env, stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "llm-pipeline", "--run-once"],
+            cwd=workdir,
+            env=worker_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         worker.wait(240)
     finally:

@@ -1,5 +1,6 @@
 """The run report: stage wall times, the generic renderer, two runs side by side. The real `report` stage, at the
 end of the whole tiny pipeline, is checked in tests/test_pipeline_dag.py (which runs that pipeline once)."""
+
 from __future__ import annotations
 
 import json
@@ -40,21 +41,40 @@ def fake_run(root: Path, loss: float = 5.0, lr: float = 0.001) -> Path:
     reports = root / "reports"
     write(reports / "tokenize/metrics.json", {"tokens": {"train": 1000}, "bytes_per_token": 2.5})
     write(reports / "pretrain/metrics.json", {"train": {"loss": loss}, "val": {"loss": loss + 0.1}})
-    write(reports / "pretrain/plots/metrics/train/loss.tsv", f"step\tloss\ttimestamp\n1\t6.0\t0\n2\t{loss}\t0\n")
+    write(
+        reports / "pretrain/plots/metrics/train/loss.tsv", f"step\tloss\ttimestamp\n1\t6.0\t0\n2\t{loss}\t0\n"
+    )
     write(reports / "pretrain/plots/metrics/train/lr.tsv", "step\tlr\n1\t0.001\n")
     write(reports / "evaluate/metrics.json", {"val_loss": loss + 0.1, "unigram_loss": 5.5})
-    write(reports / "evaluate/samples.json", [{"prompt": "En un lugar", "completion": " de la Mancha", "tokens": 4}])
+    write(
+        reports / "evaluate/samples.json",
+        [{"prompt": "En un lugar", "completion": " de la Mancha", "tokens": 4}],
+    )
     write(reports / "evaluate/report.md", "# Base model evaluation\n\n![loss curve](loss.png)\n")
     png(reports / "evaluate/loss.png")
     for stage, answer in (("sft", "Blue."), ("dpo", "Blue!")):
-        write(reports / stage / "responses.jsonl",
-              json.dumps({"id": 3, "instruction": "Name a color.", "input": "", "output": "Red.", "response": answer}) + "\n")
+        write(
+            reports / stage / "responses.jsonl",
+            json.dumps(
+                {"id": 3, "instruction": "Name a color.", "input": "", "output": "Red.", "response": answer}
+            )
+            + "\n",
+        )
         write(reports / stage / "metrics.json", {"val": {"loss": 1.5}})
-    write(reports / "judge/metrics.json", {"scorer": "rouge-l-fallback", "fallback": True,
-                                           "fallback_reason": "no Ollama judge answers at http://127.0.0.1:9"})
+    write(
+        reports / "judge/metrics.json",
+        {
+            "scorer": "rouge-l-fallback",
+            "fallback": True,
+            "fallback_reason": "no Ollama judge answers at http://127.0.0.1:9",
+        },
+    )
     write(reports / "distill/metrics.json", {"student": {"loss": 2.25}})  # a stage added later
     for n, stage in enumerate(STAGES):
-        write(reports / stage / "timing.json", {"stage": stage, "seconds": n + 0.5, "finished_at": "2026-11-30T12:00:00"})
+        write(
+            reports / stage / "timing.json",
+            {"stage": stage, "seconds": n + 0.5, "finished_at": "2026-11-30T12:00:00"},
+        )
     return reports
 
 
@@ -63,7 +83,11 @@ def fake_run(root: Path, loss: float = 5.0, lr: float = 0.001) -> Path:
 
 def stage_main(name: str, body: str):
     """A stage's ``main`` as `python -m stages.<name>` defines it (module ``__main__``, spec ``stages.<name>``)."""
-    namespace = {"__spec__": ModuleSpec(f"stages.{name}", None), "__name__": "__main__", "PipelineError": PipelineError}
+    namespace = {
+        "__spec__": ModuleSpec(f"stages.{name}", None),
+        "__name__": "__main__",
+        "PipelineError": PipelineError,
+    }
     exec(f"def main():\n    {body}\n", namespace)
     return namespace["main"]
 
@@ -72,11 +96,17 @@ def test_timed_records_a_stage_wall_time_only_when_it_succeeds(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     assert timed(stage_main("evaluate", "return 'done'"))() == "done"
     record = json.loads((tmp_path / "reports/evaluate/timing.json").read_text())
-    assert record["stage"] == "evaluate" and record["seconds"] >= 0 and record["finished_at"] >= record["started_at"]
+    assert (
+        record["stage"] == "evaluate"
+        and record["seconds"] >= 0
+        and record["finished_at"] >= record["started_at"]
+    )
     with pytest.raises(PipelineError):
         timed(stage_main("judge", "raise PipelineError('bad input')"))()
     assert not (tmp_path / "reports/judge").exists()
-    timed(main_process=lambda: False)(stage_main("sft", "return 1"))()  # torchrun workers but rank 0 write nothing
+    timed(main_process=lambda: False)(
+        stage_main("sft", "return 1")
+    )()  # torchrun workers but rank 0 write nothing
     assert not (tmp_path / "reports/sft").exists()
 
 
@@ -91,7 +121,9 @@ def test_report_renders_whatever_stage_folders_exist(tmp_path):
     assert "## distill" in text and "| student.loss | 2.25 |" in text
     assert "**Warning (judge): the fallback scorer rouge-l-fallback was used" in text
     assert "validation loss 5.1000 nats/token against the unigram baseline's 5.5000: 0.4000 below it" in text
-    assert "| 3 | Name a color. | Red. | Blue. | Blue! |" in text  # reference beside each tuned model's answer
+    assert (
+        "| 3 | Name a color. | Red. | Blue. | Blue! |" in text
+    )  # reference beside each tuned model's answer
     assert "| En un lugar | de la Mancha |" in text
     assert "| pretrain | 1.5 |" in text and "| total | 18 |" in text  # stage times, summed
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):  # relative links that resolve from reports/
@@ -102,11 +134,20 @@ def test_report_renders_whatever_stage_folders_exist(tmp_path):
     assert "<table>" in page and "the stage's own report" in page
 
 
-@pytest.mark.parametrize("file, content, message", [
-    ("evaluate/metrics.json", "{", "reports/evaluate/metrics.json: not valid JSON"),
-    ("sft/responses.jsonl", '{"id": 1}\n{oops\n', "reports/sft/responses.jsonl: line 2 is not valid JSON"),
-])
-def test_a_corrupt_stage_file_is_one_error_line_and_no_page(tmp_path, monkeypatch, capsys, file, content, message):
+@pytest.mark.parametrize(
+    "file, content, message",
+    [
+        ("evaluate/metrics.json", "{", "reports/evaluate/metrics.json: not valid JSON"),
+        (
+            "sft/responses.jsonl",
+            '{"id": 1}\n{oops\n',
+            "reports/sft/responses.jsonl: line 2 is not valid JSON",
+        ),
+    ],
+)
+def test_a_corrupt_stage_file_is_one_error_line_and_no_page(
+    tmp_path, monkeypatch, capsys, file, content, message
+):
     reports = fake_run(tmp_path)
     write(reports / file, content)
     write(tmp_path / "dvc.yaml", "stages: {}\n")
@@ -136,8 +177,13 @@ def test_two_runs_side_by_side(tmp_path, capsys):
 def test_compare_reports_bad_input(tmp_path, capsys):
     assert cli_main(["compare", "--reports", str(tmp_path)]) == 1
     assert "give two or more reports/ folders" in capsys.readouterr().err
-    assert cli_main(["compare", "--project", str(tmp_path), "--reports", str(tmp_path), str(tmp_path / "nope")]) == 1
-    expected = f"error: {tmp_path / 'nope'}: no such reports folder (run `dvc repro`, or give a run's reports/)"
+    assert (
+        cli_main(["compare", "--project", str(tmp_path), "--reports", str(tmp_path), str(tmp_path / "nope")])
+        == 1
+    )
+    expected = (
+        f"error: {tmp_path / 'nope'}: no such reports folder (run `dvc repro`, or give a run's reports/)"
+    )
     assert capsys.readouterr().err.strip() == expected
 
 

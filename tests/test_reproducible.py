@@ -1,6 +1,7 @@
 """Same params and seed → the same results on CPU: `dvc repro evaluate` in two fresh copies of the tiny project
 gives byte-identical evaluation metrics, weights, tokenizer and shards, and the same loss curve; and outputs
 record where they came from (commit, params hash, package versions)."""
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,9 @@ pytestmark = pytest.mark.timeout(600)
 def lock_hashes(project) -> dict[str, str]:
     """{output path: md5} of every DVC-cached output in dvc.lock: equal hashes mean byte-identical outputs."""
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    return {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", []) if "md5" in o}
+    return {
+        o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", []) if "md5" in o
+    }
 
 
 def test_two_fresh_runs_give_identical_results(tmp_path):
@@ -43,22 +46,30 @@ def test_two_fresh_runs_give_identical_results(tmp_path):
     hashes = lock_hashes(first)
     assert {"data/tokenizer", "data/shards", "models/base"} <= set(hashes)
     assert {k: v for k, v in hashes.items() if k in ("data/raw", "data/tokenizer", "data/shards")} == {
-        k: v for k, v in lock_hashes(second).items() if k in ("data/raw", "data/tokenizer", "data/shards")}
+        k: v for k, v in lock_hashes(second).items() if k in ("data/raw", "data/tokenizer", "data/shards")
+    }
 
     curve = "reports/pretrain/plots/metrics/train/loss.tsv"  # dvclive's timestamp column differs, the losses must not
     losses = [pd.read_csv(p / curve, sep="\t")[["step", "loss"]] for p in runs]
     pd.testing.assert_frame_equal(losses[0], losses[1], check_exact=True)
     pretrain = [json.loads((p / "reports/pretrain/metrics.json").read_text()) for p in runs]
-    assert pretrain[0]["val"] == pretrain[1]["val"] and pretrain[0]["train"]["loss"] == pretrain[1]["train"]["loss"]
+    assert (
+        pretrain[0]["val"] == pretrain[1]["val"]
+        and pretrain[0]["train"]["loss"] == pretrain[1]["train"]["loss"]
+    )
 
     recorded = [json.loads((p / "models/base/config.json").read_text())["provenance"] for p in runs]
     for project, record in zip(runs, recorded, strict=False):
         assert record["git"]["commit"] == head(project)
-    assert recorded[0]["params"]["sha256"] == recorded[1]["params"]["sha256"]  # same params, different commits
+    assert (
+        recorded[0]["params"]["sha256"] == recorded[1]["params"]["sha256"]
+    )  # same params, different commits
 
 
 def head(project) -> str:
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def test_provenance_records_commit_dirty_flag_params_hash_and_versions(tmp_path):

@@ -1,4 +1,5 @@
 """Our Ollama-API server over real HTTP on 127.0.0.1, spoken to by the official ollama client (and raw httpx)."""
+
 from __future__ import annotations
 
 import json
@@ -65,7 +66,10 @@ def test_chat_rendering_per_template():
     assert "### Instruction:\nColour?\n\n### Input:\nsystem: Be brief.\nuser: Hi\nassistant: Hello" in alpaca
     assert alpaca.endswith("### Response:\n")
     chat = enc.decode(chat_prompt_ids(enc, "chat", turns))
-    assert chat == "<|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>Hello<|end|><|user|>Colour?<|end|><|assistant|>"
+    assert (
+        chat
+        == "<|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>Hello<|end|><|user|>Colour?<|end|><|assistant|>"
+    )
     assert enc.decode(chat_prompt_ids(enc, None, turns)) == "Be brief.\n\nHi\n\nHello\n\nColour?"
 
 
@@ -80,7 +84,9 @@ def test_tags_show_ps_version_and_root(server):
     assert listed.details.format == "safetensors" and listed.details.family == "gpt" and listed.size > 0
     shown = client.show("sft")
     assert shown.modelinfo["gpt.context_length"] == 64 and shown.modelinfo["template"] == "alpaca"
-    assert shown.capabilities == ["completion"] and client.show("base:latest").template.startswith("(raw text")
+    assert shown.capabilities == ["completion"] and client.show("base:latest").template.startswith(
+        "(raw text"
+    )
     assert [m.model for m in client.ps().models] == names
     assert httpx.get(f"{url}/api/version").json()["version"]
     assert httpx.get(url).text == "Ollama is running"
@@ -89,20 +95,31 @@ def test_tags_show_ps_version_and_root(server):
 def test_chat_streamed_and_whole_agree_and_report_counts(server):
     _, _, client = server
     whole = ask(client, seed=7, num_predict=12)
-    parts = list(client.chat(model="sft", messages=[{"role": "user", "content": "Name a colour."}],
-                             options={"seed": 7, "num_predict": 12}, stream=True))
+    parts = list(
+        client.chat(
+            model="sft",
+            messages=[{"role": "user", "content": "Name a colour."}],
+            options={"seed": 7, "num_predict": 12},
+            stream=True,
+        )
+    )
     assert "".join(p.message.content for p in parts) == whole.message.content
     assert [p.done for p in parts] == [False] * (len(parts) - 1) + [True]
     final = parts[-1]
-    assert final.eval_count == whole.eval_count <= 12 and final.prompt_eval_count == whole.prompt_eval_count > 0
+    assert (
+        final.eval_count == whole.eval_count <= 12 and final.prompt_eval_count == whole.prompt_eval_count > 0
+    )
     assert final.done_reason in ("stop", "length") and final.message.role == "assistant"
 
 
 def test_generate_streamed_whole_and_context(server):
     _, _, client = server
     whole = client.generate(model="base", prompt="En un lugar", options={"temperature": 0, "num_predict": 6})
-    parts = list(client.generate(model="base", prompt="En un lugar", options={"temperature": 0, "num_predict": 6},
-                                 stream=True))
+    parts = list(
+        client.generate(
+            model="base", prompt="En un lugar", options={"temperature": 0, "num_predict": 6}, stream=True
+        )
+    )
     assert "".join(p.response for p in parts) == whole.response
     assert whole.context[: len("En un lugar")] == list(b"En un lugar")  # a raw model: the prompt's bytes
     assert len(whole.context) == len("En un lugar") + whole.eval_count
@@ -114,11 +131,19 @@ def test_options_are_honoured(server):
     greedy = ask(client, model="base", temperature=0, num_predict=20)
     assert ask(client, model="base", temperature=0, num_predict=20).message.content == greedy.message.content
     # top_k=1 keeps only the most likely token: sampling at any temperature is then greedy.
-    assert ask(client, model="base", temperature=1.5, top_k=1, seed=3, num_predict=20).message.content == \
-        greedy.message.content
+    assert (
+        ask(client, model="base", temperature=1.5, top_k=1, seed=3, num_predict=20).message.content
+        == greedy.message.content
+    )
     sampled = ask(client, model="base", temperature=1.0, top_p=0.95, seed=11, num_predict=20).message.content
-    assert ask(client, model="base", temperature=1.0, top_p=0.95, seed=11, num_predict=20).message.content == sampled
-    assert ask(client, model="base", temperature=1.0, top_p=0.95, seed=12, num_predict=20).message.content != sampled
+    assert (
+        ask(client, model="base", temperature=1.0, top_p=0.95, seed=11, num_predict=20).message.content
+        == sampled
+    )
+    assert (
+        ask(client, model="base", temperature=1.0, top_p=0.95, seed=12, num_predict=20).message.content
+        != sampled
+    )
     assert ask(client, model="base", temperature=0, num_predict=3).eval_count <= 3
     # A stop string cuts the answer before it, whichever token boundary it straddles.
     text = greedy.message.content
@@ -126,8 +151,11 @@ def test_options_are_honoured(server):
     stopped = ask(client, model="base", temperature=0, num_predict=20, stop=[stop])
     assert stopped.message.content == text[: text.index(stop)] and stopped.done_reason == "stop"
     # num_ctx below the model's context: the prompt's start is dropped to fit.
-    long = client.chat(model="base", messages=[{"role": "user", "content": "x" * 200}],
-                       options={"temperature": 0, "num_ctx": 32, "num_predict": 4})
+    long = client.chat(
+        model="base",
+        messages=[{"role": "user", "content": "x" * 200}],
+        options={"temperature": 0, "num_ctx": 32, "num_predict": 4},
+    )
     assert long.prompt_eval_count + 4 <= 32
 
 
@@ -143,12 +171,22 @@ def test_bad_requests_get_4xx_with_a_message(server):
         ("/api/chat", [1, 2], "the body must be a JSON object"),
         ("/api/chat", {"messages": []}, "model: Field required"),
         ("/api/chat", {"model": "sft", "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
-        ("/api/chat", {"model": "sft", "messages": [{"role": "user", "content": "x"}], "options": {"temperature": -1}},
-         "options.temperature"),
+        (
+            "/api/chat",
+            {"model": "sft", "messages": [{"role": "user", "content": "x"}], "options": {"temperature": -1}},
+            "options.temperature",
+        ),
         ("/api/chat", {"model": "sft", "messages": [{"role": "assistant", "content": "x"}]}, "the user's"),
-        ("/api/chat", {"model": "sft", "messages": [{"role": "user", "content": "x"}], "format": "json"}, "format"),
-        ("/api/chat", {"model": "sft", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "x"}]},
-         "tools"),
+        (
+            "/api/chat",
+            {"model": "sft", "messages": [{"role": "user", "content": "x"}], "format": "json"},
+            "format",
+        ),
+        (
+            "/api/chat",
+            {"model": "sft", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "x"}]},
+            "tools",
+        ),
         ("/api/generate", {"model": "sft", "prompt": "x", "options": {"top_p": 2}}, "options.top_p"),
         ("/api/generate", {"model": "base", "prompt": "x", "context": [999999]}, "context"),
         ("/api/show", {}, "model"),
@@ -198,8 +236,12 @@ class SlowTokens:
 def test_a_full_queue_answers_503_and_the_running_request_completes(model_dirs):
     models = load_served({"sft": model_dirs["sft"]})
     models["sft:latest"].tokens = SlowTokens(models["sft:latest"].tokens)
-    body = {"model": "sft", "messages": [{"role": "user", "content": "x"}], "stream": False,
-            "options": {"num_predict": 30, "temperature": 0}}
+    body = {
+        "model": "sft",
+        "messages": [{"role": "user", "content": "x"}],
+        "stream": False,
+        "options": {"num_predict": 30, "temperature": 0},
+    }
     with running_server(models, concurrency=1, max_queue=0) as (url, app):
         with ThreadPoolExecutor(max_workers=1) as pool:
             running = pool.submit(httpx.post, f"{url}/api/chat", json=body, timeout=60)
@@ -215,7 +257,11 @@ def test_a_full_queue_answers_503_and_the_running_request_completes(model_dirs):
 def test_a_client_that_goes_away_stops_its_generation(model_dirs):
     models = load_served({"base": model_dirs["base"]})
     slow = models["base:latest"].tokens = SlowTokens(models["base:latest"].tokens)
-    body = {"model": "base", "prompt": "abc", "options": {"num_predict": 40, "temperature": 0, "stop": ["\x00"]}}
+    body = {
+        "model": "base",
+        "prompt": "abc",
+        "options": {"num_predict": 40, "temperature": 0, "stop": ["\x00"]},
+    }
     with running_server(models, concurrency=1) as (url, app):
         read_to_the_end = httpx.post(f"{url}/api/generate", json=body | {"stream": False}, timeout=60).json()
         assert read_to_the_end["eval_count"] == slow.produced == 40
@@ -242,8 +288,23 @@ def free_port() -> int:
 def test_cli_serves_a_model_dir_on_loopback(model_dirs, capsys):
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "serve", "--port", str(port), "--models", f"tiny={model_dirs['chat']}",
-         "--log-level", "warning"], cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "serve",
+            "--port",
+            str(port),
+            "--models",
+            f"tiny={model_dirs['chat']}",
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -256,8 +317,9 @@ def test_cli_serves_a_model_dir_on_loopback(model_dirs, capsys):
                 time.sleep(0.2)
         client = ollama.Client(host=f"127.0.0.1:{port}")
         assert [m.model for m in client.list().models] == ["tiny:latest"]
-        assert client.chat(model="tiny", messages=[{"role": "user", "content": "hi"}],
-                           options={"num_predict": 4}).done
+        assert client.chat(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], options={"num_predict": 4}
+        ).done
         # A second server on the same port: one clear line, exit 1.
         assert main(["serve", "--port", str(port), "--models", f"tiny={model_dirs['chat']}"]) == 1
         assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
@@ -287,13 +349,24 @@ def test_onnx_export_is_served(tmp_path, model_dirs):
     (onnx_dir / TOKENIZER_DIR).mkdir()
     for file in tokenizer.iterdir():
         (onnx_dir / TOKENIZER_DIR / file.name).write_bytes(file.read_bytes())
-    write_json(onnx_dir / "config.json", {"model": model.cfg.to_dict(), "source": {"directory": str(model_dirs["sft"])},
-                                          "onnx": {"files": {"fp32": VARIANT_FILES["fp32"]}, "opset": 18},
-                                          "sha256": {VARIANT_FILES["fp32"]: sha256_file(onnx_dir / VARIANT_FILES["fp32"])}})
+    write_json(
+        onnx_dir / "config.json",
+        {
+            "model": model.cfg.to_dict(),
+            "source": {"directory": str(model_dirs["sft"])},
+            "onnx": {"files": {"fp32": VARIANT_FILES["fp32"]}, "opset": 18},
+            "sha256": {VARIANT_FILES["fp32"]: sha256_file(onnx_dir / VARIANT_FILES["fp32"])},
+        },
+    )
     models = load_served({"onnx": onnx_dir, "sft": model_dirs["sft"]})
     with running_server(models) as (url, _):
         client = ollama.Client(host=url)
-        assert client.show("onnx").details.format == "onnx" and client.show("onnx").modelinfo["template"] == "alpaca"
+        assert (
+            client.show("onnx").details.format == "onnx"
+            and client.show("onnx").modelinfo["template"] == "alpaca"
+        )
         # Greedy decoding: onnxruntime and torch pick the same tokens.
-        assert ask(client, "onnx", temperature=0, num_predict=12).message.content == \
-            ask(client, "sft", temperature=0, num_predict=12).message.content
+        assert (
+            ask(client, "onnx", temperature=0, num_predict=12).message.content
+            == ask(client, "sft", temperature=0, num_predict=12).message.content
+        )

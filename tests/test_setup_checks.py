@@ -1,4 +1,5 @@
 """scripts/setup.sh warns, with the command to run, when git has no identity (DVC experiments need one)."""
+
 from __future__ import annotations
 
 import os
@@ -10,10 +11,17 @@ SCRIPT = ROOT / "scripts" / "check_git_identity.sh"
 
 
 def _check(repo, home) -> str:
-    env = {**os.environ, "HOME": str(home), "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": str(home / ".gitconfig")}
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": str(home / ".gitconfig"),
+    }
     for name in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL"):
         env.pop(name, None)
-    done = subprocess.run(["bash", str(SCRIPT)], cwd=repo, env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        ["bash", str(SCRIPT)], cwd=repo, env=env, capture_output=True, text=True, check=True
+    )
     return done.stderr
 
 

@@ -1,5 +1,6 @@
 """SFT and DPO: the objectives' arithmetic on tiny models, the real stages (resume after SIGKILL, bad input),
 and a real `dvc repro dpo` in a throwaway project."""
+
 from __future__ import annotations
 
 import copy
@@ -49,19 +50,42 @@ def tiny_gpt(enc, seed: int = 0) -> GPT:
 def sums(n: int, seed: int = 0, preferences: bool = False) -> list:
     records = generated_instructions(n, seed=seed, preferences=preferences)
     if preferences:
-        return [PreferencePair(i, r["instruction"], "", r["chosen"], r["rejected"]) for i, r in enumerate(records)]
+        return [
+            PreferencePair(i, r["instruction"], "", r["chosen"], r["rejected"]) for i, r in enumerate(records)
+        ]
     return [Example(i, r["instruction"], "", r["output"]) for i, r in enumerate(records)]
 
 
 def sft_objective(data, mask_prompt=True, batch_size=4):
-    return SFTObjective(data, data, batch_size=batch_size, grad_accum=1, eval_batches=2, context_length=CONTEXT,
-                        pad_id=0, mask_prompt=mask_prompt, seed=0)
+    return SFTObjective(
+        data,
+        data,
+        batch_size=batch_size,
+        grad_accum=1,
+        eval_batches=2,
+        context_length=CONTEXT,
+        pad_id=0,
+        mask_prompt=mask_prompt,
+        seed=0,
+    )
 
 
 def dpo_objective(model, data, beta=0.1, reduction="sum", batch_size=4):
     ref = reference_logprobs(model, data, context_length=CONTEXT, pad_id=0, reduction=reduction, batch_size=3)
-    return DPOObjective(data, data, ref, ref, beta=beta, reduction=reduction, batch_size=batch_size, grad_accum=1,
-                        eval_batches=8, context_length=CONTEXT, pad_id=0, seed=0)
+    return DPOObjective(
+        data,
+        data,
+        ref,
+        ref,
+        beta=beta,
+        reduction=reduction,
+        batch_size=batch_size,
+        grad_accum=1,
+        eval_batches=8,
+        context_length=CONTEXT,
+        pad_id=0,
+        seed=0,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- SFT arithmetic
@@ -106,7 +130,9 @@ def test_epoch_sampler_is_deterministic_groups_lengths_and_visits_every_item_onc
     first_epoch = [sampler.indices(step, 0, 0, 1) for step in range(10)]
     assert sorted(i for batch in first_epoch for i in batch) == list(range(40))
     second_epoch = [sampler.indices(step, 0, 0, 1) for step in range(10, 20)]
-    assert sorted(i for batch in second_epoch for i in batch) == list(range(40)) and second_epoch != first_epoch
+    assert (
+        sorted(i for batch in second_epoch for i in batch) == list(range(40)) and second_epoch != first_epoch
+    )
     assert EpochSampler(lengths, 4, 1, seed=3, window=5).indices(13, 0, 0, 1) == sampler.indices(13, 0, 0, 1)
     ranks = [EpochSampler(lengths, 4, 1, 3).indices(1, 0, rank, 2) for rank in (0, 1)]
     assert not set(ranks[0]) & set(ranks[1])
@@ -124,7 +150,9 @@ def test_dpo_loss_is_log2_with_zero_margins_when_policy_is_reference(enc):
     loss, metrics = dpo_loss(*(torch.tensor([-3.0, -7.5]),) * 4, beta=0.1)
     assert loss.item() == pytest.approx(math.log(2))
     model = tiny_gpt(enc)
-    objective = dpo_objective(copy.deepcopy(model), tokenize_pairs(enc, sums(6, preferences=True), "chat", CONTEXT))
+    objective = dpo_objective(
+        copy.deepcopy(model), tokenize_pairs(enc, sums(6, preferences=True), "chat", CONTEXT)
+    )
     loss, metrics = objective.loss(model, objective.train_batch(0, 0, 0, 1))
     assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
     # Zero up to float noise: the cached reference pass batches by length, the policy pass does not, so a margin
@@ -144,8 +172,10 @@ def _answer_logprob(model: GPT, prompt: list[int], answer: list[int]) -> float:
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_response_only_logprobs_exclude_prompt_and_padding(enc, reduction):
     model = tiny_gpt(enc)
-    pairs = [PreferencePair(0, "Say yes.", "", "Yes.", "No, and a much longer answer that pads the others."),
-             PreferencePair(1, "A far longer prompt than the first one has.", "", "Sure thing.", "Nope.")]
+    pairs = [
+        PreferencePair(0, "Say yes.", "", "Yes.", "No, and a much longer answer that pads the others."),
+        PreferencePair(1, "A far longer prompt than the first one has.", "", "Sure thing.", "Nope."),
+    ]
     data = tokenize_pairs(enc, pairs, "chat", CONTEXT)
     objective = dpo_objective(model, data, reduction=reduction, batch_size=2)
     logps = objective.policy_logprobs(model, objective.train_batch(0, 0, 0, 1)).tolist()
@@ -165,10 +195,26 @@ def test_a_few_dpo_steps_raise_accuracies_and_margins_on_the_training_pairs(enc,
     policy = copy.deepcopy(reference)
     objective = dpo_objective(reference, data, beta=0.5, batch_size=8)
     before = _mean_metrics(objective, policy)
-    params = TrainParams(batch_size=8, max_steps=12, lr=3e-3, warmup_steps=2, eval_every=12, eval_batches=2,
-                         checkpoint_every=12, log_every=4, dtype="fp32", seed=1)
-    result = train(policy, objective, params, checkpoint_dir=tmp_path / "ckpt", report_dir=tmp_path / "report",
-                   desc="dpo-test")
+    params = TrainParams(
+        batch_size=8,
+        max_steps=12,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_every=12,
+        eval_batches=2,
+        checkpoint_every=12,
+        log_every=4,
+        dtype="fp32",
+        seed=1,
+    )
+    result = train(
+        policy,
+        objective,
+        params,
+        checkpoint_dir=tmp_path / "ckpt",
+        report_dir=tmp_path / "report",
+        desc="dpo-test",
+    )
     after = _mean_metrics(objective, result.model)
     assert before["rewards/margins"] == pytest.approx(0.0, abs=1e-5) and before["rewards/accuracies"] == 0.0
     assert after["rewards/accuracies"] >= 0.75
@@ -223,7 +269,9 @@ def _stage_project(dest: Path, overrides: dict | None = None) -> Path:
     fingerprint = save_tokenizer(train_bpe(texts, 400), dest / "data" / "tokenizer", "bpe")
     torch.manual_seed(0)
     base = GPT(config_from_preset("cpu-tiny", vocab_size=400, context_length=64))
-    save_model(dest / "models" / "base", base, tokenizer={"path": "data/tokenizer", "fingerprint": fingerprint})
+    save_model(
+        dest / "models" / "base", base, tokenizer={"path": "data/tokenizer", "fingerprint": fingerprint}
+    )
     params = tiny_params()
     for section in ("sft", "dpo"):
         params[section].update(max_steps=12, checkpoint_every=3, eval_every=6, log_every=3, dtype="fp32")
@@ -237,8 +285,14 @@ def _stage(name: str, cwd: Path, kill_after: int | None = None) -> subprocess.Po
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     if kill_after is not None:
         env[resume.KILL_AFTER_CHECKPOINT] = str(kill_after)
-    return subprocess.Popen([sys.executable, "-m", f"stages.{name}"], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", f"stages.{name}"],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _kill_after_first_checkpoint(name: str, cwd: Path) -> None:
@@ -318,7 +372,8 @@ def test_base_model_with_another_tokenizer_is_refused(tmp_path, monkeypatch, cap
     meta["tokenizer"]["fingerprint"] = "0" * 64
     config.write_text(json.dumps(meta))
     assert "models/base/config.json: model was trained with tokenizer 000000000000" in _fails(
-        "sft", project, monkeypatch, capsys)
+        "sft", project, monkeypatch, capsys
+    )
 
 
 def test_malformed_record_fails_when_strict_and_is_counted_otherwise(tmp_path, monkeypatch, capsys):
@@ -327,7 +382,9 @@ def test_malformed_record_fails_when_strict_and_is_counted_otherwise(tmp_path, m
     records = json.loads(raw.read_text())
     del records[7]["output"]
     raw.write_text(json.dumps(records))
-    assert "sft.json: record 7: field 'output' is missing (strict: true)" in _fails("sft", project, monkeypatch, capsys)
+    assert "sft.json: record 7: field 'output' is missing (strict: true)" in _fails(
+        "sft", project, monkeypatch, capsys
+    )
 
 
 def test_empty_sft_data_is_refused(tmp_path, monkeypatch, capsys):
@@ -341,9 +398,15 @@ def _fake_sft_model(project: Path, recipe: bool = True) -> None:
     model, meta = load_model(project / "models/base")
     extra = {}
     if recipe:
-        extra["instructions"] = {"data": "data/raw/sft.json", "data_sha256": sha256_file(project / "data/raw/sft.json"),
-                                 "template": "chat", "strict": False, "split_train": 0.85, "split_val": 0.05,
-                                 "split_seed": 123}
+        extra["instructions"] = {
+            "data": "data/raw/sft.json",
+            "data_sha256": sha256_file(project / "data/raw/sft.json"),
+            "template": "chat",
+            "strict": False,
+            "split_train": 0.85,
+            "split_val": 0.05,
+            "split_seed": 123,
+        }
     save_model(project / "models/sft", model, tokenizer=meta["tokenizer"], **extra)
 
 
@@ -358,9 +421,12 @@ def test_dpo_refuses_pairs_that_teach_nothing_and_a_model_not_from_sft(tmp_path,
     _fake_sft_model(project, recipe=False)
     assert "models/sft/config.json: no 'instructions' record" in _fails("dpo", project, monkeypatch, capsys)
     _fake_sft_model(project)
-    (project / "data/raw/sft.json").write_text(json.dumps([{"instruction": "Changed.", "output": "Yes."}] * 9))
+    (project / "data/raw/sft.json").write_text(
+        json.dumps([{"instruction": "Changed.", "output": "Yes."}] * 9)
+    )
     assert "data/raw/sft.json: missing or changed since models/sft was trained" in _fails(
-        "dpo", project, monkeypatch, capsys)
+        "dpo", project, monkeypatch, capsys
+    )
 
 
 def test_dvc_repro_dpo_in_a_temp_project(tmp_path):
@@ -374,9 +440,19 @@ def test_dvc_repro_dpo_in_a_temp_project(tmp_path):
     dpo = _responses(project / "reports/dpo/responses.jsonl")
     assert sft and [r["id"] for r in sft] == [r["id"] for r in dpo]
     assert all(list(r) == RESPONSE_KEYS and isinstance(r["response"], str) for r in dpo)
-    shown = json.loads(subprocess.run([*dvc, "metrics", "show", "--json"], cwd=project, env=env,
-                                      capture_output=True, text=True, check=True).stdout)
-    dpo_metrics = next(v for k, v in shown[""]["data"].items() if k.endswith("reports/dpo/metrics.json"))["data"]
+    shown = json.loads(
+        subprocess.run(
+            [*dvc, "metrics", "show", "--json"],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    dpo_metrics = next(v for k, v in shown[""]["data"].items() if k.endswith("reports/dpo/metrics.json"))[
+        "data"
+    ]
     assert "accuracies" in dpo_metrics["train"]["rewards"] and "margins" in dpo_metrics["val"]["rewards"]
     again = subprocess.run([*dvc, "repro", "dpo"], cwd=project, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and "didn't change" in again.stdout  # nothing reruns

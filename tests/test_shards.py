@@ -1,4 +1,5 @@
 """Shards: block-wise encoding equals whole-text encoding, the writer/manifest round-trip, and the reader's checks."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,14 @@ import pytest
 import torch
 
 from pipeline.common.errors import PipelineError
-from pipeline.data.shards import MANIFEST, ShardDataset, ShardWriter, dtype_for_vocab, encode_piece, write_shards
+from pipeline.data.shards import (
+    MANIFEST,
+    ShardDataset,
+    ShardWriter,
+    dtype_for_vocab,
+    encode_piece,
+    write_shards,
+)
 from pipeline.data.textstream import (
     DocumentTable,
     Segment,
@@ -33,7 +41,11 @@ def bpe(corpus_text):
 @pytest.fixture()
 def corpus(tmp_path, corpus_text):
     """Three documents, one of blank, indented and space-ended lines (its only safe cuts are before " word")."""
-    docs = [corpus_text[:50_000], "  Uno dos.\n\n\n   tres  cuatro \n\tcinco \n" * 300, corpus_text[50_000:90_000]]
+    docs = [
+        corpus_text[:50_000],
+        "  Uno dos.\n\n\n   tres  cuatro \n\tcinco \n" * 300,
+        corpus_text[50_000:90_000],
+    ]
     path = tmp_path / "corpus.txt"
     path.write_text("".join(docs), encoding="utf-8")
     offsets = np.cumsum([0] + [len(d.encode()) for d in docs])
@@ -85,7 +97,9 @@ def test_split_tail_cuts_a_single_document_at_a_line_boundary(corpus):
     head, tail = split_tail(path, segments, 0.2)  # the cut falls inside the third document
     assert head[:2] == segments[:2] and tail[0].offset == segments[2].offset + head[2].length
     assert head[2].length + tail[0].length == segments[2].length and len(tail) == 1
-    head, tail = split_tail(path, segments, 0.5)  # inside the second, whose lines start with blanks: before " word"
+    head, tail = split_tail(
+        path, segments, 0.5
+    )  # inside the second, whose lines start with blanks: before " word"
     assert head[:1] == segments[:1] and len(head) == 2 and tail[1:] == segments[2:]
     assert data[tail[0].offset : tail[0].offset + 2] in (b" d", b" t", b" c", b" U")
 
@@ -129,27 +143,46 @@ def test_split_tail_cuts_any_text_with_paragraphs_or_words(tmp_path, bpe, shared
         assert data[cut - 1] == ord("\n") and data[cut] not in b" \t\r\n"
     else:
         assert data[cut] == ord(" ") and data[cut - 1] != ord(" ") and chr(data[cut + 1]).isalpha()
-    manifest = write_shards(bpe, path, {"train": head, "val": tail}, tmp_path / "shards", fingerprint=FINGERPRINT,
-                            shard_tokens=10**6, batch_bytes=4000, threads=2)
-    tokens = [np.fromfile(tmp_path / "shards" / f"{split}_0000.bin", dtype="<u2").tolist() for split in ("train", "val")]
-    assert tokens == [bpe.encode_ordinary(data[:cut].decode()) + [bpe.eot_token],
-                      bpe.encode_ordinary(data[cut:].decode()) + [bpe.eot_token]]
+    manifest = write_shards(
+        bpe,
+        path,
+        {"train": head, "val": tail},
+        tmp_path / "shards",
+        fingerprint=FINGERPRINT,
+        shard_tokens=10**6,
+        batch_bytes=4000,
+        threads=2,
+    )
+    tokens = [
+        np.fromfile(tmp_path / "shards" / f"{split}_0000.bin", dtype="<u2").tolist()
+        for split in ("train", "val")
+    ]
+    assert tokens == [
+        bpe.encode_ordinary(data[:cut].decode()) + [bpe.eot_token],
+        bpe.encode_ordinary(data[cut:].decode()) + [bpe.eot_token],
+    ]
     assert manifest["splits"]["val"]["text_bytes"] == len(data) - cut
 
 
 def test_split_tail_refuses_a_text_too_short_or_without_a_place_to_cut(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_bytes(b"Una frase corta.\n" * 500)  # 8,500 bytes: a val split of 0.1 would be 850
-    with pytest.raises(PipelineError, match=r"corpus.txt: 8,500 bytes of text, too short for a val split at "
-                                            r"shards.val_fraction=0.1: each split needs at least 1,024 bytes, "
-                                            r"so the corpus at least 10,240$"):
+    with pytest.raises(
+        PipelineError,
+        match=r"corpus.txt: 8,500 bytes of text, too short for a val split at "
+        r"shards.val_fraction=0.1: each split needs at least 1,024 bytes, "
+        r"so the corpus at least 10,240$",
+    ):
         split_tail(path, [Segment(0, 8500)], 0.1)
     with pytest.raises(PipelineError, match=r"too short for a train split at shards.val_fraction=0.95"):
         split_tail(path, [Segment(0, 8500)], 0.95)
     assert split_tail(path, [Segment(0, 8500)], 0.2)[1][0].length == 1700
     path.write_bytes(b"x" * 20_000)
-    with pytest.raises(PipelineError, match=r"corpus.txt: no line start or space before a word within 1,048,576 bytes "
-                                            r"of byte 18,000 .* shards.val_fraction=0.1"):
+    with pytest.raises(
+        PipelineError,
+        match=r"corpus.txt: no line start or space before a word within 1,048,576 bytes "
+        r"of byte 18,000 .* shards.val_fraction=0.1",
+    ):
         split_tail(path, [Segment(0, 20_000)], 0.1)
     documents = [Segment(0, 10_000), Segment(10_000, 10_000)]  # no cut inside: the document boundary is one
     assert split_tail(path, documents, 0.3) == (documents[:1], documents[1:])
@@ -158,8 +191,16 @@ def test_split_tail_refuses_a_text_too_short_or_without_a_place_to_cut(tmp_path)
 def test_write_shards_round_trip(tmp_path, corpus, bpe):
     path, docs, segments = corpus
     head, tail = split_tail(path, segments, 0.2)
-    manifest = write_shards(bpe, path, {"train": head, "val": tail}, tmp_path / "shards", fingerprint=FINGERPRINT,
-                            shard_tokens=3000, batch_bytes=8000, threads=2)
+    manifest = write_shards(
+        bpe,
+        path,
+        {"train": head, "val": tail},
+        tmp_path / "shards",
+        fingerprint=FINGERPRINT,
+        shard_tokens=3000,
+        batch_bytes=8000,
+        threads=2,
+    )
     assert manifest == json.loads((tmp_path / "shards" / MANIFEST).read_text())
     train = manifest["splits"]["train"]
     assert len(train["shards"]) > 3 and all(s["tokens"] == 3000 for s in train["shards"][:-1])
@@ -171,7 +212,9 @@ def test_write_shards_round_trip(tmp_path, corpus, bpe):
         tokens += np.concatenate([np.asarray(a) for a in ds.arrays]).tolist()
     expected = []
     for segment in head + tail:
-        expected += bpe.encode_ordinary(path.read_bytes()[segment.offset : segment.offset + segment.length].decode())
+        expected += bpe.encode_ordinary(
+            path.read_bytes()[segment.offset : segment.offset + segment.length].decode()
+        )
         expected.append(bpe.eot_token)
     assert tokens == expected
     assert manifest["total_tokens"] == len(expected)
@@ -181,7 +224,9 @@ def test_write_shards_round_trip(tmp_path, corpus, bpe):
 def short_documents(tmp_path, corpus_text):
     """Hundreds of short documents back to back (a dataset's shape), one long one, one holding the EOT text."""
     words = corpus_text.split()
-    docs = [" ".join(words[i : i + 7 + i % 40]) + ("\r\n" if i % 3 else "\n\n¿Sí?") for i in range(0, 12_000, 29)]
+    docs = [
+        " ".join(words[i : i + 7 + i % 40]) + ("\r\n" if i % 3 else "\n\n¿Sí?") for i in range(0, 12_000, 29)
+    ]
     docs[57] = corpus_text[:30_000]  # longer than a run: read in pieces cut at safe positions
     docs[200] = "Dijo <|endoftext|> y calló."  # ordinary text, never the EOT token
     path = tmp_path / "corpus.txt"
@@ -195,22 +240,42 @@ def test_read_runs_reads_consecutive_documents_at_once_and_cuts_long_ones_safely
     runs = list(read_runs(path, segments, 4096))
     assert len(runs) < len(docs) / 3 and max(len(buf) for _, buf, _ in runs) <= 4096
     assert b"".join(buf for _, buf, _ in runs) == data and all(data[o : o + len(b)] == b for o, b, _ in runs)
-    assert [offset + end for offset, _, ends in runs for end in ends] == [s.offset + s.length for s in segments]
+    assert [offset + end for offset, _, ends in runs for end in ends] == [
+        s.offset + s.length for s in segments
+    ]
     long = [(buf, ends) for offset, buf, ends in runs if segments[57].offset <= offset < segments[58].offset]
     assert len(long) > 7 and [ends for _, ends in long] == [[]] * (len(long) - 1) + [[len(long[-1][0])]]
-    gaps = [segments[0], Segment(segments[2].offset, 0), segments[2], segments[1]]  # not back to back, one empty
+    gaps = [
+        segments[0],
+        Segment(segments[2].offset, 0),
+        segments[2],
+        segments[1],
+    ]  # not back to back, one empty
     assert list(read_runs(path, gaps, 4096)) == [
-        (s.offset, data[s.offset : s.offset + s.length], [s.length]) for s in (segments[0], segments[2], segments[1])
+        (s.offset, data[s.offset : s.offset + s.length], [s.length])
+        for s in (segments[0], segments[2], segments[1])
     ]
 
 
 @pytest.mark.parametrize("kind", ["bpe", "gpt2", "char"])
-def test_write_shards_of_many_short_documents_is_each_document_encoded_whole(tmp_path, short_documents, bpe, kind):
+def test_write_shards_of_many_short_documents_is_each_document_encoded_whole(
+    tmp_path, short_documents, bpe, kind
+):
     path, docs, segments = short_documents
     enc = bpe if kind == "bpe" else train_tokenizer(kind, docs, 600)
-    manifest = write_shards(enc, path, {"train": segments}, tmp_path / "shards", fingerprint=FINGERPRINT,
-                            shard_tokens=5000, batch_bytes=16_000, threads=2)
-    tokens = np.concatenate([np.asarray(a) for a in ShardDataset(tmp_path / "shards", "train").arrays]).tolist()
+    manifest = write_shards(
+        enc,
+        path,
+        {"train": segments},
+        tmp_path / "shards",
+        fingerprint=FINGERPRINT,
+        shard_tokens=5000,
+        batch_bytes=16_000,
+        threads=2,
+    )
+    tokens = np.concatenate(
+        [np.asarray(a) for a in ShardDataset(tmp_path / "shards", "train").arrays]
+    ).tolist()
     assert tokens == [t for doc in docs for t in [*enc.encode_ordinary(doc), enc.eot_token]]
     assert tokens.count(enc.eot_token) == len(docs) == manifest["splits"]["train"]["documents"]
 
@@ -222,8 +287,16 @@ def test_write_shards_names_the_byte_of_invalid_utf8_inside_a_run(tmp_path, shor
     data[bad] = 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(PipelineError, match=rf"corpus.txt: not valid UTF-8 at byte {bad}$"):
-        write_shards(bpe, path, {"train": segments}, tmp_path / "shards", fingerprint=FINGERPRINT,
-                     shard_tokens=5000, batch_bytes=16_000, threads=2)
+        write_shards(
+            bpe,
+            path,
+            {"train": segments},
+            tmp_path / "shards",
+            fingerprint=FINGERPRINT,
+            shard_tokens=5000,
+            batch_bytes=16_000,
+            threads=2,
+        )
 
 
 def test_dtype_follows_the_vocab_and_the_writer_refuses_ids_beyond_it(tmp_path):
@@ -245,9 +318,14 @@ def shards(tmp_path):
     directory.mkdir()
     writer = ShardWriter(directory, "train", np.dtype(np.uint16), 100)
     writer.write(np.arange(160, dtype=np.uint32))
-    manifest = {"format": 1, "dtype": "uint16", "vocab_size": 300, "eot_token": 299,
-                "tokenizer_fingerprint": FINGERPRINT,
-                "splits": {"train": {"tokens": 160, "text_bytes": 640, "documents": 1, "shards": writer.close()}}}
+    manifest = {
+        "format": 1,
+        "dtype": "uint16",
+        "vocab_size": 300,
+        "eot_token": 299,
+        "tokenizer_fingerprint": FINGERPRINT,
+        "splits": {"train": {"tokens": 160, "text_bytes": 640, "documents": 1, "shards": writer.close()}},
+    }
     (directory / MANIFEST).write_text(json.dumps(manifest))
     return directory
 
@@ -312,7 +390,9 @@ def test_sample_text_is_a_seeded_spread_of_windows(tmp_path, corpus_text):
     assert sample == list(sample_text(path, documents, 3 << 20, seed=5))
     assert sample != list(sample_text(path, documents, 3 << 20, seed=6))
     assert (3 << 20) - 64 <= sum(len(t.encode()) for t in sample) <= (3 << 20)
-    assert len(sample) >= 3 * 4 and all(t in text for t in sample)  # three windows, each across document boundaries
+    assert len(sample) >= 3 * 4 and all(
+        t in text for t in sample
+    )  # three windows, each across document boundaries
     assert sum(len(t.encode()) for t in sample_text(path, documents, 10 * size, seed=5)) >= size - 64
 
 
@@ -321,7 +401,8 @@ def test_segments_arrays_behave_as_a_list_of_segments():
     documents = Segments.from_ends(ends)
     listed = list(documents)
     assert len(listed) == len(documents) == 150_000 and listed[70_000] == documents[70_000] == Segment(
-        int(ends[69_999]), 70_001)
+        int(ends[69_999]), 70_001
+    )
     assert documents[:2] + [Segment(9, 1)] == [Segment(0, 1), Segment(1, 2), Segment(9, 1)]
     assert documents.total() == int(ends[-1]) and Segments.of(listed) == documents
 
@@ -335,12 +416,18 @@ def test_document_table_on_disk_splits_and_samples_as_the_arrays_do(tmp_path, mo
     table.write_bytes(ends.astype("<u8").tobytes())
     documents, listed = DocumentTable(table, len(ends)), Segments.from_ends(ends)
     assert len(documents) == 150_000 and documents.total() == len(data) and documents == listed
-    assert documents[70_000] == listed[70_000] and documents[-1] == listed[-1] and documents[10:20] == listed[10:20]
+    assert (
+        documents[70_000] == listed[70_000]
+        and documents[-1] == listed[-1]
+        and documents[10:20] == listed[10:20]
+    )
     for fraction in (0.1, 0.5):
         head, tail = split_tail(path, documents, fraction)
         assert isinstance(head, DocumentTable) and (head, tail) == split_tail(path, listed, fraction)
         assert head.total() + tail.total() == len(data) and len(head) + len(tail) in (150_000, 150_001)
     sample = list(sample_text(path, tail, 3 << 20, seed=5))  # windows that run across chunks of the table
     whole = Segments.chunks
-    monkeypatch.setattr(Segments, "chunks", lambda self, size=None: whole(self, 10**9))  # the arrays in one piece
+    monkeypatch.setattr(
+        Segments, "chunks", lambda self, size=None: whole(self, 10**9)
+    )  # the arrays in one piece
     assert sample == list(sample_text(path, Segments.of(list(tail)), 3 << 20, seed=5)) and len(sample) > 1000

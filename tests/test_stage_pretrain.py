@@ -1,4 +1,5 @@
 """pretrain + evaluate as real DVC stages in a throwaway project: repro, no-op, experiments, bad input, torchrun."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,12 @@ from tests.project import make_project, run
 
 DVC = [sys.executable, "-m", "dvc"]
 # Stages run as `python -m stages.<name>`: the venv's python must come first on PATH.
-ENV = {**os.environ, "TQDM_DISABLE": "1", "DVC_NO_ANALYTICS": "1",
-       "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+ENV = {
+    **os.environ,
+    "TQDM_DISABLE": "1",
+    "DVC_NO_ANALYTICS": "1",
+    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+}
 
 
 def _run(cmd: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -41,7 +46,14 @@ def test_repro_evaluate_writes_models_metrics_plots_and_report(project):
     assert train_rows[0] == "step\tloss" and len(train_rows) == 1 + 6  # log_every=1, max_steps=6
     assert (project / "reports/pretrain/plots/metrics/val/loss.tsv").is_file()
     metrics = json.loads((project / "reports/evaluate/metrics.json").read_text())
-    for key in ("val_loss", "perplexity", "bits_per_byte", "unigram_loss", "unigram_bits_per_byte", "accuracy"):
+    for key in (
+        "val_loss",
+        "perplexity",
+        "bits_per_byte",
+        "unigram_loss",
+        "unigram_bits_per_byte",
+        "accuracy",
+    ):
         assert metrics[key] > 0, key
     assert metrics["perplexity"] == pytest.approx(2.718281828 ** metrics["val_loss"], rel=1e-6)
     assert 0.5 < metrics["text_bytes"] / metrics["tokens"] < 8  # a byte-level BPE: a few bytes per token
@@ -108,9 +120,18 @@ def _corrupt_checkpoints(root: Path) -> None:
 
 
 BAD_INPUT = {
-    "unknown_preset": (lambda r: _edit_params(r, "model", preset="gpt-9000"), r"unknown model preset 'gpt-9000'"),
-    "n_head": (lambda r: _edit_params(r, "model", n_head=5), r"model.n_head=5 does not divide model.n_embd=64"),
-    "context": (lambda r: _edit_params(r, "pretrain", context_length=128), r"pretrain.context_length=128 is longer"),
+    "unknown_preset": (
+        lambda r: _edit_params(r, "model", preset="gpt-9000"),
+        r"unknown model preset 'gpt-9000'",
+    ),
+    "n_head": (
+        lambda r: _edit_params(r, "model", n_head=5),
+        r"model.n_head=5 does not divide model.n_embd=64",
+    ),
+    "context": (
+        lambda r: _edit_params(r, "pretrain", context_length=128),
+        r"pretrain.context_length=128 is longer",
+    ),
     "batch": (lambda r: _edit_params(r, "pretrain", batch_size=4000), r"fewer than one batch"),
     "tokenizer_mismatch": (_corrupt_manifest_fingerprint, r"shards were written with tokenizer"),
     "corrupt_checkpoint": (_corrupt_checkpoints, r"no usable checkpoint .*state\.json"),
@@ -122,8 +143,14 @@ def test_bad_input_fails_with_one_line_naming_the_cause(project, tmp_path):
     for name, (breaker, _) in BAD_INPUT.items():
         root = _copy(project, tmp_path / name)
         breaker(root)
-        procs[name] = subprocess.Popen([sys.executable, "-m", "stages.pretrain"], cwd=root, env=ENV,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "stages.pretrain"],
+            cwd=root,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     for name, proc in procs.items():
         _, err = proc.communicate(timeout=120)
         pattern = BAD_INPUT[name][1]

@@ -1,4 +1,5 @@
 """The download and tokenize stages for real: `dvc repro tokenize` in a temp git/DVC project, and bad input."""
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,9 @@ def set_params(project: Path, section: str, **values) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def assert_failed_cleanly(out: subprocess.CompletedProcess, project: Path, message: str, outputs: list[str]) -> None:
+def assert_failed_cleanly(
+    out: subprocess.CompletedProcess, project: Path, message: str, outputs: list[str]
+) -> None:
     """Exit != 0, exactly one line on stderr naming the problem, no output and no temp leftovers."""
     assert out.returncode != 0
     lines = out.stderr.strip().splitlines()
@@ -39,7 +42,11 @@ def assert_failed_cleanly(out: subprocess.CompletedProcess, project: Path, messa
     assert message in lines[0], lines[0]
     for name in outputs:
         assert not (project / name).exists(), f"partial output {name} left behind"
-    leftovers = [p.name for p in (project / "data").iterdir() if p.name.startswith(".")] if (project / "data").exists() else []
+    leftovers = (
+        [p.name for p in (project / "data").iterdir() if p.name.startswith(".")]
+        if (project / "data").exists()
+        else []
+    )
     assert not leftovers, leftovers
 
 
@@ -58,7 +65,9 @@ def test_dvc_repro_tokenize_then_no_op(tmp_path):
     train = ShardDataset(project / "data/shards", "train", expected_fingerprint=fingerprint)
     val = ShardDataset(project / "data/shards", "val", expected_fingerprint=fingerprint)
     assert train.num_tokens == metrics["tokens"]["train"] and val.num_tokens == metrics["tokens"]["val"]
-    assert 0.05 < val.text_bytes / (train.text_bytes + val.text_bytes) < 0.15  # val_fraction 0.1 of one document
+    assert (
+        0.05 < val.text_bytes / (train.text_bytes + val.text_bytes) < 0.15
+    )  # val_fraction 0.1 of one document
     assert len(manifest["splits"]["train"]["shards"]) >= 2  # shard_tokens 20000 in the tiny params
     corpus = (project / "data/raw/corpus.txt").read_bytes()
     tokens = [int(t) for ds in (train, val) for array in ds.arrays for t in array]
@@ -76,8 +85,10 @@ def test_dvc_repro_tokenize_then_no_op(tmp_path):
 
     shard = project / "data/shards/train_0000.bin"
     shard.write_bytes(shard.read_bytes()[:-3])
-    reader = ("from pipeline.common.errors import exit_on_error\nfrom pipeline.data.shards import ShardDataset\n"
-              "exit_on_error(lambda: ShardDataset('data/shards', 'train'))()\n")
+    reader = (
+        "from pipeline.common.errors import exit_on_error\nfrom pipeline.data.shards import ShardDataset\n"
+        "exit_on_error(lambda: ShardDataset('data/shards', 'train'))()\n"
+    )
     out = run([sys.executable, "-c", reader], project)
     assert_failed_cleanly(out, project, "data/shards/train_0000.bin: ", [])
     assert "truncated" in out.stderr
@@ -104,9 +115,13 @@ def test_tokenize_refuses_a_corpus_too_short_to_split(tmp_path):
     project = make_project(tmp_path / "p", corpus="Una frase corta.\n" * 500)
     assert stage(project, "download").returncode == 0
     out = stage(project, "tokenize")
-    assert_failed_cleanly(out, project, "data/raw/corpus.txt: 8,500 bytes of text, too short for a val split at "
-                          "shards.val_fraction=0.1: each split needs at least 1,024 bytes, so the corpus at least 10,240",
-                          ["data/tokenizer", "data/shards", "reports/tokenize"])
+    assert_failed_cleanly(
+        out,
+        project,
+        "data/raw/corpus.txt: 8,500 bytes of text, too short for a val split at "
+        "shards.val_fraction=0.1: each split needs at least 1,024 bytes, so the corpus at least 10,240",
+        ["data/tokenizer", "data/shards", "reports/tokenize"],
+    )
 
 
 def _closed_port() -> int:
@@ -116,13 +131,23 @@ def _closed_port() -> int:
 
 
 DOWNLOAD_CASES = {
-    "missing file": ({"sources": ["inputs/missing.txt"]}, None, "corpus.sources[0]: inputs/missing.txt: no such file"),
+    "missing file": (
+        {"sources": ["inputs/missing.txt"]},
+        None,
+        "corpus.sources[0]: inputs/missing.txt: no such file",
+    ),
     "empty corpus": ({}, b"", "corpus.sources[0] (inputs/corpus.txt): no text"),
     "undecodable": ({}, "Hola, señor.\n".encode("latin-1"), "inputs/corpus.txt): not valid UTF-8 at byte 8"),
-    "sha256 mismatch": ({"sources": [{"path": "inputs/corpus.txt", "sha256": "0" * 64}]}, None,
-                        "corpus.sources[0]: inputs/corpus.txt: sha256 mismatch"),
-    "unreachable url": ({"sources": [{"url": "http://127.0.0.1:{port}/book.txt"}]}, None,
-                        "corpus.sources[0]: http://127.0.0.1:{port}/book.txt: download failed after 1 attempts"),
+    "sha256 mismatch": (
+        {"sources": [{"path": "inputs/corpus.txt", "sha256": "0" * 64}]},
+        None,
+        "corpus.sources[0]: inputs/corpus.txt: sha256 mismatch",
+    ),
+    "unreachable url": (
+        {"sources": [{"url": "http://127.0.0.1:{port}/book.txt"}]},
+        None,
+        "corpus.sources[0]: http://127.0.0.1:{port}/book.txt: download failed after 1 attempts",
+    ),
 }
 
 
@@ -147,8 +172,14 @@ def downloaded(tmp_path_factory) -> Path:
 
 
 TOKENIZE_CASES = {
-    "unknown tokenizer kind": (("tokenizer", {"kind": "wordpiece"}), "params.yaml: tokenizer.kind must be one of"),
-    "unknown params key": (("tokenizer", {"vocab_sise": 512}), "params.yaml: unknown key 'tokenizer.vocab_sise'"),
+    "unknown tokenizer kind": (
+        ("tokenizer", {"kind": "wordpiece"}),
+        "params.yaml: tokenizer.kind must be one of",
+    ),
+    "unknown params key": (
+        ("tokenizer", {"vocab_sise": 512}),
+        "params.yaml: unknown key 'tokenizer.vocab_sise'",
+    ),
     "val fraction out of range": (("shards", {"val_fraction": 1.5}), "shards.val_fraction must be in (0, 1)"),
 }
 
@@ -174,15 +205,23 @@ def test_tokenize_fails_midway_without_partial_outputs(downloaded, tmp_path):
     data[-10] = 0xFF
     corpus.write_bytes(bytes(data))
     out = stage(project, "tokenize")
-    assert_failed_cleanly(out, project, f"data/raw/corpus.txt: not valid UTF-8 at byte {len(data) - 10}",
-                          ["data/tokenizer", "data/shards", "reports/tokenize"])
+    assert_failed_cleanly(
+        out,
+        project,
+        f"data/raw/corpus.txt: not valid UTF-8 at byte {len(data) - 10}",
+        ["data/tokenizer", "data/shards", "reports/tokenize"],
+    )
 
 
 def test_tokenize_without_download(tmp_path):
     project = make_project(tmp_path / "p")
     out = stage(project, "tokenize")
-    assert_failed_cleanly(out, project, "data/raw/manifest.json: not found (run `dvc repro download`)",
-                          ["data/tokenizer", "data/shards"])
+    assert_failed_cleanly(
+        out,
+        project,
+        "data/raw/manifest.json: not found (run `dvc repro download`)",
+        ["data/tokenizer", "data/shards"],
+    )
 
 
 def test_instruction_text_reaches_the_tokenizer(downloaded):
@@ -197,6 +236,8 @@ def test_instruction_text_reaches_the_tokenizer(downloaded):
 
 def test_data_stages_do_not_import_torch():
     """download and tokenize stay light: no torch in their processes (memory, start-up time)."""
-    code = "import sys, stages.download, stages.tokenize\nassert 'torch' not in sys.modules, 'torch imported'\n"
+    code = (
+        "import sys, stages.download, stages.tokenize\nassert 'torch' not in sys.modules, 'torch imported'\n"
+    )
     out = run([sys.executable, "-c", code], ROOT)
     assert out.returncode == 0, out.stderr

@@ -1,4 +1,5 @@
 """Tokenizers: each kind round-trips, carries the special tokens, saves/loads offline with a checked fingerprint."""
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,9 @@ from pipeline.data.tokenizer import (
 )
 from tests.conftest import ROOT
 
-SAMPLE = "En un lugar de la Mancha, de cuyo nombre no quiero acordarme… ¿Sancho? ¡Señor! 1605 → 漢字 🙂\n\tend"
+SAMPLE = (
+    "En un lugar de la Mancha, de cuyo nombre no quiero acordarme… ¿Sancho? ¡Señor! 1605 → 漢字 🙂\n\tend"
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +60,8 @@ def test_bpe_vocab_size_counts_special_tokens(trained):
 
 def test_bpe_training_is_deterministic(corpus_text, tmp_path):
     fingerprints = {
-        save_tokenizer(train_tokenizer("bpe", [corpus_text[:30_000]], 400), tmp_path / str(i), "bpe") for i in range(2)
+        save_tokenizer(train_tokenizer("bpe", [corpus_text[:30_000]], 400), tmp_path / str(i), "bpe")
+        for i in range(2)
     }
     assert len(fingerprints) == 1
 
@@ -89,7 +93,9 @@ def test_save_load_round_trip(trained, tmp_path, kind):
     loaded = load_tokenizer(tmp_path)
     assert tokenizer_fingerprint(tmp_path) == fingerprint
     assert loaded.n_vocab == enc.n_vocab and loaded.eot_token == enc.eot_token
-    assert loaded.encode(SAMPLE + EOT, allowed_special="all") == enc.encode(SAMPLE + EOT, allowed_special="all")
+    assert loaded.encode(SAMPLE + EOT, allowed_special="all") == enc.encode(
+        SAMPLE + EOT, allowed_special="all"
+    )
     meta = json.loads((tmp_path / "metadata.json").read_text())
     assert meta["kind"] == kind and meta["vocab_size"] == enc.n_vocab and meta["fingerprint"] == fingerprint
     assert meta["special_tokens"][ASSISTANT] == enc.encode_single_token(ASSISTANT)

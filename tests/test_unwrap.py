@@ -1,4 +1,5 @@
 """corpus.unwrap: hard-wrapped paragraphs joined, everything else kept; `unwrap: false` gives today's shards."""
+
 from __future__ import annotations
 
 import hashlib
@@ -56,12 +57,16 @@ def test_unwrap_joins_paragraph_lines_and_keeps_the_rest():
     assert paragraphs[6].startswith("—Yo sé quién soy") and paragraphs[6].endswith("Nueve de la Fama.")
     assert paragraphs[7].startswith("—Mire vuestra merced") and paragraphs[7].endswith("molinos de viento.")
     assert "Soneto\n\nTú, que imitaste la llorosa vida\nque tuve, ausente y desdeñado sobre\nel gran" in text
-    assert "\n    Un verso sangrado que sigue a la estrofa y que no es prosa ninguna,\n    y otro verso" in text
+    assert (
+        "\n    Un verso sangrado que sigue a la estrofa y que no es prosa ninguna,\n    y otro verso" in text
+    )
     assert text.split() == WRAPPED.split()  # only line breaks became spaces
 
 
 def test_text_that_is_not_hard_wrapped_is_left_alone():
-    paragraphs = "\n\n".join("Una frase larga de un párrafo entero en una sola línea, " * (3 + i % 5) for i in range(30))
+    paragraphs = "\n\n".join(
+        "Una frase larga de un párrafo entero en una sola línea, " * (3 + i % 5) for i in range(30)
+    )
     assert wrap_width(paragraphs.split("\n")) is None and unwrap(paragraphs) == paragraphs
     assert unwrap("corto\n") == "corto\n"
 
@@ -77,7 +82,9 @@ def test_unwrap_of_a_whole_book_changes_only_line_breaks(shared_data):
 def test_unwrap_setting_chooses_the_documents():
     book = "*** START OF THE PROJECT GUTENBERG EBOOK X ***\n" + WRAPPED
     plain = WRAPPED
-    assert clean_text(book.encode(), "b", gutenberg=True, normalise=True, unwrap="gutenberg") == unwrap(WRAPPED)
+    assert clean_text(book.encode(), "b", gutenberg=True, normalise=True, unwrap="gutenberg") == unwrap(
+        WRAPPED
+    )
     assert clean_text(plain.encode(), "p", gutenberg=True, normalise=True, unwrap="gutenberg") == WRAPPED
     assert clean_text(plain.encode(), "p", gutenberg=True, normalise=True, unwrap=True) == unwrap(WRAPPED)
     assert clean_text(book.encode(), "b", gutenberg=True, normalise=True, unwrap=False) == WRAPPED
@@ -86,12 +93,16 @@ def test_unwrap_setting_chooses_the_documents():
 # sha256 of data/raw/corpus.txt and the shards of the default params on the default book, written by the code
 # before corpus.unwrap existed (commit fa4a67c): Don Quijote from ../shared, else tests.project.generated_book().
 TODAY = {
-    "shared": {"corpus.txt": "b23f7e93e3641ed041e59ed21da93c0d5610e991c9a2688e034c4345829b76b3",
-               "train_0000.bin": "e9f2426e4c105ecbf520437ce9b71c8c6c018c8a42f82a287b8d43b2c5da357d",
-               "val_0000.bin": "152e4be739b6c1bb154cca94d15c5acedfdb6da20bc4e8e2e7aed1608ab37736"},
-    "generated": {"corpus.txt": "44e1a9204a313797f2378f0d09cb782f899a233addf5767f6571d50b72e5c8a6",
-                  "train_0000.bin": "b0db455e2f545aedf6201f6bb7dae36e6f9c485b0c507e1525f1811c04d26b92",
-                  "val_0000.bin": "5ef8d33e1949cc49c49e345ebcdc283bef50771700d25ecfcbff639a78f85fd3"},
+    "shared": {
+        "corpus.txt": "b23f7e93e3641ed041e59ed21da93c0d5610e991c9a2688e034c4345829b76b3",
+        "train_0000.bin": "e9f2426e4c105ecbf520437ce9b71c8c6c018c8a42f82a287b8d43b2c5da357d",
+        "val_0000.bin": "152e4be739b6c1bb154cca94d15c5acedfdb6da20bc4e8e2e7aed1608ab37736",
+    },
+    "generated": {
+        "corpus.txt": "44e1a9204a313797f2378f0d09cb782f899a233addf5767f6571d50b72e5c8a6",
+        "train_0000.bin": "b0db455e2f545aedf6201f6bb7dae36e6f9c485b0c507e1525f1811c04d26b92",
+        "val_0000.bin": "5ef8d33e1949cc49c49e345ebcdc283bef50771700d25ecfcbff639a78f85fd3",
+    },
 }
 
 
@@ -106,10 +117,14 @@ def default_book_project(dest: Path, shared_data: Path | None, corpus: dict) -> 
     (project / "inputs/book.txt").write_bytes(book)
     if shared_data is None:
         (project / "inputs/sft.json").write_text(json.dumps(generated_instructions(60)))
-        (project / "inputs/dpo.json").write_text(json.dumps(generated_instructions(60, seed=1, preferences=True)))
+        (project / "inputs/dpo.json").write_text(
+            json.dumps(generated_instructions(60, seed=1, preferences=True))
+        )
     else:
         (project / "inputs/sft.json").write_bytes((shared_data / "instruction-data.json").read_bytes())
-        (project / "inputs/dpo.json").write_bytes((shared_data / "instruction-data-with-preference.json").read_bytes())
+        (project / "inputs/dpo.json").write_bytes(
+            (shared_data / "instruction-data-with-preference.json").read_bytes()
+        )
     return project
 
 
@@ -122,7 +137,13 @@ def test_unwrap_false_reproduces_todays_shards_byte_for_byte(tmp_path, shared_da
     project = default_book_project(tmp_path / "p", shared_data, {"unwrap": False})
     env = {**venv_env(), "PYTHONPATH": str(project)}
     for stage in ("download", "tokenize"):
-        out = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=project, env=env, capture_output=True,
-                             text=True, timeout=600)
+        out = subprocess.run(
+            [sys.executable, "-m", f"stages.{stage}"],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert out.returncode == 0, out.stderr
     assert file_hashes(project) == TODAY["shared" if shared_data else "generated"]

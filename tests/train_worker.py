@@ -5,6 +5,7 @@ merged at the end, when the params' ``lora.rank`` > 0), then writes the model
 directory (rank 0) and every rank's weight digest. Tests crash it at a chosen checkpoint through
 ``resume.KILL_AFTER_CHECKPOINT``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,12 +74,27 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     fields = json.loads(args.params)
-    params = TrainParams(**{**fields, "lora": LoRAParams(**{**fields.get("lora", {}), "targets": tuple(
-        fields.get("lora", {}).get("targets", LoRAParams.targets))})})
+    params = TrainParams(
+        **{
+            **fields,
+            "lora": LoRAParams(
+                **{
+                    **fields.get("lora", {}),
+                    "targets": tuple(fields.get("lora", {}).get("targets", LoRAParams.targets)),
+                }
+            ),
+        }
+    )
     objective = CountingObjective(params.seed, params.batch_size)
     model = lora.apply_lora(tiny_model(), params.lora, "worker.lora", params.seed)  # rank 0: unchanged
-    result = train(model, objective, params, checkpoint_dir=args.out / "checkpoints",
-                   report_dir=args.out / "report", desc="worker")
+    result = train(
+        model,
+        objective,
+        params,
+        checkpoint_dir=args.out / "checkpoints",
+        report_dir=args.out / "report",
+        desc="worker",
+    )
     if lora.adapter_info(result.model) is not None:
         result.model = lora.merge(result.model)
     rank = int(os.environ.get("RANK", 0))

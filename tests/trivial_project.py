@@ -5,6 +5,7 @@ Stages (dvc.yaml order): download → train → report. `train` writes metrics a
 curve; it fails with the stages' `error: ...` convention when params say `train.fail: true`; `download`
 fails once when the file `.flaky` exists (a transient error, for retries).
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-STEPS = r'''
+STEPS = r"""
 import json, math, os, sys
 from pathlib import Path
 import yaml
@@ -46,7 +47,7 @@ elif step == "report":
     metrics = json.loads(Path("reports/train/metrics.json").read_text())
     Path("reports/report").mkdir(parents=True, exist_ok=True)
     Path("reports/report/report.md").write_text(f"# Report\n\nval loss {metrics['val']['loss']}\n")
-'''
+"""
 
 DVC_YAML = {
     "stages": {

@@ -1,4 +1,5 @@
 """Tiny stage workspaces for the model tests: a corpus tokenized into data/tokenizer + data/shards, a briefly trained model."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,7 +13,9 @@ from pipeline.data.tokenizer import save_tokenizer
 from pipeline.model.gpt import GPT
 
 
-def tokenize_corpus(root: Path, text: str, enc: tiktoken.Encoding, kind: str, train_fraction: float) -> tuple[str, int]:
+def tokenize_corpus(
+    root: Path, text: str, enc: tiktoken.Encoding, kind: str, train_fraction: float
+) -> tuple[str, int]:
     """root/corpus.txt, root/data/tokenizer and root/data/shards: train up to the first line break after
     ``train_fraction`` of the bytes, val after it. Returns (tokenizer fingerprint, byte offset of the cut)."""
     corpus = root / "corpus.txt"
@@ -20,8 +23,15 @@ def tokenize_corpus(root: Path, text: str, enc: tiktoken.Encoding, kind: str, tr
     fingerprint = save_tokenizer(enc, root / "data/tokenizer", kind)
     data = corpus.read_bytes()
     cut = data.index(b"\n", int(len(data) * train_fraction)) + 1
-    write_shards(enc, corpus, {"train": [Segment(0, cut)], "val": [Segment(cut, len(data) - cut)]},
-                 root / "data/shards", fingerprint=fingerprint, shard_tokens=10**6, batch_bytes=10**6)
+    write_shards(
+        enc,
+        corpus,
+        {"train": [Segment(0, cut)], "val": [Segment(cut, len(data) - cut)]},
+        root / "data/shards",
+        fingerprint=fingerprint,
+        shard_tokens=10**6,
+        batch_bytes=10**6,
+    )
     return fingerprint, cut
 
 

@@ -1,4 +1,5 @@
 """Atomic outputs: a reader never sees a half-written file or directory. No torch import (judge, serve)."""
+
 from __future__ import annotations
 
 import json

@@ -5,6 +5,7 @@ values raise ``ConfigError("params.yaml: pretrain.lr must be > 0, got -1")``: a 
 metadata, checked as the value is parsed. Stages load params first, so a bad value stops them before any work or
 deletion. tests/test_params_validation.py enumerates every field and requires an invalid example for each.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -108,13 +109,17 @@ class CorpusSource(Source):
     ``location`` may also be a glob or ``hf://datasets/<owner>/<name>/<path>`` (with ``revision``).
     """
 
-    format: Literal["text", "jsonl", "json", "csv", "tsv", "parquet"] | None = None  # None → from the file name
+    format: Literal["text", "jsonl", "json", "csv", "tsv", "parquet"] | None = (
+        None  # None → from the file name
+    )
     text_field: str = _non_empty("text")
     member: str | None = None  # the file inside a .zip
     revision: str | None = None  # hf:// sources: the commit to read (required)
     where: tuple[tuple[str, Any], ...] = ()  # keep records whose fields equal these values
     min_chars: int = _non_negative(0)  # keep records whose text has at least this many characters
-    bad_records: Literal["error", "skip"] = "error"  # a record without a string text field: stop, or skip and count
+    bad_records: Literal["error", "skip"] = (
+        "error"  # a record without a string text field: stop, or skip and count
+    )
 
 
 @dataclass(frozen=True)
@@ -129,13 +134,17 @@ class CorpusParams:
     sources: tuple[CorpusSource, ...] = rule((), lambda v: len(v) > 0, "at least one source")
     strip_gutenberg: bool = True
     normalize: bool = True  # BOM, CRLF → LF, Unicode NFC
-    unwrap: bool | Literal["gutenberg"] = "gutenberg"  # join hard-wrapped lines of text files: all, none, or Gutenberg books
+    unwrap: bool | Literal["gutenberg"] = (
+        "gutenberg"  # join hard-wrapped lines of text files: all, none, or Gutenberg books
+    )
 
 
 @dataclass(frozen=True)
 class TokenizerParams:
     kind: Literal["bpe", "gpt2", "char"] = "bpe"
-    vocab_size: int = rule(4096, lambda v: 256 + 16 <= v <= 2**31 - 1, "in [272, 2**31) (256 bytes + special tokens)")
+    vocab_size: int = rule(
+        4096, lambda v: 256 + 16 <= v <= 2**31 - 1, "in [272, 2**31) (256 bytes + special tokens)"
+    )
     include_instruction_text: bool = True  # train the BPE on the SFT/DPO text too (the corpus may be Spanish)
     # train on a seeded sample of this many bytes of the train split; None → all of it
     train_bytes: int | None = rule(None, lambda v: v >= 1 << 20, ">= 1048576 (1 MiB) or null")
@@ -154,8 +163,12 @@ class ModelParams:
     preset: str = _non_empty("cpu-small")  # ignored with init_from: the shape is then the checkpoint's
     # scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl (the Hugging Face Hub) | a local GPT-2 checkpoint (dir or file)
     init_from: str = rule("scratch", lambda v: bool(v.strip()), "scratch, a GPT-2 name or a path")
-    revision: str | None = _non_empty(None)  # Hub revision (commit, branch or tag); None → the commit pinned in model/gpt2_weights.py
-    init: Literal["gpt2", "pytorch"] = "gpt2"  # from scratch: GPT-2's N(0, 0.02) or each layer's PyTorch default (the book's)
+    revision: str | None = _non_empty(
+        None
+    )  # Hub revision (commit, branch or tag); None → the commit pinned in model/gpt2_weights.py
+    init: Literal["gpt2", "pytorch"] = (
+        "gpt2"  # from scratch: GPT-2's N(0, 0.02) or each layer's PyTorch default (the book's)
+    )
     context_length: int | None = _positive(None)
     n_embd: int | None = _positive(None)
     n_head: int | None = _positive(None)
@@ -183,8 +196,11 @@ class LoRAParams:
     alpha: float = _positive(16.0)  # the update is scaled by alpha / rank
     dropout: float = _half_open_fraction(0.0)  # on the adapter's input only
     # attention | mlp | head, or a layer name such as att.qkv
-    targets: tuple[str, ...] = rule(("attention", "mlp"), lambda v: len(v) > 0 and all(t.strip() for t in v),
-                                    "a non-empty list of non-empty names")
+    targets: tuple[str, ...] = rule(
+        ("attention", "mlp"),
+        lambda v: len(v) > 0 and all(t.strip() for t in v),
+        "a non-empty list of non-empty names",
+    )
     merge: bool = True  # false: the model directory holds the adapter and a pointer to its base
 
 
@@ -217,27 +233,37 @@ class TrainParams:
     nproc_per_node: int = _at_least_one(1)
     nnodes: int = _at_least_one(1)
     rdzv_endpoint: str | None = rule(
-        None, lambda v: bool((m := _HOST_PORT.match(v)) and _port_ok(m.group(1))),
-        "host:port with a port in 1-65535, or null")
+        None,
+        lambda v: bool((m := _HOST_PORT.match(v)) and _port_ok(m.group(1))),
+        "host:port with a port in 1-65535, or null",
+    )
     lora: LoRAParams = field(default_factory=LoRAParams)
 
 
 @dataclass(frozen=True)
 class PretrainParams(TrainParams):
-    context_length: int | None = _positive(None)  # training window; None → the model's context_length (its position table)
+    context_length: int | None = _positive(
+        None
+    )  # training window; None → the model's context_length (its position table)
     # random: windows at any offset, drawn afresh each step | epochs: the book's loader (windows every `stride`
     # tokens, shuffled each epoch, the last partial batch dropped)
     sampling: Literal["random", "epochs"] = "random"
-    stride: int | None = _positive(None)  # epochs: distance between window starts; None → the context (non-overlapping)
-    epochs: int | None = _positive(None)  # epochs: train this many epochs (replaces max_steps); None → max_steps
+    stride: int | None = _positive(
+        None
+    )  # epochs: distance between window starts; None → the context (non-overlapping)
+    epochs: int | None = _positive(
+        None
+    )  # epochs: train this many epochs (replaces max_steps); None → max_steps
 
     def __post_init__(self) -> None:
         if self.sampling == "random" and (self.stride is not None or self.epochs is not None):
             raise ConfigError("pretrain.stride and pretrain.epochs need pretrain.sampling: epochs")
         # LoRA adapts a trained model; pretraining trains every weight (from scratch or from model.init_from).
         if self.lora.rank != 0:
-            raise ConfigError(f"pretrain.lora.rank must be 0: LoRA needs trained weights to adapt (fine-tune them in the "
-                              f"sft stage), got {self.lora.rank}")
+            raise ConfigError(
+                f"pretrain.lora.rank must be 0: LoRA needs trained weights to adapt (fine-tune them in the "
+                f"sft stage), got {self.lora.rank}"
+            )
 
 
 def _prompts_ok(prompts: tuple[str, ...]) -> bool:
@@ -301,7 +327,9 @@ class ClassifyParams(TrainParams):
     data: Source | None = rule(None, lambda v: v.location.strip() != "", "a URL, file or directory, or null")
     format: Literal["auto", "csv", "tsv", "json", "jsonl"] = "auto"
     member: str | None = _non_empty(None)  # the file inside a zip (needed when it holds several)
-    columns: tuple[str, ...] = rule((), lambda v: all(c.strip() for c in v), "a list of non-empty field names")  # header-less CSV/TSV
+    columns: tuple[str, ...] = rule(
+        (), lambda v: all(c.strip() for c in v), "a list of non-empty field names"
+    )  # header-less CSV/TSV
     text_field: str = _non_empty("text")
     label_field: str = _non_empty("label")
     balance: bool = False  # undersample every class to the smallest
@@ -312,15 +340,19 @@ class ClassifyParams(TrainParams):
 
     def __post_init__(self) -> None:
         if self.split_train + self.split_val >= 1:
-            raise ConfigError(f"classify.split_train + classify.split_val must be < 1 (the rest is the test split), "
-                              f"got {self.split_train} + {self.split_val}")
+            raise ConfigError(
+                f"classify.split_train + classify.split_val must be < 1 (the rest is the test split), "
+                f"got {self.split_train} + {self.split_val}"
+            )
 
 
 @dataclass(frozen=True)
 class JudgeParams:
     host: str | None = rule(  # None → $OLLAMA_HOST or http://127.0.0.1:11434
-        None, lambda v: bool((m := _URL.match(v)) and (m.group(2) is None or _port_ok(m.group(2)))),
-        "http(s)://host[:port] with a port in 1-65535, or null")
+        None,
+        lambda v: bool((m := _URL.match(v)) and (m.group(2) is None or _port_ok(m.group(2)))),
+        "http(s)://host[:port] with a port in 1-65535, or null",
+    )
     model: str = _non_empty("llama3.1:8b")
     style: Literal["score100", "rubric5"] = "score100"
     pairwise: bool = True
@@ -332,7 +364,9 @@ class JudgeParams:
     backoff_s: float = _non_negative(0.5)  # wait before retry n: backoff_s * 2**n
     concurrency: int = _at_least_one(2)
     on_unavailable: Literal["fail", "fallback"] = "fallback"
-    prompt_template: str | None = _non_empty(None)  # None → the style's prompt; placeholders in pipeline/evaluation/judge.py
+    prompt_template: str | None = _non_empty(
+        None
+    )  # None → the style's prompt; placeholders in pipeline/evaluation/judge.py
     pairwise_template: str | None = _non_empty(None)
     bootstrap_samples: int = rule(1000, lambda v: v >= 100, ">= 100")
 
@@ -344,31 +378,45 @@ class ExportParams:
     quantize_int8: bool = True
     parity_atol: float = _positive(1e-4)  # max |logit(onnxruntime fp32) - logit(torch)|, else the stage fails
     parity_tokens: int = _positive(64)  # greedy tokens that must equal torch's, token for token
-    int8_min_agreement: float = _closed_fraction(0.95)  # top-1 next-token agreement of int8 with fp32 over real text
+    int8_min_agreement: float = _closed_fraction(
+        0.95
+    )  # top-1 next-token agreement of int8 with fp32 over real text
     # gguf: llama.cpp / Ollama (pipeline/export/gguf.py); hf: transformers' GPT-2 layout (pipeline/export/hf.py)
     formats: tuple[Literal["onnx", "gguf", "hf"], ...] = ("onnx", "gguf", "hf")
-    gguf_types: tuple[Literal["f32", "f16", "q8_0"], ...] = ("f16", "q8_0")  # one file each; the Modelfile uses the first
+    gguf_types: tuple[Literal["f32", "f16", "q8_0"], ...] = (
+        "f16",
+        "q8_0",
+    )  # one file each; the Modelfile uses the first
     gguf_check_positions: int = _positive(2048)  # real validation positions of the llama.cpp agreement check
-    gguf_check_timeout: float = _positive(900.0)  # seconds per file for llama.cpp's checks (its child is killed after)
+    gguf_check_timeout: float = _positive(
+        900.0
+    )  # seconds per file for llama.cpp's checks (its child is killed after)
 
     def __post_init__(self) -> None:
         for name in ("formats", "gguf_types"):
             value = getattr(self, name)
             if not value or len(set(value)) != len(value):
-                raise ConfigError(f"export.{name} must be a non-empty list without repeats, got {list(value)}")
+                raise ConfigError(
+                    f"export.{name} must be a non-empty list without repeats, got {list(value)}"
+                )
 
 
 @dataclass(frozen=True)
 class BenchmarkParams:
     # The pipeline's offline lm-evaluation-harness tasks (pipeline/evaluation/benchmark_tasks.py); Hub tasks
     # (hellaswag, arc_easy…) are run by hand when online (docs/evaluation.md).
-    tasks: tuple[Literal["pipeline_cloze", "pipeline_preference"], ...] = ("pipeline_cloze", "pipeline_preference")
+    tasks: tuple[Literal["pipeline_cloze", "pipeline_preference"], ...] = (
+        "pipeline_cloze",
+        "pipeline_preference",
+    )
     limit: int = _positive(60)  # items per task: CPU-sized; the stderr in the report says what it costs
     seed: int = _seed(1337)  # which held-out passages the cloze draws
 
     def __post_init__(self) -> None:
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
-            raise ConfigError(f"benchmark.tasks must be a non-empty list without repeats, got {list(self.tasks)}")
+            raise ConfigError(
+                f"benchmark.tasks must be a non-empty list without repeats, got {list(self.tasks)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -396,7 +444,9 @@ def _source(value: Any, where: str) -> Source:
         unknown = set(value) - {"url", "path", "sha256"}
         location = value.get("url", value.get("path"))
         if unknown or not isinstance(location, str) or not location.strip():
-            raise ConfigError(f"{where} must be a string or a mapping {{url: ..., sha256: ...}}, got {value!r}")
+            raise ConfigError(
+                f"{where} must be a string or a mapping {{url: ..., sha256: ...}}, got {value!r}"
+            )
         sha = value.get("sha256")
         if sha is not None and not (isinstance(sha, str) and _SHA256.match(sha)):
             raise ConfigError(f"{where}.sha256 must be 64 hex characters, got {sha!r}")
@@ -416,7 +466,9 @@ def _corpus_source(value: Any, where: str) -> CorpusSource:
     base = _source({k: v for k, v in value.items() if k in _SOURCE_KEYS}, where)
     options = {k: v for k, v in value.items() if k not in _SOURCE_KEYS}
     where_rows = options.pop("where", None) or {}
-    if not isinstance(where_rows, dict) or not all(isinstance(v, str | int | float | bool) for v in where_rows.values()):
+    if not isinstance(where_rows, dict) or not all(
+        isinstance(v, str | int | float | bool) for v in where_rows.values()
+    ):
         raise ConfigError(f"{where}.where must map field names to values, got {where_rows!r}")
     built = _build(CorpusSource, {"location": base.location, "sha256": base.sha256} | options, where)
     built = dataclasses.replace(built, where=tuple((str(k), v) for k, v in where_rows.items()))
@@ -522,8 +574,10 @@ class DeclaredParams:
         if name.startswith("_"):
             raise AttributeError(name)
         if name not in self._sections:
-            raise ConfigError(f"this stage reads params '{name}' without declaring it (add it to the stage's PARAMS "
-                              "and to its params in dvc.yaml)")
+            raise ConfigError(
+                f"this stage reads params '{name}' without declaring it (add it to the stage's PARAMS "
+                "and to its params in dvc.yaml)"
+            )
         return getattr(self._params, name)
 
 
@@ -544,7 +598,9 @@ def load_params(path: str | Path = ..., sections: None = None) -> Params: ...
 def load_params(path: str | Path = ..., *, sections: typing.Iterable[str]) -> DeclaredParams: ...
 
 
-def load_params(path: str | Path = "params.yaml", sections: typing.Iterable[str] | None = None) -> Params | DeclaredParams:
+def load_params(
+    path: str | Path = "params.yaml", sections: typing.Iterable[str] | None = None
+) -> Params | DeclaredParams:
     """The validated params file; with ``sections``, a view that refuses to read any other section."""
     params = parse_params(read_yaml(path) or {}, str(path))
     return params if sections is None else DeclaredParams(params, sections)

@@ -1,5 +1,6 @@
 """How problems reach the user: one error type for bad input, the stage entry wrapper that turns it into one
 line and exit 1, and a way to silence a library's own chatter around a call."""
+
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
 """File digests: the identity of downloads, shards, model weights and data files."""
+
 from __future__ import annotations
 
 import hashlib

@@ -6,6 +6,7 @@ writes the JSON it returns, or the PipelineError it raised, to RESULT. Nothing i
 JSON, and arrays travel as ``.npy`` files (read without pickle) that the request names. This module knows nothing
 of what runs in the child.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -39,7 +40,9 @@ def signal_name(returncode: int) -> str:
         return f"signal {-returncode}"
 
 
-def run_isolated(target: str, request: dict, *, subject: str, runtime: str, advice: str, timeout: float) -> dict:
+def run_isolated(
+    target: str, request: dict, *, subject: str, runtime: str, advice: str, timeout: float
+) -> dict:
     """``target`` (``module:function``) called with ``request`` in a child process; its JSON result.
 
     A PipelineError raised there is raised here with the same message; a death by signal or a timeout raises
@@ -48,13 +51,25 @@ def run_isolated(target: str, request: dict, *, subject: str, runtime: str, advi
     with tempfile.TemporaryDirectory(prefix="isolated-") as tmp:
         request_path, result_path = Path(tmp) / "request.json", Path(tmp) / "result.json"
         request_path.write_text(json.dumps(request), encoding="utf-8")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(CODE_ROOT), os.environ.get("PYTHONPATH")]))}
-        command = [sys.executable, "-m", "pipeline.common.isolated", target, str(request_path), str(result_path)]
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(CODE_ROOT), os.environ.get("PYTHONPATH")])),
+        }
+        command = [
+            sys.executable,
+            "-m",
+            "pipeline.common.isolated",
+            target,
+            str(request_path),
+            str(result_path),
+        ]
         try:
             done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:  # subprocess.run has killed the child (SIGKILL) by now
-            raise ChildCrashed(f"{subject}: {runtime} did not finish within {timeout:g} s and was killed; {advice}",
-                               "timeout") from None
+            raise ChildCrashed(
+                f"{subject}: {runtime} did not finish within {timeout:g} s and was killed; {advice}",
+                "timeout",
+            ) from None
         if done.returncode < 0:
             name = signal_name(done.returncode)
             raise ChildCrashed(f"{subject}: {runtime} crashed ({name}) in its child process; {advice}", name)

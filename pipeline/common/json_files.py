@@ -3,6 +3,7 @@
 A file a stage needs is missing, not JSON, or not the shape asked for: one ``PipelineError`` line naming the file
 (and, where given, how to make it). What the fields must hold is each caller's business. No torch import.
 """
+
 from __future__ import annotations
 
 import json

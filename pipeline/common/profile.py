@@ -5,6 +5,7 @@
 The overrides are merged into params.yaml and validated first, so a bad profile fails here, naming the key;
 keys params.yaml does not have yet are emitted as ``+key=value`` (DVC's syntax for adding a key).
 """
+
 from __future__ import annotations
 
 import sys
@@ -29,7 +30,11 @@ def merge_params(base: dict, overrides: dict) -> dict:
     """``base`` with ``overrides`` laid over it, section by section (a profile over params.yaml)."""
     out = dict(base)
     for key, value in overrides.items():
-        out[key] = merge_params(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            merge_params(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
     return out
 
 
@@ -69,7 +74,10 @@ def set_param_args(profile: Path, params: Path = Path("params.yaml")) -> list[st
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m pipeline.common.profile PROFILE.yaml  (prints `dvc exp run -S` arguments)", file=sys.stderr)
+        print(
+            "usage: python -m pipeline.common.profile PROFILE.yaml  (prints `dvc exp run -S` arguments)",
+            file=sys.stderr,
+        )
         return 2
     try:
         print(" ".join(set_param_args(Path(argv[0]))))

@@ -4,6 +4,7 @@ A model or report with this record can be traced back to the commit and params t
 result that does not reproduce can be checked for a dirty tree or a different library first.
 Cheap and torch-free: versions come from package metadata, nothing heavy is imported.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,8 +20,21 @@ from pipeline.common.config import read_yaml
 from pipeline.common.errors import PipelineError
 
 PACKAGES = (
-    "torch", "numpy", "tiktoken", "rustbpe", "safetensors", "dvc", "dvclive", "prefect",
-    "onnx", "onnxruntime", "pandas", "transformers", "huggingface_hub", "tokenizers", "llm-pipeline",
+    "torch",
+    "numpy",
+    "tiktoken",
+    "rustbpe",
+    "safetensors",
+    "dvc",
+    "dvclive",
+    "prefect",
+    "onnx",
+    "onnxruntime",
+    "pandas",
+    "transformers",
+    "huggingface_hub",
+    "tokenizers",
+    "llm-pipeline",
 )
 
 

@@ -4,6 +4,7 @@ Wall time depends on the machine and its load, so it is kept out of the DVC metr
 for equal params) and out of ``dvc.yaml``: the report reads it, nothing compares it. One decorator on every
 stage's ``main`` records it; the stage's name is its module's (``python -m stages.pretrain`` → ``pretrain``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,10 +36,15 @@ def timed(main: Callable[[], object] | None = None, *, main_process: Callable[[]
         start = time.perf_counter()
         result = main()
         if main_process():
-            write_json(REPORTS / stage / TIMING_FILE, {
-                "stage": stage, "seconds": round(time.perf_counter() - start, 2),
-                "started_at": started.isoformat(timespec="seconds"),
-                "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            write_json(
+                REPORTS / stage / TIMING_FILE,
+                {
+                    "stage": stage,
+                    "seconds": round(time.perf_counter() - start, 2),
+                    "started_at": started.isoformat(timespec="seconds"),
+                    "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                },
+            )
         return result
 
     return wrapper

@@ -5,6 +5,7 @@ pinned by sha256; a text file is one document, a dataset file one per record (pi
 a cache keyed by their sha256 (``<cache>/sha256/<hex>``): a pinned source that is already cached is never
 fetched again, which is also how an offline machine works (``python -m pipeline cache add FILE``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,7 +57,9 @@ class DownloadCache:
     def from_params(cls, data: DataParams) -> DownloadCache:
         root = resolve_cache_dir(data.cache_dir)
         if root.exists() and not root.is_dir():
-            raise PipelineError(f"data.cache_dir: {root} is not a directory (set data.cache_dir or ${CACHE_ENV} to one)")
+            raise PipelineError(
+                f"data.cache_dir: {root} is not a directory (set data.cache_dir or ${CACHE_ENV} to one)"
+            )
         return cls(root, data.timeout_s, data.retries)
 
     def object_path(self, sha256: str) -> Path:
@@ -171,16 +174,25 @@ def hf_file(location: str, revision: str | None, where: str) -> Path:
     With ``HF_HUB_OFFLINE=1`` (or no network) a file already in the cache (``HF_HUB_CACHE``) is used as it is.
     """
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+    )
 
     kind, _, rest = location.removeprefix("hf://").partition("/")
     parts = rest.split("/", 2)
     if kind != "datasets" or len(parts) < 3 or not all(parts):
-        raise PipelineError(f"{where}: {location}: expected hf://datasets/<owner>/<name>/<path in the dataset>")
+        raise PipelineError(
+            f"{where}: {location}: expected hf://datasets/<owner>/<name>/<path in the dataset>"
+        )
     if not revision:
         raise PipelineError(f"{where}: {location}: give the revision (a commit) to read")
     try:
-        return Path(hf_hub_download(f"{parts[0]}/{parts[1]}", parts[2], repo_type="dataset", revision=revision))
+        return Path(
+            hf_hub_download(f"{parts[0]}/{parts[1]}", parts[2], repo_type="dataset", revision=revision)
+        )
     except (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise PipelineError(f"{where}: {location}@{revision}: {type(exc).__name__}: {reason}") from None
@@ -195,7 +207,9 @@ def source_files(source: Source, cache: DownloadCache, where: str) -> list[tuple
     if source.location.startswith("hf://"):
         path = hf_file(source.location, getattr(source, "revision", None), where)
         if source.sha256 and (actual := sha256_file(path)) != source.sha256:
-            raise PipelineError(f"{where}: {source.location}: sha256 mismatch: expected {source.sha256}, got {actual}")
+            raise PipelineError(
+                f"{where}: {source.location}: sha256 mismatch: expected {source.sha256}, got {actual}"
+            )
         return [(source.location, path)]
     path = Path(source.location).expanduser()
     if glob.has_magic(source.location):
@@ -209,7 +223,9 @@ def source_files(source: Source, cache: DownloadCache, where: str) -> list[tuple
         if source.sha256:
             raise PipelineError(f"{where}: sha256 pins a single file, but {path} is a directory")
         files = sorted(
-            p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
         if not files:
             raise PipelineError(f"{where}: directory {path} has no files")
@@ -239,7 +255,9 @@ def normalize(text: str) -> str:
     return text.strip("\n") + "\n"
 
 
-def clean_text(raw: bytes, origin: str, *, gutenberg: bool, normalise: bool, unwrap: bool | str = False) -> str:
+def clean_text(
+    raw: bytes, origin: str, *, gutenberg: bool, normalise: bool, unwrap: bool | str = False
+) -> str:
     """A text file's document: Gutenberg licence stripped, normalised, and unwrapped when ``unwrap`` is true, or is
     ``"gutenberg"`` and the file is a Project Gutenberg book (it has the START marker)."""
     try:
@@ -259,7 +277,12 @@ def clean_text(raw: bytes, origin: str, *, gutenberg: bool, normalise: bool, unw
 
 
 def build_corpus(
-    sources: tuple[CorpusSource, ...], cache: DownloadCache, directory: Path, *, gutenberg: bool, normalise: bool,
+    sources: tuple[CorpusSource, ...],
+    cache: DownloadCache,
+    directory: Path,
+    *,
+    gutenberg: bool,
+    normalise: bool,
     unwrap: bool | str = False,
 ) -> list[dict]:
     """Write every source's clean documents into ``directory``: ``corpus.txt`` (one after another) and
@@ -278,15 +301,27 @@ def build_corpus(
             for label, path in source_files(source, cache, where):
                 fmt, compression = detect(label, source.member)
                 fmt = source.format or fmt
-                entry["files"].append({"file": label, "format": fmt, "bytes": path.stat().st_size,
-                                       "sha256": sha256_file(path)})
+                entry["files"].append(
+                    {"file": label, "format": fmt, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+                )
                 if fmt == "text":
                     with open_stream(path, compression, source.member, f"{where} ({label})") as stream:
                         raw = stream.read()
-                    texts = [clean_text(raw, f"{where} ({label})", gutenberg=gutenberg, normalise=normalise, unwrap=unwrap)]
+                    texts = [
+                        clean_text(
+                            raw, f"{where} ({label})", gutenberg=gutenberg, normalise=normalise, unwrap=unwrap
+                        )
+                    ]
                 else:
-                    texts = record_texts(source, path, fmt, compression, f"{where} ({label})", counts,
-                                         normalize if normalise else str)
+                    texts = record_texts(
+                        source,
+                        path,
+                        fmt,
+                        compression,
+                        f"{where} ({label})",
+                        counts,
+                        normalize if normalise else str,
+                    )
                 for text in texts:
                     data = text.encode("utf-8")
                     out.write(data)
@@ -298,7 +333,9 @@ def build_corpus(
                 entry |= counts.as_dict()
             if not entry["documents"]:
                 skipped = ", ".join(f"{n} {reason}" for reason, n in counts.skipped.most_common()) or "none"
-                raise PipelineError(f"{where}: {source.location}: no records kept (read {counts.read}; skipped: {skipped})")
+                raise PipelineError(
+                    f"{where}: {source.location}: no records kept (read {counts.read}; skipped: {skipped})"
+                )
             table.append(entry)
     (directory / DOCUMENTS).write_bytes(np.asarray(ends, dtype="<u8").tobytes())
     return table
@@ -330,8 +367,10 @@ def copy_json_source(source: Source, cache: DownloadCache, where: str, out: Path
     """
     files = source_files(source, cache, where)
     if len(files) != 1:
-        raise PipelineError(f"{where}: {source.location} is a directory of {len(files)} files; give one JSON or JSONL "
-                            "file (records are not merged across files)")
+        raise PipelineError(
+            f"{where}: {source.location} is a directory of {len(files)} files; give one JSON or JSONL "
+            "file (records are not merged across files)"
+        )
     [(label, path)] = files
     raw = path.read_bytes()
     records, was_jsonl = _parse_records(raw, where, label)
@@ -341,8 +380,13 @@ def copy_json_source(source: Source, cache: DownloadCache, where: str, out: Path
         out.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
     else:
         shutil.copyfile(path, out)
-    return {"source": label, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest(), "records": len(records),
-            "format": "jsonl" if was_jsonl else "json"}
+    return {
+        "source": label,
+        "bytes": len(raw),
+        "sha256": hashlib.sha256(raw).hexdigest(),
+        "records": len(records),
+        "format": "jsonl" if was_jsonl else "json",
+    }
 
 
 def read_raw(directory: str | Path) -> tuple[Path, DocumentTable]:
@@ -362,8 +406,12 @@ def read_raw(directory: str | Path) -> tuple[Path, DocumentTable]:
         if not path.is_file():
             raise PipelineError(f"{path}: not found (run `dvc repro download`)")
     if table.stat().st_size != 8 * count:
-        raise PipelineError(f"{table}: {table.stat().st_size} bytes, the manifest says {count} documents of 8 bytes")
-    with table.open("rb") as f:  # ends rising from the first to the corpus's last byte, read a chunk at a time
+        raise PipelineError(
+            f"{table}: {table.stat().st_size} bytes, the manifest says {count} documents of 8 bytes"
+        )
+    with table.open(
+        "rb"
+    ) as f:  # ends rising from the first to the corpus's last byte, read a chunk at a time
         last, rising = 0, True
         while rising and (ends := np.fromfile(f, dtype="<u8", count=CHUNK_DOCUMENTS).astype(np.int64)).size:
             rising, last = bool((np.diff(ends, prepend=last) > 0).all()), int(ends[-1])
@@ -377,10 +425,16 @@ def read_raw(directory: str | Path) -> tuple[Path, DocumentTable]:
 def cli_cache(argv: list[str]) -> int:
     """`python -m pipeline cache add FILE...` / `cache list`: seed and inspect the download cache."""
     parser = argparse.ArgumentParser(prog="python -m pipeline cache", description=cli_cache.__doc__)
-    parser.add_argument("--cache-dir", help="default: params.yaml data.cache_dir, $LLM_PIPELINE_CACHE, ~/.cache/llm-pipeline")
-    parser.add_argument("--params", default="params.yaml", help="read data.cache_dir from this file when present")
+    parser.add_argument(
+        "--cache-dir", help="default: params.yaml data.cache_dir, $LLM_PIPELINE_CACHE, ~/.cache/llm-pipeline"
+    )
+    parser.add_argument(
+        "--params", default="params.yaml", help="read data.cache_dir from this file when present"
+    )
     sub = parser.add_subparsers(dest="action", required=True)
-    add = sub.add_parser("add", help="store local files under their sha256 (pinned URLs then resolve offline)")
+    add = sub.add_parser(
+        "add", help="store local files under their sha256 (pinned URLs then resolve offline)"
+    )
     add.add_argument("files", nargs="+", type=Path)
     sub.add_parser("list", help="list cached files: sha256, size, where they came from")
     args = parser.parse_args(argv)

@@ -5,6 +5,7 @@ at a time and Parquet one batch of a row group at a time, so memory stays flat w
 list is parsed whole (JSON cannot be streamed): give large data as JSONL. Every error names the source, the file
 and the record (1-based: the line of a JSONL file, the row of a CSV or Parquet file, the item of a JSON list).
 """
+
 from __future__ import annotations
 
 import csv
@@ -26,8 +27,16 @@ from pipeline.common.errors import PipelineError
 
 RECORD_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet")
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zip": "zip"}
-_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
-               ".parquet": "parquet", ".txt": "text", ".md": "text"}
+_EXTENSIONS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".md": "text",
+}
 PARQUET_BATCH_ROWS = 2048
 
 
@@ -56,7 +65,9 @@ def open_stream(path: Path, compression: str | None, member: str | None, where: 
                 member = names[0]
             if member is None or member not in names:
                 wanted = "give `member:`" if member is None else f"no member {member!r}"
-                raise PipelineError(f"{where}: {wanted} (the archive holds: {', '.join(names[:10]) or 'nothing'})")
+                raise PipelineError(
+                    f"{where}: {wanted} (the archive holds: {', '.join(names[:10]) or 'nothing'})"
+                )
             with archive.open(member) as stream:
                 yield stream
     elif compression == "gzip":
@@ -65,7 +76,10 @@ def open_stream(path: Path, compression: str | None, member: str | None, where: 
     elif compression == "zstd":
         import zstandard
 
-        with path.open("rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True) as stream:
+        with (
+            path.open("rb") as raw,
+            zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True) as stream,
+        ):
             yield stream
     else:
         with path.open("rb") as stream:
@@ -85,7 +99,9 @@ def _jsonl(stream: IO[bytes], where: str) -> Iterator[tuple[int, Any]]:
             try:
                 yield number, json.loads(line)  # bytes: json decodes the UTF-8 itself
             except UnicodeDecodeError as exc:
-                raise PipelineError(f"{where}: record {number}: not valid UTF-8 at byte {exc.start} of the line") from None
+                raise PipelineError(
+                    f"{where}: record {number}: not valid UTF-8 at byte {exc.start} of the line"
+                ) from None
             except json.JSONDecodeError as exc:
                 raise PipelineError(f"{where}: record {number}: not valid JSON ({exc})") from None
 
@@ -121,7 +137,9 @@ def _parquet(stream: IO[bytes], where: str, columns: list[str]) -> Iterator[tupl
         raise PipelineError(f"{where}: not a Parquet file ({exc})") from None
     names = parquet.schema_arrow.names
     if columns[0] not in names:
-        raise PipelineError(f"{where}: no column {columns[0]!r} (columns: {', '.join(names)}); set text_field")
+        raise PipelineError(
+            f"{where}: no column {columns[0]!r} (columns: {', '.join(names)}); set text_field"
+        )
     wanted = [c for c in dict.fromkeys(columns) if c in names]
     number = 0
     for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=wanted, use_threads=False):
@@ -153,11 +171,22 @@ class RecordCounts:
     skipped: Counter = field(default_factory=Counter)
 
     def as_dict(self) -> dict:
-        return {"records_read": self.read, "records_kept": self.kept, "skipped": dict(sorted(self.skipped.items()))}
+        return {
+            "records_read": self.read,
+            "records_kept": self.kept,
+            "skipped": dict(sorted(self.skipped.items())),
+        }
 
 
-def record_texts(source: CorpusSource, path: Path, fmt: str, compression: str | None, where: str,
-                 counts: RecordCounts, clean: Callable[[str], str]) -> Iterator[str]:
+def record_texts(
+    source: CorpusSource,
+    path: Path,
+    fmt: str,
+    compression: str | None,
+    where: str,
+    counts: RecordCounts,
+    clean: Callable[[str], str],
+) -> Iterator[str]:
     """The ``clean``ed text of every record that passes the source's filter; the rest are counted in ``counts``.
 
     A record without the text field, or whose text is not a string, is an error naming it, unless
@@ -179,13 +208,20 @@ def record_texts(source: CorpusSource, path: Path, fmt: str, compression: str | 
                     problem = None
                 if problem:
                     if source.bad_records == "error":
-                        fields = f" (fields: {', '.join(map(str, record))})" if isinstance(record, dict) else ""
-                        raise PipelineError(f"{where}: record {number}: {problem}{fields}; set text_field, "
-                                            "or bad_records: skip")
+                        fields = (
+                            f" (fields: {', '.join(map(str, record))})" if isinstance(record, dict) else ""
+                        )
+                        raise PipelineError(
+                            f"{where}: record {number}: {problem}{fields}; set text_field, "
+                            "or bad_records: skip"
+                        )
                     counts.skipped[problem] += 1
                     continue
                 text = record[field_name]
-                mismatch = next((f"{name} != {value!r}" for name, value in source.where if record.get(name) != value), None)
+                mismatch = next(
+                    (f"{name} != {value!r}" for name, value in source.where if record.get(name) != value),
+                    None,
+                )
                 if mismatch:
                     counts.skipped[f"where {mismatch}"] += 1
                 elif len(text.strip()) < source.min_chars:
@@ -196,4 +232,6 @@ def record_texts(source: CorpusSource, path: Path, fmt: str, compression: str | 
                     counts.kept += 1
                     yield text
     except _decompression_errors() as exc:
-        raise PipelineError(f"{where}: corrupt {compression or 'file'} data ({type(exc).__name__}: {exc})") from None
+        raise PipelineError(
+            f"{where}: corrupt {compression or 'file'} data ({type(exc).__name__}: {exc})"
+        ) from None

@@ -9,6 +9,7 @@ Accepted records (a JSON array, or JSON Lines with one object per line):
 The prompt templates live in pipeline/data/prompts.py; this module never imports torch: collation into tensors
 lives with the objectives (pipeline/train/objectives.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,13 @@ import tiktoken
 from pipeline.common.errors import PipelineError
 from pipeline.data.prompts import ROLE_MARKERS, Message, encode_prompt, encode_response
 
-INSTRUCTION_FIELDS = ("instruction", "input", "output", "chosen", "rejected")  # the text a tokenizer learns from
+INSTRUCTION_FIELDS = (
+    "instruction",
+    "input",
+    "output",
+    "chosen",
+    "rejected",
+)  # the text a tokenizer learns from
 
 
 @dataclass(frozen=True)
@@ -145,7 +152,9 @@ def _text(record: dict, name: str, required: bool = True) -> str:
     if value is None and not required:
         return ""
     if not isinstance(value, str):
-        raise _Malformed(name, "is missing" if value is None else f"must be a string, got {type(value).__name__}")
+        raise _Malformed(
+            name, "is missing" if value is None else f"must be a string, got {type(value).__name__}"
+        )
     if required and not value.strip():
         raise _Malformed(name, "is empty")
     return value
@@ -175,7 +184,9 @@ def _split_prompt(messages: list[Message], name: str) -> tuple[tuple[Message, ..
     """(earlier turns, last user message) of a conversation that must end with a user turn."""
     if messages[-1][0] != "user":
         last = len(messages) - 1
-        raise _Malformed(f"{name}[{last}].role", f"the prompt must end with a user turn, got {messages[-1][0]!r}")
+        raise _Malformed(
+            f"{name}[{last}].role", f"the prompt must end with a user turn, got {messages[-1][0]!r}"
+        )
     return tuple(messages[:-1]), messages[-1][1]
 
 
@@ -185,12 +196,16 @@ def _parse_example(index: int, record: object) -> Example:
     if "messages" in record:
         messages = _messages(record["messages"], "messages")
         if messages[-1][0] != "assistant":
-            raise _Malformed(f"messages[{len(messages) - 1}].role", "the last message must be the assistant's answer")
+            raise _Malformed(
+                f"messages[{len(messages) - 1}].role", "the last message must be the assistant's answer"
+            )
         if len(messages) < 2:
             raise _Malformed("messages", "needs a user turn before the assistant's answer")
         context, instruction = _split_prompt(messages[:-1], "messages")
         return Example(index, instruction, "", messages[-1][1], context)
-    return Example(index, _text(record, "instruction"), _text(record, "input", required=False), _text(record, "output"))
+    return Example(
+        index, _text(record, "instruction"), _text(record, "input", required=False), _text(record, "output")
+    )
 
 
 def _answer(value: object, name: str) -> str:
@@ -198,7 +213,9 @@ def _answer(value: object, name: str) -> str:
     if isinstance(value, list):
         messages = _messages(value, name)
         if len(messages) != 1 or messages[0][0] != "assistant":
-            raise _Malformed(name, "must hold exactly one assistant message when 'prompt' is a list of messages")
+            raise _Malformed(
+                name, "must hold exactly one assistant message when 'prompt' is a list of messages"
+            )
         return messages[0][1]
     return _text({name: value}, name)
 
@@ -211,7 +228,10 @@ def _parse_preference(index: int, record: object) -> PreferencePair:
     prompt = record.get("prompt")
     if isinstance(prompt, list):
         context, instruction = _split_prompt(_messages(prompt, "prompt"), "prompt")
-        chosen, rejected = _answer(record.get("chosen"), "chosen"), _answer(record.get("rejected"), "rejected")
+        chosen, rejected = (
+            _answer(record.get("chosen"), "chosen"),
+            _answer(record.get("rejected"), "rejected"),
+        )
     elif "prompt" in record:
         instruction = _text(record, "prompt")
         chosen, rejected = _text(record, "chosen"), _text(record, "rejected")
@@ -269,7 +289,9 @@ def split_dataset(
     n_val, n_test = count(val), count(test)
     n_train = n - n_val - n_test
     if n_train < 1:
-        raise PipelineError(f"{origin}: {n} records are too few for a train/val/test split of {train}/{val}/{test:.2f}")
+        raise PipelineError(
+            f"{origin}: {n} records are too few for a train/val/test split of {train}/{val}/{test:.2f}"
+        )
     picked = [items[i] for i in order]
     return picked[:n_train], picked[n_train : n_train + n_val], picked[n_train + n_val :]
 
@@ -323,12 +345,21 @@ def _tokenize(
     return Tokenized(prompts, responses, ids, truncated, dropped)
 
 
-RECIPE_FIELDS = {"data": str, "data_sha256": str, "template": str, "strict": bool, "split_train": float,
-                 "split_val": float, "split_seed": int}
+RECIPE_FIELDS = {
+    "data": str,
+    "data_sha256": str,
+    "template": str,
+    "strict": bool,
+    "split_train": float,
+    "split_val": float,
+    "split_seed": int,
+}
 
 
 def check_recipe(recipe: dict, where: str) -> None:
     """The SFT recipe a model directory records (data file, template, split) has every field, each of its type."""
     for key, kind in RECIPE_FIELDS.items():
         if type(recipe.get(key)) is not kind:
-            raise PipelineError(f"{where}.{key} is missing or not a {kind.__name__} (rerun it: dvc repro sft)")
+            raise PipelineError(
+                f"{where}.{key} is missing or not a {kind.__name__} (rerun it: dvc repro sft)"
+            )

@@ -4,6 +4,7 @@ Any CSV / TSV / JSON / JSONL file (or a member of a zip, as the book's SMS Spam 
 field and a label field. The default data is a tone set built from the preference pairs the pipeline already
 has (``tone_records``), so the default classifier needs no other download.
 """
+
 from __future__ import annotations
 
 import csv
@@ -42,9 +43,18 @@ def _format_of(name: str, requested: str, origin: str) -> str:
     if requested != "auto":
         return requested
     suffix = Path(name).suffix.lower().lstrip(".")
-    found = {"csv": "csv", "tsv": "tsv", "tab": "tsv", "json": "json", "jsonl": "jsonl", "ndjson": "jsonl"}.get(suffix)
+    found = {
+        "csv": "csv",
+        "tsv": "tsv",
+        "tab": "tsv",
+        "json": "json",
+        "jsonl": "jsonl",
+        "ndjson": "jsonl",
+    }.get(suffix)
     if found is None:
-        raise PipelineError(f"{origin}: cannot tell the format from '{name}' (set classify.format: {' | '.join(FORMATS)})")
+        raise PipelineError(
+            f"{origin}: cannot tell the format from '{name}' (set classify.format: {' | '.join(FORMATS)})"
+        )
     return found
 
 
@@ -53,17 +63,22 @@ def _unzip(path: Path, member: str | None, origin: str) -> tuple[bytes, str]:
         with zipfile.ZipFile(path) as archive:
             names = [n for n in archive.namelist() if not n.endswith("/") and not n.startswith("__MACOSX")]
             if member is None and len(names) != 1:
-                raise PipelineError(f"{origin}: a zip of {len(names)} files needs classify.member (one of: {', '.join(names[:8])})")
+                raise PipelineError(
+                    f"{origin}: a zip of {len(names)} files needs classify.member (one of: {', '.join(names[:8])})"
+                )
             name = member or names[0]
             if name not in names:
-                raise PipelineError(f"{origin}: no member '{name}' in the zip (members: {', '.join(names[:8])})")
+                raise PipelineError(
+                    f"{origin}: no member '{name}' in the zip (members: {', '.join(names[:8])})"
+                )
             return archive.read(name), name
     except zipfile.BadZipFile as exc:
         raise PipelineError(f"{origin}: not a readable zip ({exc})") from None
 
 
-def read_table(path: Path, *, fmt: str = "auto", member: str | None = None, columns: Sequence[str] = (),
-               origin: str = "") -> list[dict]:
+def read_table(
+    path: Path, *, fmt: str = "auto", member: str | None = None, columns: Sequence[str] = (), origin: str = ""
+) -> list[dict]:
     """The file's records as dicts. ``columns`` names the fields of a header-less CSV/TSV (SMSSpamCollection)."""
     origin = origin or str(path)
     name = Path(origin).name  # a cached download is named by its hash: the URL tells the format
@@ -83,8 +98,12 @@ def read_table(path: Path, *, fmt: str = "auto", member: str | None = None, colu
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
         else:
             quoting = csv.QUOTE_NONE if kind == "tsv" else csv.QUOTE_MINIMAL
-            reader = csv.DictReader(io.StringIO(text, newline=""), fieldnames=list(columns) or None,
-                                    delimiter="\t" if kind == "tsv" else ",", quoting=quoting)
+            reader = csv.DictReader(
+                io.StringIO(text, newline=""),
+                fieldnames=list(columns) or None,
+                delimiter="\t" if kind == "tsv" else ",",
+                quoting=quoting,
+            )
             records = list(reader)
     except (json.JSONDecodeError, csv.Error) as exc:
         raise PipelineError(f"{origin}: not valid {kind} ({exc})") from None
@@ -93,13 +112,17 @@ def read_table(path: Path, *, fmt: str = "auto", member: str | None = None, colu
     return records
 
 
-def labelled(records: Sequence[dict], text_field: str, label_field: str, origin: str) -> tuple[list[LabelledText], int]:
+def labelled(
+    records: Sequence[dict], text_field: str, label_field: str, origin: str
+) -> tuple[list[LabelledText], int]:
     """(texts with labels, records skipped for an empty text); a record without one of the fields is an error."""
     out, empty = [], 0
     for i, record in enumerate(records, 1):
         for field in (text_field, label_field):
             if record.get(field) is None:
-                raise PipelineError(f"{origin}: record {i} has no '{field}' field (fields: {', '.join(map(str, record))})")
+                raise PipelineError(
+                    f"{origin}: record {i} has no '{field}' field (fields: {', '.join(map(str, record))})"
+                )
         text = str(record[text_field]).strip()
         if not text:
             empty += 1
@@ -115,8 +138,12 @@ def tone_records(path: str | Path) -> tuple[list[LabelledText], int]:
     Returns (texts, pairs dropped)."""
     texts, dropped = [], 0
     for i, record in enumerate(read_records(path), 1):
-        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("output", "chosen", "rejected")):
-            raise PipelineError(f"{path}: record {i} lacks the 'output', 'chosen' and 'rejected' texts the tone data needs")
+        if not isinstance(record, dict) or not all(
+            isinstance(record.get(k), str) for k in ("output", "chosen", "rejected")
+        ):
+            raise PipelineError(
+                f"{path}: record {i} lacks the 'output', 'chosen' and 'rejected' texts the tone data needs"
+            )
         output, chosen, rejected = (record[k].strip() for k in ("output", "chosen", "rejected"))
         key = ((), record.get("instruction", ""), record.get("input", ""))
         if chosen == rejected or output not in (chosen, rejected):
@@ -139,25 +166,37 @@ def balance(texts: Sequence[LabelledText], seed: int) -> list[LabelledText]:
     return [texts[i] for i in keep]
 
 
-def split(texts: Sequence[LabelledText], train: float, val: float, seed: int, origin: str,
-          held_out: set[tuple] = frozenset()) -> Splits:
+def split(
+    texts: Sequence[LabelledText],
+    train: float,
+    val: float,
+    seed: int,
+    origin: str,
+    held_out: set[tuple] = frozenset(),
+) -> Splits:
     """Seeded train/val/test split; texts whose ``key`` is in ``held_out`` all go to test (never trained on)."""
     labels = Counter(t.label for t in texts)
     if len(labels) < 2:
-        raise PipelineError(f"{origin}: {len(texts)} records of {len(labels)} class(es) "
-                            f"({', '.join(labels) or 'none'}): a classifier needs at least two")
+        raise PipelineError(
+            f"{origin}: {len(texts)} records of {len(labels)} class(es) "
+            f"({', '.join(labels) or 'none'}): a classifier needs at least two"
+        )
     kept = [t for t in texts if t.key not in held_out] if held_out else list(texts)
     forced = [t for t in texts if t.key in held_out] if held_out else []
     tr, va, te = split_dataset(kept, train, val, seed, origin)
     parts = Splits(tr, va, te + forced)
     for name in ("train", "val", "test"):
         if not getattr(parts, name):
-            raise PipelineError(f"{origin}: the {name} split is empty ({len(texts)} records; "
-                                "raise its fraction in classify.split_train / split_val)")
+            raise PipelineError(
+                f"{origin}: the {name} split is empty ({len(texts)} records; "
+                "raise its fraction in classify.split_train / split_val)"
+            )
     return parts
 
 
-def classify_texts(p: ClassifyParams, cache: DownloadCache, tone_file: Path) -> tuple[list[LabelledText], str, dict]:
+def classify_texts(
+    p: ClassifyParams, cache: DownloadCache, tone_file: Path
+) -> tuple[list[LabelledText], str, dict]:
     """(texts, their origin, counts of what was left out) for the classify stage's params."""
     if p.data is None:
         texts, dropped = tone_records(tone_file)

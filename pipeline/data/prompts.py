@@ -5,6 +5,7 @@ tokenizer's reserved markers (<|system|>, <|user|>, <|assistant|> … <|end|>). 
 One definition for training, evaluation, serving and the exports' templates. No torch (the server's ONNX path
 renders prompts here); it knows nothing of the records instructions come from (pipeline/data/instructions.py).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -15,9 +16,7 @@ from pipeline.common.errors import PipelineError
 from pipeline.data.tokenizer import ASSISTANT, END_OF_TURN, SYSTEM, USER
 
 TEMPLATES = ("alpaca", "chat")
-ALPACA_PREAMBLE = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-)
+ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 ROLE_MARKERS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 
 Message = tuple[str, str]  # (role, content)
@@ -45,7 +44,9 @@ def _prompt_segments(
     raise PipelineError(f"unknown instruction template {template!r} (known: {', '.join(TEMPLATES)})")
 
 
-def format_prompt(instruction: str, input: str = "", template: str = "alpaca", context: Sequence[Message] = ()) -> str:
+def format_prompt(
+    instruction: str, input: str = "", template: str = "alpaca", context: Sequence[Message] = ()
+) -> str:
     """The prompt text a model sees before its answer; the Alpaca one ends with '### Response:\\n'."""
     return "".join(text for text, _ in _prompt_segments(instruction, input, template, context))
 
@@ -60,7 +61,11 @@ def _special_id(enc: tiktoken.Encoding, marker: str, template: str) -> int:
 
 
 def encode_prompt(
-    enc: tiktoken.Encoding, instruction: str, input: str = "", template: str = "alpaca", context: Sequence[Message] = ()
+    enc: tiktoken.Encoding,
+    instruction: str,
+    input: str = "",
+    template: str = "alpaca",
+    context: Sequence[Message] = (),
 ) -> list[int]:
     """Token ids of ``format_prompt``: user text is encoded as ordinary text, markers as their special ids.
 
@@ -93,7 +98,9 @@ def decode_response(enc: tiktoken.Encoding, ids: Sequence[int]) -> str:
     return enc.decode(kept).strip()
 
 
-def chat_prompt_ids(encoding: tiktoken.Encoding, template: str | None, messages: Sequence[tuple[str, str]]) -> list[int]:
+def chat_prompt_ids(
+    encoding: tiktoken.Encoding, template: str | None, messages: Sequence[tuple[str, str]]
+) -> list[int]:
     """Prompt ids for a conversation of (role, content) that ends with a user message.
 
     ``chat`` models see every turn in their markers; ``alpaca`` models (single-turn by design) get the last

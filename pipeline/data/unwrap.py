@@ -6,11 +6,14 @@ start with a blank or a dialogue dash) the break is a soft wrap and becomes a sp
 blank lines between paragraphs, verse and headings (short lines the next word would have fitted after),
 indented lines, dialogue. A text whose lines are not wrapped at a common width is returned unchanged.
 """
+
 from __future__ import annotations
 
 DIALOGUE_DASHES = ("—", "―", "–", "-")
 MAX_WRAP_WIDTH = 120  # wider than that, lines are paragraphs already
-_WIDTH_QUANTILE = 0.995  # the wrap width: the length 99.5% of lines stay within (a few over-long lines are outliers)
+_WIDTH_QUANTILE = (
+    0.995  # the wrap width: the length 99.5% of lines stay within (a few over-long lines are outliers)
+)
 _FULL_SHARE = 0.5  # a wrapped text has at least half its lines longer than 70% of the width
 _SLACK = 0.1  # wrappers differ by a few columns (the width is estimated): a line this close to it was full
 
@@ -27,7 +30,12 @@ def wrap_width(lines: list[str]) -> int | None:
 
 def _soft_break(line: str, following: str, width: int) -> bool:
     """Whether the break between ``line`` and ``following`` is a wrap inside a paragraph."""
-    if not line.strip() or not following.strip() or following[0].isspace() or following.startswith(DIALOGUE_DASHES):
+    if (
+        not line.strip()
+        or not following.strip()
+        or following[0].isspace()
+        or following.startswith(DIALOGUE_DASHES)
+    ):
         return False
     return len(line.rstrip()) + 1 + len(following.split(maxsplit=1)[0]) > width - round(_SLACK * width)
 

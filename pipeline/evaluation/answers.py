@@ -2,6 +2,7 @@
 
 The judge stage scores these files; SFT and DPO write them the same way so the two can be compared item by item.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,7 +57,9 @@ def generate_responses(
     by_length: dict[int, list[int]] = defaultdict(list)
     for i, ids in enumerate(prompts):
         by_length[len(ids)].append(i)
-    groups = [group[s : s + batch_size] for group in by_length.values() for s in range(0, len(group), batch_size)]
+    groups = [
+        group[s : s + batch_size] for group in by_length.values() for s in range(0, len(group), batch_size)
+    ]
     answers: list[str] = [""] * len(examples)
     for group in tqdm(groups, desc=desc, leave=False):
         batch = torch.tensor([prompts[i] for i in group], dtype=torch.long, device=device)
@@ -70,10 +73,12 @@ def generate_responses(
     return Responses(records, cut)
 
 
-def sampling_options(enc: tiktoken.Encoding, max_new_tokens: int, temperature: float, top_k: int | None,
-                     seed: int) -> SamplingOptions:
-    return SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                           eos_id=enc.eot_token, seed=seed)
+def sampling_options(
+    enc: tiktoken.Encoding, max_new_tokens: int, temperature: float, top_k: int | None, seed: int
+) -> SamplingOptions:
+    return SamplingOptions(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, eos_id=enc.eot_token, seed=seed
+    )
 
 
 def write_responses(path: Path, records: Sequence[dict]) -> None:

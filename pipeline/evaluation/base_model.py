@@ -6,6 +6,7 @@ tokenizers compare. The unigram baseline (token frequencies of the train split, 
 the same validation tokens) is the loss a model that ignores context would get: beating it clearly is the
 first sign the model learned anything about sequences.
 """
+
 from __future__ import annotations
 
 import csv
@@ -75,8 +76,15 @@ class LMMetrics:
 
 
 @torch.no_grad()
-def language_model_metrics(model: GPT, val: ShardDataset, unigram: torch.Tensor, byte_lengths: torch.Tensor,
-                           batch_size: int, max_batches: int, dtype: torch.dtype) -> LMMetrics:
+def language_model_metrics(
+    model: GPT,
+    val: ShardDataset,
+    unigram: torch.Tensor,
+    byte_lengths: torch.Tensor,
+    batch_size: int,
+    max_batches: int,
+    dtype: torch.dtype,
+) -> LMMetrics:
     """Score the first ``max_batches`` validation windows (in order) with the model and the unigram baseline."""
     model.eval()
     device = next(model.parameters()).device
@@ -112,14 +120,16 @@ def language_model_metrics(model: GPT, val: ShardDataset, unigram: torch.Tensor,
     )
 
 
-def samples(model: GPT, enc: tiktoken.Encoding, prompts: tuple[str, ...], opts: SamplingOptions) -> list[dict]:
+def samples(
+    model: GPT, enc: tiktoken.Encoding, prompts: tuple[str, ...], opts: SamplingOptions
+) -> list[dict]:
     """One continuation per prompt, prompt i sampled with seed ``opts.seed + i``: reruns produce the same text."""
     device = next(model.parameters()).device
     out = []
     for i, prompt in enumerate(prompts):
-        ids = enc.encode_ordinary(prompt)[-(model.cfg.context_length - 1):]
+        ids = enc.encode_ordinary(prompt)[-(model.cfg.context_length - 1) :]
         prompt_opts = replace(opts, seed=opts.seed + i)
-        full = generate(model, torch.tensor([ids], device=device), prompt_opts)[0, len(ids):].tolist()
+        full = generate(model, torch.tensor([ids], device=device), prompt_opts)[0, len(ids) :].tolist()
         new = [t for t in full if t != opts.eos_id]
         out.append({"prompt": prompt, "completion": enc.decode(new), "tokens": len(new)})
     return out
@@ -146,9 +156,15 @@ def plot_loss(plots_dir: Path, metrics: LMMetrics, out: Path, title: str) -> Non
         steps, values = read_curve(plots_dir / f"{name}.tsv")
         if steps:
             ax.plot(steps, values, style, label=name, markersize=4)
-    ax.axhline(metrics.unigram_loss, color="grey", linestyle="--",
-               label=f"unigram baseline {metrics.unigram_loss:.2f}")
-    ax.axhline(metrics.val_loss, color="green", linestyle=":", label=f"evaluated val loss {metrics.val_loss:.2f}")
+    ax.axhline(
+        metrics.unigram_loss,
+        color="grey",
+        linestyle="--",
+        label=f"unigram baseline {metrics.unigram_loss:.2f}",
+    )
+    ax.axhline(
+        metrics.val_loss, color="green", linestyle=":", label=f"evaluated val loss {metrics.val_loss:.2f}"
+    )
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title)
@@ -188,5 +204,10 @@ def markdown_report(metrics: LMMetrics, sample_rows: list[dict], model_line: str
         "",
     ]
     for row in sample_rows:
-        lines += [f"**{row['prompt']}**", "", "> " + (row["prompt"] + row["completion"]).replace("\n", "\n> "), ""]
+        lines += [
+            f"**{row['prompt']}**",
+            "",
+            "> " + (row["prompt"] + row["completion"]).replace("\n", "\n> "),
+            "",
+        ]
     return "\n".join(lines)

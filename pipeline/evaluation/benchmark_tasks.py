@@ -8,6 +8,7 @@ local JSONL, built from data the pipeline already holds.
 
 It knows documents, where the pipeline keeps them, and task files: no model, no scoring, no report.
 """
+
 from __future__ import annotations
 
 import json
@@ -86,25 +87,36 @@ def cloze_docs(texts: Iterable[str], limit: int, seed: int = 0, max_chars: int =
 
 def preference_docs(pairs: Iterable[tuple[str, str, str]], limit: int) -> list[dict]:
     """Up to ``limit`` (prompt, chosen, rejected) items, in the order given."""
-    docs = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in pairs if c.strip() and r.strip() and c != r]
+    docs = [
+        {"prompt": p, "chosen": c, "rejected": r} for p, c, r in pairs if c.strip() and r.strip() and c != r
+    ]
     return docs[:limit]
 
 
-def dpo_validation_pairs(data: str | Path, strict: bool, split_val: float, split_seed: int,
-                         sft_recipe: dict) -> list[tuple[str, str, str]]:
+def dpo_validation_pairs(
+    data: str | Path, strict: bool, split_val: float, split_seed: int, sft_recipe: dict
+) -> list[tuple[str, str, str]]:
     """The DPO stage's validation pairs, rebuilt as it builds them: pairs whose prompt is in the SFT test split
     (``sft_recipe``, as models/sft records it) left out, then the same seeded split. (prompt, chosen, rejected),
     the prompt plain text: the instruction, then its input after a blank line."""
     check_recipe(sft_recipe, "models/sft/config.json: instructions")
     examples = load_examples(sft_recipe["data"], sft_recipe["strict"]).records
-    test = split_dataset(examples, sft_recipe["split_train"], sft_recipe["split_val"], sft_recipe["split_seed"],
-                         sft_recipe["data"])[2]
+    test = split_dataset(
+        examples,
+        sft_recipe["split_train"],
+        sft_recipe["split_val"],
+        sft_recipe["split_seed"],
+        sft_recipe["data"],
+    )[2]
     held_out = {example.key for example in test}
     usable = [pair for pair in load_preferences(data, strict).records if pair.key not in held_out]
     if not usable:
         raise PipelineError(f"{data}: no preference pair outside the SFT test split to benchmark with")
     val = split_dataset(usable, 1 - split_val, split_val, split_seed, str(data))[1]
-    return [("\n\n".join(t for t in (pair.instruction, pair.input) if t), pair.chosen, pair.rejected) for pair in val]
+    return [
+        ("\n\n".join(t for t in (pair.instruction, pair.input) if t), pair.chosen, pair.rejected)
+        for pair in val
+    ]
 
 
 def write_task(directory: Path, name: str, docs: list[dict]) -> None:
@@ -115,5 +127,6 @@ def write_task(directory: Path, name: str, docs: list[dict]) -> None:
     data = (directory / f"{name}.jsonl").resolve()
     data.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
     template = CLOZE_YAML if name == CLOZE else PREFERENCE_YAML
-    (directory / f"{name}.yaml").write_text(template.format(name=name, data=json.dumps(str(data))),
-                                            encoding="utf-8")
+    (directory / f"{name}.yaml").write_text(
+        template.format(name=name, data=json.dumps(str(data))), encoding="utf-8"
+    )

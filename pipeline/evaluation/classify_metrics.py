@@ -1,5 +1,6 @@
 """How well a classifier does: accuracy, per-class precision/recall/F1, macro-F1, confusion matrix, and the
 majority-class baseline that any of it must beat, on every split."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -71,13 +72,16 @@ def plot_confusion(matrix: list[list[int]], labels: Sequence[str], path: Path, t
     plt.close(fig)
 
 
-def evaluate_splits(model: GPT, splits: dict[str, Encoded], labels: Sequence[str], pad_id: int,
-                    batch_size: int) -> dict[str, dict]:
+def evaluate_splits(
+    model: GPT, splits: dict[str, Encoded], labels: Sequence[str], pad_id: int, batch_size: int
+) -> dict[str, dict]:
     """Scores of every split against the majority class of the training split, with its confusion matrix."""
     majority = majority_class(splits["train"].labels)
     out = {}
     for name, data in splits.items():
         predicted = predict(model, data.ids, pad_id, batch_size).argmax(-1).tolist()
-        out[name] = {**scores(data.labels, predicted, labels, majority),
-                     "confusion": confusion(data.labels, predicted, len(labels))}
+        out[name] = {
+            **scores(data.labels, predicted, labels, majority),
+            "confusion": confusion(data.labels, predicted, len(labels)),
+        }
     return out

@@ -11,6 +11,7 @@ cached on disk, keyed by (judge model, messages, options), so a rerun or a resum
 When no judge answers, ``judge.on_unavailable`` decides: ``fail`` with a message naming the host and the fix, or
 ``fallback`` to ROUGE-L F1 against the reference (``pipeline.evaluation.rouge``), announced loudly and recorded as such.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -131,7 +132,13 @@ def parse_score(text: str, lo: int, hi: int) -> int | None:
 def _read_jsonl(path: Path) -> list[dict]:
     records = []
     for number, record in read_jsonl(path, "responses file", "has its stage run?"):
-        for key, kind in (("id", int), ("instruction", str), ("input", str), ("output", str), ("response", str)):
+        for key, kind in (
+            ("id", int),
+            ("instruction", str),
+            ("input", str),
+            ("output", str),
+            ("response", str),
+        ):
             if not isinstance(record, dict) or not isinstance(record.get(key), kind):
                 raise PipelineError(f"{path}:{number}: field '{key}' must be a {kind.__name__}")
         records.append(record)
@@ -146,7 +153,9 @@ def load_responses(paths: dict[str, Path]) -> tuple[list[Item], dict[str, list[s
     (first_name, first), *others = files.items()
     for name, records in others:
         if [r["id"] for r in records] != [r["id"] for r in first]:
-            raise PipelineError(f"{paths[name]}: ids differ from {paths[first_name]} (same ids, same order expected)")
+            raise PipelineError(
+                f"{paths[name]}: ids differ from {paths[first_name]} (same ids, same order expected)"
+            )
     items = [Item(r["id"], r["instruction"], r["input"], r["output"]) for r in first]
     return items, {name: [r["response"] for r in records] for name, records in files.items()}
 
@@ -167,7 +176,9 @@ def check_template(template: str, fields: frozenset[str], required: set[str], pa
         raise ConfigError(f"params.yaml: {param} is not a valid template ({exc})") from None
     if unknown := names - fields:
         known = ", ".join("{" + f + "}" for f in sorted(fields))
-        raise ConfigError(f"params.yaml: {param} has unknown placeholder {{{sorted(unknown)[0]}}} (known: {known})")
+        raise ConfigError(
+            f"params.yaml: {param} has unknown placeholder {{{sorted(unknown)[0]}}} (known: {known})"
+        )
     if missing := required - names:
         raise ConfigError(f"params.yaml: {param} must contain {{{sorted(missing)[0]}}}")
     return template
@@ -182,14 +193,20 @@ class Prompts:
             params.prompt_template or default, SCORE_FIELDS, {"response"}, "judge.prompt_template"
         )
         self.pair_template = check_template(
-            params.pairwise_template or PAIRWISE_PROMPT, PAIR_FIELDS, {"response_1", "response_2"},
+            params.pairwise_template or PAIRWISE_PROMPT,
+            PAIR_FIELDS,
+            {"response_1", "response_2"},
             "judge.pairwise_template",
         )
 
     @staticmethod
     def _fields(item: Item) -> dict[str, str]:
-        return {"prompt": task_text(item), "instruction": item.instruction, "input": item.input,
-                "reference": item.reference}
+        return {
+            "prompt": task_text(item),
+            "instruction": item.instruction,
+            "input": item.input,
+            "reference": item.reference,
+        }
 
     def score(self, item: Item, response: str) -> str:
         return self.score_template.format(**self._fields(item), response=response)
@@ -225,7 +242,9 @@ class JudgmentCache:
             return None
 
     def put(self, key: str, model: str, messages: list[dict], options: dict, answer: str) -> None:
-        write_json(self._path(key), {"model": model, "options": options, "messages": messages, "answer": answer})
+        write_json(
+            self._path(key), {"model": model, "options": options, "messages": messages, "answer": answer}
+        )
 
 
 # ---------------------------------------------------------------------------------------------- judges
@@ -266,8 +285,10 @@ class OllamaJudge:
         answer = self._chat(messages)
         if (value := parse_score(answer, lo, hi)) is not None:
             return Judgment(value, "scored", answer)
-        messages += [{"role": "assistant", "content": answer},
-                     {"role": "user", "content": STRICT_RETRY.format(lo=lo, hi=hi)}]
+        messages += [
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": STRICT_RETRY.format(lo=lo, hi=hi)},
+        ]
         retry = self._chat(messages)
         value = parse_score(retry, lo, hi)
         return Judgment(value, "retried" if value is not None else "unparsed", f"{answer} | {retry}")
@@ -389,12 +410,20 @@ def _frame(
     names = list(candidates)
     rows = []
     for i, item in enumerate(items):
-        row: dict = {"id": item.id, "instruction": item.instruction, "input": item.input,
-                     "reference": item.reference}
+        row: dict = {
+            "id": item.id,
+            "instruction": item.instruction,
+            "input": item.input,
+            "reference": item.reference,
+        }
         for name in names:
             verdict = results[("score", name, i)]
-            row |= {f"{name}_response": candidates[name][i], f"{name}_score": verdict.value,
-                    f"{name}_status": verdict.status, f"{name}_raw": verdict.raw}
+            row |= {
+                f"{name}_response": candidates[name][i],
+                f"{name}_score": verdict.value,
+                f"{name}_status": verdict.status,
+                f"{name}_raw": verdict.raw,
+            }
         if pairwise:
             a, b = names[:2]
             points = []
@@ -420,9 +449,19 @@ def run_judge(
     prompts = Prompts(params)
     judge = OllamaJudge(params, JudgmentCache(cache_dir), prompts)
     lo, hi = SCALES[params.style]
-    scorer = {"scorer": "ollama", "fallback": False, "fallback_reason": None, "model": params.model,
-              "host": judge.host, "style": params.style, "scale_min": lo, "scale_max": hi,
-              "temperature": params.temperature, "seed": params.seed, "num_ctx": params.num_ctx}
+    scorer = {
+        "scorer": "ollama",
+        "fallback": False,
+        "fallback_reason": None,
+        "model": params.model,
+        "host": judge.host,
+        "style": params.style,
+        "scale_min": lo,
+        "scale_max": hi,
+        "temperature": params.temperature,
+        "seed": params.seed,
+        "num_ctx": params.num_ctx,
+    }
     try:
         frame = _judge_all(judge, items, candidates, params.pairwise, params.concurrency)
     except JudgeUnavailable as exc:
@@ -430,6 +469,12 @@ def run_judge(
             raise
         announce_fallback(str(exc))
         frame = _judge_all(RougeFallbackJudge(), items, candidates, params.pairwise, concurrency=1)
-        scorer |= {"scorer": "rouge-l-fallback", "fallback": True, "fallback_reason": one_line(str(exc)),
-                   "style": "rouge_l_f1_x100", "scale_min": 0, "scale_max": 100}
+        scorer |= {
+            "scorer": "rouge-l-fallback",
+            "fallback": True,
+            "fallback_reason": one_line(str(exc)),
+            "style": "rouge_l_f1_x100",
+            "scale_min": 0,
+            "scale_max": 100,
+        }
     return JudgeRun(frame, scorer, judge.requests, judge.cache_hits)

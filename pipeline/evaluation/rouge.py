@@ -4,6 +4,7 @@ It measures word overlap in order (the longest common subsequence), so it reward
 reference says, in its words; it cannot tell a correct paraphrase from a wrong answer. That is why the judge
 labels it loudly wherever it is used.
 """
+
 from __future__ import annotations
 
 import re

@@ -14,6 +14,7 @@ each of our patterns maps to the one that reproduces it (``PRE_TOKENIZERS``); a 
 Beside the weights: ``tokenizer.chat_template`` (Jinja, for llama-server) and an Ollama ``Modelfile`` whose Go
 ``TEMPLATE`` renders the same prompt as our server.
 """
+
 from __future__ import annotations
 
 import sys
@@ -36,13 +37,18 @@ from pipeline.model.gpt import GPT
 from pipeline.model.gpt2_layout import require_gpt2
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
-FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+FILE_TYPES = {
+    "f32": gguf.LlamaFileType.ALL_F32,
+    "f16": gguf.LlamaFileType.MOSTLY_F16,
+    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+}
 # The GPT-4 pattern rustbpe trains with (our ``bpe`` kind): llama.cpp's "llama-bpe" pre-tokenizer is the same
 # regex (case-insensitive contractions spelt out, greedy instead of possessive quantifiers: the same splits) and,
 # like tiktoken, takes a piece that is a whole vocabulary entry as one token.
-GPT4_PATTERN = (r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]"
-                r"|\s+(?!\S)|\s+")
+GPT4_PATTERN = (
+    r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]"
+    r"|\s+(?!\S)|\s+"
+)
 PRE_TOKENIZERS = {GPT4_PATTERN: "llama-bpe", GPT2_PATTERN: "gpt-2"}
 MODELFILE = "Modelfile"
 FORMAT = "the GGUF GPT-2 format (llama.cpp's gpt2 architecture)"
@@ -54,8 +60,10 @@ def pre_tokenizer(enc: tiktoken.Encoding, kind: str) -> str:
     if pattern in PRE_TOKENIZERS:
         return PRE_TOKENIZERS[pattern]
     why = "one character per piece" if pattern == CHAR_PATTERN else f"the split pattern {pattern!r}"
-    raise PipelineError(f"tokenizer.kind={kind}: llama.cpp has no pre-tokenizer that reproduces {why}; GGUF export "
-                        "needs tokenizer.kind bpe or gpt2 (or drop gguf from export.formats)")
+    raise PipelineError(
+        f"tokenizer.kind={kind}: llama.cpp has no pre-tokenizer that reproduces {why}; GGUF export "
+        "needs tokenizer.kind bpe or gpt2 (or drop gguf from export.formats)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
@@ -63,7 +71,11 @@ def pre_tokenizer(enc: tiktoken.Encoding, kind: str) -> str:
 
 def byte_to_unicode() -> dict[int, str]:
     """GPT-2's printable stand-in for every byte (the alphabet byte-level BPE vocabularies are written in)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     mapping, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -79,7 +91,9 @@ def _split_below(token: bytes, ranks: dict[bytes, int]) -> list[bytes]:
     limit = ranks[token]
     parts = [bytes([b]) for b in token]
     while len(parts) > 1:
-        candidates = [(ranks.get(a + b, limit), i) for i, (a, b) in enumerate(zip(parts, parts[1:], strict=False))]
+        candidates = [
+            (ranks.get(a + b, limit), i) for i, (a, b) in enumerate(zip(parts, parts[1:], strict=False))
+        ]
         rank, i = min(candidates)
         if rank >= limit:
             break
@@ -93,13 +107,18 @@ def merges(ranks: dict[bytes, int]) -> Iterator[tuple[bytes, bytes]]:
         if len(token) < 2:
             continue
         rank = ranks[token]
-        splits = [(token[:k], token[k:]) for k in range(1, len(token))
-                  if ranks.get(token[:k], rank) < rank and ranks.get(token[k:], rank) < rank]
+        splits = [
+            (token[:k], token[k:])
+            for k in range(1, len(token))
+            if ranks.get(token[:k], rank) < rank and ranks.get(token[k:], rank) < rank
+        ]
         # BPE's own split is one of these: when it is the only one, no need to replay the merges.
         parts = list(splits[0]) if len(splits) == 1 else _split_below(token, ranks)
         if len(parts) != 2:
-            raise PipelineError(f"tokenizer: token {token!r} is not the merge of two earlier tokens; "
-                                "not a byte-level BPE vocabulary")
+            raise PipelineError(
+                f"tokenizer: token {token!r} is not the merge of two earlier tokens; "
+                "not a byte-level BPE vocabulary"
+            )
         yield parts[0], parts[1]
 
 
@@ -122,26 +141,31 @@ def vocabulary(enc: tiktoken.Encoding, size: int) -> tuple[list[str], list[int]]
 def chat_template(template: str | None) -> str:
     """Jinja for ``tokenizer.chat_template``: the prompt ``prompts.chat_prompt_ids`` builds, as text."""
     if template == "chat":
-        return ("{%- for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '" + END_OF_TURN + "' }}"
-                "{%- endfor %}{%- if add_generation_prompt %}{{ '" + ASSISTANT + "' }}{%- endif %}")
+        return (
+            "{%- for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '" + END_OF_TURN + "' }}"
+            "{%- endfor %}{%- if add_generation_prompt %}{{ '" + ASSISTANT + "' }}{%- endif %}"
+        )
     if template == "alpaca":
         preamble = ALPACA_PREAMBLE.replace("'", "\\'")
-        return ("{{- '" + preamble + "\\n\\n### Instruction:\\n' + messages[-1]['content'] }}"
-                "{%- if messages | length > 1 %}{{ '\\n\\n### Input:\\n' }}"
-                "{%- for m in messages[:-1] %}{{ m['role'] + ': ' + m['content'] }}"
-                "{%- if not loop.last %}{{ '\\n' }}{%- endif %}{%- endfor %}{%- endif %}"
-                "{{- '\\n\\n### Response:\\n' }}")
+        return (
+            "{{- '" + preamble + "\\n\\n### Instruction:\\n' + messages[-1]['content'] }}"
+            "{%- if messages | length > 1 %}{{ '\\n\\n### Input:\\n' }}"
+            "{%- for m in messages[:-1] %}{{ m['role'] + ': ' + m['content'] }}"
+            "{%- if not loop.last %}{{ '\\n' }}{%- endif %}{%- endfor %}{%- endif %}"
+            "{{- '\\n\\n### Response:\\n' }}"
+        )
     return "{%- for m in messages %}{%- if not loop.first %}{{ '\\n\\n' }}{%- endif %}{{ m['content'] }}{%- endfor %}"
 
 
 def go_template(template: str | None) -> str:
     """Ollama's TEMPLATE (Go text/template over ``.Messages``) for the same prompt as ``chat_template``."""
     if template == "chat":
-        return ("{{- range .Messages }}<|{{ .Role }}|>{{ .Content }}" + END_OF_TURN + "{{ end }}" + ASSISTANT)
+        return "{{- range .Messages }}<|{{ .Role }}|>{{ .Content }}" + END_OF_TURN + "{{ end }}" + ASSISTANT
     if template == "alpaca":
         return (
-            "{{- range $i, $m := .Messages }}{{- if eq (len (slice $.Messages $i)) 1 }}" + ALPACA_PREAMBLE +
-            "\n\n### Instruction:\n{{ $m.Content }}"
+            "{{- range $i, $m := .Messages }}{{- if eq (len (slice $.Messages $i)) 1 }}"
+            + ALPACA_PREAMBLE
+            + "\n\n### Instruction:\n{{ $m.Content }}"
             "{{- if gt $i 0 }}\n\n### Input:\n"
             "{{ range $j, $c := slice $.Messages 0 $i }}{{ if $j }}\n{{ end }}{{ $c.Role }}: {{ $c.Content }}{{ end }}"
             "{{- end }}\n\n### Response:\n{{ end }}{{- end }}"
@@ -154,9 +178,11 @@ def stop_strings(template: str | None) -> list[str]:
 
 
 # Ollama reads ``#`` lines of a Modelfile as comments: the one known crash, for whoever runs these files.
-AMX_NOTE = ("# q8_0 on Intel CPUs with AMX (lscpu flag amx_int8): llama.cpp repacks q8_0 weights for AMX and can\n"
-            "# segfault on the first token (ggml-org/llama.cpp#20824). llama.cpp: run with --no-repack. Ollama has\n"
-            "# no such switch: use the f16 file here, or see docs/export.md (GGUF on CPUs with AMX).\n")
+AMX_NOTE = (
+    "# q8_0 on Intel CPUs with AMX (lscpu flag amx_int8): llama.cpp repacks q8_0 weights for AMX and can\n"
+    "# segfault on the first token (ggml-org/llama.cpp#20824). llama.cpp: run with --no-repack. Ollama has\n"
+    "# no such switch: use the f16 file here, or see docs/export.md (GGUF on CPUs with AMX).\n"
+)
 
 
 def modelfile(gguf_name: str, template: str | None, context_length: int) -> str:
@@ -165,11 +191,13 @@ def modelfile(gguf_name: str, template: str | None, context_length: int) -> str:
     Sampling defaults are Ollama's own, except ``repeat_penalty 1`` (our sampler has none) and ``num_ctx``, which
     must not exceed the model's learned positions."""
     stops = "".join(f'PARAMETER stop "{s}"\n' for s in stop_strings(template))
-    return (f"{AMX_NOTE}FROM ./{gguf_name}\n"
-            f'TEMPLATE """{go_template(template)}"""\n'
-            f"{stops}"
-            f"PARAMETER num_ctx {context_length}\n"
-            "PARAMETER temperature 0.8\nPARAMETER top_k 40\nPARAMETER top_p 0.9\nPARAMETER repeat_penalty 1\n")
+    return (
+        f"{AMX_NOTE}FROM ./{gguf_name}\n"
+        f'TEMPLATE """{go_template(template)}"""\n'
+        f"{stops}"
+        f"PARAMETER num_ctx {context_length}\n"
+        "PARAMETER temperature 0.8\nPARAMETER top_k 40\nPARAMETER top_p 0.9\nPARAMETER repeat_penalty 1\n"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -182,14 +210,23 @@ def gguf_tensors(model: GPT) -> Iterator[tuple[str, torch.Tensor]]:
     yield "position_embd.weight", model.pos_emb.weight
     for i, block in enumerate(model.blocks):
         qkv_bias = block.att.qkv.bias if block.att.qkv.bias is not None else torch.zeros(3 * cfg.n_embd)
-        yield from ((f"blk.{i}.{name}", t) for name, t in (
-            ("attn_norm.weight", block.norm1.weight), ("attn_norm.bias", block.norm1.bias),
-            ("attn_qkv.weight", block.att.qkv.weight), ("attn_qkv.bias", qkv_bias),
-            ("attn_output.weight", block.att.out_proj.weight), ("attn_output.bias", block.att.out_proj.bias),
-            ("ffn_norm.weight", block.norm2.weight), ("ffn_norm.bias", block.norm2.bias),
-            ("ffn_up.weight", block.ff.fc.weight), ("ffn_up.bias", block.ff.fc.bias),
-            ("ffn_down.weight", block.ff.proj.weight), ("ffn_down.bias", block.ff.proj.bias),
-        ))
+        yield from (
+            (f"blk.{i}.{name}", t)
+            for name, t in (
+                ("attn_norm.weight", block.norm1.weight),
+                ("attn_norm.bias", block.norm1.bias),
+                ("attn_qkv.weight", block.att.qkv.weight),
+                ("attn_qkv.bias", qkv_bias),
+                ("attn_output.weight", block.att.out_proj.weight),
+                ("attn_output.bias", block.att.out_proj.bias),
+                ("ffn_norm.weight", block.norm2.weight),
+                ("ffn_norm.bias", block.norm2.bias),
+                ("ffn_up.weight", block.ff.fc.weight),
+                ("ffn_up.bias", block.ff.fc.bias),
+                ("ffn_down.weight", block.ff.proj.weight),
+                ("ffn_down.bias", block.ff.proj.bias),
+            )
+        )
     yield "output_norm.weight", model.final_norm.weight
     yield "output_norm.bias", model.final_norm.bias
     if not cfg.tie_weights:
@@ -223,13 +260,16 @@ class GGUFTokenizer:
         pre = pre_tokenizer(enc, kind)
         tokens, types = vocabulary(enc, vocab_size)
         byte_char = byte_to_unicode()
-        lines = [" ".join("".join(byte_char[b] for b in part) for part in pair)
-                 for pair in merges(enc.__getstate__()["mergeable_ranks"])]
+        lines = [
+            " ".join("".join(byte_char[b] for b in part) for part in pair)
+            for pair in merges(enc.__getstate__()["mergeable_ranks"])
+        ]
         return cls(pre, tokens, types, lines, enc.eot_token, enc.encode_single_token(END_OF_TURN))
 
 
-def write_gguf(model: GPT, tokenizer: GGUFTokenizer, template: str | None, path: Path, gguf_type: str,
-               name: str) -> None:
+def write_gguf(
+    model: GPT, tokenizer: GGUFTokenizer, template: str | None, path: Path, gguf_type: str, name: str
+) -> None:
     """Write ``model`` with its tokenizer as one GGUF file (``gguf_type`` f32, f16 or q8_0)."""
     cfg = model.cfg
     require_gpt2(cfg, FORMAT, "gguf")
@@ -264,15 +304,18 @@ def write_gguf(model: GPT, tokenizer: GGUFTokenizer, template: str | None, path:
     writer.close()
 
 
-
 # ---------------------------------------------------------------------------------------------- the export
 
 # Instructions the checks render in the model's prompt format (with a system message and earlier turns too).
 SAMPLE_CHATS: tuple[tuple[tuple[str, str], ...], ...] = (
     (("user", "Name three colours of the rainbow."),),
     (("user", "Rewrite the sentence in the passive voice:\n\nThe knight rode the horse."),),
-    (("system", "Answer briefly."), ("user", "¿Quién escribió el Quijote?"), ("assistant", "Cervantes, en 1605."),
-     ("user", "How many pages does it have?")),
+    (
+        ("system", "Answer briefly."),
+        ("user", "¿Quién escribió el Quijote?"),
+        ("assistant", "Cervantes, en 1605."),
+        ("user", "How many pages does it have?"),
+    ),
 )
 
 
@@ -281,7 +324,9 @@ def val_text(windows: np.ndarray, enc: tiktoken.Encoding) -> list[str]:
     return [enc.decode(row.tolist()) for row in windows]
 
 
-def export_gguf(model_dir: Path, tokenizer_dir: Path, shards_dir: Path, out_dir: Path, params: ExportParams) -> dict:
+def export_gguf(
+    model_dir: Path, tokenizer_dir: Path, shards_dir: Path, out_dir: Path, params: ExportParams
+) -> dict:
     """``out_dir``/<model>-<type>.gguf per ``export.gguf_types`` and a Modelfile (replaced atomically, only when
     every check passed); verified in llama.cpp, in a child process, when llama-cpp-python is installed. Returns
     the metrics.
@@ -300,34 +345,54 @@ def export_gguf(model_dir: Path, tokenizer_dir: Path, shards_dir: Path, out_dir:
     loaded = load_with_tokenizer(model_dir, tokenizer_dir)
     model, enc, cfg = loaded.model.eval(), loaded.enc, loaded.model.cfg
     if cfg.n_classes:
-        raise PipelineError(f"{model_dir}: a classifier has no place in llama.cpp's gpt2 architecture (a language "
-                            "model's head); set export.formats: [onnx] to export it")
+        raise PipelineError(
+            f"{model_dir}: a classifier has no place in llama.cpp's gpt2 architecture (a language "
+            "model's head); set export.formats: [onnx] to export it"
+        )
     require_gpt2(cfg, FORMAT, "gguf")
     template = (loaded.meta.get("instructions") or {}).get("template")
     tokenizer = GGUFTokenizer.of(enc, read_metadata(tokenizer_dir)["kind"], cfg.vocab_size)
     dataset = ShardDataset(shards_dir, "val", expected_fingerprint=loaded.tokenizer_fingerprint)
-    batches = [x.numpy() for x, _ in dataset.sequential(
-        -(-params.gguf_check_positions // cfg.context_length), cfg.context_length, max_batches=1)]
+    batches = [
+        x.numpy()
+        for x, _ in dataset.sequential(
+            -(-params.gguf_check_positions // cfg.context_length), cfg.context_length, max_batches=1
+        )
+    ]
     if not batches:
-        raise PipelineError(f"{shards_dir}: the validation split holds no window of context_length "
-                            f"{cfg.context_length} tokens to check the GGUF export on")
+        raise PipelineError(
+            f"{shards_dir}: the validation split holds no window of context_length "
+            f"{cfg.context_length} tokens to check the GGUF export on"
+        )
     windows = np.concatenate(batches)
     chats = [list(c) for c in SAMPLE_CHATS if template == "chat" or c[0][0] != "system"]
     chat_ids = [chat_prompt_ids(enc, template, chat) for chat in chats]
     runtime = runtime_name()
-    metrics: dict = {"pre_tokenizer": tokenizer.pre, "template": template or "raw", "files": {}, "size_mb": {},
-                     "verified_by": runtime}
+    metrics: dict = {
+        "pre_tokenizer": tokenizer.pre,
+        "template": template or "raw",
+        "files": {},
+        "size_mb": {},
+        "verified_by": runtime,
+    }
     if runtime is None:
-        metrics["unverified"] = "llama_cpp is not importable (pip install llama-cpp-python): the files were not loaded"
+        metrics["unverified"] = (
+            "llama_cpp is not importable (pip install llama-cpp-python): the files were not loaded"
+        )
     name = model_dir.name
     crashes = []
     with atomic_path(out_dir) as tmp, tempfile.TemporaryDirectory(prefix="gguf-check-") as scratch:
         tmp.mkdir()
         np.save(Path(scratch) / "windows.npy", windows)  # the child's copy of the validation windows
-        request = {"model_dir": str(model_dir.resolve()), "tokenizer_dir": str(tokenizer_dir.resolve()),
-                   "windows": str(Path(scratch) / "windows.npy"),
-                   "texts": val_text(windows, enc) + [enc.decode(ids) for ids in chat_ids],
-                   "greedy_tokens": params.parity_tokens, "chats": chats, "chat_ids": chat_ids}
+        request = {
+            "model_dir": str(model_dir.resolve()),
+            "tokenizer_dir": str(tokenizer_dir.resolve()),
+            "windows": str(Path(scratch) / "windows.npy"),
+            "texts": val_text(windows, enc) + [enc.decode(ids) for ids in chat_ids],
+            "greedy_tokens": params.parity_tokens,
+            "chats": chats,
+            "chat_ids": chat_ids,
+        }
         for gguf_type in params.gguf_types:
             path = tmp / f"{name}-{gguf_type}.gguf"
             print(f"export: {model_dir} → {path.name}", file=sys.stderr)
@@ -336,8 +401,9 @@ def export_gguf(model_dir: Path, tokenizer_dir: Path, shards_dir: Path, out_dir:
             metrics["size_mb"][gguf_type] = round(path.stat().st_size / 1e6, 3)
             if runtime:
                 try:
-                    metrics[gguf_type] = check_in_child("check_file", path, params.gguf_check_timeout,
-                                                        gguf_type=gguf_type, **request)
+                    metrics[gguf_type] = check_in_child(
+                        "check_file", path, params.gguf_check_timeout, gguf_type=gguf_type, **request
+                    )
                 except ChildCrashed as exc:
                     reason = one_line(str(exc).replace(str(tmp), str(out_dir)))  # the path the user will find
                     print(f"warning: {reason}", file=sys.stderr)
@@ -345,6 +411,7 @@ def export_gguf(model_dir: Path, tokenizer_dir: Path, shards_dir: Path, out_dir:
                     crashes.append(f"{gguf_type}: llama.cpp crashed ({exc.cause})")
         if crashes:
             metrics["unverified"] = "; ".join(crashes) + f" — published unverified ({CRASH_ADVICE})"
-        (tmp / MODELFILE).write_text(modelfile(metrics["files"][params.gguf_types[0]], template, cfg.context_length),
-                                     encoding="utf-8")
+        (tmp / MODELFILE).write_text(
+            modelfile(metrics["files"][params.gguf_types[0]], template, cfg.context_length), encoding="utf-8"
+        )
     return metrics

@@ -12,6 +12,7 @@ the export and the tests call ``check_in_child`` and never import ``llama_cpp`` 
 is loaded without weight repacking: on CPUs with AMX, llama.cpp repacks q8_0 weights into its AMX buffer type and
 the first decode segfaults there (ggml-org/llama.cpp#20824); without repacking the same file decodes correctly.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,14 +36,18 @@ from pipeline.model.sampling import SamplingOptions
 MIN_TOP1 = {"f32": 0.99, "f16": 0.98, "q8_0": 0.95}
 GREEDY_PROMPT_TOKENS = 16
 # Digits, runs of newlines and spaces, accents (composed and decomposed), emoji, contractions, special tokens.
-EDGE_CASE = ("Año 1605: 1234567 x 89.5%  —  ¡Olé! café naïve Ma\u0301laga 🙂🙂\n\n\n\t\ttabs   and    spaces  \n"
-             "don't I'LL we've <|endoftext|><|user|>hi<|end|><|assistant|>  trailing   ")
+EDGE_CASE = (
+    "Año 1605: 1234567 x 89.5%  —  ¡Olé! café naïve Ma\u0301laga 🙂🙂\n\n\n\t\ttabs   and    spaces  \n"
+    "don't I'LL we've <|endoftext|><|user|>hi<|end|><|assistant|>  trailing   "
+)
 
 
 RUNTIME = "llama.cpp (llama-cpp-python)"
 # What a user can do when llama.cpp dies on one of our files: the check's one line ends with it.
-CRASH_ADVICE = ("the file itself was written; load it with llama.cpp's --no-repack, or use the f16 file, and see "
-                "docs/export.md (GGUF on CPUs with AMX)")
+CRASH_ADVICE = (
+    "the file itself was written; load it with llama.cpp's --no-repack, or use the f16 file, and see "
+    "docs/export.md (GGUF on CPUs with AMX)"
+)
 
 
 def runtime_name() -> str | None:
@@ -80,9 +85,17 @@ def load(path: Path, context_length: int):
 
     try:
         with no_weight_repacking():
-            return Llama(model_path=str(path), n_ctx=context_length, n_batch=context_length, n_ubatch=context_length,
-                         n_threads=len(os.sched_getaffinity(0)), logits_all=True, type_k=GGML_TYPE_F32,
-                         type_v=GGML_TYPE_F32, verbose=False)
+            return Llama(
+                model_path=str(path),
+                n_ctx=context_length,
+                n_batch=context_length,
+                n_ubatch=context_length,
+                n_threads=len(os.sched_getaffinity(0)),
+                logits_all=True,
+                type_k=GGML_TYPE_F32,
+                type_v=GGML_TYPE_F32,
+                verbose=False,
+            )
     except (ValueError, RuntimeError) as exc:
         raise PipelineError(f"{path}: llama.cpp cannot load it ({exc})") from None
 
@@ -95,8 +108,16 @@ def tokenizer_mismatches(llm, enc: tiktoken.Encoding, texts: Sequence[str]) -> t
         theirs = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         compared += len(ours)
         if ours != theirs:
-            at = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs)))
-            return compared, {"text": text[:200], "index": at, "ours": ours[at: at + 8], "llama_cpp": theirs[at: at + 8]}
+            at = next(
+                (i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
+                min(len(ours), len(theirs)),
+            )
+            return compared, {
+                "text": text[:200],
+                "index": at,
+                "ours": ours[at : at + 8],
+                "llama_cpp": theirs[at : at + 8],
+            }
     return compared, None
 
 
@@ -145,13 +166,27 @@ def greedy(llm, model: GPT, prompts: Sequence[Sequence[int]], tokens: int) -> di
         if same < len(ours) and first is None:
             logits = model(torch.tensor([list(prompt) + ours[:same]]))[0][0, -1]
             top2 = torch.topk(logits, 2).values
-            first = {"prompt": prompts.index(prompt), "token": same, "ours": ours[same], "llama_cpp": theirs[same],
-                     "our_logit_margin": round(float(top2[0] - top2[1]), 6)}
-    return {"tokens_matched": matched, "tokens": total, "share": matched / max(total, 1), "first_divergence": first}
+            first = {
+                "prompt": prompts.index(prompt),
+                "token": same,
+                "ours": ours[same],
+                "llama_cpp": theirs[same],
+                "our_logit_margin": round(float(top2[0] - top2[1]), 6),
+            }
+    return {
+        "tokens_matched": matched,
+        "tokens": total,
+        "share": matched / max(total, 1),
+        "first_divergence": first,
+    }
 
 
-def chat_template_check(llm, enc: tiktoken.Encoding, conversations: Sequence[Sequence[tuple[str, str]]],
-                        expected: Sequence[list[int]]) -> bool:
+def chat_template_check(
+    llm,
+    enc: tiktoken.Encoding,
+    conversations: Sequence[Sequence[tuple[str, str]]],
+    expected: Sequence[list[int]],
+) -> bool:
     """Whether llama-cpp-python's Jinja chat formatter, fed the file's ``tokenizer.chat_template``, gives our
     prompt ids for each conversation."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -167,31 +202,51 @@ def chat_template_check(llm, enc: tiktoken.Encoding, conversations: Sequence[Seq
     return True
 
 
-def verify(path: Path, gguf_type: str, model: GPT, enc: tiktoken.Encoding, texts: Sequence[str], windows: np.ndarray,
-           greedy_tokens: int, chats: Sequence[Sequence[tuple[str, str]]] = (), chat_ids: Sequence[list[int]] = ()
-           ) -> dict:
+def verify(
+    path: Path,
+    gguf_type: str,
+    model: GPT,
+    enc: tiktoken.Encoding,
+    texts: Sequence[str],
+    windows: np.ndarray,
+    greedy_tokens: int,
+    chats: Sequence[Sequence[tuple[str, str]]] = (),
+    chat_ids: Sequence[list[int]] = (),
+) -> dict:
     """Run every check on one GGUF file; raise PipelineError when one fails, else return the figures."""
     llm = load(path, model.cfg.context_length)
     try:
         compared, mismatch = tokenizer_mismatches(llm, enc, [*texts, EDGE_CASE])
         if mismatch:
-            raise PipelineError(f"{path.name}: llama.cpp tokenizes differently from ours at token {mismatch['index']} "
-                                f"of {mismatch['text']!r}: ours {mismatch['ours']}, llama.cpp {mismatch['llama_cpp']}")
+            raise PipelineError(
+                f"{path.name}: llama.cpp tokenizes differently from ours at token {mismatch['index']} "
+                f"of {mismatch['text']!r}: ours {mismatch['ours']}, llama.cpp {mismatch['llama_cpp']}"
+            )
         agreement = teacher_forced(llm, model, windows)
         if agreement.top1 < MIN_TOP1[gguf_type]:
-            raise PipelineError(f"{path.name}: llama.cpp's top-1 next token agrees with ours at {agreement.top1:.2%} "
-                                f"of {agreement.positions} positions < {MIN_TOP1[gguf_type]:.0%} for {gguf_type}")
+            raise PipelineError(
+                f"{path.name}: llama.cpp's top-1 next token agrees with ours at {agreement.top1:.2%} "
+                f"of {agreement.positions} positions < {MIN_TOP1[gguf_type]:.0%} for {gguf_type}"
+            )
         prompts = [row[:GREEDY_PROMPT_TOKENS].tolist() for row in windows[:2]]
         greedy_tokens = min(greedy_tokens, model.cfg.context_length - GREEDY_PROMPT_TOKENS)
         chat_ok = chat_template_check(llm, enc, chats, chat_ids) if chats else None
         if chat_ok is False:
-            raise PipelineError(f"{path.name}: tokenizer.chat_template, rendered by llama-cpp-python, does not give "
-                                "our prompt ids")
-        return {"tokenizer_tokens_compared": compared, "tokenizer_identical": True,
-                "teacher_forced_positions": agreement.positions, "top1_agreement": agreement.top1,
-                "min_top1_agreement": MIN_TOP1[gguf_type], "max_abs_logit_diff": agreement.max_abs_logit_diff,
-                "greedy": greedy(llm, model, prompts, greedy_tokens), "chat_template_matches": chat_ok,
-                "passed": True}
+            raise PipelineError(
+                f"{path.name}: tokenizer.chat_template, rendered by llama-cpp-python, does not give "
+                "our prompt ids"
+            )
+        return {
+            "tokenizer_tokens_compared": compared,
+            "tokenizer_identical": True,
+            "teacher_forced_positions": agreement.positions,
+            "top1_agreement": agreement.top1,
+            "min_top1_agreement": MIN_TOP1[gguf_type],
+            "max_abs_logit_diff": agreement.max_abs_logit_diff,
+            "greedy": greedy(llm, model, prompts, greedy_tokens),
+            "chat_template_matches": chat_ok,
+            "passed": True,
+        }
     finally:
         llm.close()
 
@@ -199,19 +254,38 @@ def verify(path: Path, gguf_type: str, model: GPT, enc: tiktoken.Encoding, texts
 # ---------------------------------------------------------------------------------------------- the child's side
 
 
-def check_file(gguf: str, gguf_type: str, model_dir: str, tokenizer_dir: str, windows: str, texts: list[str],
-               greedy_tokens: int, chats: list, chat_ids: list) -> dict:
+def check_file(
+    gguf: str,
+    gguf_type: str,
+    model_dir: str,
+    tokenizer_dir: str,
+    windows: str,
+    texts: list[str],
+    greedy_tokens: int,
+    chats: list,
+    chat_ids: list,
+) -> dict:
     """In the child: every check of ``verify`` on one file, against the model saved in ``model_dir`` and the
     validation windows saved (``.npy``) at ``windows``."""
     from pipeline.model.checkpoint import load_with_tokenizer
 
     loaded = load_with_tokenizer(Path(model_dir), Path(tokenizer_dir))
-    return verify(Path(gguf), gguf_type, loaded.model.eval(), loaded.enc, texts, np.load(windows, allow_pickle=False),
-                  greedy_tokens, [[tuple(turn) for turn in chat] for chat in chats], chat_ids)
+    return verify(
+        Path(gguf),
+        gguf_type,
+        loaded.model.eval(),
+        loaded.enc,
+        texts,
+        np.load(windows, allow_pickle=False),
+        greedy_tokens,
+        [[tuple(turn) for turn in chat] for chat in chats],
+        chat_ids,
+    )
 
 
-def check_tokenizer(gguf: str, tokenizer_dir: str, context_length: int, texts: list[str], chats: list,
-                    chat_ids: list) -> dict:
+def check_tokenizer(
+    gguf: str, tokenizer_dir: str, context_length: int, texts: list[str], chats: list, chat_ids: list
+) -> dict:
     """In the child: llama.cpp's tokenizer and chat template against ours, on one file (no decoding)."""
     from pipeline.data.tokenizer import load_tokenizer
 
@@ -219,7 +293,9 @@ def check_tokenizer(gguf: str, tokenizer_dir: str, context_length: int, texts: l
     llm = load(Path(gguf), context_length)
     try:
         compared, mismatch = tokenizer_mismatches(llm, enc, [*texts, EDGE_CASE])
-        chat_ok = chat_template_check(llm, enc, [[tuple(t) for t in c] for c in chats], chat_ids) if chats else None
+        chat_ok = (
+            chat_template_check(llm, enc, [[tuple(t) for t in c] for c in chats], chat_ids) if chats else None
+        )
     finally:
         llm.close()
     return {"tokenizer_tokens_compared": compared, "mismatch": mismatch, "chat_template_matches": chat_ok}
@@ -231,5 +307,11 @@ def check_tokenizer(gguf: str, tokenizer_dir: str, context_length: int, texts: l
 def check_in_child(check: str, gguf: Path, timeout: float, **request) -> dict:
     """``check`` (``check_file`` or ``check_tokenizer``) on ``gguf`` in a child process: its figures, a
     PipelineError for a failed check, or ChildCrashed when llama.cpp dies or hangs."""
-    return run_isolated(f"{__name__}:{check}", {"gguf": str(gguf), **request}, subject=str(gguf), runtime=RUNTIME,
-                        advice=CRASH_ADVICE, timeout=timeout)
+    return run_isolated(
+        f"{__name__}:{check}",
+        {"gguf": str(gguf), **request},
+        subject=str(gguf),
+        runtime=RUNTIME,
+        advice=CRASH_ADVICE,
+        timeout=timeout,
+    )

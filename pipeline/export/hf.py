@@ -10,6 +10,7 @@ and the chat templates ``alpaca`` and ``chat`` (the default: the one the model w
 Before the directory replaces ``models/hf`` the export loads it back through transformers and checks logits,
 tokenizer ids and greedy decoding against ours; a failed check leaves the old directory in place.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,12 @@ TEXT_WINDOWS = 32  # validation windows decoded to text for the tokenizer check
 LOGIT_WINDOWS, LOGIT_TOKENS = 4, 256  # of which the first rows and tokens go through both models
 # Strings a tokenizer port most often gets wrong: digits, CRLF, accents, emoji, specials between text.
 EDGE_TEXTS = (
-    "1234567890 3.14159 2026-11-30", "línea uno\r\nlínea dos\r\n\r\n", "Ñandú, pingüino, über, café, naïve",
-    "emoji 😀🚀 y 漢字", f"{EOT}texto{USER}hola{END_OF_TURN}{ASSISTANT}", "  espacios   y\ttabs\n\n\n",
+    "1234567890 3.14159 2026-11-30",
+    "línea uno\r\nlínea dos\r\n\r\n",
+    "Ñandú, pingüino, über, café, naïve",
+    "emoji 😀🚀 y 漢字",
+    f"{EOT}texto{USER}hola{END_OF_TURN}{ASSISTANT}",
+    "  espacios   y\ttabs\n\n\n",
 )
 
 
@@ -71,7 +76,13 @@ def _chat_template() -> str:
         "{{ raise_exception('roles are system, user and assistant') }}"
         "{%- endif -%}"
         + "".join(
-            "{%- if message['role'] == '" + role + "' -%}{{ '" + marker + "' + message['content'] + '" + END_OF_TURN + "' }}"
+            "{%- if message['role'] == '"
+            + role
+            + "' -%}{{ '"
+            + marker
+            + "' + message['content'] + '"
+            + END_OF_TURN
+            + "' }}"
             "{%- endif -%}"
             for role, marker in markers.items()
         )
@@ -101,19 +112,35 @@ def hf_tokenizer(enc: tiktoken.Encoding, meta: dict, context_length: int, templa
 
     specials = sorted(meta["special_tokens"], key=meta["special_tokens"].get)
     backend = _bpe_from_ranks(enc.__getstate__()["mergeable_ranks"], meta["pattern"], specials)
-    backend.model.ignore_merges = True  # a piece that is a token stays one token (tiktoken's rule; char kind needs it)
-    wrong = {s: backend.token_to_id(s) for s in specials if backend.token_to_id(s) != meta["special_tokens"][s]}
+    backend.model.ignore_merges = (
+        True  # a piece that is a token stays one token (tiktoken's rule; char kind needs it)
+    )
+    wrong = {
+        s: backend.token_to_id(s) for s in specials if backend.token_to_id(s) != meta["special_tokens"][s]
+    }
     if wrong or backend.get_vocab_size() != meta["vocab_size"]:
-        raise PipelineError(f"tokenizer {meta['fingerprint'][:12]}: special tokens {wrong} or vocab size {backend.get_vocab_size()} "
-                            "differ in the tokenizers port (ids must be contiguous after the mergeable ranks)")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOT, bos_token=EOT, pad_token=EOT,
-                                        model_max_length=context_length, clean_up_tokenization_spaces=False)
-    tokenizer.chat_template = {"default": TEMPLATES[template](), **{name: make() for name, make in TEMPLATES.items()}}
+        raise PipelineError(
+            f"tokenizer {meta['fingerprint'][:12]}: special tokens {wrong} or vocab size {backend.get_vocab_size()} "
+            "differ in the tokenizers port (ids must be contiguous after the mergeable ranks)"
+        )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=EOT,
+        bos_token=EOT,
+        pad_token=EOT,
+        model_max_length=context_length,
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = {
+        "default": TEMPLATES[template](),
+        **{name: make() for name, make in TEMPLATES.items()},
+    }
     return tokenizer
 
 
-def write_hf(model: GPT, enc: tiktoken.Encoding, meta: dict, out: Path, template: str,
-             **extra: object) -> None:
+def write_hf(
+    model: GPT, enc: tiktoken.Encoding, meta: dict, out: Path, template: str, **extra: object
+) -> None:
     """Write the Hugging Face directory ``out`` (which must not exist); the model card comes after the checks."""
     from transformers import GenerationConfig
 
@@ -122,11 +149,19 @@ def write_hf(model: GPT, enc: tiktoken.Encoding, meta: dict, out: Path, template
     stops = [enc.eot_token, enc.encode_single_token(END_OF_TURN)]
     out.mkdir()
     save_file(to_gpt2(model.state_dict(), cfg), str(out / WEIGHTS), metadata={"format": "pt"})
-    ours = {"model": cfg.to_dict(), "tokenizer": {"kind": meta["kind"], "fingerprint": meta["fingerprint"]},
-            "template": template, **extra}
+    ours = {
+        "model": cfg.to_dict(),
+        "tokenizer": {"kind": meta["kind"], "fingerprint": meta["fingerprint"]},
+        "template": template,
+        **extra,
+    }
     hf_config = config_to_hf(cfg, enc.eot_token, llm_pipeline=ours)
-    (out / "config.json").write_text(json.dumps(hf_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    GenerationConfig(bos_token_id=enc.eot_token, eos_token_id=stops, pad_token_id=enc.eot_token).save_pretrained(out)
+    (out / "config.json").write_text(
+        json.dumps(hf_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    GenerationConfig(
+        bos_token_id=enc.eot_token, eos_token_id=stops, pad_token_id=enc.eot_token
+    ).save_pretrained(out)
     hf_tokenizer(enc, meta, cfg.context_length, template).save_pretrained(out)
 
 
@@ -142,7 +177,9 @@ def load_hf(directory: Path):
 
 def tokenizer_agreement(tokenizer, enc: tiktoken.Encoding, texts: list[str]) -> tuple[float, int]:
     """Share of ``texts`` that the transformers tokenizer encodes to exactly our ids (specials as specials)."""
-    same = sum(tokenizer.encode(t, add_special_tokens=False) == enc.encode(t, allowed_special="all") for t in texts)
+    same = sum(
+        tokenizer.encode(t, add_special_tokens=False) == enc.encode(t, allowed_special="all") for t in texts
+    )
     return same / len(texts), len(texts)
 
 
@@ -158,17 +195,25 @@ def greedy_agreement(ours: GPT, theirs, prompt: list[int], tokens: int) -> int:
     opts = SamplingOptions(max_new_tokens=tokens, temperature=0.0)
     mine = [int(t) for t in stream_tokens(ours, torch.tensor([prompt]), opts)]
     with quiet_logger("transformers"):
-        out = theirs.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                              max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, eos_token_id=None,
-                              pad_token_id=0)
-    generated = out[0, len(prompt):].tolist()
+        out = theirs.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    generated = out[0, len(prompt) :].tolist()
     same = 0
     while same < min(len(mine), len(generated)) and mine[same] == generated[same]:
         same += 1
     return same
 
 
-def check_hf(model: GPT, enc: tiktoken.Encoding, directory: Path, windows: np.ndarray, params: ExportParams) -> dict:
+def check_hf(
+    model: GPT, enc: tiktoken.Encoding, directory: Path, windows: np.ndarray, params: ExportParams
+) -> dict:
     """Load ``directory`` with transformers and compare logits, tokenizer ids and greedy tokens with ours."""
     theirs, tokenizer = load_hf(directory)
     diff = max_logit_diff(model, theirs, windows[:LOGIT_WINDOWS, :LOGIT_TOKENS])
@@ -178,22 +223,32 @@ def check_hf(model: GPT, enc: tiktoken.Encoding, directory: Path, windows: np.nd
     greedy = greedy_agreement(model, theirs, prompt, params.parity_tokens)
     failures = []
     if diff > params.parity_atol:
-        failures.append(f"max |logit(transformers) - logit(torch)| = {diff:.3g} > export.parity_atol={params.parity_atol:g}")
+        failures.append(
+            f"max |logit(transformers) - logit(torch)| = {diff:.3g} > export.parity_atol={params.parity_atol:g}"
+        )
     if agreement < 1.0:
         failures.append(f"the tokenizer.json port encodes {agreement:.1%} of {n_texts} texts to our ids")
     if greedy < params.parity_tokens:
-        failures.append(f"greedy decoding left ours after {greedy} of export.parity_tokens={params.parity_tokens} tokens")
+        failures.append(
+            f"greedy decoding left ours after {greedy} of export.parity_tokens={params.parity_tokens} tokens"
+        )
     if failures:
         raise PipelineError(f"Hugging Face export failed: {'; '.join(failures)}; nothing was exported")
-    return {"max_abs_logit_diff": diff, "atol": params.parity_atol, "tokenizer_agreement": agreement,
-            "tokenizer_texts": n_texts, "greedy_tokens_matched": greedy, "passed": True}
+    return {
+        "max_abs_logit_diff": diff,
+        "atol": params.parity_atol,
+        "tokenizer_agreement": agreement,
+        "tokenizer_texts": n_texts,
+        "greedy_tokens_matched": greedy,
+        "passed": True,
+    }
 
 
 def hf_readme(cfg: dict, source: str, template: str, metrics: dict) -> str:
     return f"""# {source} for transformers
 
-A GPT-2-architecture model ({cfg['n_layer']} layers, {cfg['n_head']} heads, width {cfg['n_embd']}, context
-{cfg['context_length']}, vocabulary {cfg['vocab_size']}) trained by the llm-pipeline project, exported as
+A GPT-2-architecture model ({cfg["n_layer"]} layers, {cfg["n_head"]} heads, width {cfg["n_embd"]}, context
+{cfg["context_length"]}, vocabulary {cfg["vocab_size"]}) trained by the llm-pipeline project, exported as
 `GPT2LMHeadModel` with its own tokenizer (byte-level BPE, `tokenizer.json`) and chat templates `alpaca` and `chat`
 (default: `{template}`, the one it was fine-tuned with).
 
@@ -204,14 +259,23 @@ generator = pipeline("text-generation", model="models/hf")
 print(generator("En un lugar de la Mancha", max_new_tokens=40, do_sample=False)[0]["generated_text"])
 ```
 
-Checked at export: max |logit difference| to the pipeline's own model {metrics['max_abs_logit_diff']:.2e}; the
-tokenizer gives the pipeline's ids on {metrics['tokenizer_texts']} texts; greedy decoding agrees for
-{metrics['greedy_tokens_matched']} tokens.
+Checked at export: max |logit difference| to the pipeline's own model {metrics["max_abs_logit_diff"]:.2e}; the
+tokenizer gives the pipeline's ids on {metrics["tokenizer_texts"]} texts; greedy decoding agrees for
+{metrics["greedy_tokens_matched"]} tokens.
 """
 
 
-def export_hf(model: GPT, enc: tiktoken.Encoding, meta: dict, out_dir: Path, windows: np.ndarray,
-              params: ExportParams, template: str, source: str, **extra: object) -> dict:
+def export_hf(
+    model: GPT,
+    enc: tiktoken.Encoding,
+    meta: dict,
+    out_dir: Path,
+    windows: np.ndarray,
+    params: ExportParams,
+    template: str,
+    source: str,
+    **extra: object,
+) -> dict:
     """Write ``out_dir`` (replaced atomically, only when every check passes); the parity metrics."""
     with atomic_path(out_dir) as tmp:
         write_hf(model, enc, meta, tmp, template, source=source, **extra)
@@ -220,23 +284,47 @@ def export_hf(model: GPT, enc: tiktoken.Encoding, meta: dict, out_dir: Path, win
     return metrics
 
 
-def export_hf_model(model_dir: Path, tokenizer_dir: Path, shards_dir: Path, out_dir: Path, params: ExportParams,
-                    **metadata: object) -> dict:
+def export_hf_model(
+    model_dir: Path,
+    tokenizer_dir: Path,
+    shards_dir: Path,
+    out_dir: Path,
+    params: ExportParams,
+    **metadata: object,
+) -> dict:
     """Export the model directory ``model_dir`` (checked against the data's tokenizer) into ``out_dir``; the metrics."""
     loaded = load_with_tokenizer(model_dir, tokenizer_dir)
     model = loaded.model.eval()
     if model.cfg.n_classes:
-        raise PipelineError(f"{model_dir}: a classifier is not a GPT2LMHeadModel (a language model's head); set "
-                            "export.formats without hf to export it")
+        raise PipelineError(
+            f"{model_dir}: a classifier is not a GPT2LMHeadModel (a language model's head); set "
+            "export.formats without hf to export it"
+        )
     require_gpt2(model.cfg, FORMAT, "hf")
     ctx = model.cfg.context_length
     if not 1 <= params.parity_tokens < ctx:
-        raise PipelineError(f"export.parity_tokens={params.parity_tokens} must be in 1..{ctx - 1} (context_length {ctx})")
+        raise PipelineError(
+            f"export.parity_tokens={params.parity_tokens} must be in 1..{ctx - 1} (context_length {ctx})"
+        )
     val = ShardDataset(shards_dir, "val", expected_fingerprint=loaded.tokenizer_fingerprint)
     windows = next(val.sequential(TEXT_WINDOWS, ctx, max_batches=1), None)
     if windows is None:
-        raise PipelineError(f"{shards_dir}: the val split has fewer than {ctx + 1} tokens, no window to check the export on")
+        raise PipelineError(
+            f"{shards_dir}: the val split has fewer than {ctx + 1} tokens, no window to check the export on"
+        )
     template = (loaded.meta.get("instructions") or {}).get("template", "alpaca")
-    print(f"export: {model_dir} → Hugging Face GPT-2 directory (template {template}), parity through transformers", file=sys.stderr)
-    return export_hf(model, loaded.enc, read_metadata(tokenizer_dir), out_dir, windows[0].numpy(), params,
-                     template, str(model_dir), **metadata)
+    print(
+        f"export: {model_dir} → Hugging Face GPT-2 directory (template {template}), parity through transformers",
+        file=sys.stderr,
+    )
+    return export_hf(
+        model,
+        loaded.enc,
+        read_metadata(tokenizer_dir),
+        out_dir,
+        windows[0].numpy(),
+        params,
+        template,
+        str(model_dir),
+        **metadata,
+    )

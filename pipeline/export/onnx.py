@@ -19,6 +19,7 @@ op; BENCHMARKS.md compares the opsets.
 Everything is built in a temp directory and renamed onto ``models/onnx`` only after every check passed, so a
 failed parity check leaves no exported files behind.
 """
+
 from __future__ import annotations
 
 import math
@@ -80,7 +81,9 @@ class SharedCacheGPT(torch.nn.Module):
         model, cfg = self.model, self.model.cfg
         batch, length = input_ids.shape
         total = past_length + length
-        seqlens_k = (total - 1).to(torch.int32).expand(batch)  # the op's convention: last filled index per row
+        seqlens_k = (
+            (total - 1).to(torch.int32).expand(batch)
+        )  # the op's convention: last filled index per row
         total32 = total.to(torch.int32)
         x = model.embed(input_ids, past_length)
         present: list[torch.Tensor] = []
@@ -141,7 +144,9 @@ def export_graph(model: GPT, path: Path, opset: int) -> None:
     cache_len = torch.export.Dim("cache_len", min=2, max=cfg.context_length)
     dynamic_shapes = ({0: batch, 1: seq}, None, tuple({0: batch, 2: cache_len} for _ in range(n_cache)))
     with warnings.catch_warnings(), quiet_logger("torch.onnx"):
-        warnings.simplefilter("ignore")  # exporter chatter (axis renames, deprecations) is not the user's problem
+        warnings.simplefilter(
+            "ignore"
+        )  # exporter chatter (axis renames, deprecations) is not the user's problem
         program = torch.onnx.export(
             SharedCacheGPT(model).eval(),
             (input_ids, torch.tensor(2), *cache),
@@ -173,7 +178,9 @@ def quantize_int8(src: Path, dst: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="quant-", dir=dst.parent) as tmp:
         folded = Path(tmp) / "folded.onnx"
         quant_pre_process(str(src), str(folded), skip_symbolic_shape=True)
-        quantize_dynamic(str(folded), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"])
+        quantize_dynamic(
+            str(folded), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"]
+        )
 
 
 def real_windows(shards: Path, fingerprint: str, context_length: int) -> np.ndarray:
@@ -196,7 +203,9 @@ class ForwardParity:
     calls: int = 0
 
     def add(self, logits: np.ndarray, reference: torch.Tensor, cache: OnnxCache, ref_cache: KVCache) -> None:
-        self.max_abs_logit_diff = max(self.max_abs_logit_diff, float(np.abs(logits - reference.numpy()).max()))
+        self.max_abs_logit_diff = max(
+            self.max_abs_logit_diff, float(np.abs(logits - reference.numpy()).max())
+        )
         flat_ref = [t for kv in ref_cache for t in kv]
         self.max_abs_cache_diff = max(
             self.max_abs_cache_diff,
@@ -254,7 +263,9 @@ def top1_agreement(fp32: OnnxGenerator, int8: OnnxGenerator, windows: np.ndarray
     return agree / positions, positions, diff
 
 
-def check_parity(model: GPT, onnx: OnnxGenerator, windows: np.ndarray, params: ExportParams, seed: int) -> dict:
+def check_parity(
+    model: GPT, onnx: OnnxGenerator, windows: np.ndarray, params: ExportParams, seed: int
+) -> dict:
     """Random and real prompts of several lengths and batch sizes; raises PipelineError past ``parity_atol``."""
     ctx = model.cfg.context_length
     rng = np.random.default_rng(seed)
@@ -309,43 +320,45 @@ def onnx_readme(config: dict, metrics: dict) -> str:
     model, onnx = config["model"], config["onnx"]
     parity, int8 = metrics["parity"], metrics.get("int8")
     sizes = metrics["size_mb"]
-    files = "\n".join(f"| `{name}` | {variant} | {sizes[variant]} MB |" for variant, name in onnx["files"].items())
+    files = "\n".join(
+        f"| `{name}` | {variant} | {sizes[variant]} MB |" for variant, name in onnx["files"].items()
+    )
     int8_line = (
         f"- int8 (dynamic quantization, int8 weights): top-1 next-token agreement with fp32 "
         f"{int8['top1_agreement']:.2%} over {int8['positions']} real positions.\n"
         if int8
         else ""
     )
-    return f"""# {config['source']['directory']} as ONNX
+    return f"""# {config["source"]["directory"]} as ONNX
 
-GPT ({model['n_layer']} layers, {model['n_head']} heads, {model['n_embd']} wide, vocabulary {model['vocab_size']},
-context {model['context_length']} tokens, {'tied' if model['tie_weights'] else 'untied'} embedding/head),
-exported by the llm-pipeline `export` stage with {onnx['exporter']}, opset {onnx['opset']}.
+GPT ({model["n_layer"]} layers, {model["n_head"]} heads, {model["n_embd"]} wide, vocabulary {model["vocab_size"]},
+context {model["context_length"]} tokens, {"tied" if model["tie_weights"] else "untied"} embedding/head),
+exported by the llm-pipeline `export` stage with {onnx["exporter"]}, opset {onnx["opset"]}.
 
 | file | variant | size |
 |---|---|---|
 {files}
 
-Also here: `tokenizer/` (tiktoken rank file + metadata, fingerprint `{config['tokenizer']['fingerprint'][:12]}…`)
+Also here: `tokenizer/` (tiktoken rank file + metadata, fingerprint `{config["tokenizer"]["fingerprint"][:12]}…`)
 and `config.json` (model shape, graph inputs/outputs, provenance).
 
 ## Graph
 
 One graph serves prefill and decode. Inputs: `input_ids` int64 (batch, seq), `past_length` int64 scalar (the
 positions of the cache already filled; 0 for the prompt) and, per layer i, `past_key_values.i.key` /
-`past_key_values.i.value` float32 (batch, {model['n_head']}, cache_len, {model['n_embd'] // model['n_head']}):
-fixed-size buffers, cache_len up to {model['context_length']}. Outputs: `logits` float32 (batch, seq,
-{model['vocab_size']}) for every position and `present.i.key` / `present.i.value`, the buffers with the new
+`past_key_values.i.value` float32 (batch, {model["n_head"]}, cache_len, {model["n_embd"] // model["n_head"]}):
+fixed-size buffers, cache_len up to {model["context_length"]}. Outputs: `logits` float32 (batch, seq,
+{model["vocab_size"]}) for every position and `present.i.key` / `present.i.value`, the buffers with the new
 positions written. Bind each present output to its past input (onnxruntime IO binding) and the step writes in
 place. Attention is onnxruntime's `GroupQueryAttention` (com.microsoft), so the graph needs onnxruntime. Rows of
 a batch share one length (no padding mask); after the prompt, several new tokens at once need batch 1.
 
 ## Checked at export
 
-- fp32 vs torch over {parity['calls']} prefill/decode calls on random and real prompts (several lengths, batch
-  sizes 1–4): max |logit difference| {parity['max_abs_logit_diff']:.2e} (limit {parity['atol']:g}).
-- Greedy decoding through onnxruntime equals torch's for {parity['greedy_tokens_matched']} tokens on
-  {parity['greedy_prompts']} real prompts.
+- fp32 vs torch over {parity["calls"]} prefill/decode calls on random and real prompts (several lengths, batch
+  sizes 1–4): max |logit difference| {parity["max_abs_logit_diff"]:.2e} (limit {parity["atol"]:g}).
+- Greedy decoding through onnxruntime equals torch's for {parity["greedy_tokens_matched"]} tokens on
+  {parity["greedy_prompts"]} real prompts.
 {int8_line}
 ## Use (needs onnxruntime, tiktoken, numpy — no torch)
 
@@ -403,8 +416,10 @@ def export_model(
     model = loaded.model.eval()
     ctx = model.cfg.context_length
     if model.cfg.n_classes:
-        texts = [row[: 2 + 13 * i % max(1, ctx - 2)].tolist() for i, row in
-                 enumerate(real_windows(shards_dir, loaded.tokenizer_fingerprint, ctx))]
+        texts = [
+            row[: 2 + 13 * i % max(1, ctx - 2)].tolist()
+            for i, row in enumerate(real_windows(shards_dir, loaded.tokenizer_fingerprint, ctx))
+        ]
         return export_classifier(model, loaded.meta, tokenizer_dir, out_dir, texts, params, seed, **metadata)
     check_parity_tokens(params.parity_tokens, ctx)
     windows = real_windows(shards_dir, loaded.tokenizer_fingerprint, ctx)
@@ -415,10 +430,16 @@ def export_model(
         print(f"export: {model_dir} → ONNX opset {params.opset} ({EXPORTER}){int8}")
         variants = write_variants(model, tmp, params.opset, params.quantize_int8)
         config = onnx_config(
-            model, params.opset, variants, sha256={name: sha256_file(tmp / name) for name in variants.values()},
+            model,
+            params.opset,
+            variants,
+            sha256={name: sha256_file(tmp / name) for name in variants.values()},
             source={"directory": str(model_dir), "stage": loaded.meta.get("stage")},
-            tokenizer={"path": TOKENIZER_DIR, "fingerprint": loaded.tokenizer_fingerprint,
-                       "eot_token": loaded.enc.eot_token},
+            tokenizer={
+                "path": TOKENIZER_DIR,
+                "fingerprint": loaded.tokenizer_fingerprint,
+                "eot_token": loaded.enc.eot_token,
+            },
             **metadata,
         )
         write_json(tmp / CONFIG, config)
@@ -430,6 +451,8 @@ def export_model(
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         metrics["size_mb"] = {variant: _size_mb(tmp / name) for variant, name in variants.items()}
         metrics["size_mb"]["torch_weights"] = round(weight_bytes / 1e6, 3)
-        metrics["fp32_size_vs_weights"] = round(metrics["size_mb"]["fp32"] / metrics["size_mb"]["torch_weights"], 4)
+        metrics["fp32_size_vs_weights"] = round(
+            metrics["size_mb"]["fp32"] / metrics["size_mb"]["torch_weights"], 4
+        )
         (tmp / MODEL_CARD).write_text(onnx_readme(config, metrics), encoding="utf-8")
     return metrics

@@ -5,6 +5,7 @@ and ``lengths`` (batch,) in; ``logits`` (batch, n_classes) at each row's last re
 model, the files are built in a temp directory and renamed into place only when onnxruntime's logits match
 torch's within ``export.parity_atol`` and pick the same class, on random and real texts of several lengths.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -41,9 +42,14 @@ def export_graph(model: GPT, path: Path, opset: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter chatter is not the user's problem
         program = torch.onnx.export(
-            ClassifierGraph(model).eval(), (torch.ones(2, 5, dtype=torch.long), torch.tensor([5, 3])), dynamo=True,
-            dynamic_shapes=({0: batch, 1: seq}, {0: batch}), opset_version=opset,
-            input_names=list(INPUTS), output_names=[OUTPUT], verbose=False,
+            ClassifierGraph(model).eval(),
+            (torch.ones(2, 5, dtype=torch.long), torch.tensor([5, 3])),
+            dynamo=True,
+            dynamic_shapes=({0: batch, 1: seq}, {0: batch}),
+            opset_version=opset,
+            input_names=list(INPUTS),
+            output_names=[OUTPUT],
+            verbose=False,
         )
     program.save(str(path))
 
@@ -53,8 +59,10 @@ def _batches(model: GPT, texts: list[list[int]], seed: int) -> list[tuple[np.nda
     rng = np.random.default_rng(seed)
     ctx = model.cfg.context_length
     out = []
-    groups = [texts] + [[rng.integers(0, model.cfg.vocab_size, int(n)).tolist() for n in rng.integers(2, ctx + 1, size)]
-                        for size in (1, 4)]
+    groups = [texts] + [
+        [rng.integers(0, model.cfg.vocab_size, int(n)).tolist() for n in rng.integers(2, ctx + 1, size)]
+        for size in (1, 4)
+    ]
     for group in groups:
         width = max(len(t) for t in group)
         ids = np.zeros((len(group), width), dtype=np.int64)
@@ -65,8 +73,9 @@ def _batches(model: GPT, texts: list[list[int]], seed: int) -> list[tuple[np.nda
 
 
 @torch.inference_mode()
-def check_parity(model: GPT, session: ort.InferenceSession, texts: list[list[int]], params: ExportParams,
-                 seed: int) -> dict:
+def check_parity(
+    model: GPT, session: ort.InferenceSession, texts: list[list[int]], params: ExportParams, seed: int
+) -> dict:
     worst, rows, same = 0.0, 0, 0
     for ids, lengths in _batches(model, texts, seed):
         (onnx,) = session.run([OUTPUT], {"input_ids": ids, "lengths": lengths})
@@ -74,14 +83,30 @@ def check_parity(model: GPT, session: ort.InferenceSession, texts: list[list[int
         worst = max(worst, float(np.abs(onnx - ref).max()))
         rows, same = rows + len(ids), same + int((onnx.argmax(-1) == ref.argmax(-1)).sum())
     if worst > params.parity_atol or same < rows:
-        raise PipelineError(f"export parity failed: max |logit(onnxruntime) - logit(torch)| = {worst:.3g} "
-                            f"(export.parity_atol={params.parity_atol:g}), same class on {same} of {rows} texts; "
-                            "nothing was exported")
-    return {"max_abs_logit_diff": worst, "texts": rows, "same_class": same, "atol": params.parity_atol, "passed": True}
+        raise PipelineError(
+            f"export parity failed: max |logit(onnxruntime) - logit(torch)| = {worst:.3g} "
+            f"(export.parity_atol={params.parity_atol:g}), same class on {same} of {rows} texts; "
+            "nothing was exported"
+        )
+    return {
+        "max_abs_logit_diff": worst,
+        "texts": rows,
+        "same_class": same,
+        "atol": params.parity_atol,
+        "passed": True,
+    }
 
 
-def export_classifier(model: GPT, meta: dict, tokenizer_dir: Path, out_dir: Path, texts: list[list[int]],
-                      params: ExportParams, seed: int, **metadata: object) -> dict:
+def export_classifier(
+    model: GPT,
+    meta: dict,
+    tokenizer_dir: Path,
+    out_dir: Path,
+    texts: list[list[int]],
+    params: ExportParams,
+    seed: int,
+    **metadata: object,
+) -> dict:
     """Export a classifier into ``out_dir`` (replaced only when parity holds); the parity metrics."""
     model = model.eval()
     with atomic_path(out_dir) as tmp:
@@ -90,10 +115,24 @@ def export_classifier(model: GPT, meta: dict, tokenizer_dir: Path, out_dir: Path
         print(f"export: classifier ({len(meta['labels'])} classes) → ONNX opset {params.opset}")
         export_graph(model, tmp / FILE, params.opset)
         session = ort.InferenceSession(str(tmp / FILE), providers=["CPUExecutionProvider"])
-        metrics = {"parity": check_parity(model, session, texts, params, seed),
-                   "size_mb": {"fp32": round((tmp / FILE).stat().st_size / 1e6, 3)}}
-        write_json(tmp / CONFIG, {"model": model.cfg.to_dict(), "labels": meta["labels"],
-                                  "onnx": {"files": {"fp32": FILE}, "inputs": list(INPUTS), "outputs": [OUTPUT],
-                                           "opset": params.opset, "onnxruntime": ort.__version__},
-                                  "tokenizer": {"path": "tokenizer", **meta.get("tokenizer", {})}, **metadata})
+        metrics = {
+            "parity": check_parity(model, session, texts, params, seed),
+            "size_mb": {"fp32": round((tmp / FILE).stat().st_size / 1e6, 3)},
+        }
+        write_json(
+            tmp / CONFIG,
+            {
+                "model": model.cfg.to_dict(),
+                "labels": meta["labels"],
+                "onnx": {
+                    "files": {"fp32": FILE},
+                    "inputs": list(INPUTS),
+                    "outputs": [OUTPUT],
+                    "opset": params.opset,
+                    "onnxruntime": ort.__version__,
+                },
+                "tokenizer": {"path": "tokenizer", **meta.get("tokenizer", {})},
+                **metadata,
+            },
+        )
     return metrics

@@ -12,6 +12,7 @@ Sampling follows ``pipeline.model.generate`` rule for rule (temperature, top-k, 
 greedy decoding equals torch's token for token (the export stage checks it), sampled text is reproducible per
 seed but is not torch's random stream.
 """
+
 from __future__ import annotations
 
 import functools
@@ -69,18 +70,25 @@ def sample_next(logits: np.ndarray, opts: SamplingOptions, rng: np.random.Genera
     if opts.temperature == 0:
         return logits.argmax(axis=-1)
     logits = logits.astype(np.float64)
-    logits = (logits - logits.max(axis=-1, keepdims=True)) / opts.temperature  # finite for any temperature > 0
+    logits = (
+        logits - logits.max(axis=-1, keepdims=True)
+    ) / opts.temperature  # finite for any temperature > 0
     probs = softmax(filter_logits(logits, opts.top_k, opts.top_p))
     cumulative = np.cumsum(probs, axis=-1)
     draws = rng.random(len(probs)) * cumulative[:, -1]
-    return np.array([np.searchsorted(row, u, side="right") for row, u in zip(cumulative, draws, strict=False)])
+    return np.array(
+        [np.searchsorted(row, u, side="right") for row, u in zip(cumulative, draws, strict=False)]
+    )
 
 
 def read_onnx_config(directory: str | Path) -> dict:
     path = Path(directory) / CONFIG_FILE
     config = read_json(path, "ONNX export config", "run `dvc repro export`")
-    if not isinstance(config.get("model"), dict) or not isinstance(config.get("onnx"), dict) \
-            or "files" not in config["onnx"]:
+    if (
+        not isinstance(config.get("model"), dict)
+        or not isinstance(config.get("onnx"), dict)
+        or "files" not in config["onnx"]
+    ):
         raise PipelineError(f"{path}: not an ONNX export config (needs 'model' and 'onnx.files')")
     return config
 
@@ -100,10 +108,14 @@ def verify_file(path: Path, config: dict, config_path: Path) -> None:
     recorded = config.get("sha256")
     expected = recorded.get(path.name) if isinstance(recorded, dict) else None
     if not isinstance(expected, str):
-        raise PipelineError(f"{config_path}: no sha256 recorded for {path.name} (re-run the export: dvc repro export)")
+        raise PipelineError(
+            f"{config_path}: no sha256 recorded for {path.name} (re-run the export: dvc repro export)"
+        )
     if sha256_file(path) != expected:
-        raise PipelineError(f"{path}: contents do not match the sha256 recorded in {config_path.name} "
-                            "(corrupted or replaced; restore it with `dvc checkout export` or re-run the export)")
+        raise PipelineError(
+            f"{path}: contents do not match the sha256 recorded in {config_path.name} "
+            "(corrupted or replaced; restore it with `dvc checkout export` or re-run the export)"
+        )
 
 
 class OnnxCache:
@@ -112,7 +124,9 @@ class OnnxCache:
 
     def __init__(self, batch: int, n_layer: int, n_head: int, capacity: int, head_dim: int):
         shape = (batch, n_head, capacity, head_dim)
-        self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in range(2 * n_layer)]
+        self.buffers = [
+            ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in range(2 * n_layer)
+        ]
         self.batch, self.capacity, self.length = batch, capacity, 0
 
     def arrays(self) -> list[np.ndarray]:
@@ -198,7 +212,9 @@ class OnnxGenerator:
             raise ValueError("prompt_ids is empty: the model needs at least one token to continue")
         ids = np.asarray([prompt_ids], dtype=np.int64)
         if ids.min() < 0 or ids.max() >= self.vocab_size:
-            raise ValueError(f"prompt_ids must be in [0, {self.vocab_size}), got {int(ids.min())}..{int(ids.max())}")
+            raise ValueError(
+                f"prompt_ids must be in [0, {self.vocab_size}), got {int(ids.min())}..{int(ids.max())}"
+            )
         limit = min(opts.max_new_tokens, self.context_length - ids.shape[1])
         if limit <= 0:
             return

@@ -15,6 +15,7 @@ or, for a LoRA run with ``lora.merge: false``, an adapter on top of another mode
 Loading verifies the recorded sha256 of the weights (a file garbled after its header still parses) and the
 types of config.json, so a damaged directory is refused with one line naming the file.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,8 +69,12 @@ def save_adapter(directory: str | Path, model: GPT, base: str | Path, **metadata
     with atomic_path(directory) as tmp:
         tmp.mkdir()
         save_file(lora.adapter_state(model), str(tmp / ADAPTER))
-        config = {"model": model.cfg.to_dict(), "sha256": {ADAPTER: sha256_file(tmp / ADAPTER)},
-                  "adapter": {"base": str(base), **info.to_dict()}, **metadata}
+        config = {
+            "model": model.cfg.to_dict(),
+            "sha256": {ADAPTER: sha256_file(tmp / ADAPTER)},
+            "adapter": {"base": str(base), **info.to_dict()},
+            **metadata,
+        }
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -92,9 +97,12 @@ def read_model_config(directory: str | Path) -> dict:
         raise PipelineError(f"{path}: not a model config (no 'model' mapping)")
     tokenizer = meta.get("tokenizer")
     if tokenizer is not None and not (
-        isinstance(tokenizer, dict) and all(isinstance(tokenizer.get(k, ""), str) for k in ("path", "fingerprint"))
+        isinstance(tokenizer, dict)
+        and all(isinstance(tokenizer.get(k, ""), str) for k in ("path", "fingerprint"))
     ):
-        raise PipelineError(f"{path}: 'tokenizer' must be a mapping {{path, fingerprint}} of strings, got {tokenizer!r}")
+        raise PipelineError(
+            f"{path}: 'tokenizer' must be a mapping {{path, fingerprint}} of strings, got {tokenizer!r}"
+        )
     return meta
 
 
@@ -106,11 +114,15 @@ def verify_weights(directory: Path, meta: dict, name: str = WEIGHTS) -> Path:
     recorded = meta.get("sha256")
     expected = recorded.get(name) if isinstance(recorded, dict) else None
     if not isinstance(expected, str):
-        raise PipelineError(f"{directory / CONFIG}: no sha256 recorded for {name} (written by an older version: "
-                            "re-run the stage that writes it)")
+        raise PipelineError(
+            f"{directory / CONFIG}: no sha256 recorded for {name} (written by an older version: "
+            "re-run the stage that writes it)"
+        )
     if sha256_file(weights_path) != expected:
-        raise PipelineError(f"{weights_path}: contents do not match the sha256 recorded in {CONFIG} "
-                            "(corrupted or replaced; restore it with `dvc checkout` or re-run its stage)")
+        raise PipelineError(
+            f"{weights_path}: contents do not match the sha256 recorded in {CONFIG} "
+            "(corrupted or replaced; restore it with `dvc checkout` or re-run its stage)"
+        )
     return weights_path
 
 
@@ -184,8 +196,9 @@ class ModelAndTokenizer:
     tokenizer_fingerprint: str
 
 
-def load_with_tokenizer(model_dir: str | Path, tokenizer_dir: str | Path | None = None,
-                        device: str | torch.device = "cpu") -> ModelAndTokenizer:
+def load_with_tokenizer(
+    model_dir: str | Path, tokenizer_dir: str | Path | None = None, device: str | torch.device = "cpu"
+) -> ModelAndTokenizer:
     """A model and its tokenizer (``tokenizer_dir``, else the one its config.json records), refusing a model that
     was trained with another tokenizer."""
     model_dir = Path(model_dir)
@@ -224,7 +237,9 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise PipelineError(f"{path}: refused, loading it would run pickled code ({_first_line(exc)})") from None
+        raise PipelineError(
+            f"{path}: refused, loading it would run pickled code ({_first_line(exc)})"
+        ) from None
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         raise PipelineError(f"{path}: not a readable PyTorch weights file ({_first_line(exc)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

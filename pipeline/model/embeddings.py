@@ -4,6 +4,7 @@ mean-pooled over the input's tokens and L2-normalised, so that a dot product of 
 This is what Ollama's ``/api/embed`` returns for a generative model; a GPT trained only to predict the next token
 is no sentence encoder, so expect rough similarities rather than a retrieval model's.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -1,4 +1,5 @@
 """Text generation with the KV cache: temperature, top-k, top-p, EOS stop, seeded."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -30,7 +31,9 @@ def sample_next(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Ge
         return logits.argmax(dim=-1, keepdim=True)
     # Shifted so the best logit is 0 before dividing: any temperature > 0 (even 1e-300) stays finite.
     logits = logits.double()
-    logits = filter_logits((logits - logits.amax(dim=-1, keepdim=True)) / opts.temperature, opts.top_k, opts.top_p)
+    logits = filter_logits(
+        (logits - logits.amax(dim=-1, keepdim=True)) / opts.temperature, opts.top_k, opts.top_p
+    )
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
 

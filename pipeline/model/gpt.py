@@ -10,6 +10,7 @@ The defaults are the book's GPT-2. Four options swap in what later models use: r
 The KV cache is explicit tensors in and out (``past`` / ``present``), not hidden module state: the
 torch generator, the ONNX export and the server all drive the same forward.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,16 +60,20 @@ class GPTConfig:
             if value <= 0:
                 raise ModelConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
-            raise ModelConfigError(
-                f"model.n_head={self.n_head} does not divide model.n_embd={self.n_embd}"
-            )
+            raise ModelConfigError(f"model.n_head={self.n_head} does not divide model.n_embd={self.n_embd}")
         for name in ("qkv_bias", "tie_weights", "qk_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ModelConfigError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, int | float)
+            or not 0.0 <= self.dropout < 1.0
+        ):
             raise ModelConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.n_classes < 0 or (self.n_classes and self.tie_weights):
-            raise ModelConfigError(f"model.n_classes={self.n_classes} needs n_classes >= 0 and an untied head")
+            raise ModelConfigError(
+                f"model.n_classes={self.n_classes} needs n_classes >= 0 and an untied head"
+            )
         self._check_architecture()
 
     def _check_architecture(self) -> None:
@@ -78,11 +83,18 @@ class GPTConfig:
                 options = ", ".join(allowed[:-1]) + f" or {allowed[-1]}"
                 raise ModelConfigError(f"model.{name} must be {options}, got {getattr(self, name)!r}")
         base = self.rope_base
-        if isinstance(base, bool) or not isinstance(base, int | float) or not math.isfinite(base) or base <= 0:
+        if (
+            isinstance(base, bool)
+            or not isinstance(base, int | float)
+            or not math.isfinite(base)
+            or base <= 0
+        ):
             raise ModelConfigError(f"model.rope_base must be a positive number, got {base!r}")
         if self.pos_emb == "rope" and self.head_dim % 2:
-            raise ModelConfigError(f"model.pos_emb=rope rotates pairs of dimensions: the head size "
-                                   f"n_embd / n_head must be even, got {self.head_dim}")
+            raise ModelConfigError(
+                f"model.pos_emb=rope rotates pairs of dimensions: the head size "
+                f"n_embd / n_head must be even, got {self.head_dim}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -113,9 +125,15 @@ PRESETS: dict[str, GPTConfig] = {
     "cpu-tiny": GPTConfig(vocab_size=4096, context_length=64, n_embd=64, n_head=4, n_layer=2),
     "cpu-small": GPTConfig(vocab_size=4096, context_length=128, n_embd=256, n_head=4, n_layer=4),
     "cpu-medium": GPTConfig(vocab_size=8192, context_length=256, n_embd=384, n_head=6, n_layer=6),
-    "gpt2-124m": GPTConfig(vocab_size=50257, context_length=1024, n_embd=768, n_head=12, n_layer=12, dropout=0.1),
-    "gpt2-355m": GPTConfig(vocab_size=50257, context_length=1024, n_embd=1024, n_head=16, n_layer=24, dropout=0.1),
-    "gpt2-774m": GPTConfig(vocab_size=50257, context_length=1024, n_embd=1280, n_head=20, n_layer=36, dropout=0.1),
+    "gpt2-124m": GPTConfig(
+        vocab_size=50257, context_length=1024, n_embd=768, n_head=12, n_layer=12, dropout=0.1
+    ),
+    "gpt2-355m": GPTConfig(
+        vocab_size=50257, context_length=1024, n_embd=1024, n_head=16, n_layer=24, dropout=0.1
+    ),
+    "gpt2-774m": GPTConfig(
+        vocab_size=50257, context_length=1024, n_embd=1280, n_head=20, n_layer=36, dropout=0.1
+    ),
 }
 
 
@@ -131,8 +149,9 @@ def make_norm(cfg: GPTConfig, size: int) -> nn.Module:
     return nn.RMSNorm(size, eps=1e-5) if cfg.norm == "rmsnorm" else nn.LayerNorm(size)
 
 
-def rope_angles(start: int | torch.Tensor, length: int, head_dim: int, base: float,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_angles(
+    start: int | torch.Tensor, length: int, head_dim: int, base: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, (length, 1, head_dim / 2), of positions start..start+length-1: computed, not stored, so a
     model built on the meta device or loaded from a file needs no buffer (their cost is a vector per layer)."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
@@ -162,7 +181,9 @@ class MultiHeadAttention(nn.Module):
         if cfg.qk_norm:
             self.q_norm, self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-5), nn.RMSNorm(cfg.head_dim, eps=1e-5)
 
-    def project(self, x: torch.Tensor, start: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(
+        self, x: torch.Tensor, start: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v as (B, T, n_head, head_dim) for tokens at positions start..: q and k normalised (qk_norm), then
         rotated (rope). The ONNX export calls this too, so both compute the same heads."""
         b, t, c = x.shape

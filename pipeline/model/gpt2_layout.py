@@ -6,6 +6,7 @@ their matrices are the transpose of our ``nn.Linear`` ones. Checkpoints come in 
 (``h.0...`` without the prefix; the ``.bin`` files also carry the ``attn.bias`` / ``attn.masked_bias`` causal-mask
 buffers, which are not weights). Both read the same; we write the ``save_pretrained`` layout.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,12 @@ _BLOCK = (
     ("mlp.c_proj.weight", "ff.proj.weight", True),
     ("mlp.c_proj.bias", "ff.proj.bias", False),
 )
-_TOP = (("wte.weight", "tok_emb.weight"), ("wpe.weight", "pos_emb.weight"),
-        ("ln_f.weight", "final_norm.weight"), ("ln_f.bias", "final_norm.bias"))
+_TOP = (
+    ("wte.weight", "tok_emb.weight"),
+    ("wpe.weight", "pos_emb.weight"),
+    ("ln_f.weight", "final_norm.weight"),
+    ("ln_f.bias", "final_norm.bias"),
+)
 # What each architecture option beyond GPT-2 computes (GPTConfig field → value → its name in a refusal).
 _NOT_GPT2 = {
     "pos_emb": {"rope": "rotary position embeddings"},
@@ -53,19 +58,23 @@ def require_gpt2(cfg: GPTConfig, fmt: str, formats_key: str) -> None:
         value = getattr(cfg, name)
         if value in names:
             shown = str(value).lower() if isinstance(value, bool) else value
-            raise PipelineError(f"model.{name}={shown}: {fmt} cannot hold {names[value]}; export a model trained "
-                                f"with {name}: {_GPT2_VALUES[name]} (or drop {formats_key} from export.formats)")
+            raise PipelineError(
+                f"model.{name}={shown}: {fmt} cannot hold {names[value]}; export a model trained "
+                f"with {name}: {_GPT2_VALUES[name]} (or drop {formats_key} from export.formats)"
+            )
 
 
 def normalize_keys(state: dict[str, torch.Tensor], origin: str) -> dict[str, torch.Tensor]:
     """Either key layout → GPT-2 names without the ``transformer.`` prefix (``lm_head.weight`` kept), buffers dropped."""
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         if name.endswith(MASK_BUFFERS):
             continue
         if name in out:
-            raise PipelineError(f"{origin}: tensor {name} appears twice (with and without the '{PREFIX}' prefix)")
+            raise PipelineError(
+                f"{origin}: tensor {name} appears twice (with and without the '{PREFIX}' prefix)"
+            )
         out[name] = tensor
     return out
 
@@ -73,7 +82,9 @@ def normalize_keys(state: dict[str, torch.Tensor], origin: str) -> dict[str, tor
 def config_from_hf(hf: dict, origin: str) -> dict:
     """The GPTConfig fields a GPT-2 ``config.json`` describes (vocab included); refuses what our GPT cannot compute."""
     if hf.get("model_type") != "gpt2":
-        raise PipelineError(f"{origin}: model_type {hf.get('model_type')!r} is not a GPT-2 checkpoint (model_type 'gpt2')")
+        raise PipelineError(
+            f"{origin}: model_type {hf.get('model_type')!r} is not a GPT-2 checkpoint (model_type 'gpt2')"
+        )
     n_embd = hf.get("n_embd", 768)
     unsupported = {
         "activation_function": (hf.get("activation_function", "gelu_new"), GELU_TANH),
@@ -85,7 +96,9 @@ def config_from_hf(hf: dict, origin: str) -> dict:
     }
     for key, (value, accepted) in unsupported.items():
         if value not in accepted:
-            raise PipelineError(f"{origin}: {key}={value!r} is not supported (our GPT computes {accepted[0]!r})")
+            raise PipelineError(
+                f"{origin}: {key}={value!r} is not supported (our GPT computes {accepted[0]!r})"
+            )
     ours = hf.get("llm_pipeline", {}).get("model", {})
     return {
         "vocab_size": hf.get("vocab_size", 50257),
@@ -108,7 +121,9 @@ def from_gpt2(state: dict[str, torch.Tensor], cfg: GPTConfig, origin: str) -> di
         expected.append(HEAD)
     missing = [name for name in expected if name not in state]
     if missing:
-        raise PipelineError(f"{origin}: not a complete GPT-2 checkpoint of {cfg.n_layer} layers (missing {missing[:3]})")
+        raise PipelineError(
+            f"{origin}: not a complete GPT-2 checkpoint of {cfg.n_layer} layers (missing {missing[:3]})"
+        )
     unexpected = sorted(set(state) - set(expected) - ({HEAD} if cfg.tie_weights else set()))
     if unexpected:
         raise PipelineError(f"{origin}: unexpected tensors for a {cfg.n_layer}-layer GPT-2: {unexpected[:3]}")
@@ -118,7 +133,9 @@ def from_gpt2(state: dict[str, torch.Tensor], cfg: GPTConfig, origin: str) -> di
             tensor = state[f"h.{i}.{theirs}"]
             if mine == "att.qkv.bias" and not cfg.qkv_bias:
                 if torch.count_nonzero(tensor):
-                    raise PipelineError(f"{origin}: h.{i}.attn.c_attn.bias is not zero but the config says qkv_bias false")
+                    raise PipelineError(
+                        f"{origin}: h.{i}.attn.c_attn.bias is not zero but the config says qkv_bias false"
+                    )
                 continue
             ours[f"blocks.{i}.{mine}"] = tensor.t() if conv1d else tensor
     if not cfg.tie_weights:

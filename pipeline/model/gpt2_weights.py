@@ -12,6 +12,7 @@ as the "average" token, so its logit does not stand out before training teaches 
 new word embeddings for pretrained language models"). A checkpoint we exported ourselves (``models/hf``) records
 our tokenizer's fingerprint and must meet the same tokenizer.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,8 +41,19 @@ HF_CONFIG = "config.json"
 SAFETENSORS = "model.safetensors"
 PICKLE_BIN = "pytorch_model.bin"
 GPT2_VOCAB = 50257
-SHAPE_FIELDS = ("context_length", "n_embd", "n_head", "n_layer", "qkv_bias", "tie_weights", "pos_emb", "rope_base",
-                "norm", "mlp", "qk_norm")
+SHAPE_FIELDS = (
+    "context_length",
+    "n_embd",
+    "n_head",
+    "n_layer",
+    "qkv_bias",
+    "tie_weights",
+    "pos_emb",
+    "rope_base",
+    "norm",
+    "mlp",
+    "qk_norm",
+)
 
 
 @dataclass
@@ -79,15 +91,24 @@ def _read_json(path: Path) -> dict:
 def _local_source(init_from: str) -> Source:
     path = Path(init_from).expanduser()
     if path.is_dir():
-        directory, weights = path, next((path / n for n in (SAFETENSORS, PICKLE_BIN) if (path / n).is_file()), None)
+        directory, weights = (
+            path,
+            next((path / n for n in (SAFETENSORS, PICKLE_BIN) if (path / n).is_file()), None),
+        )
         if weights is None:
-            raise PipelineError(f"model.init_from={init_from}: no {SAFETENSORS} or {PICKLE_BIN} in that directory")
+            raise PipelineError(
+                f"model.init_from={init_from}: no {SAFETENSORS} or {PICKLE_BIN} in that directory"
+            )
     else:
         directory, weights = path.parent, path
     config_path = directory / HF_CONFIG
     if not config_path.is_file():
-        raise PipelineError(f"model.init_from={init_from}: {config_path} not found (a GPT-2 config.json must sit beside the weights)")
-    return Source(init_from, _read_json(config_path), config_path, {"path": str(path.resolve())}, weights_path=weights)
+        raise PipelineError(
+            f"model.init_from={init_from}: {config_path} not found (a GPT-2 config.json must sit beside the weights)"
+        )
+    return Source(
+        init_from, _read_json(config_path), config_path, {"path": str(path.resolve())}, weights_path=weights
+    )
 
 
 def _hub_download(repo: str, filename: str, revision: str, label: str) -> Path:
@@ -115,7 +136,9 @@ def _hub_download(repo: str, filename: str, revision: str, label: str) -> Path:
     except EntryNotFoundError:
         raise  # the caller tries the next weights file
     except (HfHubHTTPError, OSError) as exc:
-        raise PipelineError(f"model.init_from={label}: downloading {repo} {filename} failed ({_first_line(exc)})") from None
+        raise PipelineError(
+            f"model.init_from={label}: downloading {repo} {filename} failed ({_first_line(exc)})"
+        ) from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -138,7 +161,9 @@ def resolve(init_from: str, revision: str | None = None) -> Source:
     if Path(init_from).expanduser().exists():
         return _local_source(init_from)
     known = ", ".join([SCRATCH, *NAMED])
-    raise PipelineError(f"model.init_from={init_from!r} is neither a known checkpoint ({known}) nor an existing file or directory")
+    raise PipelineError(
+        f"model.init_from={init_from!r} is neither a known checkpoint ({known}) nor an existing file or directory"
+    )
 
 
 def weights_path(source: Source) -> Path:
@@ -153,7 +178,9 @@ def weights_path(source: Source) -> Path:
             return source.weights_path
         except EntryNotFoundError:
             continue
-    raise PipelineError(f"model.init_from={source.label}: {source.repo} has neither {SAFETENSORS} nor {PICKLE_BIN}")
+    raise PipelineError(
+        f"model.init_from={source.label}: {source.repo} has neither {SAFETENSORS} nor {PICKLE_BIN}"
+    )
 
 
 def checkpoint_config(source: Source, n_vocab: int, tokenizer: dict, dropout: float | None) -> GPTConfig:
@@ -177,7 +204,9 @@ def checkpoint_config(source: Source, n_vocab: int, tokenizer: dict, dropout: fl
             f"those of tokenizer.kind gpt2 ({n_vocab} tokens)"
         )
     if stored > n_vocab:
-        raise PipelineError(f"model.init_from={source.label}: vocab_size {stored} > the tokenizer's {n_vocab} tokens")
+        raise PipelineError(
+            f"model.init_from={source.label}: vocab_size {stored} > the tokenizer's {n_vocab} tokens"
+        )
     fields["vocab_size"] = n_vocab
     if dropout is not None:
         fields["dropout"] = dropout
@@ -191,7 +220,9 @@ def check_shape(cfg: GPTConfig, explicit: dict[str, object], label: str, origin:
     """Explicit model.* values must equal the checkpoint's (``explicit``: field → value, only those set)."""
     for name, value in explicit.items():
         if value is not None and getattr(cfg, name) != value:
-            raise PipelineError(f"{origin}: model.{name}={value} disagrees with model.init_from={label} ({name}={getattr(cfg, name)})")
+            raise PipelineError(
+                f"{origin}: model.{name}={value} disagrees with model.init_from={label} ({name}={getattr(cfg, name)})"
+            )
 
 
 def load_weights(source: Source, cfg: GPTConfig) -> GPT:
@@ -203,7 +234,9 @@ def load_weights(source: Source, cfg: GPTConfig) -> GPT:
     shapes = {"wte.weight": (stored, cfg.n_embd), "wpe.weight": (cfg.context_length, cfg.n_embd)}
     for name, shape in shapes.items():
         if name in state and tuple(state[name].shape) != shape:
-            raise PipelineError(f"{path}: {name} has shape {tuple(state[name].shape)}, its config.json says {shape}")
+            raise PipelineError(
+                f"{path}: {name} has shape {tuple(state[name].shape)}, its config.json says {shape}"
+            )
     ours = from_gpt2(state, cfg, str(path))
     rows = ["tok_emb.weight"] + ([] if cfg.tie_weights else ["out_head.weight"])
     for name in rows:
@@ -256,7 +289,11 @@ def available_bytes(device: torch.device) -> int:
 def check_fits(cfg: GPTConfig, label: str, needed: int, available: int, device: str, training: bool) -> None:
     """Refuse, before any weights are read, a run that cannot fit in ``available`` bytes."""
     if needed > available:
-        what = "continuing pretraining (weights, gradients, AdamW moments, activations)" if training else "its weights"
+        what = (
+            "continuing pretraining (weights, gradients, AdamW moments, activations)"
+            if training
+            else "its weights"
+        )
         raise PipelineError(
             f"model.init_from={label}: {param_count(cfg) / 1e6:,.0f}M parameters need about {needed / 2**30:.1f} GiB "
             f"for {what}, but {device} has {available / 2**30:.1f} GiB free (lower pretrain.batch_size or use a smaller model)"

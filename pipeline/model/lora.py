@@ -12,6 +12,7 @@ What is trainable while adapters are on: the A and B matrices, plus the layers n
 (the classifier's new head). Everything else is frozen, so the optimizer only ever sees those tensors, and a
 checkpoint only needs them (``adapter_state``) plus the fingerprint of the frozen rest (``base_fingerprint``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,7 +56,9 @@ class LoRALayer(nn.Module):
 
 
 class LinearWithLoRA(nn.Module):
-    def __init__(self, linear: nn.Linear, rank: int, alpha: float, dropout: float, generator: torch.Generator):
+    def __init__(
+        self, linear: nn.Linear, rank: int, alpha: float, dropout: float, generator: torch.Generator
+    ):
         super().__init__()
         self.linear = linear
         self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha, generator)
@@ -86,8 +89,15 @@ class AdapterInfo:
     merge: bool = True
 
     def to_dict(self) -> dict:
-        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, "layers": self.layers,
-                "train_fully": self.train_fully, "base_fingerprint": self.base_fingerprint, "merge": self.merge}
+        return {
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "dropout": self.dropout,
+            "layers": self.layers,
+            "train_fully": self.train_fully,
+            "base_fingerprint": self.base_fingerprint,
+            "merge": self.merge,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> AdapterInfo:
@@ -110,11 +120,17 @@ def resolve_targets(model: GPT, targets: Sequence[str], where: str) -> list[str]
     known = sorted({_short(n) for n in linear})
     chosen: list[str] = []
     for target in targets:
-        hits = [n for suffix in ALIASES.get(target, (target,)) for n in linear
-                if n == suffix or n.endswith("." + suffix)]
+        hits = [
+            n
+            for suffix in ALIASES.get(target, (target,))
+            for n in linear
+            if n == suffix or n.endswith("." + suffix)
+        ]
         if not hits:
-            raise PipelineError(f"{where}.targets: '{target}' matches no linear layer of the model "
-                                f"(targets: {', '.join(ALIASES)}, or a layer: {', '.join(known)})")
+            raise PipelineError(
+                f"{where}.targets: '{target}' matches no linear layer of the model "
+                f"(targets: {', '.join(ALIASES)}, or a layer: {', '.join(known)})"
+            )
         chosen += [n for n in hits if n not in chosen]
     return chosen
 
@@ -148,12 +164,16 @@ def apply_lora(model: GPT, params: LoRAParams, where: str, seed: int, train_full
     linear = _linear_layers(model)
     for name in layers:
         if name == "out_head" and model.cfg.tie_weights:
-            raise PipelineError(f"{where}.targets: the head is tied to the token embedding (model tie_weights), so "
-                                "merging an adapter into it would change the input embedding too; drop 'head'")
+            raise PipelineError(
+                f"{where}.targets: the head is tied to the token embedding (model tie_weights), so "
+                "merging an adapter into it would change the input embedding too; drop 'head'"
+            )
         layer = linear[name]
         if params.rank > min(layer.in_features, layer.out_features):
-            raise PipelineError(f"{where}.rank {params.rank} exceeds the size of layer {name} "
-                                f"({layer.in_features} → {layer.out_features})")
+            raise PipelineError(
+                f"{where}.rank {params.rank} exceeds the size of layer {name} "
+                f"({layer.in_features} → {layer.out_features})"
+            )
     frozen = _frozen_names(model, train_fully)
     fingerprint = base_fingerprint(model, frozen)
     for p in model.parameters():
@@ -167,7 +187,9 @@ def apply_lora(model: GPT, params: LoRAParams, where: str, seed: int, train_full
         owner = model.get_submodule(parent) if parent else model
         wrapped = LinearWithLoRA(linear[name], params.rank, params.alpha, params.dropout, generator)
         setattr(owner, child, wrapped.to(linear[name].weight.device))
-    info = AdapterInfo(params.rank, params.alpha, params.dropout, layers, list(train_fully), fingerprint, params.merge)
+    info = AdapterInfo(
+        params.rank, params.alpha, params.dropout, layers, list(train_fully), fingerprint, params.merge
+    )
     setattr(model, ATTRIBUTE, info)
     return model
 
@@ -217,11 +239,15 @@ def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor], origi
     expected = {n for n, p in own.items() if p.requires_grad}
     if set(tensors) != expected:
         missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        raise PipelineError(f"{origin}: adapter does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise PipelineError(
+            f"{origin}: adapter does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     with torch.no_grad():
         for name, tensor in tensors.items():
             if own[name].shape != tensor.shape:
-                raise PipelineError(f"{origin}: {name} has shape {tuple(tensor.shape)}, expected {tuple(own[name].shape)}")
+                raise PipelineError(
+                    f"{origin}: {name} has shape {tuple(tensor.shape)}, expected {tuple(own[name].shape)}"
+                )
             own[name].copy_(tensor)
 
 
@@ -230,10 +256,13 @@ def rebuild(model: GPT, info: AdapterInfo, origin: str) -> GPT:
     frozen = _frozen_names(model, info.train_fully)
     found = base_fingerprint(model, frozen)
     if found != info.base_fingerprint:
-        raise PipelineError(f"{origin}: adapter was trained on base weights {info.base_fingerprint[:12]}, "
-                            f"but its base is now {found[:12]} (retrain the adapter)")
-    params = LoRAParams(rank=info.rank, alpha=info.alpha, dropout=info.dropout, targets=tuple(info.layers),
-                        merge=info.merge)
+        raise PipelineError(
+            f"{origin}: adapter was trained on base weights {info.base_fingerprint[:12]}, "
+            f"but its base is now {found[:12]} (retrain the adapter)"
+        )
+    params = LoRAParams(
+        rank=info.rank, alpha=info.alpha, dropout=info.dropout, targets=tuple(info.layers), merge=info.merge
+    )
     return apply_lora(model, params, origin, seed=0, train_fully=info.train_fully)
 
 

@@ -3,6 +3,7 @@
 MFU is only honest against the rate of the dtype actually used, measured on this machine (a shared
 2-core CPU drifts ±20%; nominal datasheet peaks do not apply), so the loop and the benchmark measure it.
 """
+
 from __future__ import annotations
 
 import functools

@@ -5,6 +5,7 @@ Training, evaluation, the DPO reference pass, the server's torch path and the be
 Some CPUs (AMX) run bf16 matmuls faster than fp32, others (avx512_bf16 only) slower: the flags cannot tell, so
 the choice is measured (BENCHMARKS.md has the figures).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,8 +59,11 @@ class DtypeChoice:
     bf16_gflops: float | None = None
 
     def as_metrics(self) -> dict[str, float | str]:
-        rates = {f"{name}_gflops": round(rate, 1) for name, rate in
-                 (("fp32", self.fp32_gflops), ("bf16", self.bf16_gflops)) if rate is not None}
+        rates = {
+            f"{name}_gflops": round(rate, 1)
+            for name, rate in (("fp32", self.fp32_gflops), ("bf16", self.bf16_gflops))
+            if rate is not None
+        }
         return {"chosen": DTYPE_NAMES[self.dtype], "source": self.source, **rates}
 
 
@@ -84,12 +88,16 @@ def matmul_shapes(cfg: GPTConfig, tokens: int) -> list[tuple[int, int, int]]:
     return [shape for k, n in weights for shape in ((tokens, k, n), (tokens, n, k), (k, tokens, n))]
 
 
-def _measure(shapes: list[tuple[int, int, int]], repeats: int = 5, min_seconds: float = 0.05) -> tuple[float, float]:
+def _measure(
+    shapes: list[tuple[int, int, int]], repeats: int = 5, min_seconds: float = 0.05
+) -> tuple[float, float]:
     """(fp32, bf16) GFLOP/s of ``shapes`` on the CPU: the best of ``repeats`` timed blocks of at least
     ``min_seconds`` each, the two dtypes alternating so that a neighbour's load hits both alike."""
     flops = sum(2 * m * k * n for m, k, n in shapes)
-    operands = {dtype: [(torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)) for m, k, n in shapes]
-                for dtype in (torch.float32, torch.bfloat16)}
+    operands = {
+        dtype: [(torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)) for m, k, n in shapes]
+        for dtype in (torch.float32, torch.bfloat16)
+    }
 
     def block(dtype: torch.dtype, inner: int) -> float:
         start = time.perf_counter()
@@ -98,7 +106,9 @@ def _measure(shapes: list[tuple[int, int, int]], repeats: int = 5, min_seconds: 
                 a @ b
         return (time.perf_counter() - start) / inner
 
-    inner = {dtype: max(1, int(min_seconds / max(block(dtype, 1), 1e-6))) for dtype in operands}  # also warms up
+    inner = {
+        dtype: max(1, int(min_seconds / max(block(dtype, 1), 1e-6))) for dtype in operands
+    }  # also warms up
     best = {dtype: float("inf") for dtype in operands}
     for _ in range(repeats):
         for dtype in operands:
@@ -136,7 +146,9 @@ def measured_cpu_dtype(shapes: list[tuple[int, int, int]], cache_file: Path | No
     return DtypeChoice(pick_dtype(fp32, bf16), "measured", fp32, bf16)
 
 
-def choose_dtype(requested: str, device: torch.device, cfg: GPTConfig | None = None, tokens: int = 4096) -> DtypeChoice:
+def choose_dtype(
+    requested: str, device: torch.device, cfg: GPTConfig | None = None, tokens: int = 4096
+) -> DtypeChoice:
     """``fp32``/``bf16`` as asked; ``auto``: bf16 on CUDA devices that have it, and on a CPU whichever dtype
     multiplies the model's own matmul shapes faster here (a 2048² square when no model is given)."""
     if requested == "fp32":
@@ -144,15 +156,21 @@ def choose_dtype(requested: str, device: torch.device, cfg: GPTConfig | None = N
     if device.type == "cuda":
         supported = torch.cuda.is_bf16_supported()
         if requested == "bf16" and not supported:
-            raise PipelineError(f"params: dtype 'bf16' requested but {torch.cuda.get_device_name(device)} lacks bf16")
-        return DtypeChoice(torch.bfloat16 if supported else torch.float32, "forced" if requested == "bf16" else "device")
+            raise PipelineError(
+                f"params: dtype 'bf16' requested but {torch.cuda.get_device_name(device)} lacks bf16"
+            )
+        return DtypeChoice(
+            torch.bfloat16 if supported else torch.float32, "forced" if requested == "bf16" else "device"
+        )
     if requested == "bf16":
         return DtypeChoice(torch.bfloat16, "forced")
     shapes = matmul_shapes(cfg, tokens) if cfg is not None else [(2048, 2048, 2048)]
     return measured_cpu_dtype(shapes)
 
 
-def resolve_dtype(requested: str, device: torch.device, cfg: GPTConfig | None = None, tokens: int = 4096) -> torch.dtype:
+def resolve_dtype(
+    requested: str, device: torch.device, cfg: GPTConfig | None = None, tokens: int = 4096
+) -> torch.dtype:
     """The dtype of :func:`choose_dtype`, for callers that need only the dtype."""
     return choose_dtype(requested, device, cfg, tokens).dtype
 

@@ -1,4 +1,5 @@
 """Sampling options shared by the torch and onnxruntime generators (no torch import: deployment needs none)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -4,6 +4,7 @@ adapter (pipeline/evaluation/harness.py) score with.
 
 It knows the model core only: no tokenizer, no text, no API shape.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -54,10 +55,14 @@ def score_batch(model: GPT, rows: Sequence[Sequence[int]]) -> list[tuple[list[fl
     model.eval()
     width = max(len(ids) for ids in rows)
     device = next(model.parameters()).device
-    idx = torch.tensor([list(ids) + [0] * (width - len(ids)) for ids in rows], dtype=torch.long, device=device)
+    idx = torch.tensor(
+        [list(ids) + [0] * (width - len(ids)) for ids in rows], dtype=torch.long, device=device
+    )
     logits, _ = model(idx[:, :-1])
     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, width-1, V)
     targets = idx[:, 1:]
     chosen = logp.gather(2, targets.unsqueeze(2)).squeeze(2)
     greedy = logp.argmax(dim=-1) == targets
-    return [(chosen[i, : len(ids) - 1].tolist(), greedy[i, : len(ids) - 1].tolist()) for i, ids in enumerate(rows)]
+    return [
+        (chosen[i, : len(ids) - 1].tolist(), greedy[i, : len(ids) - 1].tolist()) for i, ids in enumerate(rows)
+    ]

@@ -9,6 +9,7 @@ bounded number of jobs; `compare` reads `dvc exp show --json` and writes, under 
 params that differ and the key metrics (compare.md, one column per experiment; compare.csv, one row
 per experiment) and the loss curves of every experiment overlaid (loss_curves.png).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,7 +65,9 @@ def _experiment(name: str, rev: str, kind: str, data: dict) -> Experiment:
             unavailable.append(f"{file} ({_error_text(content['error'])})")
             continue
         label = _metrics_label(file)
-        metrics.update({f"{label}: {k}": v for k, v in flatten(content.get("data") or {}, lists=False).items()})
+        metrics.update(
+            {f"{label}: {k}": v for k, v in flatten(content.get("data") or {}, lists=False).items()}
+        )
     return Experiment(name, rev, kind, params, metrics, tuple(unavailable))
 
 
@@ -91,7 +94,9 @@ def load_experiments(project: Path) -> list[Experiment]:
     return found
 
 
-def select(experiments: list[Experiment], names: list[str] | None, with_baseline: bool = False) -> list[Experiment]:
+def select(
+    experiments: list[Experiment], names: list[str] | None, with_baseline: bool = False
+) -> list[Experiment]:
     """``names`` in order (the baseline commit first if asked); without names, the commit and its experiments."""
     if not names:
         return [e for e in experiments if e.kind != "workspace"]
@@ -181,7 +186,9 @@ def loss_curves(
 def _missing_reason(exc: Exception) -> str:
     from dvc_data.index.index import DataIndexDirError
 
-    if isinstance(exc, FileNotFoundError | DataIndexDirError):  # the revision's .dir object is not in the cache
+    if isinstance(
+        exc, FileNotFoundError | DataIndexDirError
+    ):  # the revision's .dir object is not in the cache
         return "not in this machine's DVC cache"
     return one_line(f"{type(exc).__name__}: {exc}")
 
@@ -202,7 +209,7 @@ def plot_curves(curves: dict[str, dict[str, pd.DataFrame]], path: Path) -> None:
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.legend(fontsize="small")
-    for ax in list(axes.flat)[len(curves):]:
+    for ax in list(axes.flat)[len(curves) :]:
         ax.set_visible(False)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -232,19 +239,27 @@ def compare(
         plot.unlink(missing_ok=True)  # an older comparison's curves would mislead
     revs = " ".join(e.name for e in experiments if e.kind != "workspace")
     lines = [
-        "# Experiment comparison", "",
-        "Params that differ between the experiments, and their key metrics (`dvc exp show --json`).", "",
-        markdown_table(table), "",
+        "# Experiment comparison",
+        "",
+        "Params that differ between the experiments, and their key metrics (`dvc exp show --json`).",
+        "",
+        markdown_table(table),
+        "",
     ]
     if curves:
         lines += ["![loss curves](loss_curves.png)", ""]
     lines += [f"Every plot, interactive: `dvc plots diff {revs} --open`", ""]
     if unavailable:
-        lines += ["## Unavailable", "",
-                  "DVC could not read these outputs at their revision. A commit's outputs live in the DVC cache of "
-                  "the machine that ran it: `dvc pull` them from a remote that has them, or make your own run the "
-                  "baseline (`dvc repro`, then `git add dvc.lock reports && git commit`).", "",
-                  *(f"- {item}" for item in unavailable), ""]
+        lines += [
+            "## Unavailable",
+            "",
+            "DVC could not read these outputs at their revision. A commit's outputs live in the DVC cache of "
+            "the machine that ran it: `dvc pull` them from a remote that has them, or make your own run the "
+            "baseline (`dvc repro`, then `git add dvc.lock reports && git commit`).",
+            "",
+            *(f"- {item}" for item in unavailable),
+            "",
+        ]
     markdown = "\n".join(lines)
     with atomic_path(out / "compare.md") as tmp:
         tmp.write_text(markdown, encoding="utf-8")
@@ -253,17 +268,28 @@ def compare(
 
 def cli_compare(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("experiments", nargs="*", help="experiment names (default: the commit and all its experiments)")
-    parser.add_argument("--all-metrics", action="store_true", help="every numeric metric, not only the key ones")
+    parser.add_argument(
+        "experiments", nargs="*", help="experiment names (default: the commit and all its experiments)"
+    )
+    parser.add_argument(
+        "--all-metrics", action="store_true", help="every numeric metric, not only the key ones"
+    )
     parser.add_argument("--project", default=".", help="DVC project directory (default: .)")
-    parser.add_argument("--reports", nargs="+", type=Path, metavar="DIR",
-                        help="instead: two or more runs' reports/ folders side by side (written to reports/compare/reports.html)")
+    parser.add_argument(
+        "--reports",
+        nargs="+",
+        type=Path,
+        metavar="DIR",
+        help="instead: two or more runs' reports/ folders side by side (written to reports/compare/reports.html)",
+    )
     args = parser.parse_args(argv)
     if args.reports is not None:
         from pipeline.orchestration.report import compare_runs
 
         if len(args.reports) < 2 or args.experiments:
-            raise PipelineError("compare --reports: give two or more reports/ folders (and no experiment names)")
+            raise PipelineError(
+                "compare --reports: give two or more reports/ folders (and no experiment names)"
+            )
         markdown, files = compare_runs(args.reports, Path(args.project) / OUT_DIR)
     else:
         markdown, files = compare(Path(args.project).resolve(), args.experiments or None, args.all_metrics)
@@ -279,7 +305,11 @@ def sweep_variants(overrides: list[str]) -> list[list[str]]:
 
     grid = get_hydra_sweeps(to_path_overrides(overrides))
     return [
-        [item if path == "params.yaml" else f"{path}:{item}" for path, items in variant.items() for item in items]
+        [
+            item if path == "params.yaml" else f"{path}:{item}"
+            for path, items in variant.items()
+            for item in items
+        ]
         for variant in grid
     ]
 
@@ -293,7 +323,9 @@ def sweep(project: Path, overrides: list[str], prefix: str, jobs: int) -> list[s
     if clash:
         raise PipelineError(f"experiment '{clash[0]}' already exists: pick another --name")
     for name, variant in zip(names, variants, strict=False):
-        dvc_ops.dvc(project, "exp", "run", "--queue", "--name", name, *itertools.chain(*(("-S", v) for v in variant)))
+        dvc_ops.dvc(
+            project, "exp", "run", "--queue", "--name", name, *itertools.chain(*(("-S", v) for v in variant))
+        )
         print(f"queued {name}: {' '.join(variant)}")
     done = dvc_ops.dvc(project, "exp", "run", "--run-all", "--jobs", str(jobs), check=False)
     failed = [n for n in names if not dvc_ops.experiment_exists(project, n)]
@@ -306,15 +338,28 @@ def sweep(project: Path, overrides: list[str], prefix: str, jobs: int) -> list[s
 
 
 def cli_sweep(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline sweep", description="Run a grid of DVC experiments.")
-    parser.add_argument("-S", "--set", dest="overrides", action="append", required=True, metavar="KEY=V1,V2",
-                        help="params override; comma-separated values sweep (repeat for a grid)")
-    parser.add_argument("--name", default="sweep", help="experiment name prefix: NAME-1, NAME-2, ... (default: sweep)")
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline sweep", description="Run a grid of DVC experiments."
+    )
+    parser.add_argument(
+        "-S",
+        "--set",
+        dest="overrides",
+        action="append",
+        required=True,
+        metavar="KEY=V1,V2",
+        help="params override; comma-separated values sweep (repeat for a grid)",
+    )
+    parser.add_argument(
+        "--name", default="sweep", help="experiment name prefix: NAME-1, NAME-2, ... (default: sweep)"
+    )
     parser.add_argument("-j", "--jobs", type=int, default=1, help="experiments run at once (default 1)")
     parser.add_argument("--project", default=".", help="DVC project directory (default: .)")
     args = parser.parse_args(argv)
     if not 1 <= args.jobs <= (os.cpu_count() or 1):
-        raise PipelineError(f"--jobs must be between 1 and {os.cpu_count() or 1} (CPUs here), got {args.jobs}")
+        raise PipelineError(
+            f"--jobs must be between 1 and {os.cpu_count() or 1} (CPUs here), got {args.jobs}"
+        )
     project = Path(args.project).resolve()
     names = sweep(project, args.overrides, args.name, args.jobs)
     markdown, files = compare(project, names, with_baseline=True)

@@ -4,6 +4,7 @@
 subprocess, so each one gets DVC's own locking, run cache and skip-if-unchanged logic, and its output
 streams line by line to whoever logs it (a Prefect task, a terminal).
 """
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,9 @@ class StageInfo:
     metrics: tuple[str, ...]
     plots: tuple[str, ...]
     reports: tuple[str, ...]
-    uncached: tuple[str, ...]  # outputs DVC leaves to git (`cache: false`): what an experiment commit must hold
+    uncached: tuple[
+        str, ...
+    ]  # outputs DVC leaves to git (`cache: false`): what an experiment commit must hold
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,9 @@ def read_stages(project: Path) -> list[StageInfo]:
                     metrics=tuple(_relative(o.fs_path, project) for o in stage.outs if o.metric),
                     plots=tuple(_relative(o.fs_path, project) for o in stage.outs if o.plot),
                     reports=tuple(
-                        _relative(o.fs_path, project) for o in stage.outs if o.fs_path.endswith(REPORT_SUFFIXES)
+                        _relative(o.fs_path, project)
+                        for o in stage.outs
+                        if o.fs_path.endswith(REPORT_SUFFIXES)
                     ),
                     uncached=tuple(_relative(o.fs_path, project) for o in stage.outs if not o.use_cache),
                 )
@@ -148,7 +153,9 @@ def select_stages(stages: list[StageInfo], names: Iterable[str] | None) -> list[
     known = {s.name for s in stages}
     unknown = [name for name in wanted if name not in known]
     if unknown:
-        raise PipelineError(f"dvc.yaml: no stage '{unknown[0]}' (stages: {', '.join(s.name for s in stages)})")
+        raise PipelineError(
+            f"dvc.yaml: no stage '{unknown[0]}' (stages: {', '.join(s.name for s in stages)})"
+        )
     return [s for s in stages if not wanted or s.name in wanted]
 
 
@@ -172,8 +179,14 @@ def repro_stage(
     tail: deque[str] = deque(maxlen=200)
     status = "skipped"
     with subprocess.Popen(
-        cmd, cwd=project, env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, errors="replace", bufsize=1,
+        cmd,
+        cwd=project,
+        env=dvc_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        bufsize=1,
     ) as proc:
         assert proc.stdout is not None
         for raw in proc.stdout:
@@ -203,7 +216,9 @@ def apply_param_overrides(project: Path, overrides: list[str]) -> None:
         if not target.is_file():
             raise PipelineError(f"{target}: params file not found (override {items[0]!r})")
         if any(o.is_sweep_override() for o in to_hydra_overrides(items)):
-            raise PipelineError(f"{path}: {items} is a sweep; run several values with `python -m pipeline sweep`")
+            raise PipelineError(
+                f"{path}: {items} is a sweep; run several values with `python -m pipeline sweep`"
+            )
         try:
             apply_overrides(str(target), items)
         except DvcException as exc:

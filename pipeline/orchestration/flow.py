@@ -8,6 +8,7 @@ Param overrides run the same stages as a DVC experiment (`dvc exp run -S` gramma
     python -m pipeline flow run [--stages a,b] [-S pretrain.lr=0.002 ...] [--name EXP] [--force] [--dvc-remote]
     python -m pipeline flow serve --cron "0 3 * * *"
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,11 @@ from pipeline.orchestration.report import inline_images
 FLOW_NAME = "llm-pipeline"
 ARTIFACT_KEY = "llm-pipeline-run"
 # The report stage's page (stages/report.py), published as its own artifact with the plots inlined.
-REPORT_STAGE, REPORT_MARKDOWN, REPORT_ARTIFACT_KEY = "report", Path("reports/README.md"), "llm-pipeline-report"
+REPORT_STAGE, REPORT_MARKDOWN, REPORT_ARTIFACT_KEY = (
+    "report",
+    Path("reports/README.md"),
+    "llm-pipeline-report",
+)
 # Stages that talk to the network (corpus download, the Ollama judge) get retries; the rest fail fast,
 # because rerunning a deterministic training stage cannot fix what made it fail.
 RETRIES = {"download": 2, "judge": 2}
@@ -78,8 +83,11 @@ def _cell(value: Any) -> str:
 
 
 def run_report(
-    project: Path, stages: list[StageInfo], outcomes: dict[str, dict[str, Any]],
-    experiment: str | None = None, error: str | None = None,
+    project: Path,
+    stages: list[StageInfo],
+    outcomes: dict[str, dict[str, Any]],
+    experiment: str | None = None,
+    error: str | None = None,
 ) -> str:
     """The run's markdown artifact: what each stage did, the metrics files' values, where the reports are."""
     lines = [f"# {FLOW_NAME} run", "", f"Project: `{project}`"]
@@ -90,7 +98,9 @@ def run_report(
     lines += ["", "## Stages", "", "| stage | outcome | seconds |", "|---|---|---|"]
     for stage in stages:
         outcome = outcomes.get(stage.name, {})
-        lines.append(f"| {stage.name} | {outcome.get('status', 'not run')} | {_cell(outcome.get('seconds', ''))} |")
+        lines.append(
+            f"| {stage.name} | {outcome.get('status', 'not run')} | {_cell(outcome.get('seconds', ''))} |"
+        )
     metrics = dvc_ops.read_metrics(project, stages)
     if metrics:
         lines += ["", "## Metrics", "", "| file | metric | value |", "|---|---|---|"]
@@ -102,13 +112,18 @@ def run_report(
     return "\n".join(lines) + "\n"
 
 
-def _publish(project: Path, stages: list[StageInfo], outcomes: dict, experiment: str | None, error: str | None):
+def _publish(
+    project: Path, stages: list[StageInfo], outcomes: dict, experiment: str | None, error: str | None
+):
     markdown = run_report(project, stages, outcomes, experiment, error)
     create_markdown_artifact(markdown, key=ARTIFACT_KEY, description=f"{FLOW_NAME}: stages, metrics, reports")
     page = project / REPORT_MARKDOWN
     if outcomes.get(REPORT_STAGE, {}).get("status") in ("ran", "skipped", "restored") and page.is_file():
-        create_markdown_artifact(inline_images(page.read_text(encoding="utf-8"), page.parent), key=REPORT_ARTIFACT_KEY,
-                                 description=f"{FLOW_NAME}: the run report ({REPORT_MARKDOWN}, plots inlined)")
+        create_markdown_artifact(
+            inline_images(page.read_text(encoding="utf-8"), page.parent),
+            key=REPORT_ARTIFACT_KEY,
+            description=f"{FLOW_NAME}: the run report ({REPORT_MARKDOWN}, plots inlined)",
+        )
 
 
 @flow(name=FLOW_NAME)
@@ -133,7 +148,9 @@ def pipeline_flow(
     if as_experiment:
         dvc_ops.require_experiment_files_tracked(root, pipeline)
         if experiment and dvc_ops.experiment_exists(root, experiment):
-            raise PipelineError(f"experiment '{experiment}' already exists (`dvc exp remove {experiment}`, or rename)")
+            raise PipelineError(
+                f"experiment '{experiment}' already exists (`dvc exp remove {experiment}`, or rename)"
+            )
         if overrides:
             apply_params(str(root), list(overrides))
     outcomes: dict[str, dict[str, Any]] = {}
@@ -194,18 +211,34 @@ def serve_pipeline(name: str, cron: str | None, timezone: str, parameters: dict[
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline flow", description="Run or schedule the pipeline.")
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline flow", description="Run or schedule the pipeline."
+    )
     sub = parser.add_subparsers(dest="action", required=True)
     run = sub.add_parser("run", help="run the pipeline once (DVC skips unchanged stages)")
-    serve = sub.add_parser("serve", help="serve a deployment: scheduled and triggered runs execute in this process")
+    serve = sub.add_parser(
+        "serve", help="serve a deployment: scheduled and triggered runs execute in this process"
+    )
     for p in (run, serve):
-        p.add_argument("--stages", action="append", default=[], help="comma-separated dvc.yaml stages (default: all)")
-        p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="params override, as in `dvc exp run -S` (runs as a DVC experiment)")
+        p.add_argument(
+            "--stages", action="append", default=[], help="comma-separated dvc.yaml stages (default: all)"
+        )
+        p.add_argument(
+            "-S",
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="params override, as in `dvc exp run -S` (runs as a DVC experiment)",
+        )
         p.add_argument("--name", dest="experiment", help="DVC experiment name (implies an experiment)")
         p.add_argument("--force", action="store_true", help="rerun stages even if unchanged")
-        p.add_argument("--dvc-remote", action="store_true",
-                       help="pull missing data and the run cache from the DVC remote, push results back")
+        p.add_argument(
+            "--dvc-remote",
+            action="store_true",
+            help="pull missing data and the run cache from the DVC remote, push results back",
+        )
         p.add_argument("--project", default=".", help="DVC project directory (default: .)")
     serve.add_argument("--cron", help='schedule, e.g. "0 3 * * *" (without it, runs only when triggered)')
     serve.add_argument("--timezone", default="UTC", help="timezone of the cron schedule (default UTC)")

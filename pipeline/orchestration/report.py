@@ -8,6 +8,7 @@ report folder) and renders what it finds by kind — ``metrics.json`` as a table
 stage added later appears without editing this module. Metrics named ``unigram_loss`` and a ``fallback`` flag
 get a line at the top, wherever they come from.
 """
+
 from __future__ import annotations
 
 import base64
@@ -40,7 +41,9 @@ class StageReport:
     metrics: dict = field(default_factory=dict)
     timing: dict | None = None
     images: list[Path] = field(default_factory=list)
-    curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # "train/loss" → [(step, value)]
+    curves: dict[str, list[tuple[float, float]]] = field(
+        default_factory=dict
+    )  # "train/loss" → [(step, value)]
     samples: list[dict] = field(default_factory=list)
     responses: list[dict] = field(default_factory=list)
     markdown: str | None = None
@@ -80,7 +83,9 @@ def read_stage(name: str, directory: Path) -> StageReport:
         elif path.suffix in (".png", ".svg", ".jpg"):
             stage.images.append(path)
         elif path.name == "samples.json":
-            stage.samples = [s for s in _json(path) if isinstance(s, dict)] if isinstance(_json(path), list) else []
+            stage.samples = (
+                [s for s in _json(path) if isinstance(s, dict)] if isinstance(_json(path), list) else []
+            )
         elif path.name == "responses.jsonl":
             stage.responses = [r for _, r in read_jsonl(path, "responses file") if isinstance(r, dict)]
         elif path.name == "report.md":
@@ -92,7 +97,11 @@ def read_stage(name: str, directory: Path) -> StageReport:
 
 def collect(reports: Path, stage_order: list[str]) -> list[StageReport]:
     """The stage folders under ``reports`` (those of ``stage_order`` first, in that order)."""
-    folders = {p.name: p for p in reports.iterdir() if p.is_dir() and p.name not in SKIP_DIRS} if reports.is_dir() else {}
+    folders = (
+        {p.name: p for p in reports.iterdir() if p.is_dir() and p.name not in SKIP_DIRS}
+        if reports.is_dir()
+        else {}
+    )
     names = [n for n in stage_order if n in folders] + sorted(set(folders) - set(stage_order))
     return [read_stage(name, folders[name]) for name in names]
 
@@ -105,7 +114,11 @@ def cell(value: Any) -> str:
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> list[str]:
-    return [f"| {' | '.join(headers)} |", f"|{'---|' * len(headers)}", *(f"| {' | '.join(cell(c) for c in r)} |" for r in rows)]
+    return [
+        f"| {' | '.join(headers)} |",
+        f"|{'---|' * len(headers)}",
+        *(f"| {' | '.join(cell(c) for c in r)} |" for r in rows),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- the page
@@ -118,15 +131,19 @@ def highlights(stages: list[StageReport]) -> list[str]:
         metrics = flatten(stage.metrics)
         if metrics.get("fallback") is True:
             reason = " ".join(str(metrics.get("fallback_reason", "")).split())
-            lines.append(f"> **Warning ({stage.name}): the fallback scorer {metrics.get('scorer', '')} was used, not "
-                         f"the configured one.** {reason}")
+            lines.append(
+                f"> **Warning ({stage.name}): the fallback scorer {metrics.get('scorer', '')} was used, not "
+                f"the configured one.** {reason}"
+            )
         for key, value in metrics.items():
             if key.endswith("unigram_loss") and isinstance(value, (int, float)):
                 model = metrics.get(key.replace("unigram_loss", "val_loss"))
                 if isinstance(model, (int, float)):
                     below = value - model
-                    lines.append(f"- **{stage.name}**: validation loss {model:.4f} nats/token against the unigram "
-                                 f"baseline's {value:.4f}: {abs(below):.4f} {'below' if below > 0 else 'ABOVE'} it.")
+                    lines.append(
+                        f"- **{stage.name}**: validation loss {model:.4f} nats/token against the unigram "
+                        f"baseline's {value:.4f}: {abs(below):.4f} {'below' if below > 0 else 'ABOVE'} it."
+                    )
     return lines
 
 
@@ -148,11 +165,21 @@ def answers(stages: list[StageReport]) -> list[str]:
     rows = []
     for item in first:
         prompt = item.get("instruction", "") + (f" — {item['input']}" if item.get("input") else "")
-        rows.append([item.get("id"), prompt, item.get("output", ""),
-                     *(by_id[s.name].get(item.get("id"), {}).get("response", "") for s in tuned)])
-    return ["## Answers to held-out instructions", "",
-            f"The first {len(rows)} of {len(tuned[0].responses)} held-out items; each stage's folder has them all.",
-            "", *table(["id", "instruction", "reference", *(s.name for s in tuned)], rows)]
+        rows.append(
+            [
+                item.get("id"),
+                prompt,
+                item.get("output", ""),
+                *(by_id[s.name].get(item.get("id"), {}).get("response", "") for s in tuned),
+            ]
+        )
+    return [
+        "## Answers to held-out instructions",
+        "",
+        f"The first {len(rows)} of {len(tuned[0].responses)} held-out items; each stage's folder has them all.",
+        "",
+        *table(["id", "instruction", "reference", *(s.name for s in tuned)], rows),
+    ]
 
 
 def loss_figure(stages: list[StageReport], path: Path) -> bool:
@@ -184,20 +211,33 @@ def score_table(metrics: dict) -> list[str]:
     """Harness scores (``{"models": {model: {task: {metric, metric_stderr, n, random_baseline}}}}``, as the
     benchmark stage writes them) as one row per task and metric, one column per model; [] for other metrics."""
     models = metrics.get("models")
-    if not isinstance(models, dict) or not models or not all(
-            isinstance(tasks, dict) and all(isinstance(row, dict) and "random_baseline" in row for row in tasks.values())
-            for tasks in models.values()):
+    if (
+        not isinstance(models, dict)
+        or not models
+        or not all(
+            isinstance(tasks, dict)
+            and all(isinstance(row, dict) and "random_baseline" in row for row in tasks.values())
+            for tasks in models.values()
+        )
+    ):
         return []
     names = list(models)
-    keys = dict.fromkeys((task, metric) for tasks in models.values() for task, row in tasks.items()
-                         for metric in row if metric not in ("n", "random_baseline") and not metric.endswith("_stderr"))
+    keys = dict.fromkeys(
+        (task, metric)
+        for tasks in models.values()
+        for task, row in tasks.items()
+        for metric in row
+        if metric not in ("n", "random_baseline") and not metric.endswith("_stderr")
+    )
     rows = []
     for task, metric in keys:
         cells = []
         for name in names:
             row = models[name].get(task, {})
             value, err = row.get(metric), row.get(f"{metric}_stderr")
-            cells.append("" if value is None else f"{value:.4g} ± {err:.2g}" if isinstance(err, float) else value)
+            cells.append(
+                "" if value is None else f"{value:.4g} ± {err:.2g}" if isinstance(err, float) else value
+            )
         first = next((models[n][task] for n in names if task in models[n]), {})
         baseline = first.get("random_baseline") if metric.startswith("acc") else ""
         rows.append([task, metric, *cells, "" if baseline is None else baseline, first.get("n", "")])
@@ -222,7 +262,9 @@ def stage_section(stage: StageReport, reports: Path) -> list[str]:
     if stage.other:
         lines.append("")
     if stage.markdown:
-        own = IMAGE.sub(lambda m: f"![{m[1]}]({stage.name}/{m[2]})" if "://" not in m[2] else m[0], stage.markdown)
+        own = IMAGE.sub(
+            lambda m: f"![{m[1]}]({stage.name}/{m[2]})" if "://" not in m[2] else m[0], stage.markdown
+        )
         own = re.sub(r"^(#+) ", lambda m: "#" * min(len(m[1]) + 2, 6) + " ", own, flags=re.M)
         lines += ["<details><summary>the stage's own report</summary>", "", own.strip(), "", "</details>", ""]
     return lines
@@ -232,10 +274,14 @@ def markdown(project: Path, stages: list[StageReport], curves: str | None) -> st
     params_file = project / "params.yaml"
     params = read_yaml(params_file) if params_file.is_file() else {}
     git = git_state(project)
-    lines = ["# Run report", "",
-             f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} from `{project.resolve()}`; commit "
-             f"`{git['commit'] or 'none'}`{' with uncommitted changes' if git['dirty'] else ''}; params sha256 "
-             f"`{params_hash(params)[:16]}`.", ""]
+    lines = [
+        "# Run report",
+        "",
+        f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} from `{project.resolve()}`; commit "
+        f"`{git['commit'] or 'none'}`{' with uncommitted changes' if git['dirty'] else ''}; params sha256 "
+        f"`{params_hash(params)[:16]}`.",
+        "",
+    ]
     for line in highlights(stages):
         lines += [line, ""]
     lines += ["## Stage times", "", *stage_times(stages), ""]
@@ -245,13 +291,21 @@ def markdown(project: Path, stages: list[StageReport], curves: str | None) -> st
     for stage in stages:
         lines += stage_section(stage, project / "reports")
     versions = [[k, v or "not installed"] for k, v in package_versions().items()]
-    lines += ["## Params and provenance", "", "```yaml", params_file.read_text(encoding="utf-8").strip()
-              if params_file.is_file() else "# no params.yaml", "```", "", *table(["package", "version"], versions)]
+    lines += [
+        "## Params and provenance",
+        "",
+        "```yaml",
+        params_file.read_text(encoding="utf-8").strip() if params_file.is_file() else "# no params.yaml",
+        "```",
+        "",
+        *table(["package", "version"], versions),
+    ]
     return "\n".join(lines) + "\n"
 
 
 def inline_images(text: str, base: Path) -> str:
     """Markdown with every local image turned into a data: URI (self-contained HTML, Prefect artifacts)."""
+
     def embed(match: re.Match) -> str:
         path = base / match[2]
         if "://" in match[2] or not path.is_file():
@@ -285,15 +339,20 @@ def to_html(text: str, base: Path, title: str = "Run report") -> str:
     return PAGE.format(title=html.escape(title), body=body)
 
 
-def write_report(project: Path, stage_order: list[str], html_path: Path, md_path: Path, assets: Path) -> list[str]:
+def write_report(
+    project: Path, stage_order: list[str], html_path: Path, md_path: Path, assets: Path
+) -> list[str]:
     """Render the run's report; returns the names of the stages it found."""
     reports = project / "reports"
     stages = collect(reports, stage_order)
     with atomic_path(assets) as tmp:
         tmp.mkdir()
         has_curves = loss_figure(stages, tmp / "loss_curves.png")
-    text = markdown(project, stages, (assets / "loss_curves.png").relative_to(md_path.parent).as_posix()
-                    if has_curves else None)
+    text = markdown(
+        project,
+        stages,
+        (assets / "loss_curves.png").relative_to(md_path.parent).as_posix() if has_curves else None,
+    )
     with atomic_path(md_path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     with atomic_path(html_path) as tmp:
@@ -313,20 +372,50 @@ def compare_runs(runs: list[Path], out_dir: Path) -> tuple[str, list[Path]]:
     overlaid. Writes ``out_dir``/reports.md and the self-contained reports.html; returns (markdown, files)."""
     for reports in runs:
         if not reports.is_dir():
-            raise PipelineError(f"{reports}: no such reports folder (run `dvc repro`, or give a run's reports/)")
+            raise PipelineError(
+                f"{reports}: no such reports folder (run `dvc repro`, or give a run's reports/)"
+            )
     labels = [run_label(r) for r in runs]
     if len(set(labels)) < len(labels):
         labels = [str(r) for r in runs]
     collected = [collect(r, []) for r in runs]
     names = list(dict.fromkeys(s.name for stages in collected for s in stages))
     by_run = [{s.name: s for s in stages} for stages in collected]
-    lines = ["# Runs side by side", "", *(f"- **{label}**: `{r.resolve()}`" for label, r in zip(labels, runs, strict=True)), ""]
-    params = [flatten(read_yaml(r.parent / "params.yaml") or {}) if (r.parent / "params.yaml").is_file() else {} for r in runs]
-    differ = [k for k in dict.fromkeys(k for p in params for k in p) if len({json.dumps(p.get(k), default=str) for p in params}) > 1]
-    lines += ["## Params that differ", "", *(table(["param", *labels], [[k, *(p.get(k, "") for p in params)] for k in differ])
-                                              if differ else ["None: the runs share their params."]), ""]
-    times = [[n, *((run.get(n).timing or {}).get("seconds", "") if run.get(n) else "" for run in by_run)] for n in names]
-    lines += ["## Stage times (seconds)", "", *table(["stage", *labels], [t for t in times if any(t[1:])]), ""]
+    lines = [
+        "# Runs side by side",
+        "",
+        *(f"- **{label}**: `{r.resolve()}`" for label, r in zip(labels, runs, strict=True)),
+        "",
+    ]
+    params = [
+        flatten(read_yaml(r.parent / "params.yaml") or {}) if (r.parent / "params.yaml").is_file() else {}
+        for r in runs
+    ]
+    differ = [
+        k
+        for k in dict.fromkeys(k for p in params for k in p)
+        if len({json.dumps(p.get(k), default=str) for p in params}) > 1
+    ]
+    lines += [
+        "## Params that differ",
+        "",
+        *(
+            table(["param", *labels], [[k, *(p.get(k, "") for p in params)] for k in differ])
+            if differ
+            else ["None: the runs share their params."]
+        ),
+        "",
+    ]
+    times = [
+        [n, *((run.get(n).timing or {}).get("seconds", "") if run.get(n) else "" for run in by_run)]
+        for n in names
+    ]
+    lines += [
+        "## Stage times (seconds)",
+        "",
+        *table(["stage", *labels], [t for t in times if any(t[1:])]),
+        "",
+    ]
     figure = out_dir / "reports_loss_curves.png"
     if overlay_figure([(label, run) for label, run in zip(labels, by_run, strict=True)], names, figure):
         lines += ["## Loss curves", "", f"![loss curves]({figure.name})", ""]
@@ -334,7 +423,12 @@ def compare_runs(runs: list[Path], out_dir: Path) -> tuple[str, list[Path]]:
         metrics = [flatten(run[name].metrics) if name in run else {} for run in by_run]
         keys = list(dict.fromkeys(k for m in metrics for k in m))
         if keys:
-            lines += [f"## {name}", "", *table(["metric", *labels], [[k, *(m.get(k, "") for m in metrics)] for k in keys]), ""]
+            lines += [
+                f"## {name}",
+                "",
+                *table(["metric", *labels], [[k, *(m.get(k, "") for m in metrics)] for k in keys]),
+                "",
+            ]
     text = "\n".join(lines) + "\n"
     with atomic_path(out_dir / "reports.md") as tmp:
         tmp.write_text(text, encoding="utf-8")

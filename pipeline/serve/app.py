@@ -6,6 +6,7 @@ and, at ``/``, "Ollama is running" (a browser gets the chat page, pipeline/serve
 the API-key check and a count of requests by path in ``app.state.requests``. This module owns the command line
 (which models, which socket); generation lives in pipeline/serve/engine.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,16 +62,22 @@ class ApiKey:
         if scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.key):
             return await self.app(scope, receive, send)
         message = "invalid or missing API key (send Authorization: Bearer <key>)"
-        body = OpenAIError(401, message, code="invalid_api_key").body() if scope["path"].startswith("/v1/") \
+        body = (
+            OpenAIError(401, message, code="invalid_api_key").body()
+            if scope["path"].startswith("/v1/")
             else {"error": message}
+        )
         await JSONResponse(body, status_code=401)(scope, receive, send)
 
 
-def create_app(models: dict[str, ServedModel], concurrency: int = 2, max_queue: int = 256,
-               api_key: str | None = None) -> FastAPI:
+def create_app(
+    models: dict[str, ServedModel], concurrency: int = 2, max_queue: int = 256, api_key: str | None = None
+) -> FastAPI:
     """The Ollama-compatible API over ``models`` (keyed by their ``name:tag``), its embedding routes and the
     OpenAI-compatible ``/v1`` routes. With ``api_key``, every route but ``/`` needs ``Authorization: Bearer <api_key>``."""
-    app = FastAPI(title="llm-pipeline (Ollama API)", version=ollama_api.VERSION, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="llm-pipeline (Ollama API)", version=ollama_api.VERSION, docs_url=None, redoc_url=None
+    )
     engine = Engine(models, concurrency, max_queue)
     app.state.requests = collections.Counter()
     app.state.engine = engine
@@ -98,8 +105,9 @@ def create_app(models: dict[str, ServedModel], concurrency: int = 2, max_queue: 
 # ---------------------------------------------------------------------------------------------- command line
 
 
-def load_models(specs: list[str], models_dir: str | Path = "models", threads: int | None = None
-                ) -> dict[str, ServedModel]:
+def load_models(
+    specs: list[str], models_dir: str | Path = "models", threads: int | None = None
+) -> dict[str, ServedModel]:
     """``NAME`` (models/NAME; ``onnx-int8`` is the int8 variant of models/onnx) or ``NAME=DIRECTORY``.
 
     With no specs, every standard model that exists under ``models_dir`` is served. ``threads``: onnxruntime's
@@ -113,8 +121,10 @@ def load_models(specs: list[str], models_dir: str | Path = "models", threads: in
         if (models_dir / "onnx" / VARIANT_FILES["int8"]).is_file():
             specs.append("onnx-int8")
         if not specs:
-            raise PipelineError(f"{models_dir}/: no model directories to serve (run `dvc repro`, or pass "
-                                "--models NAME=DIRECTORY)")
+            raise PipelineError(
+                f"{models_dir}/: no model directories to serve (run `dvc repro`, or pass "
+                "--models NAME=DIRECTORY)"
+            )
     loaded: dict[str, ServedModel] = {}
     for spec in specs:
         name, _, directory = spec.partition("=")
@@ -136,22 +146,36 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise PipelineError(f"serve: cannot listen on {host}:{port} ({exc.strerror}); is Ollama or another "
-                            "server already there? Pick another --port") from None
+        raise PipelineError(
+            f"serve: cannot listen on {host}:{port} ({exc.strerror}); is Ollama or another "
+            "server already there? Pick another --port"
+        ) from None
     return sock
 
 
 def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
     parser.add_argument("--port", type=int, default=11434, help="port, 1-65535 (default 11434, Ollama's)")
-    parser.add_argument("--models", nargs="*", default=[], metavar="NAME[=DIR]",
-                        help=f"models to serve (default: those of {', '.join(STANDARD_MODELS)} under models/)")
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        default=[],
+        metavar="NAME[=DIR]",
+        help=f"models to serve (default: those of {', '.join(STANDARD_MODELS)} under models/)",
+    )
     parser.add_argument("--concurrency", type=int, default=2, help="generations at once (default 2)")
     parser.add_argument("--max-queue", type=int, default=256, help="requests that may wait (default 256)")
-    parser.add_argument("--api-key", default=os.environ.get("LLM_PIPELINE_API_KEY") or None,
-                        help="require 'Authorization: Bearer KEY' (default: $LLM_PIPELINE_API_KEY; none: no check)")
-    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("LLM_PIPELINE_API_KEY") or None,
+        help="require 'Authorization: Bearer KEY' (default: $LLM_PIPELINE_API_KEY; none: no check)",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.port <= 65535:
         raise PipelineError(f"serve: --port must be in 1-65535, got {args.port}")
@@ -164,10 +188,14 @@ def cli(argv: list[str]) -> int:
     if "torch" in sys.modules:  # torch models are served (the ONNX path need not import it)
         sys.modules["torch"].set_num_threads(threads)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        print(f"warning: serving on {args.host}: anyone who can reach this address can use it (no authentication)",
-              file=sys.stderr)
-    print(f"serving {', '.join(models)} at http://{args.host}:{sock.getsockname()[1]} (Ollama API; OpenAI's under /v1); Ctrl-C stops",
-          file=sys.stderr)
+        print(
+            f"warning: serving on {args.host}: anyone who can reach this address can use it (no authentication)",
+            file=sys.stderr,
+        )
+    print(
+        f"serving {', '.join(models)} at http://{args.host}:{sock.getsockname()[1]} (Ollama API; OpenAI's under /v1); Ctrl-C stops",
+        file=sys.stderr,
+    )
     app = create_app(models, args.concurrency, args.max_queue, args.api_key)
     uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
     return 0

@@ -7,6 +7,7 @@ context; an ``alpaca`` model is single-turn by design, so each message is answer
 so. ``/reset`` forgets the conversation, ``/exit``, Ctrl-D or Ctrl-C quit. Loading, sampling and generation are
 ``generate``'s, which are the server's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,11 +52,15 @@ class Conversation:
 
 def banner(model: ServedModel, name: str) -> str:
     if model.template == "chat":
-        mode = (f"chat template: multi-turn, the model sees the conversation so far (its context is "
-                f"{model.context_length} tokens; the oldest exchanges are dropped when it is full)")
+        mode = (
+            f"chat template: multi-turn, the model sees the conversation so far (its context is "
+            f"{model.context_length} tokens; the oldest exchanges are dropped when it is full)"
+        )
     elif model.template == "alpaca":
-        mode = ("alpaca template: single-turn, each message is answered on its own; the model does not see "
-                "earlier exchanges")
+        mode = (
+            "alpaca template: single-turn, each message is answered on its own; the model does not see "
+            "earlier exchanges"
+        )
     else:
         mode = "base model (no template): it continues the text you type, one message at a time"
     return f"chatting with {name} — {mode}\n{COMMANDS_HELP}"

@@ -4,6 +4,7 @@
 ``text/html``, gets the page: one self-contained file shipped in the package (``pipeline/serve/chat.html``), which
 talks to the same server's Ollama API, so it works offline.
 """
+
 from __future__ import annotations
 
 from functools import cache

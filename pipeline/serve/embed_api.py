@@ -2,6 +2,7 @@
 ``POST /api/embeddings`` (one prompt). The vectors are ``pipeline.model.embeddings``: mean-pooled final hidden states,
 L2-normalised. They run in the generation pool, so they share its ``--concurrency`` slots with generations.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -37,16 +38,22 @@ def embedding_ids(model: ServedModel, text: str, truncate: bool = True) -> list[
     """The ids a text is embedded from: at most the context's length (the start kept), else a 400."""
     ids = model.encoding.encode_ordinary(text)
     if len(ids) > model.context_length and not truncate:
-        raise ApiError(400, f"input length {len(ids)} tokens exceeds the context length {model.context_length} "
-                            "(send truncate: true to keep the start)")
+        raise ApiError(
+            400,
+            f"input length {len(ids)} tokens exceeds the context length {model.context_length} "
+            "(send truncate: true to keep the start)",
+        )
     return ids[: model.context_length]
 
 
 async def embed_all(engine: Engine, model: ServedModel, inputs: list[list[int]]) -> list[list[float]]:
     """Embeddings of each id list, computed in the generation pool under one of its slots."""
     if not model.embeds:
-        raise ApiError(400, f"model '{model.name}' does not support embeddings (only torch model directories do; "
-                            "the ONNX graph outputs logits only)")
+        raise ApiError(
+            400,
+            f"model '{model.name}' does not support embeddings (only torch model directories do; "
+            "the ONNX graph outputs logits only)",
+        )
     if any(not ids for ids in inputs):
         raise ApiError(400, "invalid request: input: cannot embed an empty text")
     async with engine.slots:
@@ -56,8 +63,11 @@ async def embed_all(engine: Engine, model: ServedModel, inputs: list[list[int]])
 
 def check_dimensions(model: ServedModel, dimensions: int | None, width: int) -> None:
     if dimensions is not None and dimensions != width:
-        raise ApiError(400, f"model '{model.name}' embeds into {width} dimensions; 'dimensions' {dimensions} "
-                            "is not supported")
+        raise ApiError(
+            400,
+            f"model '{model.name}' embeds into {width} dimensions; 'dimensions' {dimensions} "
+            "is not supported",
+        )
 
 
 def register(app: FastAPI, engine: Engine) -> None:
@@ -75,8 +85,13 @@ def register(app: FastAPI, engine: Engine) -> None:
         vectors = await embed_all(engine, model, ids) if ids else []
         if vectors:
             check_dimensions(model, request.dimensions, len(vectors[0]))
-        return {"model": model.name, "embeddings": vectors, "total_duration": time.perf_counter_ns() - start,
-                "load_duration": 0, "prompt_eval_count": sum(map(len, ids))}
+        return {
+            "model": model.name,
+            "embeddings": vectors,
+            "total_duration": time.perf_counter_ns() - start,
+            "load_duration": 0,
+            "prompt_eval_count": sum(map(len, ids)),
+        }
 
     @app.post("/api/embeddings")
     async def embeddings(http: Request) -> dict:

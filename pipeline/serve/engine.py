@@ -4,6 +4,7 @@
 generation is an async iterator of ("text", piece)… then ("done", final fields); a client that goes away cancels
 it. It knows no API's response shape (the Ollama and OpenAI modules shape the pieces).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -27,21 +28,38 @@ class ClientClosed(Exception):
 
 
 def sampling_options(options: Options, max_new_tokens: int, eos_id: int) -> SamplingOptions:
-    merged = {**DEFAULT_OPTIONS, **options.model_dump(exclude_none=True, include={"temperature", "top_k", "top_p"})}
+    merged = {
+        **DEFAULT_OPTIONS,
+        **options.model_dump(exclude_none=True, include={"temperature", "top_k", "top_p"}),
+    }
     top_k = merged["top_k"]
     top_p = merged["top_p"] if merged["top_p"] < 1 else None
     seed = options.seed if options.seed is not None else secrets.randbits(63)
-    return SamplingOptions(max_new_tokens=max_new_tokens, temperature=merged["temperature"], top_k=top_k,
-                           top_p=top_p, eos_id=eos_id, seed=seed)
+    return SamplingOptions(
+        max_new_tokens=max_new_tokens,
+        temperature=merged["temperature"],
+        top_k=top_k,
+        top_p=top_p,
+        eos_id=eos_id,
+        seed=seed,
+    )
 
 
 def final_fields(generated: Generated, total_ns: int) -> dict:
     """The last response object's fields; ``context`` (prompt + answer ids) is for /api/generate only,
     ``stop_token`` (the id that ended it, or None) for the OpenAI routes' log-probabilities only."""
-    return {"done": True, "done_reason": generated.done_reason, "total_duration": total_ns, "load_duration": 0,
-            "prompt_eval_count": len(generated.prompt_ids), "prompt_eval_duration": generated.prompt_ns,
-            "eval_count": len(generated.output_ids), "eval_duration": generated.eval_ns,
-            "context": generated.prompt_ids + generated.output_ids, "stop_token": generated.stop_id}
+    return {
+        "done": True,
+        "done_reason": generated.done_reason,
+        "total_duration": total_ns,
+        "load_duration": 0,
+        "prompt_eval_count": len(generated.prompt_ids),
+        "prompt_eval_duration": generated.prompt_ns,
+        "eval_count": len(generated.output_ids),
+        "eval_duration": generated.eval_ns,
+        "context": generated.prompt_ids + generated.output_ids,
+        "stop_token": generated.stop_id,
+    }
 
 
 async def client_gone(http: Request) -> None:
@@ -89,15 +107,18 @@ class Engine:
     def model(self, name: str) -> ServedModel:
         key = name if ":" in name else f"{name}:latest"
         if key not in self.models:
-            raise ApiError(404, f"model \"{name}\" not found, try pulling it first")
+            raise ApiError(404, f'model "{name}" not found, try pulling it first')
         return self.models[key]
 
     def start(self, model: ServedModel, prompt_ids: list[int], options: Options):
         """A generation, not yet running (503 when the queue is full): an async iterator of ("text", piece)…
         then ("done", final fields). ``num_predict`` is capped by the room the context leaves after the prompt."""
         if self.slots.locked() and self.waiting >= self.max_queue:
-            raise ApiError(503, f"server busy: every generation slot is taken and {self.waiting} requests are "
-                                "already waiting (--max-queue)")
+            raise ApiError(
+                503,
+                f"server busy: every generation slot is taken and {self.waiting} requests are "
+                "already waiting (--max-queue)",
+            )
         limit = min(model.context_length, options.num_ctx or model.context_length)
         prompt_ids, max_new = fit_prompt(prompt_ids, limit, options.num_predict)
         opts = sampling_options(options, max_new, model.encoding.eot_token)

@@ -4,6 +4,7 @@ Read from what the stages already wrote: the model directory's ``config.json`` (
 training summary) and, when the model sits in a project (``<project>/models/<name>``), the stage's metrics in
 ``<project>/reports/<stage>/metrics.json`` and the corpus sources in ``<project>/data/raw/manifest.json``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,19 @@ from pipeline.common.errors import PipelineError
 from pipeline.common.json_files import flatten, read_json
 
 # The metrics worth a glance, by the last part of their key (the rest are in the reports).
-KEY_METRICS = ("val_loss", "perplexity", "bits_per_byte", "unigram_loss", "accuracy", "loss", "rewards/accuracies",
-               "rewards/margins", "max_abs_logit_diff", "top1_agreement", "greedy_tokens_matched")
+KEY_METRICS = (
+    "val_loss",
+    "perplexity",
+    "bits_per_byte",
+    "unigram_loss",
+    "accuracy",
+    "loss",
+    "rewards/accuracies",
+    "rewards/margins",
+    "max_abs_logit_diff",
+    "top1_agreement",
+    "greedy_tokens_matched",
+)
 STAGE_REPORTS = {"pretrain": "evaluate", "sft": "sft", "dpo": "dpo", "export": "export"}
 
 
@@ -26,17 +38,24 @@ def _json(path: Path) -> dict:
 
 
 def key_metrics(metrics: dict) -> dict[str, float]:
-    return {k: v for k, v in flatten(metrics, sep="/").items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k.split("/", 1)[-1] in KEY_METRICS}
+    return {
+        k: v
+        for k, v in flatten(metrics, sep="/").items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k.split("/", 1)[-1] in KEY_METRICS
+    }
 
 
 def training_data(config: dict, project: Path | None) -> list[str]:
     """Where the model's training text came from: the instruction file for SFT/DPO, the corpus for pretraining."""
     recipe = config.get("instructions") or {}
-    sources = [f"{recipe['data']} (sha256 {recipe.get('data_sha256', '?')[:12]}…)"] if recipe.get("data") else []
+    sources = (
+        [f"{recipe['data']} (sha256 {recipe.get('data_sha256', '?')[:12]}…)"] if recipe.get("data") else []
+    )
     manifest = _json(project / "data" / "raw" / "manifest.json") if project else {}
     documents = manifest.get("documents") or []
-    corpus = list(dict.fromkeys(str(d.get("source")) for d in documents if isinstance(d, dict) and d.get("source")))
+    corpus = list(
+        dict.fromkeys(str(d.get("source")) for d in documents if isinstance(d, dict) and d.get("source"))
+    )
     return sources + [f"corpus: {source}" for source in corpus]
 
 
@@ -51,13 +70,19 @@ def served_model_card(directory: str | Path, size_bytes: int, parameter_size: st
         config = {**tuned, **{k: v for k, v in config.items() if k != "instructions"}}
         config.setdefault("instructions", tuned.get("instructions"))
     project = directory.parent.parent if directory.parent.name == "models" else None
-    metrics_file = project / "reports" / STAGE_REPORTS[stage] / "metrics.json" if project and stage in STAGE_REPORTS else None
+    metrics_file = (
+        project / "reports" / STAGE_REPORTS[stage] / "metrics.json"
+        if project and stage in STAGE_REPORTS
+        else None
+    )
     shape = config.get("model") or {}
     return {
         "stage": stage or "unknown",
         "parameters": parameter_size,
         "size_mb": round(size_bytes / 1e6, 2),
-        "shape": {k: shape[k] for k in ("n_layer", "n_head", "n_embd", "context_length", "vocab_size") if k in shape},
+        "shape": {
+            k: shape[k] for k in ("n_layer", "n_head", "n_embd", "context_length", "vocab_size") if k in shape
+        },
         "template": (config.get("instructions") or {}).get("template") or "raw text (no template)",
         "training_data": training_data(config, project),
         "training": config.get("training") or {},

@@ -6,6 +6,7 @@ streaming by default, one JSON object with ``"stream": false``). Errors come bac
 first") or 503 (queue full). Generation goes through the shared ``Engine`` (pipeline/serve/engine.py); the app
 around these routes is pipeline/serve/app.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -85,7 +86,7 @@ def unsupported(request: OllamaRequest, model: ServedModel, extras: dict[str, ob
     if request.format not in (None, ""):
         raise ApiError(400, f"model '{name}' cannot constrain its output: 'format' is not supported")
     if request.think not in (None, False):
-        raise ApiError(400, f"\"{name}\" does not support thinking")
+        raise ApiError(400, f'"{name}" does not support thinking')
     for field, value in extras.items():
         if value:
             raise ApiError(400, f"model '{name}' does not support '{field}'")
@@ -103,8 +104,15 @@ async def ndjson(run, shape: Shape):
         yield json.dumps({"error": one_line(f"generation failed: {exc}")}) + "\n"
 
 
-async def respond(engine: Engine, http: Request, model: ServedModel, prompt_ids: list[int], options: Options,
-                  stream: bool, shape: Shape) -> Response:
+async def respond(
+    engine: Engine,
+    http: Request,
+    model: ServedModel,
+    prompt_ids: list[int],
+    options: Options,
+    stream: bool,
+    shape: Shape,
+) -> Response:
     """The generation as Ollama answers: NDJSON lines, or one object once the whole answer is there."""
     run = engine.start(model, prompt_ids, options)
     if stream:
@@ -130,8 +138,14 @@ def register(app: FastAPI, engine: Engine) -> None:
         return {"version": VERSION}
 
     def listing(model: ServedModel) -> dict:
-        return {"name": model.name, "model": model.name, "modified_at": model.modified_at, "size": model.size,
-                "digest": model.digest, "details": model.details}
+        return {
+            "name": model.name,
+            "model": model.name,
+            "modified_at": model.modified_at,
+            "size": model.size,
+            "digest": model.digest,
+            "details": model.details,
+        }
 
     @app.get("/api/tags")
     async def tags() -> dict:
@@ -139,8 +153,17 @@ def register(app: FastAPI, engine: Engine) -> None:
 
     @app.get("/api/ps")
     async def ps() -> dict:
-        return {"models": [{**listing(m), "expires_at": "0001-01-01T00:00:00Z", "size_vram": 0,
-                            "context_length": m.context_length} for m in models.values()]}
+        return {
+            "models": [
+                {
+                    **listing(m),
+                    "expires_at": "0001-01-01T00:00:00Z",
+                    "size_vram": 0,
+                    "context_length": m.context_length,
+                }
+                for m in models.values()
+            ]
+        }
 
     @app.post("/api/show")
     async def show(http: Request) -> dict:
@@ -148,23 +171,35 @@ def register(app: FastAPI, engine: Engine) -> None:
         if not (name := request.model or request.name):
             raise ApiError(400, "invalid request: model: field required")
         model = engine.model(name)
-        return {"modelfile": f"# served by llm-pipeline\nFROM {model.source}\n",
-                "parameters": "\n".join(f"{k} {v}" for k, v in DEFAULT_OPTIONS.items()),
-                "template": model.template or "(raw text: no template)", "details": model.details,
-                "model_info": model.info, "capabilities": ["completion"], "modified_at": model.modified_at}
+        return {
+            "modelfile": f"# served by llm-pipeline\nFROM {model.source}\n",
+            "parameters": "\n".join(f"{k} {v}" for k, v in DEFAULT_OPTIONS.items()),
+            "template": model.template or "(raw text: no template)",
+            "details": model.details,
+            "model_info": model.info,
+            "capabilities": ["completion"],
+            "modified_at": model.modified_at,
+        }
 
     @app.post("/api/chat")
     async def chat(http: Request):
         request = await parse(http, ChatRequest)
         model = engine.model(request.model)
-        unsupported(request, model, {"tools": request.tools,
-                                     "images": any(m.images for m in request.messages)})
+        unsupported(
+            request, model, {"tools": request.tools, "images": any(m.images for m in request.messages)}
+        )
         created = now()
 
         def shape(text: str, final: dict | None) -> dict:
-            final = {k: v for k, v in (final or {"done": False}).items() if k not in ("context", "stop_token")}
-            return {"model": model.name, "created_at": created,
-                    "message": {"role": "assistant", "content": text}, **final}
+            final = {
+                k: v for k, v in (final or {"done": False}).items() if k not in ("context", "stop_token")
+            }
+            return {
+                "model": model.name,
+                "created_at": created,
+                "message": {"role": "assistant", "content": text},
+                **final,
+            }
 
         if not request.messages:  # Ollama: an empty chat loads the model
             return JSONResponse(shape("", {"done": True, "done_reason": "load"}))
@@ -172,8 +207,10 @@ def register(app: FastAPI, engine: Engine) -> None:
         if any(role == "tool" for role, _ in messages):
             raise ApiError(400, f"model '{model.name}' does not support tool messages")
         if messages[-1][0] != "user":
-            raise ApiError(400, f"invalid request: messages: the last message must be the user's, "
-                                f"got {messages[-1][0]!r}")
+            raise ApiError(
+                400,
+                f"invalid request: messages: the last message must be the user's, got {messages[-1][0]!r}",
+            )
         try:
             prompt_ids = model.chat_ids(messages)
         except PipelineError as exc:
@@ -203,5 +240,7 @@ def register(app: FastAPI, engine: Engine) -> None:
             prompt_ids = model.chat_ids(turns)
         prompt_ids = (request.context or []) + prompt_ids
         if any(not 0 <= t < model.encoding.n_vocab for t in prompt_ids):
-            raise ApiError(400, f"invalid request: context: token ids must be in [0, {model.encoding.n_vocab})")
+            raise ApiError(
+                400, f"invalid request: context: token ids must be in [0, {model.encoding.n_vocab})"
+            )
         return await respond(engine, http, model, prompt_ids, request.options, request.stream, shape)

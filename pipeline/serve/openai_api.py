@@ -18,6 +18,7 @@ text prompt is scored as raw text (no chat template: the text is what is measure
 whole. Log-probabilities are the model's own (temperature 1, no top-k/top-p), whatever sampling produced the
 tokens; they are torch models' only (the ONNX export answers 400) and are not streamed.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -66,7 +67,14 @@ DEFAULT_ONLY: dict[str, tuple] = {
     "reasoning_effort": (None,),
     "web_search_options": (None,),
 }
-IGNORED = {"user", "store", "metadata", "service_tier", "safety_identifier", "prompt_cache_key"}  # no effect on output
+IGNORED = {
+    "user",
+    "store",
+    "metadata",
+    "service_tier",
+    "safety_identifier",
+    "prompt_cache_key",
+}  # no effect on output
 
 
 class OpenAIError(Exception):
@@ -78,7 +86,8 @@ class OpenAIError(Exception):
 
     def body(self) -> dict:
         kind = {401: "authentication_error", 404: "invalid_request_error", 503: "server_error"}.get(
-            self.status, "invalid_request_error")
+            self.status, "invalid_request_error"
+        )
         return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
 
 
@@ -99,13 +108,20 @@ class CompletionFields(BaseModel):
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)  # as the Ollama routes' options: refused, not a 5xx, outside
+    top_p: float | None = Field(
+        None, gt=0, le=1
+    )  # as the Ollama routes' options: refused, not a 5xx, outside
     seed: int | None = Field(None, ge=0, lt=2**64)
     stop: str | list[str] | None = None
 
     def options(self, max_tokens: int | None = None) -> Options:
-        return Options(temperature=self.temperature, top_p=self.top_p, seed=self.seed,
-                       num_predict=max_tokens or self.max_tokens, stop=self.stop)
+        return Options(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            num_predict=max_tokens or self.max_tokens,
+            stop=self.stop,
+        )
 
 
 class ChatMessage(BaseModel):
@@ -181,8 +197,11 @@ async def parse(http: Request, schema: type[BaseModel]) -> Any:
             raise OpenAIError(400, f"unsupported field '{field}': this server does not implement it", field)
         if value not in DEFAULT_ONLY[field]:
             accepted = " or ".join(json.dumps(v) for v in DEFAULT_ONLY[field] if v is not None) or "null"
-            raise OpenAIError(400, f"unsupported field '{field}': this server does not implement it "
-                                   f"(accepted: {accepted})", field)
+            raise OpenAIError(
+                400,
+                f"unsupported field '{field}': this server does not implement it (accepted: {accepted})",
+                field,
+            )
     return request
 
 
@@ -201,7 +220,9 @@ def text_of(message: ChatMessage, index: int) -> str:
     for j, part in enumerate(message.content):
         if part.get("type") != "text" or not isinstance(part.get("text"), str):
             where = f"messages[{index}].content[{j}]"
-            raise OpenAIError(400, f"{where}: unsupported content part of type {part.get('type')!r} (text only)", where)
+            raise OpenAIError(
+                400, f"{where}: unsupported content part of type {part.get('type')!r} (text only)", where
+            )
         texts.append(part["text"])
     return "".join(texts)
 
@@ -210,11 +231,16 @@ def chat_turns(request: ChatCompletionRequest) -> list[tuple[str, str]]:
     turns = []
     for i, message in enumerate(request.messages):
         if message.role == "tool" or (message.model_extra or {}).get("tool_calls"):
-            raise OpenAIError(400, f"messages[{i}]: unsupported tool message (this server does not implement tools)",
-                              f"messages[{i}]")
+            raise OpenAIError(
+                400,
+                f"messages[{i}]: unsupported tool message (this server does not implement tools)",
+                f"messages[{i}]",
+            )
         turns.append(("system" if message.role == "developer" else message.role, text_of(message, i)))
     if turns[-1][0] != "user":
-        raise OpenAIError(400, f"messages: the last message must be the user's, got {turns[-1][0]!r}", "messages")
+        raise OpenAIError(
+            400, f"messages: the last message must be the user's, got {turns[-1][0]!r}", "messages"
+        )
     return turns
 
 
@@ -223,11 +249,15 @@ def completion_prompt(model: ServedModel, prompt: str | list, raw: bool = False)
     (an echoed prompt is scored as the text it is); ids pass as they are."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], list | str):  # a batch of prompts
         if len(prompt) != 1:
-            raise OpenAIError(400, "prompt: several prompts in one request are not supported (send one)", "prompt")
+            raise OpenAIError(
+                400, "prompt: several prompts in one request are not supported (send one)", "prompt"
+            )
         prompt = prompt[0]
     if isinstance(prompt, list):
         if not prompt or any(not 0 <= t < model.encoding.n_vocab for t in prompt):
-            raise OpenAIError(400, f"prompt: token ids must be non-empty and in [0, {model.encoding.n_vocab})", "prompt")
+            raise OpenAIError(
+                400, f"prompt: token ids must be non-empty and in [0, {model.encoding.n_vocab})", "prompt"
+            )
         return list(prompt)
     if not prompt:
         raise OpenAIError(400, "prompt: empty", "prompt")
@@ -260,7 +290,9 @@ def logprobs_object(model: ServedModel, ids: list[int], shown: int, scored, k: i
         logprobs.append(scored.logprobs[i - 1])
         top: dict[str, float] = {}
         for token, value in scored.top[i - 1][:k]:
-            top.setdefault(token_text(model, token), value)  # two byte pieces may print alike: keep the likelier
+            top.setdefault(
+                token_text(model, token), value
+            )  # two byte pieces may print alike: keep the likelier
         tops.append(top)
     return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
 
@@ -353,8 +385,12 @@ def register(app: FastAPI, engine: Engine) -> None:
         except PipelineError as exc:
             raise OpenAIError(400, one_line(str(exc)), "messages") from None
         run = start(engine, served, prompt_ids, request.options(request.max_completion_tokens))
-        head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": served.name,
-                "system_fingerprint": SYSTEM_FINGERPRINT}
+        head = {
+            "id": f"chatcmpl-{secrets.token_hex(12)}",
+            "created": int(time.time()),
+            "model": served.name,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+        }
         if request.stream:
             sent_role = False
 
@@ -363,41 +399,78 @@ def register(app: FastAPI, engine: Engine) -> None:
                 delta = {} if text is None else {"content": text}
                 if not sent_role:
                     delta, sent_role = {"role": "assistant", **delta}, True
-                return {"index": 0, "delta": delta, "logprobs": None,
-                        "finish_reason": finish_reason(final) if final else None}
+                return {
+                    "index": 0,
+                    "delta": delta,
+                    "logprobs": None,
+                    "finish_reason": finish_reason(final) if final else None,
+                }
 
             include = bool(request.stream_options and request.stream_options.include_usage)
             return stream_response(sse(run, {**head, "object": "chat.completion.chunk"}, choice, include))
         text, final = await complete(run, http)
-        return {**head, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                             "finish_reason": finish_reason(final)}],
-                "usage": usage(final)}
+        return {
+            **head,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": finish_reason(final),
+                }
+            ],
+            "usage": usage(final),
+        }
 
-    async def scored_completion(request: CompletionRequest, served: ServedModel, http: Request, head: dict) -> dict:
+    async def scored_completion(
+        request: CompletionRequest, served: ServedModel, http: Request, head: dict
+    ) -> dict:
         """A completion with ``logprobs`` and/or ``echo``: generate (unless max_tokens is 0), then score the
         prompt and answer in one forward pass, in the generation pool."""
         if request.stream:
-            raise OpenAIError(400, "logprobs and echo are not streamed by this server: send stream: false", "stream")
+            raise OpenAIError(
+                400, "logprobs and echo are not streamed by this server: send stream: false", "stream"
+            )
         param = "echo" if request.echo else "logprobs"
         if not served.scores:
-            raise OpenAIError(400, f"model '{served.name}' does not report log-probabilities (only torch model "
-                                   "directories do; the ONNX export does not)", param)
+            raise OpenAIError(
+                400,
+                f"model '{served.name}' does not report log-probabilities (only torch model "
+                "directories do; the ONNX export does not)",
+                param,
+            )
         prompt_ids = completion_prompt(served, request.prompt, raw=bool(request.echo))
-        kept = prompt_ids[-served.context_length:] if request.max_tokens == 0 else \
-            fit_prompt(prompt_ids, served.context_length, request.max_tokens)[0]
+        kept = (
+            prompt_ids[-served.context_length :]
+            if request.max_tokens == 0
+            else fit_prompt(prompt_ids, served.context_length, request.max_tokens)[0]
+        )
         if request.echo and len(kept) < len(prompt_ids):
-            raise OpenAIError(400, f"prompt: {len(prompt_ids)} tokens do not fit the context of "
-                                   f"{served.context_length} with max_tokens {request.max_tokens} (echo scores the "
-                                   "whole prompt)", "prompt")
+            raise OpenAIError(
+                400,
+                f"prompt: {len(prompt_ids)} tokens do not fit the context of "
+                f"{served.context_length} with max_tokens {request.max_tokens} (echo scores the "
+                "whole prompt)",
+                "prompt",
+            )
         if request.max_tokens == 0:
-            text, final = "", {"prompt_eval_count": len(prompt_ids), "eval_count": 0, "done_reason": "length",
-                               "context": prompt_ids}
+            text, final = (
+                "",
+                {
+                    "prompt_eval_count": len(prompt_ids),
+                    "eval_count": 0,
+                    "done_reason": "length",
+                    "context": prompt_ids,
+                },
+            )
         else:
             text, final = await complete(start(engine, served, prompt_ids, request.options()), http)
         # The token that ended the answer is listed and scored too: the harness reads every token but the last.
-        ids, n_prompt = final["context"] + [t for t in [final.get("stop_token")] if t is not None], \
-            final["prompt_eval_count"]
+        ids, n_prompt = (
+            final["context"] + [t for t in [final.get("stop_token")] if t is not None],
+            final["prompt_eval_count"],
+        )
         shown = len(ids) if request.echo else len(ids) - n_prompt
         k = request.top_k or 0
         scored = None
@@ -405,12 +478,20 @@ def register(app: FastAPI, engine: Engine) -> None:
             async with engine.slots:  # a forward pass is generation work: it takes one of the pool's slots
                 loop = asyncio.get_running_loop()
                 scored = await loop.run_in_executor(engine.pool, lambda: served.tokens.score(ids, k))
-        logprobs = logprobs_object(served, ids, shown, scored, k) if request.top_k is not None or request.echo else None
+        logprobs = (
+            logprobs_object(served, ids, shown, scored, k)
+            if request.top_k is not None or request.echo
+            else None
+        )
         if request.echo:
             text = served.encoding.decode(ids[:n_prompt]) + text
-        return {**head, "choices": [{"index": 0, "text": text, "logprobs": logprobs,
-                                     "finish_reason": finish_reason(final)}],
-                "usage": usage(final)}
+        return {
+            **head,
+            "choices": [
+                {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(final)}
+            ],
+            "usage": usage(final),
+        }
 
     @app.post("/v1/completions")
     async def completions(http: Request):
@@ -419,22 +500,40 @@ def register(app: FastAPI, engine: Engine) -> None:
         if request.max_tokens == 0 and not request.echo:
             raise OpenAIError(400, "invalid request: max_tokens: 0 is allowed with echo only", "max_tokens")
         if request.top_k is not None or request.echo:
-            head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
-                    "model": served.name, "system_fingerprint": SYSTEM_FINGERPRINT}
+            head = {
+                "id": f"cmpl-{secrets.token_hex(12)}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": served.name,
+                "system_fingerprint": SYSTEM_FINGERPRINT,
+            }
             return await scored_completion(request, served, http, head)
         run = start(engine, served, completion_prompt(served, request.prompt), request.options())
-        head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
-                "model": served.name, "system_fingerprint": SYSTEM_FINGERPRINT}
+        head = {
+            "id": f"cmpl-{secrets.token_hex(12)}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": served.name,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+        }
         if request.stream:
+
             def choice(text: str | None, final: dict | None) -> dict:
-                return {"index": 0, "text": text or "", "logprobs": None,
-                        "finish_reason": finish_reason(final) if final else None}
+                return {
+                    "index": 0,
+                    "text": text or "",
+                    "logprobs": None,
+                    "finish_reason": finish_reason(final) if final else None,
+                }
 
             include = bool(request.stream_options and request.stream_options.include_usage)
             return stream_response(sse(run, head, choice, include))
         text, final = await complete(run, http)
-        return {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason(final)}],
-                "usage": usage(final)}
+        return {
+            **head,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason(final)}],
+            "usage": usage(final),
+        }
 
     @app.post("/v1/embeddings")
     async def embeddings(http: Request) -> dict:
@@ -458,12 +557,26 @@ def register(app: FastAPI, engine: Engine) -> None:
         except ApiError as exc:
             raise OpenAIError(exc.status, str(exc), "input" if "input" in str(exc) else "model") from None
         if request.dimensions is not None and request.dimensions != len(vectors[0]):
-            raise OpenAIError(400, f"model '{served.name}' embeds into {len(vectors[0])} dimensions; other "
-                                   "'dimensions' are not supported", "dimensions")
-        data = [{"object": "embedding", "index": i,
-                 "embedding": base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()
-                 if request.encoding_format == "base64" else v}
-                for i, v in enumerate(vectors)]
+            raise OpenAIError(
+                400,
+                f"model '{served.name}' embeds into {len(vectors[0])} dimensions; other "
+                "'dimensions' are not supported",
+                "dimensions",
+            )
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()
+                if request.encoding_format == "base64"
+                else v,
+            }
+            for i, v in enumerate(vectors)
+        ]
         tokens = sum(map(len, ids))
-        return {"object": "list", "data": data, "model": served.name,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return {
+            "object": "list",
+            "data": data,
+            "model": served.name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }

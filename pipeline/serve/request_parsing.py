@@ -2,6 +2,7 @@
 
 Shared by the Ollama, embedding and OpenAI routes; it knows nothing of models or generation.
 """
+
 from __future__ import annotations
 
 import json

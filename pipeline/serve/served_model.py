@@ -5,6 +5,7 @@ with its tokenizer and prompt template (rendered by pipeline/data/prompts.py). G
 worker thread and hands text to a callback piece by piece: whole UTF-8 characters only, and never a piece that
 could be the start of a stop string.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -113,8 +114,12 @@ def _file_facts(directory: Path, files: Sequence[Path] | None = None) -> dict:
     """Size, digest and time of the files that make the model (default: all of ``directory``)."""
     files = sorted(p for p in directory.rglob("*") if p.is_file()) if files is None else list(files)
     modified = max(p.stat().st_mtime for p in files)
-    return {"source": str(directory), "size": sum(p.stat().st_size for p in files), "digest": _digest(files),
-            "modified_at": datetime.fromtimestamp(modified, timezone.utc).isoformat()}
+    return {
+        "source": str(directory),
+        "size": sum(p.stat().st_size for p in files),
+        "digest": _digest(files),
+        "modified_at": datetime.fromtimestamp(modified, timezone.utc).isoformat(),
+    }
 
 
 def load_torch_model(name: str, directory: str | Path) -> ServedModel:
@@ -133,12 +138,25 @@ def load_torch_model(name: str, directory: str | Path) -> ServedModel:
         encoding=encoding,
         template=template,
         context_length=cfg.context_length,
-        details={"parent_model": "", "format": "safetensors", "family": "gpt", "families": ["gpt"],
-                 "parameter_size": human_count(n_params), "quantization_level": "F32"},
-        info={"general.architecture": "gpt", "general.parameter_count": n_params,
-              "gpt.context_length": cfg.context_length, "gpt.embedding_length": cfg.n_embd,
-              "gpt.block_count": cfg.n_layer, "gpt.attention.head_count": cfg.n_head,
-              "gpt.vocab_size": cfg.vocab_size, "tokenizer.name": encoding.name, "template": template or "raw"},
+        details={
+            "parent_model": "",
+            "format": "safetensors",
+            "family": "gpt",
+            "families": ["gpt"],
+            "parameter_size": human_count(n_params),
+            "quantization_level": "F32",
+        },
+        info={
+            "general.architecture": "gpt",
+            "general.parameter_count": n_params,
+            "gpt.context_length": cfg.context_length,
+            "gpt.embedding_length": cfg.n_embd,
+            "gpt.block_count": cfg.n_layer,
+            "gpt.attention.head_count": cfg.n_head,
+            "gpt.vocab_size": cfg.vocab_size,
+            "tokenizer.name": encoding.name,
+            "template": template or "raw",
+        },
         **_file_facts(directory),
     )
 
@@ -148,7 +166,9 @@ def template_of(meta: dict) -> str | None:
     return (meta.get("instructions") or {}).get("template")
 
 
-def load_onnx_model(name: str, directory: str | Path, variant: str, threads: int | None = None) -> ServedModel:
+def load_onnx_model(
+    name: str, directory: str | Path, variant: str, threads: int | None = None
+) -> ServedModel:
     """The ONNX export (models/onnx): ``variant`` fp32 or int8, run by onnxruntime."""
     from pipeline.export.onnx_generate import OnnxGenerator
 
@@ -166,26 +186,44 @@ def load_onnx_model(name: str, directory: str | Path, variant: str, threads: int
         encoding=generator.tokenizer,
         template=template,
         context_length=generator.context_length,
-        details={"parent_model": config.get("source", {}).get("directory", ""), "format": "onnx", "family": "gpt",
-                 "families": ["gpt"], "quantization_level": "INT8" if variant == "int8" else "F32"},
-        info={"general.architecture": "gpt", "gpt.context_length": cfg["context_length"],
-              "gpt.embedding_length": cfg["n_embd"], "gpt.block_count": cfg["n_layer"],
-              "gpt.attention.head_count": cfg["n_head"], "gpt.vocab_size": cfg["vocab_size"],
-              "tokenizer.name": generator.tokenizer.name, "template": template or "raw",
-              "onnx.variant": variant, "onnx.opset": config["onnx"].get("opset")},
+        details={
+            "parent_model": config.get("source", {}).get("directory", ""),
+            "format": "onnx",
+            "family": "gpt",
+            "families": ["gpt"],
+            "quantization_level": "INT8" if variant == "int8" else "F32",
+        },
+        info={
+            "general.architecture": "gpt",
+            "gpt.context_length": cfg["context_length"],
+            "gpt.embedding_length": cfg["n_embd"],
+            "gpt.block_count": cfg["n_layer"],
+            "gpt.attention.head_count": cfg["n_head"],
+            "gpt.vocab_size": cfg["vocab_size"],
+            "tokenizer.name": generator.tokenizer.name,
+            "template": template or "raw",
+            "onnx.variant": variant,
+            "onnx.opset": config["onnx"].get("opset"),
+        },
         **_file_facts(directory, [generator.path, directory / "config.json"]),
     )
 
 
-def load_model_dir(name: str, directory: str | Path, variant: str = "fp32", threads: int | None = None) -> ServedModel:
+def load_model_dir(
+    name: str, directory: str | Path, variant: str = "fp32", threads: int | None = None
+) -> ServedModel:
     """A torch model directory (model.safetensors, or a LoRA adapter on its base) or the ONNX export (``variant``
     fp32 or int8)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise PipelineError(f"{directory}: model directory not found")
     config = directory / "config.json"
-    if config.is_file() and (json.loads(config.read_text(encoding="utf-8")).get("model") or {}).get("n_classes"):
-        raise PipelineError(f"{directory}: a classifier, not a language model (use: python -m pipeline classify)")
+    if config.is_file() and (json.loads(config.read_text(encoding="utf-8")).get("model") or {}).get(
+        "n_classes"
+    ):
+        raise PipelineError(
+            f"{directory}: a classifier, not a language model (use: python -m pipeline classify)"
+        )
     if (directory / "model.safetensors").is_file() or (directory / "adapter.safetensors").is_file():
         if variant != "fp32":
             raise PipelineError(f"{directory}: only the ONNX export has an {variant} variant")
@@ -212,7 +250,9 @@ class StopScanner:
         if hits:
             out, self.pending = self.pending[: min(hits)], ""
             return out, True
-        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        hold = max(
+            (k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0
+        )
         out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
         return out, False
 
@@ -241,7 +281,7 @@ def fit_prompt(prompt_ids: list[int], context_length: int, num_predict: int | No
     """
     wanted = num_predict if num_predict is not None and num_predict > 0 else context_length
     room = min(wanted, max(1, context_length // 4))
-    kept = prompt_ids[-(context_length - room):] if len(prompt_ids) > context_length - room else prompt_ids
+    kept = prompt_ids[-(context_length - room) :] if len(prompt_ids) > context_length - room else prompt_ids
     return kept, min(wanted, context_length - len(kept))
 
 

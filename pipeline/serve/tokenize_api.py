@@ -5,6 +5,7 @@ token ids our models read as they are (our tokenizers are tiktoken files, not Hu
 load). A request may name ``model``; without it, every served model must share one tokenizer. Text is encoded as
 vLLM does, its special tokens (``<|endoftext|>``…) recognised. It knows nothing of generation.
 """
+
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
@@ -46,9 +47,16 @@ def register(app: FastAPI, engine: Engine) -> None:
     async def tokenizer_info(model: str | None = None) -> dict:
         served = tokenizer_of(engine, model)
         eos = EOT if EOT in served.encoding.special_tokens_set else None
-        return {"tokenizer_class": "tiktoken", "name": served.encoding.name, "vocab_size": served.encoding.n_vocab,
-                "eos_token": eos, "bos_token": None, "pad_token": None,
-                "model_max_length": served.context_length, "chat_template": None}
+        return {
+            "tokenizer_class": "tiktoken",
+            "name": served.encoding.name,
+            "vocab_size": served.encoding.n_vocab,
+            "eos_token": eos,
+            "bos_token": None,
+            "pad_token": None,
+            "model_max_length": served.context_length,
+            "chat_template": None,
+        }
 
     @app.post("/tokenize")
     async def tokenize(http: Request) -> dict:

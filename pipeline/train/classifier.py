@@ -5,6 +5,7 @@ mask the last real token has seen exactly the text and nothing of the padding. `
 learns: ``head``; ``last_block`` (the book's choice: last block, final norm and head); ``all``; or ``lora``
 (adapters on the frozen model, the new head trained in full).
 """
+
 from __future__ import annotations
 
 import sys
@@ -33,11 +34,17 @@ def build_classifier(base: GPT, n_classes: int, trainable: str, lora_params: LoR
     if trainable == "lora" and lora_params.rank == 0:
         raise PipelineError("classify.trainable 'lora' needs classify.lora.rank > 0")
     if trainable != "lora" and lora_params.rank > 0:
-        raise PipelineError(f"classify.lora.rank {lora_params.rank} is set but classify.trainable is '{trainable}' "
-                            "(use trainable: lora)")
+        raise PipelineError(
+            f"classify.lora.rank {lora_params.rank} is set but classify.trainable is '{trainable}' "
+            "(use trainable: lora)"
+        )
     model = GPT(replace(base.cfg, n_classes=n_classes, tie_weights=False))
-    model.load_state_dict({k: v for k, v in base.state_dict().items() if k != "out_head.weight"}, strict=False)
-    torch.nn.init.normal_(model.out_head.weight, mean=0.0, std=0.02, generator=torch.Generator().manual_seed(seed))
+    model.load_state_dict(
+        {k: v for k, v in base.state_dict().items() if k != "out_head.weight"}, strict=False
+    )
+    torch.nn.init.normal_(
+        model.out_head.weight, mean=0.0, std=0.02, generator=torch.Generator().manual_seed(seed)
+    )
     if trainable == "lora":
         return lora.apply_lora(model, lora_params, "classify.lora", seed, train_fully=("out_head",))
     if trainable != "all":
@@ -57,7 +64,9 @@ class Encoded:
     truncated: int  # texts longer than the context, cut to its length
 
 
-def encode_texts(enc: tiktoken.Encoding, texts: Sequence[str], labels: Sequence[int], context_length: int) -> Encoded:
+def encode_texts(
+    enc: tiktoken.Encoding, texts: Sequence[str], labels: Sequence[int], context_length: int
+) -> Encoded:
     """Token ids of each text (special-token look-alikes are plain text) closed by ``<|endoftext|>``, cut to the
     context with the start kept. The head reads that closing token: one fixed position that has attended to the
     whole text (the book's padded batches end in the same token), rather than whatever word the text ends on —
@@ -86,8 +95,17 @@ def collate_texts(ids: Sequence[list[int]], pad_id: int, labels: Sequence[int] |
 class ClassifyObjective:
     """Cross-entropy on the last real token's class logits; accuracy logged beside the loss."""
 
-    def __init__(self, train: Encoded, val: Encoded, *, batch_size: int, grad_accum: int, eval_batches: int,
-                 pad_id: int, seed: int):
+    def __init__(
+        self,
+        train: Encoded,
+        val: Encoded,
+        *,
+        batch_size: int,
+        grad_accum: int,
+        eval_batches: int,
+        pad_id: int,
+        seed: int,
+    ):
         self.train, self.val, self.pad_id = train, val, pad_id
         self.sampler = EpochSampler([len(x) for x in train.ids], batch_size, grad_accum, seed)
         self.batch_size, self.max_eval_batches = batch_size, eval_batches
@@ -132,8 +150,12 @@ def cli(argv: list[str]) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m pipeline classify", description=cli.__doc__)
-    parser.add_argument("--model", default="models/classifier", help="a classifier directory (default: %(default)s)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the one the model recorded)")
+    parser.add_argument(
+        "--model", default="models/classifier", help="a classifier directory (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--tokenizer", default=None, help="tokenizer directory (default: the one the model recorded)"
+    )
     parser.add_argument("texts", nargs="+")
     args = parser.parse_args(argv)
     model_dir = Path(args.model)
@@ -150,6 +172,9 @@ def cli(argv: list[str]) -> int:
         for label, value in sorted(zip(labels, row, strict=True), key=lambda kv: -kv[1]):
             print(f"  {label:<12} {value:.4f}")
     if encoded.truncated:
-        print(f"warning: {encoded.truncated} text(s) longer than the context were cut to "
-              f"{loaded.model.cfg.context_length} tokens", file=sys.stderr)
+        print(
+            f"warning: {encoded.truncated} text(s) longer than the context were cut to "
+            f"{loaded.model.cfg.context_length} tokens",
+            file=sys.stderr,
+        )
     return 0

@@ -4,6 +4,7 @@ A stage runs as ``python -m stages.pretrain``; when its params ask for several p
 (``nproc_per_node`` / ``nnodes``) it replaces itself with ``torchrun ... -m stages.pretrain`` and every
 worker then finds RANK / WORLD_SIZE / LOCAL_RANK in its environment.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,7 +51,9 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def torchrun_command(module: str, nproc_per_node: int, nnodes: int = 1, rdzv_endpoint: str | None = None) -> list[str]:
+def torchrun_command(
+    module: str, nproc_per_node: int, nnodes: int = 1, rdzv_endpoint: str | None = None
+) -> list[str]:
     """The torchrun command line that runs ``python -m module`` in ``nproc_per_node`` × ``nnodes`` workers."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}"]
     if nnodes > 1:
@@ -62,7 +65,9 @@ def torchrun_command(module: str, nproc_per_node: int, nnodes: int = 1, rdzv_end
     return cmd + ["-m", module]
 
 
-def relaunch_under_torchrun(module: str, nproc_per_node: int, nnodes: int = 1, rdzv_endpoint: str | None = None) -> None:
+def relaunch_under_torchrun(
+    module: str, nproc_per_node: int, nnodes: int = 1, rdzv_endpoint: str | None = None
+) -> None:
     """Replace this process with torchrun when several workers are asked for and we are not one yet.
 
     Returns only when the stage should run here (single process, or already a torchrun worker).

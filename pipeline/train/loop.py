@@ -9,6 +9,7 @@ DDP (torchrun env), eval cadence, atomic checkpoints and exact resume, the progr
 Exact resume: batches are a pure function of (step, micro_step, rank) and the checkpoint holds model,
 optimizer, scheduler and RNG states, so a run killed and resumed ends with the same weights, bit for bit.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,8 +44,16 @@ Batch = dict[str, torch.Tensor]
 
 # Params that change how often things happen, not what is computed: a resumed run may change them.
 _CADENCE_PARAMS = {
-    "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "log_every",
-    "compile", "device", "nproc_per_node", "nnodes", "rdzv_endpoint",
+    "eval_every",
+    "eval_batches",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "compile",
+    "device",
+    "nproc_per_node",
+    "nnodes",
+    "rdzv_endpoint",
 }
 
 
@@ -78,8 +87,9 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: GPT, params: TrainParams, device: torch.device,
-                   ns_dtype: torch.dtype = torch.float32) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: GPT, params: TrainParams, device: torch.device, ns_dtype: torch.dtype = torch.float32
+) -> torch.optim.Optimizer:
     """``params.optimizer``: AdamW over the model's decay/no-decay groups (fused kernels where this torch has
     them), or Muon for the blocks' matrices with AdamW for the rest, its Newton–Schulz in ``ns_dtype``."""
     kwargs = dict(lr=params.lr, betas=(params.beta1, params.beta2))
@@ -99,8 +109,13 @@ def run_key(model: GPT, params: TrainParams, data_fingerprint: str, world_size: 
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
     math_params = {k: v for k, v in asdict(params).items() if k not in _CADENCE_PARAMS}
-    identity = {"model": model.cfg.to_dict(), "params": math_params, "data": data_fingerprint,
-                "world_size": world_size, "weights": digest.hexdigest()}
+    identity = {
+        "model": model.cfg.to_dict(),
+        "params": math_params,
+        "data": data_fingerprint,
+        "world_size": world_size,
+        "weights": digest.hexdigest(),
+    }
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -162,16 +177,28 @@ def _all_reduce_mean(values: dict[str, float], ctx: distributed.DistContext) -> 
 
 
 class _Trainer:
-    def __init__(self, model: GPT, objective: Objective, params: TrainParams, checkpoint_dir: Path,
-                 report_dir: Path, desc: str, data_fingerprint: str):
+    def __init__(
+        self,
+        model: GPT,
+        objective: Objective,
+        params: TrainParams,
+        checkpoint_dir: Path,
+        report_dir: Path,
+        desc: str,
+        data_fingerprint: str,
+    ):
         self.params, self.objective, self.desc = params, objective, desc
         self.checkpoint_dir, self.report_dir = Path(checkpoint_dir), Path(report_dir)
         self.device = local_device(params.device)
         self.ctx = distributed.setup(self.device)
-        self.dtype_choice = choose_dtype(params.dtype, self.device, model.cfg, params.batch_size * model.cfg.context_length)
+        self.dtype_choice = choose_dtype(
+            params.dtype, self.device, model.cfg, params.batch_size * model.cfg.context_length
+        )
         self.dtype = self.dtype_choice.dtype
         if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = (
+                True  # fp32 matmuls on tensor cores
+            )
         self.raw = model.to(self.device)
         self.key = run_key(self.raw, params, data_fingerprint, self.ctx.world_size)
         self.optimizer = make_optimizer(self.raw, params, self.device, self.dtype)
@@ -187,7 +214,10 @@ class _Trainer:
         # logits are never materialised (measured: 1.22x the tokens/s of compiling the model alone, on an H200)
         self.loss_fn = torch.compile(objective.loss) if params.compile else objective.loss
         self.compile_checked = not params.compile
-        measured = {torch.float32: self.dtype_choice.fp32_gflops, torch.bfloat16: self.dtype_choice.bf16_gflops}
+        measured = {
+            torch.float32: self.dtype_choice.fp32_gflops,
+            torch.bfloat16: self.dtype_choice.bf16_gflops,
+        }
         rate = measured.get(self.dtype)
         self.peak_flops = rate * 1e9 if rate else perf.matmul_flops(self.device.type, self.dtype)
         self._announce()
@@ -195,18 +225,27 @@ class _Trainer:
         unique = {id(p): p for p in self.raw.parameters()}.values()
         self.trainable = (sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique))
         if self.ctx.is_main:
-            log.warning("%s: training %s of %s parameters (%.2f%%)", desc, f"{self.trainable[0]:,}",
-                        f"{self.trainable[1]:,}", 100 * self.trainable[0] / self.trainable[1])
+            log.warning(
+                "%s: training %s of %s parameters (%.2f%%)",
+                desc,
+                f"{self.trainable[0]:,}",
+                f"{self.trainable[1]:,}",
+                100 * self.trainable[0] / self.trainable[1],
+            )
         self.seq_len = self.raw.cfg.context_length  # updated from the batches, for the FLOPs estimate
 
     # -- setup ---------------------------------------------------------------------------------
     def _announce(self) -> None:
         if not self.ctx.is_main:
             return
-        rates = ", ".join(f"{k} {v}" for k, v in self.dtype_choice.as_metrics().items() if k.endswith("gflops"))
-        print(f"{self.desc}: {self.device.type}, {torch.get_num_threads()} torch threads, "
-              f"{DTYPE_NAMES[self.dtype]} ({self.dtype_choice.source}{'; GFLOP/s ' + rates if rates else ''})",
-              file=sys.stderr)
+        rates = ", ".join(
+            f"{k} {v}" for k, v in self.dtype_choice.as_metrics().items() if k.endswith("gflops")
+        )
+        print(
+            f"{self.desc}: {self.device.type}, {torch.get_num_threads()} torch threads, "
+            f"{DTYPE_NAMES[self.dtype]} ({self.dtype_choice.source}{'; GFLOP/s ' + rates if rates else ''})",
+            file=sys.stderr,
+        )
 
     def _wrap(self, module: nn.Module) -> nn.Module:
         if not self.ctx.enabled:
@@ -244,12 +283,19 @@ class _Trainer:
     def _save_checkpoint(self) -> None:
         rng = self._gather_rng()
         if self.ctx.is_main:
-            trainer = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng}
+            trainer = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rng,
+            }
             state = {
                 "run_key": self.key,
                 "tokens_seen": self.tokens_seen,
-                "data_position": {"next_step": self.step, "micro_steps": self.params.grad_accum,
-                                  "world_size": self.ctx.world_size},
+                "data_position": {
+                    "next_step": self.step,
+                    "micro_steps": self.params.grad_accum,
+                    "world_size": self.ctx.world_size,
+                },
                 "history": self.metrics.history,
                 "timed": self.timed,
             }
@@ -259,7 +305,9 @@ class _Trainer:
             dist.barrier()
 
     # -- one step ------------------------------------------------------------------------------
-    def _forward_backward(self, batch: Batch, last_micro: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _forward_backward(
+        self, batch: Batch, last_micro: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         sync = contextlib.nullcontext()
         if self.ctx.enabled and not last_micro:
             sync = self.train_model.no_sync()
@@ -277,8 +325,11 @@ class _Trainer:
         try:
             return self._forward_backward(batch, last_micro)
         except Exception as exc:  # noqa: BLE001 — any compiler failure means "run eagerly"
-            log.warning("torch.compile failed (%s: %s); training eagerly", exc.__class__.__name__,
-                        str(exc).splitlines()[0] if str(exc) else "")
+            log.warning(
+                "torch.compile failed (%s: %s); training eagerly",
+                exc.__class__.__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+            )
             self.optimizer.zero_grad(set_to_none=True)
             self.loss_fn = self.objective.loss
             return self._forward_backward(batch, last_micro)
@@ -333,7 +384,9 @@ class _Trainer:
         p = self.params
         self.raw.train()
         quiet = {} if self.ctx.is_main else {"disable": True}  # rank 0 only; TQDM_DISABLE=1 silences it too
-        bar = tqdm(total=p.max_steps, initial=self.step, desc=self.desc, dynamic_ncols=True, unit="step", **quiet)
+        bar = tqdm(
+            total=p.max_steps, initial=self.step, desc=self.desc, dynamic_ncols=True, unit="step", **quiet
+        )
         window = _Window(self.device)
         timed = self.timed
         while self.step < p.max_steps:
@@ -362,8 +415,11 @@ class _Trainer:
         bar.close()
         if not any("val/loss" in row["metrics"] for row in self.metrics.history):
             self.metrics.log(self.step, self.evaluate())
-        summary = {**self._summary(timed), "summary/trainable_params": float(self.trainable[0]),
-                   "summary/trainable_share": self.trainable[0] / self.trainable[1]}
+        summary = {
+            **self._summary(timed),
+            "summary/trainable_params": float(self.trainable[0]),
+            "summary/trainable_share": self.trainable[0] / self.trainable[1],
+        }
         self.metrics.flush(summary)
         self.raw.eval()
         return TrainResult(self.raw, {**self.metrics.latest(), **summary, "step": self.step})
@@ -376,8 +432,12 @@ class _Trainer:
         row["train/tokens_per_s"] = tok_s
         row["train/mfu"] = self._mfu(tok_s)
         row["train/tokens_seen"] = float(self.tokens_seen)
-        bar.set_postfix(loss=f"{row['train/loss']:.3f}", lr=f"{row['train/lr']:.2e}",
-                        tok_s=f"{tok_s:,.0f}", mfu=f"{row['train/mfu']:.1%}")
+        bar.set_postfix(
+            loss=f"{row['train/loss']:.3f}",
+            lr=f"{row['train/lr']:.2e}",
+            tok_s=f"{tok_s:,.0f}",
+            mfu=f"{row['train/mfu']:.1%}",
+        )
         self.metrics.log(self.step, row)
 
     def _mfu(self, tokens_per_s: float) -> float:
@@ -400,7 +460,11 @@ class _Trainer:
             "summary/train_seconds": sum(s for _, s in timed),
             "summary/bf16": float(self.dtype == torch.bfloat16),
             "summary/threads": float(torch.get_num_threads()),
-            **{f"summary/dtype_{k}": v for k, v in self.dtype_choice.as_metrics().items() if k.endswith("gflops")},
+            **{
+                f"summary/dtype_{k}": v
+                for k, v in self.dtype_choice.as_metrics().items()
+                if k.endswith("gflops")
+            },
         }
 
 

@@ -1,22 +1,21 @@
 """The objectives' arithmetic: next-token cross-entropy (pretraining and SFT) and DPO."""
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100  # the target value the losses skip (padding, masked prompt); torch's cross-entropy default
+IGNORE_INDEX = (
+    -100
+)  # the target value the losses skip (padding, masked prompt); torch's cross-entropy default
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over targets that are not IGNORE_INDEX (padding, masked prompt)."""
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
-    )
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
-def sequence_logprobs(
-    logits: torch.Tensor, targets: torch.Tensor, reduction: str = "sum"
-) -> torch.Tensor:
+def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
     """Per-sequence log-probability of the unmasked targets, (B,): their sum or their per-token mean.
 
     Positions whose target is IGNORE_INDEX (prompt, padding) contribute nothing.

@@ -6,6 +6,7 @@ vocabulary: ``input_ids`` (B, T) and next-token ``targets`` (B, T), IGNORE_INDEX
 Pretraining batches are random windows of the train split drawn with a generator seeded from (seed, step,
 micro_step, rank); SFT/DPO batches come from an epoch sampler that is a pure function of its arguments.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,10 +59,14 @@ class PretrainObjective:
                 f"{self.train.directory}: the train split has {self.train.num_tokens} tokens, fewer than one batch "
                 f"(pretrain.batch_size={self.batch_size} × context {self.context_length} + 1 = {needed})"
             )
-        self._eval = [{"input_ids": x, "targets": y} for x, y in
-                      self.val.sequential(self.batch_size, self.context_length, self.eval_batch_count)]
+        self._eval = [
+            {"input_ids": x, "targets": y}
+            for x, y in self.val.sequential(self.batch_size, self.context_length, self.eval_batch_count)
+        ]
         epochs = self.sampling == "epochs"
-        self._positions = self.train.strided(self.context_length, self.stride or self.context_length) if epochs else []
+        self._positions = (
+            self.train.strided(self.context_length, self.stride or self.context_length) if epochs else []
+        )
         self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
         if epochs and self.batches_per_epoch == 0:
             raise PipelineError(
@@ -78,7 +83,9 @@ class PretrainObjective:
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._epoch, self._order = epoch, torch.randperm(len(self._positions), generator=generator)
-        return [self._positions[i] for i in self._order[k * self.batch_size : (k + 1) * self.batch_size].tolist()]
+        return [
+            self._positions[i] for i in self._order[k * self.batch_size : (k + 1) * self.batch_size].tolist()
+        ]
 
     @property
     def fingerprint(self) -> str:
@@ -104,7 +111,6 @@ class PretrainObjective:
 
     def count_tokens(self, batch: Batch) -> int:
         return batch["targets"].numel()
-
 
 
 # -------------------------------------------------------------------- instruction batches
@@ -156,7 +162,12 @@ class EpochSampler:
 
     def __init__(self, lengths: Sequence[int], batch_size: int, grad_accum: int, seed: int, window: int = 32):
         self.lengths, self.batch_size, self.grad_accum, self.seed, self.window = (
-            list(lengths), batch_size, grad_accum, seed, window)
+            list(lengths),
+            batch_size,
+            grad_accum,
+            seed,
+            window,
+        )
         self.batches_per_epoch = -(-len(self.lengths) // batch_size)
         self._epoch, self._batches = -1, []
 
@@ -257,7 +268,9 @@ def reference_logprobs(
     reference.eval()
     device = next(reference.parameters()).device
     out = torch.empty(len(data), 2)
-    by_length = sorted(range(len(data)), key=lambda i: len(data.prompts[i]) + max(map(len, data.responses[i])))
+    by_length = sorted(
+        range(len(data)), key=lambda i: len(data.prompts[i]) + max(map(len, data.responses[i]))
+    )
     chunks = [by_length[start : start + batch_size] for start in range(0, len(data), batch_size)]
     for indices in tqdm(chunks, desc=desc, leave=False):
         batch = collate_pairs(data, indices, context_length, pad_id)
@@ -302,7 +315,9 @@ class DPOObjective:
         return batch
 
     def train_batch(self, step: int, micro_step: int, rank: int, world_size: int) -> Batch:
-        return self._batch(self.train, self.ref_train, self.sampler.indices(step, micro_step, rank, world_size))
+        return self._batch(
+            self.train, self.ref_train, self.sampler.indices(step, micro_step, rank, world_size)
+        )
 
     def eval_batches(self) -> Iterator[Batch]:
         for indices in _eval_chunks(len(self.val), self.batch_size, self.max_eval_batches):

@@ -9,6 +9,7 @@ optimizer and one state dict, whichever is chosen.
 The Newton–Schulz matmuls run in the dtype the stage measured faster on this machine (``pipeline.model.runtime``):
 torch's own ``torch.optim.Muon`` always uses bf16, which is the slower dtype on CPUs without fast bf16.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,10 +41,28 @@ class MuonWithAdamW(torch.optim.Optimizer):
     ``adjust_lr_fn="match_rms_adamw"``): one learning rate and one schedule serve both kinds of weight.
     """
 
-    def __init__(self, groups: Iterable[dict], lr: float, betas: tuple[float, float] = (0.9, 0.95),
-                 momentum: float = 0.95, ns_steps: int = 5, ns_dtype: torch.dtype = torch.float32, eps: float = 1e-8):
-        super().__init__(list(groups), dict(lr=lr, betas=betas, momentum=momentum, ns_steps=ns_steps, eps=eps,
-                                            weight_decay=0.0, muon=False))
+    def __init__(
+        self,
+        groups: Iterable[dict],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.95),
+        momentum: float = 0.95,
+        ns_steps: int = 5,
+        ns_dtype: torch.dtype = torch.float32,
+        eps: float = 1e-8,
+    ):
+        super().__init__(
+            list(groups),
+            dict(
+                lr=lr,
+                betas=betas,
+                momentum=momentum,
+                ns_steps=ns_steps,
+                eps=eps,
+                weight_decay=0.0,
+                muon=False,
+            ),
+        )
         self.ns_dtype = ns_dtype
 
     @torch.no_grad()

@@ -1,4 +1,5 @@
 """Pretraining setup: the model shape from params + tokenizer, checked against the shards, and its objective."""
+
 from __future__ import annotations
 
 import math
@@ -20,9 +21,23 @@ from pipeline.train.objectives import PretrainObjective
 
 def model_config(model: ModelParams, vocab_size: int, origin: str = "params.yaml") -> GPTConfig:
     """The preset with the explicit fields of ``model`` applied; the vocabulary is always the tokenizer's."""
-    overrides = {name: getattr(model, name) for name in
-                 ("context_length", "n_embd", "n_head", "n_layer", "dropout", "qkv_bias", "tie_weights",
-                  "pos_emb", "rope_base", "norm", "mlp", "qk_norm")}
+    overrides = {
+        name: getattr(model, name)
+        for name in (
+            "context_length",
+            "n_embd",
+            "n_head",
+            "n_layer",
+            "dropout",
+            "qkv_bias",
+            "tie_weights",
+            "pos_emb",
+            "rope_base",
+            "norm",
+            "mlp",
+            "qk_norm",
+        )
+    }
     try:
         return config_from_preset(model.preset, vocab_size=vocab_size, **overrides)
     except ModelConfigError as exc:
@@ -58,37 +73,60 @@ class PretrainSetup:
     init: dict | None = None  # provenance of the starting checkpoint (model.init_from), None from scratch
 
 
-def prepare(model: ModelParams, params: PretrainParams, init_seed: int, tokenizer_dir: Path, shards_dir: Path,
-            origin: str = "params.yaml") -> PretrainSetup:
+def prepare(
+    model: ModelParams,
+    params: PretrainParams,
+    init_seed: int,
+    tokenizer_dir: Path,
+    shards_dir: Path,
+    origin: str = "params.yaml",
+) -> PretrainSetup:
     """Check params against the tokenizer and shards, then build the model: freshly initialised, or a checkpoint's
     weights (``model.init_from``) read only after its shape, tokenizer and memory needs passed the checks."""
     enc = load_tokenizer(tokenizer_dir)
     fingerprint = tokenizer_fingerprint(tokenizer_dir)
     source = None
     if model.init_from != gpt2_weights.SCRATCH and model.init != "gpt2":
-        raise PipelineError(f"{origin}: model.init={model.init} initialises a model from scratch; model.init_from={model.init_from} "
-                            "brings its own weights")
+        raise PipelineError(
+            f"{origin}: model.init={model.init} initialises a model from scratch; model.init_from={model.init_from} "
+            "brings its own weights"
+        )
     if model.init_from == gpt2_weights.SCRATCH:
         cfg = model_config(model, enc.n_vocab, origin)
     else:
         source = gpt2_weights.resolve(model.init_from, model.revision)
         cfg = gpt2_weights.checkpoint_config(source, enc.n_vocab, read_metadata(tokenizer_dir), model.dropout)
-        gpt2_weights.check_shape(cfg, {name: getattr(model, name) for name in gpt2_weights.SHAPE_FIELDS}, source.label, origin)
+        gpt2_weights.check_shape(
+            cfg, {name: getattr(model, name) for name in gpt2_weights.SHAPE_FIELDS}, source.label, origin
+        )
     context = training_context(params, cfg, origin)
     train = ShardDataset(shards_dir, "train", expected_fingerprint=fingerprint)
     val = ShardDataset(shards_dir, "val", expected_fingerprint=fingerprint)
-    objective = PretrainObjective(train, val, params.batch_size, context, params.seed, params.eval_batches,
-                                  params.sampling, params.stride, params.grad_accum)
+    objective = PretrainObjective(
+        train,
+        val,
+        params.batch_size,
+        context,
+        params.seed,
+        params.eval_batches,
+        params.sampling,
+        params.stride,
+        params.grad_accum,
+    )
     if params.epochs is not None:
         per_step = params.grad_accum * params.nproc_per_node * params.nnodes
         params = replace(params, max_steps=math.ceil(params.epochs * objective.batches_per_epoch / per_step))
     torch.manual_seed(init_seed)
     if source is None:
         gpt = GPT(cfg)
-        return PretrainSetup(pytorch_default_init(gpt) if model.init == "pytorch" else gpt, objective, fingerprint, params)
+        return PretrainSetup(
+            pytorch_default_init(gpt) if model.init == "pytorch" else gpt, objective, fingerprint, params
+        )
     training = params.max_steps > 0
     device = local_device(params.device)
     needed = gpt2_weights.training_bytes(cfg, training, params.batch_size, context)
-    gpt2_weights.check_fits(cfg, source.label, needed, gpt2_weights.available_bytes(device), str(device), training)
+    gpt2_weights.check_fits(
+        cfg, source.label, needed, gpt2_weights.available_bytes(device), str(device), training
+    )
     gpt = gpt2_weights.load_weights(source, cfg)
     return PretrainSetup(gpt, objective, fingerprint, params, gpt2_weights.provenance(source))

@@ -11,6 +11,7 @@ A checkpoint is a directory ``<checkpoint_dir>/step_00000100/`` renamed into pla
 The run key identifies the run (model shape, initial weights, training params, data): checkpoints left by
 a different run in the same directory (DVC keeps ``checkpoints/`` between experiments) are never resumed.
 """
+
 from __future__ import annotations
 
 import json
@@ -84,7 +85,9 @@ def save_checkpoint(checkpoint_dir: Path, step: int, model: GPT, trainer: dict, 
         (tmp / STATE).write_text(json.dumps({**state, "step": step, "files": hashes}, indent=1) + "\n")
     fsync_tree(final)
     if os.environ.get(KILL_AFTER_CHECKPOINT) == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)  # the tests' deterministic crash: checkpoint `step` is on disk, no later
+        os.kill(
+            os.getpid(), signal.SIGKILL
+        )  # the tests' deterministic crash: checkpoint `step` is on disk, no later
     return final
 
 
@@ -118,8 +121,10 @@ def load_checkpoint(path: Path, model: GPT, state: dict) -> Restored:
         return Restored(path, state, trainer)
     recorded = json.loads((path / ADAPTER_DIR / "adapter.json").read_text())
     if recorded.get("base_fingerprint") != info.base_fingerprint:
-        raise CorruptCheckpoint(f"{path}: adapter trained on base {str(recorded.get('base_fingerprint'))[:12]}, "
-                                f"not on this base {info.base_fingerprint[:12]}")
+        raise CorruptCheckpoint(
+            f"{path}: adapter trained on base {str(recorded.get('base_fingerprint'))[:12]}, "
+            f"not on this base {info.base_fingerprint[:12]}"
+        )
     lora.load_adapter_state(model, weights, str(weights_path))
     return Restored(path, state, trainer)
 
@@ -135,8 +140,12 @@ def remove_interrupted(checkpoint_dir: Path) -> list[Path]:
         else:
             path.unlink(missing_ok=True)
     if leftovers:
-        log.warning("removed %d temp entr%s of an interrupted checkpoint write: %s", len(leftovers),
-                    "y" if len(leftovers) == 1 else "ies", ", ".join(str(p) for p in leftovers))
+        log.warning(
+            "removed %d temp entr%s of an interrupted checkpoint write: %s",
+            len(leftovers),
+            "y" if len(leftovers) == 1 else "ies",
+            ", ".join(str(p) for p in leftovers),
+        )
     return leftovers
 
 
@@ -160,7 +169,9 @@ def restore_latest(checkpoint_dir: Path, model: GPT, run_key: str) -> Restored |
             continue
         return restored
     if corrupt:
-        raise CorruptCheckpoint(f"no usable checkpoint in {checkpoint_dir}: {corrupt[0]} (delete it to start over)")
+        raise CorruptCheckpoint(
+            f"no usable checkpoint in {checkpoint_dir}: {corrupt[0]} (delete it to start over)"
+        )
     return None
 
 

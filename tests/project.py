@@ -132,6 +132,7 @@ def tiny_params() -> dict:
         },
         "judge": {"host": "http://127.0.0.1:9", "on_unavailable": "fallback", "timeout_s": 2, "retries": 0},
         "export": {"model": "dpo", "parity_tokens": 8},
+        "benchmark": {"limit": 8},
     }
 
 

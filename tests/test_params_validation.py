@@ -169,6 +169,9 @@ INVALID: dict[str, list] = {
     "export.gguf_types": [[], ["q4_0"]],
     "export.gguf_check_positions": [0],
     "export.gguf_check_timeout": [0, -1.5],
+    "benchmark.tasks": [[], ["hellaswag"], ["pipeline_cloze", "pipeline_cloze"], "pipeline_cloze"],
+    "benchmark.limit": [0, -5, 2.5],
+    "benchmark.seed": [-1, 2**32],
 }
 
 

@@ -41,13 +41,15 @@ VALID = {
         "messages": [{"role": "user", "content": "Name a colour."}],
         **OPENAI,
     },
-    "/v1/completions": {"model": "base", "prompt": "En un lugar", **OPENAI},
+    "/v1/completions": {"model": "base", "prompt": "En un lugar", "logprobs": 1, **OPENAI},
     "/v1/embeddings": {"model": "base", "input": ["En un lugar", "de la Mancha"]},
     "/api/embed": {"model": "base", "input": ["En un lugar"]},
     "/api/embeddings": {"model": "base", "prompt": "En un lugar"},
+    "/tokenize": {"model": "base", "prompt": "En un lugar"},
+    "/detokenize": {"model": "base", "tokens": [69, 110]},
 }
 # POST routes whose valid request does not generate (left out of the share that reaches generation)
-NOT_GENERATING = {"/api/show", "/v1/embeddings", "/api/embed", "/api/embeddings"}
+NOT_GENERATING = {"/api/show", "/v1/embeddings", "/api/embed", "/api/embeddings", "/tokenize", "/detokenize"}
 
 
 @pytest.fixture(scope="module")

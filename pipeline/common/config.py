@@ -402,6 +402,24 @@ class ExportParams:
 
 
 @dataclass(frozen=True)
+class BenchmarkParams:
+    # The pipeline's offline lm-evaluation-harness tasks (pipeline/evaluation/benchmark_tasks.py); Hub tasks
+    # (hellaswag, arc_easy…) are run by hand when online (docs/evaluation.md).
+    tasks: tuple[Literal["pipeline_cloze", "pipeline_preference"], ...] = (
+        "pipeline_cloze",
+        "pipeline_preference",
+    )
+    limit: int = _positive(60)  # items per task: CPU-sized; the stderr in the report says what it costs
+    seed: int = _seed(1337)  # which held-out passages the cloze draws
+
+    def __post_init__(self) -> None:
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(
+                f"benchmark.tasks must be a non-empty list without repeats, got {list(self.tasks)}"
+            )
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = _seed(1337)
     data: DataParams = field(default_factory=DataParams)
@@ -416,6 +434,7 @@ class Params:
     classify: ClassifyParams = field(default_factory=ClassifyParams)
     judge: JudgeParams = field(default_factory=JudgeParams)
     export: ExportParams = field(default_factory=ExportParams)
+    benchmark: BenchmarkParams = field(default_factory=BenchmarkParams)
 
 
 def _source(value: Any, where: str) -> Source:

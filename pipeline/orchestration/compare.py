@@ -30,9 +30,10 @@ from pipeline.common.json_files import flatten
 from pipeline.orchestration import dvc_ops
 
 OUT_DIR = Path("reports/compare")
-# Key metrics, by the last part of their name: losses, bits per byte, judge scores, DPO reward margins...
+# Key metrics, by the last part of their name: losses, bits per byte, judge scores, DPO reward margins, the
+# benchmark's harness accuracies (benchmark: models.<model>.<task>.acc)...
 KEY_METRIC = re.compile(
-    r"(val_)?loss|perplexity|bits_per_byte|bpb|accurac(y|ies)|margins|mean|\w*win_rate|top1_agreement"
+    r"(val_)?loss|perplexity|bits_per_byte|bpb|accurac(y|ies)|acc(_norm)?|margins|mean|\w*win_rate|top1_agreement"
 )
 
 

@@ -207,9 +207,48 @@ def loss_figure(stages: list[StageReport], path: Path) -> bool:
     return True
 
 
+def score_table(metrics: dict) -> list[str]:
+    """Harness scores (``{"models": {model: {task: {metric, metric_stderr, n, random_baseline}}}}``, as the
+    benchmark stage writes them) as one row per task and metric, one column per model; [] for other metrics."""
+    models = metrics.get("models")
+    if (
+        not isinstance(models, dict)
+        or not models
+        or not all(
+            isinstance(tasks, dict)
+            and all(isinstance(row, dict) and "random_baseline" in row for row in tasks.values())
+            for tasks in models.values()
+        )
+    ):
+        return []
+    names = list(models)
+    keys = dict.fromkeys(
+        (task, metric)
+        for tasks in models.values()
+        for task, row in tasks.items()
+        for metric in row
+        if metric not in ("n", "random_baseline") and not metric.endswith("_stderr")
+    )
+    rows = []
+    for task, metric in keys:
+        cells = []
+        for name in names:
+            row = models[name].get(task, {})
+            value, err = row.get(metric), row.get(f"{metric}_stderr")
+            cells.append(
+                "" if value is None else f"{value:.4g} ± {err:.2g}" if isinstance(err, float) else value
+            )
+        first = next((models[n][task] for n in names if task in models[n]), {})
+        baseline = first.get("random_baseline") if metric.startswith("acc") else ""
+        rows.append([task, metric, *cells, "" if baseline is None else baseline, first.get("n", "")])
+    return table(["task", "metric", *names, "random guess", "items"], rows)
+
+
 def stage_section(stage: StageReport, reports: Path) -> list[str]:
     lines = [f"## {stage.name}", ""]
-    if stage.metrics:
+    if scores := score_table(stage.metrics):
+        lines += ["Scores ± standard error (lm-evaluation-harness):", "", *scores, ""]
+    elif stage.metrics:
         lines += [*table(["metric", "value"], [[k, v] for k, v in flatten(stage.metrics).items()]), ""]
     for image in stage.images:
         lines += [f"![{stage.name}: {image.stem}]({image.relative_to(reports).as_posix()})", ""]

@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from pipeline.common.errors import PipelineError
-from pipeline.serve import embed_api, ollama_api, openai_api
+from pipeline.serve import embed_api, ollama_api, openai_api, tokenize_api
 from pipeline.serve.chat_page import add_card_route, chat_page, wants_html
 from pipeline.serve.engine import Engine
 from pipeline.serve.openai_api import OpenAIError
@@ -88,6 +88,7 @@ def create_app(
     ollama_api.register(app, engine)
     embed_api.register(app, engine)
     openai_api.register(app, engine)
+    tokenize_api.register(app, engine)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:

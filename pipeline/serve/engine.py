@@ -46,7 +46,8 @@ def sampling_options(options: Options, max_new_tokens: int, eos_id: int) -> Samp
 
 
 def final_fields(generated: Generated, total_ns: int) -> dict:
-    """The last response object's fields; ``context`` (prompt + answer ids) is for /api/generate only."""
+    """The last response object's fields; ``context`` (prompt + answer ids) is for /api/generate only,
+    ``stop_token`` (the id that ended it, or None) for the OpenAI routes' log-probabilities only."""
     return {
         "done": True,
         "done_reason": generated.done_reason,
@@ -57,6 +58,7 @@ def final_fields(generated: Generated, total_ns: int) -> dict:
         "eval_count": len(generated.output_ids),
         "eval_duration": generated.eval_ns,
         "context": generated.prompt_ids + generated.output_ids,
+        "stop_token": generated.stop_id,
     }
 
 

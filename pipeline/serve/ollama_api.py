@@ -191,7 +191,9 @@ def register(app: FastAPI, engine: Engine) -> None:
         created = now()
 
         def shape(text: str, final: dict | None) -> dict:
-            final = {k: v for k, v in (final or {"done": False}).items() if k != "context"}
+            final = {
+                k: v for k, v in (final or {"done": False}).items() if k not in ("context", "stop_token")
+            }
             return {
                 "model": model.name,
                 "created_at": created,
@@ -225,12 +227,8 @@ def register(app: FastAPI, engine: Engine) -> None:
         created = now()
 
         def shape(text: str, final: dict | None) -> dict:
-            return {
-                "model": model.name,
-                "created_at": created,
-                "response": text,
-                **(final or {"done": False}),
-            }
+            final = {k: v for k, v in (final or {"done": False}).items() if k != "stop_token"}
+            return {"model": model.name, "created_at": created, "response": text, **final}
 
         if not request.prompt:  # Ollama: an empty prompt loads the model
             return JSONResponse(shape("", {"done": True, "done_reason": "load"}))

@@ -7,12 +7,21 @@ one KV-cache generator); streaming is Server-Sent Events: ``data: {chunk}`` line
 What is honoured: ``max_tokens`` / ``max_completion_tokens`` (capped by the room the context leaves after the
 prompt), ``temperature``, ``top_p``, ``seed``, ``stop``, ``stream``, ``stream_options.include_usage``; unset options
 take Ollama's defaults (temperature 0.8, top_p 0.9, top_k 40). A field we do not implement that carries a value
-other than its default (``n`` > 1, ``tools``, ``response_format`` other than text, ``logprobs``, penalties, image
-parts, or any field we do not know) gets a 400 in OpenAI's error shape naming it, never a silent ignore.
+other than its default (``n`` > 1, ``tools``, ``response_format`` other than text, chat ``logprobs``, penalties,
+image parts, or any field we do not know) gets a 400 in OpenAI's error shape naming it, never a silent ignore.
+
+``/v1/completions`` also honours the legacy ``logprobs`` (0..5: the top-k log-probabilities at each generated
+token) and ``echo`` (the prompt comes back in ``text``, its tokens scored; ``max_tokens: 0`` generates nothing),
+in OpenAI's ``choices[i].logprobs = {tokens, token_logprobs, top_logprobs, text_offset}`` shape, the first prompt
+token's log-probability null. This is what lm-evaluation-harness's ``local-completions`` scores with. An echoed
+text prompt is scored as raw text (no chat template: the text is what is measured) and must fit the context
+whole. Log-probabilities are the model's own (temperature 1, no top-k/top-p), whatever sampling produced the
+tokens; they are torch models' only (the ONNX export answers 400) and are not streamed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import secrets
@@ -24,15 +33,16 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from pipeline.common.errors import PipelineError, one_line
 from pipeline.serve.embed_api import embed_all, embedding_ids
 from pipeline.serve.engine import ClientClosed, Engine, collect
 from pipeline.serve.request_parsing import ApiError, Options
-from pipeline.serve.served_model import ServedModel
+from pipeline.serve.served_model import ServedModel, fit_prompt
 
 SYSTEM_FINGERPRINT = "fp_llm_pipeline"
+MAX_LOGPROBS = 5  # OpenAI's cap on the legacy completions' top-k
 
 # Fields we accept only with these values: what official clients send when the feature is not asked for.
 DEFAULT_ONLY: dict[str, tuple] = {
@@ -127,6 +137,24 @@ class ChatCompletionRequest(CompletionFields):
 
 class CompletionRequest(CompletionFields):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo: score the prompt, generate nothing
+    logprobs: int | None = None
+    echo: StrictBool | None = None
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def top_logprobs_count(cls, value: Any) -> int | None:
+        """An int 0..5; false (what clients send when they ask for none) is None; true or "3" is refused."""
+        if value is None or value is False:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS:
+            raise ValueError(f"must be an integer from 0 to {MAX_LOGPROBS}, got {json.dumps(value)}")
+        return value
+
+    @property
+    def top_k(self) -> int | None:
+        """How many likeliest tokens to report per position; None when no log-probabilities are asked for."""
+        return self.logprobs
 
 
 class EmbeddingRequest(BaseModel):
@@ -216,8 +244,9 @@ def chat_turns(request: ChatCompletionRequest) -> list[tuple[str, str]]:
     return turns
 
 
-def completion_prompt(model: ServedModel, prompt: str | list) -> list[int]:
-    """Text is rendered as /api/generate renders it (the model's template, as Ollama does); ids pass as they are."""
+def completion_prompt(model: ServedModel, prompt: str | list, raw: bool = False) -> list[int]:
+    """Text is rendered as /api/generate renders it (the model's template, as Ollama does) unless ``raw``
+    (an echoed prompt is scored as the text it is); ids pass as they are."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], list | str):  # a batch of prompts
         if len(prompt) != 1:
             raise OpenAIError(
@@ -232,7 +261,40 @@ def completion_prompt(model: ServedModel, prompt: str | list) -> list[int]:
         return list(prompt)
     if not prompt:
         raise OpenAIError(400, "prompt: empty", "prompt")
-    return model.chat_ids([("user", prompt)]) if model.template else model.encoding.encode_ordinary(prompt)
+    if model.template and not raw:
+        return model.chat_ids([("user", prompt)])
+    return model.encoding.encode_ordinary(prompt)
+
+
+def token_text(model: ServedModel, token: int) -> str:
+    """A token as OpenAI lists it: its text, or ``bytes:\\xNN…`` for a piece of a UTF-8 character."""
+    raw = model.encoding.decode_single_token_bytes(token)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def logprobs_object(model: ServedModel, ids: list[int], shown: int, scored, k: int) -> dict:
+    """OpenAI's legacy ``logprobs`` for the last ``shown`` of ``ids`` (``scored`` covers ids[1:]); the first id
+    has no log-probability (null); ``text_offset`` is where each token starts in the returned text."""
+    first = len(ids) - shown
+    tokens, logprobs, tops, offsets = [], [], [], []
+    for i in range(first, len(ids)):
+        tokens.append(token_text(model, ids[i]))
+        offsets.append(len(model.encoding.decode_bytes(ids[first:i]).decode("utf-8", errors="replace")))
+        if i == 0:
+            logprobs.append(None)
+            tops.append(None)
+            continue
+        logprobs.append(scored.logprobs[i - 1])
+        top: dict[str, float] = {}
+        for token, value in scored.top[i - 1][:k]:
+            top.setdefault(
+                token_text(model, token), value
+            )  # two byte pieces may print alike: keep the likelier
+        tops.append(top)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
 
 
 def usage(final: dict) -> dict:
@@ -361,10 +423,91 @@ def register(app: FastAPI, engine: Engine) -> None:
             "usage": usage(final),
         }
 
+    async def scored_completion(
+        request: CompletionRequest, served: ServedModel, http: Request, head: dict
+    ) -> dict:
+        """A completion with ``logprobs`` and/or ``echo``: generate (unless max_tokens is 0), then score the
+        prompt and answer in one forward pass, in the generation pool."""
+        if request.stream:
+            raise OpenAIError(
+                400, "logprobs and echo are not streamed by this server: send stream: false", "stream"
+            )
+        param = "echo" if request.echo else "logprobs"
+        if not served.scores:
+            raise OpenAIError(
+                400,
+                f"model '{served.name}' does not report log-probabilities (only torch model "
+                "directories do; the ONNX export does not)",
+                param,
+            )
+        prompt_ids = completion_prompt(served, request.prompt, raw=bool(request.echo))
+        kept = (
+            prompt_ids[-served.context_length :]
+            if request.max_tokens == 0
+            else fit_prompt(prompt_ids, served.context_length, request.max_tokens)[0]
+        )
+        if request.echo and len(kept) < len(prompt_ids):
+            raise OpenAIError(
+                400,
+                f"prompt: {len(prompt_ids)} tokens do not fit the context of "
+                f"{served.context_length} with max_tokens {request.max_tokens} (echo scores the "
+                "whole prompt)",
+                "prompt",
+            )
+        if request.max_tokens == 0:
+            text, final = (
+                "",
+                {
+                    "prompt_eval_count": len(prompt_ids),
+                    "eval_count": 0,
+                    "done_reason": "length",
+                    "context": prompt_ids,
+                },
+            )
+        else:
+            text, final = await complete(start(engine, served, prompt_ids, request.options()), http)
+        # The token that ended the answer is listed and scored too: the harness reads every token but the last.
+        ids, n_prompt = (
+            final["context"] + [t for t in [final.get("stop_token")] if t is not None],
+            final["prompt_eval_count"],
+        )
+        shown = len(ids) if request.echo else len(ids) - n_prompt
+        k = request.top_k or 0
+        scored = None
+        if len(ids) >= 2:
+            async with engine.slots:  # a forward pass is generation work: it takes one of the pool's slots
+                loop = asyncio.get_running_loop()
+                scored = await loop.run_in_executor(engine.pool, lambda: served.tokens.score(ids, k))
+        logprobs = (
+            logprobs_object(served, ids, shown, scored, k)
+            if request.top_k is not None or request.echo
+            else None
+        )
+        if request.echo:
+            text = served.encoding.decode(ids[:n_prompt]) + text
+        return {
+            **head,
+            "choices": [
+                {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(final)}
+            ],
+            "usage": usage(final),
+        }
+
     @app.post("/v1/completions")
     async def completions(http: Request):
         request = await parse(http, CompletionRequest)
         served = find_model(engine, request.model)
+        if request.max_tokens == 0 and not request.echo:
+            raise OpenAIError(400, "invalid request: max_tokens: 0 is allowed with echo only", "max_tokens")
+        if request.top_k is not None or request.echo:
+            head = {
+                "id": f"cmpl-{secrets.token_hex(12)}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": served.name,
+                "system_fingerprint": SYSTEM_FINGERPRINT,
+            }
+            return await scored_completion(request, served, http, head)
         run = start(engine, served, completion_prompt(served, request.prompt), request.options())
         head = {
             "id": f"cmpl-{secrets.token_hex(12)}",

@@ -49,6 +49,12 @@ class TorchTokens:
 
         return embed(self.model, ids)
 
+    def score(self, ids: list[int], k: int):
+        """``pipeline.model.scoring.score_ids``: each token's log-probability and the ``k`` likeliest at each step."""
+        from pipeline.model.scoring import score_ids
+
+        return score_ids(self.model, ids, k)
+
 
 @dataclass
 class ServedModel:
@@ -77,6 +83,11 @@ class ServedModel:
     def embeds(self) -> bool:
         """Whether it can embed text (the torch models; the ONNX graph outputs logits only)."""
         return hasattr(self.tokens, "embed")
+
+    @property
+    def scores(self) -> bool:
+        """Whether it can report log-probabilities (the torch models; not the ONNX export)."""
+        return hasattr(self.tokens, "score")
 
     def chat_ids(self, messages: Sequence[tuple[str, str]]) -> list[int]:
         return chat_prompt_ids(self.encoding, self.template, messages)
@@ -259,6 +270,7 @@ class Generated:
     output_ids: list[int]
     prompt_ns: int
     eval_ns: int
+    stop_id: int | None = None  # the end-of-text / end-of-turn token that ended it (not in output_ids)
 
 
 def fit_prompt(prompt_ids: list[int], context_length: int, num_predict: int | None) -> tuple[list[int], int]:
@@ -287,7 +299,7 @@ def generate_text(
     first_token = None
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     scanner = StopScanner(stops)
-    stop_ids, output, reason, hit = model.stop_ids, [], "length", False
+    stop_ids, output, reason, hit, stop_id = model.stop_ids, [], "length", False, None
     specials = {model.encoding.encode_single_token(t) for t in model.encoding.special_tokens_set}
     for token in model.tokens.stream(prompt_ids, opts):
         first_token = first_token or time.perf_counter_ns()
@@ -295,7 +307,7 @@ def generate_text(
             reason = "cancelled"
             break
         if token in stop_ids:
-            reason = "stop"
+            reason, stop_id = "stop", token
             break
         output.append(token)
         if token in specials:  # control tokens are not text
@@ -313,4 +325,4 @@ def generate_text(
             emit(tail)
     end = time.perf_counter_ns()
     first_token = first_token or end
-    return Generated(reason, prompt_ids, output, first_token - start, end - first_token)
+    return Generated(reason, prompt_ids, output, first_token - start, end - first_token, stop_id)

@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.common.config import CACHE_ENV, CorpusSource, DataParams, Source, load_params, resolve_cache_dir
-from pipeline.common.errors import PipelineError
+from pipeline.common.errors import PipelineError, disk_full
 from pipeline.common.hashing import CHUNK, sha256_file
 from pipeline.data.datasets import RecordCounts, detect, open_stream, record_texts
 from pipeline.data.textstream import CHUNK_DOCUMENTS, DocumentTable
@@ -163,6 +163,10 @@ class DownloadCache:
             target = self.object_path(digest.hexdigest())
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, target)  # atomic: the entry appears whole or not at all
+        except OSError as exc:
+            if (message := disk_full(OSError(exc.errno, exc.strerror, str(self.root)))) is None:
+                raise
+            raise PipelineError(f"{message} (storing {origin})") from None
         finally:
             Path(tmp).unlink(missing_ok=True)  # a failed write leaves no temp file behind
         with (self.root / "sources.tsv").open(
@@ -219,6 +223,15 @@ def source_files(source: Source, cache: DownloadCache, where: str) -> list[tuple
                 f"{where}: {source.location}: sha256 mismatch: expected {source.sha256}, got {actual}"
             )
         return [(source.location, path)]
+    if "://" in source.location:  # not http(s):// nor hf:// (handled above)
+        scheme = urlparse(source.location).scheme
+        hint = (
+            f" (for a local file give its path: {urlparse(source.location).path})" if scheme == "file" else ""
+        )
+        raise PipelineError(
+            f"{where}: {source.location}: unsupported URL scheme '{scheme}://'; a source is an http(s):// URL, "
+            f"an hf://datasets/... file, or a local path{hint}"
+        )
     path = Path(source.location).expanduser()
     if glob.has_magic(source.location):
         if source.sha256:
@@ -238,6 +251,10 @@ def source_files(source: Source, cache: DownloadCache, where: str) -> list[tuple
         if not files:
             raise PipelineError(f"{where}: directory {path} has no files")
         return [(str(p), p) for p in files]
+    if path.exists() and not path.is_file():
+        raise PipelineError(
+            f"{where}: {source.location}: not a regular file (a device, pipe or socket); give a file or a directory"
+        )
     if not path.is_file():
         raise PipelineError(f"{where}: {source.location}: no such file or directory")
     if source.sha256 and (actual := sha256_file(path)) != source.sha256:

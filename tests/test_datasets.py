@@ -339,6 +339,30 @@ def test_download_stage_leaves_nothing_behind_on_a_corrupt_file_midway(tmp_path,
     assert not (project / "data" / "raw").exists() and not [p for p in (project / "data").iterdir()]
 
 
+def test_download_stage_on_a_full_disk_is_one_line_naming_the_file(tmp_path, records, monkeypatch, capsys):
+    """The disk fills while data/raw/sft.json is copied (OSError 28 injected at the copy's lowest write,
+    os.sendfile): one line naming the output file (not its temp path, nor the copy's source), no data/raw."""
+    import errno
+    import os
+
+    from stages import download
+
+    project = make_project(tmp_path / "p")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(os, "sendfile", full)
+    with pytest.raises(SystemExit) as info:
+        download.main()
+    assert info.value.code == 1
+    assert capsys.readouterr().err == (
+        "error: data/raw/sft.json: no space left on device (errno 28: free some space, then rerun)\n"
+    )
+    assert not (project / "data" / "raw").exists() and not [p for p in (project / "data").iterdir()]
+
+
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
 

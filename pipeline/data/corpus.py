@@ -152,7 +152,15 @@ class DownloadCache:
 
     def _store(self, chunks: Iterator[bytes], origin: str) -> Path:
         """Write ``chunks`` to a temp file, then rename it to its sha256: readers never see a partial entry."""
-        (self.root / "tmp").mkdir(parents=True, exist_ok=True)
+        try:
+            (self.root / "tmp").mkdir(parents=True, exist_ok=True)
+        except (
+            FileExistsError,
+            NotADirectoryError,
+        ) as exc:  # a file where a directory of the cache should be
+            raise PipelineError(
+                f"{self.root}: cannot be the download cache ({exc.strerror}: {exc.filename})"
+            ) from None
         fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")
         digest = hashlib.sha256()
         try:
@@ -472,7 +480,11 @@ def cli_cache(argv: list[str]) -> int:
     configured = args.cache_dir
     if configured is None and Path(args.params).is_file():
         configured = load_params(args.params).data.cache_dir
-    cache = DownloadCache(resolve_cache_dir(configured))
+    root = resolve_cache_dir(configured)
+    if root.exists() and not root.is_dir():
+        where = "--cache-dir" if args.cache_dir is not None else f"{args.params}: data.cache_dir"
+        raise PipelineError(f"{where}: {root} is not a directory (the cache is a directory of files)")
+    cache = DownloadCache(root)
     if args.action == "add":
         for file in args.files:
             print(f"{cache.add_file(file).name}  {file}")

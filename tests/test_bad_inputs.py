@@ -848,3 +848,48 @@ def test_every_category_has_at_least_eight_cases():
     }
     assert all(n >= 8 for n in counts.values()) and len(CASES) >= 90, counts
     assert len({c.name for c in CASES}) == len(CASES)
+
+
+STORAGE_FULL = (
+    'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+)
+
+
+@pytest.mark.parametrize("write", ["checkpoint", "model"])
+def test_sft_on_a_full_disk_is_one_line_naming_the_file(write, prepared, tmp_path, capsys, monkeypatch):
+    """The disk fills while sft writes a training checkpoint or the final model: safetensors' own error (injected
+    at its lowest call, serialize_file) becomes one line naming the file, and nothing partial is left."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    root = tmp_path / "project"
+    shutil.copytree(prepared, root, symlinks=True)
+    if write == "checkpoint":  # no checkpoint to resume from: training writes one at step 2
+        shutil.rmtree(root / "checkpoints/sft")
+    real = safetensors.torch.serialize_file
+
+    def full(tensors, filename, *args, **kwargs):
+        if ("checkpoints" in str(filename)) == (write == "checkpoint"):
+            raise SafetensorError(STORAGE_FULL)
+        return real(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "serialize_file", full)
+    before = snapshot(root)
+    code, err = run_case(Case("sft_disk_full", "models", "sft", lambda root: None, ""), root, 0, capsys)
+    assert code == 1, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and err.rstrip("\n").splitlines()[-1] == errors[0], err[-3000:]
+    where = "checkpoints/sft/step_00000002/model/" if write == "checkpoint" else "models/sft/"
+    assert errors[0] == (
+        f"error: {where}model.safetensors: no space left on device (errno 28: free some space, then rerun)"
+    )
+    after = snapshot(root)
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    # only the live training logs (reports/sft/, rewritten as any run trains) and the checkpoint directory, empty
+    assert [k for k in changed if not k.startswith("reports/sft/") and k != "checkpoints/sft/"] == [], changed
+    assert not [
+        k for k in after if k.startswith("checkpoints/sft/") and k not in before and k != "checkpoints/sft/"
+    ]
+    assert not [k for k in after if Path(k).name.startswith(".") and k not in before], (
+        "temp files left behind"
+    )

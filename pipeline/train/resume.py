@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pipeline.common.atomic import atomic_path, fsync_tree
 from pipeline.common.errors import PipelineError
 from pipeline.common.hashing import sha256_file
 from pipeline.model import lora
-from pipeline.model.checkpoint import ADAPTER, WEIGHTS, load_state_into, save_model
+from pipeline.model.checkpoint import ADAPTER, WEIGHTS, load_state_into, save_model, save_tensors
 from pipeline.model.gpt import GPT
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def save_checkpoint(checkpoint_dir: Path, step: int, model: GPT, trainer: dict, 
             save_model(tmp / MODEL_DIR, model)
         else:
             (tmp / ADAPTER_DIR).mkdir()
-            save_file(lora.adapter_state(model), str(tmp / ADAPTER_DIR / ADAPTER))
+            save_tensors(lora.adapter_state(model), tmp / ADAPTER_DIR / ADAPTER)
             (tmp / ADAPTER_DIR / "adapter.json").write_text(json.dumps(info.to_dict(), indent=1) + "\n")
         torch.save(trainer, tmp / TRAINER)  # tensors and plain data only, so it loads with weights_only=True
         files = sorted(p for p in tmp.rglob("*") if p.is_file())

@@ -8,6 +8,7 @@ through a snapshot of the project tree before and after, that nothing partial wa
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import importlib
 import json
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+import zstandard
 
 from pipeline.cli import main as cli_main
 from tests.project import make_project, venv_env
@@ -266,6 +268,98 @@ CASES = [
             params_set("corpus.sources", ["http://127.0.0.1:9/corpus.txt"]),
         ),
         "inputs/cachefile",
+    ),
+    Case(
+        "corpus_txt_gz_cut_in_half",
+        "download",
+        "download",
+        both(
+            lambda root: (root / "inputs/cut.txt.gz").write_bytes(
+                (lambda data: data[: len(data) // 2])(
+                    gzip.compress((root / "inputs/corpus.txt").read_bytes())
+                )
+            ),
+            params_set("corpus.sources", ["inputs/cut.txt.gz"]),
+        ),
+        "corpus.sources[0] (inputs/cut.txt.gz): not a valid gzip file (EOFError",
+    ),
+    Case(
+        "corpus_plain_text_named_gz",
+        "download",
+        "download",
+        both(
+            write("inputs/plain.gz", "plain text\n" * 50), params_set("corpus.sources", ["inputs/plain.gz"])
+        ),
+        "corpus.sources[0] (inputs/plain.gz): not a valid gzip file (BadGzipFile",
+    ),
+    Case(
+        "corpus_jsonl_zst_truncated",
+        "download",
+        "download",
+        both(
+            write(
+                "inputs/cut.jsonl.zst",
+                zstandard.ZstdCompressor().compress(
+                    "".join(json.dumps({"text": f"linea {i} " * 30}) + "\n" for i in range(200)).encode()
+                )[:-50],
+            ),
+            params_set("corpus.sources", ["inputs/cut.jsonl.zst"]),
+        ),
+        "corpus.sources[0] (inputs/cut.jsonl.zst): not a valid zstd file (EOFError",
+    ),
+    Case(
+        "corpus_garbage_zst",
+        "download",
+        "download",
+        both(write("inputs/junk.zst", b"junk" * 100), params_set("corpus.sources", ["inputs/junk.zst"])),
+        "corpus.sources[0] (inputs/junk.zst): not a valid zstd file (ZstdError",
+    ),
+    Case(
+        "corpus_csv_quote_never_closed",
+        "download",
+        "download",
+        both(
+            write(
+                "inputs/rows.csv",
+                "id,text\n"
+                + "".join(f"{i},row {i}\n" for i in range(1, 20))
+                + '20,"open\n'
+                + "".join(f"{i},row {i}\n" for i in range(21, 202)),
+            ),
+            params_set("corpus.sources", ["inputs/rows.csv"]),
+        ),
+        "corpus.sources[0] (inputs/rows.csv): line 21: a quoted field is never closed",
+    ),
+    Case(
+        "corpus_csv_row_wider_than_header",
+        "download",
+        "download",
+        both(
+            write("inputs/rows.csv", "id,text\n1,uno\n2,dos, tres\n"),
+            params_set("corpus.sources", ["inputs/rows.csv"]),
+        ),
+        "corpus.sources[0] (inputs/rows.csv): line 3: 3 fields, the header has 2",
+    ),
+    Case(
+        "corpus_ftp_url",
+        "download",
+        "download",
+        params_set("corpus.sources", ["ftp://example.com/corpus.txt"]),
+        "corpus.sources[0]: ftp://example.com/corpus.txt: unsupported URL scheme 'ftp://'; a source is an http(s)://",
+    ),
+    Case(
+        "corpus_file_url",
+        "download",
+        "download",
+        params_set("corpus.sources", ["file:///tmp/corpus.txt"]),
+        "(for a local file give its path: /tmp/corpus.txt)",
+    ),
+    Case(
+        "corpus_dev_null",
+        "download",
+        "download",
+        params_set("corpus.sources", ["/dev/null"]),
+        "corpus.sources[0]: /dev/null: not a regular file",
     ),
     # -- params --------------------------------------------------------------------------------------------------
     Case(

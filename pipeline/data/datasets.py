@@ -82,9 +82,15 @@ class _ZstdReader(io.RawIOBase):
                 return 0
             self._out, self._at, self._in_frame = self._frame.decompress(chunk), 0, True
         n = min(len(buffer), len(self._out) - self._at)
-        buffer[:n] = self._out[self._at : self._at + n]
+        buffer[:n] = memoryview(self._out)[self._at : self._at + n]
         self._at += n
         return n
+
+    def readall(self) -> bytes:  # a whole text file: in big pieces, not io's 8 kB ones
+        parts = []
+        while part := self.read(1 << 22):
+            parts.append(part)
+        return b"".join(parts)
 
 
 def _corrupt_data_errors() -> tuple[type[BaseException], ...]:

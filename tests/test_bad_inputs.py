@@ -987,3 +987,43 @@ def test_sft_on_a_full_disk_is_one_line_naming_the_file(write, prepared, tmp_pat
     assert not [k for k in after if Path(k).name.startswith(".") and k not in before], (
         "temp files left behind"
     )
+
+
+def test_checkpoint_trainer_state_on_a_full_disk_names_the_file(tmp_path, monkeypatch, capsys):
+    """The disk fills halfway through trainer.pt (OSError 28 at the file's write): one line naming it, no
+    checkpoint directory and no temp entry left."""
+    import errno
+    import io
+
+    import torch
+
+    from pipeline.common.errors import exit_on_error
+    from pipeline.train import resume
+    from tests.train_worker import tiny_model
+
+    real_save = torch.save
+
+    class FillsUp(io.RawIOBase):
+        def __init__(self, out):
+            self.out, self.room = out, 4096
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            if len(data) > self.room:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.room -= len(data)
+            return self.out.write(data)
+
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: real_save(obj, FillsUp(f), *a, **k))
+    monkeypatch.chdir(tmp_path)
+    save = exit_on_error(resume.save_checkpoint)
+    with pytest.raises(SystemExit) as info:
+        save(Path("checkpoints"), 2, tiny_model(), {"x": torch.zeros(100_000)}, {"run_key": "k"})
+    assert info.value.code == 1
+    assert capsys.readouterr().err == (
+        "error: checkpoints/step_00000002/trainer.pt: no space left on device "
+        "(errno 28: free some space, then rerun)\n"
+    )
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == []

@@ -79,7 +79,17 @@ def save_checkpoint(checkpoint_dir: Path, step: int, model: GPT, trainer: dict, 
             (tmp / ADAPTER_DIR).mkdir()
             save_tensors(lora.adapter_state(model), tmp / ADAPTER_DIR / ADAPTER)
             (tmp / ADAPTER_DIR / "adapter.json").write_text(json.dumps(info.to_dict(), indent=1) + "\n")
-        torch.save(trainer, tmp / TRAINER)  # tensors and plain data only, so it loads with weights_only=True
+        # tensors and plain data only, so it loads with weights_only=True; through a Python file, so that a full
+        # disk is an OSError (errno 28) naming the file, not torch's "file write failed" RuntimeError (torch
+        # raises its own "unexpected pos" on top of a failed write: the OSError is its context)
+        with (tmp / TRAINER).open("wb") as out:
+            try:
+                torch.save(trainer, out)
+            except (OSError, RuntimeError) as exc:
+                failed = exc if isinstance(exc, OSError) else exc.__context__
+                if not isinstance(failed, OSError):
+                    raise
+                raise OSError(failed.errno, failed.strerror, str(tmp / TRAINER)) from exc
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         hashes = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in files}
         # state.json last: it vouches for every file written before it

@@ -154,10 +154,7 @@ class DownloadCache:
         """Write ``chunks`` to a temp file, then rename it to its sha256: readers never see a partial entry."""
         try:
             (self.root / "tmp").mkdir(parents=True, exist_ok=True)
-        except (
-            FileExistsError,
-            NotADirectoryError,
-        ) as exc:  # a file where a directory of the cache should be
+        except (FileExistsError, NotADirectoryError) as exc:  # a file where the cache needs a directory
             raise PipelineError(
                 f"{self.root}: cannot be the download cache ({exc.strerror}: {exc.filename})"
             ) from None

@@ -339,9 +339,11 @@ def test_download_stage_leaves_nothing_behind_on_a_corrupt_file_midway(tmp_path,
     assert not (project / "data" / "raw").exists() and not [p for p in (project / "data").iterdir()]
 
 
-def test_download_stage_on_a_full_disk_is_one_line_naming_the_file(tmp_path, records, monkeypatch, capsys):
-    """The disk fills while data/raw/sft.json is copied (OSError 28 injected at the copy's lowest write,
-    os.sendfile): one line naming the output file (not its temp path, nor the copy's source), no data/raw."""
+@pytest.mark.parametrize("file", ["corpus.txt", "sft.json"])
+def test_download_stage_on_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys, file):
+    """The disk fills while data/raw/corpus.txt is written (OSError 28 at its file's write) or while sft.json is
+    copied (at the copy's lowest write, os.sendfile): one line naming the output file (not its temp path, nor the
+    copy's source), no data/raw."""
     import errno
     import os
 
@@ -352,13 +354,24 @@ def test_download_stage_on_a_full_disk_is_one_line_naming_the_file(tmp_path, rec
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
+    real_open = Path.open
+
+    def opened(self, *args, **kwargs):
+        out = real_open(self, *args, **kwargs)
+        if self.name == "corpus.txt" and "w" in (args[0] if args else kwargs.get("mode", "r")):
+            out.write = full  # the file the stage writes corpus.txt through
+        return out
+
     monkeypatch.chdir(project)
-    monkeypatch.setattr(os, "sendfile", full)
+    if file == "sft.json":
+        monkeypatch.setattr(os, "sendfile", full)
+    else:
+        monkeypatch.setattr(Path, "open", opened)
     with pytest.raises(SystemExit) as info:
         download.main()
     assert info.value.code == 1
     assert capsys.readouterr().err == (
-        "error: data/raw/sft.json: no space left on device (errno 28: free some space, then rerun)\n"
+        f"error: data/raw/{file}: no space left on device (errno 28: free some space, then rerun)\n"
     )
     assert not (project / "data" / "raw").exists() and not [p for p in (project / "data").iterdir()]
 

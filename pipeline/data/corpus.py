@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.common.config import CACHE_ENV, CorpusSource, DataParams, Source, load_params, resolve_cache_dir
-from pipeline.common.errors import PipelineError, disk_full
+from pipeline.common.errors import DISK_FULL, PipelineError, disk_full
 from pipeline.common.hashing import CHUNK, sha256_file
 from pipeline.data.datasets import RecordCounts, detect, open_stream, record_texts
 from pipeline.data.textstream import CHUNK_DOCUMENTS, DocumentTable
@@ -329,50 +329,66 @@ def build_corpus(
         0,
         [],
     )  # ends: uint64s, 8 bytes per document rather than a Python int each
-    with (directory / CORPUS).open("wb", buffering=CHUNK) as out:
-        for i, source in enumerate(sources):
-            where = f"corpus.sources[{i}]"
-            entry: dict = {"source": source.location, "files": [], "documents": 0, "bytes": 0}
-            counts = RecordCounts()
-            for label, path in source_files(source, cache, where):
-                fmt, compression = detect(label, source.member)
-                fmt = source.format or fmt
-                entry["files"].append(
-                    {"file": label, "format": fmt, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
-                )
-                if fmt == "text":
-                    with open_stream(path, compression, source.member, f"{where} ({label})") as stream:
-                        raw = stream.read()
-                    texts = [
-                        clean_text(
-                            raw, f"{where} ({label})", gutenberg=gutenberg, normalise=normalise, unwrap=unwrap
-                        )
-                    ]
-                else:
-                    texts = record_texts(
-                        source,
-                        path,
-                        fmt,
-                        compression,
-                        f"{where} ({label})",
-                        counts,
-                        normalize if normalise else str,
+    try:
+        with (directory / CORPUS).open("wb", buffering=CHUNK) as out:
+            for i, source in enumerate(sources):
+                where = f"corpus.sources[{i}]"
+                entry: dict = {"source": source.location, "files": [], "documents": 0, "bytes": 0}
+                counts = RecordCounts()
+                for label, path in source_files(source, cache, where):
+                    fmt, compression = detect(label, source.member)
+                    fmt = source.format or fmt
+                    entry["files"].append(
+                        {
+                            "file": label,
+                            "format": fmt,
+                            "bytes": path.stat().st_size,
+                            "sha256": sha256_file(path),
+                        }
                     )
-                for text in texts:
-                    data = text.encode("utf-8")
-                    out.write(data)
-                    offset += len(data)
-                    ends.append(offset)
-                    entry["documents"] += 1
-                    entry["bytes"] += len(data)
-            if counts.read:
-                entry |= counts.as_dict()
-            if not entry["documents"]:
-                skipped = ", ".join(f"{n} {reason}" for reason, n in counts.skipped.most_common()) or "none"
-                raise PipelineError(
-                    f"{where}: {source.location}: no records kept (read {counts.read}; skipped: {skipped})"
-                )
-            table.append(entry)
+                    if fmt == "text":
+                        with open_stream(path, compression, source.member, f"{where} ({label})") as stream:
+                            raw = stream.read()
+                        texts = [
+                            clean_text(
+                                raw,
+                                f"{where} ({label})",
+                                gutenberg=gutenberg,
+                                normalise=normalise,
+                                unwrap=unwrap,
+                            )
+                        ]
+                    else:
+                        texts = record_texts(
+                            source,
+                            path,
+                            fmt,
+                            compression,
+                            f"{where} ({label})",
+                            counts,
+                            normalize if normalise else str,
+                        )
+                    for text in texts:
+                        data = text.encode("utf-8")
+                        out.write(data)
+                        offset += len(data)
+                        ends.append(offset)
+                        entry["documents"] += 1
+                        entry["bytes"] += len(data)
+                if counts.read:
+                    entry |= counts.as_dict()
+                if not entry["documents"]:
+                    skipped = (
+                        ", ".join(f"{n} {reason}" for reason, n in counts.skipped.most_common()) or "none"
+                    )
+                    raise PipelineError(
+                        f"{where}: {source.location}: no records kept (read {counts.read}; skipped: {skipped})"
+                    )
+                table.append(entry)
+    except OSError as exc:  # a full disk: say which file (a write error names none)
+        if exc.errno in DISK_FULL and exc.filename is None:
+            exc.filename = str(directory / CORPUS)
+        raise
     (directory / DOCUMENTS).write_bytes(np.asarray(ends, dtype="<u8").tobytes())
     return table
 

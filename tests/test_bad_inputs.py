@@ -1027,3 +1027,31 @@ def test_checkpoint_trainer_state_on_a_full_disk_names_the_file(tmp_path, monkey
         "(errno 28: free some space, then rerun)\n"
     )
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == []
+
+
+def test_safetensors_full_disk_is_an_oserror_naming_the_file_and_other_errors_pass(tmp_path, monkeypatch):
+    """save_tensors (every weight write: model directories, checkpoints, the Hugging Face export) turns
+    safetensors' disk-full error into errno 28 naming the file; any other safetensors error is left as it is."""
+    import errno
+
+    import safetensors.torch
+    import torch
+    from safetensors import SafetensorError
+
+    from pipeline.model.checkpoint import save_tensors
+
+    message = {"full": STORAGE_FULL, "other": "Error while serializing: something else"}
+
+    def failing(kind):
+        def serialize_file(*args, **kwargs):
+            raise SafetensorError(message[kind])
+
+        return serialize_file
+
+    monkeypatch.setattr(safetensors.torch, "serialize_file", failing("full"))
+    with pytest.raises(OSError) as info:
+        save_tensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors", metadata={"format": "pt"})
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "w.safetensors")
+    monkeypatch.setattr(safetensors.torch, "serialize_file", failing("other"))
+    with pytest.raises(SafetensorError, match="something else"):
+        save_tensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")

@@ -53,10 +53,12 @@ def _state_dict_once(model: GPT) -> dict[str, torch.Tensor]:
     }  # safetensors writes contiguous CPU tensors
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
     """safetensors' ``save_file``; a full disk is an OSError naming ``path`` (safetensors says only its Rust error)."""
     try:
-        save_file(tensors, str(path))
+        save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as exc:
         if not any(sign in str(exc) for sign in ("code: 28", "code: 122", "StorageFull", "QuotaExceeded")):
             raise

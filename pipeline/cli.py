@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from pipeline.common.errors import PipelineError, one_line
+from pipeline.common.errors import PipelineError, disk_full, one_line
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "cache": ("pipeline.data.corpus", "manage the content-addressed download cache (cache add FILE...)"),
@@ -53,4 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(command(rest) or 0)
     except PipelineError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if (message := disk_full(exc)) is None:
+            raise
+        print(f"error: {one_line(message)}", file=sys.stderr)
         return 1

@@ -8,6 +8,7 @@ through a snapshot of the project tree before and after, that nothing partial wa
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import importlib
 import json
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+import zstandard
 
 from pipeline.cli import main as cli_main
 from tests.project import make_project, venv_env
@@ -266,6 +268,98 @@ CASES = [
             params_set("corpus.sources", ["http://127.0.0.1:9/corpus.txt"]),
         ),
         "inputs/cachefile",
+    ),
+    Case(
+        "corpus_txt_gz_cut_in_half",
+        "download",
+        "download",
+        both(
+            lambda root: (root / "inputs/cut.txt.gz").write_bytes(
+                (lambda data: data[: len(data) // 2])(
+                    gzip.compress((root / "inputs/corpus.txt").read_bytes())
+                )
+            ),
+            params_set("corpus.sources", ["inputs/cut.txt.gz"]),
+        ),
+        "corpus.sources[0] (inputs/cut.txt.gz): not a valid gzip file (EOFError",
+    ),
+    Case(
+        "corpus_plain_text_named_gz",
+        "download",
+        "download",
+        both(
+            write("inputs/plain.gz", "plain text\n" * 50), params_set("corpus.sources", ["inputs/plain.gz"])
+        ),
+        "corpus.sources[0] (inputs/plain.gz): not a valid gzip file (BadGzipFile",
+    ),
+    Case(
+        "corpus_jsonl_zst_truncated",
+        "download",
+        "download",
+        both(
+            write(
+                "inputs/cut.jsonl.zst",
+                zstandard.ZstdCompressor().compress(
+                    "".join(json.dumps({"text": f"linea {i} " * 30}) + "\n" for i in range(200)).encode()
+                )[:-50],
+            ),
+            params_set("corpus.sources", ["inputs/cut.jsonl.zst"]),
+        ),
+        "corpus.sources[0] (inputs/cut.jsonl.zst): not a valid zstd file (EOFError",
+    ),
+    Case(
+        "corpus_garbage_zst",
+        "download",
+        "download",
+        both(write("inputs/junk.zst", b"junk" * 100), params_set("corpus.sources", ["inputs/junk.zst"])),
+        "corpus.sources[0] (inputs/junk.zst): not a valid zstd file (ZstdError",
+    ),
+    Case(
+        "corpus_csv_quote_never_closed",
+        "download",
+        "download",
+        both(
+            write(
+                "inputs/rows.csv",
+                "id,text\n"
+                + "".join(f"{i},row {i}\n" for i in range(1, 20))
+                + '20,"open\n'
+                + "".join(f"{i},row {i}\n" for i in range(21, 202)),
+            ),
+            params_set("corpus.sources", ["inputs/rows.csv"]),
+        ),
+        "corpus.sources[0] (inputs/rows.csv): line 21: a quoted field is never closed",
+    ),
+    Case(
+        "corpus_csv_row_wider_than_header",
+        "download",
+        "download",
+        both(
+            write("inputs/rows.csv", "id,text\n1,uno\n2,dos, tres\n"),
+            params_set("corpus.sources", ["inputs/rows.csv"]),
+        ),
+        "corpus.sources[0] (inputs/rows.csv): line 3: 3 fields, the header has 2",
+    ),
+    Case(
+        "corpus_ftp_url",
+        "download",
+        "download",
+        params_set("corpus.sources", ["ftp://example.com/corpus.txt"]),
+        "corpus.sources[0]: ftp://example.com/corpus.txt: unsupported URL scheme 'ftp://'; a source is an http(s)://",
+    ),
+    Case(
+        "corpus_file_url",
+        "download",
+        "download",
+        params_set("corpus.sources", ["file:///tmp/corpus.txt"]),
+        "(for a local file give its path: /tmp/corpus.txt)",
+    ),
+    Case(
+        "corpus_dev_null",
+        "download",
+        "download",
+        params_set("corpus.sources", ["/dev/null"]),
+        "corpus.sources[0]: /dev/null: not a regular file",
     ),
     # -- params --------------------------------------------------------------------------------------------------
     Case(
@@ -848,3 +942,116 @@ def test_every_category_has_at_least_eight_cases():
     }
     assert all(n >= 8 for n in counts.values()) and len(CASES) >= 90, counts
     assert len({c.name for c in CASES}) == len(CASES)
+
+
+STORAGE_FULL = (
+    'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+)
+
+
+@pytest.mark.parametrize("write", ["checkpoint", "model"])
+def test_sft_on_a_full_disk_is_one_line_naming_the_file(write, prepared, tmp_path, capsys, monkeypatch):
+    """The disk fills while sft writes a training checkpoint or the final model: safetensors' own error (injected
+    at its lowest call, serialize_file) becomes one line naming the file, and nothing partial is left."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    root = tmp_path / "project"
+    shutil.copytree(prepared, root, symlinks=True)
+    if write == "checkpoint":  # no checkpoint to resume from: training writes one at step 2
+        shutil.rmtree(root / "checkpoints/sft")
+    real = safetensors.torch.serialize_file
+
+    def full(tensors, filename, *args, **kwargs):
+        if ("checkpoints" in str(filename)) == (write == "checkpoint"):
+            raise SafetensorError(STORAGE_FULL)
+        return real(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "serialize_file", full)
+    before = snapshot(root)
+    code, err = run_case(Case("sft_disk_full", "models", "sft", lambda root: None, ""), root, 0, capsys)
+    assert code == 1, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and err.rstrip("\n").splitlines()[-1] == errors[0], err[-3000:]
+    where = "checkpoints/sft/step_00000002/model/" if write == "checkpoint" else "models/sft/"
+    assert errors[0] == (
+        f"error: {where}model.safetensors: no space left on device (errno 28: free some space, then rerun)"
+    )
+    after = snapshot(root)
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    # only the live training logs (reports/sft/, rewritten as any run trains) and the checkpoint directory, empty
+    assert [k for k in changed if not k.startswith("reports/sft/") and k != "checkpoints/sft/"] == [], changed
+    assert not [
+        k for k in after if k.startswith("checkpoints/sft/") and k not in before and k != "checkpoints/sft/"
+    ]
+    assert not [k for k in after if Path(k).name.startswith(".") and k not in before], (
+        "temp files left behind"
+    )
+
+
+def test_checkpoint_trainer_state_on_a_full_disk_names_the_file(tmp_path, monkeypatch, capsys):
+    """The disk fills halfway through trainer.pt (OSError 28 at the file's write): one line naming it, no
+    checkpoint directory and no temp entry left."""
+    import errno
+    import io
+
+    import torch
+
+    from pipeline.common.errors import exit_on_error
+    from pipeline.train import resume
+    from tests.train_worker import tiny_model
+
+    real_save = torch.save
+
+    class FillsUp(io.RawIOBase):
+        def __init__(self, out):
+            self.out, self.room = out, 4096
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            if len(data) > self.room:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.room -= len(data)
+            return self.out.write(data)
+
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: real_save(obj, FillsUp(f), *a, **k))
+    monkeypatch.chdir(tmp_path)
+    save = exit_on_error(resume.save_checkpoint)
+    with pytest.raises(SystemExit) as info:
+        save(Path("checkpoints"), 2, tiny_model(), {"x": torch.zeros(100_000)}, {"run_key": "k"})
+    assert info.value.code == 1
+    assert capsys.readouterr().err == (
+        "error: checkpoints/step_00000002/trainer.pt: no space left on device "
+        "(errno 28: free some space, then rerun)\n"
+    )
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == []
+
+
+def test_safetensors_full_disk_is_an_oserror_naming_the_file_and_other_errors_pass(tmp_path, monkeypatch):
+    """save_tensors (every weight write: model directories, checkpoints, the Hugging Face export) turns
+    safetensors' disk-full error into errno 28 naming the file; any other safetensors error is left as it is."""
+    import errno
+
+    import safetensors.torch
+    import torch
+    from safetensors import SafetensorError
+
+    from pipeline.model.checkpoint import save_tensors
+
+    message = {"full": STORAGE_FULL, "other": "Error while serializing: something else"}
+
+    def failing(kind):
+        def serialize_file(*args, **kwargs):
+            raise SafetensorError(message[kind])
+
+        return serialize_file
+
+    monkeypatch.setattr(safetensors.torch, "serialize_file", failing("full"))
+    with pytest.raises(OSError) as info:
+        save_tensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors", metadata={"format": "pt"})
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "w.safetensors")
+    monkeypatch.setattr(safetensors.torch, "serialize_file", failing("other"))
+    with pytest.raises(SafetensorError, match="something else"):
+        save_tensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")

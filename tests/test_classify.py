@@ -316,6 +316,61 @@ def test_stage_refuses_a_csv_without_the_label_field(tmp_path, monkeypatch, caps
     assert not (project / "models/classifier").exists()
 
 
+REFUSED = {  # labelled data that str() used to turn into something else: the file, the record, the field
+    "empty label": (
+        "d.csv",
+        "text,label\nhello,a\nbye,\nhi,b\n",
+        "error: inputs/d.csv: record 2: field 'label' is empty (every record needs a label)",
+    ),
+    "integer text": (
+        "d.json",
+        json.dumps([*ROWS, {"text": 0, "label": "ham"}]),
+        "error: inputs/d.json: record 4: field 'text' is a int (0), not a string",
+    ),
+    "list label": (
+        "d.jsonl",
+        "".join(json.dumps(r) + "\n" for r in [*ROWS, {"text": "hola", "label": ["pos"]}]),
+        "error: inputs/d.jsonl: record 4: field 'label' is a list ([\"pos\"]); a label is a string or an integer",
+    ),
+    "boolean label": (
+        "d.json",
+        json.dumps([{"text": "hola", "label": True}, *ROWS]),
+        "error: inputs/d.json: record 1: field 'label' is a bool (true); a label is a string or an integer",
+    ),
+    "csv quote never closed": (
+        "d.csv",
+        'text,label\nhello,a\n"bye,b\n' + "".join(f"row {i},{'ab'[i % 2]}\n" for i in range(200)),
+        "error: inputs/d.csv: line 3: a quoted field is never closed (unexpected end of data)",
+    ),
+    "csv row wider than the header": (
+        "d.csv",
+        "text,label\nhello,a\nbye, then,b\n",
+        "error: inputs/d.csv: line 3: 3 fields, the header has 2 (quote a field that holds ',')",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_stage_refuses_labelled_data_it_would_have_coerced(tmp_path, monkeypatch, capsys, case):
+    name, body, message = REFUSED[case]
+    project = _project(tmp_path, {"data": f"inputs/{name}"})
+    (project / "inputs").mkdir()
+    (project / "inputs" / name).write_text(body)
+    from stages import classify
+
+    monkeypatch.chdir(project)
+    with pytest.raises(SystemExit) as info:
+        classify.main()
+    assert info.value.code == 1
+    assert capsys.readouterr().err.strip() == message
+    assert not (project / "models/classifier").exists()
+
+
+def test_integer_labels_are_labels(tmp_path):
+    rows = [{"text": r["text"], "label": int(r["label"] == "spam")} for r in ROWS]
+    assert [t.label for t in labelled(rows, "text", "label", "d.json")[0]] == ["1", "0", "1"]
+
+
 def test_cli_refuses_a_language_model(tmp_path, monkeypatch):
     project = _project(tmp_path)
     monkeypatch.chdir(project)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 from pathlib import Path
@@ -162,6 +163,49 @@ def test_cache_cli_add_and_list(tmp_path, monkeypatch, capsys):
     assert sha in listing and str(tmp_path / "book.txt") in listing
     assert cli_main(["cache", "--cache-dir", "c", "add", "nope.txt"]) == 1
     assert "nope.txt: file not found" in capsys.readouterr().err
+
+
+def test_cache_cli_with_a_file_for_a_cache_dir(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "book.txt").write_bytes(b"libro")
+    (tmp_path / "afile").write_text("not a directory")
+    assert cli_main(["cache", "--cache-dir", "afile", "add", "book.txt"]) == 1
+    assert capsys.readouterr().err == (
+        "error: --cache-dir: afile is not a directory (the cache is a directory of files)\n"
+    )
+    assert cli_main(["cache", "--cache-dir", "afile/sub", "add", "book.txt"]) == 1
+    assert capsys.readouterr().err.startswith("error: afile/sub: cannot be the download cache (")
+    assert (tmp_path / "afile").read_text() == "not a directory"
+
+
+def test_cache_write_on_a_full_disk_is_one_line_and_leaves_no_entry(tmp_path, monkeypatch, capsys):
+    """The disk fills while a file is stored (OSError 28 at the file's write): one line, no temp file, no entry."""
+    import os
+
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, fd, mode):
+            self.file = real_fdopen(fd, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "book.txt").write_bytes(b"libro")
+    monkeypatch.setattr(os, "fdopen", Full)
+    assert cli_main(["cache", "--cache-dir", "c", "add", "book.txt"]) == 1
+    assert capsys.readouterr().err == (
+        "error: c: no space left on device (errno 28: free some space, then rerun) "
+        f"(storing {tmp_path / 'book.txt'})\n"
+    )
+    assert not list((tmp_path / "c" / "tmp").iterdir()) and not (tmp_path / "c" / "sha256").exists()
 
 
 def test_jsonl_instruction_data_is_accepted_and_stored_as_a_json_list(tmp_path):

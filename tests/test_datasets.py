@@ -100,6 +100,14 @@ def _truncated_gzip(rows: list[dict]) -> bytes:
     return data[: len(data) // 2]
 
 
+def _jsonl_bytes(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def _zstd(data: bytes) -> bytes:
+    return zstandard.ZstdCompressor().compress(data)
+
+
 def _zip(path: Path, members: dict[str, str]) -> Path:
     with zipfile.ZipFile(path, "w") as archive:
         for name, data in members.items():
@@ -176,13 +184,60 @@ BAD_INPUT = {
         "a.jsonl.gz",
         lambda p, rows: p.write_bytes(_truncated_gzip(rows)),
         {},
-        r"\(.*a.jsonl.gz\): corrupt gzip data \(EOFError",
+        r"\(.*a.jsonl.gz\): not a valid gzip file \(EOFError",
     ),
     "not gzip at all": (
         "a.jsonl.gz",
         lambda p, rows: p.write_bytes(b'{"text": "hola"}\n'),
         {},
-        r"\(.*a.jsonl.gz\): corrupt gzip data \(BadGzipFile",
+        r"\(.*a.jsonl.gz\): not a valid gzip file \(BadGzipFile",
+    ),
+    "text file cut in half (.txt.gz)": (
+        "a.txt.gz",
+        lambda p, rows: p.write_bytes(_truncated_gzip(rows)),
+        {},
+        r"\(.*a.txt.gz\): not a valid gzip file \(EOFError: Compressed file ended",
+    ),
+    "plain text named .gz": (
+        "a.txt.gz",
+        lambda p, rows: p.write_text("plain text, not gzip\n"),
+        {},
+        r"\(.*a.txt.gz\): not a valid gzip file \(BadGzipFile: Not a gzipped file",
+    ),
+    "truncated zstd (.jsonl.zst)": (
+        "a.jsonl.zst",
+        lambda p, rows: p.write_bytes(_zstd(_jsonl_bytes(rows))[:-40]),
+        {},
+        r"\(.*a.jsonl.zst\): not a valid zstd file \(EOFError: the file ends inside a zstd frame",
+    ),
+    "garbage named .zst": (
+        "a.zst",
+        lambda p, rows: p.write_bytes(b"not zstd at all\n" * 20),
+        {},
+        r"\(.*a.zst\): not a valid zstd file \(ZstdError: ",
+    ),
+    "csv with a quote never closed": (
+        "a.csv",
+        lambda p, rows: p.write_text(
+            "id,text\n"
+            + "".join(f"{i},row {i}\n" for i in range(1, 20))
+            + '20,"open quote\n'
+            + "".join(f"{i},row {i}\n" for i in range(21, 202))
+        ),
+        {},
+        r"\(.*a.csv\): line 21: a quoted field is never closed \(unexpected end of data\)",
+    ),
+    "csv row with more fields than the header": (
+        "a.csv",
+        lambda p, rows: p.write_text("id,text\n1,uno\n2,dos, y tres\n3,tres\n"),
+        {},
+        r"\(.*a.csv\): line 3: 3 fields, the header has 2 \(quote a field that holds ','\)",
+    ),
+    "tsv row with more fields than the header": (
+        "a.tsv",
+        lambda p, rows: p.write_text("id\ttext\n1\tuno\n2\tdos\tmas\n"),
+        {},
+        r"\(.*a.tsv\): line 3: 3 fields, the header has 2",
     ),
     "zip without the member": (
         "a.zip",
@@ -226,6 +281,38 @@ def test_bad_dataset_input_names_source_and_record(tmp_path, records, case):
     assert "\n" not in str(error.value)
 
 
+def test_jsonl_zst_reads_line_by_line_across_frames(tmp_path, records):
+    """zstandard's stream_reader reads no lines: a .jsonl.zst (two frames here) goes through io.BufferedReader."""
+    (tmp_path / "a.jsonl.zst").write_bytes(
+        _zstd(_jsonl_bytes(records[:7])) + _zstd(_jsonl_bytes(records[7:10]))
+    )
+    text, [entry] = corpus_of(tmp_path, [str(tmp_path / "a.jsonl.zst")])
+    assert text == "".join(r["text"] + "\n" for r in records[:10]) and entry["documents"] == 10
+
+
+@pytest.mark.parametrize(
+    "location, message",
+    [
+        (
+            "ftp://example.com/corpus.txt",
+            r"ftp://example.com/corpus.txt: unsupported URL scheme 'ftp://'; a source is an http\(s\):// URL, "
+            r"an hf://datasets/... file, or a local path$",
+        ),
+        (
+            "file:///tmp/corpus.txt",
+            r"file:///tmp/corpus.txt: unsupported URL scheme 'file://'.* \(for a local file give its path: /tmp/corpus.txt\)$",
+        ),
+        (
+            "/dev/null",
+            r"/dev/null: not a regular file \(a device, pipe or socket\); give a file or a directory$",
+        ),
+    ],
+)
+def test_unsupported_sources_say_what_is_supported(tmp_path, location, message):
+    with pytest.raises(PipelineError, match=r"^corpus.sources\[0\]: " + message):
+        corpus_of(tmp_path, [location])
+
+
 def run_download(project: Path, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "stages.download"],
@@ -248,7 +335,44 @@ def test_download_stage_leaves_nothing_behind_on_a_corrupt_file_midway(tmp_path,
     )
     out = run_download(project)
     assert out.returncode == 1 and out.stderr.count("\n") == 1
-    assert out.stderr.startswith("error: corpus.sources[1] (inputs/b.jsonl.gz): corrupt gzip data")
+    assert out.stderr.startswith("error: corpus.sources[1] (inputs/b.jsonl.gz): not a valid gzip file")
+    assert not (project / "data" / "raw").exists() and not [p for p in (project / "data").iterdir()]
+
+
+@pytest.mark.parametrize("file", ["corpus.txt", "sft.json"])
+def test_download_stage_on_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys, file):
+    """The disk fills while data/raw/corpus.txt is written (OSError 28 at its file's write) or while sft.json is
+    copied (at the copy's lowest write, os.sendfile): one line naming the output file (not its temp path, nor the
+    copy's source), no data/raw."""
+    import errno
+    import os
+
+    from stages import download
+
+    project = make_project(tmp_path / "p")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real_open = Path.open
+
+    def opened(self, *args, **kwargs):
+        out = real_open(self, *args, **kwargs)
+        if self.name == "corpus.txt" and "w" in (args[0] if args else kwargs.get("mode", "r")):
+            out.write = full  # the file the stage writes corpus.txt through
+        return out
+
+    monkeypatch.chdir(project)
+    if file == "sft.json":
+        monkeypatch.setattr(os, "sendfile", full)
+    else:
+        monkeypatch.setattr(Path, "open", opened)
+    with pytest.raises(SystemExit) as info:
+        download.main()
+    assert info.value.code == 1
+    assert capsys.readouterr().err == (
+        f"error: data/raw/{file}: no space left on device (errno 28: free some space, then rerun)\n"
+    )
     assert not (project / "data" / "raw").exists() and not [p for p in (project / "data").iterdir()]
 
 

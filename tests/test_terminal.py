@@ -90,7 +90,10 @@ def test_generate_stop_and_max_tokens(models, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--temperature", "-1", "x"], "error: --temperature must be >= 0, got -1.0"),
+        (["--temperature", "-1", "x"], "error: --temperature must be a number >= 0, got -1.0"),
+        (["--temperature", "nan", "x"], "error: --temperature must be a number >= 0, got nan"),
+        (["--seed", str(2**64), "x"], "error: --seed must be in [0, 2**64), got 18446744073709551616"),
+        (["--seed", "-1", "x"], "error: --seed must be in [0, 2**64), got -1"),
         (["--top-p", "0", "x"], "error: --top-p must be in (0, 1], got 0.0"),
         (["--max-tokens", "0", "x"], "error: --max-tokens must be > 0, got 0"),
         (["  "], "error: generate: the prompt is empty"),
@@ -100,6 +103,62 @@ def test_generate_bad_options_are_one_line(models, capsys, args, message):
     assert main(["generate", "--model", str(models["base"]), *args]) == 1
     captured = capsys.readouterr()
     assert captured.err.strip() == message and captured.out == ""
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--temperature", "inf"], "error: --temperature must be a number >= 0, got inf"),
+        (["--top-k", "-2"], "error: --top-k must be >= 0 (0 = off), got -2"),
+        (["--top-p", "nan"], "error: --top-p must be in (0, 1], got nan"),
+        (["--max-tokens", "-5"], "error: --max-tokens must be > 0, got -5"),
+        (["--seed", str(2**64)], "error: --seed must be in [0, 2**64), got 18446744073709551616"),
+    ],
+)
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_sampling_flags_are_checked_before_the_model_loads(tmp_path, capsys, command, args, message):
+    """The model directory does not exist: the flag's error, not the directory's, proves nothing was loaded."""
+    prompt = ["hi"] if command == "generate" else []
+    assert main([command, "--model", str(tmp_path / "nowhere"), *args, *prompt]) == 1
+    assert capsys.readouterr().err.strip() == message
+
+
+def _cli(args: list[str], shell_redirect: str) -> subprocess.CompletedProcess:
+    """``python -m pipeline ARGS`` as a user runs it, stdin redirected by the shell (``<&-`` closes it)."""
+    quoted = " ".join(f"'{a}'" for a in args)
+    return subprocess.run(
+        ["bash", "-c", f"{sys.executable} -m pipeline {quoted} {shell_redirect}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_generate_and_chat_with_stdin_closed_or_empty_are_one_line(models):
+    closed = _cli(["generate", "--model", str(models["base"]), "-"], "<&-")
+    assert (closed.returncode, closed.stderr.strip()) == (
+        1,
+        "error: generate: stdin is closed: give the prompt as an argument, or pipe it on stdin",
+    )
+    empty = _cli(["generate", "--model", str(models["base"]), "-"], "</dev/null")
+    assert (empty.returncode, empty.stderr.strip()) == (1, "error: generate: the prompt is empty")
+    chat = _cli(["chat", "--model", str(models["sft"])], "<&-")
+    assert (chat.returncode, chat.stderr.strip(), chat.stdout) == (
+        1,
+        "error: chat: stdin is closed: chat reads your messages from it (run it in a terminal)",
+        "",
+    )
+    ended = _cli(["chat", "--model", str(models["sft"])], "</dev/null")  # Ctrl-D at once: a normal goodbye
+    assert ended.returncode == 0 and ended.stdout.rstrip().endswith("[bye]") and ended.stderr == ""
+
+
+def test_generate_seed_out_of_range_through_the_real_cli(models):
+    done = _cli(["generate", "--model", str(models["base"]), "--seed", str(2**64), "x"], "")
+    assert (done.returncode, done.stderr.strip()) == (
+        1,
+        "error: --seed must be in [0, 2**64), got 18446744073709551616",
+    )
 
 
 def test_generate_missing_model_dir(tmp_path, capsys):

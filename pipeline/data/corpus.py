@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.common.config import CACHE_ENV, CorpusSource, DataParams, Source, load_params, resolve_cache_dir
-from pipeline.common.errors import PipelineError
+from pipeline.common.errors import DISK_FULL, PipelineError, disk_full
 from pipeline.common.hashing import CHUNK, sha256_file
 from pipeline.data.datasets import RecordCounts, detect, open_stream, record_texts
 from pipeline.data.textstream import CHUNK_DOCUMENTS, DocumentTable
@@ -152,7 +152,12 @@ class DownloadCache:
 
     def _store(self, chunks: Iterator[bytes], origin: str) -> Path:
         """Write ``chunks`` to a temp file, then rename it to its sha256: readers never see a partial entry."""
-        (self.root / "tmp").mkdir(parents=True, exist_ok=True)
+        try:
+            (self.root / "tmp").mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as exc:  # a file where the cache needs a directory
+            raise PipelineError(
+                f"{self.root}: cannot be the download cache ({exc.strerror}: {exc.filename})"
+            ) from None
         fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")
         digest = hashlib.sha256()
         try:
@@ -163,6 +168,10 @@ class DownloadCache:
             target = self.object_path(digest.hexdigest())
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, target)  # atomic: the entry appears whole or not at all
+        except OSError as exc:
+            if (message := disk_full(OSError(exc.errno, exc.strerror, str(self.root)))) is None:
+                raise
+            raise PipelineError(f"{message} (storing {origin})") from None
         finally:
             Path(tmp).unlink(missing_ok=True)  # a failed write leaves no temp file behind
         with (self.root / "sources.tsv").open(
@@ -219,6 +228,15 @@ def source_files(source: Source, cache: DownloadCache, where: str) -> list[tuple
                 f"{where}: {source.location}: sha256 mismatch: expected {source.sha256}, got {actual}"
             )
         return [(source.location, path)]
+    if "://" in source.location:  # not http(s):// nor hf:// (handled above)
+        scheme = urlparse(source.location).scheme
+        hint = (
+            f" (for a local file give its path: {urlparse(source.location).path})" if scheme == "file" else ""
+        )
+        raise PipelineError(
+            f"{where}: {source.location}: unsupported URL scheme '{scheme}://'; a source is an http(s):// URL, "
+            f"an hf://datasets/... file, or a local path{hint}"
+        )
     path = Path(source.location).expanduser()
     if glob.has_magic(source.location):
         if source.sha256:
@@ -238,6 +256,10 @@ def source_files(source: Source, cache: DownloadCache, where: str) -> list[tuple
         if not files:
             raise PipelineError(f"{where}: directory {path} has no files")
         return [(str(p), p) for p in files]
+    if path.exists() and not path.is_file():
+        raise PipelineError(
+            f"{where}: {source.location}: not a regular file (a device, pipe or socket); give a file or a directory"
+        )
     if not path.is_file():
         raise PipelineError(f"{where}: {source.location}: no such file or directory")
     if source.sha256 and (actual := sha256_file(path)) != source.sha256:
@@ -307,50 +329,66 @@ def build_corpus(
         0,
         [],
     )  # ends: uint64s, 8 bytes per document rather than a Python int each
-    with (directory / CORPUS).open("wb", buffering=CHUNK) as out:
-        for i, source in enumerate(sources):
-            where = f"corpus.sources[{i}]"
-            entry: dict = {"source": source.location, "files": [], "documents": 0, "bytes": 0}
-            counts = RecordCounts()
-            for label, path in source_files(source, cache, where):
-                fmt, compression = detect(label, source.member)
-                fmt = source.format or fmt
-                entry["files"].append(
-                    {"file": label, "format": fmt, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
-                )
-                if fmt == "text":
-                    with open_stream(path, compression, source.member, f"{where} ({label})") as stream:
-                        raw = stream.read()
-                    texts = [
-                        clean_text(
-                            raw, f"{where} ({label})", gutenberg=gutenberg, normalise=normalise, unwrap=unwrap
-                        )
-                    ]
-                else:
-                    texts = record_texts(
-                        source,
-                        path,
-                        fmt,
-                        compression,
-                        f"{where} ({label})",
-                        counts,
-                        normalize if normalise else str,
+    try:
+        with (directory / CORPUS).open("wb", buffering=CHUNK) as out:
+            for i, source in enumerate(sources):
+                where = f"corpus.sources[{i}]"
+                entry: dict = {"source": source.location, "files": [], "documents": 0, "bytes": 0}
+                counts = RecordCounts()
+                for label, path in source_files(source, cache, where):
+                    fmt, compression = detect(label, source.member)
+                    fmt = source.format or fmt
+                    entry["files"].append(
+                        {
+                            "file": label,
+                            "format": fmt,
+                            "bytes": path.stat().st_size,
+                            "sha256": sha256_file(path),
+                        }
                     )
-                for text in texts:
-                    data = text.encode("utf-8")
-                    out.write(data)
-                    offset += len(data)
-                    ends.append(offset)
-                    entry["documents"] += 1
-                    entry["bytes"] += len(data)
-            if counts.read:
-                entry |= counts.as_dict()
-            if not entry["documents"]:
-                skipped = ", ".join(f"{n} {reason}" for reason, n in counts.skipped.most_common()) or "none"
-                raise PipelineError(
-                    f"{where}: {source.location}: no records kept (read {counts.read}; skipped: {skipped})"
-                )
-            table.append(entry)
+                    if fmt == "text":
+                        with open_stream(path, compression, source.member, f"{where} ({label})") as stream:
+                            raw = stream.read()
+                        texts = [
+                            clean_text(
+                                raw,
+                                f"{where} ({label})",
+                                gutenberg=gutenberg,
+                                normalise=normalise,
+                                unwrap=unwrap,
+                            )
+                        ]
+                    else:
+                        texts = record_texts(
+                            source,
+                            path,
+                            fmt,
+                            compression,
+                            f"{where} ({label})",
+                            counts,
+                            normalize if normalise else str,
+                        )
+                    for text in texts:
+                        data = text.encode("utf-8")
+                        out.write(data)
+                        offset += len(data)
+                        ends.append(offset)
+                        entry["documents"] += 1
+                        entry["bytes"] += len(data)
+                if counts.read:
+                    entry |= counts.as_dict()
+                if not entry["documents"]:
+                    skipped = (
+                        ", ".join(f"{n} {reason}" for reason, n in counts.skipped.most_common()) or "none"
+                    )
+                    raise PipelineError(
+                        f"{where}: {source.location}: no records kept (read {counts.read}; skipped: {skipped})"
+                    )
+                table.append(entry)
+    except OSError as exc:  # a full disk: say which file (a write error names none)
+        if exc.errno in DISK_FULL and exc.filename is None:
+            exc.filename = str(directory / CORPUS)
+        raise
     (directory / DOCUMENTS).write_bytes(np.asarray(ends, dtype="<u8").tobytes())
     return table
 
@@ -455,7 +493,11 @@ def cli_cache(argv: list[str]) -> int:
     configured = args.cache_dir
     if configured is None and Path(args.params).is_file():
         configured = load_params(args.params).data.cache_dir
-    cache = DownloadCache(resolve_cache_dir(configured))
+    root = resolve_cache_dir(configured)
+    if root.exists() and not root.is_dir():
+        where = "--cache-dir" if args.cache_dir is not None else f"{args.params}: data.cache_dir"
+        raise PipelineError(f"{where}: {root} is not a directory (the cache is a directory of files)")
+    cache = DownloadCache(root)
     if args.action == "add":
         for file in args.files:
             print(f"{cache.add_file(file).name}  {file}")

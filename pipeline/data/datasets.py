@@ -16,7 +16,7 @@ import sys
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,9 +51,73 @@ def detect(name: str, member: str | None = None) -> tuple[str, str | None]:
     return _EXTENSIONS.get(path.suffix.lower(), "text"), compression
 
 
+class _ZstdReader(io.RawIOBase):
+    """A zstd file's bytes, decompressed frame after frame (a file of concatenated frames reads as one stream).
+
+    zstandard's own ``stream_reader`` neither reads lines nor notices a file cut inside a frame (it just stops):
+    here a truncated file is an EOFError, and ``io.BufferedReader`` on top gives lines.
+    """
+
+    def __init__(self, raw: IO[bytes]):
+        import zstandard
+
+        self._raw, self._new = raw, zstandard.ZstdDecompressor().decompressobj
+        self._frame, self._in_frame = self._new(), False
+        self._out, self._at = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._at == len(self._out):
+            if self._frame.eof:  # a frame ended: what follows it starts the next one
+                rest, self._frame, self._in_frame = self._frame.unused_data, self._new(), False
+                if rest:
+                    self._out, self._at, self._in_frame = self._frame.decompress(rest), 0, True
+                    continue
+            chunk = self._raw.read(1 << 20)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("the file ends inside a zstd frame (truncated)")
+                return 0
+            self._out, self._at, self._in_frame = self._frame.decompress(chunk), 0, True
+        n = min(len(buffer), len(self._out) - self._at)
+        buffer[:n] = memoryview(self._out)[self._at : self._at + n]
+        self._at += n
+        return n
+
+    def readall(self) -> bytes:  # a whole text file: in big pieces, not io's 8 kB ones
+        parts = []
+        while part := self.read(1 << 22):
+            parts.append(part)
+        return b"".join(parts)
+
+
+def _corrupt_data_errors() -> tuple[type[BaseException], ...]:
+    """What reading a broken compressed file raises: truncated, not the format its suffix says, bad checksums."""
+    errors: list[type[BaseException]] = [gzip.BadGzipFile, EOFError, zlib.error, zipfile.BadZipFile]
+    if "zstandard" in sys.modules:
+        errors.append(sys.modules["zstandard"].ZstdError)
+    return tuple(errors)
+
+
 @contextmanager
 def open_stream(path: Path, compression: str | None, member: str | None, where: str) -> Iterator[IO[bytes]]:
-    """The file's bytes, decompressed as they are read."""
+    """The file's bytes, decompressed as they are read; broken compressed data is one error naming ``where``."""
+    if compression is None:
+        with path.open("rb") as stream:
+            yield stream
+        return
+    try:
+        with _decompressed(path, compression, member, where) as stream:
+            yield stream
+    except _corrupt_data_errors() as exc:
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise PipelineError(f"{where}: not a valid {compression} file ({reason})") from None
+
+
+@contextmanager
+def _decompressed(path: Path, compression: str, member: str | None, where: str) -> Iterator[IO[bytes]]:
     if compression == "zip":
         try:
             archive = zipfile.ZipFile(path)
@@ -73,25 +137,9 @@ def open_stream(path: Path, compression: str | None, member: str | None, where: 
     elif compression == "gzip":
         with gzip.open(path, "rb") as stream:
             yield stream
-    elif compression == "zstd":
-        import zstandard
-
-        # read_across_frames: a file of several concatenated frames reads as one stream
-        with (
-            path.open("rb") as raw,
-            zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True) as stream,
-        ):
+    else:  # zstd
+        with path.open("rb") as raw, io.BufferedReader(_ZstdReader(raw), 1 << 20) as stream:
             yield stream
-    else:
-        with path.open("rb") as stream:
-            yield stream
-
-
-def _decompression_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [gzip.BadGzipFile, EOFError, zlib.error, zipfile.BadZipFile]
-    if "zstandard" in sys.modules:
-        errors.append(sys.modules["zstandard"].ZstdError)
-    return tuple(errors)
 
 
 def _jsonl(stream: IO[bytes], where: str) -> Iterator[tuple[int, Any]]:
@@ -117,15 +165,39 @@ def _json_list(stream: IO[bytes], where: str) -> Iterator[tuple[int, Any]]:
     yield from enumerate(records, 1)
 
 
-def _csv(stream: IO[bytes], where: str, delimiter: str) -> Iterator[tuple[int, Any]]:
+def csv_rows(
+    text: IO[str],
+    where: str,
+    delimiter: str,
+    fieldnames: Sequence[str] | None = None,
+    quoting: int = csv.QUOTE_MINIMAL,
+) -> Iterator[tuple[int, dict]]:
+    """``(row number, row)`` of a CSV/TSV text, parsed strictly: a quote never closed (which would swallow the rest
+    of the file into one field) or a row with more fields than the header is an error naming its line."""
     csv.field_size_limit(1 << 30)  # a document may be far longer than csv's 128 kB default
-    text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
+    reader = csv.DictReader(text, fieldnames=fieldnames, delimiter=delimiter, quoting=quoting, strict=True)
+    start = 1
     try:
-        yield from enumerate(csv.DictReader(text, delimiter=delimiter), 1)
+        header = reader.fieldnames or []
+        start = reader.line_num + 1
+        for number, row in enumerate(reader, 1):
+            if None in row:  # DictReader's restkey: the fields past the header's
+                raise PipelineError(
+                    f"{where}: line {start}: {len(header) + len(row[None])} fields, the header has "
+                    f"{len(header)} (quote a field that holds {delimiter!r})"
+                )
+            yield number, row
+            start = reader.line_num + 1
     except UnicodeDecodeError as exc:
         raise PipelineError(f"{where}: not valid UTF-8 ({exc})") from None
     except csv.Error as exc:
-        raise PipelineError(f"{where}: not valid CSV ({exc})") from None
+        unclosed = "unexpected end of data" in str(exc)
+        what = "a quoted field is never closed" if unclosed else "not valid CSV"
+        raise PipelineError(f"{where}: line {start}: {what} ({exc})") from None
+
+
+def _csv(stream: IO[bytes], where: str, delimiter: str) -> Iterator[tuple[int, Any]]:
+    return csv_rows(io.TextIOWrapper(stream, encoding="utf-8", newline=""), where, delimiter)
 
 
 def _parquet(stream: IO[bytes], where: str, columns: list[str]) -> Iterator[tuple[int, Any]]:
@@ -197,44 +269,36 @@ def record_texts(
     """
     field_name = source.text_field
     columns = [field_name, *(name for name, _ in source.where)]
-    try:
-        with open_stream(path, compression, source.member, where) as stream:
-            for number, record in iter_records(stream, fmt, where, columns):
-                counts.read += 1
-                if not isinstance(record, dict):
-                    problem = f"not an object but a {type(record).__name__}"
-                elif field_name not in record:
-                    problem = f"no field {field_name!r}"
-                elif not isinstance(record[field_name], str):
-                    problem = f"field {field_name!r} is a {type(record[field_name]).__name__}, not a string"
-                else:
-                    problem = None
-                if problem:
-                    if source.bad_records == "error":
-                        fields = (
-                            f" (fields: {', '.join(map(str, record))})" if isinstance(record, dict) else ""
-                        )
-                        raise PipelineError(
-                            f"{where}: record {number}: {problem}{fields}; set text_field, "
-                            "or bad_records: skip"
-                        )
-                    counts.skipped[problem] += 1
-                    continue
-                text = record[field_name]
-                mismatch = next(
-                    (f"{name} != {value!r}" for name, value in source.where if record.get(name) != value),
-                    None,
-                )
-                if mismatch:
-                    counts.skipped[f"where {mismatch}"] += 1
-                elif len(text.strip()) < source.min_chars:
-                    counts.skipped[f"shorter than min_chars={source.min_chars}"] += 1
-                elif not (text := clean(text)).strip():
-                    counts.skipped["empty"] += 1
-                else:
-                    counts.kept += 1
-                    yield text
-    except _decompression_errors() as exc:
-        raise PipelineError(
-            f"{where}: corrupt {compression or 'file'} data ({type(exc).__name__}: {exc})"
-        ) from None
+    with open_stream(path, compression, source.member, where) as stream:
+        for number, record in iter_records(stream, fmt, where, columns):
+            counts.read += 1
+            if not isinstance(record, dict):
+                problem = f"not an object but a {type(record).__name__}"
+            elif field_name not in record:
+                problem = f"no field {field_name!r}"
+            elif not isinstance(record[field_name], str):
+                problem = f"field {field_name!r} is a {type(record[field_name]).__name__}, not a string"
+            else:
+                problem = None
+            if problem:
+                if source.bad_records == "error":
+                    fields = f" (fields: {', '.join(map(str, record))})" if isinstance(record, dict) else ""
+                    raise PipelineError(
+                        f"{where}: record {number}: {problem}{fields}; set text_field, or bad_records: skip"
+                    )
+                counts.skipped[problem] += 1
+                continue
+            text = record[field_name]
+            mismatch = next(
+                (f"{name} != {value!r}" for name, value in source.where if record.get(name) != value),
+                None,
+            )
+            if mismatch:
+                counts.skipped[f"where {mismatch}"] += 1
+            elif len(text.strip()) < source.min_chars:
+                counts.skipped[f"shorter than min_chars={source.min_chars}"] += 1
+            elif not (text := clean(text)).strip():
+                counts.skipped["empty"] += 1
+            else:
+                counts.kept += 1
+                yield text

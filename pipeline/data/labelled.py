@@ -20,6 +20,7 @@ from pathlib import Path
 from pipeline.common.config import ClassifyParams
 from pipeline.common.errors import PipelineError
 from pipeline.data.corpus import DownloadCache, source_files
+from pipeline.data.datasets import csv_rows
 from pipeline.data.instructions import read_records, split_dataset
 
 FORMATS = ("csv", "tsv", "json", "jsonl")
@@ -102,14 +103,15 @@ def read_table(
             quoting = (
                 csv.QUOTE_NONE if kind == "tsv" else csv.QUOTE_MINIMAL
             )  # TSV texts hold bare quotes (SMSSpamCollection)
-            reader = csv.DictReader(
+            rows = csv_rows(
                 io.StringIO(text, newline=""),
+                origin,
+                "\t" if kind == "tsv" else ",",
                 fieldnames=list(columns) or None,
-                delimiter="\t" if kind == "tsv" else ",",
                 quoting=quoting,
             )
-            records = list(reader)
-    except (json.JSONDecodeError, csv.Error) as exc:
+            records = [row for _, row in rows]
+    except json.JSONDecodeError as exc:
         raise PipelineError(f"{origin}: not valid {kind} ({exc})") from None
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise PipelineError(f"{origin}: expected a list of records (objects / rows)")
@@ -119,7 +121,12 @@ def read_table(
 def labelled(
     records: Sequence[dict], text_field: str, label_field: str, origin: str
 ) -> tuple[list[LabelledText], int]:
-    """(texts with labels, records skipped for an empty text); a record without one of the fields is an error."""
+    """(texts with labels, records skipped for an empty text).
+
+    Nothing is turned into a string behind the user's back: a record without one of the fields, a text that is not
+    a string, or a label that is empty or neither a string nor an integer (a list, a fraction, true/false) is an
+    error naming the record and the field.
+    """
     out, empty = [], 0
     for i, record in enumerate(records, 1):
         for field in (text_field, label_field):
@@ -127,12 +134,31 @@ def labelled(
                 raise PipelineError(
                     f"{origin}: record {i} has no '{field}' field (fields: {', '.join(map(str, record))})"
                 )
-        text = str(record[text_field]).strip()
-        if not text:
+        text, label = record[text_field], record[label_field]
+        if not isinstance(text, str):
+            raise PipelineError(
+                f"{origin}: record {i}: field '{text_field}' is a {type(text).__name__} ({_shown(text)}), "
+                "not a string"
+            )
+        if isinstance(label, bool) or not isinstance(label, str | int):
+            raise PipelineError(
+                f"{origin}: record {i}: field '{label_field}' is a {type(label).__name__} ({_shown(label)}); "
+                "a label is a string or an integer"
+            )
+        if not str(label).strip():
+            raise PipelineError(
+                f"{origin}: record {i}: field '{label_field}' is empty (every record needs a label)"
+            )
+        if not text.strip():
             empty += 1
             continue
-        out.append(LabelledText(text, str(record[label_field]).strip()))
+        out.append(LabelledText(text.strip(), str(label).strip()))
     return out, empty
+
+
+def _shown(value: object) -> str:
+    shown = json.dumps(value, ensure_ascii=False, default=str)
+    return shown if len(shown) <= 40 else shown[:37] + "..."
 
 
 def tone_records(path: str | Path) -> tuple[list[LabelledText], int]:

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 import torch
-from safetensors.torch import save_file
 
 from pipeline.common.atomic import atomic_path
 from pipeline.common.config import ExportParams
@@ -28,7 +27,7 @@ from pipeline.common.errors import PipelineError, quiet_logger
 from pipeline.data.prompts import ALPACA_PREAMBLE
 from pipeline.data.shards import ShardDataset
 from pipeline.data.tokenizer import ASSISTANT, END_OF_TURN, EOT, SYSTEM, USER, read_metadata
-from pipeline.model.checkpoint import load_with_tokenizer
+from pipeline.model.checkpoint import load_with_tokenizer, save_tensors
 from pipeline.model.generate import stream_tokens
 from pipeline.model.gpt import GPT
 from pipeline.model.gpt2_layout import config_to_hf, require_gpt2, to_gpt2
@@ -148,7 +147,7 @@ def write_hf(
     require_gpt2(cfg, FORMAT, "hf")
     stops = [enc.eot_token, enc.encode_single_token(END_OF_TURN)]
     out.mkdir()
-    save_file(to_gpt2(model.state_dict(), cfg), str(out / WEIGHTS), metadata={"format": "pt"})
+    save_tensors(to_gpt2(model.state_dict(), cfg), out / WEIGHTS, metadata={"format": "pt"})
     ours = {
         "model": cfg.to_dict(),
         "tokenizer": {"kind": meta["kind"], "fingerprint": meta["fingerprint"]},

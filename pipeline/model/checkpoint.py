@@ -18,7 +18,9 @@ refused with one line naming the file.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,13 +53,25 @@ def _state_dict_once(model: GPT) -> dict[str, torch.Tensor]:
     }  # safetensors writes contiguous CPU tensors
 
 
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
+    """safetensors' ``save_file``; a full disk is an OSError naming ``path`` (safetensors says only its Rust error)."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        if not any(sign in str(exc) for sign in ("code: 28", "code: 122", "StorageFull", "QuotaExceeded")):
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+
+
 def save_model(directory: str | Path, model: GPT, **metadata: object) -> None:
     """Write ``model`` (unwrapped from DDP/compile by the caller) and its config into ``directory`` atomically."""
     if lora.adapter_info(model) is not None:
         raise ValueError("save_model: the model carries unmerged adapters (merge them, or use save_adapter)")
     with atomic_path(directory) as tmp:  # written beside, renamed into place only when complete
         tmp.mkdir()
-        save_file(_state_dict_once(model), str(tmp / WEIGHTS))
+        save_tensors(_state_dict_once(model), tmp / WEIGHTS)
         record = {"model": model.cfg.to_dict(), "sha256": {WEIGHTS: sha256_file(tmp / WEIGHTS)}, **metadata}
         (tmp / CONFIG).write_text(
             json.dumps(record, indent=2, ensure_ascii=False) + "\n",
@@ -70,7 +84,7 @@ def save_adapter(directory: str | Path, model: GPT, base: str | Path, **metadata
     info = lora.adapter_info(model)
     with atomic_path(directory) as tmp:
         tmp.mkdir()
-        save_file(lora.adapter_state(model), str(tmp / ADAPTER))
+        save_tensors(lora.adapter_state(model), tmp / ADAPTER)
         config = {
             "model": model.cfg.to_dict(),
             "sha256": {ADAPTER: sha256_file(tmp / ADAPTER)},

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.serve.generate_cli import add_model_arguments, load, run, sampling_options
+from pipeline.common.errors import PipelineError
+from pipeline.serve.generate_cli import add_model_arguments, check_sampling, load, run, sampling_options
 from pipeline.serve.served_model import ServedModel
 
 COMMANDS_HELP = "/reset starts over, /exit (or Ctrl-D, Ctrl-C) quits"
@@ -106,8 +107,10 @@ def cli(argv: list[str]) -> int:
     add_model_arguments(parser, "models/sft")
     parser.add_argument("--system", help="a system message sent with every message")
     args = parser.parse_args(argv)
+    check_sampling(args)  # bad options fail before the model loads
+    if sys.stdin is None:
+        raise PipelineError("chat: stdin is closed: chat reads your messages from it (run it in a terminal)")
     model = load(args)
-    sampling_options(args, model)  # bad options fail before the first prompt
     try:
         import readline  # noqa: F401  line editing and history for input()
     except ImportError:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -48,16 +49,23 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model: str) -> 
     )
 
 
-def sampling_options(args: argparse.Namespace, model: ServedModel) -> SamplingOptions:
-    """The sampling options, each bad value named by its flag."""
-    if args.temperature < 0:
-        raise PipelineError(f"--temperature must be >= 0, got {args.temperature}")
+def check_sampling(args: argparse.Namespace) -> None:
+    """Each bad sampling value named by its flag: checked before the model loads, so a typo costs no load."""
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise PipelineError(f"--temperature must be a number >= 0, got {args.temperature}")
     if args.top_k < 0:
         raise PipelineError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
     if not 0 < args.top_p <= 1:
         raise PipelineError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.max_tokens <= 0:
         raise PipelineError(f"--max-tokens must be > 0, got {args.max_tokens}")
+    if not 0 <= args.seed < 2**64:
+        raise PipelineError(f"--seed must be in [0, 2**64), got {args.seed}")
+
+
+def sampling_options(args: argparse.Namespace, model: ServedModel) -> SamplingOptions:
+    """The sampling options (``check_sampling``'s, with the model's end-of-text token)."""
+    check_sampling(args)
     return SamplingOptions(
         max_new_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -104,9 +112,14 @@ def prompt_ids(model: ServedModel, prompt: str, raw: bool) -> list[int]:
 def read_prompt(argument: str | None) -> str:
     if argument is not None and argument != "-":
         return argument
+    if sys.stdin is None:
+        raise PipelineError("generate: stdin is closed: give the prompt as an argument, or pipe it on stdin")
     if sys.stdin.isatty():
         raise PipelineError("generate: give a prompt argument, or pipe the prompt on stdin")
-    return sys.stdin.read()
+    try:
+        return sys.stdin.read()
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"generate: the prompt on stdin is not valid UTF-8 (byte {exc.start})") from None
 
 
 def cli_generate(argv: list[str]) -> int:
@@ -122,6 +135,7 @@ def cli_generate(argv: list[str]) -> int:
         help="print one JSON object (prompt, response, token counts, done_reason) instead of streaming",
     )
     args = parser.parse_args(argv)
+    check_sampling(args)
     prompt = read_prompt(args.prompt)
     if not prompt.strip():
         raise PipelineError("generate: the prompt is empty")

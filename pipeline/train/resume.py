@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pipeline.common.atomic import atomic_path, fsync_tree
 from pipeline.common.errors import PipelineError
 from pipeline.common.hashing import sha256_file
 from pipeline.model import lora
-from pipeline.model.checkpoint import ADAPTER, WEIGHTS, load_state_into, save_model
+from pipeline.model.checkpoint import ADAPTER, WEIGHTS, load_state_into, save_model, save_tensors
 from pipeline.model.gpt import GPT
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,19 @@ def save_checkpoint(checkpoint_dir: Path, step: int, model: GPT, trainer: dict, 
             save_model(tmp / MODEL_DIR, model)
         else:
             (tmp / ADAPTER_DIR).mkdir()
-            save_file(lora.adapter_state(model), str(tmp / ADAPTER_DIR / ADAPTER))
+            save_tensors(lora.adapter_state(model), tmp / ADAPTER_DIR / ADAPTER)
             (tmp / ADAPTER_DIR / "adapter.json").write_text(json.dumps(info.to_dict(), indent=1) + "\n")
-        torch.save(trainer, tmp / TRAINER)  # tensors and plain data only, so it loads with weights_only=True
+        # tensors and plain data only, so it loads with weights_only=True; through a Python file, so that a full
+        # disk is an OSError (errno 28) naming the file, not torch's "file write failed" RuntimeError (torch
+        # raises its own "unexpected pos" on top of a failed write: the OSError is its context)
+        with (tmp / TRAINER).open("wb") as out:
+            try:
+                torch.save(trainer, out)
+            except (OSError, RuntimeError) as exc:
+                failed = exc if isinstance(exc, OSError) else exc.__context__
+                if not isinstance(failed, OSError):
+                    raise
+                raise OSError(failed.errno, failed.strerror, str(tmp / TRAINER)) from exc
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         hashes = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in files}
         # state.json last: it vouches for every file written before it

@@ -134,9 +134,8 @@ def verify_weights(directory: Path, meta: dict, name: str = WEIGHTS) -> Path:
             f"{directory / CONFIG}: no sha256 recorded for {name} (written by an older version: "
             "re-run the stage that writes it)"
         )
-    if (
-        sha256_file(weights_path) != expected
-    ):  # a file garbled after its header still parses: only the hash tells
+    # A file garbled after its header still parses: only the hash tells.
+    if sha256_file(weights_path) != expected:
         raise PipelineError(
             f"{weights_path}: contents do not match the sha256 recorded in {CONFIG} "
             "(corrupted or replaced; restore it with `dvc checkout` or re-run its stage)"

@@ -186,9 +186,8 @@ def loss_curves(
 def _missing_reason(exc: Exception) -> str:
     from dvc_data.index.index import DataIndexDirError
 
-    if isinstance(
-        exc, FileNotFoundError | DataIndexDirError
-    ):  # the revision's .dir object is not in the cache
+    # The revision's .dir object is not in the cache.
+    if isinstance(exc, FileNotFoundError | DataIndexDirError):
         return "not in this machine's DVC cache"
     return one_line(f"{type(exc).__name__}: {exc}")
 

@@ -98,10 +98,7 @@ def make_optimizer(
     groups = model.optimizer_groups(params.weight_decay)
     try:
         return torch.optim.AdamW(groups, fused=device.type in ("cuda", "cpu"), **kwargs)
-    except (
-        RuntimeError,
-        TypeError,
-    ):  # this torch has no fused kernel here: foreach is the portable fast path
+    except (RuntimeError, TypeError):  # no fused kernel in this torch here: foreach is the portable fast path
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 

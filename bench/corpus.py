@@ -226,9 +226,8 @@ def main() -> None:
         shutil.rmtree(args.dir / "small")
         big_project = make_project(args.dir / "big", files)
         bigs, raws = [], []
-        for _ in range(
-            args.rounds
-        ):  # pipeline first: it makes the data/raw and tokenizer that raw encodes with
+        # Pipeline first: it makes the data/raw and tokenizer that raw encodes with
+        for _ in range(args.rounds):
             bigs.append(pipeline_run(big_project))
             print(f"big: {json.dumps(bigs[-1])}", flush=True)
             raws.append(raw_encode(big_project, shards.val_fraction, shards.batch_bytes, threads))
@@ -268,9 +267,8 @@ def main() -> None:
             f"{raw['tokens'] / raw['seconds']:>11,.0f} {raw['seconds']:>8.1f} {raw['cpu_seconds']:>8.1f}"
         )
 
-    def around(
-        key: str,
-    ) -> list[float]:  # the raw runs next to each pipeline run: after the first, around the rest
+    # The raw runs next to each pipeline run: after the first, around the rest
+    def around(key: str) -> list[float]:
         return [raws[0][key]] + [(raws[i - 1][key] + raws[i][key]) / 2 for i in range(1, len(bigs))]
 
     ratios = [r / big["seconds"] for r, big in zip(around("seconds"), bigs, strict=True)]

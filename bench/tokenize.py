@@ -181,9 +181,8 @@ def main() -> None:
     segments = train + val
     raws = [raw_encode(enc, big, segments, params.shards.batch_bytes, threads)]
     stage_runs = []
-    for _ in range(
-        args.rounds
-    ):  # raw, stage, raw, stage, raw: each stage run compared with the raw runs around it
+    # Raw, stage, raw, stage, raw: each stage run compared with the raw runs around it
+    for _ in range(args.rounds):
         stage_runs.append(run_stage_subprocess(big, big_docs[0].length, tokenizer))
         raws.append(raw_encode(enc, big, segments, params.shards.batch_bytes, threads))
     small_stage = run_stage_subprocess(small, small_docs[0].length, tokenizer)

@@ -61,9 +61,8 @@ def generated_instructions(n: int, seed: int = 0, preferences: bool = False) -> 
         if preferences:
             rec["chosen"] = rec["output"]
             rec["rejected"] = f"I think it is {a + b + rng.randint(1, 9)}, maybe."
-            if (
-                i % 2
-            ):  # as in the book's pairs, half prefer a polite rewrite over the plain answer (the tone data)
+            # As in the book's pairs, half prefer a polite rewrite over the plain answer (the tone data)
+            if i % 2:
                 rec["chosen"], rec["rejected"] = (
                     f"Happy to help! {rec['output']} Thank you for asking.",
                     rec["output"],

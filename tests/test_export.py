@@ -120,10 +120,11 @@ def test_dynamic_batch_and_sequence_with_kv_cache_match_torch(exported, model):
     out, _ = exported
     onnx_model = OnnxGenerator(out, "fp32")
     rng = np.random.default_rng(0)
+    # Batch 1 takes a multi-token chunk after the prompt in one run, larger batches per token
     for batch in (
         3,
         1,
-    ):  # batch 1 takes a multi-token chunk after the prompt in one run, larger batches per token
+    ):
         ids = rng.integers(0, model.cfg.vocab_size, (batch, 11))
         logits, cache = onnx_model.forward(ids)
         ref, ref_cache = model(torch.from_numpy(ids))

@@ -113,13 +113,13 @@ class DownloadCache:
         import requests
 
         try:
-            with requests.get(
-                url, stream=True, timeout=(self.timeout_s, self.timeout_s)
-            ) as resp:  # (connect, read)
+            connect_and_read = (self.timeout_s, self.timeout_s)
+            with requests.get(url, stream=True, timeout=connect_and_read) as resp:
+                # Server trouble, timeout, rate limit: retry
                 if resp.status_code >= 500 or resp.status_code in (
                     408,
                     429,
-                ):  # server trouble, timeout, rate limit: retry
+                ):
                     raise _Transient(f"HTTP {resp.status_code}")
                 if resp.status_code >= 400:
                     raise PipelineError(f"{where}: {url}: HTTP {resp.status_code} {resp.reason}")
@@ -174,9 +174,8 @@ class DownloadCache:
             raise PipelineError(f"{message} (storing {origin})") from None
         finally:
             Path(tmp).unlink(missing_ok=True)  # a failed write leaves no temp file behind
-        with (self.root / "sources.tsv").open(
-            "a", encoding="utf-8"
-        ) as index:  # where each hash came from (cache list)
+        # Where each hash came from (cache list)
+        with (self.root / "sources.tsv").open("a", encoding="utf-8") as index:
             index.write(f"{target.name}\t{origin}\n")
         return target
 
@@ -461,9 +460,8 @@ def read_raw(directory: str | Path) -> tuple[Path, DocumentTable]:
         raise PipelineError(
             f"{table}: {table.stat().st_size} bytes, the manifest says {count} documents of 8 bytes"
         )
-    with table.open(
-        "rb"
-    ) as f:  # ends rising from the first to the corpus's last byte, read a chunk at a time
+    # Ends rising from the first to the corpus's last byte, read a chunk at a time
+    with table.open("rb") as f:
         last, rising = 0, True
         while rising and (ends := np.fromfile(f, dtype="<u8", count=CHUNK_DOCUMENTS).astype(np.int64)).size:
             rising, last = bool((np.diff(ends, prepend=last) > 0).all()), int(ends[-1])

@@ -121,9 +121,8 @@ def _load(path: str | Path, parse: Callable[[int, object], T], strict: bool) -> 
     records, skipped = [], []
     for index, record in enumerate(raw):
         try:
-            if isinstance(
-                record, _Malformed
-            ):  # a JSONL line that did not parse: reported like any malformed record
+            # A JSONL line that did not parse: reported like any malformed record
+            if isinstance(record, _Malformed):
                 raise record
             records.append(parse(index, record))
         except _Malformed as exc:

@@ -253,9 +253,8 @@ def _manifest_problem(manifest: dict) -> str | None:
             return f"{where or 'the manifest'} is not an object"
         for key, kind in fields.items():
             value = data.get(key)
-            if not isinstance(value, kind) or isinstance(
-                value, bool
-            ):  # bool is an int subclass: true is no count
+            # Bool is an int subclass: true is no count
+            if not isinstance(value, kind) or isinstance(value, bool):
                 return f"'{where}{key}' is missing or not a {kind.__name__}"
         return None
 

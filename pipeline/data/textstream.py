@@ -75,10 +75,11 @@ class Segments(Sequence):
         return Segment(int(self.offsets[index]), int(self.lengths[index]))
 
     def __iter__(self) -> Iterator[Segment]:
+        # In slices: Python ints for every document would cost ~70 B each
         for (
             offsets,
             lengths,
-        ) in self.chunks():  # in slices: Python ints for every document would cost ~70 B each
+        ) in self.chunks():
             yield from map(Segment, offsets.tolist(), lengths.tolist())
 
     def __add__(self, other: Sequence[Segment]) -> Segments:
@@ -118,9 +119,8 @@ class DocumentTable(Sequence):
     def __init__(self, table: str | Path, count: int, start: int = 0, stop: int | None = None):
         self.table, self.count, self.start = Path(table), count, start
         self.stop = (int(self._ends(count - 1, 1)[0]) if count else 0) if stop is None else stop
-        with self.table.open(
-            "rb"
-        ) as f:  # the documents touching [start, stop): ends above start .. first end >= stop
+        # The documents touching [start, stop): ends above start .. first end >= stop
+        with self.table.open("rb") as f:
             self._first = _bisect_ends(f, count, start, right=True)
             self._last = _bisect_ends(f, count, self.stop, right=False)
 

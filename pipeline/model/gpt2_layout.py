@@ -155,9 +155,8 @@ def to_gpt2(state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.T
     for i in range(cfg.n_layer):
         for theirs, mine, conv1d in _BLOCK:
             name = f"blocks.{i}.{mine}"
-            if (
-                mine == "att.qkv.bias" and not cfg.qkv_bias
-            ):  # GPT-2's layout always has one: zeros compute the same
+            # GPT-2's layout always has one: zeros compute the same
+            if mine == "att.qkv.bias" and not cfg.qkv_bias:
                 tensor = torch.zeros(3 * cfg.n_embd, dtype=state[f"blocks.{i}.att.qkv.weight"].dtype)
             else:
                 tensor = state[name].t() if conv1d else state[name]

@@ -144,6 +144,12 @@ REFUSED = [
     ("raw_yes", "/api/generate", {**GENERATE, "raw": "yes"}, "raw"),
     ("embed_truncate_yes", "/api/embed", {"model": "base", "input": "a", "truncate": "yes"}, "truncate"),
     ("embed_an_empty_text_in_a_list", "/api/embed", {"model": "base", "input": ["a", ""]}, "input[1]"),
+    (
+        "embed_options_out_of_range",
+        "/api/embed",
+        {"model": "base", "input": "a", "options": {"repeat_penalty": -1}},
+        "options.repeat_penalty",
+    ),
     ("embed_too_many_inputs", "/api/embed", {"model": "base", "input": ["a"] * 2049}, "at most 2048 inputs"),
 ]
 
@@ -174,6 +180,7 @@ OPENAI_REFUSED = [
         {"stream_options": {"include_usage": "yes"}},
         "stream_options.include_usage",
     ),
+    ("temperature_a_string", "/v1/chat/completions", {"temperature": "0.7"}, "temperature"),
     ("max_tokens_zero", "/v1/completions", {"max_tokens": 0}, "max_tokens"),
     ("max_tokens_beyond_int32", "/v1/chat/completions", {"max_tokens": 2**31}, "max_tokens"),
     (

@@ -15,7 +15,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from pipeline.serve.engine import CLIENT_CLOSED, ClientClosed, Engine, collect
-from pipeline.serve.request_parsing import ApiError, parse
+from pipeline.serve.request_parsing import ApiError, Options, parse
 from pipeline.serve.served_model import ServedModel
 
 MAX_INPUTS = 2048  # inputs per embedding request, OpenAI's own limit
@@ -27,7 +27,7 @@ class EmbedRequest(BaseModel):
     input: str | list[str] = ""
     truncate: StrictBool = True
     dimensions: int | None = None
-    options: dict | None = None
+    options: Options | None = None  # unused, but refused when out of range as on the other routes
     keep_alive: str | int | float | None = None
 
 
@@ -35,7 +35,7 @@ class LegacyEmbedRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1)
     prompt: str = ""
-    options: dict | None = None
+    options: Options | None = None
     keep_alive: str | int | float | None = None
 
 

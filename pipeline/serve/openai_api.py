@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, ValidationError
 
 from pipeline.common.errors import PipelineError, one_line
 from pipeline.serve.embed_api import check_count, embed_all, embedding_ids
@@ -98,8 +98,8 @@ class CompletionFields(BaseModel):
     stream: StrictBool | None = False  # JSON true or false, not "yes"
     stream_options: StreamOptions | None = None
     max_tokens: int_in(1, MAX_INT32) | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(
+    temperature: StrictFloat | None = Field(None, ge=0, le=2)  # a JSON number, not "0.7"
+    top_p: StrictFloat | None = Field(
         None, gt=0, le=1
     )  # as the Ollama routes' options: refused, not a 5xx, outside
     seed: int_in(0, 2**64 - 1) | None = None

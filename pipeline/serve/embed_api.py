@@ -15,7 +15,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from pipeline.serve.engine import CLIENT_CLOSED, ClientClosed, Engine, collect
-from pipeline.serve.request_parsing import ApiError, Options, parse
+from pipeline.serve.request_parsing import MAX_INT32, ApiError, Options, int_in, parse
 from pipeline.serve.served_model import ServedModel
 
 MAX_INPUTS = 2048  # inputs per embedding request, OpenAI's own limit
@@ -26,7 +26,7 @@ class EmbedRequest(BaseModel):
     model: str = Field(min_length=1)
     input: str | list[str] = ""
     truncate: StrictBool = True
-    dimensions: int | None = None
+    dimensions: int_in(1, MAX_INT32) | None = None
     options: Options | None = None  # unused, but refused when out of range as on the other routes
     keep_alive: str | int | float | None = None
 

@@ -135,7 +135,7 @@ class EmbeddingRequest(BaseModel):
     model: str = Field(min_length=1)
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] | None = None
-    dimensions: int | None = None
+    dimensions: int_in(1, MAX_INT32) | None = None
 
 
 def param_of(loc: tuple) -> str:

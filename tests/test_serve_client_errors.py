@@ -87,6 +87,9 @@ class GenerationCounter:
                         first = False
                     yield token
 
+            def embed(self, ids):  # the embedding routes work as on the real model
+                return tokens.embed(ids)
+
         return Counted()
 
 
@@ -119,6 +122,37 @@ REFUSED = [
     ("top_p_zero", "/api/chat", with_options(CHAT, top_p=0), "options.top_p"),
     ("top_p_above_one", "/api/generate", with_options(GENERATE, top_p=1.5), "options.top_p"),
     ("options_not_a_mapping", "/api/chat", {**CHAT, "options": [1]}, "options"),
+    ("num_predict_zero", "/api/generate", with_options(GENERATE, num_predict=0), "options.num_predict"),
+    ("num_predict_minus_3", "/api/chat", with_options(CHAT, num_predict=-3), "options.num_predict"),
+    ("num_predict_a_string", "/api/chat", with_options(CHAT, num_predict="6"), "options.num_predict"),
+    ("repeat_penalty_negative", "/api/chat", with_options(CHAT, repeat_penalty=-1), "options.repeat_penalty"),
+    (
+        "repeat_penalty_zero",
+        "/api/generate",
+        with_options(GENERATE, repeat_penalty=0),
+        "options.repeat_penalty",
+    ),
+    ("min_p_above_one", "/api/generate", with_options(GENERATE, min_p=2), "options.min_p"),
+    ("mirostat_3", "/api/chat", with_options(CHAT, mirostat=3), "options.mirostat"),
+    ("use_mmap_a_string", "/api/chat", with_options(CHAT, use_mmap="yes"), "options.use_mmap"),
+    (
+        "temperature_a_string",
+        "/api/generate",
+        with_options(GENERATE, temperature="0.5"),
+        "options.temperature",
+    ),
+    ("stream_yes", "/api/chat", {**CHAT, "stream": "yes"}, "stream"),
+    ("stream_one", "/api/generate", {**GENERATE, "stream": 1}, "stream"),
+    ("raw_yes", "/api/generate", {**GENERATE, "raw": "yes"}, "raw"),
+    ("embed_truncate_yes", "/api/embed", {"model": "base", "input": "a", "truncate": "yes"}, "truncate"),
+    ("embed_an_empty_text_in_a_list", "/api/embed", {"model": "base", "input": ["a", ""]}, "input[1]"),
+    (
+        "embed_options_out_of_range",
+        "/api/embed",
+        {"model": "base", "input": "a", "options": {"repeat_penalty": -1}},
+        "options.repeat_penalty",
+    ),
+    ("embed_too_many_inputs", "/api/embed", {"model": "base", "input": ["a"] * 2049}, "at most 2048 inputs"),
 ]
 
 
@@ -135,6 +169,101 @@ CLAMPED = [
     ("num_ctx_beyond_the_model", with_options(GENERATE, num_ctx=10**9, num_predict=4)),
     ("num_predict_negative_means_until_full", with_options(GENERATE, num_predict=-1, num_ctx=16)),
 ]
+
+
+OPENAI_REFUSED = [
+    ("user_a_number", "/v1/chat/completions", {"user": 5}, "user"),
+    ("store_a_string", "/v1/completions", {"store": "yes"}, "store"),
+    ("stream_yes", "/v1/chat/completions", {"stream": "yes"}, "stream"),
+    ("stream_one", "/v1/completions", {"stream": 1}, "stream"),
+    (
+        "include_usage_yes",
+        "/v1/completions",
+        {"stream_options": {"include_usage": "yes"}},
+        "stream_options.include_usage",
+    ),
+    ("temperature_a_string", "/v1/chat/completions", {"temperature": "0.7"}, "temperature"),
+    ("max_tokens_zero", "/v1/completions", {"max_tokens": 0}, "max_tokens"),
+    ("max_tokens_beyond_int32", "/v1/chat/completions", {"max_tokens": 2**31}, "max_tokens"),
+    (
+        "max_completion_tokens_true",
+        "/v1/chat/completions",
+        {"max_completion_tokens": True},
+        "max_completion_tokens",
+    ),
+    ("embeddings_user_a_number", "/v1/embeddings", {"user": 5}, "user"),
+    ("embeddings_too_many_inputs", "/v1/embeddings", {"input": ["a"] * 2049}, "input"),
+    ("embeddings_an_empty_text_in_a_list", "/v1/embeddings", {"input": ["a", ""]}, "input"),
+]
+
+
+@pytest.mark.parametrize(
+    "path, fields, param", [c[1:] for c in OPENAI_REFUSED], ids=[c[0] for c in OPENAI_REFUSED]
+)
+def test_a_bad_v1_field_is_a_400_naming_it(served, path, fields, param):
+    url, _, _ = served
+    response = httpx.post(f"{url}{path}", json={**VALID[path], **fields}, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and param.split("[")[0] in error["message"], error
+
+
+def error_message(response: httpx.Response) -> str:
+    """The message of either API's error shape: Ollama's ``{"error": "..."}``, OpenAI's ``{"error": {"message"}}``."""
+    error = response.json()["error"]
+    return error["message"] if isinstance(error, dict) else error
+
+
+@pytest.mark.parametrize("levels", [65, 100_000])
+@pytest.mark.parametrize("path", sorted(VALID))
+def test_a_deeply_nested_body_is_a_400_on_every_route(served, path, levels):
+    url, _, _ = served
+    body = json.dumps(VALID[path])[:-1] + ', "x": ' + "[" * levels + "]" * levels + "}"
+    response = httpx.post(f"{url}{path}", content=body.encode(), timeout=60)
+    assert response.status_code == 400, response.text
+    assert error_message(response).endswith("the JSON body is nested deeper than 64 levels")
+
+
+# A field per route that a 5000-digit integer lands in (beyond Python's 4300-digit int parsing limit).
+HUGE_INTEGER_FIELDS = {
+    "/api/chat": ("options", "num_predict"),
+    "/api/generate": ("options", "num_predict"),
+    "/api/show": ("model",),
+    "/v1/chat/completions": ("max_tokens",),
+    "/v1/completions": ("max_tokens",),
+    "/v1/embeddings": ("dimensions",),
+    "/api/embed": ("dimensions",),
+    "/api/embeddings": ("model",),
+    "/tokenize": ("model",),
+    "/detokenize": ("model",),
+}
+
+
+@pytest.mark.parametrize("path", sorted(VALID))
+def test_an_integer_of_thousands_of_digits_is_a_400_naming_its_field(served, path):
+    url, _, _ = served
+    *parents, name = HUGE_INTEGER_FIELDS[path]
+    body = mutate(VALID[path], [("set", (*parents, name), "HUGE")])
+    response = httpx.post(
+        f"{url}{path}", content=json.dumps(body).replace('"HUGE"', "7" * 5000).encode(), timeout=60
+    )
+    assert response.status_code == 400, response.text
+    assert name in error_message(response)
+    if name in ("num_predict", "max_tokens", "dimensions"):  # /v1/completions takes max_tokens 0 (with echo)
+        assert re.search(r"an integer in [01]\.\.2147483647", error_message(response))
+
+
+@pytest.mark.parametrize(
+    "body, embeddings",
+    [({"input": ""}, []), ({"input": []}, []), ({"input": "a"}, 1), ({"input": ["a", "b"]}, 2)],
+    ids=["empty_text_loads", "empty_list_loads", "one_text", "two_texts"],
+)
+def test_an_empty_embed_input_loads_the_model_as_in_ollama(served, body, embeddings):
+    url, _, _ = served
+    response = httpx.post(f"{url}/api/embed", json={"model": "base", **body}, timeout=60)
+    assert response.status_code == 200, response.text
+    got = response.json()["embeddings"]
+    assert got == embeddings if isinstance(embeddings, list) else len(got) == embeddings
 
 
 @pytest.mark.parametrize("body", [c[1] for c in CLAMPED], ids=[c[0] for c in CLAMPED])
@@ -198,6 +327,42 @@ def test_a_non_streamed_request_whose_client_leaves_is_cancelled(tmp_path):
             timeout=60,
         )
         assert after.status_code == 200 and after.json()["done"]
+
+
+class GatedEmbeddings:
+    """The model's embeddings, each released by the test: a batch advances only when the test says so."""
+
+    def __init__(self, tokens):
+        self.tokens, self.embedded = tokens, 0
+        self.started, self.proceed = threading.Event(), threading.Event()
+
+    def embed(self, ids):
+        self.embedded += 1
+        self.started.set()
+        assert self.proceed.wait(timeout=60), "the test never released the embedding"
+        return self.tokens.embed(ids)
+
+
+@pytest.mark.parametrize("path", ["/api/embed", "/v1/embeddings"])
+def test_an_abandoned_embedding_batch_is_cancelled_and_a_small_request_then_answers(tmp_path, path):
+    models = load_served({"base": save_tiny_model(tmp_path / "base", None, seed=2)})
+    gated = models["base:latest"].tokens = GatedEmbeddings(models["base:latest"].tokens)
+    body = json.dumps({"model": "base", "input": [f"text {i}" for i in range(2048)]}).encode()
+    with running_server(models, concurrency=1) as (url, app):
+        engine = app.state.engine
+        with socket.create_connection((urlsplit(url).hostname, urlsplit(url).port), timeout=30) as sock:
+            sock.sendall(
+                b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                % (path.encode(), len(body), body)
+            )
+            assert gated.started.wait(timeout=60)
+        # The server notices the disconnect while the batch's first input is held; the rest is never embedded.
+        wait_until(lambda: engine.cancelled == 1)
+        gated.proceed.set()
+        small = httpx.post(f"{url}{path}", json={"model": "base", "input": ["one"]}, timeout=60)
+        assert small.status_code == 200, small.text
+        assert gated.embedded == 2  # the abandoned batch's first input, then the small request's
+        assert not engine.slots.locked()
 
 
 def wait_until(condition, timeout: float = 60) -> None:

@@ -1,28 +1,33 @@
 """Ollama's embedding routes on our server: ``POST /api/embed`` (one embedding per input) and the legacy
 ``POST /api/embeddings`` (one prompt). The vectors are ``pipeline.model.embeddings``: mean-pooled final hidden states,
-L2-normalised. They run in the generation pool, so they share its ``--concurrency`` slots with generations.
+L2-normalised. They run in the generation pool, so they share its ``--concurrency`` slots and its queue with
+generations, one input at a time; a client that leaves cancels the rest of its batch. A request holds at most
+``MAX_INPUTS`` inputs. As in Ollama, an empty input (``""`` or ``[]``) loads the model and embeds nothing; an
+empty text in a list is a 400.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from pipeline.serve.engine import Engine
-from pipeline.serve.request_parsing import ApiError, parse
+from pipeline.serve.engine import CLIENT_CLOSED, ClientClosed, Engine, collect
+from pipeline.serve.request_parsing import MAX_INT32, ApiError, Options, int_in, parse
 from pipeline.serve.served_model import ServedModel
+
+MAX_INPUTS = 2048  # inputs per embedding request, OpenAI's own limit
 
 
 class EmbedRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1)
     input: str | list[str] = ""
-    truncate: bool = True
-    dimensions: int | None = None
-    options: dict | None = None
+    truncate: StrictBool = True
+    dimensions: int_in(1, MAX_INT32) | None = None
+    options: Options | None = None  # unused, but refused when out of range as on the other routes
     keep_alive: str | int | float | None = None
 
 
@@ -30,7 +35,7 @@ class LegacyEmbedRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1)
     prompt: str = ""
-    options: dict | None = None
+    options: Options | None = None
     keep_alive: str | int | float | None = None
 
 
@@ -46,19 +51,26 @@ def embedding_ids(model: ServedModel, text: str, truncate: bool = True) -> list[
     return ids[: model.context_length]
 
 
-async def embed_all(engine: Engine, model: ServedModel, inputs: list[list[int]]) -> list[list[float]]:
-    """Embeddings of each id list, computed in the generation pool under one of its slots."""
+def check_count(count: int) -> None:
+    if count > MAX_INPUTS:
+        raise ApiError(400, f"invalid request: input: at most {MAX_INPUTS} inputs per request, got {count}")
+
+
+async def embed_all(
+    engine: Engine, http: Request, model: ServedModel, inputs: list[list[int]]
+) -> list[list[float]]:
+    """Embeddings of each id list, computed in the generation pool under one of its slots (503 when the queue is
+    full); ``ClientClosed`` when the client leaves first, which stops the batch at its next input."""
     if not model.embeds:
         raise ApiError(
             400,
             f"model '{model.name}' does not support embeddings (only torch model directories do; "
             "the ONNX graph outputs logits only)",
         )
-    if any(not ids for ids in inputs):
-        raise ApiError(400, "invalid request: input: cannot embed an empty text")
-    async with engine.slots:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(engine.pool, lambda: [model.tokens.embed(ids) for ids in inputs])
+    if empty := [i for i, ids in enumerate(inputs) if not ids]:
+        raise ApiError(400, f"invalid request: input[{empty[0]}]: cannot embed an empty text")
+    _, vectors = await collect(engine.embed(model, inputs), http)
+    return vectors
 
 
 def check_dimensions(model: ServedModel, dimensions: int | None, width: int) -> None:
@@ -74,15 +86,19 @@ def register(app: FastAPI, engine: Engine) -> None:
     """Add ``/api/embed`` and ``/api/embeddings`` to ``app`` (beside the Ollama API of pipeline/serve/ollama_api.py)."""
 
     @app.post("/api/embed")
-    async def embed(http: Request) -> dict:
+    async def embed(http: Request):
         request = await parse(http, EmbedRequest)
         model = engine.model(request.model)
         texts = [request.input] if isinstance(request.input, str) else request.input
-        start = time.perf_counter_ns()
-        if texts == [""]:  # Ollama: an empty input loads the model
+        if request.input == "":  # Ollama: an empty input ("" or []) loads the model
             texts = []
+        check_count(len(texts))
+        start = time.perf_counter_ns()
         ids = [embedding_ids(model, text, request.truncate) for text in texts]
-        vectors = await embed_all(engine, model, ids) if ids else []
+        try:
+            vectors = await embed_all(engine, http, model, ids) if ids else []
+        except ClientClosed:
+            return Response(status_code=CLIENT_CLOSED)
         if vectors:
             check_dimensions(model, request.dimensions, len(vectors[0]))
         return {
@@ -94,10 +110,13 @@ def register(app: FastAPI, engine: Engine) -> None:
         }
 
     @app.post("/api/embeddings")
-    async def embeddings(http: Request) -> dict:
+    async def embeddings(http: Request):
         request = await parse(http, LegacyEmbedRequest)
         model = engine.model(request.model)
         if not request.prompt:
             return {"embedding": []}
-        [vector] = await embed_all(engine, model, [embedding_ids(model, request.prompt)])
+        try:
+            [vector] = await embed_all(engine, http, model, [embedding_ids(model, request.prompt)])
+        except ClientClosed:
+            return Response(status_code=CLIENT_CLOSED)
         return {"embedding": vector}

@@ -1,8 +1,9 @@
-"""The generation engine behind every route: a bounded pool of generations, off the event loop.
+"""The engine behind every route: a bounded pool of generations and embedding batches, off the event loop.
 
-``--concurrency`` requests generate at once, up to ``--max-queue`` more wait their turn (a 503 beyond). A
-generation is an async iterator of ("text", piece)… then ("done", final fields); a client that goes away cancels
-it. It knows no API's response shape (the Ollama and OpenAI modules shape the pieces).
+``--concurrency`` requests generate (or embed) at once, up to ``--max-queue`` more wait their turn (a 503
+beyond). A generation is an async iterator of ("text", piece)… then ("done", final fields), an embedding batch
+one of ("done", vectors); ``collect`` waits for either and cancels it when the client goes away, which stops the
+worker at its next token or input. It knows no API's response shape (the Ollama and OpenAI modules shape them).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import Request
@@ -19,12 +20,15 @@ from pipeline.model.sampling import SamplingOptions
 from pipeline.serve.request_parsing import ApiError, Options
 from pipeline.serve.served_model import Generated, ServedModel, fit_prompt, generate_text
 
+Job = Callable[[Callable[[str], None], Callable[[], bool]], object]  # (emit text, cancelled?) → result
+
 # Ollama's defaults, where a request leaves an option out.
 DEFAULT_OPTIONS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}
+CLIENT_CLOSED = 499  # nginx's "client closed request": logged, never read by anyone
 
 
 class ClientClosed(Exception):
-    """The client hung up before the whole answer was ready; its generation was cancelled."""
+    """The client hung up before the whole answer was ready; its generation (or embedding batch) was cancelled."""
 
 
 def sampling_options(options: Options, max_new_tokens: int, eos_id: int) -> SamplingOptions:
@@ -68,9 +72,9 @@ async def client_gone(http: Request) -> None:
         pass
 
 
-async def collect(run: AsyncIterator, http: Request) -> tuple[str, dict | None]:
-    """The whole answer of ``run`` and its final fields; a client that hangs up first cancels the generation
-    (``ClientClosed``). The generation's own error is raised as it is."""
+async def collect(run: AsyncIterator, http: Request) -> tuple[str, dict | list | None]:
+    """The whole answer of ``run`` and its final fields (an embedding batch: "" and its vectors); a client that
+    hangs up first cancels the work (``ClientClosed``). The generation's own error is raised as it is."""
     pieces: list[str] = []
     final: dict | None = None
 
@@ -102,7 +106,7 @@ class Engine:
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="generate")
         self.slots = asyncio.Semaphore(concurrency)
         self.max_queue, self.waiting = max_queue, 0
-        self.cancelled = 0  # generations stopped because their client went away
+        self.cancelled = 0  # generations and embedding batches stopped because their client went away
 
     def model(self, name: str) -> ServedModel:
         key = name if ":" in name else f"{name}:latest"
@@ -110,23 +114,45 @@ class Engine:
             raise ApiError(404, f'model "{name}" not found, try pulling it first')
         return self.models[key]
 
-    def start(self, model: ServedModel, prompt_ids: list[int], options: Options):
-        """A generation, not yet running (503 when the queue is full): an async iterator of ("text", piece)…
-        then ("done", final fields). ``num_predict`` is capped by the room the context leaves after the prompt."""
+    def check_queue(self) -> None:
         if self.slots.locked() and self.waiting >= self.max_queue:
             raise ApiError(
                 503,
                 f"server busy: every generation slot is taken and {self.waiting} requests are "
                 "already waiting (--max-queue)",
             )
+
+    def start(self, model: ServedModel, prompt_ids: list[int], options: Options):
+        """A generation, not yet running (503 when the queue is full): an async iterator of ("text", piece)…
+        then ("done", final fields). ``num_predict`` is capped by the room the context leaves after the prompt."""
+        self.check_queue()
         limit = min(model.context_length, options.num_ctx or model.context_length)
         prompt_ids, max_new = fit_prompt(prompt_ids, limit, options.num_predict)
         opts = sampling_options(options, max_new, model.encoding.eot_token)
         stops = [options.stop] if isinstance(options.stop, str) else options.stop or []
-        return self._run(model, prompt_ids, opts, stops)
+        return self._run(
+            lambda emit, cancelled: generate_text(model, prompt_ids, opts, stops, emit, cancelled),
+            final_fields,
+        )
 
-    async def _run(self, model: ServedModel, prompt_ids: list[int], opts: SamplingOptions, stops: list[str]):
-        """Yield ("text", piece)… then ("done", final fields); a client that goes away cancels the generation."""
+    def embed(self, model: ServedModel, inputs: list[list[int]]):
+        """An embedding batch, not yet running (503 when the queue is full): an async iterator of one
+        ("done", vectors), one per id list, computed one input at a time until the batch is cancelled."""
+        self.check_queue()
+
+        def job(_emit, cancelled) -> list[list[float]]:
+            vectors = []
+            for ids in inputs:
+                if cancelled():  # the client left: the rest of the batch is nobody's
+                    break
+                vectors.append(model.tokens.embed(ids))
+            return vectors
+
+        return self._run(job, lambda vectors, _ns: vectors)
+
+    async def _run(self, job: Job, finish: Callable[[object, int], object]):
+        """Yield ("text", piece) for what ``job`` emits, then ("done", finish(its result, nanoseconds)); closing
+        the iterator early (the client left, the server stops) tells the job to stop at its next check."""
         self.waiting += 1
         try:
             await self.slots.acquire()
@@ -141,17 +167,15 @@ class Engine:
             def emit(text: str) -> None:
                 loop.call_soon_threadsafe(queue.put_nowait, ("text", text))
 
-            future = loop.run_in_executor(
-                self.pool, lambda: generate_text(model, prompt_ids, opts, stops, emit, cancelled.is_set)
-            )
+            future = loop.run_in_executor(self.pool, job, emit, cancelled.is_set)
             future.add_done_callback(lambda _: queue.put_nowait(("end", None)))
             try:
                 while (item := await queue.get())[0] == "text":
                     yield item
-                generated = await future
-                yield "done", final_fields(generated, int((loop.time() - start) * 1e9))
+                result = await future
+                yield "done", finish(result, int((loop.time() - start) * 1e9))
             finally:
-                if not future.done():  # the client left (or the server stops) before the answer was complete
+                if not future.done():  # the client left (or the server stops) before the work was complete
                     cancelled.set()
                     self.cancelled += 1
                 await asyncio.wait([future])

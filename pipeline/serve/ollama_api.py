@@ -18,10 +18,10 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from pipeline.common.errors import PipelineError, one_line
-from pipeline.serve.engine import DEFAULT_OPTIONS, ClientClosed, Engine, collect
+from pipeline.serve.engine import CLIENT_CLOSED, DEFAULT_OPTIONS, ClientClosed, Engine, collect
 from pipeline.serve.request_parsing import ApiError, Options, parse
 from pipeline.serve.served_model import ServedModel
 
@@ -29,9 +29,6 @@ try:
     VERSION = package_version("llm-pipeline")
 except PackageNotFoundError:  # running from a source tree that was not pip-installed
     VERSION = "0.1.0+source"
-
-CLIENT_CLOSED = 499  # nginx's "client closed request": logged, never read by anyone
-
 
 # ---------------------------------------------------------------------------------------------- requests
 
@@ -46,7 +43,7 @@ class OllamaMessage(BaseModel):
 class OllamaRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1)
-    stream: bool = True
+    stream: StrictBool = True  # JSON true or false, not "yes"
     options: Options = Field(default_factory=Options)
     format: str | dict | None = None
     keep_alive: str | int | float | None = None
@@ -61,7 +58,7 @@ class ChatRequest(OllamaRequest):
 class GenerateRequest(OllamaRequest):
     prompt: str = ""
     system: str | None = None
-    raw: bool = False
+    raw: StrictBool = False
     suffix: str | None = None
     images: list[str] | None = None
     context: list[int] | None = None

@@ -33,12 +33,12 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, ValidationError, field_validator
 
 from pipeline.common.errors import PipelineError, one_line
-from pipeline.serve.embed_api import embed_all, embedding_ids
+from pipeline.serve.embed_api import check_count, embed_all, embedding_ids
 from pipeline.serve.engine import ClientClosed, Engine, collect
-from pipeline.serve.request_parsing import ApiError, Options
+from pipeline.serve.request_parsing import MAX_INT32, ApiError, Options, int_in, json_body
 from pipeline.serve.served_model import ServedModel, fit_prompt
 
 SYSTEM_FINGERPRINT = "fp_llm_pipeline"
@@ -67,14 +67,15 @@ DEFAULT_ONLY: dict[str, tuple] = {
     "reasoning_effort": (None,),
     "web_search_options": (None,),
 }
-IGNORED = {
-    "user",
-    "store",
-    "metadata",
-    "service_tier",
-    "safety_identifier",
-    "prompt_cache_key",
-}  # no effect on output
+# Fields with no effect on output, accepted when of OpenAI's type.
+IGNORED: dict[str, type] = {
+    "user": str,
+    "store": bool,
+    "metadata": dict,
+    "service_tier": str,
+    "safety_identifier": str,
+    "prompt_cache_key": str,
+}
 
 
 class OpenAIError(Exception):
@@ -96,7 +97,7 @@ class OpenAIError(Exception):
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
-    include_usage: bool | None = None
+    include_usage: StrictBool | None = None
 
 
 class CompletionFields(BaseModel):
@@ -104,14 +105,14 @@ class CompletionFields(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1)
-    stream: bool | None = False
+    stream: StrictBool | None = False  # JSON true or false, not "yes"
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(
+    max_tokens: int_in(1, MAX_INT32) | None = None
+    temperature: StrictFloat | None = Field(None, ge=0, le=2)  # a JSON number, not "0.7"
+    top_p: StrictFloat | None = Field(
         None, gt=0, le=1
     )  # as the Ollama routes' options: refused, not a 5xx, outside
-    seed: int | None = Field(None, ge=0, lt=2**64)
+    seed: int_in(0, 2**64 - 1) | None = None
     stop: str | list[str] | None = None
 
     def options(self, max_tokens: int | None = None) -> Options:
@@ -132,12 +133,12 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(CompletionFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int_in(1, MAX_INT32) | None = None
 
 
 class CompletionRequest(CompletionFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo: score the prompt, generate nothing
+    max_tokens: int_in(0, MAX_INT32) | None = None  # 0 only with echo: score the prompt, generate nothing
     logprobs: int | None = None
     echo: StrictBool | None = None
 
@@ -162,7 +163,7 @@ class EmbeddingRequest(BaseModel):
     model: str = Field(min_length=1)
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] | None = None
-    dimensions: int | None = None
+    dimensions: int_in(1, MAX_INT32) | None = None
 
 
 def param_of(loc: tuple) -> str:
@@ -179,11 +180,9 @@ def param_of(loc: tuple) -> str:
 async def parse(http: Request, schema: type[BaseModel]) -> Any:
     """The JSON body as ``schema``; a field present with a value we cannot honour is a 400 naming it."""
     try:
-        data = json.loads(await http.body() or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise OpenAIError(400, f"invalid JSON in the request body: {exc}") from None
-    if not isinstance(data, dict):
-        raise OpenAIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+        data = json_body(await http.body())
+    except ApiError as exc:
+        raise OpenAIError(exc.status, str(exc)) from None
     try:
         request = schema.model_validate(data)
     except ValidationError as exc:
@@ -191,7 +190,13 @@ async def parse(http: Request, schema: type[BaseModel]) -> Any:
         param = param_of(error.get("loc", ()))
         raise OpenAIError(400, one_line(f"invalid request: {param}: {error.get('msg')}"), param) from None
     for field, value in (request.model_extra or {}).items():
-        if field in IGNORED or value is None:
+        if value is None:
+            continue
+        if field in IGNORED:
+            if not isinstance(value, IGNORED[field]):
+                wanted = {str: "a string", bool: "true or false", dict: "an object"}[IGNORED[field]]
+                message = f"invalid request: {field}: must be {wanted}, got {type(value).__name__}"
+                raise OpenAIError(400, message, field)
             continue
         if field not in DEFAULT_ONLY:
             raise OpenAIError(400, f"unsupported field '{field}': this server does not implement it", field)
@@ -544,6 +549,10 @@ def register(app: FastAPI, engine: Engine) -> None:
             items = [items]
         if not items:
             raise OpenAIError(400, "the input is empty", "input")
+        try:
+            check_count(len(items))
+        except ApiError as exc:
+            raise OpenAIError(400, str(exc), "input") from None
         ids = []
         for i, item in enumerate(items):
             if isinstance(item, str):
@@ -553,7 +562,9 @@ def register(app: FastAPI, engine: Engine) -> None:
             else:
                 ids.append(item[: served.context_length])
         try:
-            vectors = await embed_all(engine, served, ids)
+            vectors = await embed_all(engine, http, served, ids)
+        except ClientClosed:
+            raise OpenAIError(499, "client closed the request") from None
         except ApiError as exc:
             raise OpenAIError(exc.status, str(exc), "input" if "input" in str(exc) else "model") from None
         if request.dimensions is not None and request.dimensions != len(vectors[0]):

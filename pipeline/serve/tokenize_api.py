@@ -9,7 +9,7 @@ vLLM does, its special tokens (``<|endoftext|>``…) recognised. It knows nothin
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from pipeline.data.tokenizer import EOT
 from pipeline.serve.engine import Engine
@@ -21,7 +21,7 @@ class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
     prompt: str
-    add_special_tokens: bool = False  # our tokenizers add none (no BOS)
+    add_special_tokens: StrictBool = False  # our tokenizers add none (no BOS)
 
 
 class DetokenizeRequest(BaseModel):

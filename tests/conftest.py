@@ -35,7 +35,7 @@ def shared_data() -> Path | None:
 @pytest.fixture(scope="session")
 def corpus_text(shared_data) -> str:
     """A Spanish text of ~200 kB: the start of Don Quijote when present, else a generated stand-in."""
-    from tests.project import generated_corpus
+    from tests.helpers.project import generated_corpus
 
     if shared_data is not None:
         text = (shared_data / "quijote.txt").read_text(encoding="utf-8-sig")

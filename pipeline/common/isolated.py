@@ -18,11 +18,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pipeline
 from pipeline.common.errors import PipelineError, one_line
 
 # The package's parent on the child's path: the child imports the same code as its parent, from any cwd.
-CODE_ROOT = Path(pipeline.__file__).resolve().parents[1]
+CODE_ROOT = Path(__file__).resolve().parents[2]  # pipeline/common/isolated.py → the folder holding pipeline/
 
 
 class ChildCrashed(PipelineError):

@@ -17,6 +17,12 @@ OUTPUT_NEUTRAL = {
 }
 
 
+def python_files(folder: str) -> list[str]:
+    """Every .py file under ``folder``, subpackages included (a ``glob("*.py")`` would see only the top), as
+    paths from the root (``pipeline/model/gpt.py``). Checks that walk the code use this, and count what they saw."""
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / folder).rglob("*.py"))
+
+
 def module_file(module: str) -> str | None:
     """`pipeline.model.gpt` → 'pipeline/model/gpt.py' (or the package's __init__.py), None outside the project."""
     for candidate in (module.replace(".", "/") + ".py", module.replace(".", "/") + "/__init__.py"):

@@ -130,3 +130,16 @@ def tiny_model_dirs(root: Path) -> dict[str, Path]:
         "chat": save_tiny_model(root / "chat", "chat", seed=1),
         "base": save_tiny_model(root / "base", None, seed=2),
     }
+
+
+class SlowTokens:
+    """The model's own tokens, 50 ms apart: a generation that is still running when the next request comes."""
+
+    def __init__(self, tokens):
+        self.tokens, self.produced = tokens, 0
+
+    def stream(self, prompt_ids, opts):
+        for token in self.tokens.stream(prompt_ids, opts):
+            time.sleep(0.05)
+            self.produced += 1
+            yield token

@@ -12,6 +12,9 @@ import argparse
 import hashlib
 import json
 import os
+import subprocess
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -20,8 +23,10 @@ from pipeline.common.config import LoRAParams, TrainParams
 from pipeline.model import lora
 from pipeline.model.checkpoint import save_model
 from pipeline.model.gpt import GPT, config_from_preset
+from pipeline.train import resume
 from pipeline.train.loop import Batch, train
 
+ROOT = Path(__file__).resolve().parents[2]
 VOCAB, CONTEXT = 64, 32
 
 
@@ -102,6 +107,30 @@ def main() -> None:
     if rank == 0:
         save_model(args.out / "model", result.model)
         (args.out / "metrics.json").write_text(json.dumps(result.metrics))
+
+
+def start(
+    out: Path, params: TrainParams, launcher: list[str] | None = None, kill_after: int | None = None
+) -> subprocess.Popen:
+    """This module in a child process (under ``launcher``, torchrun say), killed after ``kill_after`` checkpoints."""
+    cmd = [
+        *(launcher or [sys.executable]),
+        "-m",
+        "tests.helpers.train_worker",
+        "--out",
+        str(out),
+        "--params",
+        json.dumps(asdict(params)),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if kill_after is not None:
+        env[resume.KILL_AFTER_CHECKPOINT] = str(kill_after)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> None:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
 
 
 if __name__ == "__main__":

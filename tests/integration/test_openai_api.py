@@ -16,8 +16,7 @@ from langchain_ollama import ChatOllama
 
 from pipeline.model.checkpoint import load_model
 from pipeline.model.embeddings import embed
-from tests.helpers.serving import load_served, running_server, tiny_model_dirs
-from tests.integration.test_serve import SlowTokens
+from tests.helpers.serving import SlowTokens, load_served, running_server, tiny_model_dirs
 
 QUESTION = [{"role": "user", "content": "Name a colour."}]
 

@@ -18,7 +18,7 @@ from pipeline.cli import main
 from pipeline.data.prompts import chat_prompt_ids
 from pipeline.data.tokenizer import train_char
 from pipeline.serve.served_model import StopScanner, fit_prompt
-from tests.helpers.serving import load_served, running_server, tiny_model_dirs
+from tests.helpers.serving import SlowTokens, load_served, running_server, tiny_model_dirs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -218,19 +218,6 @@ def test_fifty_concurrent_chats_all_answered(server):
     assert app.state.requests["/api/chat"] - before == 50
     # The same seed gives the same answer, streamed or not, whether it waited in the queue or not.
     assert [futures[i].result() for i in (0, 1, 48, 49)] == [one(i) for i in (0, 1, 48, 49)]
-
-
-class SlowTokens:
-    """The model's own tokens, 50 ms apart: a generation that is still running when the next request comes."""
-
-    def __init__(self, tokens):
-        self.tokens, self.produced = tokens, 0
-
-    def stream(self, prompt_ids, opts):
-        for token in self.tokens.stream(prompt_ids, opts):
-            time.sleep(0.05)
-            self.produced += 1
-            yield token
 
 
 def test_a_full_queue_answers_503_and_the_running_request_completes(model_dirs):

@@ -17,8 +17,9 @@ from pipeline.model.checkpoint import ADAPTER, WEIGHTS, load_model, save_model, 
 from pipeline.model.gpt import GPT, config_from_preset
 from pipeline.train import resume
 from pipeline.train.loop import make_optimizer
+from tests.helpers.train_worker import finish as _finish
+from tests.helpers.train_worker import start as _worker
 from tests.helpers.train_worker import tiny_model, weights_digest
-from tests.unit.train.test_loop import _finish, _worker
 
 RANK8 = LoRAParams(rank=8, alpha=16.0)
 
@@ -195,7 +196,8 @@ def test_adapter_checkpoint_of_another_base_is_refused(tmp_path):
 
 
 def test_sft_and_dpo_stages_with_lora_merge_or_keep_an_adapter(tmp_path, monkeypatch, caplog):
-    from tests.unit.train.test_objectives import _run_here, _stage_project
+    from tests.helpers.finetune_project import run_here as _run_here
+    from tests.helpers.finetune_project import stage_project as _stage_project
 
     project = _stage_project(
         tmp_path, {"sft": {"lora": {"rank": 8}}, "dpo": {"lora": {"rank": 4, "merge": False}}}
@@ -236,7 +238,8 @@ def test_sft_and_dpo_stages_with_lora_merge_or_keep_an_adapter(tmp_path, monkeyp
 
 
 def test_sft_stage_with_a_target_matching_no_layer_fails_with_one_line(tmp_path, monkeypatch, capsys):
-    from tests.unit.train.test_objectives import _fails, _stage_project
+    from tests.helpers.finetune_project import fails as _fails
+    from tests.helpers.finetune_project import stage_project as _stage_project
 
     project = _stage_project(tmp_path, {"sft": {"lora": {"rank": 8, "targets": ["attn"]}}})
     err = _fails("sft", project, monkeypatch, capsys)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
-import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -20,6 +18,8 @@ from pipeline.model.checkpoint import load_model
 from pipeline.train import resume
 from pipeline.train.loop import lr_factor, train
 from tests.helpers.train_worker import CountingObjective, tiny_model, weights_digest
+from tests.helpers.train_worker import finish as _finish
+from tests.helpers.train_worker import start as _worker
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -35,27 +35,6 @@ PARAMS = TrainParams(
     log_every=3,
     seed=5,
 )
-
-
-def _worker(out: Path, params: TrainParams, launcher: list[str] | None = None, kill_after: int | None = None):
-    cmd = [
-        *(launcher or [sys.executable]),
-        "-m",
-        "tests.helpers.train_worker",
-        "--out",
-        str(out),
-        "--params",
-        json.dumps(asdict(params)),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    if kill_after is not None:
-        env[resume.KILL_AFTER_CHECKPOINT] = str(kill_after)
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _finish(proc: subprocess.Popen, timeout: float = 120) -> None:
-    out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, err[-3000:]
 
 
 def test_lr_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor():

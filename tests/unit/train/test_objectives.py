@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from pipeline.common.config import TrainParams
 from pipeline.common.hashing import sha256_file
 from pipeline.data.instructions import Example, PreferencePair, tokenize_examples, tokenize_pairs
-from pipeline.data.tokenizer import save_tokenizer, train_bpe, train_char
+from pipeline.data.tokenizer import train_char
 from pipeline.evaluation.answers import generate_responses
 from pipeline.model.checkpoint import load_model, save_model
 from pipeline.model.gpt import GPT, config_from_preset
@@ -29,7 +28,10 @@ from pipeline.train import resume
 from pipeline.train.loop import train
 from pipeline.train.losses import IGNORE_INDEX, dpo_loss, lm_loss
 from pipeline.train.objectives import DPOObjective, EpochSampler, SFTObjective, reference_logprobs
-from tests.helpers.project import SHARED_DATA, generated_instructions, make_project, tiny_params
+from tests.helpers.finetune_project import fails as _fails
+from tests.helpers.finetune_project import run_here as _run_here
+from tests.helpers.finetune_project import stage_project as _stage_project
+from tests.helpers.project import generated_instructions, make_project
 from tests.helpers.train_worker import weights_digest
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -255,32 +257,6 @@ def test_batched_responses_equal_one_by_one_and_keep_the_order(enc):
 # ---------------------------------------------------------------------------------------------- the stages
 
 
-def _stage_project(dest: Path, overrides: dict | None = None) -> Path:
-    """What the sft and dpo stages read, made directly: tokenizer, base model, raw data, params."""
-    if SHARED_DATA.is_dir():
-        sft = json.loads((SHARED_DATA / "instruction-data.json").read_text())[:40]
-        dpo = json.loads((SHARED_DATA / "instruction-data-with-preference.json").read_text())[:40]
-    else:
-        sft, dpo = generated_instructions(40), generated_instructions(40, seed=1, preferences=True)
-    (dest / "data" / "raw").mkdir(parents=True)
-    (dest / "data" / "raw" / "sft.json").write_text(json.dumps(sft))
-    (dest / "data" / "raw" / "dpo.json").write_text(json.dumps(dpo))
-    texts = [f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in sft]
-    fingerprint = save_tokenizer(train_bpe(texts, 400), dest / "data" / "tokenizer", "bpe")
-    torch.manual_seed(0)
-    base = GPT(config_from_preset("cpu-tiny", vocab_size=400, context_length=64))
-    save_model(
-        dest / "models" / "base", base, tokenizer={"path": "data/tokenizer", "fingerprint": fingerprint}
-    )
-    params = tiny_params()
-    for section in ("sft", "dpo"):
-        params[section].update(max_steps=12, checkpoint_every=3, eval_every=6, log_every=3, dtype="fp32")
-    for section, values in (overrides or {}).items():
-        params[section].update(values)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return dest
-
-
 def _stage(name: str, cwd: Path, kill_after: int | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     if kill_after is not None:
@@ -312,19 +288,6 @@ def _responses(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _run_here(name: str, cwd: Path, monkeypatch) -> None:
-    """Run a stage in this process (cheaper than a new interpreter) on one thread, as the subprocesses are:
-    bitwise-equal weights need the same reduction order."""
-    module = __import__(f"stages.{name}", fromlist=["main"])
-    monkeypatch.chdir(cwd)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        module.main()
-    finally:
-        torch.set_num_threads(threads)
-
-
 def test_sft_and_dpo_stages_resume_after_sigkill_to_the_same_weights(tmp_path, monkeypatch, caplog):
     straight = _stage_project(tmp_path / "straight")
     _run_here("sft", straight, monkeypatch)
@@ -350,19 +313,6 @@ def test_sft_and_dpo_stages_resume_after_sigkill_to_the_same_weights(tmp_path, m
     assert metrics["data"]["held_out_excluded"] == 4  # the SFT test prompts never reach DPO training
     assert json.loads((straight / "reports/sft/metrics.json").read_text())["data"]["test"] == 4
     assert (straight / "reports/sft/plots/metrics/train/loss.tsv").is_file()
-
-
-def _fails(name: str, cwd: Path, monkeypatch, capsys) -> str:
-    """Run a stage in this process; it must exit 1 with one line on stderr and write no model."""
-    module = __import__(f"stages.{name}", fromlist=["main"])
-    monkeypatch.chdir(cwd)
-    with pytest.raises(SystemExit) as info:
-        module.main()
-    assert info.value.code == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err
-    assert not (cwd / "models" / name).exists()
-    return err
 
 
 def test_base_model_with_another_tokenizer_is_refused(tmp_path, monkeypatch, capsys):

@@ -45,6 +45,7 @@ def project(tmp_path_factory, corpus_text):
     return root
 
 
+@pytest.mark.integration  # trains every variant
 def test_every_variant_trains_and_is_scored(project, capsys):
     names = ",".join(recipe.VARIANTS)
     recipe.main(

@@ -153,6 +153,7 @@ def test_seeded_cache_resolves_the_default_sources_offline(shared_data, tmp_path
         assert path.read_bytes() == (shared_data / name).read_bytes()
 
 
+@pytest.mark.integration  # the download stage's process
 def test_download_stage_over_http(server, tmp_path):
     """The real stage: a Gutenberg book over a flaky connection, SFT/DPO JSON verbatim, and the manifest."""
     sft = json.dumps([{"instruction": "Say hi", "input": "", "output": "Hi"}]).encode()

@@ -237,6 +237,7 @@ def run_download(project: Path, **env: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.integration  # the download stage's process
 def test_download_stage_leaves_nothing_behind_on_a_corrupt_file_midway(tmp_path, records):
     """The first source is fine and written; the second breaks mid-stream: no data/raw, one error line."""
     project = make_project(
@@ -293,6 +294,7 @@ def test_hf_sources_need_a_revision_and_a_dataset_path(tmp_path):
         corpus_of(tmp_path, [{"url": "hf://models/a/b/c", "revision": REVISION}])
 
 
+@pytest.mark.integration  # stage processes up to evaluate
 def test_pipeline_from_jsonl_gz_and_parquet_sources_through_evaluate(tmp_path, records):
     """A corpus given as dataset shards runs end to end: download, tokenize, pretrain, evaluate (tiny params)."""
     more = records * 12  # ~60 kB of text: enough for the tiny model's windows in both splits
@@ -397,6 +399,7 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.integration  # an HTTP server
 def test_hugging_face_file_downloaded_from_a_loopback_hub_then_read_offline(tmp_path, records):
     """hf_hub_download against a local HF_ENDPOINT fills the cache; offline, the next run reads it from there."""
     data = gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode())

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from pipeline.data.corpus import clean_text
@@ -132,6 +133,7 @@ def file_hashes(project: Path) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
+@pytest.mark.integration  # stage processes
 def test_unwrap_false_reproduces_todays_shards_byte_for_byte(tmp_path, shared_data):
     project = default_book_project(tmp_path / "p", shared_data, {"unwrap": False})
     env = {**venv_env(), "PYTHONPATH": str(project)}

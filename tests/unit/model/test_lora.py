@@ -163,6 +163,7 @@ LORA_PARAMS = TrainParams(
 )
 
 
+@pytest.mark.integration  # training processes, killed and resumed
 def test_sigkilled_lora_run_resumes_to_the_same_merged_weights(tmp_path):
     straight = _worker(tmp_path / "straight", LORA_PARAMS)
     killed = _worker(tmp_path / "killed", LORA_PARAMS, kill_after=LORA_PARAMS.checkpoint_every)
@@ -195,6 +196,7 @@ def test_adapter_checkpoint_of_another_base_is_refused(tmp_path):
     assert resume.load_checkpoint(path, model, resume.read_state(path)).trainer["x"].shape == (1,)
 
 
+@pytest.mark.integration  # the sft and dpo stages
 def test_sft_and_dpo_stages_with_lora_merge_or_keep_an_adapter(tmp_path, monkeypatch, caplog):
     from tests.helpers.finetune_project import run_here as _run_here
     from tests.helpers.finetune_project import stage_project as _stage_project

@@ -244,6 +244,7 @@ def _run(cwd: Path, monkeypatch) -> None:
     classify.main()
 
 
+@pytest.mark.integration  # the classify stage, trained
 def test_stage_writes_classifier_scores_plots_and_the_cli_labels_text(tmp_path, monkeypatch, capsys):
     project = _project(tmp_path)
     _run(project, monkeypatch)
@@ -291,6 +292,7 @@ def test_stage_writes_classifier_scores_plots_and_the_cli_labels_text(tmp_path, 
     assert sum(probabilities) == pytest.approx(1.0, abs=1e-3) and probabilities[0] >= probabilities[1]
 
 
+@pytest.mark.integration  # the classify stage, trained
 def test_stage_with_unmerged_lora_writes_an_adapter_that_loads(tmp_path, monkeypatch):
     project = _project(tmp_path, {"trainable": "lora", "lora": {"rank": 2, "merge": False}})
     _run(project, monkeypatch)
@@ -336,6 +338,7 @@ def test_merged_lora_classifier_equals_its_adapter_form():
     )
 
 
+@pytest.mark.integration  # onnxruntime round trip
 def test_classifier_exports_to_onnx_with_a_parity_gate(tmp_path):
     import onnxruntime as ort
 

@@ -49,6 +49,7 @@ def test_lr_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor():
     assert lr_factor(3, 5, 5, 0.1) == pytest.approx(4 / 5)  # warmup only
 
 
+@pytest.mark.integration  # trains for ~20 s
 def test_muon_trains_the_counting_task_as_well(tmp_path):
     params = TrainParams(**{**asdict(PARAMS), "optimizer": "muon", "dtype": "fp32"})
     result = train(
@@ -62,6 +63,7 @@ def test_muon_trains_the_counting_task_as_well(tmp_path):
     assert result.metrics["val/loss"] < math.log(64) * 0.6
 
 
+@pytest.mark.integration  # trains for ~20 s
 def test_training_learns_and_logs_dvclive_metrics(tmp_path):
     params = PARAMS
     result = train(
@@ -91,6 +93,7 @@ def test_training_learns_and_logs_dvclive_metrics(tmp_path):
     assert kept == ["step_00000024", "step_00000018"]  # keep_checkpoints=2, newest first
 
 
+@pytest.mark.integration  # training processes, killed and resumed
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_sigkilled_run_resumes_to_bitwise_identical_weights(tmp_path, optimizer):
     params = TrainParams(**{**asdict(PARAMS), "optimizer": optimizer})
@@ -117,6 +120,7 @@ def test_sigkilled_run_resumes_to_bitwise_identical_weights(tmp_path, optimizer)
     assert [int(r.split("\t")[0]) for r in rows[1:]] == list(range(3, 25, 3))
 
 
+@pytest.mark.integration  # trains for ~25 s
 def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
     ckpt = tmp_path / "ckpt"
     half = TrainParams(**{**asdict(PARAMS), "keep_checkpoints": 3})
@@ -148,6 +152,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
     assert weights_digest(result.model) == reference
 
 
+@pytest.mark.integration  # trains
 def test_only_corrupt_checkpoints_is_a_one_line_error(tmp_path):
     ckpt = tmp_path / "ckpt"
     params = TrainParams(**{**asdict(PARAMS), "max_steps": 6})
@@ -172,6 +177,7 @@ def test_only_corrupt_checkpoints_is_a_one_line_error(tmp_path):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.integration  # trains
 def test_checkpoints_of_another_run_are_not_resumed(tmp_path):
     ckpt = tmp_path / "ckpt"
     params = TrainParams(**{**asdict(PARAMS), "max_steps": 6})
@@ -205,6 +211,7 @@ def test_checkpoints_of_another_run_are_not_resumed(tmp_path):
     assert json.loads((ckpt / "step_00000006" / "state.json").read_text())["run_key"] != ""
 
 
+@pytest.mark.integration  # torchrun, two processes
 def test_ddp_with_two_cpu_processes_under_torchrun(tmp_path):
     params = TrainParams(**{**asdict(PARAMS), "max_steps": 12, "grad_accum": 2, "eval_every": 6})
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -273,6 +280,7 @@ def _train_tiny(tmp_path: Path, name: str, **overrides):
     )
 
 
+@pytest.mark.integration  # torch.compile: a minute
 def test_compile_trains_forward_and_loss_as_one_graph_to_the_eager_result(tmp_path):
     eager = _train_tiny(tmp_path, "eager", dtype="fp32")
     compiled = _train_tiny(tmp_path, "compiled", dtype="fp32", compile=True)
@@ -283,6 +291,7 @@ def test_compile_trains_forward_and_loss_as_one_graph_to_the_eager_result(tmp_pa
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3, msg=name)  # fused kernels round differently
 
 
+@pytest.mark.integration  # trains twice
 def test_a_compiler_failure_falls_back_to_eager_with_the_same_weights(tmp_path, monkeypatch, caplog):
     def broken_compile(fn):
         def fails(*args, **kwargs):

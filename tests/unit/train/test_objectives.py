@@ -191,6 +191,7 @@ def test_response_only_logprobs_exclude_prompt_and_padding(enc, reduction):
             assert logps[row] == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.integration  # trains
 def test_a_few_dpo_steps_raise_accuracies_and_margins_on_the_training_pairs(enc, tmp_path):
     data = tokenize_pairs(enc, sums(16, seed=2, preferences=True), "chat", CONTEXT)
     reference = tiny_gpt(enc)
@@ -288,6 +289,7 @@ def _responses(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.integration  # the sft and dpo stages, killed and resumed
 def test_sft_and_dpo_stages_resume_after_sigkill_to_the_same_weights(tmp_path, monkeypatch, caplog):
     straight = _stage_project(tmp_path / "straight")
     _run_here("sft", straight, monkeypatch)
@@ -379,6 +381,7 @@ def test_dpo_refuses_pairs_that_teach_nothing_and_a_model_not_from_sft(tmp_path,
     )
 
 
+@pytest.mark.integration  # dvc repro
 def test_dvc_repro_dpo_in_a_temp_project(tmp_path):
     project = make_project(tmp_path / "project")
     # Stages run as `python -m stages.<name>`: the venv's python must come first on PATH.

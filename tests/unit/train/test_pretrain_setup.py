@@ -126,6 +126,7 @@ def test_bad_regimes_are_one_line(data):
         setup(data, batch_size=3, stride=10_000)
 
 
+@pytest.mark.integration  # dvc
 def test_chapter5_profile_round_trips_through_dvc_set_param(tmp_path):
     """The profile's -S arguments, applied by DVC's own override code, give the profile's params (the corpus source
     mapping included, which needs the override grammar rather than YAML)."""
@@ -147,6 +148,7 @@ def test_chapter5_profile_round_trips_through_dvc_set_param(tmp_path):
     assert (params.pretrain.lr, params.pretrain.batch_size, params.pretrain.weight_decay) == (0.0004, 2, 0.1)
 
 
+@pytest.mark.integration  # the pretrain stage's process
 def test_pretrain_stage_trains_the_given_epochs(data):
     params = {
         "seed": 123,

@@ -4,7 +4,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup pipeline test lint seed-cache bench
+.PHONY: setup pipeline test test-fast lint seed-cache bench
 
 setup:
 	@bash scripts/setup.sh
@@ -19,6 +19,12 @@ test: setup
 	ruff check .
 	ruff format --check .
 	python -m pytest
+
+# The unit tier: tests/unit/ without the tests marked integration (stages, DVC, servers, Prefect, runtimes).
+test-fast: setup
+	ruff check .
+	ruff format --check .
+	python -m pytest -m "not integration"
 
 lint: setup
 	ruff check .

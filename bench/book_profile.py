@@ -23,7 +23,7 @@ import torch
 import yaml
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from tests.project import make_project, venv_env
+from tests.helpers.project import make_project, venv_env
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -60,7 +60,7 @@ def paragraphs() -> list[str]:
                 clean_text((SHARED / name).read_bytes(), name, gutenberg=True, normalise=True, unwrap=True)
             )
     if not texts:
-        from tests.project import generated_corpus
+        from tests.helpers.project import generated_corpus
 
         texts = [generated_corpus(3_000_000)]
     return [p.strip() for text in texts for p in text.split("\n\n") if len(p.strip()) > 40]
@@ -110,7 +110,7 @@ def make_project(directory: Path, shards: list[Path]) -> Path:
         params["sft"]["data"] = str(SHARED / "instruction-data.json")
         params["dpo"]["data"] = str(SHARED / "instruction-data-with-preference.json")
     else:
-        from tests.project import generated_instructions
+        from tests.helpers.project import generated_instructions
 
         for section, seed in (("sft", 0), ("dpo", 1)):
             path = directory / f"{section}.json"

@@ -39,7 +39,7 @@ from pipeline.model.runtime import autocast, resolve_dtype
 from pipeline.train.loop import make_optimizer, train
 from pipeline.train.losses import sequence_logprobs
 from pipeline.train.objectives import DPOObjective, SFTObjective, reference_logprobs
-from tests.project import SHARED_DATA, generated_instructions
+from tests.helpers.project import SHARED_DATA, generated_instructions
 
 ROOT = Path(__file__).resolve().parents[1]
 

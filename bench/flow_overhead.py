@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 
 from pipeline.orchestration.dvc_ops import dvc_env
-from tests.project import make_project
+from tests.helpers.project import make_project
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -58,7 +58,7 @@ def tokenizer_for(cfg: GPTConfig):
     if corpus.is_file():
         text = corpus.read_text(encoding="utf-8-sig")[:2_000_000]
     else:
-        from tests.project import generated_corpus
+        from tests.helpers.project import generated_corpus
 
         text = generated_corpus(2_000_000)
     return train_bpe([text], cfg.vocab_size), "bpe"

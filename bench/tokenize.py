@@ -42,7 +42,7 @@ WORK = Path(tempfile.gettempdir()) / "llm-pipeline-bench-tokenize"
 def book() -> str:
     if QUIJOTE.is_file():
         return clean_text(QUIJOTE.read_bytes(), str(QUIJOTE), gutenberg=True, normalise=True)
-    from tests.project import generated_corpus
+    from tests.helpers.project import generated_corpus
 
     return generated_corpus(2_200_000)
 

@@ -9,10 +9,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+INTEGRATION = Path(__file__).resolve().parent / "integration"
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by marker
+def pytest_collection_modifyitems(items):
+    """Every test under tests/integration/ carries the `integration` marker: `make test-fast` leaves them out."""
+    for item in items:
+        if INTEGRATION in Path(item.path).resolve().parents:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -35,7 +44,7 @@ def shared_data() -> Path | None:
 @pytest.fixture(scope="session")
 def corpus_text(shared_data) -> str:
     """A Spanish text of ~200 kB: the start of Don Quijote when present, else a generated stand-in."""
-    from tests.project import generated_corpus
+    from tests.helpers.project import generated_corpus
 
     if shared_data is not None:
         text = (shared_data / "quijote.txt").read_text(encoding="utf-8-sig")

@@ -160,6 +160,7 @@ LORA_PARAMS = TrainParams(
     log_every=3,
     seed=5,
     lora=replace(RANK8, rank=4),
+    dtype="fp32",  # "auto" times the dtypes in each process: two runs timed at once under load may choose apart
 )
 
 

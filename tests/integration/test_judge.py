@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +35,7 @@ from pipeline.evaluation.judge_report import bootstrap_mean, summarize, write_ou
 from pipeline.evaluation.rouge import rouge_l_f1
 from pipeline.serve.served_model import fit_prompt
 from tests.helpers.project import make_project
-from tests.helpers.serving import load_served, running_server, save_tiny_model
+from tests.helpers.serving import free_port, load_served, running_server, save_tiny_model
 
 CONTEXT = 64
 ITEMS = [
@@ -104,12 +103,6 @@ def write_responses(root: Path, items=ITEMS, sft=SFT, dpo=DPO) -> dict[str, Path
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         paths[name] = path
     return paths
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def chats(app) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline.common import config
 from pipeline.common.atomic import write_json
-from pipeline.common.errors import exit_on_error
+from pipeline.common.errors import PipelineError, exit_on_error
 from pipeline.common.stage_timing import timed
 from pipeline.data.shards import ShardDataset
 from pipeline.data.tokenizer import load_tokenizer
@@ -54,18 +54,33 @@ def main() -> None:
     p = config.load_params(sections=PARAMS)
     for directory in MODELS.values():  # a missing model fails now, not after the others are scored
         read_model_config(directory)
+    for copy in p.benchmark.hub_copies:
+        if not Path(copy.path).is_dir():
+            raise PipelineError(
+                f"benchmark.hub_copies: {copy.path} (the copy of {copy.repo}) is no directory"
+            )
     docs = task_docs(p)
     with tempfile.TemporaryDirectory(prefix="benchmark-tasks-") as scratch:
-        os.environ["HF_DATASETS_CACHE"] = str(Path(scratch) / "datasets")  # no cache outlives the stage
+        if set(p.benchmark.tasks) <= set(bt.TASKS) or p.benchmark.hub_copies:
+            # local data: no cache outlives the stage (Hub downloads stay in the user's Hugging Face cache)
+            os.environ["HF_DATASETS_CACHE"] = str(Path(scratch) / "datasets")
         for name, items in docs.items():
             bt.write_task(Path(scratch), name, items)
-        scores = run_tasks(MODELS, scratch, list(docs), bt.RANDOM_BASELINE, device=local_device("auto"))
-    write_json(OUT, {"tasks": {name: len(items) for name, items in docs.items()}, "models": scores})
-    summary = "; ".join(
-        f"{model} " + ", ".join(f"{task} acc {row['acc']:.3f}" for task, row in tasks.items())
-        for model, tasks in scores.items()
-    )
-    print(f"benchmark: {summary} -> {OUT}", file=sys.stderr)
+        scores = run_tasks(
+            MODELS,
+            scratch,
+            list(p.benchmark.tasks),
+            bt.RANDOM_BASELINE,
+            limit=p.benchmark.limit,
+            device=local_device("auto"),
+            hub_copies={copy.repo: copy.path for copy in p.benchmark.hub_copies},
+        )
+    items = {task: row["n"] for task, row in next(iter(scores.values())).items()}
+    references = bt.references(p.benchmark.tasks)
+    write_json(OUT, {"tasks": items, "models": scores, "references": references})
+    for line in bt.summary_lines(scores, references):
+        print(f"benchmark: {line}", file=sys.stderr)
+    print(f"benchmark: -> {OUT}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -402,21 +402,40 @@ class ExportParams:
 
 
 @dataclass(frozen=True)
+class HubCopy:
+    """A local copy of a Hugging Face Hub dataset repo (``huggingface-cli download --repo-type dataset``), used
+    in its place by every harness task that reads it: offline machines and air-gapped clusters."""
+
+    repo: str = field(default="", metadata={"check": lambda v: v.count("/") == 1, "must": "'owner/name'"})
+    path: str = _non_empty("")
+
+    def __post_init__(self) -> None:
+        if not self.repo or not self.path:
+            raise ConfigError(f"benchmark.hub_copies: each entry needs repo and path, got {self!r}")
+
+
+_TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+
+
+@dataclass(frozen=True)
 class BenchmarkParams:
-    # The pipeline's offline lm-evaluation-harness tasks (pipeline/evaluation/benchmark_tasks.py); Hub tasks
-    # (hellaswag, arc_easy…) are run by hand when online (docs/evaluation.md).
-    tasks: tuple[Literal["pipeline_cloze", "pipeline_preference"], ...] = (
-        "pipeline_cloze",
-        "pipeline_preference",
-    )
+    # lm-evaluation-harness task names: the pipeline's two offline tasks (pipeline/evaluation/benchmark_tasks.py)
+    # and any of the harness's own (hellaswag, arc_easy, lambada_openai_mt_es…: their data comes from the Hub).
+    tasks: tuple[str, ...] = ("pipeline_cloze", "pipeline_preference")
     limit: int = _positive(60)  # items per task: CPU-sized; the stderr in the report says what it costs
     seed: int = _seed(1337)  # which held-out passages the cloze draws
+    hub_copies: tuple[HubCopy, ...] = ()  # local copies of Hub datasets, used instead of downloading them
 
     def __post_init__(self) -> None:
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(
                 f"benchmark.tasks must be a non-empty list without repeats, got {list(self.tasks)}"
             )
+        if bad := [t for t in self.tasks if not _TASK_NAME.fullmatch(t)]:
+            raise ConfigError(f"benchmark.tasks: {bad[0]!r} is not a task name (letters, digits, _ . -)")
+        repos = [copy.repo for copy in self.hub_copies]
+        if len(set(repos)) != len(repos):
+            raise ConfigError(f"benchmark.hub_copies names a repo twice: {repos}")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,9 @@ local JSONL, built from data the pipeline already holds.
 - ``pipeline_preference``: a held-out DPO prompt with its chosen and rejected answers; ``acc`` when the chosen
   one has the higher log-likelihood (``acc_norm`` per byte, as the harness normalises).
 
+Beside them, the published scores of reference models on the harness's own tasks
+(``benchmark_references.json``, each with its source), printed beside ours.
+
 It knows documents, where the pipeline keeps them, and task files: no model, no scoring, no report.
 """
 
@@ -25,6 +28,7 @@ TASKS = (CLOZE, PREFERENCE)
 # What guessing scores: a random word is (almost) never the passage's last; a coin picks the chosen half the time.
 RANDOM_BASELINE = {CLOZE: 0.0, PREFERENCE: 0.5}
 MIN_CONTEXT_WORDS = 8  # a cloze needs some passage to predict from
+REFERENCES = Path(__file__).with_name("benchmark_references.json")
 
 CLOZE_YAML = """task: {name}
 dataset_path: json
@@ -130,3 +134,26 @@ def write_task(directory: Path, name: str, docs: list[dict]) -> None:
     (directory / f"{name}.yaml").write_text(
         template.format(name=name, data=json.dumps(str(data))), encoding="utf-8"
     )
+
+
+def references(tasks: Iterable[str]) -> dict[str, dict]:
+    """The published reference rows of ``tasks`` (model, metrics, setting, source), for those that have one."""
+    known = json.loads(REFERENCES.read_text(encoding="utf-8"))
+    return {task: known[task] for task in tasks if task in known}
+
+
+def summary_lines(scores: dict[str, dict[str, dict]], refs: dict[str, dict]) -> list[str]:
+    """One line per task: each model's headline metric (acc, else the first), then the reference's."""
+    lines = []
+    for task in next(iter(scores.values()), {}):
+        rows = {model: tasks[task] for model, tasks in scores.items()}
+        first = next(iter(rows.values()))
+        metric = "acc" if "acc" in first else next(k for k in first if k not in ("n", "random_baseline"))
+        ours = ", ".join(f"{model} {row.get(metric, float('nan')):.3f}" for model, row in rows.items())
+        line = f"{task} {metric} ({first['n']} items): {ours}"
+        if first.get("random_baseline") is not None:
+            line += f"; random guess {first['random_baseline']:.3f}"
+        if (ref := refs.get(task)) and metric in ref["metrics"]:
+            line += f"; reference {ref['model']} {ref['metrics'][metric]:.3f} ({ref['source']})"
+        lines.append(line)
+    return lines

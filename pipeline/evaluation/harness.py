@@ -9,6 +9,7 @@ directory) on model directories and keeps each task's headline numbers; it knows
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from pipeline.common.errors import PipelineError, one_line
 from pipeline.model.checkpoint import load_with_tokenizer
 from pipeline.model.generate import stream_tokens
 from pipeline.model.sampling import SamplingOptions
@@ -130,23 +132,73 @@ def run_tasks(
     baselines: dict[str, float],
     limit: int | None = None,
     device: str | torch.device = "cpu",
+    hub_copies: dict[str, str] | None = None,
 ) -> dict[str, dict[str, dict]]:
-    """Each task of ``tasks`` (YAML under ``task_dir`` only: the harness's thousands of built-in task files are
-    not indexed, which alone takes half a minute) on each model directory, by model name."""
+    """Each task of ``tasks`` on each model directory, by model name. Tasks whose YAML is under ``task_dir`` are
+    found there alone; any other name is one of the harness's own tasks (its task index is built only then: that
+    alone takes seconds). ``hub_copies`` maps a Hub dataset repo to a local copy that replaces it. A task without
+    a baseline in ``baselines`` gets the one its items give (``random_baseline``)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local JSONL: the Hub is never asked
+    hub_copies = hub_copies or {}
     manager = TaskManager(include_path=str(task_dir), include_defaults=False)
-    scores = {}
-    for name, directory in model_dirs.items():
-        results = lm_eval.simple_evaluate(
-            model=PipelineLM(directory, device=device),
-            tasks=list(tasks),
-            limit=limit,
-            task_manager=manager,
-            bootstrap_iters=100,
-            log_samples=False,
+    hub = [t for t in tasks if t not in manager.all_tasks]
+    if hub:
+        manager = TaskManager(include_path=str(task_dir))
+    if unknown := [t for t in hub if t not in manager.all_subtasks]:
+        raise PipelineError(
+            f"benchmark.tasks: {unknown[0]!r} is no single lm-evaluation-harness task (`lm_eval --tasks list` "
+            "lists them; name a group's tasks one by one)"
         )
-        scores[name] = {task: headline(results, task, baselines.get(task)) for task in tasks}
+    copies = Path(task_dir) / "hub-copies"  # written after the index was built: found by path, not by name
+    specs = [hub_task_spec(manager, t, hub_copies, copies) if t in hub else t for t in tasks]
+    if all(t not in hub or manager.task_index[t].cfg.get("dataset_path") in hub_copies for t in tasks):
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local data only: the Hub is never asked
+    try:
+        loaded = manager.load(specs)["tasks"]
+        guesses = {t: baselines[t] if t in baselines else random_baseline(loaded[t], limit) for t in tasks}
+        scores = {}
+        for name, directory in model_dirs.items():
+            results = lm_eval.simple_evaluate(
+                model=PipelineLM(directory, device=device),
+                tasks=specs,
+                limit=limit,
+                task_manager=manager,
+                bootstrap_iters=100,
+                log_samples=False,
+            )
+            scores[name] = {task: headline(results, task, guesses[task]) for task in tasks}
+    except (OSError, ValueError) as exc:  # datasets' and the Hub client's offline and missing-data errors
+        if not hub:
+            raise
+        raise PipelineError(
+            f"benchmark.tasks: could not load the data of {', '.join(hub)} ({one_line(str(exc))[:300]}); it "
+            "comes from the Hugging Face Hub: run online, or name a local copy of its dataset repo in "
+            "benchmark.hub_copies (docs/evaluation.md)"
+        ) from None
     return scores
+
+
+def hub_task_spec(manager, task: str, hub_copies: dict[str, str], directory: Path) -> str:
+    """A harness task by name, or, when its dataset repo has a local copy, a task file of the same name that
+    includes the harness's own and reads the copy instead (the harness's YAML ``include``)."""
+    entry = manager.task_index[task]
+    copy = hub_copies.get((entry.cfg or {}).get("dataset_path"))
+    if not copy:
+        return task
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{task}.yaml"
+    spec = {"include": str(entry.yaml_path), "task": task, "dataset_path": str(Path(copy).resolve())}
+    path.write_text(json.dumps(spec, indent=2), encoding="utf-8")  # JSON is YAML
+    return str(path)
+
+
+def random_baseline(task, limit: int | None) -> float | None:
+    """What guessing scores on the items a run scores: the mean of 1/choices for a multiple-choice task, 0 for
+    a cloze or a generated answer; None for a perplexity-only task."""
+    kind = task.OUTPUT_TYPE if hasattr(task, "OUTPUT_TYPE") else task.config.output_type
+    if kind == "multiple_choice":
+        docs = list(task.eval_docs)[:limit]
+        return sum(1 / len(task.doc_to_choice(doc)) for doc in docs) / len(docs) if docs else None
+    return 0.0 if kind in ("loglikelihood", "generate_until") else None

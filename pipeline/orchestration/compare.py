@@ -1,13 +1,14 @@
 """Experiment sweeps and comparisons on top of DVC experiments.
 
     python -m pipeline sweep -S pretrain.lr=0.0005,0.002 [-S model.n_layer=2,4] [--name lr] [-j 1]
-    python -m pipeline compare [EXP ...] [--all-metrics]
+    python -m pipeline compare [EXP ...] [--all-metrics] [--rank-by dpo.pipeline_preference.acc]
     python -m pipeline compare --reports ../run-a/reports reports      # two runs' report pages side by side
 
 `sweep` queues one `dvc exp run --queue -S ...` per combination of values and runs the queue with a
 bounded number of jobs; `compare` reads `dvc exp show --json` and writes, under reports/compare/, the
 params that differ and the key metrics (compare.md, one column per experiment; compare.csv, one row
-per experiment) and the loss curves of every experiment overlaid (loss_curves.png).
+per experiment) and the loss curves of every experiment overlaid (loss_curves.png). ``--rank-by`` orders
+the experiments by one metric, best first (lower first for losses, perplexities and bits per byte).
 """
 
 from __future__ import annotations
@@ -125,6 +126,30 @@ def comparison_table(experiments: list[Experiment], all_metrics: bool = False) -
     return table
 
 
+# Metrics where lower is better, by the last part of their name; every other ranked metric is higher-better.
+LOWER_IS_BETTER = re.compile(r"(val_)?loss|perplexity|bits_per_byte|bpb|\w*_stderr|\w*seconds")
+
+
+def rank(table: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """``table`` ordered by ``metric`` (a column, or the one column whose name ends with it), best first, with
+    a ``rank`` column in front; experiments without the metric come last, unranked."""
+    columns = [c for c in table.columns if c == metric] or [c for c in table.columns if c.endswith(metric)]
+    if len(columns) != 1:
+        known = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]
+        found = (
+            f"it matches {len(columns)}: {', '.join(columns)}" if columns else f"known: {', '.join(known)}"
+        )
+        raise PipelineError(f"compare --rank-by {metric!r}: name one metric column ({found})")
+    column = columns[0]
+    if not pd.api.types.is_numeric_dtype(table[column]):
+        raise PipelineError(f"compare --rank-by {metric!r}: {column} is not a number")
+    ascending = bool(LOWER_IS_BETTER.fullmatch(column.rsplit(".", 1)[-1].split(": ")[-1]))
+    ranked = table.sort_values(column, ascending=ascending, na_position="last", kind="stable")
+    ranks = ranked[column].rank(ascending=ascending, method="min")
+    ranked.insert(0, f"rank by {column}", ranks)  # NaN (shown empty) where the metric is missing
+    return ranked
+
+
 def _cell(value: Any) -> str:
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return ""
@@ -217,13 +242,19 @@ def plot_curves(curves: dict[str, dict[str, pd.DataFrame]], path: Path) -> None:
 
 
 def compare(
-    project: Path, names: list[str] | None = None, all_metrics: bool = False, with_baseline: bool = False
+    project: Path,
+    names: list[str] | None = None,
+    all_metrics: bool = False,
+    with_baseline: bool = False,
+    rank_by: str | None = None,
 ) -> tuple[str, list[Path]]:
     """Write reports/compare/{compare.md, compare.csv, loss_curves.png}; returns (markdown, files written)."""
     experiments = select(load_experiments(project), names, with_baseline)
     if len(experiments) < 2:
         raise PipelineError(f"{project}: need at least two experiments to compare, found {len(experiments)}")
     table = comparison_table(experiments, all_metrics)
+    if rank_by:
+        table = rank(table, rank_by)
     out = project / OUT_DIR
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "compare.csv") as tmp:
@@ -275,6 +306,12 @@ def cli_compare(argv: list[str]) -> int:
     )
     parser.add_argument("--project", default=".", help="DVC project directory (default: .)")
     parser.add_argument(
+        "--rank-by",
+        metavar="METRIC",
+        help="order the experiments by this metric, best first (a column, or the end of its name, "
+        "e.g. dpo.pipeline_preference.acc)",
+    )
+    parser.add_argument(
         "--reports",
         nargs="+",
         type=Path,
@@ -291,7 +328,9 @@ def cli_compare(argv: list[str]) -> int:
             )
         markdown, files = compare_runs(args.reports, Path(args.project) / OUT_DIR)
     else:
-        markdown, files = compare(Path(args.project).resolve(), args.experiments or None, args.all_metrics)
+        markdown, files = compare(
+            Path(args.project).resolve(), args.experiments or None, args.all_metrics, rank_by=args.rank_by
+        )
     print(markdown)
     print("written: " + ", ".join(str(f) for f in files))
     return 0

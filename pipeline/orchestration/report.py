@@ -229,19 +229,34 @@ def score_table(metrics: dict) -> list[str]:
         for metric in row
         if metric not in ("n", "random_baseline") and not metric.endswith("_stderr")
     )
+    references = metrics.get("references") if isinstance(metrics.get("references"), dict) else {}
     rows = []
     for task, metric in keys:
-        cells = []
-        for name in names:
-            row = models[name].get(task, {})
-            value, err = row.get(metric), row.get(f"{metric}_stderr")
-            cells.append(
-                "" if value is None else f"{value:.4g} ± {err:.2g}" if isinstance(err, float) else value
-            )
+        cells = [_score(models[name].get(task, {}), metric) for name in names]
         first = next((models[n][task] for n in names if task in models[n]), {})
         baseline = first.get("random_baseline") if metric.startswith("acc") else ""
-        rows.append([task, metric, *cells, "" if baseline is None else baseline, first.get("n", "")])
-    return table(["task", "metric", *names, "random guess", "items"], rows)
+        reference = references.get(task) or {}
+        cited = _score(reference.get("metrics") or {}, metric)
+        rows.append(
+            [task, metric, *cells, "" if baseline is None else baseline, first.get("n", ""), cited]
+            if references
+            else [task, metric, *cells, "" if baseline is None else baseline, first.get("n", "")]
+        )
+    header = ["task", "metric", *names, "random guess", "items", *(["reference"] if references else [])]
+    sources = [
+        f"- reference for {task}: {ref.get('model')}, {ref.get('setting')}; source: {ref.get('source')}"
+        for task, ref in references.items()
+        if isinstance(ref, dict)
+    ]
+    return table(header, rows) + ([""] + sources if sources else [])
+
+
+def _score(row: dict, metric: str) -> Any:
+    """``value ± stderr`` of one metric, or the value alone; "" when the row has none."""
+    value, err = row.get(metric), row.get(f"{metric}_stderr")
+    if value is None:
+        return ""
+    return f"{value:.4g} ± {err:.2g}" if isinstance(err, float) else value
 
 
 def stage_section(stage: StageReport, reports: Path) -> list[str]:

@@ -1,5 +1,7 @@
 """The benchmark stage on the tiny project: `dvc repro benchmark` scores base, sft and dpo with the real
-lm-evaluation-harness; the report page and `compare` show the scores; a missing model is one error line."""
+lm-evaluation-harness; the report page and `compare` show the scores and rank two real experiments by one; a Hub
+task named in params runs from a local copy with its published reference row beside ours; a missing model is one
+error line."""
 
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
-from pipeline.orchestration import compare, report
+from pipeline.orchestration import compare, dvc_ops, report
+from tests.helpers.hub_copies import lambada_copy
 from tests.helpers.project import make_project, run, venv_env
 
 pytestmark = pytest.mark.timeout(600)
@@ -87,3 +91,60 @@ def test_a_missing_model_is_one_error_line_and_no_metrics(project, tmp_path):
     assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr[-2000:]
     assert done.stderr.startswith("error: models/dpo/config.json") and "dpo" in done.stderr
     assert "metrics.json" not in written  # nothing half-done: no metrics without every model
+
+
+def test_a_hub_task_named_in_params_runs_from_its_copy_with_its_reference_row(project, tmp_path):
+    params_file, out = project / "params.yaml", project / "reports/benchmark/metrics.json"
+    saved_params, saved_metrics = params_file.read_text(), out.read_bytes()
+    params = yaml.safe_load(saved_params)
+    copy = lambada_copy(tmp_path / "lambada_openai")
+    params["benchmark"] |= {
+        "tasks": ["pipeline_cloze", "lambada_openai"],
+        "limit": 4,
+        "hub_copies": [{"repo": "EleutherAI/lambada_openai", "path": str(copy)}],
+    }
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "stages.benchmark"],
+            cwd=project,
+            capture_output=True,
+            text=True,
+            env=venv_env(),
+        )
+        metrics = json.loads(out.read_text())
+        lines = report.stage_section(
+            report.read_stage("benchmark", project / "reports/benchmark"), project / "reports"
+        )
+    finally:
+        params_file.write_text(saved_params)
+        out.write_bytes(saved_metrics)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert metrics["tasks"] == {"pipeline_cloze": 4, "lambada_openai": 4}
+    assert all(m["lambada_openai"]["random_baseline"] == 0.0 for m in metrics["models"].values())
+    reference = metrics["references"]["lambada_openai"]
+    assert reference["metrics"]["acc"] == 0.3256 and reference["source"].startswith("https://github.com/")
+    said = next(line for line in done.stderr.splitlines() if "lambada_openai acc" in line)
+    assert "base " in said and "reference GPT-2 124M (openai-community/gpt2) 0.326" in said
+    assert "| task | metric | base | sft | dpo | random guess | items | reference |" in lines
+    assert next(line for line in lines if line.startswith("| lambada_openai | acc |")).endswith(
+        "| 0 | 4 | 0.3256 ± 0.0065 |"
+    )
+    assert any(line.startswith("- reference for lambada_openai: GPT-2 124M") for line in lines)
+
+
+def test_compare_ranks_two_real_experiments_by_a_benchmark_score(project, capsys):
+    names = {"dpo-2-steps": 2, "dpo-6-steps": 6}
+    for name, steps in names.items():
+        dvc_ops.dvc(project, "exp", "run", "--name", name, "-S", f"dpo.max_steps={steps}", "benchmark")
+    metric = "benchmark: models.dpo.pipeline_preference.acc_norm"
+    argv = [*names, "--rank-by", "dpo.pipeline_preference.acc_norm", "--project", str(project)]
+    assert compare.cli_compare(argv) == 0
+    out = capsys.readouterr().out
+    experiments = compare.select(compare.load_experiments(project), list(names))
+    table = compare.rank(compare.comparison_table(experiments), metric)
+    scores = list(table[metric])
+    assert scores == sorted(scores, reverse=True) and list(table[f"rank by {metric}"])[0] == 1
+    order = list(table.index)
+    assert f"| | {' | '.join(order)} |" in out and f"| rank by {metric} |" in out
+    assert f"| dpo.max_steps | {names[order[0]]} | {names[order[1]]} |" in out

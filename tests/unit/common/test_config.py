@@ -10,7 +10,7 @@ import typing
 import pytest
 import yaml
 
-from pipeline.common.config import Params, Source, load_params, parse_params
+from pipeline.common.config import ConfigError, Params, Source, load_params, parse_params
 from pipeline.common.errors import exit_on_error
 from pipeline.common.profile import merge_params, set_param_args
 from tests.helpers.project import ROOT, tiny_params
@@ -169,7 +169,13 @@ INVALID: dict[str, list] = {
     "export.gguf_types": [[], ["q4_0"]],
     "export.gguf_check_positions": [0],
     "export.gguf_check_timeout": [0, -1.5],
-    "benchmark.tasks": [[], ["hellaswag"], ["pipeline_cloze", "pipeline_cloze"], "pipeline_cloze"],
+    "benchmark.tasks": [[], ["hella swag"], ["pipeline_cloze", "pipeline_cloze"], "pipeline_cloze", [3]],
+    "benchmark.hub_copies": [
+        "EleutherAI/lambada_openai",
+        [{"repo": "a/b", "path": "x"}, {"repo": "a/b", "path": "y"}],
+    ],
+    "benchmark.hub_copies[].repo": [[{"repo": "lambada_openai", "path": "x"}]],
+    "benchmark.hub_copies[].path": [[{"repo": "a/b", "path": ""}]],
     "benchmark.limit": [0, -5, 2.5],
     "benchmark.seed": [-1, 2**32],
 }
@@ -273,3 +279,9 @@ def test_architecture_options_reach_the_model_config():
         "gelu",
         False,
     )
+
+
+@pytest.mark.parametrize("entry", [{"path": "x"}, {"repo": "a/b"}])
+def test_a_hub_copy_without_repo_or_path_is_one_error(entry):
+    with pytest.raises(ConfigError, match=r"benchmark.hub_copies: each entry needs repo and path"):
+        parse_params({"benchmark": {"hub_copies": [entry]}})

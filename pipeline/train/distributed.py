@@ -49,7 +49,12 @@ def setup(device: torch.device) -> DistContext:
         return DistContext()
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        store, rank, world_size = next(dist.rendezvous("env://"))
+        # torchrun's store outlives an elastic restart: without a prefix per attempt the new group would read
+        # the dead workers' addresses and fail to connect
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"attempt_{attempt}/", store)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
     return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]))
 
 

@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import pickle
 import shutil
 import signal
 from dataclasses import dataclass
@@ -182,7 +181,7 @@ def load_checkpoint(path: Path, model: GPT, state: dict, shards: Shards | None =
         try:
             trainer = torch.load(path / TRAINER, map_location="cpu", weights_only=True)
             sharded.load_state(path / SHARDS_DIR, model, shards.optimizer)
-        except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
+        except (OSError, RuntimeError, sharded.UnreadableShards) as exc:
             raise CorruptCheckpoint(
                 f"{path}: unreadable ({exc.__class__.__name__}: {one_line(str(exc))})"
             ) from None

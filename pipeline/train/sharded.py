@@ -21,8 +21,10 @@ import pickle
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -40,6 +42,10 @@ _ALLOWED = {
     ("torch.serialization", "_get_layout"),  # a layout by name (torch.strided), as weights_only allows it
     ("pathlib", "PosixPath"),  # StorageMeta's checkpoint_id
 }
+
+
+class UnreadableShards(Exception):
+    """A sharded state that DCP could not read (a missing shard, metadata naming something not allowed)."""
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -111,14 +117,27 @@ def set_gradient_sync(model: nn.Module, sync: bool) -> None:
 def save_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Every rank writes its shards of the weights and optimizer state into ``directory`` (a collective)."""
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, storage_writer=dcp.FileSystemWriter(directory))
+    dcp.save(
+        {"model": model_state, "optim": optim_state},
+        storage_writer=dcp.FileSystemWriter(directory),
+        no_dist=not dist.is_initialized(),  # one process: no group to coordinate with
+    )
 
 
 def load_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load ``directory``'s shards into this world size's shards of ``model`` and ``optimizer`` (a collective)."""
     model_state, optim_state = get_state_dict(model, optimizer)  # the shapes to fill: this run's shards
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, storage_reader=SafeReader(directory), planner=SafeLoadPlanner())
+    try:
+        dcp.load(
+            state,
+            storage_reader=SafeReader(directory),
+            planner=SafeLoadPlanner(),
+            no_dist=not dist.is_initialized(),
+        )
+    except CheckpointException as exc:  # DCP gathers each rank's failure: the first one says what was wrong
+        first = next(iter(exc.failures.values()), exc)
+        raise UnreadableShards(str(getattr(first, "exc", first))) from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 

@@ -114,9 +114,14 @@ def main() -> None:
 
 
 def start(
-    out: Path, params: TrainParams, launcher: list[str] | None = None, kill_after: int | None = None
+    out: Path,
+    params: TrainParams,
+    launcher: list[str] | None = None,
+    kill_after: int | None = None,
+    kill_rank: int | None = None,
 ) -> subprocess.Popen:
-    """This module in a child process (under ``launcher``, torchrun say), killed after ``kill_after`` checkpoints."""
+    """This module in a child process (under ``launcher``, torchrun say), killed after ``kill_after`` checkpoints
+    (only rank ``kill_rank``, when given)."""
     cmd = [
         *(launcher or [sys.executable]),
         "-m",
@@ -129,6 +134,8 @@ def start(
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     if kill_after is not None:
         env[resume.KILL_AFTER_CHECKPOINT] = str(kill_after)
+    if kill_rank is not None:
+        env[resume.KILL_RANK] = str(kill_rank)
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

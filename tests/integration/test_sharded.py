@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.common.config import TrainParams
+from pipeline.common.config import LoRAParams, TrainParams
 from pipeline.model.checkpoint import load_model
-from pipeline.train import resume
+from pipeline.train import resume, sharded
 from tests.helpers.train_worker import finish, start
 
 # 2 ranks × 2 micro-steps = 4 batches a step; one rank with 4 micro-steps sees the same 4 (train_worker's numbering)
@@ -108,3 +108,13 @@ def test_a_sigkilled_worker_is_restarted_by_torchrun_and_ends_with_the_same_weig
     assert proc.returncode == 0, err[-3000:]
     assert "resuming from" in err and "step_00000006" in err
     assert (tmp_path / "digest_rank0.txt").read_text() == (reference / "digest_rank0.txt").read_text()
+
+
+def test_lora_under_fsdp_trains_only_the_adapters_as_one_process_does(tmp_path):
+    lora = replace(PARAMS, max_steps=6, lora=LoRAParams(rank=4, alpha=8.0))
+    _run(tmp_path / "fsdp", 2, lora)
+    _run(tmp_path / "single", 1, replace(lora, grad_accum=4))
+    _assert_close(tmp_path / "fsdp", tmp_path / "single")
+    metadata = sharded.SafeReader(tmp_path / "fsdp/checkpoints/step_00000006/shards").read_metadata()
+    moments = [k for k in metadata.state_dict_metadata if k.startswith("optim.state.")]
+    assert moments and all(".lora." in k for k in moments), "optimizer state for the adapters only"

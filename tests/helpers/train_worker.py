@@ -103,11 +103,12 @@ def main() -> None:
         report_dir=args.out / "report",
         desc="worker",
     )
+    rank = int(os.environ.get("RANK", 0))
+    if rank != 0 and params.parallel == "fsdp":  # FSDP gathers the whole model on rank 0 only
+        return
     if lora.adapter_info(result.model) is not None:
         result.model = lora.merge(result.model)
-    rank = int(os.environ.get("RANK", 0))
-    if rank == 0 or params.parallel == "ddp":  # FSDP gathers the whole model on rank 0 only
-        (args.out / f"digest_rank{rank}.txt").write_text(weights_digest(result.model))
+    (args.out / f"digest_rank{rank}.txt").write_text(weights_digest(result.model))
     if rank == 0:
         save_model(args.out / "model", result.model)
         (args.out / "metrics.json").write_text(json.dumps(result.metrics))

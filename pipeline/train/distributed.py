@@ -98,12 +98,18 @@ def relaunch_under_torchrun(module: str, p: TrainParams) -> None:
         return
     cmd = torchrun_command(module, p)
     tail: collections.deque[str] = collections.deque(maxlen=400)
+    errors: list[str] = []  # the workers' own one-line errors: every rank may print the same one
     with subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, errors="replace") as proc:
         for line in proc.stderr:  # passed through as it comes; the tail is kept to name the failure
+            if line.startswith("error: "):
+                errors.append(line.removeprefix("error: ").strip())
+                continue
             sys.stderr.write(line)
             tail.append(line)
     if proc.returncode == 0:
         sys.exit(0)  # the workers did the stage's work (rank 0 wrote its outputs)
+    if errors:  # the stage's own error, said once
+        raise PipelineError(errors[0])
     if any(name in line for line in tail for name in _RENDEZVOUS_ERRORS):
         raise PipelineError(
             f"{module}: the rendezvous at {p.rdzv_endpoint} did not gather {p.nnodes} nodes within "

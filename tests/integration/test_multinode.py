@@ -77,3 +77,13 @@ def test_a_rendezvous_that_never_completes_is_one_line_naming_the_endpoint(built
     assert proc.returncode == 1, err[-3000:]
     assert len(lines) == 1 and endpoint in lines[0] and "5 s" in lines[0], err[-3000:]
     assert not (alone / "models").exists()
+
+
+def test_a_workers_error_is_said_once_by_the_relaunching_stage(built, tmp_path):
+    root = _workspace(built, tmp_path / "bad", nproc_per_node=2, parallel="fsdp", context_length=4096)
+    proc = _start(root)
+    _, err = proc.communicate(timeout=180)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1, err[-3000:]
+    assert len(lines) == 1 and "context_length" in lines[0], err[-3000:]
+    assert not (root / "models").exists()

@@ -50,15 +50,12 @@ class UnreadableShards(Exception):
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        found = (
-            super().find_class(module, name)
-            if module.startswith(("torch", "collections", "pathlib"))
-            else None
-        )
-        if (module, name) in _ALLOWED or (module in _ALLOWED_MODULES and isinstance(found, type)):
-            return found  # a class of DCP's records only: never one of their modules' functions
-        if module == "torch" and isinstance(found, torch.dtype):  # torch.float32 …
-            return found
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)  # torch.float32 …
+        if (module, name) in _ALLOWED or module in _ALLOWED_MODULES or dtype:  # nothing else is even imported
+            found = super().find_class(module, name)
+            # of DCP's modules, their classes only: never one of their functions
+            if module not in _ALLOWED_MODULES or isinstance(found, type):
+                return found
         raise pickle.UnpicklingError(f"checkpoint metadata names {module}.{name}, which is not allowed")
 
 

@@ -28,7 +28,7 @@ TOKENIZER = Path("data/tokenizer")
 
 def start(stage: str, p: SFTParams | DPOParams, model_dir: Path) -> ModelAndTokenizer:
     """Re-launch under torchrun when asked to, then load the model to tune with the data's tokenizer."""
-    distributed.relaunch_under_torchrun(f"stages.{stage}", p.nproc_per_node, p.nnodes, p.rdzv_endpoint)
+    distributed.relaunch_under_torchrun(f"stages.{stage}", p)
     return load_with_tokenizer(model_dir, TOKENIZER)
 
 

@@ -34,7 +34,7 @@ PARAMS = ("data", "classify", "sft.strict", "sft.split_train", "sft.split_val", 
 def main() -> None:
     params = config.load_params(sections=PARAMS)
     p, sft = params.classify, params.sft
-    distributed.relaunch_under_torchrun("stages.classify", p.nproc_per_node, p.nnodes, p.rdzv_endpoint)
+    distributed.relaunch_under_torchrun("stages.classify", p)
     base_dir = Path("models") / p.model
     start = load_with_tokenizer(base_dir, TOKENIZER)
     texts, origin, left_out = classify_texts(p, DownloadCache.from_params(params.data), TONE_DATA)

@@ -28,7 +28,7 @@ PARAMS = ("seed", "model", "pretrain")
 def main() -> None:
     params = config.load_params(sections=PARAMS)
     p = params.pretrain
-    distributed.relaunch_under_torchrun("stages.pretrain", p.nproc_per_node, p.nnodes, p.rdzv_endpoint)
+    distributed.relaunch_under_torchrun("stages.pretrain", p)
     setup = prepare(params.model, p, params.seed, TOKENIZER, SHARDS)
     result = train(
         setup.model,

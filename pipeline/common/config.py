@@ -237,7 +237,21 @@ class TrainParams:
         lambda v: bool((m := _HOST_PORT.match(v)) and _port_ok(m.group(1))),
         "host:port with a port in 1-65535, or null",
     )
+    # ddp: every process holds the whole model | fsdp: FSDP2 shards weights, gradients and optimizer state
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    max_restarts: int = _non_negative(
+        0
+    )  # torchrun's elastic restarts after a worker dies (resumes its checkpoint)
+    rdzv_timeout: int = _positive(600)  # seconds to wait for every node at the rendezvous (nnodes > 1)
     lora: LoRAParams = field(default_factory=LoRAParams)
+
+    def check_fields(self, where: str) -> None:
+        """Rules across fields, naming the section they sit in (``_build`` calls it)."""
+        if self.optimizer == "muon" and self.parallel == "fsdp":  # Newton–Schulz needs whole matrices
+            raise ConfigError(
+                f"{where}.optimizer: muon cannot run with {where}.parallel: fsdp (Muon orthogonalises whole "
+                "matrices, FSDP holds shards of them); use optimizer: adamw or parallel: ddp"
+            )
 
 
 @dataclass(frozen=True)
@@ -566,7 +580,10 @@ def _build(cls: type, data: Any, where: str) -> Any:
         kwargs[key] = _coerce(value, hints[key], dotted)
         if key in rules and kwargs[key] is not None and not rules[key]["check"](kwargs[key]):
             raise ConfigError(f"{dotted} must be {rules[key]['must']}, got {value!r}")
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    if hasattr(built, "check_fields"):
+        built.check_fields(where)
+    return built
 
 
 def parse_params(data: dict, origin: str = "params.yaml") -> Params:

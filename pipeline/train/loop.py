@@ -3,11 +3,14 @@
 The loop owns everything that is not the objective's arithmetic: device, dtype (params, or measured on this
 machine: ``runtime.choose_dtype``) and autocast, the optimizer (``optimizer: muon`` in params.yaml, Muon for the
 blocks' matrices and AdamW for the rest, or AdamW alone), linear warmup + cosine decay, clipping, accumulation,
-DDP (torchrun env), eval cadence, atomic checkpoints and exact resume, the progress bar, and dvclive metrics in
-``report_dir`` (``metrics.json`` + ``plots/metrics/**.tsv`` with ``step`` on x, which `dvc plots` / `dvc exp show` read).
+DDP or FSDP2 (``parallel``, torchrun env; ``train/sharded.py``), eval cadence, atomic checkpoints and exact
+resume, the progress bar, and dvclive metrics in ``report_dir`` (``metrics.json`` + ``plots/metrics/**.tsv``
+with ``step`` on x, which `dvc plots` / `dvc exp show` read).
 
 Exact resume: batches are a pure function of (step, micro_step, rank) and the checkpoint holds model,
 optimizer, scheduler and RNG states, so a run killed and resumed ends with the same weights, bit for bit.
+A run resumed with another world size keeps the first session's batches: each step's (micro_step, rank) slots
+are dealt out over the ranks it has now (the same global batch; the sums in another order, so not bitwise).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from pipeline.common.errors import PipelineError
 from pipeline.model import perf
 from pipeline.model.gpt import GPT, flops_per_token
 from pipeline.model.runtime import DTYPE_NAMES, autocast, choose_dtype, local_device
-from pipeline.train import distributed, resume
+from pipeline.train import distributed, resume, sharded
 from pipeline.train.optim import MuonWithAdamW, muon_groups
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,8 @@ _CADENCE_PARAMS = {
     "nproc_per_node",
     "nnodes",
     "rdzv_endpoint",
+    "max_restarts",
+    "rdzv_timeout",
 }
 
 
@@ -72,7 +77,7 @@ class Objective(Protocol):
 
 @dataclass
 class TrainResult:
-    model: GPT  # unwrapped (no DDP, no compile), in eval mode
+    model: GPT  # unwrapped (no DDP, no compile; FSDP's gathered whole on rank 0 only), in eval mode
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -102,8 +107,10 @@ def make_optimizer(
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
-def run_key(model: GPT, params: TrainParams, data_fingerprint: str, world_size: int) -> str:
-    """Identity of a run: what decides the trajectory (shape, initial weights, math params, data, ranks)."""
+def run_key(model: GPT, params: TrainParams, data_fingerprint: str) -> str:
+    """Identity of a run: what decides the trajectory (shape, initial weights, math params, data).
+
+    Not the world size: a checkpoint carries its batch layout, which a resume with other ranks keeps."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
@@ -117,7 +124,6 @@ def run_key(model: GPT, params: TrainParams, data_fingerprint: str, world_size: 
         "model": model.cfg.to_dict(),
         "params": math_params,
         "data": data_fingerprint,
-        "world_size": world_size,
         "weights": digest.hexdigest(),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -205,7 +211,12 @@ class _Trainer:
                 True  # fp32 matmuls on tensor cores
             )
         self.raw = model.to(self.device)  # the bare module: what is saved, evaluated and returned
-        self.key = run_key(self.raw, params, data_fingerprint, self.ctx.world_size)
+        self.key = run_key(self.raw, params, data_fingerprint)
+        self.fsdp = params.parallel == "fsdp"  # its checkpoints are sharded even in one process
+        self.whole = None  # FSDP: the unsharded skeleton the weights are gathered into at the end
+        if self.fsdp and self.ctx.enabled:
+            self.whole = sharded.skeleton(self.raw)
+            sharded.shard(self.raw, self.raw.blocks, self.dtype)  # in place: the optimizer sees the shards
         self.optimizer = make_optimizer(
             self.raw, params, self.device, self.dtype
         )  # Muon's Newton–Schulz in the training dtype
@@ -214,7 +225,10 @@ class _Trainer:
             lambda s: lr_factor(s, params.warmup_steps, params.max_steps, params.min_lr_ratio),
         )
         self.timed: list[list[float]] = []  # [tokens, seconds] of each log window, kept across resumes
+        # the batch slots of a step: ranks × micro-steps (a resumed run keeps its checkpoint's)
+        self.layout = (self.ctx.world_size, params.grad_accum)
         self.step, self.tokens_seen, history = self._restore()
+        self.slots = self._my_slots()
         self.metrics = MetricsLog(self.report_dir, self.ctx.is_main, history)
         self.train_model = self._wrap(self.raw)  # DDP-wrapped under torchrun, else the raw module
         # compile: the objective's whole loss (forward, fp32 upcast, cross-entropy) as one graph, so the upcast
@@ -257,26 +271,42 @@ class _Trainer:
         )
 
     def _wrap(self, module: nn.Module) -> nn.Module:
-        if not self.ctx.enabled:
+        if not self.ctx.enabled or self.fsdp:  # FSDP wrapped the module in place
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=ids)
 
     def _restore(self) -> tuple[int, int, list[dict]]:
-        restored = resume.restore_latest(self.checkpoint_dir, self.raw, self.key)
+        shards = resume.Shards(self.optimizer, self.ctx.is_main) if self.fsdp else None
+        restored = resume.restore_latest(self.checkpoint_dir, self.raw, self.key, shards)
+        torch.manual_seed(self.params.seed + self.ctx.rank)  # + rank: each rank its own dropout masks
         if restored is None:
-            torch.manual_seed(self.params.seed + self.ctx.rank)  # + rank: each rank its own dropout masks
             return 0, 0, []
         trainer, state = restored.trainer, restored.state
-        self.optimizer.load_state_dict(trainer["optimizer"])
+        if shards is None:
+            self.optimizer.load_state_dict(trainer["optimizer"])
         self.scheduler.load_state_dict(trainer["scheduler"])
-        torch.set_rng_state(trainer["rng"]["torch"][self.ctx.rank])  # each rank continues its own stream
-        if self.device.type == "cuda" and trainer["rng"].get("cuda"):
-            torch.cuda.set_rng_state(trainer["rng"]["cuda"][self.ctx.rank], self.device)
+        position = state["data_position"]
+        self.layout = (position["world_size"], position["micro_steps"])
+        if self.ctx.rank < len(trainer["rng"]["torch"]):  # a rank the saved run had continues its own stream
+            torch.set_rng_state(trainer["rng"]["torch"][self.ctx.rank])
+            if self.device.type == "cuda" and trainer["rng"].get("cuda"):
+                torch.cuda.set_rng_state(trainer["rng"]["cuda"][self.ctx.rank], self.device)
         if self.ctx.is_main:
             log.warning("%s: resuming from %s (step %d)", self.desc, restored.path, state["step"])
         self.timed = [list(w) for w in state.get("timed", [])]
         return state["step"], state["tokens_seen"], state["history"]
+
+    def _my_slots(self) -> list[tuple[int, int]]:
+        """This rank's (micro_step, rank) slots of each step, in the layout the run started with."""
+        ranks, micro_steps = self.layout
+        slots = [(m, r) for m in range(micro_steps) for r in range(ranks)]
+        if len(slots) % self.ctx.world_size:
+            raise PipelineError(
+                f"{self.desc}: the checkpoint's steps hold {ranks} rank(s) × {micro_steps} micro-step(s) of "
+                f"batches, which {self.ctx.world_size} processes cannot share evenly (nproc_per_node × nnodes)"
+            )
+        return slots[self.ctx.rank :: self.ctx.world_size]  # unchanged world size: this rank's own slots
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _gather_rng(self) -> dict[str, list[torch.Tensor]]:
@@ -292,25 +322,27 @@ class _Trainer:
 
     def _save_checkpoint(self) -> None:
         rng = self._gather_rng()
-        if self.ctx.is_main:
-            trainer = {
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": rng,
-            }
-            state = {
-                "run_key": self.key,
-                "tokens_seen": self.tokens_seen,
-                # where the batches resume: they are a pure function of (step, micro_step, rank)
-                "data_position": {
-                    "next_step": self.step,
-                    "micro_steps": self.params.grad_accum,
-                    "world_size": self.ctx.world_size,
-                },
-                "history": self.metrics.history,
-                "timed": self.timed,
-            }
+        trainer = {"scheduler": self.scheduler.state_dict(), "rng": rng}
+        state = {
+            "run_key": self.key,
+            "tokens_seen": self.tokens_seen,
+            # where the batches resume: they are a pure function of (step, micro_step, rank), laid out as
+            # the run's first session had them
+            "data_position": {
+                "next_step": self.step,
+                "micro_steps": self.layout[1],
+                "world_size": self.layout[0],
+            },
+            "history": self.metrics.history,
+            "timed": self.timed,
+        }
+        if self.fsdp:  # a collective: every rank writes its shards
+            shards = resume.Shards(self.optimizer, self.ctx.is_main)
+            resume.save_sharded_checkpoint(self.checkpoint_dir, self.step, self.raw, shards, trainer, state)
+        elif self.ctx.is_main:
+            trainer["optimizer"] = self.optimizer.state_dict()
             resume.save_checkpoint(self.checkpoint_dir, self.step, self.raw, trainer, state)
+        if self.ctx.is_main:
             resume.prune(self.checkpoint_dir, self.key, self.params.keep_checkpoints)
         if self.ctx.enabled:
             dist.barrier()  # no rank runs on while rank 0 writes
@@ -320,14 +352,14 @@ class _Trainer:
         self, batch: Batch, last_micro: bool
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         sync = contextlib.nullcontext()
-        if self.ctx.enabled and not last_micro:
+        if self.ctx.enabled and self.fsdp:
+            sharded.set_gradient_sync(self.train_model, last_micro)  # reduce-scatter on the last micro-step
+        elif self.ctx.enabled and not last_micro:
             sync = self.train_model.no_sync()  # DDP all-reduces the gradients on the last micro-step only
         with sync:
             with autocast(self.device, self.dtype):
                 loss, extras = self.loss_fn(self.train_model, batch)
-            (
-                loss / self.params.grad_accum
-            ).backward()  # the summed gradients are the mean over the micro-steps
+            (loss / len(self.slots)).backward()  # the summed gradients are the mean over the micro-steps
         return loss.detach(), {k: v.detach() for k, v in extras.items()}  # values for the log, not graphs
 
     def _checked_forward_backward(self, batch: Batch, last_micro: bool):
@@ -352,11 +384,10 @@ class _Trainer:
         loss_sum = torch.zeros((), device=self.device)
         extra_sums: dict[str, torch.Tensor] = {}
         tokens = 0
-        for micro in range(p.grad_accum):
-            batch = _to_device(
-                self.objective.train_batch(self.step, micro, self.ctx.rank, self.ctx.world_size), self.device
-            )
-            loss, extras = self._checked_forward_backward(batch, micro == p.grad_accum - 1)
+        ranks = self.layout[0]
+        for i, (micro, rank) in enumerate(self.slots):
+            batch = _to_device(self.objective.train_batch(self.step, micro, rank, ranks), self.device)
+            loss, extras = self._checked_forward_backward(batch, i == len(self.slots) - 1)
             loss_sum += loss.float()  # stays on the device: no host sync per micro-step
             for k, v in extras.items():
                 extra_sums[k] = extra_sums.get(k, 0) + v.float()
@@ -369,8 +400,8 @@ class _Trainer:
         self.optimizer.step()
         self.scheduler.step()  # after optimizer.step, as torch requires: the next step's lr
         self.optimizer.zero_grad(set_to_none=True)
-        extras = {k: v / p.grad_accum for k, v in extra_sums.items()}
-        return loss_sum / p.grad_accum, extras, tokens, grad_norm
+        extras = {k: v / len(self.slots) for k, v in extra_sums.items()}
+        return loss_sum / len(self.slots), extras, tokens, grad_norm
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -436,14 +467,19 @@ class _Trainer:
             "summary/trainable_share": self.trainable[0] / self.trainable[1],
         }
         self.metrics.flush(summary)
-        self.raw.eval()
-        return TrainResult(self.raw, {**self.metrics.latest(), **summary, "step": self.step})
+        model = (
+            self.raw if self.whole is None else sharded.gather_whole(self.raw, self.whole, self.ctx.is_main)
+        )
+        model.eval()
+        return TrainResult(model, {**self.metrics.latest(), **summary, "step": self.step})
 
     def _log_train(self, row: dict[str, float], window: "_Window", grad_norm, bar: tqdm) -> None:
         tok_s = window.tokens * self.ctx.world_size / max(window.seconds, 1e-9)  # all ranks together
         row["train/lr"] = self.step_lr
-        if grad_norm is not None:
-            row["train/grad_norm"] = float(grad_norm)
+        if grad_norm is not None:  # FSDP: a DTensor, its value shared by every rank
+            row["train/grad_norm"] = float(
+                grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            )
         row["train/tokens_per_s"] = tok_s
         row["train/mfu"] = self._mfu(tok_s)
         row["train/tokens_seen"] = float(self.tokens_seen)

@@ -4,7 +4,11 @@ A checkpoint is a directory ``<checkpoint_dir>/step_00000100/`` renamed into pla
   model/          a model directory (safetensors weights + config.json, as ``checkpoint.save_model`` writes)
                   or, for a LoRA run, adapter/ instead: the adapter tensors and their record, which names the
                   fingerprint of the frozen base weights they were trained on
-  trainer.pt      optimizer, scheduler and RNG states (tensors and plain data: loads with weights_only=True)
+                  or, for ``parallel: fsdp``, shards/ instead: weights and optimizer state as Distributed
+                  Checkpoint files, each rank's written by that rank (``train/sharded.py``; every rank calls the
+                  sharded save and load, and the directory must be one every node sees)
+  trainer.pt      optimizer (not with shards/), scheduler and RNG states (tensors and plain data: loads with
+                  weights_only=True)
   state.json      step, run key, data position, logged history, and the sha256 of every other file
                   (written last: a checkpoint whose hashes do not match is corrupt)
 
@@ -14,6 +18,7 @@ a different run in the same directory (DVC keeps ``checkpoints/`` between experi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,15 +28,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from pipeline.common.atomic import atomic_path, fsync_tree
-from pipeline.common.errors import PipelineError
+from pipeline.common.errors import PipelineError, one_line
 from pipeline.common.hashing import sha256_file
 from pipeline.model import lora
 from pipeline.model.checkpoint import ADAPTER, WEIGHTS, load_state_into, save_model, save_tensors
 from pipeline.model.gpt import GPT
+from pipeline.train import sharded
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +46,12 @@ STATE = "state.json"
 TRAINER = "trainer.pt"
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
+SHARDS_DIR = "shards"
 PREFIX = "step_"
-# Tests set this to a step number: the process SIGKILLs itself right after that checkpoint is fsynced.
+# Tests set this to a step number: the process SIGKILLs itself right after that checkpoint is fsynced (only the
+# rank named by KILL_RANK when it is set; under torchrun only in its first attempt, so a restart runs on).
 KILL_AFTER_CHECKPOINT = "LLM_PIPELINE_KILL_AFTER_CHECKPOINT"
+KILL_RANK = "LLM_PIPELINE_KILL_RANK"
 
 
 class CorruptCheckpoint(PipelineError):
@@ -53,6 +63,14 @@ class Restored:
     path: Path
     state: dict  # state.json
     trainer: dict  # trainer.pt
+
+
+@dataclass
+class Shards:
+    """What a sharded checkpoint holds besides trainer.pt: the sharded model and its optimizer (all ranks')."""
+
+    optimizer: torch.optim.Optimizer
+    is_main: bool
 
 
 def checkpoint_path(checkpoint_dir: Path, step: int) -> Path:
@@ -79,27 +97,63 @@ def save_checkpoint(checkpoint_dir: Path, step: int, model: GPT, trainer: dict, 
             (tmp / ADAPTER_DIR).mkdir()
             save_tensors(lora.adapter_state(model), tmp / ADAPTER_DIR / ADAPTER)
             (tmp / ADAPTER_DIR / "adapter.json").write_text(json.dumps(info.to_dict(), indent=1) + "\n")
-        # tensors and plain data only, so it loads with weights_only=True; through a Python file, so that a full
-        # disk is an OSError (errno 28) naming the file, not torch's "file write failed" RuntimeError (torch
-        # raises its own "unexpected pos" on top of a failed write: the OSError is its context)
-        with (tmp / TRAINER).open("wb") as out:
-            try:
-                torch.save(trainer, out)
-            except (OSError, RuntimeError) as exc:
-                failed = exc if isinstance(exc, OSError) else exc.__context__
-                if not isinstance(failed, OSError):
-                    raise
-                raise OSError(failed.errno, failed.strerror, str(tmp / TRAINER)) from exc
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        hashes = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in files}
-        # state.json last: it vouches for every file written before it
-        (tmp / STATE).write_text(json.dumps({**state, "step": step, "files": hashes}, indent=1) + "\n")
+        _seal(tmp, step, trainer, state)
     fsync_tree(final)  # on disk before training goes on: a crash after this point keeps the checkpoint
-    if os.environ.get(KILL_AFTER_CHECKPOINT) == str(step):
-        os.kill(
-            os.getpid(), signal.SIGKILL
-        )  # the tests' deterministic crash: checkpoint `step` is on disk, no later
+    _crash_if_asked(step)
     return final
+
+
+def save_sharded_checkpoint(
+    checkpoint_dir: Path, step: int, model: torch.nn.Module, shards: Shards, trainer: dict, state: dict
+) -> Path:
+    """Every rank writes its shards of ``step``'s checkpoint; rank 0 seals it and renames it into place."""
+    final = checkpoint_path(checkpoint_dir, step)
+    with atomic_path(final) if shards.is_main else contextlib.nullcontext() as tmp:
+        if shards.is_main:
+            tmp.mkdir()
+        if dist.is_initialized():  # every rank writes into rank 0's temp directory
+            shared = [str(tmp) if shards.is_main else None]
+            dist.broadcast_object_list(shared, src=0)
+            tmp = Path(shared[0])
+        sharded.save_state(tmp / SHARDS_DIR, model, shards.optimizer)  # returns when every rank's are written
+        if shards.is_main:
+            _seal(tmp, step, trainer, state)
+    if shards.is_main:
+        fsync_tree(final)
+    if dist.is_initialized():
+        dist.barrier()  # the checkpoint is in place before any rank goes on (or is killed below)
+    _crash_if_asked(step)
+    return final
+
+
+def _seal(tmp: Path, step: int, trainer: dict, state: dict) -> None:
+    """trainer.pt, then state.json with the sha256 of every file in ``tmp``."""
+    # tensors and plain data only, so it loads with weights_only=True; through a Python file, so that a full
+    # disk is an OSError (errno 28) naming the file, not torch's "file write failed" RuntimeError (torch
+    # raises its own "unexpected pos" on top of a failed write: the OSError is its context)
+    with (tmp / TRAINER).open("wb") as out:
+        try:
+            torch.save(trainer, out)
+        except (OSError, RuntimeError) as exc:
+            failed = exc if isinstance(exc, OSError) else exc.__context__
+            if not isinstance(failed, OSError):
+                raise
+            raise OSError(failed.errno, failed.strerror, str(tmp / TRAINER)) from exc
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    hashes = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in files}
+    # state.json last: it vouches for every file written before it
+    (tmp / STATE).write_text(json.dumps({**state, "step": step, "files": hashes}, indent=1) + "\n")
+
+
+def _crash_if_asked(step: int) -> None:
+    """The tests' deterministic crash: checkpoint ``step`` is on disk, no later."""
+    if os.environ.get(KILL_AFTER_CHECKPOINT) != str(step):
+        return
+    if os.environ.get(KILL_RANK, os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+        return
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":  # torchrun's restarted group runs on
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def read_state(path: Path) -> dict:
@@ -112,14 +166,26 @@ def read_state(path: Path) -> dict:
     return state
 
 
-def load_checkpoint(path: Path, model: GPT, state: dict) -> Restored:
-    """Verify every file's hash, then load the weights into ``model``; raises CorruptCheckpoint."""
+def load_checkpoint(path: Path, model: GPT, state: dict, shards: Shards | None = None) -> Restored:
+    """Verify every file's hash, then load the weights into ``model``; raises CorruptCheckpoint.
+
+    With ``shards`` (a collective) the weights and optimizer state come from the checkpoint's shards/,
+    resharded to this run's world size."""
     for name, expected in state["files"].items():
         file = path / name
         if not file.is_file():
             raise CorruptCheckpoint(f"{file}: missing")
         if sha256_file(file) != expected:
             raise CorruptCheckpoint(f"{file}: contents do not match the recorded sha256")
+    if shards is not None:
+        try:
+            trainer = torch.load(path / TRAINER, map_location="cpu", weights_only=True)
+            sharded.load_state(path / SHARDS_DIR, model, shards.optimizer)
+        except (OSError, RuntimeError, sharded.UnreadableShards) as exc:
+            raise CorruptCheckpoint(
+                f"{path}: unreadable ({exc.__class__.__name__}: {one_line(str(exc))})"
+            ) from None
+        return Restored(path, state, trainer)
     info = lora.adapter_info(model)
     weights_path = path / MODEL_DIR / WEIGHTS if info is None else path / ADAPTER_DIR / ADAPTER
     try:
@@ -161,7 +227,9 @@ def remove_interrupted(checkpoint_dir: Path) -> list[Path]:
     return leftovers
 
 
-def restore_latest(checkpoint_dir: Path, model: GPT, run_key: str) -> Restored | None:
+def restore_latest(
+    checkpoint_dir: Path, model: GPT, run_key: str, shards: Shards | None = None
+) -> Restored | None:
     """Load the newest good checkpoint of this run into ``model`` (after removing interrupted writes' leftovers).
 
     A corrupt newer checkpoint is skipped with a warning; checkpoints of another run are ignored.
@@ -174,7 +242,7 @@ def restore_latest(checkpoint_dir: Path, model: GPT, run_key: str) -> Restored |
             state = read_state(path)
             if state.get("run_key") != run_key:  # another run's checkpoint: not ours, but not corrupt either
                 continue
-            restored = load_checkpoint(path, model, state)
+            restored = load_checkpoint(path, model, state, shards)
         except CorruptCheckpoint as exc:
             log.warning("corrupt checkpoint skipped, falling back to the previous one: %s", exc)
             corrupt.append(exc)

@@ -33,8 +33,8 @@ VOCAB, CONTEXT = 64, 32
 class CountingObjective:
     """Sequences that count upward modulo VOCAB from a random start: easy to learn, cheap to make."""
 
-    def __init__(self, seed: int, batch_size: int):
-        self.seed, self.batch_size = seed, batch_size
+    def __init__(self, seed: int, batch_size: int, grad_accum: int = 1):
+        self.seed, self.batch_size, self.grad_accum = seed, batch_size, grad_accum
 
     def _batch(self, generator: torch.Generator) -> Batch:
         start = torch.randint(0, VOCAB, (self.batch_size, 1), generator=generator)
@@ -42,7 +42,10 @@ class CountingObjective:
         return {"input_ids": seq[:, :-1], "targets": seq[:, 1:]}
 
     def train_batch(self, step: int, micro_step: int, rank: int, world_size: int) -> Batch:
-        key = (self.seed * 1_000_003 + step) * 1009 + micro_step * 101 + rank
+        number = (
+            step * self.grad_accum + micro_step
+        ) * world_size + rank  # the run's n-th batch, as pretrain's
+        key = self.seed * 1_000_003 + number  # so 2 ranks × 1 micro-step see what 1 rank × 2 micro-steps sees
         return self._batch(torch.Generator().manual_seed(key))
 
     def eval_batches(self):
@@ -90,7 +93,7 @@ def main() -> None:
             ),
         }
     )
-    objective = CountingObjective(params.seed, params.batch_size)
+    objective = CountingObjective(params.seed, params.batch_size, params.grad_accum)
     model = lora.apply_lora(tiny_model(), params.lora, "worker.lora", params.seed)  # rank 0: unchanged
     result = train(
         model,
@@ -100,9 +103,11 @@ def main() -> None:
         report_dir=args.out / "report",
         desc="worker",
     )
+    rank = int(os.environ.get("RANK", 0))
+    if rank != 0 and params.parallel == "fsdp":  # FSDP gathers the whole model on rank 0 only
+        return
     if lora.adapter_info(result.model) is not None:
         result.model = lora.merge(result.model)
-    rank = int(os.environ.get("RANK", 0))
     (args.out / f"digest_rank{rank}.txt").write_text(weights_digest(result.model))
     if rank == 0:
         save_model(args.out / "model", result.model)
@@ -110,9 +115,14 @@ def main() -> None:
 
 
 def start(
-    out: Path, params: TrainParams, launcher: list[str] | None = None, kill_after: int | None = None
+    out: Path,
+    params: TrainParams,
+    launcher: list[str] | None = None,
+    kill_after: int | None = None,
+    kill_rank: int | None = None,
 ) -> subprocess.Popen:
-    """This module in a child process (under ``launcher``, torchrun say), killed after ``kill_after`` checkpoints."""
+    """This module in a child process (under ``launcher``, torchrun say), killed after ``kill_after`` checkpoints
+    (only rank ``kill_rank``, when given)."""
     cmd = [
         *(launcher or [sys.executable]),
         "-m",
@@ -125,6 +135,8 @@ def start(
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     if kill_after is not None:
         env[resume.KILL_AFTER_CHECKPOINT] = str(kill_after)
+    if kill_rank is not None:
+        env[resume.KILL_RANK] = str(kill_rank)
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

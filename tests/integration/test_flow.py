@@ -204,13 +204,15 @@ def test_dvc_remote_lets_another_clone_reuse_results(prefect_harness, project, t
     assert (clone / "models/model.txt").read_text() == (project / "models/model.txt").read_text()
 
 
-def test_flow_launches_a_two_process_ddp_pretrain(prefect_harness, tmp_path):
-    project = make_project(tmp_path / "ddp", {"pretrain": {"nproc_per_node": 2}})
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_flow_launches_a_two_process_pretrain(prefect_harness, tmp_path, parallel):
+    project = make_project(tmp_path / parallel, {"pretrain": {"nproc_per_node": 2, "parallel": parallel}})
     result = flow.pipeline_flow(stages=["download", "tokenize", "pretrain"], project=str(project))
     assert result == {"download": "ran", "tokenize": "ran", "pretrain": "ran"}
-    checkpoints = sorted((project / "checkpoints/pretrain").glob("step_*/state.json"))
-    assert json.loads(checkpoints[-1].read_text())["data_position"]["world_size"] == 2
-    assert (project / "models/base/model.safetensors").is_file()
+    checkpoints = sorted((project / "checkpoints/pretrain").glob("step_*"))
+    assert json.loads((checkpoints[-1] / "state.json").read_text())["data_position"]["world_size"] == 2
+    assert (checkpoints[-1] / "shards").is_dir() == (parallel == "fsdp")  # each rank wrote its shard
+    assert (project / "models/base/model.safetensors").is_file()  # one file, gathered on rank 0
 
 
 def test_cli_runs_the_flow_and_reports_failures(prefect_harness, project, capsys):

@@ -39,6 +39,9 @@ _TRAIN = {
     "nproc_per_node": [0],
     "nnodes": [0],
     "rdzv_endpoint": ["node0", "node0:99999", "node0:0"],
+    "parallel": ["zero3", 1],
+    "max_restarts": [-1, 1.5],
+    "rdzv_timeout": [0],
 }
 
 _LORA = {
@@ -226,6 +229,18 @@ def test_invalid_value_is_one_line_naming_the_key(key, tmp_path, capsys):
         assert exc.value.code == 1, (key, value)
         assert err.count("\n") == 1 and err.startswith(f"error: {path}: "), (key, value, err)
         assert _named(key) in err, (key, value, err)
+
+
+@pytest.mark.parametrize("section", ["pretrain", "sft", "dpo", "classify"])
+def test_muon_with_fsdp_is_one_line_naming_both_params(section, tmp_path, capsys):
+    path = tmp_path / "params.yaml"
+    override = {section: {"optimizer": "muon", "parallel": "fsdp"}}
+    path.write_text(yaml.safe_dump(merge_params(tiny_params(), override)))
+    with pytest.raises(SystemExit) as exc:
+        exit_on_error(load_params)(path)
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and err.count("\n") == 1, err
+    assert f"{section}.optimizer: muon" in err and f"{section}.parallel: fsdp" in err, err
 
 
 def test_the_examples_name_only_real_keys():

@@ -138,8 +138,9 @@ def load_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-def gather_whole(model: nn.Module, whole: nn.Module, is_main: bool) -> nn.Module:
-    """The full weights of sharded ``model`` loaded into ``whole`` (its skeleton) on rank 0; a collective."""
+def gather_whole(model: nn.Module, whole: nn.Module, is_main: bool, device: torch.device) -> nn.Module:
+    """The full weights of sharded ``model`` loaded into ``whole`` (its skeleton) on rank 0, on ``device`` as the
+    unsharded model would be; a collective."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not is_main:  # cpu_offload: only rank 0 receives the full tensors
         return model
@@ -147,4 +148,4 @@ def gather_whole(model: nn.Module, whole: nn.Module, is_main: bool) -> nn.Module
     tied = getattr(getattr(whole, "cfg", None), "tie_weights", False)
     if tied:  # assign gave the tied head its own Parameter: tie it again
         whole.out_head.weight = whole.tok_emb.weight
-    return whole
+    return whole.to(device)  # gathered on the CPU (cpu_offload)

@@ -15,9 +15,11 @@ It knows nothing of checkpoint directories, digests or steps (``train/resume.py`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -111,14 +113,25 @@ def set_gradient_sync(model: nn.Module, sync: bool) -> None:
     model.set_requires_gradient_sync(sync)
 
 
+@contextlib.contextmanager
+def _one_process_quietly():
+    """DCP warns that it "assumes a single process" on every save and load without a group: that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+        )
+        yield
+
+
 def save_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Every rank writes its shards of the weights and optimizer state into ``directory`` (a collective)."""
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save(
-        {"model": model_state, "optim": optim_state},
-        storage_writer=dcp.FileSystemWriter(directory),
-        no_dist=not dist.is_initialized(),  # one process: no group to coordinate with
-    )
+    with _one_process_quietly():
+        dcp.save(
+            {"model": model_state, "optim": optim_state},
+            storage_writer=dcp.FileSystemWriter(directory),
+            no_dist=not dist.is_initialized(),  # one process: no group to coordinate with
+        )
 
 
 def load_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -126,12 +139,13 @@ def load_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     model_state, optim_state = get_state_dict(model, optimizer)  # the shapes to fill: this run's shards
     state = {"model": model_state, "optim": optim_state}
     try:
-        dcp.load(
-            state,
-            storage_reader=SafeReader(directory),
-            planner=SafeLoadPlanner(),
-            no_dist=not dist.is_initialized(),
-        )
+        with _one_process_quietly():
+            dcp.load(
+                state,
+                storage_reader=SafeReader(directory),
+                planner=SafeLoadPlanner(),
+                no_dist=not dist.is_initialized(),
+            )
     except CheckpointException as exc:  # DCP gathers each rank's failure: the first one says what was wrong
         first = next(iter(exc.failures.values()), exc)
         raise UnreadableShards(str(getattr(first, "exc", first))) from None

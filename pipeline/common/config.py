@@ -239,9 +239,8 @@ class TrainParams:
     )
     # ddp: every process holds the whole model | fsdp: FSDP2 shards weights, gradients and optimizer state
     parallel: Literal["ddp", "fsdp"] = "ddp"
-    max_restarts: int = _non_negative(
-        0
-    )  # torchrun's elastic restarts after a worker dies (resumes its checkpoint)
+    # torchrun's elastic restarts after a worker dies (the restarted group resumes its newest checkpoint)
+    max_restarts: int = _non_negative(0)
     rdzv_timeout: int = _positive(600)  # seconds to wait for every node at the rendezvous (nnodes > 1)
     lora: LoRAParams = field(default_factory=LoRAParams)
 

@@ -112,8 +112,8 @@ def relaunch_under_torchrun(module: str, p: TrainParams) -> None:
         raise PipelineError(errors[0])
     if any(name in line for line in tail for name in _RENDEZVOUS_ERRORS):
         raise PipelineError(
-            f"{module}: the rendezvous at {p.rdzv_endpoint} did not gather {p.nnodes} nodes within "
-            f"{p.rdzv_timeout} s (rdzv_endpoint, nnodes, rdzv_timeout)"
+            f"{module}: the rendezvous at {p.rdzv_endpoint} was not reached or did not gather {p.nnodes} nodes "
+            f"within {p.rdzv_timeout} s (rdzv_endpoint, nnodes, rdzv_timeout)"
         )
     raise PipelineError(
         f"{module}: the torchrun workers failed (exit {proc.returncode}, max_restarts: {p.max_restarts}); "

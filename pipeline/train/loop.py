@@ -467,9 +467,9 @@ class _Trainer:
             "summary/trainable_share": self.trainable[0] / self.trainable[1],
         }
         self.metrics.flush(summary)
-        model = (
-            self.raw if self.whole is None else sharded.gather_whole(self.raw, self.whole, self.ctx.is_main)
-        )
+        model = self.raw
+        if self.whole is not None:  # FSDP: the whole model on rank 0 (other ranks keep their shards)
+            model = sharded.gather_whole(self.raw, self.whole, self.ctx.is_main, self.device)
         model.eval()
         return TrainResult(model, {**self.metrics.latest(), **summary, "step": self.step})
 

@@ -15,15 +15,18 @@ It knows nothing of checkpoint directories, digests or steps (``train/resume.py`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint._nested_dict import set_element  # DCP's own helper (as its planner uses)
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
@@ -78,8 +81,6 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
         loaded = torch.load(value, weights_only=True)
         if self.flatten_state_dict:
-            from torch.distributed.checkpoint._nested_dict import set_element  # noqa: PLC0415 — DCP's helper
-
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
         else:
             self.state_dict[read_item.dest_index.fqn] = loaded
@@ -111,14 +112,25 @@ def set_gradient_sync(model: nn.Module, sync: bool) -> None:
     model.set_requires_gradient_sync(sync)
 
 
+@contextlib.contextmanager
+def _one_process_quietly():
+    """DCP warns that it "assumes a single process" on every save and load without a group: that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+        )
+        yield
+
+
 def save_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Every rank writes its shards of the weights and optimizer state into ``directory`` (a collective)."""
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save(
-        {"model": model_state, "optim": optim_state},
-        storage_writer=dcp.FileSystemWriter(directory),
-        no_dist=not dist.is_initialized(),  # one process: no group to coordinate with
-    )
+    with _one_process_quietly():
+        dcp.save(
+            {"model": model_state, "optim": optim_state},
+            storage_writer=dcp.FileSystemWriter(directory),
+            no_dist=not dist.is_initialized(),  # one process: no group to coordinate with
+        )
 
 
 def load_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -126,20 +138,22 @@ def load_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     model_state, optim_state = get_state_dict(model, optimizer)  # the shapes to fill: this run's shards
     state = {"model": model_state, "optim": optim_state}
     try:
-        dcp.load(
-            state,
-            storage_reader=SafeReader(directory),
-            planner=SafeLoadPlanner(),
-            no_dist=not dist.is_initialized(),
-        )
+        with _one_process_quietly():
+            dcp.load(
+                state,
+                storage_reader=SafeReader(directory),
+                planner=SafeLoadPlanner(),
+                no_dist=not dist.is_initialized(),
+            )
     except CheckpointException as exc:  # DCP gathers each rank's failure: the first one says what was wrong
         first = next(iter(exc.failures.values()), exc)
         raise UnreadableShards(str(getattr(first, "exc", first))) from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-def gather_whole(model: nn.Module, whole: nn.Module, is_main: bool) -> nn.Module:
-    """The full weights of sharded ``model`` loaded into ``whole`` (its skeleton) on rank 0; a collective."""
+def gather_whole(model: nn.Module, whole: nn.Module, is_main: bool, device: torch.device) -> nn.Module:
+    """The full weights of sharded ``model`` loaded into ``whole`` (its skeleton) on rank 0, on ``device`` as the
+    unsharded model would be; a collective."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not is_main:  # cpu_offload: only rank 0 receives the full tensors
         return model
@@ -147,4 +161,4 @@ def gather_whole(model: nn.Module, whole: nn.Module, is_main: bool) -> nn.Module
     tied = getattr(getattr(whole, "cfg", None), "tie_weights", False)
     if tied:  # assign gave the tied head its own Parameter: tie it again
         whole.out_head.weight = whole.tok_emb.weight
-    return whole
+    return whole.to(device)  # gathered on the CPU (cpu_offload)

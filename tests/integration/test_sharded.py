@@ -1,5 +1,5 @@
 """FSDP under torchrun (gloo, CPU): the single-process losses, sharded checkpoints resumed into other world
-sizes, and a SIGKILLed worker brought back by torchrun's elastic restart."""
+sizes, a SIGKILLed worker brought back by torchrun's elastic restart, LoRA, and the fine-tuning stages."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from pipeline.common.config import LoRAParams, TrainParams
 from pipeline.model.checkpoint import load_model
 from pipeline.train import resume, sharded
+from tests.helpers.project import make_project, run
 from tests.helpers.train_worker import finish, start
 
 # 2 ranks × 2 micro-steps = 4 batches a step; one rank with 4 micro-steps sees the same 4 (train_worker's numbering)
@@ -118,3 +119,17 @@ def test_lora_under_fsdp_trains_only_the_adapters_as_one_process_does(tmp_path):
     metadata = sharded.SafeReader(tmp_path / "fsdp/checkpoints/step_00000006/shards").read_metadata()
     moments = [k for k in metadata.state_dict_metadata if k.startswith("optim.state.")]
     assert moments and all(".lora." in k for k in moments), "optimizer state for the adapters only"
+
+
+def test_sft_dpo_and_classify_run_under_fsdp_with_two_processes(tmp_path):
+    fsdp = {"nproc_per_node": 2, "parallel": "fsdp", "dtype": "fp32"}
+    root = make_project(tmp_path / "project", {"sft": fsdp, "dpo": fsdp, "classify": fsdp})
+    run([sys.executable, "-m", "dvc", "repro", "sft", "dpo", "classify"], root)
+    for stage in ("sft", "dpo", "classify"):
+        newest = resume.list_checkpoints(root / "checkpoints" / stage)[0]
+        assert sorted(p.name for p in (newest / "shards").glob("*.distcp")) == [
+            "__0_0.distcp",
+            "__1_0.distcp",
+        ]
+    for model in ("sft", "dpo", "classifier"):
+        assert (root / "models" / model / "model.safetensors").is_file()  # one file, gathered on rank 0

@@ -54,6 +54,18 @@ _GPT2_VALUES = {name: values[0] for name, values in CHOICES.items()} | {"qk_norm
 
 def require_gpt2(cfg: GPTConfig, fmt: str, formats_key: str) -> None:
     """Refuse, in one line, a model whose architecture options a GPT-2 file format (``fmt``) cannot hold."""
+    shapes = {  # the Llama family's shape options, with what GPT-2 computes instead
+        "n_kv_head": (cfg.kv_heads, cfg.n_head, "grouped-query attention"),
+        "head_size": (cfg.head_dim, cfg.n_embd // cfg.n_head, "heads wider than n_embd / n_head"),
+        "hidden_dim": (cfg.mlp_hidden, 4 * cfg.n_embd, "an MLP width other than 4·n_embd"),
+        "norm_eps": (cfg.norm_eps, 1e-5, "a norm epsilon other than 1e-5"),
+        "rope_factor": (cfg.rope_factor, 1.0, "rope frequency scaling"),
+    }
+    for name, (value, gpt2, what) in shapes.items():
+        if value != gpt2:
+            raise PipelineError(
+                f"model.{name}={value}: {fmt} cannot hold {what} (or drop {formats_key} from export.formats)"
+            )
     for name, names in _NOT_GPT2.items():
         value = getattr(cfg, name)
         if value in names:
@@ -110,6 +122,7 @@ def config_from_hf(hf: dict, origin: str) -> dict:
         "dropout": hf.get("resid_pdrop", 0.1),
         # GPT-2 always has a qkv bias; our exports of bias-free models write zeros and say so.
         "qkv_bias": ours.get("qkv_bias", True),
+        "bias": ours.get("bias", True),
         "tie_weights": hf.get("tie_word_embeddings", True),
     }
 
@@ -133,10 +146,12 @@ def from_gpt2(state: dict[str, torch.Tensor], cfg: GPTConfig, origin: str) -> di
     for i in range(cfg.n_layer):
         for theirs, mine, conv1d in _BLOCK:
             tensor = state[f"h.{i}.{theirs}"]
-            if mine == "att.qkv.bias" and not cfg.qkv_bias:
+            # a bias our shape lacks was written as zeros (qkv_bias / bias false)
+            flag = "qkv_bias" if mine == "att.qkv.bias" else "bias"
+            if mine.endswith(".bias") and not mine.startswith("norm") and not getattr(cfg, flag):
                 if torch.count_nonzero(tensor):
                     raise PipelineError(
-                        f"{origin}: h.{i}.attn.c_attn.bias is not zero but the config says qkv_bias false"
+                        f"{origin}: h.{i}.{theirs} is not zero but the config says {flag} false"
                     )
                 continue
             ours[f"blocks.{i}.{mine}"] = (
@@ -155,9 +170,9 @@ def to_gpt2(state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.T
     for i in range(cfg.n_layer):
         for theirs, mine, conv1d in _BLOCK:
             name = f"blocks.{i}.{mine}"
-            # GPT-2's layout always has one: zeros compute the same
-            if mine == "att.qkv.bias" and not cfg.qkv_bias:
-                tensor = torch.zeros(3 * cfg.n_embd, dtype=state[f"blocks.{i}.att.qkv.weight"].dtype)
+            # GPT-2's layout always has biases: zeros compute the same
+            if mine.endswith(".bias") and name not in state:
+                tensor = torch.zeros(state[name.replace(".bias", ".weight")].shape[0])
             else:
                 tensor = state[name].t() if conv1d else state[name]
             out[f"{PREFIX}h.{i}.{theirs}"] = tensor

@@ -36,6 +36,11 @@ def model_config(model: ModelParams, vocab_size: int, origin: str = "params.yaml
             "norm",
             "mlp",
             "qk_norm",
+            "n_kv_head",
+            "head_size",
+            "hidden_dim",
+            "bias",
+            "norm_eps",
         )
     }
     try:

@@ -141,7 +141,10 @@ class CorpusParams:
 
 @dataclass(frozen=True)
 class TokenizerParams:
-    kind: Literal["bpe", "gpt2", "char"] = "bpe"
+    kind: Literal["bpe", "gpt2", "char", "hf"] = "bpe"
+    # hf: a model's own tokenizer.json — a directory (or the file) holding it, or a Hub repo id (owner/name)
+    source: str | None = _non_empty(None)
+    revision: str | None = _non_empty(None)  # hf from the Hub: commit, branch or tag (None → main)
     vocab_size: int = rule(
         4096, lambda v: 256 + 16 <= v <= 2**31 - 1, "in [272, 2**31) (256 bytes + special tokens)"
     )
@@ -149,6 +152,13 @@ class TokenizerParams:
     # train on a seeded sample of this many bytes of the train split; None → all of it
     train_bytes: int | None = rule(None, lambda v: v >= 1 << 20, ">= 1048576 (1 MiB) or null")
     seed: int = _seed(1337)  # which sample
+
+    def __post_init__(self) -> None:
+        if (self.kind == "hf") != (self.source is not None):
+            raise ConfigError(
+                "tokenizer.source names the tokenizer.json of tokenizer.kind: hf, and only of it "
+                f"(kind {self.kind}, source {self.source!r})"
+            )
 
 
 @dataclass(frozen=True)

@@ -261,8 +261,7 @@ def check_hf(
     }
 
 
-def hf_readme(cfg: dict, source: str, template: str, metrics: dict) -> str:
-    name = architecture(GPTConfig.from_dict(cfg))
+def hf_readme(cfg: dict, source: str, template: str, metrics: dict, name: str) -> str:
     return f"""# {source} for transformers
 
 A {name.removesuffix("ForCausalLM").removesuffix("LMHeadModel")}-architecture model ({cfg["n_layer"]} layers,
@@ -298,7 +297,10 @@ def export_hf(
     with atomic_path(out_dir) as tmp:
         write_hf(model, enc, meta, tmp, template, source=source, **extra)
         metrics = check_hf(model, enc, tmp, windows, params)
-        (tmp / CARD).write_text(hf_readme(model.cfg.to_dict(), source, template, metrics), encoding="utf-8")
+        (tmp / CARD).write_text(
+            hf_readme(model.cfg.to_dict(), source, template, metrics, architecture(model.cfg)),
+            encoding="utf-8",
+        )
     return metrics
 
 

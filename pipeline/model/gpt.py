@@ -197,6 +197,47 @@ PRESETS: dict[str, GPTConfig] = {
         vocab_size=50257, context_length=1024, n_embd=1280, n_head=20, n_layer=36, dropout=0.1
     ),
 }
+# The Llama family's shapes, as their config.json files give them (init_from reads the same from the checkpoint).
+_LLAMA = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}
+PRESETS |= {
+    "smollm2-135m": GPTConfig(
+        **_LLAMA,
+        vocab_size=49152,
+        context_length=8192,
+        n_embd=576,
+        n_head=9,
+        n_kv_head=3,
+        n_layer=30,
+        hidden_dim=1536,
+        rope_base=100000.0,
+    ),
+    "llama3.2-1b": GPTConfig(
+        **_LLAMA,
+        vocab_size=128256,
+        context_length=131072,
+        n_embd=2048,
+        n_head=32,
+        n_kv_head=8,
+        n_layer=16,
+        hidden_dim=8192,
+        rope_base=500000.0,
+        rope_factor=32.0,
+    ),
+    "qwen3-0.6b": GPTConfig(
+        **_LLAMA,
+        vocab_size=151936,
+        context_length=40960,
+        n_embd=1024,
+        n_head=16,
+        n_kv_head=8,
+        head_size=128,
+        n_layer=28,
+        hidden_dim=3072,
+        rope_base=1000000.0,
+        norm_eps=1e-6,
+        qk_norm=True,
+    ),
+}
 
 
 def config_from_preset(preset: str, **overrides) -> GPTConfig:

@@ -54,18 +54,6 @@ _GPT2_VALUES = {name: values[0] for name, values in CHOICES.items()} | {"qk_norm
 
 def require_gpt2(cfg: GPTConfig, fmt: str, formats_key: str) -> None:
     """Refuse, in one line, a model whose architecture options a GPT-2 file format (``fmt``) cannot hold."""
-    shapes = {  # the Llama family's shape options, with what GPT-2 computes instead
-        "n_kv_head": (cfg.kv_heads, cfg.n_head, "grouped-query attention"),
-        "head_size": (cfg.head_dim, cfg.n_embd // cfg.n_head, "heads wider than n_embd / n_head"),
-        "hidden_dim": (cfg.mlp_hidden, 4 * cfg.n_embd, "an MLP width other than 4·n_embd"),
-        "norm_eps": (cfg.norm_eps, 1e-5, "a norm epsilon other than 1e-5"),
-        "rope_factor": (cfg.rope_factor, 1.0, "rope frequency scaling"),
-    }
-    for name, (value, gpt2, what) in shapes.items():
-        if value != gpt2:
-            raise PipelineError(
-                f"model.{name}={value}: {fmt} cannot hold {what} (or drop {formats_key} from export.formats)"
-            )
     for name, names in _NOT_GPT2.items():
         value = getattr(cfg, name)
         if value in names:
@@ -73,6 +61,15 @@ def require_gpt2(cfg: GPTConfig, fmt: str, formats_key: str) -> None:
             raise PipelineError(
                 f"model.{name}={shown}: {fmt} cannot hold {names[value]}; export a model trained "
                 f"with {name}: {_GPT2_VALUES[name]} (or drop {formats_key} from export.formats)"
+            )
+    shapes = {  # the Llama family's attention shapes, with what GPT-2's one c_attn matrix computes instead
+        "n_kv_head": (cfg.kv_heads, cfg.n_head, "grouped-query attention"),
+        "head_size": (cfg.head_dim, cfg.n_embd // cfg.n_head, "heads of another width than n_embd / n_head"),
+    }
+    for name, (value, gpt2, what) in shapes.items():
+        if value != gpt2:
+            raise PipelineError(
+                f"model.{name}={value}: {fmt} cannot hold {what} (or drop {formats_key} from export.formats)"
             )
 
 
@@ -101,8 +98,6 @@ def config_from_hf(hf: dict, origin: str) -> dict:
     # (value, what our GPT computes): a checkpoint with anything else would load, but compute another function
     unsupported = {
         "activation_function": (hf.get("activation_function", "gelu_new"), GELU_TANH),
-        "layer_norm_epsilon": (hf.get("layer_norm_epsilon", 1e-5), (1e-5,)),
-        "n_inner": (hf.get("n_inner"), (None, 4 * n_embd)),
         "scale_attn_weights": (hf.get("scale_attn_weights", True), (True,)),
         "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False), (False,)),
         "add_cross_attention": (hf.get("add_cross_attention", False), (False,)),
@@ -124,6 +119,8 @@ def config_from_hf(hf: dict, origin: str) -> dict:
         "qkv_bias": ours.get("qkv_bias", True),
         "bias": ours.get("bias", True),
         "tie_weights": hf.get("tie_word_embeddings", True),
+        "hidden_dim": None if hf.get("n_inner") in (None, 4 * n_embd) else hf["n_inner"],
+        "norm_eps": float(hf.get("layer_norm_epsilon", 1e-5)),
     }
 
 
@@ -191,12 +188,12 @@ def config_to_hf(cfg: GPTConfig, eos_id: int, **extra: object) -> dict:
         "n_embd": cfg.n_embd,
         "n_head": cfg.n_head,
         "n_layer": cfg.n_layer,
-        "n_inner": None,
+        "n_inner": None if cfg.hidden_dim is None else cfg.mlp_hidden,
         "activation_function": "gelu_new",  # the tanh GELU, as our FeedForward computes
         "resid_pdrop": cfg.dropout,
         "embd_pdrop": cfg.dropout,
         "attn_pdrop": cfg.dropout,
-        "layer_norm_epsilon": 1e-5,
+        "layer_norm_epsilon": cfg.norm_eps,
         "initializer_range": 0.02,
         "scale_attn_weights": True,
         "use_cache": True,

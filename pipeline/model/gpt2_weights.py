@@ -249,11 +249,10 @@ def checkpoint_config(source: Source, n_vocab: int, tokenizer: dict, dropout: fl
                 f"{str(tokenizer.get('fingerprint'))[:12]} (same tokenizer params needed)"
             )
     elif family(source.hf_config) == "llama":
-        raise PipelineError(
-            f"model.init_from={source.label}: a {source.hf_config['model_type']} base needs its own tokenizer "
-            "(its tokenizer.json), which tokenizer.kind cannot load yet; only Llama-family models exported by "
-            "this pipeline (models/hf, with our tokenizer) continue here"
-        )
+        _check_own_tokenizer(source, tokenizer)
+        n_vocab = max(
+            stored, n_vocab
+        )  # rows the tokenizer leaves unused stay; our appended specials get rows
     elif tokenizer.get("kind") != "gpt2":
         raise PipelineError(
             f"model.init_from={source.label} needs tokenizer.kind: gpt2 (GPT-2's token ids), got {tokenizer.get('kind')!r}"
@@ -274,6 +273,21 @@ def checkpoint_config(source: Source, n_vocab: int, tokenizer: dict, dropout: fl
         return GPTConfig(**fields)
     except ModelConfigError as exc:
         raise PipelineError(f"{source.config_path}: {exc}") from None
+
+
+def _check_own_tokenizer(source: Source, tokenizer: dict) -> None:
+    """A Llama-family base meets its own tokenizer.json (tokenizer.kind hf), the file beside its config.json."""
+    beside = source.config_path.parent / "tokenizer.json"
+    if tokenizer.get("kind") != "hf" or not beside.is_file():
+        raise PipelineError(
+            f"model.init_from={source.label}: a {source.hf_config['model_type']} base needs its own tokenizer: "
+            f"set tokenizer.kind: hf and tokenizer.source: {source.label} (its tokenizer.json)"
+        )
+    if _sha256(beside) != tokenizer.get("tokenizer_json_sha256"):
+        raise PipelineError(
+            f"model.init_from={source.label}: data/tokenizer was made from another tokenizer.json than {beside} "
+            f"(tokenizer.source {tokenizer.get('source')!r}); point tokenizer.source at the base"
+        )
 
 
 def check_shape(cfg: GPTConfig, explicit: dict[str, object], label: str, origin: str = "params.yaml") -> None:

@@ -19,6 +19,7 @@ from pipeline.common.errors import PipelineError
 from pipeline.model.gpt import GPTConfig
 
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 PREFIX = "model."
 HEAD = "lm_head.weight"
 # (Hugging Face name in a layer, our name in a block) of the tensors every layer has.
@@ -61,7 +62,7 @@ def require_llama(cfg: GPTConfig, fmt: str, formats_key: str) -> None:
             )
     if cfg.qk_norm and cfg.bias:
         raise PipelineError(
-            f"model.bias=true: {fmt} as Qwen3 (qk_norm) has no biases in out_proj or the MLP; train with "
+            f"model.bias=true: {fmt} cannot hold Qwen3's (qk_norm) out_proj or MLP biases; train with "
             f"bias: false (or drop {formats_key} from export.formats)"
         )
 
@@ -80,6 +81,9 @@ def config_from_hf(hf: dict, origin: str) -> dict:
     kind = hf.get("model_type")
     if kind not in MODEL_TYPES:
         raise PipelineError(f"{origin}: model_type {kind!r} is not one of {', '.join(MODEL_TYPES)}")
+    missing = [k for k in REQUIRED if not isinstance(hf.get(k), int) or isinstance(hf.get(k), bool)]
+    if missing:
+        raise PipelineError(f"{origin}: not a {kind} config (no integer {', '.join(missing)})")
     theta, scaling = _rope(hf)
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     unsupported = {
@@ -257,4 +261,6 @@ def to_hf(state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Ten
         out[theirs + "self_attn.o_proj.weight"] = state[mine + "att.out_proj.weight"]
     if not cfg.tie_weights:
         out[HEAD] = state["out_head.weight"]
-    return {name: tensor.detach().contiguous() for name, tensor in out.items()}  # (the export holds a CPU model)
+    return {
+        name: tensor.detach().contiguous() for name, tensor in out.items()
+    }  # (the export holds a CPU model)

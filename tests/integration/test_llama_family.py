@@ -33,7 +33,7 @@ from pipeline.export.hf import export_hf_model
 from pipeline.model import gpt2_weights, llama_layout, lora
 from pipeline.model.checkpoint import load_model, save_model
 from pipeline.model.generate import stream_tokens
-from pipeline.model.gpt import GPT, GPTConfig
+from pipeline.model.gpt import GPT, PRESETS, GPTConfig
 from pipeline.model.sampling import SamplingOptions
 from tests.helpers.workspace import tokenize_corpus
 
@@ -249,6 +249,7 @@ def test_qwen3_full_shape_maps_on_the_meta_device_and_the_memory_check_names_the
         theirs = Qwen3ForCausalLM(config)
     state = {k: v for k, v in theirs.state_dict().items() if k != "lm_head.weight"}  # tied: stored once
     cfg = GPTConfig(**llama_layout.config_from_hf(config.to_dict(), "config.json"))
+    assert cfg == PRESETS["qwen3-0.6b"]  # the preset is the checkpoint's shape
     ours = llama_layout.from_hf(state, cfg, "qwen3-0.6b")
     with torch.device("meta"):
         model = GPT(cfg)
@@ -341,7 +342,7 @@ def test_our_llama_shapes_load_in_transformers_and_the_rest_are_refused_in_one_l
         ),
         "qwen3-bias": (
             dict(norm="rmsnorm", mlp="swiglu", qk_norm=True),
-            "model.bias=true: the Hugging Face Llama format as Qwen3 (qk_norm) has no biases",
+            "model.bias=true: the Hugging Face Llama format cannot hold Qwen3's (qk_norm) out_proj or MLP biases",
         ),
     }
     for name, (options, refusal) in cases.items():

@@ -460,3 +460,10 @@ def test_lora_and_the_classifier_head_serve_each_family(family):
     torch.manual_seed(0)
     classifier = GPT(replace(small(**FAMILIES[family]).cfg, n_classes=3, tie_weights=False)).eval()
     assert last_token_logits(classifier, x, torch.tensor([12, 5])).shape == (2, 3)
+
+
+def test_llama_family_presets_have_their_published_parameter_counts():
+    counts = {"smollm2-135m": 134_515_008, "llama3.2-1b": 1_235_814_400, "qwen3-0.6b": 596_049_920}
+    for name, count in counts.items():
+        with torch.device("meta"):  # shapes only: nothing allocated
+            assert GPT(PRESETS[name]).num_params(non_embedding=False) == count

@@ -31,6 +31,12 @@ BYTE_LEVEL_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p
 # SmolLM2's Digits(individual_digits) before ByteLevel: each digit alone, else GPT-2's pattern, where the
 # digit ends the piece before it (so whitespace before a digit stays whole, as at the end of a text)
 DIGITS_PATTERN = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
+# The Split regexes of Llama 3's and Qwen2/Qwen3's tokenizer.json (llama.cpp knows them as llama-bpe and qwen2)
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 CHECK_CHARS = 400_000  # of the texts handed to the check: enough to meet every common merge
 # Checked first: digits after spaces, CRLF, contractions, accents (composed and not), emoji, CJK
 EDGE_TEXTS = (

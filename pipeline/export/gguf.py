@@ -35,8 +35,10 @@ import torch
 from pipeline.common.atomic import atomic_path
 from pipeline.common.config import ExportParams
 from pipeline.common.errors import PipelineError, one_line
+from pipeline.data import tokenizer_json
 from pipeline.data.prompts import ALPACA_PREAMBLE
 from pipeline.data.tokenizer import ASSISTANT, CHAR_PATTERN, END_OF_TURN, EOT, GPT2_PATTERN
+from pipeline.data.tokenizer_json import byte_to_unicode
 from pipeline.model import llama_layout
 from pipeline.model.gpt import GPT, GPTConfig
 from pipeline.model.gpt2_layout import require_gpt2
@@ -54,7 +56,15 @@ GPT4_PATTERN = (
     r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]"
     r"|\s+(?!\S)|\s+"
 )
-PRE_TOKENIZERS = {GPT4_PATTERN: "llama-bpe", GPT2_PATTERN: "gpt-2"}
+PRE_TOKENIZERS = {
+    GPT4_PATTERN: "llama-bpe",
+    GPT2_PATTERN: "gpt-2",
+    # tokenizer.kind hf: the patterns of the Llama family's own tokenizer.json files (data/tokenizer_json.py)
+    tokenizer_json.LLAMA3_PATTERN: "llama-bpe",
+    tokenizer_json.QWEN2_PATTERN: "qwen2",
+    tokenizer_json.DIGITS_PATTERN: "smollm",
+    tokenizer_json.BYTE_LEVEL_PATTERN: "gpt-2",
+}
 MODELFILE = "Modelfile"
 FORMAT = "the GGUF GPT-2 format (llama.cpp's gpt2 architecture)"
 LLAMA_FORMAT = "GGUF's Llama family (llama.cpp's llama and qwen3 architectures)"
@@ -87,23 +97,6 @@ def pre_tokenizer(enc: tiktoken.Encoding, kind: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
-
-
-def byte_to_unicode() -> dict[int, str]:
-    """GPT-2's printable stand-in for every byte (the alphabet byte-level BPE vocabularies are written in)."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
 
 
 def _split_below(token: bytes, ranks: dict[bytes, int]) -> list[bytes]:

@@ -8,11 +8,15 @@ One test maps Qwen3-0.6B at full shape on the meta device (no weights allocated)
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from tokenizers import Tokenizer
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -25,8 +29,9 @@ from transformers import (
 
 from pipeline.common.config import ExportParams, LoRAParams
 from pipeline.common.errors import PipelineError
+from pipeline.data import tokenizer_json
 from pipeline.data.shards import ShardDataset
-from pipeline.data.tokenizer import train_bpe
+from pipeline.data.tokenizer import SPECIAL_TOKENS, read_metadata, train_bpe
 from pipeline.export.gguf import export_gguf
 from pipeline.export.gguf_check import runtime_name
 from pipeline.export.hf import export_hf_model
@@ -35,6 +40,8 @@ from pipeline.model.checkpoint import load_model, save_model
 from pipeline.model.generate import stream_tokens
 from pipeline.model.gpt import GPT, PRESETS, GPTConfig
 from pipeline.model.sampling import SamplingOptions
+from tests.helpers.hf_tokenizers import CHATML, LLAMA3_SPECIALS, trained
+from tests.helpers.project import make_project, venv_env
 from tests.helpers.workspace import tokenize_corpus
 
 VOCAB = 512
@@ -109,11 +116,15 @@ FAMILIES = {
 }
 
 
-def hf_model(family: str, seed: int = 0):
+def hf_model(family: str, seed: int = 0, vocab_size: int = VOCAB):
     """A transformers model of ``family``'s layout, every parameter (norms and biases too) random."""
     config_class, model_class, shape = FAMILIES[family]
     config = config_class(
-        vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=CONTEXT, attention_dropout=0.0, **shape
+        vocab_size=vocab_size,
+        num_hidden_layers=2,
+        max_position_embeddings=CONTEXT,
+        attention_dropout=0.0,
+        **shape,
     )
     torch.manual_seed(seed)
     model = model_class(config).eval()
@@ -123,10 +134,10 @@ def hf_model(family: str, seed: int = 0):
     return model
 
 
-def trained_hf_model(family: str, shards: Path):
+def trained_hf_model(family: str, shards: Path, vocab_size: int = VOCAB):
     """``family``'s model trained 40 seeded steps on the shards by transformers itself: peaked next-token
     distributions, as a real base has (a random model's near-ties would make top-1 comparisons a coin toss)."""
-    model = hf_model(family).train()
+    model = hf_model(family, vocab_size=vocab_size).train()
     train = ShardDataset(shards, "train")
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
@@ -148,7 +159,7 @@ def init_from(directory: Path) -> GPT:
 
 @torch.inference_mode()
 def max_logit_diff(ours: GPT, theirs, seed: int = 1) -> float:
-    ids = torch.randint(0, VOCAB, (3, CONTEXT), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(0, ours.cfg.vocab_size, (3, CONTEXT), generator=torch.Generator().manual_seed(seed))
     return float((ours(ids)[0] - theirs(ids).logits).abs().max())
 
 
@@ -284,13 +295,26 @@ def lora_steps(model: GPT, shards: Path, steps: int = 5) -> GPT:
     return lora.merge(model).eval()
 
 
-@pytest.mark.parametrize("family", ["smollm2", "llama3", "qwen3"])
-def test_round_trip_transformers_lora_hf_and_gguf(family, workspace, tmp_path, capsys):
-    """transformers → init_from (parity) → LoRA SFT → HF export (transformers parity, greedy) → init_from of the
-    export bit for bit → GGUF (llama.cpp tokenizer and top-1 agreement per type)."""
-    shards, tokenizer = workspace / "data/shards", workspace / "data/tokenizer"
-    fingerprint = json.loads((tokenizer / "metadata.json").read_text())["fingerprint"]
-    theirs = trained_hf_model(family, shards)
+# Each family's own tokenizer: its pre-tokenizer, its special tokens (after the BPE vocabulary), llama.cpp's name
+FAMILY_TOKENIZERS = {
+    "smollm2": ("smollm2", CHATML, "smollm"),
+    "llama3": ("llama3", LLAMA3_SPECIALS, "llama-bpe"),
+    "qwen3": ("qwen", CHATML, "qwen2"),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_TOKENIZERS))
+def test_round_trip_transformers_lora_hf_and_gguf(family, corpus_text, tmp_path, capsys):
+    """With the family's own tokenizer.json (trained by `tokenizers` on the Quijote, tokenizer.kind hf):
+    transformers → init_from (parity) → LoRA SFT → HF export (transformers parity, tokenizer, greedy) → init_from
+    of the export bit for bit → GGUF (llama.cpp's pre-tokenizer for the family gives our ids; top-1 agreement per
+    type)."""
+    pre, specials, llama_cpp_pre = FAMILY_TOKENIZERS[family]
+    path = trained(corpus_text[:100_000], pre, specials, tmp_path / "base", vocab_size=VOCAB - 32)
+    enc, _ = tokenizer_json.read(path)
+    fingerprint, _ = tokenize_corpus(tmp_path, corpus_text, enc, "hf", 0.6)
+    shards, tokenizer = tmp_path / "data/shards", tmp_path / "data/tokenizer"
+    theirs = trained_hf_model(family, shards, enc.n_vocab)
     theirs.save_pretrained(tmp_path / "base")
     ours = init_from(tmp_path / "base")
     init_diff = max_logit_diff(ours, theirs)
@@ -311,13 +335,15 @@ def test_round_trip_transformers_lora_hf_and_gguf(family, workspace, tmp_path, c
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "models/hf", dtype=torch.float32).eval()
     assert max_logit_diff(tuned, exported) < 1e-4
     source = gpt2_weights.resolve(str(tmp_path / "models/hf"))
-    cfg = gpt2_weights.checkpoint_config(source, VOCAB, {"kind": "bpe", "fingerprint": fingerprint}, None)
+    cfg = gpt2_weights.checkpoint_config(
+        source, enc.n_vocab, {"kind": "hf", "fingerprint": fingerprint}, None
+    )
     back = gpt2_weights.load_weights(source, cfg)
     assert all(torch.equal(back.state_dict()[k], v) for k, v in tuned.state_dict().items())
     figures = {"init_from": init_diff, "hf": hf["max_abs_logit_diff"]}
     if runtime_name() is not None:  # llama.cpp verifies in a child process (test_gguf.py requires it)
         gguf = export_gguf(tmp_path / "models/sft", tokenizer, shards, tmp_path / "models/gguf", params)
-        assert gguf["pre_tokenizer"] == "llama-bpe"
+        assert gguf["pre_tokenizer"] == llama_cpp_pre
         for kind, minimum in (("f32", 0.99), ("f16", 0.98), ("q8_0", 0.95)):
             assert gguf[kind]["passed"] and gguf[kind]["tokenizer_identical"], gguf[kind]
             assert gguf[kind]["top1_agreement"] >= minimum and gguf[kind]["chat_template_matches"] is True
@@ -363,3 +389,70 @@ def test_our_llama_shapes_load_in_transformers_and_the_rest_are_refused_in_one_l
                 export_hf_model(tmp_path / name, tokenizer, shards, tmp_path / f"{name}-hf", params)
             assert str(exc.value).startswith(refusal) and "\n" not in str(exc.value)
             assert not (tmp_path / f"{name}-hf").exists()
+
+
+def _stage(project: Path, name: str, **sections: dict) -> subprocess.CompletedProcess:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for section, values in sections.items():
+        params[section] = {**(params.get(section) or {}), **values}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**venv_env(), "PYTHONPATH": str(project), "TQDM_DISABLE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", f"stages.{name}"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+
+
+@pytest.mark.parametrize(
+    ("family", "pre", "specials", "spare"),
+    [("qwen3", "qwen", CHATML, 64), ("smollm2", "smollm2", LLAMA3_SPECIALS, 0)],
+)
+def test_a_base_comes_in_through_the_tokenize_and_pretrain_stages(
+    tmp_path, corpus_text, family, pre, specials, spare
+):
+    """The base's tokenizer.json (trained by `tokenizers` on the Quijote; ChatML- or Llama-3-style special tokens)
+    becomes data/tokenizer (tokenizer.kind hf, proven on the corpus); pretrain's init_from then loads the base
+    with it, and models/base gives transformers' logits. Qwen3 keeps its spare embedding rows; SmolLM2's full
+    vocabulary grows by our special tokens (mean rows)."""
+    base = tmp_path / "base"
+    trained(corpus_text[:100_000], pre, specials, base, vocab_size=1000, specials_first=family == "smollm2")
+    model_tokens = Tokenizer.from_file(str(base / "tokenizer.json")).get_vocab_size()
+    appended = len(
+        [t for t in SPECIAL_TOKENS if t not in specials]
+    )  # ours the base lacks (<|endoftext|>: ChatML has it)
+    theirs = hf_model(family, vocab_size=model_tokens + spare)
+    theirs.save_pretrained(base)
+    project = make_project(tmp_path / "p")
+    assert _stage(project, "download").returncode == 0
+    done = _stage(project, "tokenize", tokenizer={"kind": "hf", "source": str(base)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    meta = read_metadata(project / "data/tokenizer")
+    assert (
+        meta["kind"] == "hf"
+        and meta["model_tokens"] == model_tokens
+        and meta["vocab_size"] == model_tokens + appended
+    )
+    pretrain = {"max_steps": 0, "batch_size": 2, "context_length": 32, "eval_batches": 1, "dtype": "fp32"}
+    done = _stage(project, "pretrain", model={"init_from": str(base)}, pretrain=pretrain)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ours = load_model(project / "models/base")[0]
+    assert ours.cfg.vocab_size == max(model_tokens + spare, model_tokens + appended)
+    ids = torch.randint(0, model_tokens, (2, CONTEXT), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        diff = (ours(ids)[0][..., : model_tokens + spare] - theirs(ids).logits).abs().max()
+    assert diff < 1e-4
+    # another tokenizer than the base's is refused in one line before any weight is read
+    other = tmp_path / "other"
+    trained(corpus_text[:50_000], pre, specials, other, vocab_size=900, specials_first=family == "smollm2")
+    (project / "models/base").rename(project / "kept")
+    assert _stage(project, "tokenize", tokenizer={"kind": "hf", "source": str(other)}).returncode == 0
+    done = _stage(project, "pretrain", model={"init_from": str(base)}, pretrain=pretrain)
+    assert done.returncode == 1 and not (project / "models/base").exists()
+    assert done.stderr.strip().splitlines() == [
+        f"error: model.init_from={base}: data/tokenizer was made from another tokenizer.json than "
+        f"{base / 'tokenizer.json'} (tokenizer.source {str(other)!r}); point tokenizer.source at the base"
+    ]

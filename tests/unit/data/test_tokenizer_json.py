@@ -8,66 +8,27 @@ import json
 from pathlib import Path
 
 import pytest
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, normalizers
 
 from pipeline.common.errors import PipelineError
 from pipeline.data import tokenizer_json
 from pipeline.data.tokenizer import EOT, SPECIAL_TOKENS
-
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-    r"|\s+(?!\S)|\s+"
-)
-QWEN_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
-CHATML = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-LLAMA3_SPECIALS = [
-    "<|begin_of_text|>",
-    "<|end_of_text|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eot_id|>",
-]
-
-
-def pre_tokenizer(name: str):
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    return {
-        "llama3": pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"), byte_level]
-        ),
-        "qwen": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_SPLIT), "isolated"), byte_level]),
-        "gpt2": pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        "smollm2": pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-        ),
-    }[name]
-
-
-def trained(text: str, pre: str, specials: list[str], path: Path, vocab_size: int = 1500) -> Path:
-    """A byte-level BPE trained by `tokenizers` on ``text``, saved as ``path``/tokenizer.json."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizer(pre)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator([text], trainer)
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(path / "tokenizer.json"))
-    return path / "tokenizer.json"
+from tests.helpers.hf_tokenizers import CHATML, LLAMA3_SPECIALS, trained
 
 
 @pytest.mark.parametrize(
-    ("pre", "specials"),
-    [("llama3", LLAMA3_SPECIALS), ("qwen", CHATML), ("gpt2", CHATML), ("smollm2", CHATML)],
+    ("pre", "specials", "first"),
+    [
+        ("llama3", LLAMA3_SPECIALS, False),
+        ("qwen", CHATML, False),
+        ("gpt2", CHATML, True),
+        ("smollm2", CHATML, True),
+    ],
 )
 def test_a_trained_tokenizer_json_gives_the_tokenizers_ids_on_the_quijote(
-    corpus_text, tmp_path, pre, specials
+    corpus_text, tmp_path, pre, specials, first
 ):
-    path = trained(corpus_text[:100_000], pre, specials, tmp_path)
+    path = trained(corpus_text[:100_000], pre, specials, tmp_path, specials_first=first)
     enc, meta = tokenizer_json.read(path)
     texts = [*tokenizer_json.EDGE_TEXTS, corpus_text[100_000:]]  # text it was not trained on
     assert tokenizer_json.check_same_ids(enc, path, texts) == sum(map(len, texts))

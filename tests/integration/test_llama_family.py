@@ -483,3 +483,17 @@ def test_family_profiles_are_valid_params_from_their_base(profile, repo, preset,
     assert params.sft.lora.rank == params.dpo.lora.rank == lora_rank
     full_sft = gpt2_weights.training_bytes(PRESETS[preset], True, params.sft.batch_size, 512)
     assert (full_sft > 8 * 2**30) == (lora_rank > 0)  # full AdamW fine-tuning of Qwen3-0.6B: > 8 GiB
+
+
+def test_a_tensor_the_config_does_not_announce_is_refused_not_dropped():
+    theirs = hf_model("smollm2")
+    cfg = GPTConfig(**llama_layout.config_from_hf(theirs.config.to_dict(), "config.json"))
+    state = dict(theirs.state_dict()) | {"model.layers.1.self_attn.o_proj.bias": torch.ones(48)}
+    with pytest.raises(PipelineError) as exc:
+        llama_layout.from_hf(state, cfg, "model.safetensors")
+    assert str(exc.value) == (
+        "model.safetensors: unexpected tensors for a 2-layer model: ['model.layers.1.self_attn.o_proj.bias']"
+    )
+    del state["model.layers.1.self_attn.o_proj.bias"], state["model.layers.0.mlp.up_proj.weight"]
+    with pytest.raises(PipelineError, match=r"missing model.layers.0.mlp.up_proj.weight\)"):
+        llama_layout.from_hf(state, cfg, "model.safetensors")

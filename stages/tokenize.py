@@ -12,6 +12,7 @@ from pipeline.common.atomic import atomic_path, write_json
 from pipeline.common.config import TokenizerParams, load_params
 from pipeline.common.errors import exit_on_error
 from pipeline.common.stage_timing import timed
+from pipeline.data import tokenizer_json
 from pipeline.data.corpus import read_raw
 from pipeline.data.instructions import instruction_texts
 from pipeline.data.shards import encode_threads, write_shards
@@ -44,7 +45,11 @@ def main() -> None:
     corpus, documents = read_raw(RAW)
     train, val = split_tail(corpus, documents, sh.val_fraction)
     started, cpu_started = time.perf_counter(), time.process_time()
-    enc = train_tokenizer(tok.kind, training_texts(tok, corpus, train, sh.batch_bytes), tok.vocab_size)
+    texts = training_texts(tok, corpus, train, sh.batch_bytes)
+    if tok.kind == "hf":  # a model's own tokenizer.json, proven on the corpus (nothing trained)
+        enc, extra = tokenizer_json.load_checked(tok.source, tok.revision, texts)
+    else:
+        enc, extra = train_tokenizer(tok.kind, texts, tok.vocab_size), {}
     train_seconds, train_cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     with atomic_path(TOKENIZER) as tok_dir, atomic_path(SHARDS) as shard_dir:
         fingerprint = save_tokenizer(
@@ -57,6 +62,7 @@ def main() -> None:
                 "train_bytes": tok.train_bytes,
                 "seed": tok.seed,
             },
+            **extra,
         )
         started = time.perf_counter()
         manifest = write_shards(

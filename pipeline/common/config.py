@@ -141,7 +141,10 @@ class CorpusParams:
 
 @dataclass(frozen=True)
 class TokenizerParams:
-    kind: Literal["bpe", "gpt2", "char"] = "bpe"
+    kind: Literal["bpe", "gpt2", "char", "hf"] = "bpe"
+    # hf: a model's own tokenizer.json — a directory (or the file) holding it, or a Hub repo id (owner/name)
+    source: str | None = _non_empty(None)
+    revision: str | None = _non_empty(None)  # hf from the Hub: commit, branch or tag (None → main)
     vocab_size: int = rule(
         4096, lambda v: 256 + 16 <= v <= 2**31 - 1, "in [272, 2**31) (256 bytes + special tokens)"
     )
@@ -149,6 +152,13 @@ class TokenizerParams:
     # train on a seeded sample of this many bytes of the train split; None → all of it
     train_bytes: int | None = rule(None, lambda v: v >= 1 << 20, ">= 1048576 (1 MiB) or null")
     seed: int = _seed(1337)  # which sample
+
+    def __post_init__(self) -> None:
+        if (self.kind == "hf") != (self.source is not None):
+            raise ConfigError(
+                "tokenizer.source names the tokenizer.json of tokenizer.kind: hf, and only of it "
+                f"(kind {self.kind}, source {self.source!r})"
+            )
 
 
 @dataclass(frozen=True)
@@ -161,8 +171,9 @@ class ShardsParams:
 @dataclass(frozen=True)
 class ModelParams:
     preset: str = _non_empty("cpu-small")  # ignored with init_from: the shape is then the checkpoint's
-    # scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl (the Hugging Face Hub) | a local GPT-2 checkpoint (dir or file)
-    init_from: str = rule("scratch", lambda v: bool(v.strip()), "scratch, a GPT-2 name or a path")
+    # scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a Hub repo id (owner/name) | a local checkpoint (dir or
+    # file) of GPT-2 or the Llama family (Llama, Qwen2, Qwen3)
+    init_from: str = rule("scratch", lambda v: bool(v.strip()), "scratch, a GPT-2 name, a repo id or a path")
     revision: str | None = _non_empty(
         None
     )  # Hub revision (commit, branch or tag); None → the commit pinned in model/gpt2_weights.py
@@ -182,9 +193,20 @@ class ModelParams:
     norm: Literal["layernorm", "rmsnorm"] | None = None
     mlp: Literal["gelu", "relu2", "swiglu"] | None = None
     qk_norm: bool | None = None
+    # The Llama family's shape (docs/training.md): key/value heads, head width, MLP width, biases, norm epsilon
+    n_kv_head: int | None = _positive(None)
+    head_size: int | None = _positive(None)
+    hidden_dim: int | None = _positive(None)
+    bias: bool | None = None
+    norm_eps: float | None = _positive(None)
 
     def __post_init__(self) -> None:
-        if self.n_embd is not None and self.n_head is not None and self.n_embd % self.n_head:
+        if (
+            self.head_size is None
+            and self.n_embd is not None
+            and self.n_head is not None
+            and self.n_embd % self.n_head
+        ):
             raise ConfigError(f"model.n_head={self.n_head} must divide model.n_embd={self.n_embd}")
 
 

@@ -1,9 +1,13 @@
-"""GGUF export for llama.cpp and Ollama: our GPT as llama.cpp's ``gpt2`` architecture, tokenizer embedded.
+"""GGUF export for llama.cpp and Ollama: our GPT as llama.cpp's ``gpt2``, ``llama`` or ``qwen3`` architecture,
+tokenizer embedded.
 
-The model maps one to one onto llama.cpp's GPT-2 graph (pre-LN blocks, fused QKV, tanh-GELU MLP, learned
-positions, LayerNorm eps 1e-5); a model trained without QKV bias gets zero biases, which llama.cpp requires.
-Linear weights are stored as they are ((out, in) in torch is ggml's {in, out}); a tied head is left out and
-llama.cpp reuses ``token_embd``.
+With learned positions the model maps one to one onto llama.cpp's GPT-2 graph (pre-LN blocks, fused QKV,
+tanh-GELU MLP, LayerNorm eps 1e-5); biases the model lacks are written as zeros, which llama.cpp requires.
+With rotary positions it is the Llama family (RMSNorm, SwiGLU, grouped-query attention): ``qwen3`` when it
+has q/k norms, else ``llama``, whose rope rotates adjacent pairs where ours (and transformers') rotates
+halves, so q and k rows are permuted within each head; Llama 3's frequency scaling travels as the
+``rope_freqs`` factors. Linear weights are stored as they are ((out, in) in torch is ggml's {in, out}); a tied
+head is left out and llama.cpp reuses ``token_embd``.
 
 The tokenizer travels as llama.cpp's byte-level BPE (``tokenizer.ggml.model = gpt2``): every token as GPT-2's
 byte-to-unicode string, the merges recovered from tiktoken's ranks, our special tokens as CONTROL tokens. The
@@ -31,9 +35,12 @@ import torch
 from pipeline.common.atomic import atomic_path
 from pipeline.common.config import ExportParams
 from pipeline.common.errors import PipelineError, one_line
+from pipeline.data import tokenizer_json
 from pipeline.data.prompts import ALPACA_PREAMBLE
 from pipeline.data.tokenizer import ASSISTANT, CHAR_PATTERN, END_OF_TURN, EOT, GPT2_PATTERN
-from pipeline.model.gpt import GPT
+from pipeline.data.tokenizer_json import byte_to_unicode
+from pipeline.model import llama_layout
+from pipeline.model.gpt import GPT, GPTConfig
 from pipeline.model.gpt2_layout import require_gpt2
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
@@ -49,9 +56,32 @@ GPT4_PATTERN = (
     r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]"
     r"|\s+(?!\S)|\s+"
 )
-PRE_TOKENIZERS = {GPT4_PATTERN: "llama-bpe", GPT2_PATTERN: "gpt-2"}
+PRE_TOKENIZERS = {
+    GPT4_PATTERN: "llama-bpe",
+    GPT2_PATTERN: "gpt-2",
+    # tokenizer.kind hf: the patterns of the Llama family's own tokenizer.json files (data/tokenizer_json.py)
+    tokenizer_json.LLAMA3_PATTERN: "llama-bpe",
+    tokenizer_json.QWEN2_PATTERN: "qwen2",
+    tokenizer_json.DIGITS_PATTERN: "smollm",
+    tokenizer_json.BYTE_LEVEL_PATTERN: "gpt-2",
+}
 MODELFILE = "Modelfile"
 FORMAT = "the GGUF GPT-2 format (llama.cpp's gpt2 architecture)"
+LLAMA_FORMAT = "GGUF's Llama family (llama.cpp's llama and qwen3 architectures)"
+
+
+def gguf_architecture(cfg: GPTConfig) -> str:
+    """llama.cpp's architecture for our shape (refusing, in one line, a shape none of them holds)."""
+    if cfg.pos_emb == "learned":
+        require_gpt2(cfg, FORMAT, "gguf")
+        return "gpt2"
+    llama_layout.require_llama(cfg, LLAMA_FORMAT, "gguf")
+    if cfg.qk_norm and cfg.qkv_bias:
+        raise PipelineError(
+            f"model.qkv_bias=true: {LLAMA_FORMAT} has no q/k/v biases in qwen3 (qk_norm); train with "
+            "qkv_bias: false (or drop gguf from export.formats)"
+        )
+    return llama_layout.architecture(cfg)
 
 
 def pre_tokenizer(enc: tiktoken.Encoding, kind: str) -> str:
@@ -67,23 +97,6 @@ def pre_tokenizer(enc: tiktoken.Encoding, kind: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
-
-
-def byte_to_unicode() -> dict[int, str]:
-    """GPT-2's printable stand-in for every byte (the alphabet byte-level BPE vocabularies are written in)."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
 
 
 def _split_below(token: bytes, ranks: dict[bytes, int]) -> list[bytes]:
@@ -203,32 +216,96 @@ def modelfile(gguf_name: str, template: str | None, context_length: int) -> str:
 # ---------------------------------------------------------------------------------------------- weights
 
 
+def _bias(layer: torch.nn.Linear) -> torch.Tensor:
+    """The layer's bias, or zeros where it has none (they compute the same)."""
+    return layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
+
+
 def gguf_tensors(model: GPT) -> Iterator[tuple[str, torch.Tensor]]:
-    """(llama.cpp name, tensor) for every weight of llama.cpp's gpt2 graph."""
+    """(llama.cpp name, tensor) for every weight of llama.cpp's graph for the model's architecture."""
+    if model.cfg.pos_emb != "learned":
+        yield from llama_tensors(model)
+        return
     cfg = model.cfg
     yield "token_embd.weight", model.tok_emb.weight
     yield "position_embd.weight", model.pos_emb.weight
     for i, block in enumerate(model.blocks):
-        qkv_bias = block.att.qkv.bias if block.att.qkv.bias is not None else torch.zeros(3 * cfg.n_embd)
         yield from (
             (f"blk.{i}.{name}", t)
             for name, t in (
                 ("attn_norm.weight", block.norm1.weight),
                 ("attn_norm.bias", block.norm1.bias),
                 ("attn_qkv.weight", block.att.qkv.weight),
-                ("attn_qkv.bias", qkv_bias),
+                ("attn_qkv.bias", _bias(block.att.qkv)),
                 ("attn_output.weight", block.att.out_proj.weight),
-                ("attn_output.bias", block.att.out_proj.bias),
+                ("attn_output.bias", _bias(block.att.out_proj)),
                 ("ffn_norm.weight", block.norm2.weight),
                 ("ffn_norm.bias", block.norm2.bias),
                 ("ffn_up.weight", block.ff.fc.weight),
-                ("ffn_up.bias", block.ff.fc.bias),
+                ("ffn_up.bias", _bias(block.ff.fc)),
                 ("ffn_down.weight", block.ff.proj.weight),
-                ("ffn_down.bias", block.ff.proj.bias),
+                ("ffn_down.bias", _bias(block.ff.proj)),
             )
         )
     yield "output_norm.weight", model.final_norm.weight
     yield "output_norm.bias", model.final_norm.bias
+    if not cfg.tie_weights:
+        yield "output.weight", model.out_head.weight
+
+
+def interleave_pairs(rows: torch.Tensor, n_head: int) -> torch.Tensor:
+    """q or k rows (or their bias) reordered within each head so that llama.cpp's adjacent-pair rope turns the
+    pairs ours turns: row i and row i + head_dim/2 of a head become rows 2i and 2i + 1."""
+    shape = rows.shape
+    return rows.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def rope_freq_factors(cfg: GPTConfig) -> torch.Tensor:
+    """Llama 3's scaling as llama.cpp takes it: one divisor per rotation frequency (``rope_freqs.weight``)."""
+    from pipeline.model.gpt import llama3_frequencies
+
+    inv_freq = cfg.rope_base ** (-torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+    return inv_freq / llama3_frequencies(inv_freq, cfg.rope_scaling)
+
+
+def llama_tensors(model: GPT) -> Iterator[tuple[str, torch.Tensor]]:
+    """(llama.cpp name, tensor) for llama.cpp's llama / qwen3 graph: q, k and v apart, llama's q/k permuted."""
+    cfg = model.cfg
+    permute = llama_layout.architecture(cfg) == "llama"  # qwen3 rotates halves in llama.cpp too
+    yield "token_embd.weight", model.tok_emb.weight
+    if cfg.rope_scaling is not None:
+        yield "rope_freqs.weight", rope_freq_factors(cfg)
+    for i, block in enumerate(model.blocks):
+        att, ff = block.att, block.ff
+        names = [("attn_norm.weight", block.norm1.weight)]
+        heads = (cfg.n_head, cfg.kv_heads, cfg.kv_heads)
+        weights = att.qkv.weight.split(att.sizes)
+        biases = att.qkv.bias.split(att.sizes) if att.qkv.bias is not None else None
+        for j, p in enumerate("qkv"):
+            turn = permute and p != "v"  # v is not rotated
+            names.append((f"attn_{p}.weight", interleave_pairs(weights[j], heads[j]) if turn else weights[j]))
+            if biases is not None or cfg.bias:
+                bias = biases[j] if biases is not None else torch.zeros(att.sizes[j])
+                names.append((f"attn_{p}.bias", interleave_pairs(bias, heads[j]) if turn else bias))
+        if cfg.qk_norm:
+            names += [("attn_q_norm.weight", att.q_norm.weight), ("attn_k_norm.weight", att.k_norm.weight)]
+        names.append(("attn_output.weight", att.out_proj.weight))
+        if cfg.bias or cfg.qkv_bias:
+            names.append(("attn_output.bias", _bias(att.out_proj)))
+        names += [
+            ("ffn_norm.weight", block.norm2.weight),
+            ("ffn_gate.weight", ff.gate.weight),
+            ("ffn_up.weight", ff.fc.weight),
+            ("ffn_down.weight", ff.proj.weight),
+        ]
+        if cfg.bias:
+            names += [
+                ("ffn_gate.bias", ff.gate.bias),
+                ("ffn_up.bias", ff.fc.bias),
+                ("ffn_down.bias", ff.proj.bias),
+            ]
+        yield from ((f"blk.{i}.{name}", t) for name, t in names)
+    yield "output_norm.weight", model.final_norm.weight
     if not cfg.tie_weights:
         yield "output.weight", model.out_head.weight
 
@@ -272,15 +349,23 @@ def write_gguf(
 ) -> None:
     """Write ``model`` with its tokenizer as one GGUF file (``gguf_type`` f32, f16 or q8_0)."""
     cfg = model.cfg
-    require_gpt2(cfg, FORMAT, "gguf")
-    writer = gguf.GGUFWriter(path, "gpt2")
+    arch = gguf_architecture(cfg)
+    writer = gguf.GGUFWriter(path, arch)
     writer.add_name(name)
     writer.add_context_length(cfg.context_length)
     writer.add_embedding_length(cfg.n_embd)
-    writer.add_feed_forward_length(4 * cfg.n_embd)
+    writer.add_feed_forward_length(cfg.mlp_hidden)
     writer.add_block_count(cfg.n_layer)
     writer.add_head_count(cfg.n_head)
-    writer.add_layer_norm_eps(1e-5)
+    if arch == "gpt2":
+        writer.add_layer_norm_eps(cfg.norm_eps)
+    else:
+        writer.add_head_count_kv(cfg.kv_heads)
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
+        writer.add_rope_dimension_count(cfg.head_dim)
+        writer.add_rope_freq_base(cfg.rope_base)
+        writer.add_layer_norm_rms_eps(cfg.norm_eps)
     writer.add_file_type(FILE_TYPES[gguf_type])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_tokenizer_model("gpt2")
@@ -351,10 +436,10 @@ def export_gguf(
     model, enc, cfg = loaded.model.eval(), loaded.enc, loaded.model.cfg
     if cfg.n_classes:
         raise PipelineError(
-            f"{model_dir}: a classifier has no place in llama.cpp's gpt2 architecture (a language "
-            "model's head); set export.formats: [onnx] to export it"
+            f"{model_dir}: a classifier has no place in llama.cpp's {gguf_architecture(cfg)} architecture "
+            "(a language model's head); set export.formats: [onnx] to export it"
         )
-    require_gpt2(cfg, FORMAT, "gguf")
+    gguf_architecture(cfg)
     template = (loaded.meta.get("instructions") or {}).get("template")
     tokenizer = GGUFTokenizer.of(enc, read_metadata(tokenizer_dir)["kind"], cfg.vocab_size)
     dataset = ShardDataset(shards_dir, "val", expected_fingerprint=loaded.tokenizer_fingerprint)

@@ -1,11 +1,14 @@
-"""Hugging Face export: a model directory that ``transformers`` loads as GPT-2, with our tokenizer and chat templates.
+"""Hugging Face export: a model directory that ``transformers`` loads, with our tokenizer and chat templates.
 
-``models/hf`` holds ``config.json`` (a GPT2Config of our shape), ``model.safetensors`` (GPT-2's layout, a tied
-matrix stored once), ``generation_config.json`` (our stop ids), ``tokenizer.json`` + ``tokenizer_config.json``
-(byte-level BPE from our tiktoken ranks with our split regex and special tokens; ``ignore_merges`` makes a piece
-that is itself a token one token, as tiktoken does — the ``char`` kind's characters are reachable only that way)
-and the chat templates ``alpaca`` and ``chat`` (the default: the one the model was fine-tuned with), so
-``apply_chat_template`` gives exactly our prompt ids. Nothing needs the network or a Hub login.
+Our GPT leaves as GPT-2 (``GPT2LMHeadModel``, learned positions) or as the Llama family (rotary positions:
+``LlamaForCausalLM``, or ``Qwen3ForCausalLM`` with q/k norms); a shape neither holds is refused in one line.
+``models/hf`` holds ``config.json`` (a GPT2Config, LlamaConfig or Qwen3Config of our shape),
+``model.safetensors`` (that layout, a tied matrix stored once), ``generation_config.json`` (our stop ids),
+``tokenizer.json`` + ``tokenizer_config.json`` (byte-level BPE from our tiktoken ranks with our split regex and
+special tokens; ``ignore_merges`` makes a piece that is itself a token one token, as tiktoken does — the ``char``
+kind's characters are reachable only that way) and the chat templates ``alpaca`` and ``chat`` (the default: the
+one the model was fine-tuned with), so ``apply_chat_template`` gives exactly our prompt ids. Nothing needs the
+network or a Hub login.
 
 Before the directory replaces ``models/hf`` the export loads it back through transformers and checks logits,
 tokenizer ids and greedy decoding against ours; a failed check leaves the old directory in place.
@@ -27,14 +30,16 @@ from pipeline.common.errors import PipelineError, quiet_logger
 from pipeline.data.prompts import ALPACA_PREAMBLE
 from pipeline.data.shards import ShardDataset
 from pipeline.data.tokenizer import ASSISTANT, END_OF_TURN, EOT, SYSTEM, USER, read_metadata
+from pipeline.model import llama_layout
 from pipeline.model.checkpoint import load_with_tokenizer, save_tensors
 from pipeline.model.generate import stream_tokens
-from pipeline.model.gpt import GPT
+from pipeline.model.gpt import GPT, GPTConfig
 from pipeline.model.gpt2_layout import config_to_hf, require_gpt2, to_gpt2
 from pipeline.model.sampling import SamplingOptions
 
 WEIGHTS = "model.safetensors"
 FORMAT = "the Hugging Face GPT-2 format"
+LLAMA_FORMAT = "the Hugging Face Llama format"
 CARD = "README.md"
 TEXT_WINDOWS = 32  # validation windows decoded to text for the tokenizer check
 LOGIT_WINDOWS, LOGIT_TOKENS = 4, 256  # of which the first rows and tokens go through both models
@@ -94,14 +99,26 @@ def _chat_template() -> str:
 TEMPLATES = {"alpaca": _alpaca_template, "chat": _chat_template}
 
 
-def _bpe_from_ranks(ranks: dict[bytes, int], pattern: str, specials: list[str]):
+def _bpe_from_ranks(ranks: dict[bytes, int], pattern: str, specials: dict[str, int]):
     """A ``tokenizers`` byte-level BPE from tiktoken ranks by transformers' TikTokenConverter, fed the ranks we loaded
     and verified: its own loader reads the file through tiktoken's cache, which is keyed by the path string, so a
-    relative ``data/tokenizer/…`` could return another project's ranks."""
+    relative ``data/tokenizer/…`` could return another project's ranks. Special tokens whose ids lie among the ranks
+    (a base's, as SmolLM2 puts its own first: tokenizer.kind hf) go into the BPE vocabulary at those ids; the
+    converter appends the others after it."""
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    converter = TikTokenConverter(vocab_file=None, pattern=pattern, extra_special_tokens=specials)
+    ordered = sorted(specials, key=specials.get)
+    converter = TikTokenConverter(vocab_file=None, pattern=pattern, extra_special_tokens=ordered)
     converter.load_tiktoken_bpe = lambda _path: ranks
+    inside = {token: i for token, i in specials.items() if i < len(ranks)}
+    if inside:
+        extract = converter.extract_vocab_merges_from_model
+
+        def with_specials(url):
+            vocab, merges = extract(url)
+            return vocab | inside, merges
+
+        converter.extract_vocab_merges_from_model = with_specials
     return converter.converted()
 
 
@@ -110,7 +127,7 @@ def hf_tokenizer(enc: tiktoken.Encoding, meta: dict, context_length: int, templa
     from transformers import PreTrainedTokenizerFast
 
     specials = sorted(meta["special_tokens"], key=meta["special_tokens"].get)
-    backend = _bpe_from_ranks(enc.__getstate__()["mergeable_ranks"], meta["pattern"], specials)
+    backend = _bpe_from_ranks(enc.__getstate__()["mergeable_ranks"], meta["pattern"], meta["special_tokens"])
     backend.model.ignore_merges = (
         True  # a piece that is a token stays one token (tiktoken's rule; char kind needs it)
     )
@@ -137,6 +154,15 @@ def hf_tokenizer(enc: tiktoken.Encoding, meta: dict, context_length: int, templa
     return tokenizer
 
 
+def architecture(cfg: GPTConfig) -> str:
+    """The transformers class our shape exports as (refusing, in one line, a shape no class holds)."""
+    if cfg.pos_emb == "learned":  # GPT-2's position table
+        require_gpt2(cfg, FORMAT, "hf")
+        return "GPT2LMHeadModel"
+    llama_layout.require_llama(cfg, LLAMA_FORMAT, "hf")
+    return llama_layout.MODEL_TYPES[llama_layout.architecture(cfg)]
+
+
 def write_hf(
     model: GPT, enc: tiktoken.Encoding, meta: dict, out: Path, template: str, **extra: object
 ) -> None:
@@ -144,17 +170,21 @@ def write_hf(
     from transformers import GenerationConfig
 
     cfg = model.cfg
-    require_gpt2(cfg, FORMAT, "hf")
+    gpt2 = architecture(cfg) == "GPT2LMHeadModel"
     stops = [enc.eot_token, enc.encode_single_token(END_OF_TURN)]
     out.mkdir()
-    save_tensors(to_gpt2(model.state_dict(), cfg), out / WEIGHTS, metadata={"format": "pt"})
+    tensors = to_gpt2(model.state_dict(), cfg) if gpt2 else llama_layout.to_hf(model.state_dict(), cfg)
+    save_tensors(tensors, out / WEIGHTS, metadata={"format": "pt"})
     ours = {
         "model": cfg.to_dict(),
         "tokenizer": {"kind": meta["kind"], "fingerprint": meta["fingerprint"]},
         "template": template,
         **extra,
     }
-    hf_config = config_to_hf(cfg, enc.eot_token, llm_pipeline=ours)
+    if gpt2:
+        hf_config = config_to_hf(cfg, enc.eot_token, llm_pipeline=ours)
+    else:
+        hf_config = llama_layout.config_to_hf(cfg, enc.eot_token, enc.eot_token, llm_pipeline=ours)
     (out / "config.json").write_text(
         json.dumps(hf_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )
@@ -243,13 +273,13 @@ def check_hf(
     }
 
 
-def hf_readme(cfg: dict, source: str, template: str, metrics: dict) -> str:
+def hf_readme(cfg: dict, source: str, template: str, metrics: dict, name: str) -> str:
     return f"""# {source} for transformers
 
-A GPT-2-architecture model ({cfg["n_layer"]} layers, {cfg["n_head"]} heads, width {cfg["n_embd"]}, context
-{cfg["context_length"]}, vocabulary {cfg["vocab_size"]}) trained by the llm-pipeline project, exported as
-`GPT2LMHeadModel` with its own tokenizer (byte-level BPE, `tokenizer.json`) and chat templates `alpaca` and `chat`
-(default: `{template}`, the one it was fine-tuned with).
+A {name.removesuffix("ForCausalLM").removesuffix("LMHeadModel")}-architecture model ({cfg["n_layer"]} layers,
+{cfg["n_head"]} heads, width {cfg["n_embd"]}, context {cfg["context_length"]}, vocabulary {cfg["vocab_size"]})
+trained by the llm-pipeline project, exported as `{name}` with its own tokenizer (byte-level BPE,
+`tokenizer.json`) and chat templates `alpaca` and `chat` (default: `{template}`, the one it was fine-tuned with).
 
 ```python
 from transformers import pipeline
@@ -279,7 +309,10 @@ def export_hf(
     with atomic_path(out_dir) as tmp:
         write_hf(model, enc, meta, tmp, template, source=source, **extra)
         metrics = check_hf(model, enc, tmp, windows, params)
-        (tmp / CARD).write_text(hf_readme(model.cfg.to_dict(), source, template, metrics), encoding="utf-8")
+        (tmp / CARD).write_text(
+            hf_readme(model.cfg.to_dict(), source, template, metrics, architecture(model.cfg)),
+            encoding="utf-8",
+        )
     return metrics
 
 
@@ -296,10 +329,10 @@ def export_hf_model(
     model = loaded.model.eval()
     if model.cfg.n_classes:
         raise PipelineError(
-            f"{model_dir}: a classifier is not a GPT2LMHeadModel (a language model's head); set "
+            f"{model_dir}: a classifier is not a {architecture(model.cfg)} (a language model's head); set "
             "export.formats without hf to export it"
         )
-    require_gpt2(model.cfg, FORMAT, "hf")
+    name = architecture(model.cfg)
     ctx = model.cfg.context_length
     if not 1 <= params.parity_tokens < ctx:
         raise PipelineError(
@@ -313,7 +346,7 @@ def export_hf_model(
         )
     template = (loaded.meta.get("instructions") or {}).get("template", "alpaca")
     print(
-        f"export: {model_dir} → Hugging Face GPT-2 directory (template {template}), parity through transformers",
+        f"export: {model_dir} → Hugging Face {name} directory (template {template}), parity through transformers",
         file=sys.stderr,
     )
     return export_hf(

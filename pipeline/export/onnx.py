@@ -5,8 +5,8 @@ exporter because the legacy one is deprecated since torch 2.9 and stores a tied 
 pre-transposed copy; sizes in BENCHMARKS.md), while the dynamo graph keeps one initializer and a
 Transpose that onnxruntime folds at load.
 
-KV cache: fixed-size buffers that onnxruntime's ``GroupQueryAttention`` (com.microsoft contrib op, with as many
-KV heads as query heads: plain multi-head attention) writes the new keys and values into, at the position the
+KV cache: fixed-size buffers that onnxruntime's ``GroupQueryAttention`` (com.microsoft contrib op, with the
+model's key/value heads: as many as query heads is plain multi-head attention) writes the new keys and values into, at the position the
 ``past_length`` input gives; the generator binds each present output to its past input, so a decode step
 writes one position instead of copying the cache as a grow-by-concat graph does (compared in BENCHMARKS.md).
 The traced module (``SharedCacheGPT``) runs the GPT's own layers and weights; only attention is the contrib op,
@@ -93,7 +93,11 @@ class SharedCacheGPT(torch.nn.Module):
             y, key, value = torch.onnx.ops.symbolic_multi_out(
                 "com.microsoft::GroupQueryAttention",
                 (q, k, v, past_key, past_value, seqlens_k, total32),
-                {"num_heads": cfg.n_head, "kv_num_heads": cfg.n_head, "scale": 1.0 / math.sqrt(cfg.head_dim)},
+                {
+                    "num_heads": cfg.n_head,
+                    "kv_num_heads": cfg.kv_heads,
+                    "scale": 1.0 / math.sqrt(cfg.head_dim),
+                },
                 dtypes=(q.dtype, past_key.dtype, past_value.dtype),
                 shapes=(q.shape, past_key.shape, past_value.shape),
                 version=1,
@@ -138,7 +142,7 @@ def export_graph(model: GPT, path: Path, opset: int) -> None:
     n_cache = 2 * cfg.n_layer
     # Trace with two filled positions and three new tokens: the general case of the attention op.
     input_ids = torch.zeros(2, 3, dtype=torch.long)
-    cache = tuple(torch.zeros(2, cfg.n_head, cfg.context_length, cfg.head_dim) for _ in range(n_cache))
+    cache = tuple(torch.zeros(2, cfg.kv_heads, cfg.context_length, cfg.head_dim) for _ in range(n_cache))
     batch = torch.export.Dim("batch", min=1)
     seq = torch.export.Dim("seq", min=1, max=cfg.context_length)
     cache_len = torch.export.Dim("cache_len", min=2, max=cfg.context_length)
@@ -320,6 +324,10 @@ def onnx_readme(config: dict, metrics: dict) -> str:
     model, onnx = config["model"], config["onnx"]
     parity, int8 = metrics["parity"], metrics.get("int8")
     sizes = metrics["size_mb"]
+    kv_heads = (
+        model.get("n_kv_head") or model["n_head"]
+    )  # the cache's heads (GQA: fewer than the query heads)
+    head_dim = model.get("head_size") or model["n_embd"] // model["n_head"]
     files = "\n".join(
         f"| `{name}` | {variant} | {sizes[variant]} MB |" for variant, name in onnx["files"].items()
     )
@@ -346,7 +354,7 @@ and `config.json` (model shape, graph inputs/outputs, provenance).
 
 One graph serves prefill and decode. Inputs: `input_ids` int64 (batch, seq), `past_length` int64 scalar (the
 positions of the cache already filled; 0 for the prompt) and, per layer i, `past_key_values.i.key` /
-`past_key_values.i.value` float32 (batch, {model["n_head"]}, cache_len, {model["n_embd"] // model["n_head"]}):
+`past_key_values.i.value` float32 (batch, {kv_heads}, cache_len, {head_dim}):
 fixed-size buffers, cache_len up to {model["context_length"]}. Outputs: `logits` float32 (batch, seq,
 {model["vocab_size"]}) for every position and `present.i.key` / `present.i.value`, the buffers with the new
 positions written. Bind each present output to its past input (onnxruntime IO binding) and the step writes in

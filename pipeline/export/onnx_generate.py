@@ -152,8 +152,9 @@ class OnnxGenerator:
             raise PipelineError(f"{self.path}: ONNX model file missing")
         verify_file(self.path, self.config, directory / CONFIG_FILE)
         model = self.config["model"]
-        self.n_layer, self.n_head = model["n_layer"], model["n_head"]
-        self.head_dim = model["n_embd"] // model["n_head"]
+        self.n_layer = model["n_layer"]
+        self.kv_heads = model.get("n_kv_head") or model["n_head"]  # the cache's heads: key/value heads (GQA)
+        self.head_dim = model.get("head_size") or model["n_embd"] // model["n_head"]
         self.context_length, self.vocab_size = model["context_length"], model["vocab_size"]
         self.variant, self.directory = variant, directory
         try:
@@ -172,7 +173,7 @@ class OnnxGenerator:
 
     def new_cache(self, batch: int) -> OnnxCache:
         """Empty KV buffers for ``batch`` rows and the whole context."""
-        return OnnxCache(batch, self.n_layer, self.n_head, self.context_length, self.head_dim)
+        return OnnxCache(batch, self.n_layer, self.kv_heads, self.context_length, self.head_dim)
 
     def forward(self, input_ids: np.ndarray, cache: OnnxCache | None = None) -> tuple[np.ndarray, OnnxCache]:
         """Logits (B, T, V) for ``input_ids`` (B, T) after what ``cache`` holds; the cache, updated in place.

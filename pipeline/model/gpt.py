@@ -3,9 +3,18 @@
 Names follow "Build a Large Language Model (From Scratch)": MultiHeadAttention, FeedForward,
 TransformerBlock, and the model itself (`GPT`, also exported as `GPTModel`).
 
-The defaults are the book's GPT-2. Four options swap in what later models use: rotary position embeddings
-(``pos_emb: rope``, RoFormer; no position table), RMSNorm (``norm: rmsnorm``), a ReLU² or SwiGLU MLP
-(``mlp``) and RMSNorm on each head's queries and keys (``qk_norm``). GPT-2's file formats hold none of them.
+The defaults are the book's GPT-2. Options swap in what later models use, so the same classes are also the
+Llama family (Llama 3.x, SmolLM2, Qwen3; the book's bonus chapters build them the same way):
+
+- rotary position embeddings (``pos_emb: rope``, RoFormer; no position table) with ``rope_base`` and Llama 3's
+  frequency scaling (``rope_factor`` and its three companions; factor 1 scales nothing);
+- RMSNorm (``norm: rmsnorm``, eps ``norm_eps``), a ReLU² or SwiGLU MLP (``mlp``, width ``hidden_dim``);
+- grouped-query attention (``n_kv_head`` key/value heads, each shared by ``n_head / n_kv_head`` query heads),
+  a head size of its own (``head_size``: Qwen3's heads are wider than ``n_embd / n_head``);
+- no biases in the projections (``bias: false``; ``qkv_bias`` alone, Qwen2's, stays separate) and Qwen3's
+  RMSNorm on each head's queries and keys (``qk_norm``).
+
+GPT-2's file formats hold none of them; the Llama family's (model/llama_layout.py) hold the Llama-shaped ones.
 
 The KV cache is explicit tensors in and out (``past`` / ``present``), not hidden module state: the
 torch generator, the ONNX export and the server all drive the same forward.
@@ -51,6 +60,17 @@ class GPTConfig:
     norm: str = "layernorm"  # layernorm | rmsnorm (every norm of the model)
     mlp: str = "gelu"  # gelu (GPT-2) | relu2: relu(x)² | swiglu: silu(gate(x)) · fc(x), hidden ≈ 8/3·d
     qk_norm: bool = False  # RMSNorm on each head's q and k (before rope)
+    n_kv_head: int | None = None  # grouped-query attention: key/value heads (None: n_head, plain multi-head)
+    head_size: int | None = None  # each head's width (None: n_embd / n_head)
+    hidden_dim: int | None = None  # the MLP's inner width (None: 4·d, or about 8/3·d for SwiGLU)
+    bias: bool = True  # biases of out_proj and the MLP's layers (the Llama family has none)
+    norm_eps: float = 1e-5  # the norms' epsilon (Qwen3: 1e-6)
+    # Llama 3's rope frequency scaling (factor 1: none): long wavelengths divided by rope_factor, short ones kept,
+    # those between blended; the wavelength bounds are rope_original_context / the two freq factors.
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "n_embd", "n_head", "n_layer"):
@@ -59,9 +79,18 @@ class GPTConfig:
                 raise ModelConfigError(f"model.{name} must be an integer, got {value!r}")
             if value <= 0:
                 raise ModelConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
+        for name in ("n_kv_head", "head_size", "hidden_dim"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ModelConfigError(f"model.{name} must be a positive integer or null, got {value!r}")
+        if self.head_size is None and self.n_embd % self.n_head:
             raise ModelConfigError(f"model.n_head={self.n_head} does not divide model.n_embd={self.n_embd}")
-        for name in ("qkv_bias", "tie_weights", "qk_norm"):
+        if self.n_head % self.kv_heads:
+            raise ModelConfigError(
+                f"model.n_kv_head={self.kv_heads} must divide model.n_head={self.n_head} "
+                "(each key/value head serves a whole group of query heads)"
+            )
+        for name in ("qkv_bias", "tie_weights", "qk_norm", "bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ModelConfigError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
         if (
@@ -90,6 +119,20 @@ class GPTConfig:
             or base <= 0
         ):
             raise ModelConfigError(f"model.rope_base must be a positive number, got {base!r}")
+        for name in ("norm_eps", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+                raise ModelConfigError(f"model.{name} must be a positive number, got {value!r}")
+        if self.rope_factor != 1.0 and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ModelConfigError(
+                f"model.rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                f"model.rope_low_freq_factor={self.rope_low_freq_factor}"
+            )
+        original = self.rope_original_context
+        if isinstance(original, bool) or not isinstance(original, int) or original <= 0:
+            raise ModelConfigError(
+                f"model.rope_original_context must be a positive integer, got {original!r}"
+            )
         if self.pos_emb == "rope" and self.head_dim % 2:
             raise ModelConfigError(
                 f"model.pos_emb=rope rotates pairs of dimensions: the head size "
@@ -98,11 +141,30 @@ class GPTConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_head``, or one per query head."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def rope_scaling(self) -> tuple[float, float, float, int] | None:
+        """Llama 3's (factor, low_freq_factor, high_freq_factor, original context), None when unscaled."""
+        if self.rope_factor == 1.0:
+            return None
+        return (
+            self.rope_factor,
+            self.rope_low_freq_factor,
+            self.rope_high_freq_factor,
+            self.rope_original_context,
+        )
 
     @property
     def mlp_hidden(self) -> int:
-        """The MLP's inner width: 4·d, or for SwiGLU about 8/3·d."""
+        """The MLP's inner width: ``hidden_dim``, else 4·d, or for SwiGLU about 8/3·d."""
+        if self.hidden_dim is not None:
+            return self.hidden_dim
         if self.mlp != "swiglu":
             return 4 * self.n_embd
         # three matrices of 8/3·d hold about the parameters of two of 4·d; rounded to a multiple of 64
@@ -135,6 +197,47 @@ PRESETS: dict[str, GPTConfig] = {
         vocab_size=50257, context_length=1024, n_embd=1280, n_head=20, n_layer=36, dropout=0.1
     ),
 }
+# The Llama family's shapes, as their config.json files give them (init_from reads the same from the checkpoint).
+_LLAMA = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}
+PRESETS |= {
+    "smollm2-135m": GPTConfig(
+        **_LLAMA,
+        vocab_size=49152,
+        context_length=8192,
+        n_embd=576,
+        n_head=9,
+        n_kv_head=3,
+        n_layer=30,
+        hidden_dim=1536,
+        rope_base=100000.0,
+    ),
+    "llama3.2-1b": GPTConfig(
+        **_LLAMA,
+        vocab_size=128256,
+        context_length=131072,
+        n_embd=2048,
+        n_head=32,
+        n_kv_head=8,
+        n_layer=16,
+        hidden_dim=8192,
+        rope_base=500000.0,
+        rope_factor=32.0,
+    ),
+    "qwen3-0.6b": GPTConfig(
+        **_LLAMA,
+        vocab_size=151936,
+        context_length=40960,
+        n_embd=1024,
+        n_head=16,
+        n_kv_head=8,
+        head_size=128,
+        n_layer=28,
+        hidden_dim=3072,
+        rope_base=1000000.0,
+        norm_eps=1e-6,
+        qk_norm=True,
+    ),
+}
 
 
 def config_from_preset(preset: str, **overrides) -> GPTConfig:
@@ -145,18 +248,36 @@ def config_from_preset(preset: str, **overrides) -> GPTConfig:
 
 
 def make_norm(cfg: GPTConfig, size: int) -> nn.Module:
-    """The model's norm over the last ``size`` features: GPT-2's LayerNorm or RMSNorm (same eps)."""
-    return nn.RMSNorm(size, eps=1e-5) if cfg.norm == "rmsnorm" else nn.LayerNorm(size)
+    """The model's norm over the last ``size`` features: GPT-2's LayerNorm or RMSNorm (eps ``norm_eps``)."""
+    return (
+        nn.RMSNorm(size, eps=cfg.norm_eps) if cfg.norm == "rmsnorm" else nn.LayerNorm(size, eps=cfg.norm_eps)
+    )
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, scaling: tuple[float, float, float, int]) -> torch.Tensor:
+    """Llama 3's rescaled rotation frequencies: slow ones (wavelength beyond original / low) divided by the factor,
+    fast ones (below original / high) kept, the band between blended linearly in original / wavelength."""
+    factor, low, high, original = scaling
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((original / wavelen - low) / (high - low)).clamp(0.0, 1.0)  # 0: slow end, 1: fast end
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
 
 
 def rope_angles(
-    start: int | torch.Tensor, length: int, head_dim: int, base: float, device: torch.device
+    start: int | torch.Tensor,
+    length: int,
+    head_dim: int,
+    base: float,
+    device: torch.device,
+    scaling: tuple[float, float, float, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each (length, 1, head_dim / 2), of positions start..start+length-1."""
+    """cos and sin, each (length, 1, head_dim / 2), of positions start..start+length-1 (``scaling``: Llama 3's)."""
     # Computed on every call, not stored: a model built on the meta device or loaded from a file needs no buffer.
     inv_freq = base ** (
         -torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
     )  # (head_dim/2,)
+    if scaling is not None:
+        inv_freq = llama3_frequencies(inv_freq, scaling)
     positions = (start + torch.arange(length, device=device)).float()
     angles = (positions[:, None] * inv_freq[None, :]).unsqueeze(
         1
@@ -176,46 +297,53 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
-        self.qkv = nn.Linear(
-            cfg.n_embd, 3 * cfg.n_embd, bias=cfg.qkv_bias
-        )  # q, k and v of all heads in one matmul
-        self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        # q of every head, then k and v of every key/value head, in one matmul
+        self.sizes = (cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim)
+        self.qkv = nn.Linear(cfg.n_embd, sum(self.sizes), bias=cfg.qkv_bias)
+        self.out_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout  # a probability: SDPA applies it to the attention weights
         self.rope_base = (
             cfg.rope_base if cfg.pos_emb == "rope" else None
         )  # None: learned positions, no rotation
+        self.rope_scaling = cfg.rope_scaling
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
-            self.q_norm, self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-5), nn.RMSNorm(cfg.head_dim, eps=1e-5)
+            self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
 
     def project(
         self, x: torch.Tensor, start: int | torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v as (B, T, n_head, head_dim) for tokens at positions start..: q and k normalised (qk_norm), then
-        rotated (rope). The ONNX export calls this too, so both compute the same heads."""
-        b, t, c = x.shape  # batch, sequence length, n_embd
-        q, k, v = (
-            z.view(b, t, self.n_head, self.head_dim) for z in self.qkv(x).split(c, dim=2)
-        )  # each (B, T, nh, hs)
+        """q as (B, T, n_head, head_dim), k and v as (B, T, n_kv_head, head_dim), for tokens at positions start..:
+        q and k normalised (qk_norm), then rotated (rope). The ONNX export calls this too, so both compute the
+        same heads."""
+        b, t, _ = x.shape  # batch, sequence length, n_embd
+        q, k, v = self.qkv(x).split(self.sizes, dim=2)
+        q = q.view(b, t, self.n_head, self.head_dim)  # (B, T, nh, hs)
+        k, v = (z.view(b, t, self.n_kv_head, self.head_dim) for z in (k, v))  # (B, T, n_kv, hs)
         if self.qk_norm:  # in fp32: RMSNorm's fused kernel wants input and weight in one dtype
             q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
         if self.rope_base is not None:
-            cos, sin = rope_angles(start, t, self.head_dim, self.rope_base, x.device)
+            cos, sin = rope_angles(start, t, self.head_dim, self.rope_base, x.device, self.rope_scaling)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
 
     def forward(
         self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        b, t, c = x.shape
+        b, t, _ = x.shape
         # The new tokens' positions continue after the cached ones; heads move forward to be a batch dim.
         q, k, v = (
             z.transpose(1, 2) for z in self.project(x, 0 if past is None else past[0].shape[2])
-        )  # (B, nh, T, hs)
+        )  # (B, nh, T, hs); k and v (B, n_kv, T, hs)
         if past is not None:
-            k = torch.cat((past[0], k), dim=2)  # (B, nh, T_past + T, hs)
+            k = torch.cat((past[0], k), dim=2)  # (B, n_kv, T_past + T, hs)
             v = torch.cat((past[1], v), dim=2)
+        present = (k, v)  # the cache keeps n_kv heads: grouped-query attention's saving
+        if self.n_kv_head != self.n_head:  # each key/value head serves n_head / n_kv consecutive query heads
+            groups = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         dropout = self.dropout if self.training else 0.0
         if past is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
@@ -230,8 +358,8 @@ class MultiHeadAttention(nn.Module):
                 torch.arange(k.shape[2], device=x.device).unsqueeze(0) <= rows
             )  # (T, T_past + T), True = may attend
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        y = y.transpose(1, 2).contiguous().view(b, t, c)  # re-assemble the heads side by side: (B, T, C)
-        return self.out_proj(y), (k, v)  # (k, v): this layer's cache, past and new keys together
+        y = y.transpose(1, 2).contiguous().view(b, t, -1)  # the heads side by side: (B, T, n_head·hs)
+        return self.out_proj(y), present  # this layer's cache, past and new keys together
 
 
 class FeedForward(nn.Module):
@@ -240,10 +368,10 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.kind = cfg.mlp
-        self.fc = nn.Linear(cfg.n_embd, cfg.mlp_hidden)
+        self.fc = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
         if cfg.mlp == "swiglu":
-            self.gate = nn.Linear(cfg.n_embd, cfg.mlp_hidden)
-        self.proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd)
+            self.gate = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":
@@ -368,6 +496,6 @@ def last_token_logits(model: nn.Module, idx: torch.Tensor, lengths: torch.Tensor
 
 
 def flops_per_token(cfg: GPTConfig, n_params: int, seq_len: int) -> float:
-    """Training FLOPs per token, forward + backward: 6N + 12·L·d·T (PaLM appendix B)."""
+    """Training FLOPs per token, forward + backward: 6N + 12·L·d·T (PaLM appendix B; d: all query heads' width)."""
     # 6N: 2 per parameter forward, 4 backward; 12·L·d·T: attention's scores and weighted sum, which N does not count.
-    return 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * seq_len
+    return 6 * n_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len

@@ -62,6 +62,15 @@ def require_gpt2(cfg: GPTConfig, fmt: str, formats_key: str) -> None:
                 f"model.{name}={shown}: {fmt} cannot hold {names[value]}; export a model trained "
                 f"with {name}: {_GPT2_VALUES[name]} (or drop {formats_key} from export.formats)"
             )
+    shapes = {  # the Llama family's attention shapes, with what GPT-2's one c_attn matrix computes instead
+        "n_kv_head": (cfg.kv_heads, cfg.n_head, "grouped-query attention"),
+        "head_size": (cfg.head_dim, cfg.n_embd // cfg.n_head, "heads of another width than n_embd / n_head"),
+    }
+    for name, (value, gpt2, what) in shapes.items():
+        if value != gpt2:
+            raise PipelineError(
+                f"model.{name}={value}: {fmt} cannot hold {what} (or drop {formats_key} from export.formats)"
+            )
 
 
 def normalize_keys(state: dict[str, torch.Tensor], origin: str) -> dict[str, torch.Tensor]:
@@ -89,8 +98,6 @@ def config_from_hf(hf: dict, origin: str) -> dict:
     # (value, what our GPT computes): a checkpoint with anything else would load, but compute another function
     unsupported = {
         "activation_function": (hf.get("activation_function", "gelu_new"), GELU_TANH),
-        "layer_norm_epsilon": (hf.get("layer_norm_epsilon", 1e-5), (1e-5,)),
-        "n_inner": (hf.get("n_inner"), (None, 4 * n_embd)),
         "scale_attn_weights": (hf.get("scale_attn_weights", True), (True,)),
         "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False), (False,)),
         "add_cross_attention": (hf.get("add_cross_attention", False), (False,)),
@@ -110,7 +117,10 @@ def config_from_hf(hf: dict, origin: str) -> dict:
         "dropout": hf.get("resid_pdrop", 0.1),
         # GPT-2 always has a qkv bias; our exports of bias-free models write zeros and say so.
         "qkv_bias": ours.get("qkv_bias", True),
+        "bias": ours.get("bias", True),
         "tie_weights": hf.get("tie_word_embeddings", True),
+        "hidden_dim": None if hf.get("n_inner") in (None, 4 * n_embd) else hf["n_inner"],
+        "norm_eps": float(hf.get("layer_norm_epsilon", 1e-5)),
     }
 
 
@@ -133,10 +143,12 @@ def from_gpt2(state: dict[str, torch.Tensor], cfg: GPTConfig, origin: str) -> di
     for i in range(cfg.n_layer):
         for theirs, mine, conv1d in _BLOCK:
             tensor = state[f"h.{i}.{theirs}"]
-            if mine == "att.qkv.bias" and not cfg.qkv_bias:
+            # a bias our shape lacks was written as zeros (qkv_bias / bias false)
+            flag = "qkv_bias" if mine == "att.qkv.bias" else "bias"
+            if mine.endswith(".bias") and not mine.startswith("norm") and not getattr(cfg, flag):
                 if torch.count_nonzero(tensor):
                     raise PipelineError(
-                        f"{origin}: h.{i}.attn.c_attn.bias is not zero but the config says qkv_bias false"
+                        f"{origin}: h.{i}.{theirs} is not zero but the config says {flag} false"
                     )
                 continue
             ours[f"blocks.{i}.{mine}"] = (
@@ -155,9 +167,9 @@ def to_gpt2(state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.T
     for i in range(cfg.n_layer):
         for theirs, mine, conv1d in _BLOCK:
             name = f"blocks.{i}.{mine}"
-            # GPT-2's layout always has one: zeros compute the same
-            if mine == "att.qkv.bias" and not cfg.qkv_bias:
-                tensor = torch.zeros(3 * cfg.n_embd, dtype=state[f"blocks.{i}.att.qkv.weight"].dtype)
+            # GPT-2's layout always has biases: zeros compute the same
+            if mine.endswith(".bias") and name not in state:
+                tensor = torch.zeros(state[name.replace(".bias", ".weight")].shape[0])
             else:
                 tensor = state[name].t() if conv1d else state[name]
             out[f"{PREFIX}h.{i}.{theirs}"] = tensor
@@ -176,12 +188,12 @@ def config_to_hf(cfg: GPTConfig, eos_id: int, **extra: object) -> dict:
         "n_embd": cfg.n_embd,
         "n_head": cfg.n_head,
         "n_layer": cfg.n_layer,
-        "n_inner": None,
+        "n_inner": None if cfg.hidden_dim is None else cfg.mlp_hidden,
         "activation_function": "gelu_new",  # the tanh GELU, as our FeedForward computes
         "resid_pdrop": cfg.dropout,
         "embd_pdrop": cfg.dropout,
         "attn_pdrop": cfg.dropout,
-        "layer_norm_epsilon": 1e-5,
+        "layer_norm_epsilon": cfg.norm_eps,
         "initializer_range": 0.02,
         "scale_attn_weights": True,
         "use_cache": True,

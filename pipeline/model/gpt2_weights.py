@@ -1,10 +1,13 @@
-"""``model.init_from``: start from a GPT-2 checkpoint (a named one from the Hugging Face Hub, or local files).
+"""``model.init_from``: start from a checkpoint (a Hugging Face Hub name or repo id, or local files) of GPT-2
+(``GPT2LMHeadModel``) or the Llama family (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``).
 
-Named checkpoints are fetched with ``huggingface_hub`` at a pinned revision (its cache, ``HF_HUB_OFFLINE``,
-``HF_ENDPOINT`` and progress bars apply), and only when a stage asks: nothing touches the network at import.
-The config is read first, so a shape that disagrees with ``model.*`` or a model that cannot fit in memory is
-refused before gigabytes are downloaded. Weights load from safetensors, or from a ``.bin`` with
-``torch.load(weights_only=True)`` (never pickled code).
+Checkpoints are fetched with ``huggingface_hub`` (GPT-2's names at a pinned revision, a repo id at
+``model.revision`` or ``main``; its cache, ``HF_HUB_OFFLINE``, ``HF_ENDPOINT`` and progress bars apply), and
+only when a stage asks: nothing touches the network at import. The config is read first, so a shape that
+disagrees with ``model.*`` or a model that cannot fit in memory is refused before gigabytes are downloaded.
+Weights load from safetensors (one file, or shards listed in ``model.safetensors.index.json``), or from a
+``.bin`` with ``torch.load(weights_only=True)`` (never pickled code). Which names mean what is the layout
+modules' business (model/gpt2_layout.py, model/llama_layout.py).
 
 Vocabulary: OpenAI's GPT-2 has 50,257 tokens; our ``gpt2`` tokenizer kind has the same ids plus 15 special tokens
 (chat markers, reserved), whose new embedding rows start as the mean of GPT-2's rows. A checkpoint we exported
@@ -17,15 +20,17 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from pipeline.common.errors import PipelineError
+from pipeline.model import gpt2_layout, llama_layout
 from pipeline.model.checkpoint import read_weights_file
 from pipeline.model.gpt import GPT, GPTConfig, ModelConfigError
-from pipeline.model.gpt2_layout import HEAD, config_from_hf, from_gpt2, normalize_keys
+from pipeline.model.gpt2_layout import HEAD, from_gpt2, normalize_keys
 
 SCRATCH = "scratch"
 # OpenAI's GPT-2 sizes on the Hub, at revisions seen in public Hugging Face caches (override with model.revision).
@@ -37,8 +42,10 @@ NAMED: dict[str, tuple[str, str]] = {
 }
 HF_CONFIG = "config.json"
 SAFETENSORS = "model.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"  # sharded checkpoints: tensor name → shard file
 PICKLE_BIN = "pytorch_model.bin"
 GPT2_VOCAB = 50257
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the Hub spells repositories
 SHAPE_FIELDS = (
     "context_length",
     "n_embd",
@@ -51,6 +58,11 @@ SHAPE_FIELDS = (
     "norm",
     "mlp",
     "qk_norm",
+    "n_kv_head",
+    "head_size",
+    "hidden_dim",
+    "bias",
+    "norm_eps",
 )
 
 
@@ -62,7 +74,7 @@ class Source:
     hf_config: dict
     config_path: Path
     provenance: dict
-    weights_path: Path | None = None
+    weights_path: Path | None = None  # the one file, or the shard index
     repo: str | None = None
     revision: str | None = None
     files: dict[str, str] = field(default_factory=dict)  # file name → sha256, filled when read
@@ -91,18 +103,18 @@ def _local_source(init_from: str) -> Source:
     if path.is_dir():
         directory, weights = (
             path,
-            next((path / n for n in (SAFETENSORS, PICKLE_BIN) if (path / n).is_file()), None),
+            next((path / n for n in (SAFETENSORS, SHARD_INDEX, PICKLE_BIN) if (path / n).is_file()), None),
         )
         if weights is None:
             raise PipelineError(
-                f"model.init_from={init_from}: no {SAFETENSORS} or {PICKLE_BIN} in that directory"
+                f"model.init_from={init_from}: no {SAFETENSORS}, {SHARD_INDEX} or {PICKLE_BIN} in that directory"
             )
     else:
         directory, weights = path.parent, path
     config_path = directory / HF_CONFIG
     if not config_path.is_file():
         raise PipelineError(
-            f"model.init_from={init_from}: {config_path} not found (a GPT-2 config.json must sit beside the weights)"
+            f"model.init_from={init_from}: {config_path} not found (a config.json must sit beside the weights)"
         )
     return Source(
         init_from, _read_json(config_path), config_path, {"path": str(path.resolve())}, weights_path=weights
@@ -144,7 +156,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _hub_source(name: str, revision: str | None) -> Source:
-    repo, pinned = NAMED[name]
+    repo, pinned = NAMED.get(name, (name, "main"))  # a repo id: its main branch unless model.revision says
     revision = revision or pinned
     config_path = _hub_download(repo, HF_CONFIG, revision, name)
     # The cache stores files under snapshots/<commit>/: the commit a branch or tag resolved to.
@@ -158,9 +170,12 @@ def resolve(init_from: str, revision: str | None = None) -> Source:
         return _hub_source(init_from, revision)
     if Path(init_from).expanduser().exists():
         return _local_source(init_from)
+    if REPO_ID.fullmatch(init_from):
+        return _hub_source(init_from, revision)
     known = ", ".join([SCRATCH, *NAMED])
     raise PipelineError(
-        f"model.init_from={init_from!r} is neither a known checkpoint ({known}) nor an existing file or directory"
+        f"model.init_from={init_from!r} is neither a known checkpoint ({known}), a Hub repo id (owner/name) "
+        "nor an existing file or directory"
     )
 
 
@@ -170,20 +185,61 @@ def weights_path(source: Source) -> Path:
         return source.weights_path
     from huggingface_hub.errors import EntryNotFoundError
 
-    for filename in (SAFETENSORS, PICKLE_BIN):
+    for filename in (SAFETENSORS, SHARD_INDEX, PICKLE_BIN):
         try:
             source.weights_path = _hub_download(source.repo, filename, source.revision, source.label)
-            return source.weights_path
         except EntryNotFoundError:
             continue
+        if filename == SHARD_INDEX:  # the shards themselves, beside the index in the cache
+            for shard in sorted(set(_shard_map(source.weights_path).values())):
+                _hub_download(source.repo, shard, source.revision, source.label)
+        return source.weights_path
     raise PipelineError(
-        f"model.init_from={source.label}: {source.repo} has neither {SAFETENSORS} nor {PICKLE_BIN}"
+        f"model.init_from={source.label}: {source.repo} has none of {SAFETENSORS}, {SHARD_INDEX}, {PICKLE_BIN}"
     )
+
+
+def _shard_map(index: Path) -> dict[str, str]:
+    """A shard index's tensor name → shard file name (plain names: a shard never lies outside the directory)."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(f, str) and f == Path(f).name and f.endswith(".safetensors") for f in weight_map.values()
+    ):
+        raise PipelineError(
+            f"{index}: no weight_map of tensor → .safetensors file names in the same directory"
+        )
+    return weight_map
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(every tensor, file name → sha256) of one weights file or of the shards an index lists."""
+    if path.name != SHARD_INDEX:
+        return read_weights_file(path), {path.name: _sha256(path)}
+    state: dict[str, torch.Tensor] = {}
+    files = {}
+    for shard in sorted(set(_shard_map(path).values())):
+        shard_path = path.parent / shard
+        if not shard_path.is_file():
+            raise PipelineError(f"{path}: lists {shard}, which is not in {path.parent}")
+        state |= read_weights_file(shard_path)
+        files[shard] = _sha256(shard_path)
+    return state, files
+
+
+def family(hf_config: dict) -> str:
+    """gpt2 or llama: which layout a config.json's model_type reads with."""
+    return "llama" if hf_config.get("model_type") in llama_layout.MODEL_TYPES else "gpt2"
+
+
+def config_from_hf(source: Source) -> dict:
+    if family(source.hf_config) == "llama":
+        return llama_layout.config_from_hf(source.hf_config, str(source.config_path))
+    return gpt2_layout.config_from_hf(source.hf_config, str(source.config_path))
 
 
 def checkpoint_config(source: Source, n_vocab: int, tokenizer: dict, dropout: float | None) -> GPTConfig:
     """Our GPTConfig for the checkpoint, with the tokenizer's vocabulary; refuses a tokenizer with other ids."""
-    fields = config_from_hf(source.hf_config, str(source.config_path))
+    fields = config_from_hf(source)
     ours = source.hf_config.get("llm_pipeline", {}).get("tokenizer", {}).get("fingerprint")
     stored = fields["vocab_size"]
     if ours is not None:
@@ -192,6 +248,11 @@ def checkpoint_config(source: Source, n_vocab: int, tokenizer: dict, dropout: fl
                 f"model.init_from={source.label}: exported with tokenizer {ours[:12]}, but data/tokenizer is "
                 f"{str(tokenizer.get('fingerprint'))[:12]} (same tokenizer params needed)"
             )
+    elif family(source.hf_config) == "llama":
+        _check_own_tokenizer(source, tokenizer)
+        n_vocab = max(
+            stored, n_vocab
+        )  # rows the tokenizer leaves unused stay; our appended specials get rows
     elif tokenizer.get("kind") != "gpt2":
         raise PipelineError(
             f"model.init_from={source.label} needs tokenizer.kind: gpt2 (GPT-2's token ids), got {tokenizer.get('kind')!r}"
@@ -214,28 +275,55 @@ def checkpoint_config(source: Source, n_vocab: int, tokenizer: dict, dropout: fl
         raise PipelineError(f"{source.config_path}: {exc}") from None
 
 
+def _check_own_tokenizer(source: Source, tokenizer: dict) -> None:
+    """A Llama-family base meets its own tokenizer.json (tokenizer.kind hf), the file beside its config.json."""
+    beside = source.config_path.parent / "tokenizer.json"
+    if tokenizer.get("kind") != "hf" or not beside.is_file():
+        raise PipelineError(
+            f"model.init_from={source.label}: a {source.hf_config['model_type']} base needs its own tokenizer: "
+            f"set tokenizer.kind: hf and tokenizer.source: {source.label} (its tokenizer.json)"
+        )
+    if _sha256(beside) != tokenizer.get("tokenizer_json_sha256"):
+        raise PipelineError(
+            f"model.init_from={source.label}: data/tokenizer was made from another tokenizer.json than {beside} "
+            f"(tokenizer.source {tokenizer.get('source')!r}); point tokenizer.source at the base"
+        )
+
+
 def check_shape(cfg: GPTConfig, explicit: dict[str, object], label: str, origin: str = "params.yaml") -> None:
     """Explicit model.* values must equal the checkpoint's (``explicit``: field → value, only those set)."""
+    resolved = {
+        "n_kv_head": "kv_heads",
+        "head_size": "head_dim",
+        "hidden_dim": "mlp_hidden",
+    }  # None's meaning
     for name, value in explicit.items():
-        if value is not None and getattr(cfg, name) != value:
+        actual = getattr(cfg, resolved.get(name, name))
+        if value is not None and actual != value:
             raise PipelineError(
-                f"{origin}: model.{name}={value} disagrees with model.init_from={label} ({name}={getattr(cfg, name)})"
+                f"{origin}: model.{name}={value} disagrees with model.init_from={label} ({name}={actual})"
             )
 
 
 def load_weights(source: Source, cfg: GPTConfig) -> GPT:
     """Build our GPT for ``cfg`` from the checkpoint's weights (extra vocabulary rows: the mean of the stored ones)."""
     path = weights_path(source)
-    source.files = {path.name: _sha256(path)}
-    state = normalize_keys(read_weights_file(path), str(path))
+    state, source.files = read_checkpoint(path)
     stored = source.hf_config.get("vocab_size", GPT2_VOCAB)
-    shapes = {"wte.weight": (stored, cfg.n_embd), "wpe.weight": (cfg.context_length, cfg.n_embd)}
+    if family(source.hf_config) == "llama":
+        shapes = {llama_layout.PREFIX + "embed_tokens.weight": (stored, cfg.n_embd)}
+    else:
+        state = normalize_keys(state, str(path))
+        shapes = {"wte.weight": (stored, cfg.n_embd), "wpe.weight": (cfg.context_length, cfg.n_embd)}
     for name, shape in shapes.items():
         if name in state and tuple(state[name].shape) != shape:
             raise PipelineError(
                 f"{path}: {name} has shape {tuple(state[name].shape)}, its config.json says {shape}"
             )
-    ours = from_gpt2(state, cfg, str(path))
+    if family(source.hf_config) == "llama":
+        ours = llama_layout.from_hf(state, cfg, str(path))
+    else:
+        ours = from_gpt2(state, cfg, str(path))
     rows = ["tok_emb.weight"] + ([] if cfg.tie_weights else ["out_head.weight"])
     for name in rows:
         if ours[name].shape[0] < cfg.vocab_size:
@@ -243,7 +331,7 @@ def load_weights(source: Source, cfg: GPTConfig) -> GPT:
             # training teaches it (Hewitt, 2021, "Initializing new word embeddings for pretrained language models").
             extra = ours[name].mean(dim=0, keepdim=True).expand(cfg.vocab_size - ours[name].shape[0], -1)
             ours[name] = torch.cat([ours[name], extra])
-    if not cfg.tie_weights and HEAD not in state:
+    if not cfg.tie_weights and HEAD not in state:  # (the Llama layout refused this already)
         raise PipelineError(f"{path}: untied head (tie_word_embeddings false) but no {HEAD}")
     if cfg.tie_weights:
         ours["out_head.weight"] = ours["tok_emb.weight"]
@@ -258,15 +346,9 @@ def load_weights(source: Source, cfg: GPTConfig) -> GPT:
 
 
 def param_count(cfg: GPTConfig) -> int:
-    """Parameters of ``GPT(cfg)`` (a tied head counted once), computed from the shape without building it; ``cfg``
-    is a checkpoint's, so GPT-2's layers (no architecture options)."""
-    d = cfg.n_embd
-    # two LayerNorms (4d), qkv (3d², bias 3d), out_proj (d² + d), the MLP's fc and proj (8d² + 4d + d)
-    block = 4 * d + 3 * d * d + (3 * d if cfg.qkv_bias else 0) + d * d + d + 8 * d * d + 5 * d
-    head = 0 if cfg.tie_weights else cfg.vocab_size * d
-    return (
-        (cfg.vocab_size + cfg.context_length) * d + cfg.n_layer * block + 2 * d + head
-    )  # wte, wpe, blocks, ln_f
+    """Parameters of ``GPT(cfg)`` (a tied head counted once), counted on the meta device: no memory allocated."""
+    with torch.device("meta"):
+        return GPT(cfg).num_params(non_embedding=False)
 
 
 def training_bytes(cfg: GPTConfig, training: bool, batch_size: int, context: int) -> int:

@@ -81,10 +81,10 @@ def pick_dtype(fp32_gflops: float, bf16_gflops: float) -> torch.dtype:
 def matmul_shapes(cfg: GPTConfig, tokens: int) -> list[tuple[int, int, int]]:
     """(m, k, n) of what a training step multiplies for ``tokens`` positions, per block and the head: each
     forward product and its two backward ones."""
-    d, hidden = cfg.n_embd, cfg.mlp_hidden
+    d, hidden, attn = cfg.n_embd, cfg.mlp_hidden, cfg.n_head * cfg.head_dim
     weights = [
-        (d, 3 * d),
-        (d, d),
+        (d, attn + 2 * cfg.kv_heads * cfg.head_dim),
+        (attn, d),
         (d, hidden),
         (hidden, d),
         (d, cfg.vocab_size),

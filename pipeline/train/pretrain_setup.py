@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from pipeline.model import gpt2_weights
 from pipeline.model.gpt import GPT, GPTConfig, ModelConfigError, config_from_preset
 from pipeline.model.runtime import local_device
 from pipeline.train.objectives import PretrainObjective
+
+LORA_SUGGESTED = 100_000_000  # parameters above which LoRA is the suggested fine-tuning on a CPU
 
 
 def model_config(model: ModelParams, vocab_size: int, origin: str = "params.yaml") -> GPTConfig:
@@ -36,6 +39,11 @@ def model_config(model: ModelParams, vocab_size: int, origin: str = "params.yaml
             "norm",
             "mlp",
             "qk_norm",
+            "n_kv_head",
+            "head_size",
+            "hidden_dim",
+            "bias",
+            "norm_eps",
         )
     }
     try:
@@ -131,4 +139,13 @@ def prepare(
         cfg, source.label, needed, gpt2_weights.available_bytes(device), str(device), training
     )
     gpt = gpt2_weights.load_weights(source, cfg)
+    n_params = gpt.num_params(non_embedding=False)
+    if (
+        device.type == "cpu" and n_params > LORA_SUGGESTED
+    ):  # full AdamW fine-tuning keeps 16 bytes per parameter
+        print(
+            f"note: model.init_from={source.label} has {n_params / 1e6:,.0f}M parameters: on a CPU, fine-tune it "
+            "with LoRA (sft.lora.rank and dpo.lora.rank: 16) rather than in full",
+            file=sys.stderr,
+        )
     return PretrainSetup(gpt, objective, fingerprint, params, gpt2_weights.provenance(source))

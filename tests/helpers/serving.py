@@ -26,14 +26,18 @@ def save_tiny_model(
     seed: int = 0,
     examples: Sequence[tuple[list[int], list[int]]] = (),
     steps: int = 0,
+    **shape: object,
 ) -> Path:
-    """A cpu-tiny GPT over a byte-level tokenizer, saved with ``save_model``; with ``examples`` (prompt ids,
-    answer ids) it is first trained ``steps`` full-batch steps to give those answers."""
+    """A cpu-tiny GPT (``shape``: fields replaced, e.g. a Llama family's) over a byte-level tokenizer, saved with
+    ``save_model``; with ``examples`` (prompt ids, answer ids) it is first trained ``steps`` full-batch steps to
+    give those answers."""
     enc = train_char([], 256 + 16)
     tokenizer_dir = directory.parent / f"{directory.name}-tokenizer"
     fingerprint = save_tokenizer(enc, tokenizer_dir, "char")
     torch.manual_seed(seed)
-    model = GPT(config_from_preset("cpu-tiny", vocab_size=enc.n_vocab, context_length=context_length))
+    model = GPT(
+        config_from_preset("cpu-tiny", vocab_size=enc.n_vocab, context_length=context_length, **shape)
+    )
     if examples:
         train_answers(model, examples, steps)
     meta = {"tokenizer": {"path": str(tokenizer_dir), "fingerprint": fingerprint}}

@@ -217,28 +217,33 @@ print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
     assert modules == "['torch']"  # only the blocking entry: nothing imported torch
 
 
-def test_architecture_options_export_with_parity(workspace):
-    """Rope, RMSNorm, SwiGLU and qk-norm trace into the graph: onnxruntime matches torch, greedy tokens too."""
+MODERN = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True}
+# The Llama family's shapes: Llama 3 (GQA, no biases, rope scaling) and Qwen3 (GQA, wide heads, q/k norms)
+LLAMA = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2, "bias": False}
+LLAMA |= {"rope_base": 500000.0, "rope_factor": 8.0, "rope_original_context": 32}
+QWEN3 = {**MODERN, "n_kv_head": 2, "head_size": 32, "bias": False, "norm_eps": 1e-6}
+
+
+@pytest.mark.parametrize(("name", "options"), [("modern", MODERN), ("llama", LLAMA), ("qwen3", QWEN3)])
+def test_architecture_options_export_with_parity(workspace, name, options):
+    """Rope, RMSNorm, SwiGLU, qk-norm, grouped-query attention (the cache holds the key/value heads only) and wide
+    heads trace into the graph: onnxruntime matches torch, greedy tokens too."""
     fingerprint = json.loads((workspace / "models/dpo" / CONFIG).read_text())["tokenizer"]["fingerprint"]
-    cfg = replace(
-        load_model(workspace / "models/dpo")[0].cfg,
-        pos_emb="rope",
-        norm="rmsnorm",
-        mlp="swiglu",
-        qk_norm=True,
-    )
+    cfg = replace(load_model(workspace / "models/dpo")[0].cfg, **options)
     torch.manual_seed(0)
     modern = train_briefly(GPT(cfg), workspace / "data/shards", 30)
     save_model(
-        workspace / "models/modern", modern, tokenizer={"path": "data/tokenizer", "fingerprint": fingerprint}
+        workspace / f"models/{name}", modern, tokenizer={"path": "data/tokenizer", "fingerprint": fingerprint}
     )
     metrics = run_export(
-        workspace, replace(PARAMS, quantize_int8=False), model="modern", out="models/onnx-modern"
+        workspace, replace(PARAMS, quantize_int8=False), model=name, out=f"models/onnx-{name}"
     )
     assert metrics["parity"]["passed"] and metrics["parity"]["max_abs_logit_diff"] < PARAMS.parity_atol
     assert metrics["parity"]["greedy_tokens_matched"] == PARAMS.parity_tokens
-    config = json.loads((workspace / "models/onnx-modern" / CONFIG).read_text())
+    config = json.loads((workspace / f"models/onnx-{name}" / CONFIG).read_text())
     assert config["model"]["pos_emb"] == "rope" and config["model"]["mlp"] == "swiglu"
+    cache = OnnxGenerator(workspace / f"models/onnx-{name}").new_cache(1).buffers[0].numpy()
+    assert cache.shape == (1, cfg.kv_heads, cfg.context_length, cfg.head_dim)
 
 
 def test_failed_parity_leaves_nothing_behind(workspace):

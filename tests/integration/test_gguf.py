@@ -427,11 +427,16 @@ def test_stage_refuses_a_char_tokenizer_with_one_line_and_no_output(tmp_path):
 
 
 ARCHITECTURE_REFUSALS = [
-    (
+    (  # rotary positions make it the Llama family, which has no LayerNorm
         {"pos_emb": "rope"},
-        "model.pos_emb=rope: the GGUF GPT-2 format (llama.cpp's gpt2 architecture) cannot hold "
-        "rotary position embeddings; export a model trained with pos_emb: learned (or drop gguf from "
+        "model.norm=layernorm: GGUF's Llama family (llama.cpp's llama and qwen3 architectures) cannot hold "
+        "LayerNorm; the Llama family needs pos_emb: rope, norm: rmsnorm, mlp: swiglu (or drop gguf from "
         "export.formats)",
+    ),
+    (
+        {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True},
+        "model.bias=true: GGUF's Llama family (llama.cpp's llama and qwen3 architectures) cannot hold Qwen3's "
+        "(qk_norm) out_proj or MLP biases; train with bias: false (or drop gguf from export.formats)",
     ),
     (
         {"norm": "rmsnorm"},

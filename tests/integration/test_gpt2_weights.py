@@ -191,8 +191,8 @@ def _bad(tmp_path: Path, case: str) -> tuple[str, int, dict]:
 
 BAD = {
     "unknown_name": r"model.init_from='gpt-9000' is neither a known checkpoint \(scratch, gpt2, gpt2-medium",
-    "no_weights": r"no model.safetensors or pytorch_model.bin in that directory",
-    "llama": r"config.json: model_type 'llama' is not a GPT-2 checkpoint",
+    "no_weights": r"no model.safetensors, model.safetensors.index.json or pytorch_model.bin in that directory",
+    "llama": r"config.json: not a llama config \(no integer hidden_size, intermediate_size, num_hidden_layers",
     "pickle_code": r"pytorch_model.bin: refused, loading it would run pickled code",
     "tokenizer_kind": r"needs tokenizer.kind: gpt2 \(GPT-2's token ids\), got 'bpe'",
     "vocab_mismatch": r"vocab_size 1000 is not GPT-2's 50257 tokens",

@@ -329,10 +329,20 @@ def test_stage_writes_hf_metrics_and_marks_the_format_left_out(workspace):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (
+        (  # rotary positions make it the Llama family, which has no LayerNorm
             {"pos_emb": "rope"},
-            "model.pos_emb=rope: the Hugging Face GPT-2 format cannot hold rotary position embeddings; "
-            "export a model trained with pos_emb: learned (or drop hf from export.formats)",
+            "model.norm=layernorm: the Hugging Face Llama format cannot hold LayerNorm; the Llama family needs "
+            "pos_emb: rope, norm: rmsnorm, mlp: swiglu (or drop hf from export.formats)",
+        ),
+        (
+            {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "relu2"},
+            "model.mlp=relu2: the Hugging Face Llama format cannot hold a non-gated MLP; the Llama family needs "
+            "pos_emb: rope, norm: rmsnorm, mlp: swiglu (or drop hf from export.formats)",
+        ),
+        (
+            {"n_kv_head": 2},
+            "model.n_kv_head=2: the Hugging Face GPT-2 format cannot hold grouped-query attention (or drop hf "
+            "from export.formats)",
         ),
         (
             {"norm": "rmsnorm"},

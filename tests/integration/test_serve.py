@@ -17,7 +17,14 @@ from pipeline.cli import main
 from pipeline.data.prompts import chat_prompt_ids
 from pipeline.data.tokenizer import train_char
 from pipeline.serve.served_model import StopScanner, fit_prompt
-from tests.helpers.serving import SlowTokens, free_port, load_served, running_server, tiny_model_dirs
+from tests.helpers.serving import (
+    SlowTokens,
+    free_port,
+    load_served,
+    running_server,
+    save_tiny_model,
+    tiny_model_dirs,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -350,3 +357,31 @@ def test_onnx_export_is_served(tmp_path, model_dirs):
             ask(client, "onnx", temperature=0, num_predict=12).message.content
             == ask(client, "sft", temperature=0, num_predict=12).message.content
         )
+
+
+# The Llama family's shapes (grouped-query attention, no biases; Qwen3's q/k norms and wide heads).
+FAMILIES = {
+    "llama": {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2, "bias": False},
+    "qwen3": {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True, "n_kv_head": 2}
+    | {"head_size": 32, "bias": False, "norm_eps": 1e-6},
+}
+
+
+def test_llama_family_models_are_served_in_their_chat_template(tmp_path):
+    """Each family's chat model answers /api/chat through its template (the prompt ids our chat template gives),
+    deterministically at temperature 0."""
+    dirs = {
+        name: save_tiny_model(tmp_path / name, "chat", seed=3, **shape) for name, shape in FAMILIES.items()
+    }
+    served = load_served(dirs)
+    with running_server(served) as (url, _):
+        client = ollama.Client(host=url, timeout=60)
+        for name in FAMILIES:
+            model = served[f"{name}:latest"]
+            prompt = chat_prompt_ids(model.encoding, "chat", [("user", "Name a colour.")])
+            assert model.chat_ids([("user", "Name a colour.")]) == prompt
+            replies = [ask(client, f"{name}:latest", seed=7, num_predict=12, temperature=0) for _ in range(2)]
+            assert (
+                replies[0].prompt_eval_count == len(prompt) and replies[0].eval_count > 0 and replies[0].done
+            )
+            assert replies[0].message.content == replies[1].message.content

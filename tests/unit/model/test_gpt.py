@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -346,3 +347,123 @@ def test_embeddings_read_the_hidden_states_of_every_option():
         with torch.inference_mode():
             logits, _ = model(torch.tensor([ids]))
             assert torch.allclose(model.out_head(final_hidden_states(model, ids)), logits[0], atol=1e-5)
+
+
+# The Llama family's shapes: SmolLM2 / Llama 3 (GQA, no biases, rope scaling) and Qwen3 (q/k norms, wide heads).
+LLAMA = {
+    "pos_emb": "rope",
+    "norm": "rmsnorm",
+    "mlp": "swiglu",
+    "n_kv_head": 2,
+    "hidden_dim": 80,
+    "bias": False,
+    "rope_base": 500000.0,
+    "rope_factor": 32.0,
+    "rope_original_context": 8192,
+}
+QWEN3 = {**MODERN, "n_kv_head": 2, "head_size": 16, "bias": False, "norm_eps": 1e-6, "rope_base": 1e6}
+FAMILIES = {"gpt2": {}, "llama": LLAMA, "qwen3": QWEN3}
+# sha256 over (name, bytes) of small()'s state dict, computed with the code before the Llama-family options
+GPT2_DEFAULT_DIGEST = "2678d68f0dad2827eb3e9b8810230a8795dbc348089c2191615b90930499709b"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_family_decodes_through_the_kv_cache_as_the_full_forward(family):
+    model = small(**FAMILIES[family])
+    x = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(2))
+    full, _ = model(x)
+    first, past = model(x[:, :7])
+    rest, past = model(x[:, 7:], past=past)
+    assert torch.allclose(torch.cat([first, rest], dim=1), full, atol=1e-5)
+    heads = model.cfg.kv_heads
+    assert past[0][0].shape == (2, heads, 20, model.cfg.head_dim)  # GQA: the cache holds key/value heads only
+
+
+def test_family_tensors_and_counts():
+    llama = small(**LLAMA).state_dict()
+    # q of 4 heads, k and v of 2, each 8 wide; no bias anywhere; SwiGLU at hidden_dim
+    assert llama["blocks.0.att.qkv.weight"].shape == (64, 32) and llama["blocks.0.ff.gate.weight"].shape == (
+        80,
+        32,
+    )
+    assert not [k for k in llama if k.endswith(".bias")]
+    qwen3 = small(**QWEN3)
+    assert qwen3.state_dict()["blocks.0.att.qkv.weight"].shape == (
+        128,
+        32,
+    )  # 4·16 + 2·2·16: heads wider than 32/4
+    assert qwen3.blocks[0].att.out_proj.weight.shape == (32, 64) and qwen3.blocks[0].att.q_norm.eps == 1e-6
+    assert qwen3.final_norm.eps == 1e-6
+    assert GPTConfig(n_embd=32, n_head=4, head_size=16).head_dim == 16 and GPTConfig().kv_heads == 12
+
+
+def test_llama3_rope_scaling_slows_only_the_long_wavelengths():
+    from pipeline.model.gpt import llama3_frequencies
+
+    inv_freq = 500000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float32) / 64)
+    scaled = llama3_frequencies(inv_freq, (32.0, 1.0, 4.0, 8192))
+    wavelen = 2 * torch.pi / inv_freq
+    fast, slow = wavelen < 8192 / 4, wavelen > 8192 / 1
+    assert torch.equal(scaled[fast], inv_freq[fast]) and torch.allclose(scaled[slow], inv_freq[slow] / 32)
+    between = ~fast & ~slow
+    assert (
+        between.any()
+        and ((scaled[between] < inv_freq[between]) & (scaled[between] > inv_freq[between] / 32)).all()
+    )
+    assert small(**LLAMA).cfg.rope_scaling == (32.0, 1.0, 4.0, 8192) and small().cfg.rope_scaling is None
+
+
+def test_gpt2_default_initial_weights_are_bit_identical_to_before_the_families():
+    """The same seed gives GPT-2's defaults the same tensors as before the Llama options existed (digest taken
+    from the code before them)."""
+    digest = hashlib.sha256()
+    for name, tensor in small().state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.numpy().tobytes())
+    assert digest.hexdigest() == GPT2_DEFAULT_DIGEST
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"n_kv_head": 3}, "model.n_kv_head=3 must divide model.n_head=4"),
+        ({"n_kv_head": 0}, "model.n_kv_head must be a positive integer or null, got 0"),
+        ({"head_size": 2.5}, "model.head_size must be a positive integer or null, got 2.5"),
+        ({"norm_eps": 0}, "model.norm_eps must be a positive number, got 0"),
+        ({"bias": "no"}, "model.bias must be true or false, got 'no'"),
+        ({"rope_factor": 8.0, "rope_high_freq_factor": 1.0}, "model.rope_high_freq_factor=1.0 must exceed"),
+        ({"rope_original_context": 0}, "model.rope_original_context must be a positive integer, got 0"),
+    ],
+)
+def test_bad_family_options_name_the_field(options, message):
+    with pytest.raises(ModelConfigError, match=message):
+        GPTConfig(n_embd=32, n_head=4, **options)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_lora_and_the_classifier_head_serve_each_family(family):
+    from pipeline.common.config import LoRAParams
+    from pipeline.model import lora
+    from pipeline.model.gpt import last_token_logits
+
+    model = small(**FAMILIES[family])
+    x = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(3))
+    before = model(x)[0]
+    wrapped = lora.apply_lora(model, LoRAParams(rank=2, alpha=4.0), "test", seed=0)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if name.endswith(".B"):
+                p.normal_(0, 0.1)
+    adapted = wrapped(x)[0]
+    assert not torch.allclose(adapted, before, atol=1e-4)
+    assert torch.allclose(lora.merge(wrapped)(x)[0], adapted, atol=1e-5)
+    torch.manual_seed(0)
+    classifier = GPT(replace(small(**FAMILIES[family]).cfg, n_classes=3, tie_weights=False)).eval()
+    assert last_token_logits(classifier, x, torch.tensor([12, 5])).shape == (2, 3)
+
+
+def test_llama_family_presets_have_their_published_parameter_counts():
+    counts = {"smollm2-135m": 134_515_008, "llama3.2-1b": 1_235_814_400, "qwen3-0.6b": 596_049_920}
+    for name, count in counts.items():
+        with torch.device("meta"):  # shapes only: nothing allocated
+            assert GPT(PRESETS[name]).num_params(non_embedding=False) == count

@@ -228,6 +228,8 @@ class TrainParams:
     checkpoint_every: int = _positive(100)
     keep_checkpoints: int = _at_least_one(2)
     log_every: int = _positive(10)
+    # true: the model returned is the evaluated step with the lowest val loss, not the last step's
+    keep_best: bool = False
     seed: int = _seed(1337)
     # DDP: >1 re-launches the stage under torchrun (rdzv_endpoint = host:port of the rendezvous when nnodes > 1).
     nproc_per_node: int = _at_least_one(1)
@@ -254,8 +256,14 @@ class PretrainParams(TrainParams):
     epochs: int | None = _positive(
         None
     )  # epochs: train this many epochs (replaces max_steps); None → max_steps
+    # mid-training: the last mid_steps steps train on the SFT training split in its template (never held-out items)
+    mid_steps: int = _non_negative(0)
 
     def __post_init__(self) -> None:
+        if self.epochs is None and self.mid_steps > self.max_steps:
+            raise ConfigError(
+                f"pretrain.mid_steps ({self.mid_steps}) must be at most pretrain.max_steps ({self.max_steps})"
+            )
         if self.sampling == "random" and (self.stride is not None or self.epochs is not None):
             raise ConfigError("pretrain.stride and pretrain.epochs need pretrain.sampling: epochs")
         # LoRA adapts a trained model; pretraining trains every weight (from scratch or from model.init_from).

@@ -214,6 +214,7 @@ class _Trainer:
             lambda s: lr_factor(s, params.warmup_steps, params.max_steps, params.min_lr_ratio),
         )
         self.timed: list[list[float]] = []  # [tokens, seconds] of each log window, kept across resumes
+        self.best: dict | None = None  # keep_best: step, val loss and weights of the best evaluation so far
         self.step, self.tokens_seen, history = self._restore()
         self.metrics = MetricsLog(self.report_dir, self.ctx.is_main, history)
         self.train_model = self._wrap(self.raw)  # DDP-wrapped under torchrun, else the raw module
@@ -276,6 +277,7 @@ class _Trainer:
         if self.ctx.is_main:
             log.warning("%s: resuming from %s (step %d)", self.desc, restored.path, state["step"])
         self.timed = [list(w) for w in state.get("timed", [])]
+        self.best = trainer.get("best")
         return state["step"], state["tokens_seen"], state["history"]
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -297,6 +299,7 @@ class _Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "rng": rng,
+                **({"best": self.best} if self.best else {}),  # keep_best survives a resume
             }
             state = {
                 "run_key": self.key,
@@ -422,6 +425,7 @@ class _Trainer:
             if self.step % p.eval_every == 0 or self.step == p.max_steps:
                 val = self.evaluate()
                 self.metrics.log(self.step, val)
+                self._remember_if_best(val)
                 if self.ctx.is_main:
                     bar.write(f"{self.desc} step {self.step}: val loss {val['val/loss']:.4f}")
             if self.step % p.checkpoint_every == 0 or self.step == p.max_steps:
@@ -435,9 +439,19 @@ class _Trainer:
             "summary/trainable_params": float(self.trainable[0]),
             "summary/trainable_share": self.trainable[0] / self.trainable[1],
         }
+        if self.best:
+            self.raw.load_state_dict(self.best["weights"])
+            summary["summary/best_step"] = float(self.best["step"])
+            summary["summary/best_val_loss"] = self.best["val_loss"]
         self.metrics.flush(summary)
         self.raw.eval()
         return TrainResult(self.raw, {**self.metrics.latest(), **summary, "step": self.step})
+
+    def _remember_if_best(self, val: dict[str, float]) -> None:
+        """With ``keep_best``: a copy of the weights of the evaluated step with the lowest val loss so far."""
+        if self.params.keep_best and (not self.best or val["val/loss"] < self.best["val_loss"]):
+            weights = {k: v.detach().clone() for k, v in self.raw.state_dict().items()}
+            self.best = {"step": self.step, "val_loss": val["val/loss"], "weights": weights}
 
     def _log_train(self, row: dict[str, float], window: "_Window", grad_norm, bar: tqdm) -> None:
         tok_s = window.tokens * self.ctx.world_size / max(window.seconds, 1e-9)  # all ranks together

@@ -35,6 +35,7 @@ _TRAIN = {
     "checkpoint_every": [0],
     "keep_checkpoints": [0],
     "log_every": [0],
+    "keep_best": ["yes"],
     "seed": [-1, 2**32],
     "nproc_per_node": [0],
     "nnodes": [0],
@@ -104,6 +105,7 @@ INVALID: dict[str, list] = {
     "pretrain.sampling": ["sequential"],
     "pretrain.stride": [0, {"sampling": "random", "stride": 32}],
     "pretrain.epochs": [0, {"sampling": "random", "epochs": 2}],
+    "pretrain.mid_steps": [-1, {"max_steps": 4, "mid_steps": 5}],  # more mid-training steps than steps
     "pretrain.lora.rank": [-1, 4],  # > 0: LoRA needs trained weights, and pretrain starts from scratch
     "evaluate.batches": [0],
     "evaluate.batch_size": [0],

@@ -228,8 +228,8 @@ class TrainParams:
     checkpoint_every: int = _positive(100)
     keep_checkpoints: int = _at_least_one(2)
     log_every: int = _positive(10)
-    # true: the model returned is the evaluated step with the lowest val loss, not the last step's
-    keep_best: bool = False
+    # the model a run returns: the last step's, or the evaluated step's with the lowest val loss / highest val accuracy
+    keep: Literal["last", "best_loss", "best_accuracy"] = "last"
     seed: int = _seed(1337)
     # DDP: >1 re-launches the stage under torchrun (rdzv_endpoint = host:port of the rendezvous when nnodes > 1).
     nproc_per_node: int = _at_least_one(1)

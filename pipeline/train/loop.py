@@ -214,7 +214,7 @@ class _Trainer:
             lambda s: lr_factor(s, params.warmup_steps, params.max_steps, params.min_lr_ratio),
         )
         self.timed: list[list[float]] = []  # [tokens, seconds] of each log window, kept across resumes
-        self.best: dict | None = None  # keep_best: step, val loss and weights of the best evaluation so far
+        self.best: dict | None = None  # keep: best_*, the best evaluation so far (step, val metrics, weights)
         self.step, self.tokens_seen, history = self._restore()
         self.metrics = MetricsLog(self.report_dir, self.ctx.is_main, history)
         self.train_model = self._wrap(self.raw)  # DDP-wrapped under torchrun, else the raw module
@@ -299,7 +299,7 @@ class _Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "rng": rng,
-                **({"best": self.best} if self.best else {}),  # keep_best survives a resume
+                **({"best": self.best} if self.best else {}),  # the best so far survives a resume
             }
             state = {
                 "run_key": self.key,
@@ -442,16 +442,26 @@ class _Trainer:
         if self.best:
             self.raw.load_state_dict(self.best["weights"])
             summary["summary/best_step"] = float(self.best["step"])
-            summary["summary/best_val_loss"] = self.best["val_loss"]
+            summary |= {f"summary/best_{k.removeprefix('val/')}": v for k, v in self.best["val"].items()}
         self.metrics.flush(summary)
         self.raw.eval()
         return TrainResult(self.raw, {**self.metrics.latest(), **summary, "step": self.step})
 
     def _remember_if_best(self, val: dict[str, float]) -> None:
-        """With ``keep_best``: a copy of the weights of the evaluated step with the lowest val loss so far."""
-        if self.params.keep_best and (not self.best or val["val/loss"] < self.best["val_loss"]):
+        """With ``keep: best_*``: a copy of the weights of the best evaluated step so far (lowest val loss, or
+        highest val accuracy; the earlier step on a tie)."""
+        if self.params.keep == "last":
+            return
+        metric = self.params.keep.removeprefix("best_")
+        name = f"val/{metric}"
+        if name not in val:
+            raise PipelineError(
+                f"{self.desc}: keep: {self.params.keep}, but its validation reports no {name}"
+            )
+        score = -val[name] if metric == "loss" else val[name]  # higher is better
+        if not self.best or score > self.best["score"]:
             weights = {k: v.detach().clone() for k, v in self.raw.state_dict().items()}
-            self.best = {"step": self.step, "val_loss": val["val/loss"], "weights": weights}
+            self.best = {"step": self.step, "score": score, "val": val, "weights": weights}
 
     def _log_train(self, row: dict[str, float], window: "_Window", grad_norm, bar: tqdm) -> None:
         tok_s = window.tokens * self.ctx.world_size / max(window.seconds, 1e-9)  # all ranks together

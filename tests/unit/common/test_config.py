@@ -35,7 +35,7 @@ _TRAIN = {
     "checkpoint_every": [0],
     "keep_checkpoints": [0],
     "log_every": [0],
-    "keep_best": ["yes"],
+    "keep": ["best", True],
     "seed": [-1, 2**32],
     "nproc_per_node": [0],
     "nnodes": [0],

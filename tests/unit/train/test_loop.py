@@ -328,7 +328,7 @@ class ScriptedValidation(CountingObjective):
         return loss * 0 + self.val_losses[self.evaluations - 1], extras
 
 
-def test_keep_best_returns_the_weights_of_the_lowest_validation_loss(tmp_path):
+def test_keep_best_loss_returns_the_weights_of_the_lowest_validation_loss(tmp_path):
     params = TrainParams(
         **{**asdict(PARAMS), "max_steps": 6, "eval_every": 2, "checkpoint_every": 2, "keep_checkpoints": 3}
     )
@@ -336,13 +336,13 @@ def test_keep_best_returns_the_weights_of_the_lowest_validation_loss(tmp_path):
     best = train(
         tiny_model(),
         objective,
-        TrainParams(**{**asdict(params), "keep_best": True}),
+        TrainParams(**{**asdict(params), "keep": "best_loss"}),
         checkpoint_dir=tmp_path / "ckpt",
         report_dir=tmp_path / "report",
         desc="best",
     )
-    assert best.metrics["summary/best_step"] == 4 and best.metrics["summary/best_val_loss"] == 1.0
+    assert best.metrics["summary/best_step"] == 4 and best.metrics["summary/best_loss"] == 1.0
     at_step_4, _ = load_model(resume.checkpoint_path(tmp_path / "ckpt", 4) / resume.MODEL_DIR)
     assert weights_digest(best.model) == weights_digest(at_step_4)
     last = _train_tiny(tmp_path, "last", max_steps=6, eval_every=2)
-    assert weights_digest(last.model) != weights_digest(best.model)  # without keep_best: the last step's
+    assert weights_digest(last.model) != weights_digest(best.model)  # keep: last, the default

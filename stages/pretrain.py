@@ -22,7 +22,7 @@ OUT = Path("models/base")
 CHECKPOINTS = Path("checkpoints/pretrain")
 REPORTS = Path("reports/pretrain")
 SFT_DATA = Path("data/raw/sft.json")
-# mid-training reads the SFT training split: the same split and template the sft stage uses
+# the sft keys: mid-training reads the SFT training split, with the split and template the sft stage uses
 PARAMS = (
     "seed",
     "model",
@@ -78,7 +78,7 @@ def main() -> None:
         tokenizer={"path": str(TOKENIZER), "fingerprint": setup.tokenizer_fingerprint},
         stage="pretrain",
         training=training,
-        provenance=provenance(PARAMS),
+        provenance=provenance(PARAMS if mid else PARAMS[:3]),  # without mid-training no sft section is needed
         **start,
     )
     print(

@@ -12,7 +12,8 @@ import torch.nn as nn
 
 from pipeline.common.config import ModelParams, PretrainParams
 from pipeline.common.errors import PipelineError
-from pipeline.data.instructions import Example, tokenize_examples
+from pipeline.data.instructions import Example
+from pipeline.data.prompts import encode_prompt, encode_response
 from pipeline.data.shards import ShardDataset
 from pipeline.data.tokenizer import load_tokenizer, read_metadata, tokenizer_fingerprint
 from pipeline.model import gpt2_weights
@@ -75,11 +76,13 @@ class PretrainSetup:
     init: dict | None = None  # provenance of the starting checkpoint (model.init_from), None from scratch
 
 
-def mid_training_tokens(enc, train: Sequence[Example], template: str, context_length: int) -> torch.Tensor:
-    """The instruction examples ``train`` in ``template`` (prompt, answer, EOT), end to end: mid-training's text."""
-    data = tokenize_examples(enc, train, template, context_length)
+def mid_training_tokens(enc, examples: Sequence[Example], template: str) -> torch.Tensor:
+    """``examples`` in ``template`` (prompt, answer, EOT) end to end: mid-training's text, read in windows."""
     ids = [
-        t for prompt, answers in zip(data.prompts, data.responses, strict=True) for t in prompt + answers[0]
+        t
+        for e in examples
+        for t in encode_prompt(enc, e.instruction, e.input, template, e.context)
+        + encode_response(enc, e.output, template)
     ]
     return torch.tensor(ids, dtype=torch.long)
 
@@ -126,7 +129,7 @@ def prepare(
         params.sampling,
         params.stride,
         params.grad_accum,
-        mid_training_tokens(enc, mid, template, context) if params.mid_steps else None,
+        mid_training_tokens(enc, mid, template) if params.mid_steps else None,
     )
     if params.epochs is not None:
         per_step = (

@@ -78,7 +78,7 @@ def main() -> None:
         tokenizer={"path": str(TOKENIZER), "fingerprint": setup.tokenizer_fingerprint},
         stage="pretrain",
         training=training,
-        provenance=provenance(PARAMS if mid else PARAMS[:3]),  # without mid-training no sft section is needed
+        provenance=provenance(("seed", "model", "pretrain", *(("sft",) if mid else ()))),  # whole sections
         **start,
     )
     print(

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pipeline.common.config import TrainParams
+from pipeline.common.errors import PipelineError
 from pipeline.model.checkpoint import load_model
 from pipeline.train import resume
 from pipeline.train.loop import lr_factor, train
@@ -346,3 +347,24 @@ def test_keep_best_loss_returns_the_weights_of_the_lowest_validation_loss(tmp_pa
     assert weights_digest(best.model) == weights_digest(at_step_4)
     last = _train_tiny(tmp_path, "last", max_steps=6, eval_every=2)
     assert weights_digest(last.model) != weights_digest(best.model)  # keep: last, the default
+
+
+class NoAccuracy(CountingObjective):
+    def loss(self, model, batch):
+        return super().loss(model, batch)[0], {}
+
+
+def test_keep_best_accuracy_without_a_validation_accuracy_is_one_error_naming_it(tmp_path):
+    params = TrainParams(**{**asdict(PARAMS), "max_steps": 2, "eval_every": 2, "keep": "best_accuracy"})
+    with pytest.raises(
+        PipelineError, match="keep: best_accuracy, but its validation reports no val/accuracy"
+    ):
+        train(
+            tiny_model(),
+            NoAccuracy(params.seed, params.batch_size),
+            params,
+            checkpoint_dir=tmp_path / "ckpt",
+            report_dir=tmp_path / "report",
+            desc="sft",
+        )
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())  # no checkpoint left

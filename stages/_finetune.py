@@ -16,6 +16,7 @@ from pipeline.common.errors import PipelineError
 from pipeline.common.hashing import sha256_file
 from pipeline.common.provenance import provenance
 from pipeline.data.instructions import Example, Loaded, check_recipe, load_examples, split_dataset
+from pipeline.evaluation.answer_figures import answer_figures
 from pipeline.evaluation.answers import generate_responses, sampling_options, write_responses
 from pipeline.model.checkpoint import CONFIG, ModelAndTokenizer, load_with_tokenizer, save_trained
 from pipeline.model.runtime import is_main
@@ -79,7 +80,10 @@ def finish(
     write_responses(out, responses.records)
     metrics_path = Path("reports") / stage / "metrics.json"
     metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
-    write_json(metrics_path, {**metrics, "data": {**data, "prompts_cut": responses.prompts_cut}})
+    figures = answer_figures(responses.records)
+    write_json(
+        metrics_path, {**metrics, "answers": figures, "data": {**data, "prompts_cut": responses.prompts_cut}}
+    )
     return out
 
 

@@ -11,6 +11,7 @@ from pipeline.common import config
 from pipeline.common.atomic import write_json
 from pipeline.common.errors import exit_on_error
 from pipeline.common.provenance import provenance
+from pipeline.common.stage_timing import timed
 from pipeline.data.corpus import DownloadCache
 from pipeline.data.instructions import load_examples, split_dataset
 from pipeline.data.labelled import balance, classify_texts, split
@@ -31,6 +32,7 @@ PARAMS = ("data", "classify", "sft.strict", "sft.split_train", "sft.split_val", 
 
 
 @exit_on_error
+@timed(main_process=is_main)
 def main() -> None:
     params = config.load_params(sections=PARAMS)
     p, sft = params.classify, params.sft

@@ -9,6 +9,7 @@ from pipeline.common import config
 from pipeline.common.errors import exit_on_error
 from pipeline.common.provenance import provenance
 from pipeline.common.stage_timing import timed
+from pipeline.data.instructions import load_examples, split_dataset
 from pipeline.model.checkpoint import save_model
 from pipeline.model.runtime import is_main
 from pipeline.train import distributed
@@ -20,7 +21,18 @@ SHARDS = Path("data/shards")
 OUT = Path("models/base")
 CHECKPOINTS = Path("checkpoints/pretrain")
 REPORTS = Path("reports/pretrain")
-PARAMS = ("seed", "model", "pretrain")
+SFT_DATA = Path("data/raw/sft.json")
+# the sft keys: mid-training reads the SFT training split, with the split and template the sft stage uses
+PARAMS = (
+    "seed",
+    "model",
+    "pretrain",
+    "sft.template",
+    "sft.strict",
+    "sft.split_train",
+    "sft.split_val",
+    "sft.split_seed",
+)
 
 
 @exit_on_error
@@ -29,7 +41,12 @@ def main() -> None:
     params = config.load_params(sections=PARAMS)
     p = params.pretrain
     distributed.relaunch_under_torchrun("stages.pretrain", p)
-    setup = prepare(params.model, p, params.seed, TOKENIZER, SHARDS)
+    sft = params.sft
+    mid = []
+    if p.mid_steps:
+        examples = load_examples(SFT_DATA, sft.strict).records
+        mid = split_dataset(examples, sft.split_train, sft.split_val, sft.split_seed, str(SFT_DATA))[0]
+    setup = prepare(params.model, p, params.seed, TOKENIZER, SHARDS, mid=mid, template=sft.template)
     result = train(
         setup.model,
         setup.objective,
@@ -46,6 +63,11 @@ def main() -> None:
         "context_length": setup.objective.context_length,
         "val_loss": result.metrics.get("val/loss"),
     }
+    if mid:
+        training["mid_training"] = (
+            f"{SFT_DATA}: the {len(mid)} examples of its training split ({sft.template} template), "
+            f"last {p.mid_steps} steps"
+        )
     start = {"init_from": setup.init} if setup.init else {}
     CHECKPOINTS.mkdir(
         parents=True, exist_ok=True
@@ -56,7 +78,7 @@ def main() -> None:
         tokenizer={"path": str(TOKENIZER), "fingerprint": setup.tokenizer_fingerprint},
         stage="pretrain",
         training=training,
-        provenance=provenance(PARAMS),
+        provenance=provenance(("seed", "model", "pretrain", *(("sft",) if mid else ()))),  # whole sections
         **start,
     )
     print(

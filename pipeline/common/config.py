@@ -250,6 +250,8 @@ class TrainParams:
     checkpoint_every: int = _positive(100)
     keep_checkpoints: int = _at_least_one(2)
     log_every: int = _positive(10)
+    # the model a run returns: the last step's, or the evaluated step's with the lowest val loss / highest val accuracy
+    keep: Literal["last", "best_loss", "best_accuracy"] = "last"
     seed: int = _seed(1337)
     # DDP: >1 re-launches the stage under torchrun (rdzv_endpoint = host:port of the rendezvous when nnodes > 1).
     nproc_per_node: int = _at_least_one(1)
@@ -273,6 +275,11 @@ class TrainParams:
                 f"{where}.optimizer: muon cannot run with {where}.parallel: fsdp (Muon orthogonalises whole "
                 "matrices, FSDP holds shards of them); use optimizer: adamw or parallel: ddp"
             )
+        if self.keep != "last" and self.parallel == "fsdp":  # the kept copy would be each rank's shards
+            raise ConfigError(
+                f"{where}.keep: {self.keep} cannot run with {where}.parallel: fsdp (the best step's copy of the "
+                "weights is kept whole, FSDP holds shards); use keep: last or parallel: ddp"
+            )
 
 
 @dataclass(frozen=True)
@@ -289,8 +296,14 @@ class PretrainParams(TrainParams):
     epochs: int | None = _positive(
         None
     )  # epochs: train this many epochs (replaces max_steps); None → max_steps
+    # mid-training: the last mid_steps steps train on the SFT training split in its template (never held-out items)
+    mid_steps: int = _non_negative(0)
 
     def __post_init__(self) -> None:
+        if self.epochs is None and self.mid_steps > self.max_steps:
+            raise ConfigError(
+                f"pretrain.mid_steps ({self.mid_steps}) must be at most pretrain.max_steps ({self.max_steps})"
+            )
         if self.sampling == "random" and (self.stride is not None or self.epochs is not None):
             raise ConfigError("pretrain.stride and pretrain.epochs need pretrain.sampling: epochs")
         # LoRA adapts a trained model; pretraining trains every weight (from scratch or from model.init_from).

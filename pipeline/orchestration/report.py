@@ -26,6 +26,7 @@ from pipeline.common.errors import PipelineError
 from pipeline.common.json_files import flatten, read_json, read_jsonl
 from pipeline.common.provenance import git_state, package_versions, params_hash
 from pipeline.common.stage_timing import TIMING_FILE
+from pipeline.evaluation.answer_figures import answer_figures
 
 SKIP_DIRS = {"report", "compare"}  # this stage's own folder, and comparisons of several runs
 ANSWER_ROWS = 5  # held-out answers shown per run
@@ -173,12 +174,49 @@ def answers(stages: list[StageReport]) -> list[str]:
                 *(by_id[s.name].get(item.get("id"), {}).get("response", "") for s in tuned),
             ]
         )
+    figures = {s.name: answer_figures(s.responses) for s in tuned}
     return [
         "## Answers to held-out instructions",
+        "",
+        *expectations(stages),
+        "",
+        f"All {len(tuned[0].responses)} held-out answers of each stage, in figures (`pipeline/evaluation/answer_figures.py`):",
+        "",
+        *table(
+            ["stage", "distinct answers %", "answers with a loop %", "ROUGE-L", "words (reference)"],
+            [
+                [
+                    name,
+                    f["distinct_pct"],
+                    f["loops_pct"],
+                    f["rouge_l"],
+                    f"{f['words']} ({f['reference_words']})",
+                ]
+                for name, f in figures.items()
+            ],
+        ),
         "",
         f"The first {len(rows)} of {len(tuned[0].responses)} held-out items; each stage's folder has them all.",
         "",
         *table(["id", "instruction", "reference", *(s.name for s in tuned)], rows),
+    ]
+
+
+def expectations(stages: list[StageReport]) -> list[str]:
+    """The box above the answers: what a model of this size and training can learn, and where to go for more."""
+    pretrain = flatten(next((s.metrics for s in stages if s.name == "pretrain"), {}))
+    params, tokens = pretrain.get("summary.trainable_params"), pretrain.get("train.tokens_seen")
+    size = (
+        f"a {params / 1e6:.1f}M-parameter GPT pretrained on {tokens / 1e6:.2f}M tokens"
+        if isinstance(params, (int, float)) and isinstance(tokens, (int, float))
+        else "this run's model"
+    )
+    return [
+        f"> **What to expect.** These answers come from {size}, then tuned on about a thousand instructions. "
+        "A model this small, trained for minutes, learns the form of an answer (the template, English word "
+        "order, restating the question, stopping), not facts: expect answers that read as answers and are "
+        "often wrong. For a model that answers, tune a larger pretrained base: the book's chapter 7 profile "
+        "(GPT-2 medium, `params-book.yaml`, docs/training.md), or a Llama-family base once the pipeline has one.",
     ]
 
 
@@ -292,7 +330,8 @@ def markdown(project: Path, stages: list[StageReport], curves: str | None) -> st
     lines = [
         "# Run report",
         "",
-        f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} from `{project.resolve()}`; commit "
+        # no path of the machine that made it: the page is committed and read elsewhere
+        f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} at commit "
         f"`{git['commit'] or 'none'}`{' with uncommitted changes' if git['dirty'] else ''}; params sha256 "
         f"`{params_hash(params)[:16]}`.",
         "",

@@ -52,11 +52,12 @@ def training_data(config: dict, project: Path | None) -> list[str]:
         [f"{recipe['data']} (sha256 {recipe.get('data_sha256', '?')[:12]}…)"] if recipe.get("data") else []
     )
     manifest = _json(project / "data" / "raw" / "manifest.json") if project else {}
-    documents = manifest.get("documents") or []
+    listed = manifest.get("sources") or []  # the download stage's per-source table
     corpus = list(
-        dict.fromkeys(str(d.get("source")) for d in documents if isinstance(d, dict) and d.get("source"))
+        dict.fromkeys(str(d.get("source")) for d in listed if isinstance(d, dict) and d.get("source"))
     )
-    return sources + [f"corpus: {source}" for source in corpus]
+    mid = (config.get("training") or {}).get("mid_training")
+    return sources + [f"corpus: {source}" for source in corpus] + ([f"mid-training: {mid}"] if mid else [])
 
 
 def served_model_card(directory: str | Path, size_bytes: int, parameter_size: str | None) -> dict:

@@ -227,6 +227,7 @@ class _Trainer:
         self.timed: list[list[float]] = []  # [tokens, seconds] of each log window, kept across resumes
         # the batch slots of a step: ranks × micro-steps (a resumed run keeps its checkpoint's)
         self.layout = (self.ctx.world_size, params.grad_accum)
+        self.best: dict | None = None  # keep: best_*, the best evaluation so far (step, val metrics, weights)
         self.step, self.tokens_seen, history = self._restore()
         self.slots = self._my_slots()
         self.metrics = MetricsLog(self.report_dir, self.ctx.is_main, history)
@@ -295,6 +296,7 @@ class _Trainer:
         if self.ctx.is_main:
             log.warning("%s: resuming from %s (step %d)", self.desc, restored.path, state["step"])
         self.timed = [list(w) for w in state.get("timed", [])]
+        self.best = trainer.get("best")
         return state["step"], state["tokens_seen"], state["history"]
 
     def _my_slots(self) -> list[tuple[int, int]]:
@@ -322,7 +324,11 @@ class _Trainer:
 
     def _save_checkpoint(self) -> None:
         rng = self._gather_rng()
-        trainer = {"scheduler": self.scheduler.state_dict(), "rng": rng}
+        trainer = {
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng,
+            **({"best": self.best} if self.best else {}),  # the best so far survives a resume
+        }
         state = {
             "run_key": self.key,
             "tokens_seen": self.tokens_seen,
@@ -453,6 +459,7 @@ class _Trainer:
             if self.step % p.eval_every == 0 or self.step == p.max_steps:
                 val = self.evaluate()
                 self.metrics.log(self.step, val)
+                self._remember_if_best(val)
                 if self.ctx.is_main:
                     bar.write(f"{self.desc} step {self.step}: val loss {val['val/loss']:.4f}")
             if self.step % p.checkpoint_every == 0 or self.step == p.max_steps:
@@ -466,12 +473,32 @@ class _Trainer:
             "summary/trainable_params": float(self.trainable[0]),
             "summary/trainable_share": self.trainable[0] / self.trainable[1],
         }
+        if self.best:
+            self.raw.load_state_dict(self.best["weights"])
+            summary["summary/best_step"] = float(self.best["step"])
+            summary |= {f"summary/best_{k.removeprefix('val/')}": v for k, v in self.best["val"].items()}
         self.metrics.flush(summary)
         model = self.raw
         if self.whole is not None:  # FSDP: the whole model on rank 0 (other ranks keep their shards)
             model = sharded.gather_whole(self.raw, self.whole, self.ctx.is_main, self.device)
         model.eval()
         return TrainResult(model, {**self.metrics.latest(), **summary, "step": self.step})
+
+    def _remember_if_best(self, val: dict[str, float]) -> None:
+        """With ``keep: best_*``: a copy of the weights of the best evaluated step so far (lowest val loss, or
+        highest val accuracy; the earlier step on a tie)."""
+        if self.params.keep == "last":
+            return
+        metric = self.params.keep.removeprefix("best_")
+        name = f"val/{metric}"
+        if name not in val:
+            raise PipelineError(
+                f"{self.desc}: keep: {self.params.keep}, but its validation reports no {name}"
+            )
+        score = -val[name] if metric == "loss" else val[name]  # higher is better
+        if not self.best or score > self.best["score"]:
+            weights = {k: v.detach().clone() for k, v in self.raw.state_dict().items()}
+            self.best = {"step": self.step, "score": score, "val": val, "weights": weights}
 
     def _log_train(self, row: dict[str, float], window: "_Window", grad_norm, bar: tqdm) -> None:
         tok_s = window.tokens * self.ctx.world_size / max(window.seconds, 1e-9)  # all ranks together

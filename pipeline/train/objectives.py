@@ -51,8 +51,15 @@ class PretrainObjective:
     sampling: str = "random"
     stride: int | None = None
     grad_accum: int = 1
+    mid: torch.Tensor | None = None  # mid-training tokens (instruction examples end to end), 1-D
+    mid_from: int = 0  # the first step that draws its windows from ``mid``
 
     def __post_init__(self) -> None:
+        if self.mid is not None and self.mid.numel() < self.context_length + 1:
+            raise PipelineError(
+                f"mid-training: {self.mid.numel()} instruction tokens, fewer than one window of "
+                f"{self.context_length + 1} (lower pretrain.mid_steps to 0, or add instruction data)"
+            )
         needed = (
             self.batch_size * self.context_length + 1
         )  # + 1: the targets are the inputs shifted by one token
@@ -103,6 +110,13 @@ class PretrainObjective:
         return hashlib.sha256(manifest.encode()).hexdigest()
 
     def train_batch(self, step: int, micro_step: int, rank: int, world_size: int) -> Batch:
+        if self.mid is not None and step >= self.mid_from:
+            generator = torch.Generator().manual_seed(_batch_seed(self.seed, step, micro_step, rank))
+            starts = torch.randint(
+                self.mid.numel() - self.context_length, (self.batch_size,), generator=generator
+            )
+            windows = torch.stack([self.mid[s : s + self.context_length + 1] for s in starts.tolist()])
+            return {"input_ids": windows[:, :-1], "targets": windows[:, 1:]}
         if self.sampling == "epochs":
             # the run's n-th batch, ranks interleaved: a pure function of n, so a resumed run is exact
             number = (step * self.grad_accum + micro_step) * world_size + rank

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import torch.nn as nn
 
 from pipeline.common.config import ModelParams, PretrainParams
 from pipeline.common.errors import PipelineError
+from pipeline.data.instructions import Example
+from pipeline.data.prompts import encode_prompt, encode_response
 from pipeline.data.shards import ShardDataset
 from pipeline.data.tokenizer import load_tokenizer, read_metadata, tokenizer_fingerprint
 from pipeline.model import gpt2_weights
@@ -81,6 +84,17 @@ class PretrainSetup:
     init: dict | None = None  # provenance of the starting checkpoint (model.init_from), None from scratch
 
 
+def mid_training_tokens(enc, examples: Sequence[Example], template: str) -> torch.Tensor:
+    """``examples`` in ``template`` (prompt, answer, EOT) end to end: mid-training's text, read in windows."""
+    ids = [
+        t
+        for e in examples
+        for t in encode_prompt(enc, e.instruction, e.input, template, e.context)
+        + encode_response(enc, e.output, template)
+    ]
+    return torch.tensor(ids, dtype=torch.long)
+
+
 def prepare(
     model: ModelParams,
     params: PretrainParams,
@@ -88,9 +102,12 @@ def prepare(
     tokenizer_dir: Path,
     shards_dir: Path,
     origin: str = "params.yaml",
+    mid: Sequence[Example] = (),
+    template: str = "alpaca",
 ) -> PretrainSetup:
     """Check params against the tokenizer and shards, then build the model: freshly initialised, or a checkpoint's
-    weights (``model.init_from``) read only after its shape, tokenizer and memory needs passed the checks."""
+    weights (``model.init_from``) read only after its shape, tokenizer and memory needs passed the checks.
+    With ``pretrain.mid_steps``, the last steps train on the instruction examples ``mid`` in ``template``."""
     enc = load_tokenizer(tokenizer_dir)
     fingerprint = tokenizer_fingerprint(tokenizer_dir)
     source = None
@@ -120,12 +137,14 @@ def prepare(
         params.sampling,
         params.stride,
         params.grad_accum,
+        mid_training_tokens(enc, mid, template) if params.mid_steps else None,
     )
     if params.epochs is not None:
         per_step = (
             params.grad_accum * params.nproc_per_node * params.nnodes
         )  # batches one optimizer step takes, all workers
         params = replace(params, max_steps=math.ceil(params.epochs * objective.batches_per_epoch / per_step))
+    objective.mid_from = params.max_steps - params.mid_steps
     torch.manual_seed(init_seed)  # the initial weights depend on init_seed alone
     if source is None:
         gpt = GPT(cfg)

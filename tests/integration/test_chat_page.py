@@ -117,7 +117,11 @@ def test_root_answers_api_clients_as_ollama_and_browsers_with_the_page(model_dir
 
 
 def test_chat_page_streams_and_stops_in_chromium(model_dir, tmp_path, monkeypatch):
-    models = load_served({"sft": model_dir})
+    base = tmp_path / "models" / "base"  # served first: the page must still open on the tuned model
+    shutil.copytree(model_dir, base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "stage": "pretrain"}))
+    models = load_served({"base": base, "sft": model_dir})
     gate = models["sft:latest"].tokens = GatedTokens(models["sft:latest"].tokens)
     generations = Generations(pipeline.serve.engine.generate_text)
     monkeypatch.setattr(pipeline.serve.engine, "generate_text", generations)
@@ -126,9 +130,9 @@ def test_chat_page_streams_and_stops_in_chromium(model_dir, tmp_path, monkeypatc
         try:
             wait = WebDriverWait(driver, 60, poll_frequency=0.05)
             driver.get(url + "/")
-            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
-            Select(driver.find_element(By.ID, "model")).select_by_value("sft:latest")
-            wait.until(lambda d: "val/loss" in d.find_element(By.ID, "card").text)
+            wait.until(lambda d: "val/loss" in d.find_element(By.ID, "card").text)  # the sft card, unasked
+            model = Select(driver.find_element(By.ID, "model"))
+            assert model.first_selected_option.get_attribute("value") == "sft:latest"
             assert "single-turn" in driver.find_element(By.ID, "mode").text
             temperature = driver.find_element(By.ID, "temperature")
             temperature.clear()

@@ -35,6 +35,7 @@ _TRAIN = {
     "checkpoint_every": [0],
     "keep_checkpoints": [0],
     "log_every": [0],
+    "keep": ["best", True],
     "seed": [-1, 2**32],
     "nproc_per_node": [0],
     "nnodes": [0],
@@ -114,6 +115,7 @@ INVALID: dict[str, list] = {
     "pretrain.sampling": ["sequential"],
     "pretrain.stride": [0, {"sampling": "random", "stride": 32}],
     "pretrain.epochs": [0, {"sampling": "random", "epochs": 2}],
+    "pretrain.mid_steps": [-1, {"max_steps": 4, "mid_steps": 5}],  # more mid-training steps than steps
     "pretrain.lora.rank": [-1, 4],  # > 0: LoRA needs trained weights, and pretrain starts from scratch
     "evaluate.batches": [0],
     "evaluate.batch_size": [0],
@@ -248,6 +250,18 @@ def test_muon_with_fsdp_is_one_line_naming_both_params(section, tmp_path, capsys
     err = capsys.readouterr().err
     assert exc.value.code == 1 and err.count("\n") == 1, err
     assert f"{section}.optimizer: muon" in err and f"{section}.parallel: fsdp" in err, err
+
+
+@pytest.mark.parametrize("section", ["pretrain", "sft", "dpo", "classify"])
+def test_keeping_the_best_step_with_fsdp_is_one_line_naming_both_params(section, tmp_path, capsys):
+    path = tmp_path / "params.yaml"
+    override = {section: {"optimizer": "adamw", "parallel": "fsdp", "keep": "best_loss"}}
+    path.write_text(yaml.safe_dump(merge_params(tiny_params(), override)))
+    with pytest.raises(SystemExit) as exc:
+        exit_on_error(load_params)(path)
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and err.count("\n") == 1, err
+    assert f"{section}.keep: best_loss" in err and f"{section}.parallel: fsdp" in err, err
 
 
 def test_the_examples_name_only_real_keys():

@@ -23,11 +23,12 @@ def test_base_model_card_names_the_corpus_and_the_evaluation(tmp_path):
     write(
         tmp_path / "data/raw/manifest.json",
         {
-            "documents": [
-                {"source": "inputs/corpus.txt"},
-                {"source": "books/b.txt"},
-                {"source": "inputs/corpus.txt"},
-            ]
+            "files": {"corpus.txt": {"bytes": 10}},
+            "sources": [
+                {"source": "inputs/corpus.txt", "documents": 1},
+                {"source": "books/b.txt", "documents": 2},
+                {"source": "inputs/corpus.txt", "documents": 1},
+            ],
         },
     )
     write(tmp_path / "reports/evaluate/metrics.json", {"val_loss": 5.1, "unigram_loss": 5.5, "tokens": 512})

@@ -428,3 +428,14 @@ def test_classifier_exports_to_onnx_with_a_parity_gate(tmp_path):
             seed=0,
         )
     assert not (tmp_path / "onnx2").exists()
+
+
+def test_batches_are_padded_to_their_longest_text_not_the_context():
+    from pipeline.train.classifier import ClassifyObjective, Encoded
+
+    texts = Encoded([[1] * n for n in (3, 9, 4, 7, 5, 6, 2, 8)], [0, 1] * 4, 0)
+    objective = ClassifyObjective(texts, texts, batch_size=4, grad_accum=1, eval_batches=2, pad_id=0, seed=1)
+    for step in range(2):
+        batch = objective.train_batch(step, 0, 0, 1)
+        assert batch["input_ids"].shape[1] == int(batch["lengths"].max())  # no column beyond the longest text
+    assert [b["input_ids"].shape[1] for b in objective.eval_batches()] == [9, 8]

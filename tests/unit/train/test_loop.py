@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pipeline.common.config import TrainParams
+from pipeline.common.errors import PipelineError
 from pipeline.model.checkpoint import load_model
 from pipeline.train import resume
 from pipeline.train.loop import lr_factor, train
@@ -308,3 +309,62 @@ def test_a_compiler_failure_falls_back_to_eager_with_the_same_weights(tmp_path, 
         for r in caplog.records
     )
     assert weights_digest(fallback.model) == weights_digest(eager.model)
+
+
+class ScriptedValidation(CountingObjective):
+    """The counting task whose validation loss is scripted, one value per evaluation: the best step is known."""
+
+    def __init__(self, seed: int, batch_size: int, val_losses: list[float]):
+        super().__init__(seed, batch_size)
+        self.val_losses, self.evaluations = val_losses, 0
+
+    def eval_batches(self):
+        self.evaluations += 1
+        return super().eval_batches()
+
+    def loss(self, model, batch):
+        loss, extras = super().loss(model, batch)
+        if model.training:
+            return loss, extras
+        return loss * 0 + self.val_losses[self.evaluations - 1], extras
+
+
+def test_keep_best_loss_returns_the_weights_of_the_lowest_validation_loss(tmp_path):
+    params = TrainParams(
+        **{**asdict(PARAMS), "max_steps": 6, "eval_every": 2, "checkpoint_every": 2, "keep_checkpoints": 3}
+    )
+    objective = ScriptedValidation(params.seed, params.batch_size, [3.0, 1.0, 2.0])  # steps 2, 4, 6
+    best = train(
+        tiny_model(),
+        objective,
+        TrainParams(**{**asdict(params), "keep": "best_loss"}),
+        checkpoint_dir=tmp_path / "ckpt",
+        report_dir=tmp_path / "report",
+        desc="best",
+    )
+    assert best.metrics["summary/best_step"] == 4 and best.metrics["summary/best_loss"] == 1.0
+    at_step_4, _ = load_model(resume.checkpoint_path(tmp_path / "ckpt", 4) / resume.MODEL_DIR)
+    assert weights_digest(best.model) == weights_digest(at_step_4)
+    last = _train_tiny(tmp_path, "last", max_steps=6, eval_every=2)
+    assert weights_digest(last.model) != weights_digest(best.model)  # keep: last, the default
+
+
+class NoAccuracy(CountingObjective):
+    def loss(self, model, batch):
+        return super().loss(model, batch)[0], {}
+
+
+def test_keep_best_accuracy_without_a_validation_accuracy_is_one_error_naming_it(tmp_path):
+    params = TrainParams(**{**asdict(PARAMS), "max_steps": 2, "eval_every": 2, "keep": "best_accuracy"})
+    with pytest.raises(
+        PipelineError, match="keep: best_accuracy, but its validation reports no val/accuracy"
+    ):
+        train(
+            tiny_model(),
+            NoAccuracy(params.seed, params.batch_size),
+            params,
+            checkpoint_dir=tmp_path / "ckpt",
+            report_dir=tmp_path / "report",
+            desc="sft",
+        )
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())  # no checkpoint left

@@ -178,3 +178,43 @@ def test_pretrain_stage_trains_the_given_epochs(data):
     per_epoch = setup(data, batch_size=64).objective.batches_per_epoch
     meta = json.loads((data / "models/base/config.json").read_text())
     assert meta["training"]["steps"] == 2 * per_epoch and not meta["model"]["tie_weights"]
+
+
+def test_mid_training_steps_read_the_instruction_examples_in_their_template(data):
+    from pipeline.data.instructions import Example
+    from pipeline.data.tokenizer import load_tokenizer
+
+    examples = [Example(id=i, instruction=f"Name a colour {i}.", input="", output="Red.") for i in range(8)]
+    mid = prepare(
+        MODEL,
+        PretrainParams(batch_size=2, seed=123, eval_batches=1, max_steps=6, mid_steps=2),
+        123,
+        data / "data/tokenizer",
+        data / "data/shards",
+        mid=examples,
+        template="alpaca",
+    ).objective
+    plain = setup(data, sampling="random", max_steps=6).objective
+    enc = load_tokenizer(data / "data/tokenizer")
+    assert mid.mid_from == 4
+    for step in range(4):  # before mid-training: the corpus windows, as without it
+        assert torch.equal(
+            mid.train_batch(step, 0, 0, 1)["input_ids"], plain.train_batch(step, 0, 0, 1)["input_ids"]
+        )
+    batch = mid.train_batch(4, 0, 0, 1)
+    stream = mid.mid.tolist()
+    assert "### Response:\nRed.<|endoftext|>" in enc.decode(stream)  # the alpaca template, the answer, EOT
+    row = batch["input_ids"][0].tolist()
+    assert any(stream[i : i + len(row)] == row for i in range(len(stream)))  # a window of that text
+    assert torch.equal(batch["input_ids"][:, 1:], batch["targets"][:, :-1])
+    assert torch.equal(
+        batch["input_ids"], mid.train_batch(4, 0, 0, 1)["input_ids"]
+    )  # seeded: a pure function
+    with pytest.raises(PipelineError, match="mid-training"):  # no examples: nothing to mid-train on
+        prepare(
+            MODEL,
+            PretrainParams(batch_size=2, seed=123, eval_batches=1, max_steps=6, mid_steps=2),
+            123,
+            data / "data/tokenizer",
+            data / "data/shards",
+        )

@@ -36,9 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 512  # the profiles' sft context
 
 
-def one_run(preset: str, method: str, steps: int) -> dict:
+def one_run(preset: str, method: str, steps: int, batch: int | None) -> dict:
     torch.manual_seed(1337)
     p = load_params(ROOT / "params.yaml").sft
+    p = replace(p, batch_size=batch or p.batch_size)
     sft, _ = records()
     enc = tokenizer(4096, sft)
     model = GPT(replace(PRESETS[preset], context_length=CONTEXT))
@@ -92,10 +93,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="smollm2-135m:full,smollm2-135m:lora,qwen3-0.6b:lora")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument(
+        "--batch", type=int, default=None, help="sequences per step (default: params.yaml's sft)"
+    )
     parser.add_argument("--one", nargs=2, metavar=("PRESET", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one_run(*args.one, args.steps)))
+        print(json.dumps(one_run(*args.one, args.steps, args.batch)))
         return
     print("| preset | method | parameters | trainable | batch | dtype | s/step | tokens/s | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -110,12 +114,12 @@ def main() -> None:
             method,
             "--steps",
             str(args.steps),
-        ]
+        ] + (["--batch", str(args.batch)] if args.batch else [])
         done = subprocess.run(
             cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"}
         )
-        if done.returncode:
-            sys.exit(done.stderr[-2000:])
+        if done.returncode:  # negative: killed by a signal (the kernel's OOM killer leaves no stderr)
+            sys.exit(f"{run}: exit {done.returncode} {done.stderr[-2000:]}")
         r = json.loads(done.stdout.splitlines()[-1])
         print(
             f"| {r['preset']} | {r['method']} | {r['params']:,} | {r['trainable']:,.0f} | {r['batch']} | {r['dtype']} | "

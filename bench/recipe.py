@@ -123,6 +123,7 @@ def run_variant(variant: Variant, args: argparse.Namespace) -> Outcome:
         lr=params.pretrain.lr * variant.lr_mult,
         batch_size=variant.batch_size or params.pretrain.batch_size,
         dtype=variant.dtype or params.pretrain.dtype,
+        mid_steps=0,  # the recipes are compared on the corpus alone (mid-training reads the SFT data)
     )
     setup = prepare(model_params, pre, params.seed, args.tokenizer, args.shards)
     model, objective = setup.model, setup.objective

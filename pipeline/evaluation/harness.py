@@ -155,20 +155,8 @@ def run_tasks(
     specs = [hub_task_spec(manager, t, hub_copies, copies) if t in hub else t for t in tasks]
     if all(t not in hub or manager.task_index[t].cfg.get("dataset_path") in hub_copies for t in tasks):
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local data only: the Hub is never asked
-    try:
+    try:  # the first load of each task's data: where a missing copy or the offline Hub shows
         loaded = manager.load(specs)["tasks"]
-        guesses = {t: baselines[t] if t in baselines else random_baseline(loaded[t], limit) for t in tasks}
-        scores = {}
-        for name, directory in model_dirs.items():
-            results = lm_eval.simple_evaluate(
-                model=PipelineLM(directory, device=device),
-                tasks=specs,
-                limit=limit,
-                task_manager=manager,
-                bootstrap_iters=100,
-                log_samples=False,
-            )
-            scores[name] = {task: headline(results, task, guesses[task]) for task in tasks}
     except (OSError, ValueError) as exc:  # datasets' and the Hub client's offline and missing-data errors
         if not hub:
             raise
@@ -177,6 +165,18 @@ def run_tasks(
             "comes from the Hugging Face Hub: run online, or name a local copy of its dataset repo in "
             "benchmark.hub_copies (docs/evaluation.md)"
         ) from None
+    guesses = {t: baselines[t] if t in baselines else random_baseline(loaded[t], limit) for t in tasks}
+    scores = {}
+    for name, directory in model_dirs.items():
+        results = lm_eval.simple_evaluate(
+            model=PipelineLM(directory, device=device),
+            tasks=specs,
+            limit=limit,
+            task_manager=manager,
+            bootstrap_iters=100,
+            log_samples=False,
+        )
+        scores[name] = {task: headline(results, task, guesses[task]) for task in tasks}
     return scores
 
 

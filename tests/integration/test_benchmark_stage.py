@@ -77,13 +77,7 @@ def test_a_missing_model_is_one_error_line_and_no_metrics(project, tmp_path):
     saved = out.read_bytes()
     out.unlink()
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "stages.benchmark"],
-            cwd=project,
-            capture_output=True,
-            text=True,
-            env=venv_env(),
-        )
+        done = _run_stage(project)
         written = sorted(p.name for p in (project / "reports/benchmark").iterdir())
     finally:
         shutil.move(kept, project / "models/dpo")
@@ -105,13 +99,7 @@ def test_a_hub_task_named_in_params_runs_from_its_copy_with_its_reference_row(pr
     }
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "stages.benchmark"],
-            cwd=project,
-            capture_output=True,
-            text=True,
-            env=venv_env(),
-        )
+        done = _run_stage(project)
         metrics = json.loads(out.read_text())
         lines = report.stage_section(
             report.read_stage("benchmark", project / "reports/benchmark"), project / "reports"
@@ -148,3 +136,14 @@ def test_compare_ranks_two_real_experiments_by_a_benchmark_score(project, capsys
     order = list(table.index)
     assert f"| | {' | '.join(order)} |" in out and f"| rank by {metric} |" in out
     assert f"| dpo.max_steps | {names[order[0]]} | {names[order[1]]} |" in out
+
+
+def _run_stage(project) -> subprocess.CompletedProcess:
+    """``python -m stages.benchmark`` in ``project``, as dvc.yaml runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "stages.benchmark"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        env=venv_env(),
+    )

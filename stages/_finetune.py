@@ -16,6 +16,7 @@ from pipeline.common.errors import PipelineError
 from pipeline.common.hashing import sha256_file
 from pipeline.common.provenance import provenance
 from pipeline.data.instructions import Example, Loaded, check_recipe, load_examples, split_dataset
+from pipeline.data.prompts import resolve
 from pipeline.evaluation.answer_figures import answer_figures
 from pipeline.evaluation.answers import generate_responses, sampling_options, write_responses
 from pipeline.model.checkpoint import CONFIG, ModelAndTokenizer, load_with_tokenizer, save_trained
@@ -74,8 +75,9 @@ def finish(
         instructions=recipe,
         provenance=provenance(sections),
     )
-    opts = sampling_options(start.enc, p.max_new_tokens, p.temperature, p.top_k, p.seed)
-    responses = generate_responses(model, start.enc, test_set, recipe["template"], opts, p.batch_size)
+    template = resolve(recipe["template"], start.tokenizer_meta, start.enc, "sft.template")
+    opts = sampling_options(start.enc, p.max_new_tokens, p.temperature, p.top_k, p.seed, template)
+    responses = generate_responses(model, start.enc, test_set, template, opts, p.batch_size)
     out = Path("reports") / stage / "responses.jsonl"
     write_responses(out, responses.records)
     metrics_path = Path("reports") / stage / "metrics.json"

@@ -29,7 +29,7 @@ def main() -> None:
     p = config.load_params(sections=PARAMS).dpo
     start = _finetune.start("dpo", p, SFT_MODEL)
     recipe = _finetune.sft_recipe(SFT_MODEL, start.meta)
-    template, context = recipe["template"], start.model.cfg.context_length
+    template, context = start.template, start.model.cfg.context_length  # SFT's, as models/sft records it
     test_set = _finetune.held_out_examples(recipe)
     held_out = {example.key for example in test_set}
     loaded = load_preferences(DATA, p.strict)

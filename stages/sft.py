@@ -9,7 +9,9 @@ from pipeline.common import config
 from pipeline.common.errors import exit_on_error
 from pipeline.common.hashing import sha256_file
 from pipeline.common.stage_timing import timed
+from pipeline.data.chat_template import ChatTemplate
 from pipeline.data.instructions import load_examples, split_dataset, tokenize_examples
+from pipeline.data.prompts import resolve
 from pipeline.model import lora
 from pipeline.model.runtime import is_main
 from pipeline.train.objectives import SFTObjective
@@ -31,8 +33,9 @@ def main() -> None:
     train_set, val_set, test_set = split_dataset(
         loaded.records, p.split_train, p.split_val, p.split_seed, str(DATA)
     )
-    train_data = tokenize_examples(start.enc, train_set, p.template, context)
-    val_data = tokenize_examples(start.enc, val_set, p.template, context)
+    template = resolve(p.template, start.tokenizer_meta, start.enc, "sft.template")
+    train_data = tokenize_examples(start.enc, train_set, template, context)
+    val_data = tokenize_examples(start.enc, val_set, template, context)
     objective = SFTObjective(
         train_data,
         val_data,
@@ -51,6 +54,7 @@ def main() -> None:
         "data": str(DATA),
         "data_sha256": sha256_file(DATA),
         "template": p.template,
+        **(template.record() if isinstance(template, ChatTemplate) else {}),
         "strict": p.strict,
         "split_train": p.split_train,
         "split_val": p.split_val,

@@ -333,7 +333,7 @@ class EvaluateParams:
 @dataclass(frozen=True)
 class SFTParams(TrainParams):
     data: Source = rule(Source(""), lambda v: v.location.strip() != "", "a URL, file or directory")
-    template: Literal["alpaca", "chat"] = "alpaca"
+    template: Literal["alpaca", "chat", "native"] = "alpaca"  # native: the base's own chat template
     mask_prompt: bool = True
     strict: bool = False
     split_train: float = _open_fraction(0.85)

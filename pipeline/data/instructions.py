@@ -22,7 +22,7 @@ from typing import Generic, TypeVar
 import tiktoken
 
 from pipeline.common.errors import PipelineError
-from pipeline.data.prompts import ROLE_MARKERS, Message, encode_prompt, encode_response
+from pipeline.data.prompts import ROLE_MARKERS, Message, Template, encode_prompt, encode_response
 
 INSTRUCTION_FIELDS = (
     "instruction",
@@ -315,13 +315,13 @@ class Tokenized:
 
 
 def tokenize_examples(
-    enc: tiktoken.Encoding, examples: Sequence[Example], template: str, context_length: int
+    enc: tiktoken.Encoding, examples: Sequence[Example], template: Template, context_length: int
 ) -> Tokenized:
     return _tokenize(enc, [(e, [e.output]) for e in examples], template, context_length)
 
 
 def tokenize_pairs(
-    enc: tiktoken.Encoding, pairs: Sequence[PreferencePair], template: str, context_length: int
+    enc: tiktoken.Encoding, pairs: Sequence[PreferencePair], template: Template, context_length: int
 ) -> Tokenized:
     return _tokenize(enc, [(p, [p.chosen, p.rejected]) for p in pairs], template, context_length)
 
@@ -329,7 +329,7 @@ def tokenize_pairs(
 def _tokenize(
     enc: tiktoken.Encoding,
     items: Sequence[tuple[Example | PreferencePair, list[str]]],
-    template: str,
+    template: Template,
     context_length: int,
 ) -> Tokenized:
     prompts, responses, ids, truncated, dropped = [], [], [], 0, 0
@@ -338,7 +338,10 @@ def _tokenize(
         if len(prompt) >= context_length:  # no room left for a single answer token
             dropped += 1
             continue
-        encoded = [encode_response(enc, answer, template) for answer in answers]
+        encoded = [
+            encode_response(enc, answer, template, item.instruction, item.input, item.context)
+            for answer in answers
+        ]
         # + 1: collate keeps context_length + 1 tokens (inputs and targets shifted by one)
         truncated += sum(len(prompt) + len(answer) > context_length + 1 for answer in encoded)
         prompts.append(prompt)

@@ -10,7 +10,8 @@ listed pair, and a pre-tokenizer sequence is not always one regex, the conversio
 ``tokenizers`` library must give the same ids on the texts the caller checks (the corpus), or it is refused.
 
 Where the file comes from (a directory, or a Hub repo fetched with ``huggingface_hub``) is the caller's business;
-this module reads one file and knows nothing of models.
+this module reads that file (and hands the tokenizer_config.json beside it to chat_template.py, which reads the
+base's chat template) and knows nothing of models.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import tiktoken
 
 from pipeline.common.errors import PipelineError
+from pipeline.data import chat_template
 from pipeline.data.tokenizer import SPECIAL_TOKENS
 
 FILE = "tokenizer.json"
@@ -183,34 +185,50 @@ def check_same_ids(enc: tiktoken.Encoding, path: Path, texts: Iterable[str]) -> 
     return checked
 
 
-def resolve(source: str, revision: str | None = None) -> Path:
+def resolve(source: str, revision: str | None = None, name: str = FILE) -> Path | None:
     """``tokenizer.source``: a directory (or file) holding tokenizer.json, or a Hub repo id fetched through
-    huggingface_hub (its cache, HF_HUB_OFFLINE and HF_ENDPOINT apply)."""
+    huggingface_hub (its cache, HF_HUB_OFFLINE and HF_ENDPOINT apply). With another ``name`` (the
+    tokenizer_config.json beside it): that file, or None where the source has none."""
     path = Path(source).expanduser()
+    if path.is_file() and name != FILE:
+        path = path.parent
     if path.is_dir():
-        path = path / FILE
+        path = path / name
     if path.is_file():
         return path
+    if name != FILE and (path.parent.is_dir() or "/" not in source or source.count("/") > 1):
+        return None
     if path.exists() or "/" not in source or source.count("/") > 1:
         raise PipelineError(
             f"tokenizer.source={source}: no {FILE} there (a directory, a file or a Hub repo id)"
         )
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
+    optional = name != FILE  # tokenizer_config.json may be absent
     try:
-        return Path(hf_hub_download(source, FILE, revision=revision or "main"))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        return Path(hf_hub_download(source, name, revision=revision or "main"))
+    except (EntryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        if optional and isinstance(exc, (EntryNotFoundError, LocalEntryNotFoundError)):
+            return None
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise PipelineError(
-            f"tokenizer.source={source}: {FILE} not found locally or on the Hub ({first})"
+            f"tokenizer.source={source}: {name} not found locally or on the Hub ({first})"
         ) from None
 
 
 def load_checked(source: str, revision: str | None, texts: Iterable[str]) -> tuple[tiktoken.Encoding, dict]:
     """``tokenizer.source``'s tokenizer.json as an Encoding, proven on the edge cases and ``texts``; with what
-    metadata.json records (source, revision, the file's sha256, the model's own token count)."""
+    metadata.json records (source, revision, the file's sha256, the model's own token count, and the chat
+    template of the tokenizer_config.json beside it, if it has one)."""
     path = resolve(source, revision)
     enc, meta = read(path)
     check_same_ids(enc, path, [*EDGE_TEXTS, *texts])
-    return enc, {"source": source, "revision": revision, **meta}
+    config = resolve(source, revision, chat_template.CONFIG_FILE)
+    template = chat_template.read_config(config) if config is not None else None
+    return enc, {
+        "source": source,
+        "revision": revision,
+        **meta,
+        **({"chat_template": template} if template else {}),
+    }

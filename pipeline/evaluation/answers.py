@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from pipeline.common.atomic import atomic_path
 from pipeline.data.instructions import Example
-from pipeline.data.prompts import decode_response, encode_prompt
+from pipeline.data.prompts import Template, decode_response, encode_prompt, stop_id
 from pipeline.model.generate import generate
 from pipeline.model.gpt import GPT
 from pipeline.model.sampling import SamplingOptions
@@ -34,7 +34,7 @@ def generate_responses(
     model: GPT,
     enc: tiktoken.Encoding,
     examples: Sequence[Example],
-    template: str,
+    template: Template,
     opts: SamplingOptions,
     batch_size: int,
     desc: str = "responses",
@@ -65,7 +65,7 @@ def generate_responses(
         batch = torch.tensor([prompts[i] for i in group], dtype=torch.long, device=device)
         out = generate(model, batch, opts)[:, batch.shape[1] :].tolist()
         for i, new_ids in zip(group, out, strict=False):
-            answers[i] = decode_response(enc, new_ids)
+            answers[i] = decode_response(enc, new_ids, template)
     records = [
         {"id": e.id, "instruction": e.instruction, "input": e.input, "output": e.output, "response": answer}
         for e, answer in zip(examples, answers, strict=False)
@@ -74,10 +74,20 @@ def generate_responses(
 
 
 def sampling_options(
-    enc: tiktoken.Encoding, max_new_tokens: int, temperature: float, top_k: int | None, seed: int
+    enc: tiktoken.Encoding,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    seed: int,
+    template: Template | None = None,
 ) -> SamplingOptions:
+    """Held-out answers' sampling: they stop at EOT, or at a native template's end-of-turn token."""
     return SamplingOptions(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, eos_id=enc.eot_token, seed=seed
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        eos_id=stop_id(enc, template),
+        seed=seed,
     )
 
 

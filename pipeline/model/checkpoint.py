@@ -34,7 +34,9 @@ from pipeline.common.atomic import atomic_path
 from pipeline.common.errors import PipelineError, one_line
 from pipeline.common.hashing import sha256_file
 from pipeline.common.json_files import read_json
-from pipeline.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+from pipeline.data.chat_template import CONFIG_FILE, ChatTemplate
+from pipeline.data.prompts import Template, resolve
+from pipeline.data.tokenizer import load_tokenizer, read_metadata, tokenizer_fingerprint
 from pipeline.model import lora
 from pipeline.model.gpt import GPT, GPTConfig, ModelConfigError
 
@@ -214,6 +216,26 @@ class ModelAndTokenizer:
     meta: dict  # the model directory's config.json
     enc: tiktoken.Encoding
     tokenizer_fingerprint: str
+    tokenizer_meta: dict  # the tokenizer's metadata.json (a base's chat template among it)
+    template: (
+        Template | None
+    )  # the template the model was tuned in (native: the base's, resolved); None untuned
+
+
+def tuned_template(meta: dict, tokenizer_meta: dict, enc: tiktoken.Encoding, origin: str) -> Template | None:
+    """The template a model directory's config.json records (``instructions.template``): a name, or for
+    ``native`` the tokenizer's chat template, which must be the one the model was tuned in."""
+    name = (meta.get("instructions") or {}).get("template")
+    if name is None:
+        return None
+    template = resolve(name, tokenizer_meta, enc, f"{origin}: instructions.template")
+    recorded = (meta.get("instructions") or {}).get("chat_template_sha256")
+    if isinstance(template, ChatTemplate) and recorded not in (None, template.sha256):
+        raise PipelineError(
+            f"{origin}: the model was tuned in chat template {str(recorded)[:12]}, but the tokenizer's "
+            f"{CONFIG_FILE} holds {template.sha256[:12]} (rerun the stages from tokenize: dvc repro)"
+        )
+    return template
 
 
 def load_with_tokenizer(
@@ -240,7 +262,9 @@ def load_with_tokenizer(
         raise PipelineError(
             f"{model_dir / CONFIG}: vocab_size {model.cfg.vocab_size} < the tokenizer's {enc.n_vocab} tokens"
         )
-    return ModelAndTokenizer(model, meta, enc, fingerprint)
+    tokenizer_meta = read_metadata(tokenizer_dir)
+    template = tuned_template(meta, tokenizer_meta, enc, str(model_dir / CONFIG))
+    return ModelAndTokenizer(model, meta, enc, fingerprint, tokenizer_meta, template)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -2,7 +2,8 @@
 
     python -m pipeline chat --model models/sft
 
-A ``chat``-template model sees the whole conversation, oldest turns dropped (and said so) when it outgrows the
+A ``chat``-template model, or one tuned in its base's own template (``native``: SmolLM2's or Qwen3's ChatML,
+Llama 3's headers), sees the whole conversation, oldest turns dropped (and said so) when it outgrows the
 context; an ``alpaca`` model is single-turn by design, so each message is answered on its own, and the screen says
 so. ``/reset`` forgets the conversation, ``/exit``, Ctrl-D or Ctrl-C quit. Loading, sampling and generation are
 ``generate``'s, which are the server's.
@@ -25,7 +26,7 @@ class Conversation:
 
     def __init__(self, model: ServedModel, answer_room: int, system: str | None = None):
         self.model = model
-        self.multi_turn = model.template == "chat"
+        self.multi_turn = model.template_name in ("chat", "native")
         self.system = [("system", system)] if system else []
         # What the prompt may fill; the server's fit_prompt keeps min(max tokens, context / 4) for the answer.
         self.budget = model.context_length - min(answer_room, max(1, model.context_length // 4))
@@ -52,9 +53,10 @@ class Conversation:
 
 
 def banner(model: ServedModel, name: str) -> str:
-    if model.template == "chat":
+    if model.template_name in ("chat", "native"):
+        which = "the base's own chat template" if model.template_name == "native" else "chat template"
         mode = (
-            f"chat template: multi-turn, the model sees the conversation so far (its context is "
+            f"{which}: multi-turn, the model sees the conversation so far (its context is "
             f"{model.context_length} tokens; the oldest exchanges are dropped when it is full)"
         )
     elif model.template == "alpaca":

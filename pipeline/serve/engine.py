@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import Request
 
+from pipeline.data.prompts import stop_id
 from pipeline.model.sampling import SamplingOptions
 from pipeline.serve.request_parsing import ApiError, Options
 from pipeline.serve.served_model import Generated, ServedModel, fit_prompt, generate_text
@@ -128,7 +129,7 @@ class Engine:
         self.check_queue()
         limit = min(model.context_length, options.num_ctx or model.context_length)
         prompt_ids, max_new = fit_prompt(prompt_ids, limit, options.num_predict)
-        opts = sampling_options(options, max_new, model.encoding.eot_token)
+        opts = sampling_options(options, max_new, stop_id(model.encoding, model.template))
         stops = [options.stop] if isinstance(options.stop, str) else options.stop or []
         return self._run(
             lambda emit, cancelled: generate_text(model, prompt_ids, opts, stops, emit, cancelled),

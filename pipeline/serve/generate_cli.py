@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.common.errors import PipelineError
+from pipeline.data.prompts import stop_id
 from pipeline.model.sampling import SamplingOptions
 from pipeline.serve.served_model import Generated, ServedModel, fit_prompt, generate_text, load_model_dir
 
@@ -71,7 +72,7 @@ def sampling_options(args: argparse.Namespace, model: ServedModel) -> SamplingOp
         temperature=args.temperature,
         top_k=args.top_k or None,
         top_p=args.top_p if args.top_p < 1 else None,
-        eos_id=model.encoding.eot_token,
+        eos_id=stop_id(model.encoding, model.template),
         seed=args.seed,
     )
 
@@ -160,7 +161,7 @@ def cli_generate(argv: list[str]) -> int:
             json.dumps(
                 {
                     "model": str(args.model),
-                    "template": model.template or "raw",
+                    "template": model.template_name or "raw",
                     "prompt": prompt,
                     "response": "".join(pieces),
                     "done_reason": generated.done_reason,

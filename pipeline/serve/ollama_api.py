@@ -171,7 +171,7 @@ def register(app: FastAPI, engine: Engine) -> None:
         return {
             "modelfile": f"# served by llm-pipeline\nFROM {model.source}\n",
             "parameters": "\n".join(f"{k} {v}" for k, v in DEFAULT_OPTIONS.items()),
-            "template": model.template or "(raw text: no template)",
+            "template": model.template_name or "(raw text: no template)",
             "details": model.details,
             "model_info": model.info,
             "capabilities": ["completion"],

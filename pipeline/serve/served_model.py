@@ -21,8 +21,8 @@ from typing import Protocol
 import tiktoken
 
 from pipeline.common.errors import PipelineError
-from pipeline.data.prompts import chat_prompt_ids
-from pipeline.data.tokenizer import END_OF_TURN
+from pipeline.data.prompts import Template, chat_prompt_ids, resolve, stop_id, template_name
+from pipeline.data.tokenizer import END_OF_TURN, read_metadata
 from pipeline.model.sampling import SamplingOptions
 
 
@@ -63,7 +63,7 @@ class ServedModel:
     name: str
     tokens: TokenStream
     encoding: tiktoken.Encoding
-    template: str | None  # "alpaca" | "chat" | None: a base model, which continues raw text
+    template: Template | None  # "alpaca" | "chat" | the base's ChatTemplate (native) | None: a base model
     context_length: int
     details: dict  # Ollama's model details: format, family, parameter_size, quantization_level
     info: dict  # Ollama's model_info: architecture and shape
@@ -74,7 +74,7 @@ class ServedModel:
 
     @property
     def stop_ids(self) -> set[int]:
-        ids = {self.encoding.eot_token}
+        ids = {self.encoding.eot_token, stop_id(self.encoding, self.template)}
         if END_OF_TURN in self.encoding.special_tokens_set:
             ids.add(self.encoding.encode_single_token(END_OF_TURN))
         return ids
@@ -88,6 +88,10 @@ class ServedModel:
     def scores(self) -> bool:
         """Whether it can report log-probabilities (the torch models; not the ONNX export)."""
         return hasattr(self.tokens, "score")
+
+    @property
+    def template_name(self) -> str | None:
+        return template_name(self.template)
 
     def chat_ids(self, messages: Sequence[tuple[str, str]]) -> list[int]:
         return chat_prompt_ids(self.encoding, self.template, messages)
@@ -128,9 +132,9 @@ def load_torch_model(name: str, directory: str | Path) -> ServedModel:
 
     directory = Path(directory)
     loaded = load_with_tokenizer(directory)
-    model, meta, encoding = loaded.model, loaded.meta, loaded.enc
+    model, encoding = loaded.model, loaded.enc
     cfg = model.cfg
-    template = template_of(meta)
+    template = loaded.template
     n_params = model.num_params(non_embedding=False)
     return ServedModel(
         name=name,
@@ -155,7 +159,7 @@ def load_torch_model(name: str, directory: str | Path) -> ServedModel:
             "gpt.attention.head_count": cfg.n_head,
             "gpt.vocab_size": cfg.vocab_size,
             "tokenizer.name": encoding.name,
-            "template": template or "raw",
+            "template": template_name(template) or "raw",
         },
         **_file_facts(directory),
     )
@@ -179,6 +183,9 @@ def load_onnx_model(
     source = Path(config.get("source", {}).get("directory") or "") / "config.json"
     if template is None and source.is_file():  # exported from a tuned model: its recipe names the template
         template = template_of(json.loads(source.read_text(encoding="utf-8")))
+    if template is not None:  # native: the base's chat template, in the tokenizer copied beside the graph
+        meta = read_metadata(generator.directory / "tokenizer")
+        template = resolve(template, meta, generator.tokenizer, f"{directory}: instructions.template")
     cfg = config["model"]
     return ServedModel(
         name=name,
@@ -201,7 +208,7 @@ def load_onnx_model(
             "gpt.attention.head_count": cfg["n_head"],
             "gpt.vocab_size": cfg["vocab_size"],
             "tokenizer.name": generator.tokenizer.name,
-            "template": template or "raw",
+            "template": template_name(template) or "raw",
             "onnx.variant": variant,
             "onnx.opset": config["onnx"].get("opset"),
         },

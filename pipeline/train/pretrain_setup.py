@@ -14,7 +14,7 @@ import torch.nn as nn
 from pipeline.common.config import ModelParams, PretrainParams
 from pipeline.common.errors import PipelineError
 from pipeline.data.instructions import Example
-from pipeline.data.prompts import encode_prompt, encode_response
+from pipeline.data.prompts import Template, encode_prompt, encode_response, resolve
 from pipeline.data.shards import ShardDataset
 from pipeline.data.tokenizer import load_tokenizer, read_metadata, tokenizer_fingerprint
 from pipeline.model import gpt2_weights
@@ -84,13 +84,13 @@ class PretrainSetup:
     init: dict | None = None  # provenance of the starting checkpoint (model.init_from), None from scratch
 
 
-def mid_training_tokens(enc, examples: Sequence[Example], template: str) -> torch.Tensor:
+def mid_training_tokens(enc, examples: Sequence[Example], template: Template) -> torch.Tensor:
     """``examples`` in ``template`` (prompt, answer, EOT) end to end: mid-training's text, read in windows."""
     ids = [
         t
         for e in examples
         for t in encode_prompt(enc, e.instruction, e.input, template, e.context)
-        + encode_response(enc, e.output, template)
+        + encode_response(enc, e.output, template, e.instruction, e.input, e.context)
     ]
     return torch.tensor(ids, dtype=torch.long)
 
@@ -137,7 +137,9 @@ def prepare(
         params.sampling,
         params.stride,
         params.grad_accum,
-        mid_training_tokens(enc, mid, template) if params.mid_steps else None,
+        mid_training_tokens(enc, mid, resolve(template, read_metadata(tokenizer_dir), enc, "sft.template"))
+        if params.mid_steps
+        else None,
     )
     if params.epochs is not None:
         per_step = (

@@ -36,7 +36,8 @@ from pipeline.common.atomic import atomic_path
 from pipeline.common.config import ExportParams
 from pipeline.common.errors import PipelineError, one_line
 from pipeline.data import tokenizer_json
-from pipeline.data.prompts import ALPACA_PREAMBLE
+from pipeline.data.chat_template import ChatTemplate
+from pipeline.data.prompts import ALPACA_PREAMBLE, Template, template_name
 from pipeline.data.tokenizer import ASSISTANT, CHAR_PATTERN, END_OF_TURN, EOT, GPT2_PATTERN
 from pipeline.data.tokenizer_json import byte_to_unicode
 from pipeline.model import llama_layout
@@ -151,8 +152,11 @@ def vocabulary(enc: tiktoken.Encoding, size: int) -> tuple[list[str], list[int]]
 # ---------------------------------------------------------------------------------------------- prompt formats
 
 
-def chat_template(template: str | None) -> str:
-    """Jinja for ``tokenizer.chat_template``: the prompt ``prompts.chat_prompt_ids`` builds, as text."""
+def chat_template(template: Template | None) -> str:
+    """Jinja for ``tokenizer.chat_template``: the prompt ``prompts.chat_prompt_ids`` builds, as text (a native
+    template is the base's own Jinja)."""
+    if isinstance(template, ChatTemplate):
+        return template.template
     if template == "chat":
         return (
             "{%- for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '" + END_OF_TURN + "' }}"
@@ -170,8 +174,11 @@ def chat_template(template: str | None) -> str:
     return "{%- for m in messages %}{%- if not loop.first %}{{ '\\n\\n' }}{%- endif %}{{ m['content'] }}{%- endfor %}"
 
 
-def go_template(template: str | None) -> str:
-    """Ollama's TEMPLATE (Go text/template over ``.Messages``) for the same prompt as ``chat_template``."""
+def go_template(template: Template | None) -> str | None:
+    """Ollama's TEMPLATE (Go text/template over ``.Messages``) for the same prompt as ``chat_template``; None for a
+    native template (Jinja has no general translation to Go: Ollama takes the GGUF's chat template as it can)."""
+    if isinstance(template, ChatTemplate):
+        return None
     if template == "chat":
         return "{{- range .Messages }}<|{{ .Role }}|>{{ .Content }}" + END_OF_TURN + "{{ end }}" + ASSISTANT
     if template == "alpaca":
@@ -186,7 +193,9 @@ def go_template(template: str | None) -> str:
     return "{{- range $i, $m := .Messages }}{{ if $i }}\n\n{{ end }}{{ $m.Content }}{{ end }}"
 
 
-def stop_strings(template: str | None) -> list[str]:
+def stop_strings(template: Template | None) -> list[str]:
+    if isinstance(template, ChatTemplate):
+        return [EOT, template.stop]
     return [EOT, END_OF_TURN] if template == "chat" else [EOT]
 
 
@@ -198,16 +207,15 @@ AMX_NOTE = (
 )
 
 
-def modelfile(gguf_name: str, template: str | None, context_length: int) -> str:
+def modelfile(gguf_name: str, template: Template | None, context_length: int) -> str:
     """An Ollama Modelfile: ``ollama create NAME -f Modelfile`` from the directory holding ``gguf_name``.
 
     Sampling defaults are Ollama's own, except ``repeat_penalty 1`` (our sampler has none) and ``num_ctx``, which
     must not exceed the model's learned positions."""
     stops = "".join(f'PARAMETER stop "{s}"\n' for s in stop_strings(template))
+    go = go_template(template)
     return (
-        f"{AMX_NOTE}FROM ./{gguf_name}\n"
-        f'TEMPLATE """{go_template(template)}"""\n'
-        f"{stops}"
+        f"{AMX_NOTE}FROM ./{gguf_name}\n" + (f'TEMPLATE """{go}"""\n' if go is not None else "") + f"{stops}"
         f"PARAMETER num_ctx {context_length}\n"
         "PARAMETER temperature 0.8\nPARAMETER top_k 40\nPARAMETER top_p 0.9\nPARAMETER repeat_penalty 1\n"
     )
@@ -345,9 +353,16 @@ class GGUFTokenizer:
 
 
 def write_gguf(
-    model: GPT, tokenizer: GGUFTokenizer, template: str | None, path: Path, gguf_type: str, name: str
+    model: GPT,
+    tokenizer: GGUFTokenizer,
+    template: Template | None,
+    path: Path,
+    gguf_type: str,
+    name: str,
+    native_ids: tuple[int, int, int] | None = None,
 ) -> None:
-    """Write ``model`` with its tokenizer as one GGUF file (``gguf_type`` f32, f16 or q8_0)."""
+    """Write ``model`` with its tokenizer as one GGUF file (``gguf_type`` f32, f16 or q8_0); ``native_ids``: a
+    native template's (bos, eos, end-of-turn) ids (``native_special_ids``)."""
     cfg = model.cfg
     arch = gguf_architecture(cfg)
     writer = gguf.GGUFWriter(path, arch)
@@ -373,10 +388,13 @@ def write_gguf(
     writer.add_token_list(tokenizer.tokens)
     writer.add_token_types(tokenizer.types)
     writer.add_token_merges(tokenizer.merges)
-    writer.add_bos_token_id(tokenizer.eot_id)
-    writer.add_eos_token_id(tokenizer.eot_id)
+    bos, eos, eot = native_ids or (tokenizer.eot_id, tokenizer.eot_id, None)
+    writer.add_bos_token_id(bos)
+    writer.add_eos_token_id(eos)
     if template == "chat":
         writer.add_eot_token_id(tokenizer.end_of_turn_id)
+    elif eot is not None:  # the base's end-of-turn token: llama.cpp stops there
+        writer.add_eot_token_id(eot)
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
     writer.add_chat_template(chat_template(template))
@@ -402,6 +420,14 @@ SAMPLE_CHATS: tuple[tuple[tuple[str, str], ...], ...] = (
         ("user", "How many pages does it have?"),
     ),
 )
+
+
+def native_special_ids(enc: tiktoken.Encoding, template: ChatTemplate) -> tuple[int, int, int]:
+    """(bos, eos, end-of-turn) ids of a native template: the base's bos and eos where its tokenizer_config.json
+    names them (llama.cpp hands their text to the template, as transformers does), else EOT."""
+    bos, eos = (template.tokens.get(key) for key in ("bos_token", "eos_token"))
+    ids = [enc.encode_single_token(t) if t in enc.special_tokens_set else enc.eot_token for t in (bos, eos)]
+    return ids[0], ids[1], template.stop_id(enc)
 
 
 def val_text(windows: np.ndarray, enc: tiktoken.Encoding) -> list[str]:
@@ -440,7 +466,8 @@ def export_gguf(
             "(a language model's head); set export.formats: [onnx] to export it"
         )
     gguf_architecture(cfg)
-    template = (loaded.meta.get("instructions") or {}).get("template")
+    template = loaded.template
+    native_ids = native_special_ids(enc, template) if isinstance(template, ChatTemplate) else None
     tokenizer = GGUFTokenizer.of(enc, read_metadata(tokenizer_dir)["kind"], cfg.vocab_size)
     dataset = ShardDataset(shards_dir, "val", expected_fingerprint=loaded.tokenizer_fingerprint)
     batches = [
@@ -455,12 +482,13 @@ def export_gguf(
             f"{cfg.context_length} tokens to check the GGUF export on"
         )
     windows = np.concatenate(batches)
-    chats = [list(c) for c in SAMPLE_CHATS if template == "chat" or c[0][0] != "system"]
+    multi_turn = template == "chat" or isinstance(template, ChatTemplate)
+    chats = [list(c) for c in SAMPLE_CHATS if multi_turn or c[0][0] != "system"]
     chat_ids = [chat_prompt_ids(enc, template, chat) for chat in chats]
     runtime = runtime_name()
     metrics: dict = {
         "pre_tokenizer": tokenizer.pre,
-        "template": template or "raw",
+        "template": template_name(template) or "raw",
         "files": {},
         "size_mb": {},
         "verified_by": runtime,
@@ -486,7 +514,7 @@ def export_gguf(
         for gguf_type in params.gguf_types:
             path = tmp / f"{name}-{gguf_type}.gguf"
             print(f"export: {model_dir} → {path.name}", file=sys.stderr)
-            write_gguf(model, tokenizer, template, path, gguf_type, f"llm-pipeline-{name}")
+            write_gguf(model, tokenizer, template, path, gguf_type, f"llm-pipeline-{name}", native_ids)
             metrics["files"][gguf_type] = path.name
             metrics["size_mb"][gguf_type] = round(path.stat().st_size / 1e6, 3)
             if runtime:

@@ -194,9 +194,12 @@ def chat_template_check(
     template = llm.metadata.get("tokenizer.chat_template")
     if not template:
         return False
-    formatter = Jinja2ChatFormatter(template, eos_token="", bos_token="")
+    # the file's bos/eos texts, as llama-cpp-python's own formatter takes them (a base's template may write them)
+    bos, eos = (llm.detokenize([t], special=True).decode() for t in (llm.token_bos(), llm.token_eos()))
+    formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)
     for turns, ids in zip(conversations, expected, strict=True):
-        prompt = formatter(messages=[{"role": r, "content": c} for r, c in turns]).prompt
+        messages = [{"role": r, "content": c} for r, c in turns]
+        prompt = formatter(messages=messages, enable_thinking=False).prompt  # as chat_template.py renders
         if enc.encode(prompt, allowed_special="all") != ids:
             return False
     return True

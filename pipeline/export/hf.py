@@ -7,8 +7,9 @@ Our GPT leaves as GPT-2 (``GPT2LMHeadModel``, learned positions) or as the Llama
 ``tokenizer.json`` + ``tokenizer_config.json`` (byte-level BPE from our tiktoken ranks with our split regex and
 special tokens; ``ignore_merges`` makes a piece that is itself a token one token, as tiktoken does — the ``char``
 kind's characters are reachable only that way) and the chat templates ``alpaca`` and ``chat`` (the default: the
-one the model was fine-tuned with), so ``apply_chat_template`` gives exactly our prompt ids. Nothing needs the
-network or a Hub login.
+one the model was fine-tuned with; a model tuned in its base's own template, ``native``, has that Jinja as the
+default, with the base's bos/eos tokens), so ``apply_chat_template`` gives exactly our prompt ids (checked at
+export). Nothing needs the network or a Hub login.
 
 Before the directory replaces ``models/hf`` the export loads it back through transformers and checks logits,
 tokenizer ids and greedy decoding against ours; a failed check leaves the old directory in place.
@@ -27,7 +28,8 @@ import torch
 from pipeline.common.atomic import atomic_path
 from pipeline.common.config import ExportParams
 from pipeline.common.errors import PipelineError, quiet_logger
-from pipeline.data.prompts import ALPACA_PREAMBLE
+from pipeline.data.chat_template import ChatTemplate
+from pipeline.data.prompts import ALPACA_PREAMBLE, Template, chat_prompt_ids, template_name
 from pipeline.data.shards import ShardDataset
 from pipeline.data.tokenizer import ASSISTANT, END_OF_TURN, EOT, SYSTEM, USER, read_metadata
 from pipeline.model import llama_layout
@@ -122,8 +124,9 @@ def _bpe_from_ranks(ranks: dict[bytes, int], pattern: str, specials: dict[str, i
     return converter.converted()
 
 
-def hf_tokenizer(enc: tiktoken.Encoding, meta: dict, context_length: int, template: str):
-    """Our tokenizer as a transformers fast tokenizer (ids checked to be the same ids)."""
+def hf_tokenizer(enc: tiktoken.Encoding, meta: dict, context_length: int, template: Template):
+    """Our tokenizer as a transformers fast tokenizer (ids checked to be the same ids); a native template brings
+    the base's bos/eos tokens (the template may write them), and none where the base names none."""
     from transformers import PreTrainedTokenizerFast
 
     specials = sorted(meta["special_tokens"], key=meta["special_tokens"].get)
@@ -139,16 +142,20 @@ def hf_tokenizer(enc: tiktoken.Encoding, meta: dict, context_length: int, templa
             f"tokenizer {meta['fingerprint'][:12]}: special tokens {wrong} or vocab size {backend.get_vocab_size()} "
             "differ in the tokenizers port (ids must be contiguous after the mergeable ranks)"
         )
+    native = isinstance(template, ChatTemplate)
+    tokens = {"bos_token": EOT, "eos_token": EOT}
+    if native:
+        tokens = {k: template.tokens.get(k) for k in tokens} | {"unk_token": template.tokens.get("unk_token")}
+        tokens = {k: v for k, v in tokens.items() if v is not None}
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        eos_token=EOT,
-        bos_token=EOT,
         pad_token=EOT,
         model_max_length=context_length,
         clean_up_tokenization_spaces=False,
+        **tokens,
     )
     tokenizer.chat_template = {
-        "default": TEMPLATES[template](),
+        "default": template.template if native else TEMPLATES[template](),
         **{name: make() for name, make in TEMPLATES.items()},
     }
     return tokenizer
@@ -164,7 +171,7 @@ def architecture(cfg: GPTConfig) -> str:
 
 
 def write_hf(
-    model: GPT, enc: tiktoken.Encoding, meta: dict, out: Path, template: str, **extra: object
+    model: GPT, enc: tiktoken.Encoding, meta: dict, out: Path, template: Template, **extra: object
 ) -> None:
     """Write the Hugging Face directory ``out`` (which must not exist); the model card comes after the checks."""
     from transformers import GenerationConfig
@@ -172,13 +179,15 @@ def write_hf(
     cfg = model.cfg
     gpt2 = architecture(cfg) == "GPT2LMHeadModel"
     stops = [enc.eot_token, enc.encode_single_token(END_OF_TURN)]
+    if isinstance(template, ChatTemplate):
+        stops.append(template.stop_id(enc))
     out.mkdir()
     tensors = to_gpt2(model.state_dict(), cfg) if gpt2 else llama_layout.to_hf(model.state_dict(), cfg)
     save_tensors(tensors, out / WEIGHTS, metadata={"format": "pt"})
     ours = {
         "model": cfg.to_dict(),
         "tokenizer": {"kind": meta["kind"], "fingerprint": meta["fingerprint"]},
-        "template": template,
+        "template": template_name(template),
         **extra,
     }
     if gpt2:
@@ -240,16 +249,48 @@ def greedy_agreement(ours: GPT, theirs, prompt: list[int], tokens: int) -> int:
     return same
 
 
+# Conversations whose prompt ids transformers' apply_chat_template must give (alpaca: single-turn only)
+CHECK_CHATS = (
+    (("user", "Name three colours of the rainbow."),),
+    (
+        ("system", "Answer briefly."),
+        ("user", "¿Quién escribió el Quijote?"),
+        ("assistant", "Cervantes."),
+        ("user", "¿Cuándo?"),
+    ),
+)
+
+
+def chat_agreement(tokenizer, enc: tiktoken.Encoding, template: Template) -> tuple[int, int]:
+    """(conversations whose ``apply_chat_template`` prompt ids are ours, conversations checked)."""
+    chats = [c for c in CHECK_CHATS if template != "alpaca" or len(c) == 1]
+    same = 0
+    for chat in chats:
+        messages = [{"role": role, "content": content} for role, content in chat]
+        theirs = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False, enable_thinking=False
+        )
+        same += list(theirs) == chat_prompt_ids(enc, template, chat)
+    return same, len(chats)
+
+
 def check_hf(
-    model: GPT, enc: tiktoken.Encoding, directory: Path, windows: np.ndarray, params: ExportParams
+    model: GPT,
+    enc: tiktoken.Encoding,
+    directory: Path,
+    windows: np.ndarray,
+    params: ExportParams,
+    template: Template = "alpaca",
 ) -> dict:
-    """Load ``directory`` with transformers and compare logits, tokenizer ids and greedy tokens with ours."""
+    """Load ``directory`` with transformers and compare logits, tokenizer ids, chat prompts and greedy tokens
+    with ours."""
     theirs, tokenizer = load_hf(directory)
     diff = max_logit_diff(model, theirs, windows[:LOGIT_WINDOWS, :LOGIT_TOKENS])
     texts = [enc.decode(row.tolist()) for row in windows] + list(EDGE_TEXTS)
     agreement, n_texts = tokenizer_agreement(tokenizer, enc, texts)
     prompt = windows[0, : min(32, model.cfg.context_length - params.parity_tokens)].tolist()
     greedy = greedy_agreement(model, theirs, prompt, params.parity_tokens)
+    chats_same, n_chats = chat_agreement(tokenizer, enc, template)
     failures = []
     if diff > params.parity_atol:
         failures.append(
@@ -257,6 +298,11 @@ def check_hf(
         )
     if agreement < 1.0:
         failures.append(f"the tokenizer.json port encodes {agreement:.1%} of {n_texts} texts to our ids")
+    if chats_same < n_chats:
+        failures.append(
+            f"apply_chat_template gives our prompt ids for {chats_same} of {n_chats} conversations "
+            f"(template {template_name(template)})"
+        )
     if greedy < params.parity_tokens:
         failures.append(
             f"greedy decoding left ours after {greedy} of export.parity_tokens={params.parity_tokens} tokens"
@@ -269,11 +315,12 @@ def check_hf(
         "tokenizer_agreement": agreement,
         "tokenizer_texts": n_texts,
         "greedy_tokens_matched": greedy,
+        "chat_template_matches": chats_same == n_chats,
         "passed": True,
     }
 
 
-def hf_readme(cfg: dict, source: str, template: str, metrics: dict, name: str) -> str:
+def hf_readme(cfg: dict, source: str, template: str | None, metrics: dict, name: str) -> str:
     return f"""# {source} for transformers
 
 A {name.removesuffix("ForCausalLM").removesuffix("LMHeadModel")}-architecture model ({cfg["n_layer"]} layers,
@@ -301,16 +348,16 @@ def export_hf(
     out_dir: Path,
     windows: np.ndarray,
     params: ExportParams,
-    template: str,
+    template: Template,
     source: str,
     **extra: object,
 ) -> dict:
     """Write ``out_dir`` (replaced atomically, only when every check passes); the parity metrics."""
     with atomic_path(out_dir) as tmp:
         write_hf(model, enc, meta, tmp, template, source=source, **extra)
-        metrics = check_hf(model, enc, tmp, windows, params)
+        metrics = check_hf(model, enc, tmp, windows, params, template)
         (tmp / CARD).write_text(
-            hf_readme(model.cfg.to_dict(), source, template, metrics, architecture(model.cfg)),
+            hf_readme(model.cfg.to_dict(), source, template_name(template), metrics, architecture(model.cfg)),
             encoding="utf-8",
         )
     return metrics
@@ -344,9 +391,10 @@ def export_hf_model(
         raise PipelineError(
             f"{shards_dir}: the val split has fewer than {ctx + 1} tokens, no window to check the export on"
         )
-    template = (loaded.meta.get("instructions") or {}).get("template", "alpaca")
+    template = loaded.template or "alpaca"
     print(
-        f"export: {model_dir} → Hugging Face {name} directory (template {template}), parity through transformers",
+        f"export: {model_dir} → Hugging Face {name} directory (template {template_name(template)}), parity through "
+        "transformers",
         file=sys.stderr,
     )
     return export_hf(

@@ -14,13 +14,14 @@ from pipeline.model.gpt import GPT
 
 
 def tokenize_corpus(
-    root: Path, text: str, enc: tiktoken.Encoding, kind: str, train_fraction: float
+    root: Path, text: str, enc: tiktoken.Encoding, kind: str, train_fraction: float, **metadata: object
 ) -> tuple[str, int]:
     """root/corpus.txt, root/data/tokenizer and root/data/shards: train up to the first line break after
-    ``train_fraction`` of the bytes, val after it. Returns (tokenizer fingerprint, byte offset of the cut)."""
+    ``train_fraction`` of the bytes, val after it (``metadata``: more for the tokenizer's metadata.json).
+    Returns (tokenizer fingerprint, byte offset of the cut)."""
     corpus = root / "corpus.txt"
     corpus.write_text(text, encoding="utf-8")
-    fingerprint = save_tokenizer(enc, root / "data/tokenizer", kind)
+    fingerprint = save_tokenizer(enc, root / "data/tokenizer", kind, **metadata)
     data = corpus.read_bytes()
     cut = data.index(b"\n", int(len(data) * train_fraction)) + 1
     write_shards(

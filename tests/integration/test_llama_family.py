@@ -19,6 +19,7 @@ import yaml
 from tokenizers import Tokenizer
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
     Qwen2Config,
@@ -29,7 +30,8 @@ from transformers import (
 
 from pipeline.common.config import ExportParams, LoRAParams, parse_params
 from pipeline.common.errors import PipelineError
-from pipeline.data import tokenizer_json
+from pipeline.data import chat_template, tokenizer_json
+from pipeline.data.prompts import chat_prompt_ids, encode_prompt, encode_response, resolve
 from pipeline.data.shards import ShardDataset
 from pipeline.data.tokenizer import SPECIAL_TOKENS, read_metadata, train_bpe
 from pipeline.export.gguf import export_gguf
@@ -40,7 +42,7 @@ from pipeline.model.checkpoint import load_model, save_model
 from pipeline.model.generate import stream_tokens
 from pipeline.model.gpt import GPT, PRESETS, GPTConfig
 from pipeline.model.sampling import SamplingOptions
-from tests.helpers.hf_tokenizers import CHATML, LLAMA3_SPECIALS, trained
+from tests.helpers.hf_tokenizers import CHAT_TEMPLATES, CHATML, LLAMA3_SPECIALS, trained, write_config
 from tests.helpers.project import make_project, venv_env
 from tests.helpers.workspace import tokenize_corpus
 
@@ -279,15 +281,18 @@ def test_qwen3_full_shape_maps_on_the_meta_device_and_the_memory_check_names_the
     assert "but cpu has 4.0 GiB free" in str(exc.value)
 
 
-def lora_steps(model: GPT, shards: Path, steps: int = 5) -> GPT:
-    """A few LoRA steps on the shards (rank 4 on attention and MLP), merged back: the fine-tuning half of the trip."""
+def lora_steps(model: GPT, shards: Path, steps: int = 5, chats: torch.Tensor | None = None) -> GPT:
+    """A few LoRA steps on the shards (rank 4 on attention and MLP), merged back: the fine-tuning half of the trip;
+    with ``chats`` (rows of prompt + answer ids, CONTEXT + 1 long), SFT steps on them after the shard steps."""
     model = lora.apply_lora(model.train(), LoRAParams(rank=4, alpha=8.0), "test", seed=0)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
     train = ShardDataset(shards, "train")
     generator = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        x, y = train.sample(8, CONTEXT, generator)
+    batches = [train.sample(8, CONTEXT, generator) for _ in range(steps)]
+    if chats is not None:
+        batches += [(chats[:, :-1], chats[:, 1:])] * steps
+    for x, y in batches:
         loss = torch.nn.functional.cross_entropy(model(x)[0].flatten(0, 1), y.flatten())
         optimizer.zero_grad()
         loss.backward()
@@ -302,37 +307,79 @@ FAMILY_TOKENIZERS = {
     "llama3": ("llama3", LLAMA3_SPECIALS, False, "llama-bpe"),
     "qwen3": ("qwen", CHATML, False, "qwen2"),
 }
+FAMILY_TEMPLATES = {
+    "smollm2": "chatml",
+    "llama3": "llama3",
+    "qwen3": "qwen3",
+}  # tests/helpers/hf_tokenizers.py
+SFT_CHATS = [
+    ([("user", "¿Quién es Sancho?")], "El escudero."),
+    (
+        [("system", "Sé breve."), ("user", "Hi"), ("assistant", "Hola."), ("user", "¿Y Rocinante?")],
+        "Un caballo.",
+    ),
+]
+
+
+def native_sft_rows(enc, template) -> torch.Tensor:
+    """SFT_CHATS in the base's own template (prompt + answer ids), cut or padded with EOT to CONTEXT + 1."""
+    rows = []
+    for messages, answer in SFT_CHATS:
+        *context, (_, last) = messages
+        ids = encode_prompt(enc, last, "", template, context) + encode_response(
+            enc, answer, template, last, "", context
+        )
+        rows.append((ids + [enc.eot_token] * CONTEXT)[: CONTEXT + 1])
+    return torch.tensor(rows)
 
 
 @pytest.mark.parametrize("family", list(FAMILY_TOKENIZERS))
 def test_round_trip_transformers_lora_hf_and_gguf(family, corpus_text, tmp_path, capsys):
     """With the family's own tokenizer.json (trained by `tokenizers` on the Quijote, tokenizer.kind hf):
-    transformers → init_from (parity) → LoRA SFT → HF export (transformers parity, tokenizer, greedy) → init_from
-    of the export bit for bit → GGUF (llama.cpp's pre-tokenizer for the family gives our ids; top-1 agreement per
-    type)."""
+    transformers → init_from (parity) → LoRA SFT (in the base's own chat template, from its tokenizer_config.json:
+    template native) → HF export (transformers parity, tokenizer, greedy; its apply_chat_template gives our prompt
+    ids) → init_from of the export bit for bit → GGUF (llama.cpp's pre-tokenizer for the family gives our ids; its
+    tokenizer.chat_template, rendered by llama-cpp-python, our prompt ids; top-1 agreement per type)."""
     pre, specials, first, llama_cpp_pre = FAMILY_TOKENIZERS[family]
     path = trained(corpus_text[:100_000], pre, specials, tmp_path / "base", VOCAB - 32, specials_first=first)
-    enc, _ = tokenizer_json.read(path)
-    fingerprint, _ = tokenize_corpus(tmp_path, corpus_text, enc, "hf", 0.6)
+    config = write_config(tmp_path / "base", *CHAT_TEMPLATES[FAMILY_TEMPLATES[family]])
+    enc, meta = tokenizer_json.read(path)
+    meta["chat_template"] = chat_template.read_config(config)
+    fingerprint, _ = tokenize_corpus(
+        tmp_path, corpus_text, enc, "hf", 0.6, source=str(tmp_path / "base"), **meta
+    )
+    template = resolve("native", read_metadata(tmp_path / "data/tokenizer"), enc, "sft.template")
     shards, tokenizer = tmp_path / "data/shards", tmp_path / "data/tokenizer"
     theirs = trained_hf_model(family, shards, enc.n_vocab)
     theirs.save_pretrained(tmp_path / "base")
     ours = init_from(tmp_path / "base")
     init_diff = max_logit_diff(ours, theirs)
     assert init_diff < 1e-4
-    tuned = lora_steps(ours, shards)
+    tuned = lora_steps(ours, shards, chats=native_sft_rows(enc, template))
     assert max_logit_diff(tuned, theirs) > 1e-3  # the fine-tuning changed the model
     save_model(
         tmp_path / "models/sft",
         tuned,
         tokenizer={"path": str(tokenizer), "fingerprint": fingerprint},
-        instructions={"template": "chat"},
+        instructions={"template": "native", **template.record()},
     )
     params = ExportParams(parity_tokens=24, gguf_types=("f32", "f16", "q8_0"))
     hf = export_hf_model(tmp_path / "models/sft", tokenizer, shards, tmp_path / "models/hf", params)
     config = json.loads((tmp_path / "models/hf/config.json").read_text())
     assert config["architectures"] == [llama_layout.MODEL_TYPES["qwen3" if family == "qwen3" else "llama"]]
     assert hf["passed"] and hf["max_abs_logit_diff"] < 1e-4 and hf["greedy_tokens_matched"] == 24
+    assert hf["chat_template_matches"] is True
+    exported_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "models/hf")
+    base_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "base")
+    for messages, answer in SFT_CHATS:
+        chat = [{"role": r, "content": c} for r, c in messages]
+        ours_ids = chat_prompt_ids(enc, template, messages)
+        for tok in (exported_tokenizer, base_tokenizer):
+            kwargs = {"return_dict": False, "enable_thinking": False}  # as template native renders
+            assert tok.apply_chat_template(chat, add_generation_prompt=True, **kwargs) == ours_ids
+            full = tok.apply_chat_template([*chat, {"role": "assistant", "content": answer}], **kwargs)
+            *context, (_, last) = messages
+            assert full == ours_ids + encode_response(enc, answer, template, last, "", context)
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "models/hf", dtype=torch.float32).eval()
     assert max_logit_diff(tuned, exported) < 1e-4
     source = gpt2_weights.resolve(str(tmp_path / "models/hf"))
@@ -344,7 +391,7 @@ def test_round_trip_transformers_lora_hf_and_gguf(family, corpus_text, tmp_path,
     figures = {"init_from": init_diff, "hf": hf["max_abs_logit_diff"]}
     if runtime_name() is not None:  # llama.cpp verifies in a child process (test_gguf.py requires it)
         gguf = export_gguf(tmp_path / "models/sft", tokenizer, shards, tmp_path / "models/gguf", params)
-        assert gguf["pre_tokenizer"] == llama_cpp_pre
+        assert gguf["pre_tokenizer"] == llama_cpp_pre and gguf["template"] == "native"
         for kind, minimum in (("f32", 0.99), ("f16", 0.98), ("q8_0", 0.95)):
             assert gguf[kind]["passed"] and gguf[kind]["tokenizer_identical"], gguf[kind]
             assert gguf[kind]["top1_agreement"] >= minimum and gguf[kind]["chat_template_matches"] is True

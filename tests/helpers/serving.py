@@ -155,3 +155,54 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# A Llama-family shape at cpu-tiny's size: rotary positions, RMSNorm, SwiGLU, grouped-query attention, no biases
+LLAMA_SHAPE = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2, "bias": False}
+
+
+def save_native_model(
+    directory: Path,
+    answers: dict[str, str],
+    context_length: int = 96,
+    steps: int = 150,
+    template: str = "chatml",
+) -> Path:
+    """A tiny Llama-family GPT over a real tokenizer.json (trained by `tokenizers`, SmolLM2's layout) whose
+    tokenizer_config.json holds a chat template (tests/helpers/hf_tokenizers.py's ``template``), saved as the
+    tokenize (kind hf) and sft stages would (template native), trained to answer each question of ``answers``.
+    The base's directory (tokenizer.json + tokenizer_config.json) is ``directory``-base, for transformers."""
+    from pipeline.data import chat_template, tokenizer_json
+    from pipeline.data.prompts import chat_prompt_ids, encode_response, resolve
+    from pipeline.data.tokenizer import read_metadata
+    from pipeline.serve.served_model import fit_prompt
+    from tests.helpers.hf_tokenizers import CHAT_TEMPLATES, CHATML, trained, write_config
+    from tests.helpers.project import generated_corpus
+
+    base = directory.parent / f"{directory.name}-base"
+    trained(generated_corpus(60_000), "smollm2", CHATML, base, 600, specials_first=True)
+    config = write_config(base, *CHAT_TEMPLATES[template])
+    enc, meta = tokenizer_json.read(base / "tokenizer.json")
+    meta |= {"source": str(base), "chat_template": chat_template.read_config(config)}
+    tokenizer_dir = directory.parent / f"{directory.name}-tokenizer"
+    fingerprint = save_tokenizer(enc, tokenizer_dir, "hf", **meta)
+    native = resolve("native", read_metadata(tokenizer_dir), enc, "sft.template")
+    examples = [
+        (
+            fit_prompt(chat_prompt_ids(enc, native, [("user", q)]), context_length, None)[0],
+            encode_response(enc, a, native, q),
+        )
+        for q, a in answers.items()
+    ]
+    torch.manual_seed(0)
+    model = GPT(
+        config_from_preset("cpu-tiny", vocab_size=enc.n_vocab, context_length=context_length, **LLAMA_SHAPE)
+    )
+    train_answers(model, examples, steps)
+    save_model(
+        directory,
+        model,
+        tokenizer={"path": str(tokenizer_dir), "fingerprint": fingerprint},
+        instructions={"template": "native", **native.record()},
+    )
+    return directory

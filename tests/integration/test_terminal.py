@@ -20,7 +20,7 @@ from pipeline.cli import main
 from pipeline.model.sampling import SamplingOptions
 from pipeline.serve.chat_cli import Conversation
 from pipeline.serve.served_model import generate_text, load_model_dir
-from tests.helpers.serving import save_answering_model, save_tiny_model
+from tests.helpers.serving import save_answering_model, save_native_model, save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTEXT = 96
@@ -29,10 +29,12 @@ ANSWERS = {"Name a color.": "Blue.", "¿Qué fruta comió Sancho?": "Una manzana
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
-    """An alpaca model trained to give ANSWERS, an untrained chat-template model and a base model."""
+    """An alpaca model trained to give ANSWERS, an untrained chat-template model, a base model, and a Llama-family
+    model tuned in its base's own ChatML template (template native) to give ANSWERS."""
     root = tmp_path_factory.mktemp("terminal")
     return {
         "sft": save_answering_model(root / "sft", ANSWERS, CONTEXT),
+        "native": save_native_model(root / "native", ANSWERS, 256),  # room for a whole conversation
         "chat": save_tiny_model(root / "chat", "chat", CONTEXT, seed=1),
         "base": save_tiny_model(root / "base", None, CONTEXT, seed=2),
     }
@@ -232,6 +234,39 @@ def test_alpaca_is_single_turn(models):
     conversation.add("Name a color.", "Blue.")
     assert conversation.prompt("Name a fruit.") == (model.chat_ids([("user", "Name a fruit.")]), 0)
     assert conversation.turns == []
+
+
+def test_chat_with_a_llama_family_model_in_its_base_template(models, capsys, monkeypatch):
+    """`python -m pipeline chat` on a Llama-family model tuned in template native: every prompt it feeds the model
+    is transformers' apply_chat_template of the conversation so far (the base's tokenizer.json and
+    tokenizer_config.json, loaded by AutoTokenizer), and each answer stops at the template's <|im_end|>."""
+    from transformers import AutoTokenizer
+
+    typed = iter(["Name a color.", "¿Qué fruta comió Sancho?", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(typed))
+    generations = []
+
+    def recorded(model, prompt_ids, opts, stops, emit, cancelled):
+        generations.append(generate_text(model, prompt_ids, opts, stops, emit, cancelled))
+        return generations[-1]
+
+    monkeypatch.setattr(pipeline.serve.generate_cli, "generate_text", recorded)
+    assert (
+        main(["chat", "--model", str(models["native"]), "--temperature", "0", "--system", "Sé breve."]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "the base's own chat template: multi-turn" in out and "Blue.\n" in out
+    tokenizer = AutoTokenizer.from_pretrained(models["native"].parent / "native-base")
+    conversation = [{"role": "system", "content": "Sé breve."}]
+    for generated, question in zip(generations, ANSWERS, strict=True):
+        conversation.append({"role": "user", "content": question})
+        expected = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_dict=False)
+        assert generated.prompt_ids == expected
+        assert generated.done_reason == "stop" and generated.stop_id == tokenizer.convert_tokens_to_ids(
+            "<|im_end|>"
+        )
+        answer = tokenizer.decode(generated.output_ids).strip()  # what the chat keeps of the answer
+        conversation.append({"role": "assistant", "content": answer})
 
 
 # ---------------------------------------------------------------------------------------------- tmux

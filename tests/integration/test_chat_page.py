@@ -23,7 +23,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 import pipeline.serve.engine
 from pipeline.model.sampling import SamplingOptions
-from tests.helpers.serving import load_served, running_server, save_answering_model
+from tests.helpers.serving import load_served, running_server, save_answering_model, save_native_model
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"  # the screenshot lands here (git-ignored; CI may upload it)
@@ -166,3 +166,43 @@ def test_chat_page_streams_and_stops_in_chromium(model_dir, tmp_path, monkeypatc
             assert (ARTIFACTS / "chat-page.png").stat().st_size > 0
         finally:
             driver.quit()
+
+
+def test_chat_page_with_a_llama_family_model_in_its_base_template(tmp_path, monkeypatch):
+    """The page against a Llama-family model tuned in its base's own ChatML template (template native): the card
+    says native, the mode multi-turn, and the server renders the whole conversation (the second message carries
+    the first exchange) to transformers' apply_chat_template ids; answers stop at <|im_end|>."""
+    from transformers import AutoTokenizer
+
+    answers = {"Begin the novel.": ANSWER, "Name a color.": "Blue."}
+    directory = save_native_model(tmp_path / "models" / "sft", answers, context_length=256)
+    generations = Generations(pipeline.serve.engine.generate_text)
+    monkeypatch.setattr(pipeline.serve.engine, "generate_text", generations)
+    with running_server(load_served({"sft": directory})) as (url, _):
+        assert httpx.get(f"{url}/chat/card/sft:latest").json()["template"] == "native"
+        driver = browser(tmp_path, monkeypatch)
+        try:
+            wait = WebDriverWait(driver, 60, poll_frequency=0.05)
+            driver.get(url + "/")
+            wait.until(lambda d: "multi-turn" in d.find_element(By.ID, "mode").text)
+            assert "the base's own chat template" in driver.find_element(By.ID, "mode").text
+            temperature = driver.find_element(By.ID, "temperature")
+            temperature.clear()
+            temperature.send_keys("0")
+            for turn, question in enumerate(answers, 1):
+                driver.find_element(By.ID, "prompt").send_keys(question)
+                driver.find_element(By.ID, "send").click()
+                wait.until(lambda d, n=turn: len(generations.results) == n)
+                wait.until(lambda d: not d.find_element(By.ID, "send").get_attribute("disabled"))
+            shown = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".assistant")]
+        finally:
+            driver.quit()
+    assert shown[0].startswith(ANSWER)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "models" / "sft-base")
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    conversation = []
+    for generated, question in zip(generations.results, answers, strict=True):
+        conversation.append({"role": "user", "content": question})
+        expected = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_dict=False)
+        assert generated.prompt_ids == expected and generated.stop_id == im_end
+        conversation.append({"role": "assistant", "content": tokenizer.decode(generated.output_ids).strip()})

@@ -473,6 +473,7 @@ def test_a_base_comes_in_through_the_tokenize_and_pretrain_stages(
     vocabulary grows by our special tokens (mean rows)."""
     base = tmp_path / "base"
     trained(corpus_text[:100_000], pre, specials, base, vocab_size=1000, specials_first=family == "smollm2")
+    write_config(base, *CHAT_TEMPLATES["qwen3" if family == "qwen3" else "llama3"])
     model_tokens = Tokenizer.from_file(str(base / "tokenizer.json")).get_vocab_size()
     appended = len(
         [t for t in SPECIAL_TOKENS if t not in specials]
@@ -489,6 +490,8 @@ def test_a_base_comes_in_through_the_tokenize_and_pretrain_stages(
         and meta["model_tokens"] == model_tokens
         and meta["vocab_size"] == model_tokens + appended
     )
+    recorded = meta["chat_template"]  # tokenizer_config.json's, for sft.template: native
+    assert recorded["file"] == str(base / "tokenizer_config.json") and len(recorded["sha256"]) == 64
     pretrain = {"max_steps": 0, "batch_size": 2, "context_length": 32, "eval_batches": 1, "dtype": "fp32"}
     done = _stage(project, "pretrain", model={"init_from": str(base)}, pretrain=pretrain)
     assert done.returncode == 0, done.stderr[-2000:]

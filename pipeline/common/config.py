@@ -90,6 +90,14 @@ def _top_k(default: int | None) -> Any:
     return rule(default, lambda v: v >= 1, ">= 1 or null")
 
 
+def _repeat_penalty(default: float) -> Any:
+    return rule(default, lambda v: 0 < v < math.inf, "a positive number (1: no penalty)")
+
+
+def _repeat_last_n(default: int) -> Any:
+    return rule(default, lambda v: v >= -1, ">= -1 (0: no penalty, -1: the whole context)")
+
+
 def _non_empty(default: Any) -> Any:
     return rule(default, lambda v: v.strip() != "", "a non-empty string")
 
@@ -342,6 +350,8 @@ class SFTParams(TrainParams):
     max_new_tokens: int = _positive(96)
     temperature: float = _non_negative(0.0)  # held-out responses: 0 → greedy, else sampled with `seed`
     top_k: int | None = _top_k(None)
+    repeat_penalty: float = _repeat_penalty(1.0)  # llama.cpp's, over the last repeat_last_n tokens
+    repeat_last_n: int = _repeat_last_n(64)
 
     def __post_init__(self) -> None:
         if self.split_train + self.split_val >= 1:
@@ -364,6 +374,8 @@ class DPOParams(TrainParams):
     max_new_tokens: int = _positive(96)
     temperature: float = _non_negative(0.0)
     top_k: int | None = _top_k(None)
+    repeat_penalty: float = _repeat_penalty(1.0)
+    repeat_last_n: int = _repeat_last_n(64)
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,8 @@ def sampling_options(
     top_k: int | None,
     seed: int,
     template: Template | None = None,
+    repeat_penalty: float = 1.0,
+    repeat_last_n: int = 64,
 ) -> SamplingOptions:
     """Held-out answers' sampling: they stop at EOT, or at a native template's end-of-turn token."""
     return SamplingOptions(
@@ -88,6 +90,8 @@ def sampling_options(
         top_k=top_k,
         eos_id=stop_id(enc, template),
         seed=seed,
+        repeat_penalty=repeat_penalty,
+        repeat_last_n=repeat_last_n,
     )
 
 

@@ -210,7 +210,7 @@ AMX_NOTE = (
 def modelfile(gguf_name: str, template: Template | None, context_length: int) -> str:
     """An Ollama Modelfile: ``ollama create NAME -f Modelfile`` from the directory holding ``gguf_name``.
 
-    Sampling defaults are Ollama's own, except ``repeat_penalty 1`` (our sampler has none) and ``num_ctx``, which
+    Sampling defaults are Ollama's own, except ``repeat_penalty 1`` (our server's default: no penalty) and ``num_ctx``, which
     must not exceed the model's learned positions."""
     stops = "".join(f'PARAMETER stop "{s}"\n' for s in stop_strings(template))
     go = go_template(template)

@@ -8,7 +8,8 @@ buffers (batch, heads, cache_len, head_dim) that onnxruntime's GroupQueryAttenti
 values into; ``OnnxCache`` binds each present output to its past input (IO binding), so a step writes one
 position in place instead of copying the whole cache.
 
-Sampling follows ``pipeline.model.generate`` rule for rule (temperature, top-k, top-p nucleus, EOS, seed), in numpy;
+Sampling follows ``pipeline.model.generate`` rule for rule (repeat penalty, temperature, top-k, top-p nucleus, EOS,
+seed), in numpy;
 greedy decoding equals torch's token for token (the export stage checks it), sampled text is reproducible per
 seed but is not torch's random stream.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,13 @@ def filter_logits(logits: np.ndarray, top_k: int | None, top_p: float | None) ->
         np.put_along_axis(drop, order, drop_sorted, axis=-1)
         logits = np.where(drop, -np.inf, logits)
     return logits
+
+
+def penalize_repeats(logits: np.ndarray, history: Sequence[int], penalty: float) -> np.ndarray:
+    """``pipeline.model.generate.penalize_repeats`` for one row (1, V): each id in ``history`` penalised once."""
+    seen = np.zeros(logits.shape[-1], dtype=bool)
+    seen[list(history)] = True
+    return np.where(seen, np.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -220,9 +228,15 @@ class OnnxGenerator:
         if limit <= 0:
             return
         rng = np.random.default_rng(opts.seed)
+        window = opts.repeat_window(self.context_length)
+        history = list(prompt_ids)
         logits, cache = self.forward(ids)
         for step in range(limit):
-            token = int(sample_next(logits[:, -1, :], opts, rng)[0])
+            last = logits[:, -1, :]
+            if opts.penalizes:
+                last = penalize_repeats(last, history[-window:], opts.repeat_penalty)
+            token = int(sample_next(last, opts, rng)[0])
+            history.append(token)
             yield token
             if token == opts.eos_id or step == limit - 1:
                 return

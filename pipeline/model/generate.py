@@ -1,4 +1,4 @@
-"""Text generation with the KV cache: temperature, top-k, top-p, EOS stop, seeded."""
+"""Text generation with the KV cache: repeat penalty, temperature, top-k, top-p, EOS stop, seeded."""
 
 from __future__ import annotations
 
@@ -25,6 +25,13 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
         drop = drop_sorted.scatter(-1, order, drop_sorted)  # back from sorted order to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def penalize_repeats(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+    """llama.cpp's repeat penalty on logits (B, V): each token id in its row of ``history`` (B, n), counted
+    once however often it occurs, has a positive logit divided by ``penalty`` and a negative one multiplied."""
+    seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, history, True)
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 def sample_next(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Generator) -> torch.Tensor:
@@ -59,17 +66,24 @@ def stream_tokens(model: GPT, prompt_ids: torch.Tensor, opts: SamplingOptions) -
     if limit <= 0:
         return
     finished = torch.zeros(prompt_ids.shape[0], 1, dtype=torch.bool, device=device)  # (B, 1)
+    window = opts.repeat_window(model.cfg.context_length)
+    history = prompt_ids[:, -window:] if opts.penalizes else None  # the tokens the penalty sees
     logits, past = model(
         prompt_ids, last_only=True
     )  # prefill: the whole prompt in one forward, its cache kept
     for step in range(limit):
-        nxt = sample_next(logits[:, -1, :], opts, generator)  # (B, 1)
+        last = logits[:, -1, :]
+        if history is not None:
+            last = penalize_repeats(last, history, opts.repeat_penalty)
+        nxt = sample_next(last, opts, generator)  # (B, 1)
         if opts.eos_id is not None:
             nxt = nxt.masked_fill(
                 finished, opts.eos_id
             )  # finished rows keep receiving eos_id: the batch stays rectangular
             finished |= nxt == opts.eos_id
         yield nxt
+        if history is not None:
+            history = torch.cat([history, nxt], dim=1)[:, -window:]
         if bool(finished.all()) or step == limit - 1:  # no forward for a token that will not be sampled
             return
         logits, past = model(

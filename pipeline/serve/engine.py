@@ -23,8 +23,9 @@ from pipeline.serve.served_model import Generated, ServedModel, fit_prompt, gene
 
 Job = Callable[[Callable[[str], None], Callable[[], bool]], object]  # (emit text, cancelled?) → result
 
-# Ollama's defaults, where a request leaves an option out.
-DEFAULT_OPTIONS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}
+# Ollama's defaults, where a request leaves an option out; but no repeat penalty (Ollama's 1.1), as the exported
+# Modelfile sets, so a model answers the same here and in Ollama.
+DEFAULT_OPTIONS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repeat_penalty": 1.0, "repeat_last_n": 64}
 CLIENT_CLOSED = 499  # nginx's "client closed request": logged, never read by anyone
 
 
@@ -35,7 +36,7 @@ class ClientClosed(Exception):
 def sampling_options(options: Options, max_new_tokens: int, eos_id: int) -> SamplingOptions:
     merged = {
         **DEFAULT_OPTIONS,
-        **options.model_dump(exclude_none=True, include={"temperature", "top_k", "top_p"}),
+        **options.model_dump(exclude_none=True, include=set(DEFAULT_OPTIONS)),
     }
     top_k = merged["top_k"]
     top_p = merged["top_p"] if merged["top_p"] < 1 else None
@@ -47,6 +48,8 @@ def sampling_options(options: Options, max_new_tokens: int, eos_id: int) -> Samp
         top_p=top_p,
         eos_id=eos_id,
         seed=seed,
+        repeat_penalty=merged["repeat_penalty"],
+        repeat_last_n=merged["repeat_last_n"],
     )
 
 

@@ -45,8 +45,8 @@ def int_in(low: int, high: int, *also: int, meaning: str = ""):
 
 
 class Options(BaseModel):
-    """The Ollama options: those we honour, and Ollama's others (``repeat_penalty``, ``mirostat``…), accepted
-    when of the right type and range and then ignored (our sampler has none of them).
+    """The Ollama options: those we honour, and Ollama's others (``mirostat``, ``min_p``…), accepted when of the
+    right type and range and then ignored (our sampler has none of them).
 
     As in Ollama, a number must be a JSON number and a flag a JSON boolean (strict types, no "0.5" or "yes").
     Out-of-range values are refused with a 400 naming the option; ``num_ctx`` and ``num_predict`` are clamped
@@ -61,13 +61,13 @@ class Options(BaseModel):
     num_predict: int_in(1, MAX_INT32, -1, -2, meaning="(until the context is full)") | None = None
     num_ctx: int_in(MIN_CONTEXT, MAX_INT32) | None = None  # clamped to the model's context length
     stop: list[str] | str | None = None
+    repeat_last_n: int | None = Field(None, ge=-1)  # -1: the whole context; 0: no penalty
+    repeat_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)  # logits are divided by it; 1: none
     # Ollama's other options, ignored: each in the range that means something to llama.cpp.
     num_keep: int | None = Field(None, ge=-1)  # -1: the whole prompt
     min_p: float | None = Field(None, ge=0, le=1)
     typical_p: float | None = Field(None, gt=0, le=1)
     tfs_z: float | None = Field(None, gt=0, allow_inf_nan=False)
-    repeat_last_n: int | None = Field(None, ge=-1)  # -1: the whole context
-    repeat_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)  # logits are divided by it; 1: none
     presence_penalty: float | None = Field(None, allow_inf_nan=False)
     frequency_penalty: float | None = Field(None, allow_inf_nan=False)
     penalize_newline: bool | None = None

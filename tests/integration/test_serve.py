@@ -151,6 +151,21 @@ def test_options_are_honoured(server):
         != sampled
     )
     assert ask(client, model="base", temperature=0, num_predict=3).eval_count <= 3
+    # llama.cpp's repeat penalty changes the greedy answer; with no window (0) it is off.
+    penalised = ask(client, model="base", temperature=0, num_predict=20, repeat_penalty=4.0, repeat_last_n=-1)
+    assert penalised.message.content != greedy.message.content
+    assert (
+        ask(
+            client, model="base", temperature=0, num_predict=20, repeat_penalty=4.0, repeat_last_n=-1
+        ).message.content
+        == penalised.message.content
+    )
+    assert (
+        ask(
+            client, model="base", temperature=0, num_predict=20, repeat_penalty=4.0, repeat_last_n=0
+        ).message.content
+        == greedy.message.content
+    )
     # A stop string cuts the answer before it, whichever token boundary it straddles.
     text = greedy.message.content
     stop = text[3:5]

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.model.generate import filter_logits, generate, generate_without_cache, stream_tokens
+from pipeline.model.generate import (
+    filter_logits,
+    generate,
+    generate_without_cache,
+    penalize_repeats,
+    stream_tokens,
+)
 from pipeline.model.gpt import GPT, GPTConfig
 from pipeline.model.sampling import SamplingOptions
 
@@ -97,8 +103,66 @@ def test_streaming_yields_one_token_per_step(model):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"temperature": -1}, {"top_k": 0}, {"top_p": 0.0}, {"top_p": 1.5}, {"max_new_tokens": -1}]
+    "kwargs",
+    [
+        {"temperature": -1},
+        {"top_k": 0},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"max_new_tokens": -1},
+        {"repeat_penalty": 0.0},
+        {"repeat_penalty": float("inf")},
+        {"repeat_penalty": float("nan")},
+        {"repeat_last_n": -2},
+    ],
 )
 def test_invalid_sampling_options_are_refused(kwargs):
     with pytest.raises(ValueError):
         SamplingOptions(**kwargs)
+
+
+def test_repeat_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens_once():
+    logits = torch.tensor([[2.0, -1.0, 3.0, 0.5]])
+    history = torch.tensor([[0, 1, 1, 1]])  # token 1 three times: penalised once, as llama.cpp does
+    out = penalize_repeats(logits, history, 2.0)
+    assert out.tolist() == [[1.0, -2.0, 3.0, 0.5]]
+
+
+def _greedy_with_penalty(model, prompt, steps, penalty, last_n):
+    """The penalty by hand: full recompute each step, the last ``last_n`` ids of prompt + answer penalised."""
+    ids = prompt
+    for _ in range(steps):
+        logits = model(ids)[0][:, -1, :]
+        window = ids[:, -last_n:]
+        logits = torch.stack(
+            [
+                torch.where(
+                    torch.isin(torch.arange(logits.shape[-1]), row_ids),
+                    torch.where(row > 0, row / penalty, row * penalty),
+                    row,
+                )
+                for row, row_ids in zip(logits, window, strict=True)
+            ]
+        )
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("last_n", [3, 64])
+def test_kv_cache_generation_with_repeat_penalty_equals_the_penalty_by_hand(model, last_n):
+    torch.manual_seed(3)
+    prompt = torch.randint(0, 211, (2, 5))
+    opts = SamplingOptions(max_new_tokens=12, temperature=0, repeat_penalty=1.8, repeat_last_n=last_n)
+    assert torch.equal(generate(model, prompt, opts), _greedy_with_penalty(model, prompt, 12, 1.8, last_n))
+    plain = generate(model, prompt, SamplingOptions(max_new_tokens=12, temperature=0))
+    assert not torch.equal(plain, generate(model, prompt, opts))  # the penalty changed the answer
+
+
+def test_repeat_penalty_off_when_one_or_no_window(model):
+    prompt = torch.randint(0, 211, (1, 5))
+    plain = generate(model, prompt, SamplingOptions(max_new_tokens=8, temperature=0))
+    for opts in ({"repeat_penalty": 1.0}, {"repeat_penalty": 1.5, "repeat_last_n": 0}):
+        assert torch.equal(
+            generate(model, prompt, SamplingOptions(max_new_tokens=8, temperature=0, **opts)), plain
+        )

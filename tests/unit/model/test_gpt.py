@@ -467,3 +467,14 @@ def test_llama_family_presets_have_their_published_parameter_counts():
     for name, count in counts.items():
         with torch.device("meta"):  # shapes only: nothing allocated
             assert GPT(PRESETS[name]).num_params(non_embedding=False) == count
+
+
+def test_cpu_medium_llama_keeps_cpu_mediums_size_in_the_llama_shape():
+    """The default size in the family's shape: about cpu-medium's parameters with the default 4096 vocabulary."""
+    with torch.device("meta"):
+        gpt2 = GPT(replace(PRESETS["cpu-medium"], vocab_size=4096)).num_params(non_embedding=False)
+        llama = GPT(replace(PRESETS["cpu-medium-llama"], vocab_size=4096))
+    assert llama.num_params(non_embedding=False) == 11_899_776  # the default run's figure (BENCHMARKS.md)
+    assert abs(llama.num_params(non_embedding=False) / gpt2 - 1) < 0.05
+    cfg = llama.cfg
+    assert (cfg.pos_emb, cfg.norm, cfg.mlp, cfg.bias, cfg.kv_heads) == ("rope", "rmsnorm", "swiglu", False, 2)

@@ -216,7 +216,8 @@ def expectations(stages: list[StageReport]) -> list[str]:
         "A model this small, trained for minutes, learns the form of an answer (the template, English word "
         "order, restating the question, stopping), not facts: expect answers that read as answers and are "
         "often wrong. For a model that answers, tune a larger pretrained base: the book's chapter 7 profile "
-        "(GPT-2 medium, `params-book.yaml`, docs/training.md), or a Llama-family base once the pipeline has one.",
+        "(GPT-2 medium, `params-book.yaml`), or a Llama-family base in its own chat template (SmolLM2-135M, "
+        "`params-smollm2.yaml`; Qwen3-0.6B, `params-qwen3.yaml`); docs/training.md has both.",
     ]
 
 

@@ -126,7 +126,7 @@ def test_report_renders_whatever_stage_folders_exist(tmp_path):
     )  # reference beside each tuned model's answer
     assert "| En un lugar | de la Mancha |" in text
     assert "| sft | 100 | 0 | 0 | 1.0 (1.0) |" in text  # distinct %, loops %, ROUGE-L, words (reference's)
-    assert "**What to expect.**" in text and "params-book.yaml" in text
+    assert "**What to expect.**" in text and "params-book.yaml" in text and "params-smollm2.yaml" in text
     assert str(tmp_path) not in text  # no path of the machine that made it
     assert "| pretrain | 1.5 |" in text and "| total | 18 |" in text  # stage times, summed
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):  # relative links that resolve from reports/

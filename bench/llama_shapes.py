@@ -6,7 +6,7 @@
 Each (preset, method) runs in its own process (peak RSS is that run's alone), from the preset's seeded random
 init — the speed and memory of a step do not depend on the weights — on the book's instruction data tokenized
 with a 4,096-token BPE (ids inside every preset's vocabulary), with params.yaml's sft batch size, lr and dtype
-choice and the context the profiles use. LoRA: rank 16 on attention and MLP, alpha 32. Seconds per step: the
+choice, and the profiles' AdamW and context. LoRA: rank 16 on attention and MLP, alpha 32. Seconds per step: the
 loop's tokens/s (first log window left out) turned back into steps.
 """
 
@@ -39,7 +39,7 @@ CONTEXT = 512  # the profiles' sft context
 def one_run(preset: str, method: str, steps: int, batch: int | None) -> dict:
     torch.manual_seed(1337)
     p = load_params(ROOT / "params.yaml").sft
-    p = replace(p, batch_size=batch or p.batch_size)
+    p = replace(p, batch_size=batch or p.batch_size, optimizer="adamw")  # the profiles fine-tune with AdamW
     sft, _ = records()
     enc = tokenizer(4096, sft)
     model = GPT(replace(PRESETS[preset], context_length=CONTEXT))

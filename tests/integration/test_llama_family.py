@@ -118,13 +118,13 @@ FAMILIES = {
 }
 
 
-def hf_model(family: str, seed: int = 0, vocab_size: int = VOCAB):
+def hf_model(family: str, seed: int = 0, vocab_size: int = VOCAB, context: int = CONTEXT):
     """A transformers model of ``family``'s layout, every parameter (norms and biases too) random."""
     config_class, model_class, shape = FAMILIES[family]
     config = config_class(
         vocab_size=vocab_size,
         num_hidden_layers=2,
-        max_position_embeddings=CONTEXT,
+        max_position_embeddings=context,
         attention_dropout=0.0,
         **shape,
     )
@@ -478,7 +478,8 @@ def test_a_base_comes_in_through_the_tokenize_and_pretrain_stages(
     appended = len(
         [t for t in SPECIAL_TOKENS if t not in specials]
     )  # ours the base lacks (<|endoftext|>: ChatML has it)
-    theirs = hf_model(family, vocab_size=model_tokens + spare)
+    # a context with room for the Llama 3 template's dated system header around an instruction
+    theirs = hf_model(family, vocab_size=model_tokens + spare, context=256)
     theirs.save_pretrained(base)
     project = make_project(tmp_path / "p")
     assert _stage(project, "download").returncode == 0
@@ -492,8 +493,16 @@ def test_a_base_comes_in_through_the_tokenize_and_pretrain_stages(
     )
     recorded = meta["chat_template"]  # tokenizer_config.json's, for sft.template: native
     assert recorded["file"] == str(base / "tokenizer_config.json") and len(recorded["sha256"]) == 64
-    pretrain = {"max_steps": 0, "batch_size": 2, "context_length": 32, "eval_batches": 1, "dtype": "fp32"}
-    done = _stage(project, "pretrain", model={"init_from": str(base)}, pretrain=pretrain)
+    pretrain = {
+        "max_steps": 0,
+        "batch_size": 2,
+        "context_length": 256,
+        "eval_batches": 1,
+        "dtype": "fp32",
+    }
+    done = _stage(
+        project, "pretrain", model={"init_from": str(base), "context_length": 256}, pretrain=pretrain
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     ours = load_model(project / "models/base")[0]
     assert ours.cfg.vocab_size == max(model_tokens + spare, model_tokens + appended)
@@ -501,12 +510,24 @@ def test_a_base_comes_in_through_the_tokenize_and_pretrain_stages(
     with torch.inference_mode():
         diff = (ours(ids)[0][..., : model_tokens + spare] - theirs(ids).logits).abs().max()
     assert diff < 1e-4
+    # SFT, then DPO, train and answer in the base's own chat template, as the stages' own processes
+    done = _stage(project, "sft", sft={"template": "native", "max_new_tokens": 4})
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = _stage(project, "dpo", dpo={"max_new_tokens": 4})
+    assert done.returncode == 0, done.stderr[-2000:]
+    for stage in ("sft", "dpo"):
+        tuned = json.loads((project / f"models/{stage}/config.json").read_text())["instructions"]
+        assert tuned["template"] == "native" and len(tuned["chat_template_sha256"]) == 64
+        answers = (project / f"reports/{stage}/responses.jsonl").read_text().splitlines()
+        assert answers and all(isinstance(json.loads(line)["response"], str) for line in answers)
     # another tokenizer than the base's is refused in one line before any weight is read
     other = tmp_path / "other"
     trained(corpus_text[:50_000], pre, specials, other, vocab_size=900, specials_first=family == "smollm2")
     (project / "models/base").rename(project / "kept")
     assert _stage(project, "tokenize", tokenizer={"kind": "hf", "source": str(other)}).returncode == 0
-    done = _stage(project, "pretrain", model={"init_from": str(base)}, pretrain=pretrain)
+    done = _stage(
+        project, "pretrain", model={"init_from": str(base), "context_length": 256}, pretrain=pretrain
+    )
     assert done.returncode == 1 and not (project / "models/base").exists()
     assert done.stderr.strip().splitlines() == [
         f"error: model.init_from={base}: data/tokenizer was made from another tokenizer.json than "

@@ -3,16 +3,27 @@ family's pre-tokenizer and special tokens) with a tokenizer_config.json holding 
 shape), a Llama 3 one (bos_token, headers, strftime_now, trimmed contents) or a Qwen3 one (reasoning blocks,
 enable_thinking=False), read as the tokenize stage reads it; ``AutoTokenizer.from_pretrained`` on the same
 directory renders and tokenizes every conversation (system turn, several turns, non-ASCII text) to the same ids:
-the generation prompt, and the prompt followed by the answer."""
+the generation prompt, and the prompt followed by the answer. The ONNX export of a model tuned in such a template
+serves in it from the export alone."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from transformers import AutoTokenizer
 
+from pipeline.common.config import ExportParams
 from pipeline.data import tokenizer_json
 from pipeline.data.prompts import chat_prompt_ids, encode_prompt, encode_response, resolve
+from pipeline.data.shards import Segment, write_shards
+from pipeline.data.tokenizer import load_tokenizer
+from pipeline.export.onnx import export_model
+from pipeline.model.sampling import SamplingOptions
+from pipeline.serve.served_model import load_model_dir
 from tests.helpers.hf_tokenizers import CHAT_TEMPLATES, CHATML, LLAMA3_SPECIALS, trained, write_config
+from tests.helpers.project import generated_corpus
+from tests.helpers.serving import save_native_model
 
 CONVERSATIONS = [
     [("user", "¿Quién es Dulcinea?")],
@@ -79,3 +90,50 @@ def test_an_instruction_with_input_is_one_user_message(base):
         tokenizer, [("user", "Traduce al inglés.\n\nEl ingenioso hidalgo")], add_generation_prompt=True
     )
     assert ids == expected
+
+
+def test_the_onnx_export_of_a_native_model_serves_in_the_bases_template(tmp_path):
+    """A Llama-family model tuned in its base's ChatML template, exported to ONNX: served from the export alone, it
+    renders a conversation to transformers' ids and answers as the torch model does, stopping at <|im_end|>."""
+    model_dir = save_native_model(
+        tmp_path / "sft", {"What is red?": "A colour.", "Name a fruit.": "An apple."}, steps=40
+    )
+    recorded = json.loads((model_dir / "config.json").read_text())["tokenizer"]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(generated_corpus(20_000), encoding="utf-8")
+    half = corpus.stat().st_size // 2
+    segments = {"train": [Segment(0, half)], "val": [Segment(half, corpus.stat().st_size - half)]}
+    enc = load_tokenizer(recorded["path"])
+    write_shards(
+        enc,
+        corpus,
+        segments,
+        tmp_path / "shards",
+        fingerprint=recorded["fingerprint"],
+        shard_tokens=10**6,
+        batch_bytes=10**6,
+    )
+    metrics = export_model(
+        model_dir, recorded["path"], tmp_path / "shards", tmp_path / "onnx", ExportParams(), 0
+    )
+    assert metrics["parity"]["passed"]
+    onnx_model, torch_model = load_model_dir("onnx", tmp_path / "onnx"), load_model_dir("sft", model_dir)
+    conversation = [
+        ("system", "Be brief."),
+        ("user", "What is red?"),
+        ("assistant", "A colour."),
+        ("user", "Name a fruit."),
+    ]
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "sft-base").apply_chat_template(
+        [{"role": role, "content": content} for role, content in conversation],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+    )
+    ids = onnx_model.chat_ids(conversation)
+    assert ids == list(theirs) == torch_model.chat_ids(conversation)
+    stop = enc.encode_single_token("<|im_end|>")
+    assert stop in onnx_model.stop_ids
+    opts = SamplingOptions(max_new_tokens=12, temperature=0, eos_id=stop)
+    answer = list(onnx_model.tokens.stream(ids, opts))
+    assert answer == list(torch_model.tokens.stream(ids, opts))

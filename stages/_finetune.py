@@ -76,16 +76,7 @@ def finish(
         provenance=provenance(sections),
     )
     template = resolve(recipe["template"], start.tokenizer_meta, start.enc, "sft.template")
-    opts = sampling_options(
-        start.enc,
-        p.max_new_tokens,
-        p.temperature,
-        p.top_k,
-        p.seed,
-        template,
-        p.repeat_penalty,
-        p.repeat_last_n,
-    )
+    opts = sampling_options(start.enc, p, template)
     responses = generate_responses(model, start.enc, test_set, template, opts, p.batch_size)
     out = Path("reports") / stage / "responses.jsonl"
     write_responses(out, responses.records)

@@ -339,7 +339,18 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
-class SFTParams(TrainParams):
+class AnsweringParams(TrainParams):
+    """What SFT and DPO share: how the tuned model answers the held-out instructions after training."""
+
+    max_new_tokens: int = _positive(96)
+    temperature: float = _non_negative(0.0)  # held-out responses: 0 → greedy, else sampled with `seed`
+    top_k: int | None = _top_k(None)
+    repeat_penalty: float = _repeat_penalty(1.0)  # llama.cpp's, over the last repeat_last_n tokens
+    repeat_last_n: int = _repeat_last_n(64)
+
+
+@dataclass(frozen=True)
+class SFTParams(AnsweringParams):
     data: Source = rule(Source(""), lambda v: v.location.strip() != "", "a URL, file or directory")
     template: Literal["alpaca", "chat", "native"] = "alpaca"  # native: the base's own chat template
     mask_prompt: bool = True
@@ -347,11 +358,6 @@ class SFTParams(TrainParams):
     split_train: float = _open_fraction(0.85)
     split_val: float = _open_fraction(0.05)  # the test split (held-out responses) is what train and val leave
     split_seed: int = _seed(123)
-    max_new_tokens: int = _positive(96)
-    temperature: float = _non_negative(0.0)  # held-out responses: 0 → greedy, else sampled with `seed`
-    top_k: int | None = _top_k(None)
-    repeat_penalty: float = _repeat_penalty(1.0)  # llama.cpp's, over the last repeat_last_n tokens
-    repeat_last_n: int = _repeat_last_n(64)
 
     def __post_init__(self) -> None:
         if self.split_train + self.split_val >= 1:
@@ -362,7 +368,7 @@ class SFTParams(TrainParams):
 
 
 @dataclass(frozen=True)
-class DPOParams(TrainParams):
+class DPOParams(AnsweringParams):
     """Preference pairs whose prompt is in the SFT test split are left out; ``split_val`` of the rest validate."""
 
     data: Source = rule(Source(""), lambda v: v.location.strip() != "", "a URL, file or directory")
@@ -371,11 +377,6 @@ class DPOParams(TrainParams):
     strict: bool = False
     split_val: float = _open_fraction(0.05)
     split_seed: int = _seed(123)
-    max_new_tokens: int = _positive(96)
-    temperature: float = _non_negative(0.0)
-    top_k: int | None = _top_k(None)
-    repeat_penalty: float = _repeat_penalty(1.0)
-    repeat_last_n: int = _repeat_last_n(64)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from pathlib import Path
 import tiktoken
 
 from pipeline.common.errors import PipelineError
+from pipeline.common.json_files import read_json
 
 NAME = "native"
 CONFIG_FILE = "tokenizer_config.json"
@@ -55,12 +56,7 @@ def _token_text(value: object) -> str | None:
 def read_config(path: Path) -> dict | None:
     """What metadata.json records of ``path`` (a tokenizer_config.json): the template, its sha256 and the special
     tokens it sees; None when the file holds no chat template."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PipelineError(f"{path}: not a readable {CONFIG_FILE} ({exc})") from None
-    if not isinstance(data, dict):
-        raise PipelineError(f"{path}: not a {CONFIG_FILE} (a JSON object)")
+    data = read_json(path, CONFIG_FILE)
     template = data.get("chat_template")
     if template is None:
         return None

@@ -17,13 +17,13 @@ base's chat template) and knows nothing of models.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
 import tiktoken
 
 from pipeline.common.errors import PipelineError
+from pipeline.common.json_files import read_json
 from pipeline.data import chat_template
 from pipeline.data.tokenizer import SPECIAL_TOKENS
 
@@ -127,11 +127,8 @@ def _ranks(model: dict, added: dict[str, int], origin: str) -> dict[bytes, int]:
 
 def read(path: Path) -> tuple[tiktoken.Encoding, dict]:
     """The tokenizer in ``path`` (a tokenizer.json) as an Encoding, and what metadata.json records about it."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PipelineError(f"{path}: not a readable tokenizer.json ({exc})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+    data = read_json(path, FILE)
+    if not isinstance(data.get("model"), dict):
         raise PipelineError(f"{path}: not a tokenizer.json (no model)")
     if data.get("normalizer") is not None:
         raise PipelineError(f"{path}: a normalizer ({data['normalizer'].get('type')}) is not supported")

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.common.atomic import atomic_path
+from pipeline.common.config import AnsweringParams
 from pipeline.data.instructions import Example
 from pipeline.data.prompts import Template, decode_response, encode_prompt, stop_id
 from pipeline.model.generate import generate
@@ -74,24 +75,18 @@ def generate_responses(
 
 
 def sampling_options(
-    enc: tiktoken.Encoding,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    seed: int,
-    template: Template | None = None,
-    repeat_penalty: float = 1.0,
-    repeat_last_n: int = 64,
+    enc: tiktoken.Encoding, p: AnsweringParams, template: Template | None = None
 ) -> SamplingOptions:
-    """Held-out answers' sampling: they stop at EOT, or at a native template's end-of-turn token."""
+    """Held-out answers' sampling (``sft``'s or ``dpo``'s params): they stop at EOT, or at a native template's
+    end-of-turn token."""
     return SamplingOptions(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
+        max_new_tokens=p.max_new_tokens,
+        temperature=p.temperature,
+        top_k=p.top_k,
         eos_id=stop_id(enc, template),
-        seed=seed,
-        repeat_penalty=repeat_penalty,
-        repeat_last_n=repeat_last_n,
+        seed=p.seed,
+        repeat_penalty=p.repeat_penalty,
+        repeat_last_n=p.repeat_last_n,
     )
 
 
